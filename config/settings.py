@@ -1,0 +1,243 @@
+"""Kasa settings: every value comes from the environment (django-environ).
+
+Defaults run on a bare machine (SQLite in WAL mode, django-q2's ORM broker,
+local storage, all under KASA_VAR_DIR). Production switches by environment
+alone: DATABASE_URL, REDIS_URL, SENTRY_DSN. See README.md for the full list.
+"""
+
+from pathlib import Path
+
+import environ
+from django.core.exceptions import ImproperlyConfigured
+
+from engines import secretbox
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+env = environ.Env()
+
+KASA_ENV = env.str("KASA_ENV", default="development")
+if KASA_ENV not in ("development", "staging", "production"):
+    raise ImproperlyConfigured(f"KASA_ENV must be development, staging or production, not {KASA_ENV!r}")
+DEPLOYED = KASA_ENV != "development"
+KASA_VERSION = "0.1.0"
+
+KASA_VAR_DIR = Path(env.str("KASA_VAR_DIR", default=str(BASE_DIR / "var"))).resolve()
+KASA_VAR_DIR.mkdir(parents=True, exist_ok=True)
+KASA_CUSTOMERS_ROOT = Path(env.str("KASA_CUSTOMERS_ROOT", default=str(KASA_VAR_DIR / "customers"))).resolve()
+
+
+def _dev_generated(name: str, make) -> str:
+    """A value generated once into the var dir, for development only."""
+    path = KASA_VAR_DIR / name
+    if not path.exists():
+        path.write_text(make() + "\n")
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+if DEPLOYED:
+    missing = [n for n in ("SECRET_KEY", "KASA_SECRET_KEYS") if not env.str(n, default="")]
+    if missing:
+        raise ImproperlyConfigured(f"{KASA_ENV} refuses to start without {', '.join(missing)}")
+SECRET_KEY = env.str("SECRET_KEY", default="") or _dev_generated("django_secret_key", secretbox.generate_key)
+KASA_SECRET_KEYS = env.str("KASA_SECRET_KEYS", default="") or _dev_generated(
+    "kasa_secret_keys", secretbox.generate_key
+)
+try:
+    secretbox.parse_keys(KASA_SECRET_KEYS)
+except secretbox.SecretKeyError as exc:
+    raise ImproperlyConfigured(f"KASA_SECRET_KEYS: {exc}") from None
+
+DEBUG = env.bool("DEBUG", default=not DEPLOYED)
+ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=[] if DEPLOYED else ["localhost", "127.0.0.1", "[::1]"])
+CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "channels",
+    "django_q",
+    "core",
+    "customers",
+    "operations",
+    "audit",
+    "backups",
+    "releases",
+    "upgrades",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "config.urls"
+ASGI_APPLICATION = "config.asgi.application"
+WSGI_APPLICATION = None
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Control database -------------------------------------------------------
+_sqlite_path = KASA_VAR_DIR / "kasa.sqlite3"
+DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{_sqlite_path}")}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    DATABASES["default"].setdefault("OPTIONS", {}).update(
+        {
+            # WAL lets the web process read while the worker writes log lines;
+            # IMMEDIATE transactions fail fast instead of deadlocking on upgrade.
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+            "transaction_mode": "IMMEDIATE",
+            "timeout": 20,
+        }
+    )
+    # A file, not :memory:, so that test workers in other processes see it.
+    DATABASES["default"]["TEST"] = {"NAME": str(KASA_VAR_DIR / "test_kasa.sqlite3")}
+else:
+    DATABASES["default"].setdefault("CONN_HEALTH_CHECKS", True)
+    DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("KASA_DB_CONN_MAX_AGE", default=60))
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Broker, channel layer, cache -------------------------------------------
+REDIS_URL = env.str("REDIS_URL", default="")
+KASA_WORKERS = env.int("KASA_WORKERS", default=2)
+KASA_TASK_TIMEOUT = env.int("KASA_TASK_TIMEOUT", default=6 * 3600)
+
+Q_CLUSTER = {
+    "name": "kasa",
+    "workers": KASA_WORKERS,
+    "timeout": KASA_TASK_TIMEOUT,
+    # Redelivery only after the timeout has certainly passed: a run is never
+    # handed to a second worker while the first may still be working on it.
+    "retry": KASA_TASK_TIMEOUT + 600,
+    "max_attempts": 2,
+    "ack_failures": True,
+    "catch_up": False,
+    "save_limit": 1000,
+    "poll": 0.5,
+    "label": "Task queue",
+}
+if REDIS_URL:
+    Q_CLUSTER["redis"] = REDIS_URL
+    CHANNEL_LAYERS = {
+        "default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [REDIS_URL]}}
+    }
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
+else:
+    Q_CLUSTER["orm"] = "default"
+    # In-process only: the worker cannot push through it, so the live-log
+    # consumer also polls the database (see operations/consumers.py).
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+
+# --- Storage ----------------------------------------------------------------
+KASA_STORAGE_DIR = Path(env.str("KASA_STORAGE_DIR", default=str(KASA_VAR_DIR / "storage"))).resolve()
+STATIC_URL = "static/"
+STATIC_ROOT = KASA_VAR_DIR / "static"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STORAGES = {
+    "default": {
+        "BACKEND": "django.core.files.storage.FileSystemStorage",
+        "OPTIONS": {"location": str(KASA_STORAGE_DIR)},
+    },
+    "staticfiles": {
+        "BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"
+        if DEPLOYED
+        else "django.contrib.staticfiles.storage.StaticFilesStorage"
+    },
+}
+WHITENOISE_USE_FINDERS = not DEPLOYED
+
+# --- Operations -------------------------------------------------------------
+# A running run whose heartbeat is older than this is considered orphaned.
+KASA_RUN_STALE_AFTER = env.int("KASA_RUN_STALE_AFTER", default=120)
+KASA_HEARTBEAT_SECONDS = env.int("KASA_HEARTBEAT_SECONDS", default=10)
+KASA_LIVE_POLL_SECONDS = env.float("KASA_LIVE_POLL_SECONDS", default=0.4)
+KASA_METRICS_TOKEN = env.str("KASA_METRICS_TOKEN", default="")
+
+# --- i18n / time --------------------------------------------------------------
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = env.str("TIME_ZONE", default="UTC")
+USE_I18N = True
+USE_TZ = True
+
+# --- Security ---------------------------------------------------------------
+SESSION_COOKIE_HTTPONLY = True
+X_FRAME_OPTIONS = "DENY"
+if DEPLOYED:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=True)
+    SECURE_REDIRECT_EXEMPT = [r"^health/", r"^metrics$"]
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=31536000)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+    SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=False)
+    SECURE_CONTENT_TYPE_NOSNIFF = True
+SILENCED_SYSTEM_CHECKS = [] if env.bool("SECURE_HSTS_PRELOAD", default=False) or not DEPLOYED else [
+    # Preloading is an irreversible choice for the operator's whole domain.
+    "security.W021",
+]
+
+# --- Logging ----------------------------------------------------------------
+LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "json": {"()": "core.logging.JSONFormatter"},
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
+    },
+    "handlers": {
+        "stdout": {
+            "()": "core.logging.StdoutHandler",
+            "formatter": "json" if DEPLOYED else "plain",
+        }
+    },
+    "root": {"handlers": ["stdout"], "level": LOG_LEVEL},
+    "loggers": {
+        "django": {"handlers": ["stdout"], "level": LOG_LEVEL, "propagate": False},
+        "django-q": {"handlers": ["stdout"], "level": LOG_LEVEL, "propagate": False},
+    },
+}
+
+# --- Sentry (optional) ------------------------------------------------------
+SENTRY_DSN = env.str("SENTRY_DSN", default="")
+if SENTRY_DSN:
+    import sentry_sdk
+
+    sentry_sdk.init(
+        dsn=SENTRY_DSN,
+        environment=KASA_ENV,
+        release=f"kasa@{KASA_VERSION}",
+        send_default_pii=False,
+        # Local variables may hold a revealed secret just before it is written
+        # to a 0600 file; never ship frames' locals.
+        include_local_variables=False,
+        traces_sample_rate=env.float("SENTRY_TRACES_SAMPLE_RATE", default=0.0),
+    )
+
+LOGIN_URL = "admin:login"

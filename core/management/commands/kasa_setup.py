@@ -1,0 +1,65 @@
+import os
+import secrets
+
+from django.contrib.auth import get_user_model
+from django_q.models import Schedule
+
+from core.cli import KasaCommand
+
+REAPER = "kasa: reap runs whose worker is gone"
+
+
+class Command(KasaCommand):
+    help = "Idempotent first-run setup: admin login, scheduled reaper, demo customer."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--no-demo", action="store_true")
+        parser.add_argument("--sqlite-demo", action="store_true", help="demo database in SQLite even if PostgreSQL is up")
+
+    def handle(self, *args, **o):
+        from core.setup import ensure_operator_group
+
+        ensure_operator_group()
+        doc = {"admin": self._admin(), "reaper_schedule": self._reaper()}
+        if not o["no_demo"]:
+            from customers.demo import demo_seed
+
+            customer, created = demo_seed(prefer_postgres=not o["sqlite_demo"])
+            doc["demo"] = {"domain": customer.domain, "created": created,
+                           "database": customer.databases.first().display_url()}
+        if self.json_output:
+            self.emit(doc)
+            return
+        admin = doc["admin"]
+        if admin.get("password"):
+            self.stdout.write(f"admin login: {admin['username']} / {admin['password']}  (shown once; "
+                              "change it with `manage.py changepassword`)")
+        else:
+            self.stdout.write(f"admin login: {admin['username']} ({admin['note']})")
+        if "demo" in doc:
+            self.stdout.write(f"demo customer: {doc['demo']['domain']} with database {doc['demo']['database']}")
+
+    def _admin(self) -> dict:
+        User = get_user_model()
+        username = os.environ.get("KASA_ADMIN_USER", "admin")
+        env_password = os.environ.get("KASA_ADMIN_PASSWORD", "")
+        user = User.objects.filter(username=username).first()
+        if user is None:
+            password = env_password or secrets.token_urlsafe(12)
+            User.objects.create_superuser(username=username, email="", password=password)
+            return {"username": username, "created": True, "password": None if env_password else password,
+                    "note": "password from KASA_ADMIN_PASSWORD" if env_password else "generated"}
+        if env_password and not user.check_password(env_password):
+            user.set_password(env_password)
+            user.save(update_fields=["password"])
+            return {"username": username, "created": False, "note": "password set from KASA_ADMIN_PASSWORD"}
+        return {"username": username, "created": False,
+                "note": "existing; its password was printed when it was created, or set KASA_ADMIN_PASSWORD"}
+
+    def _reaper(self) -> str:
+        Schedule.objects.update_or_create(
+            name=REAPER,
+            defaults={"func": "operations.tasks.reap_stale_runs", "schedule_type": Schedule.MINUTES, "minutes": 1,
+                      "repeats": -1},
+        )
+        return REAPER

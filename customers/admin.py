@@ -1,0 +1,90 @@
+from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
+from django.db.models import Max
+from django.shortcuts import redirect
+from django.urls import reverse
+from django.utils.html import format_html
+
+from core.admin_mixins import AuditedAdminMixin, TeamScopedAdminMixin
+from operations.services import OperationRefused
+
+from .models import Customer, DatabaseConnection, Service, Team
+from .services import customer_check_start
+
+
+@admin.register(Team)
+class TeamAdmin(AuditedAdminMixin, admin.ModelAdmin):
+    list_display = ("name", "member_count")
+    filter_horizontal = ("members",)
+    search_fields = ("name",)
+
+    def get_queryset(self, request):
+        from django.db.models import Count
+
+        qs = super().get_queryset(request).annotate(n_members=Count("members"))
+        return qs if request.user.is_superuser else qs.filter(members=request.user)
+
+    @admin.display(description="members", ordering="n_members")
+    def member_count(self, obj):
+        return obj.n_members
+
+    def has_add_permission(self, request):
+        return request.user.is_superuser
+
+    def has_change_permission(self, request, obj=None):
+        return request.user.is_superuser
+
+    def has_delete_permission(self, request, obj=None):
+        return request.user.is_superuser
+
+
+class ServiceInline(admin.TabularInline):
+    model = Service
+    extra = 0
+    fields = ("name", "path", "process_manager", "app_name", "start_command", "stop_command", "health_url")
+
+
+class DatabaseInline(admin.StackedInline):
+    model = DatabaseConnection
+    extra = 0
+    fields = (("name", "engine"), ("host", "port"), ("database", "user"), "password", "sqlite_path")
+
+
+@admin.register(Customer)
+class CustomerAdmin(TeamScopedAdminMixin, AuditedAdminMixin, admin.ModelAdmin):
+    team_scope_path = ""
+    list_display = ("domain", "name", "team", "status", "versions_display", "last_run")
+    list_filter = ("status", "team")
+    search_fields = ("domain", "name")
+    list_select_related = ("team",)
+    inlines = [ServiceInline, DatabaseInline]
+    actions = ["check_action"]
+    readonly_fields = ("created_at", "updated_at")
+    fields = ("domain", "name", "team", "root", "status", "versions", "created_at", "updated_at")
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).annotate(last_run_at=Max("runs__created_at"))
+
+    @admin.display(description="versions")
+    def versions_display(self, obj):
+        return ", ".join(f"{k} {v}" for k, v in sorted(obj.versions.items())) or "—"
+
+    @admin.display(description="last operation", ordering="last_run_at")
+    def last_run(self, obj):
+        return obj.last_run_at
+
+    @admin.action(description="Check databases and services")
+    def check_action(self, request, queryset):
+        started = []
+        for customer in queryset:
+            try:
+                started.append(customer_check_start(customer, requested_by=request.user, via="admin"))
+            except (OperationRefused, PermissionDenied) as exc:
+                self.message_user(request, str(exc), messages.ERROR)
+        if len(started) == 1:
+            return redirect(reverse("admin:operations_run_change", args=[started[0].pk]))
+        for run in started:
+            url = reverse("admin:operations_run_change", args=[run.pk])
+            self.message_user(request, format_html('Check of {} queued: <a href="{}">run #{}</a>',
+                                                   run.customer, url, run.pk), messages.SUCCESS)
+        return None

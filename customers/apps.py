@@ -1,0 +1,10 @@
+from django.apps import AppConfig
+
+
+class CustomersConfig(AppConfig):
+    name = "customers"
+
+    def ready(self):
+        from operations import registry
+
+        registry.register("check", "customers.operations.check", mutating=False)

@@ -1,0 +1,128 @@
+"""A demo customer made of real parts, for `make run` and the browser test.
+
+A folder with backend/admin/store services (a tiny Node HTTP server each, a
+.env, a logs folder), a PM2 ecosystem file, and a real database: PostgreSQL
+when one is reachable (KASA_DEMO_POSTGRES_URL, default the local server as
+`postgres`), SQLite inside the root otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sqlite3
+from pathlib import Path
+
+from django.conf import settings
+
+from engines import dburl
+
+from .models import Customer, Team
+from .services import customer_create
+
+DEMO_DOMAIN = "demo.localhost"
+SERVICES = {"backend": 4101, "admin": 4102, "store": 4103}
+
+SERVER_JS = """// Demo service: answers /health with 200 and / with its name and version.
+const http = require("http");
+const port = Number(process.env.PORT || 3000);
+http.createServer((req, res) => {
+  if (req.url === "/health") { res.writeHead(200); return res.end("ok"); }
+  res.writeHead(200, {"content-type": "text/plain"});
+  res.end(`${process.env.SERVICE_NAME} ${process.env.APP_VERSION}\\n`);
+}).listen(port, "127.0.0.1");
+"""
+
+
+def _write(path: Path, text: str, mode: int = 0o644) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(mode)
+
+
+def _make_folder(root: Path, db_env: dict[str, str]) -> None:
+    apps = []
+    for name, port in SERVICES.items():
+        folder = root / name
+        (folder / "logs").mkdir(parents=True, exist_ok=True)
+        _write(folder / "server.js", SERVER_JS)
+        _write(folder / "package.json", f'{{"name": "demo-{name}", "version": "1.0.0", "main": "server.js"}}\n')
+        env_lines = [f"SERVICE_NAME={name}", "APP_VERSION=1.0.0", f"PORT={port}"]
+        if name == "backend":
+            env_lines += [f"{k}={v}" for k, v in db_env.items()]
+        _write(folder / ".env", "\n".join(env_lines) + "\n", 0o600)
+        _write(folder / ".env.example", "\n".join(line.split("=")[0] + "=" for line in env_lines) + "\n")
+        apps.append(
+            f'    {{ name: "demo-{name}", cwd: "{folder}", script: "server.js", '
+            f'env: {{ PORT: "{port}", SERVICE_NAME: "{name}", APP_VERSION: "1.0.0" }}, '
+            f'out_file: "{folder}/logs/out.log", error_file: "{folder}/logs/error.log" }},'
+        )
+    _write(root / "ecosystem.config.js", "module.exports = {\n  apps: [\n" + "\n".join(apps) + "\n  ],\n};\n")
+
+
+def _try_postgres() -> dburl.DatabaseURL | None:
+    """Create role and database kasa_demo on a reachable PostgreSQL, or return None."""
+    admin_url = os.environ.get("KASA_DEMO_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    try:
+        import psycopg
+        from psycopg import sql
+
+        admin = dburl.parse(admin_url)
+        conninfo = dict(host=admin.host, port=admin.port, user=admin.user, password=admin.password or None,
+                        dbname=admin.name, connect_timeout=2)
+        password = secrets.token_urlsafe(18)
+        with psycopg.connect(**conninfo, autocommit=True) as con:
+            exists = con.execute("SELECT 1 FROM pg_roles WHERE rolname = 'kasa_demo'").fetchone()
+            stmt = "ALTER ROLE kasa_demo LOGIN PASSWORD {}" if exists else "CREATE ROLE kasa_demo LOGIN PASSWORD {}"
+            con.execute(sql.SQL(stmt).format(sql.Literal(password)))
+            if not con.execute("SELECT 1 FROM pg_database WHERE datname = 'kasa_demo'").fetchone():
+                con.execute("CREATE DATABASE kasa_demo OWNER kasa_demo")
+        with psycopg.connect(**{**conninfo, "dbname": "kasa_demo", "user": "kasa_demo", "password": password}) as con:
+            con.execute("CREATE TABLE IF NOT EXISTS products (id serial PRIMARY KEY, name text NOT NULL, "
+                        "price_cents integer NOT NULL)")
+            if not con.execute("SELECT 1 FROM products LIMIT 1").fetchone():
+                con.execute("INSERT INTO products (name, price_cents) SELECT 'product ' || g, g * 100 "
+                            "FROM generate_series(1, 50) g")
+        return dburl.DatabaseURL(engine="postgresql", host=admin.host, port=admin.port, name="kasa_demo",
+                                 user="kasa_demo", password=password)
+    except Exception:
+        return None
+
+
+def _make_sqlite(path: Path) -> dburl.DatabaseURL:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    con = sqlite3.connect(path)
+    with con:
+        con.execute("CREATE TABLE IF NOT EXISTS products (id INTEGER PRIMARY KEY, name TEXT, price_cents INTEGER)")
+        if not con.execute("SELECT 1 FROM products LIMIT 1").fetchone():
+            con.executemany("INSERT INTO products (name, price_cents) VALUES (?, ?)",
+                            [(f"product {i}", i * 100) for i in range(1, 51)])
+    con.close()
+    return dburl.DatabaseURL(engine="sqlite", path=str(path))
+
+
+def demo_seed(*, prefer_postgres: bool = True) -> tuple[Customer, bool]:
+    """Create the demo customer if missing. Returns (customer, created)."""
+    existing = Customer.objects.filter(domain=DEMO_DOMAIN).first()
+    if existing:
+        return existing, False
+    root = Path(settings.KASA_CUSTOMERS_ROOT) / DEMO_DOMAIN
+    root.mkdir(parents=True, exist_ok=True)
+    db = _try_postgres() if prefer_postgres else None
+    if db is None:
+        db = _make_sqlite(root / "backend" / "data" / "demo.sqlite3")
+        db_env = {"DATABASE_URL": f"sqlite:///{db.path}"}
+    else:
+        db_env = {"DATABASE_URL": f"postgresql://{db.user}:{db.password}@{db.host}:{db.port}/{db.name}"}
+    _make_folder(root, db_env)
+    team, _ = Team.objects.get_or_create(name="Demo")
+    customer = customer_create(
+        domain=DEMO_DOMAIN, root=str(root), name="Demo shop", team=team,
+        services=[(n, n) for n in SERVICES], databases=[("main", db)],
+        versions={n: "1.0.0" for n in SERVICES}, via="system",
+    )
+    for svc in customer.services.all():
+        svc.process_manager = svc.ProcessManager.PM2
+        svc.app_name = f"demo-{svc.name}"
+        svc.save(update_fields=["process_manager", "app_name"])
+    return customer, True

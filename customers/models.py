@@ -1,0 +1,174 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.validators import DomainNameValidator, RegexValidator
+from django.db import models
+
+from core.secrets import EncryptedSecretField
+from engines import dburl, paths
+
+slug_validator = RegexValidator(r"^[a-z0-9][a-z0-9_-]{0,62}$", "Use lowercase letters, digits, - and _.")
+
+
+class Team(models.Model):
+    """Staff see and act only on the customers of their teams."""
+
+    name = models.CharField(max_length=100, unique=True)
+    members = models.ManyToManyField(settings.AUTH_USER_MODEL, related_name="kasa_teams", blank=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self):
+        return self.name
+
+
+class CustomerQuerySet(models.QuerySet):
+    def visible_to(self, user) -> CustomerQuerySet:
+        if not (user and user.is_authenticated and user.is_active and user.is_staff):
+            return self.none()
+        if user.is_superuser:
+            return self
+        return self.filter(team__members=user)
+
+
+def validate_customer_root(value: str) -> None:
+    try:
+        paths.resolve_strictly_inside(value, settings.KASA_CUSTOMERS_ROOT, what="root folder")
+    except paths.PathEscapeError as exc:
+        raise ValidationError(f"{exc} (KASA_CUSTOMERS_ROOT)") from None
+    if not Path(value).is_absolute():
+        raise ValidationError("root folder must be an absolute path")
+
+
+class Customer(models.Model):
+    class Status(models.TextChoices):
+        ACTIVE = "active", "Active"
+        MAINTENANCE = "maintenance", "Maintenance"
+        DISABLED = "disabled", "Disabled"
+
+    domain = models.CharField(
+        max_length=253, unique=True, validators=[DomainNameValidator(accept_idna=False)],
+        help_text="The customer's primary domain, e.g. shop.example.com.",
+    )
+    name = models.CharField(max_length=200, blank=True)
+    team = models.ForeignKey(Team, on_delete=models.PROTECT, related_name="customers")
+    root = models.CharField(
+        "root folder", max_length=1024, validators=[validate_customer_root],
+        help_text="Absolute folder holding the services; must lie inside KASA_CUSTOMERS_ROOT.",
+    )
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.ACTIVE)
+    versions = models.JSONField(default=dict, blank=True, help_text="Current version per component.")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    objects = CustomerQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["domain"]
+
+    def __str__(self):
+        return self.domain
+
+    def save(self, *args, **kwargs):
+        self.domain = self.domain.lower().strip()
+        super().save(*args, **kwargs)
+
+    def root_path(self) -> Path:
+        """The root, checked again now: a symlink may have been swapped since it was saved."""
+        return paths.resolve_strictly_inside(self.root, settings.KASA_CUSTOMERS_ROOT, what="root folder")
+
+
+class Service(models.Model):
+    class ProcessManager(models.TextChoices):
+        PM2 = "pm2", "PM2"
+        SYSTEMD = "systemd", "systemd"
+        COMMAND = "command", "Start/stop commands"
+        NONE = "none", "None"
+
+    customer = models.ForeignKey(Customer, on_delete=models.CASCADE, related_name="services")
+    name = models.CharField(max_length=63, validators=[slug_validator])
+    path = models.CharField(max_length=512, help_text="Folder relative to the customer's root.")
+    process_manager = models.CharField(max_length=10, choices=ProcessManager.choices, default=ProcessManager.NONE)
+    app_name = models.CharField(max_length=200, blank=True, help_text="PM2 app name or systemd unit.")
+    start_command = models.JSONField(default=list, blank=True, help_text='argv list, e.g. ["npm", "start"]')
+    stop_command = models.JSONField(default=list, blank=True, help_text="argv list")
+    health_url = models.URLField(blank=True)
+
+    class Meta:
+        ordering = ["customer", "name"]
+        constraints = [models.UniqueConstraint(fields=["customer", "name"], name="unique_service_name")]
+
+    def __str__(self):
+        return f"{self.customer}/{self.name}"
+
+    def clean(self):
+        try:
+            self.path = paths.relative_inside(self.path, what="service path")
+        except paths.PathEscapeError as exc:
+            raise ValidationError({"path": str(exc)}) from None
+        for field in ("start_command", "stop_command"):
+            value = getattr(self, field)
+            if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
+                raise ValidationError({field: "must be a list of strings (argv), not a shell string"})
+        if self.process_manager == self.ProcessManager.COMMAND and not self.start_command:
+            raise ValidationError({"start_command": "required with the 'command' process manager"})
+        if self.process_manager in (self.ProcessManager.PM2, self.ProcessManager.SYSTEMD) and not self.app_name:
+            raise ValidationError({"app_name": f"required with {self.get_process_manager_display()}"})
+
+    def folder(self) -> Path:
+        return paths.resolve_inside(self.path or ".", self.customer.root_path(), what=f"service {self.name} path")
+
+
+class DatabaseConnection(models.Model):
+    class Engine(models.TextChoices):
+        POSTGRESQL = "postgresql", "PostgreSQL"
+        MYSQL = "mysql", "MySQL / MariaDB"
+        SQLITE = "sqlite", "SQLite"
+
+    customer = models.ForeignKey(Customer, on_delete=models.CASCADE, related_name="databases")
+    name = models.CharField(max_length=63, default="main", validators=[slug_validator])
+    engine = models.CharField(max_length=12, choices=Engine.choices)
+    host = models.CharField(max_length=255, blank=True)
+    port = models.PositiveIntegerField(null=True, blank=True)
+    database = models.CharField("database name", max_length=255, blank=True)
+    user = models.CharField(max_length=255, blank=True)
+    password = EncryptedSecretField()
+    sqlite_path = models.CharField(
+        "SQLite path", max_length=1024, blank=True, help_text="Inside the customer's root (relative or absolute)."
+    )
+
+    class Meta:
+        ordering = ["customer", "name"]
+        constraints = [models.UniqueConstraint(fields=["customer", "name"], name="unique_database_name")]
+
+    def __str__(self):
+        return f"{self.customer}/{self.name}"
+
+    def clean(self):
+        if self.engine == self.Engine.SQLITE:
+            if not self.sqlite_path:
+                raise ValidationError({"sqlite_path": "required for SQLite"})
+            if self.customer_id:
+                try:
+                    paths.resolve_strictly_inside(self.sqlite_path, self.customer.root, what="SQLite path")
+                except paths.PathEscapeError as exc:
+                    raise ValidationError({"sqlite_path": str(exc)}) from None
+        else:
+            missing = [f for f in ("host", "database", "user") if not getattr(self, f)]
+            if missing:
+                raise ValidationError({f: f"required for {self.get_engine_display()}" for f in missing})
+            if not self.port:
+                self.port = dburl.DEFAULT_PORTS[self.engine]
+
+    def sqlite_file(self) -> Path:
+        return paths.resolve_strictly_inside(self.sqlite_path, self.customer.root_path(), what="SQLite path")
+
+    def display_url(self) -> str:
+        """Connection facts for humans and logs; never the password."""
+        if self.engine == self.Engine.SQLITE:
+            return f"sqlite:///{self.sqlite_path}"
+        return f"{self.engine}://{self.user}@{self.host}:{self.port}/{self.database}"

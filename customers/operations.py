@@ -1,0 +1,119 @@
+"""The check operation: can Kasa reach everything a customer is made of?
+
+For each database: connect with the real client and report the server version.
+For each service: the folder exists inside the root, and the health URL answers.
+Any problem fails the run, with every problem listed in its error and result.
+"""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+
+from core.secrets import reveal
+from engines import dbprobe, paths
+from operations.context import OperationError, RunContext
+
+from .models import Customer, DatabaseConnection
+
+HEALTH_TIMEOUT = 5
+
+
+def check(ctx: RunContext) -> dict:
+    customer = Customer.objects.prefetch_related("services", "databases").get(pk=ctx.run.customer_id)
+    services = list(customer.services.all())
+    databases = list(customer.databases.all())
+    total = 1 + len(services) + len(databases)
+    done = 0
+    problems: list[str] = []
+    result: dict = {"root": None, "databases": [], "services": []}
+
+    ctx.progress(done, total, "root folder")
+    try:
+        root = customer.root_path()
+        if not root.is_dir():
+            raise paths.PathEscapeError(f"root folder {root} does not exist")
+        result["root"] = {"path": str(root), "ok": True}
+        ctx.info(f"root folder {root}: ok")
+    except paths.PathEscapeError as exc:
+        result["root"] = {"path": customer.root, "ok": False, "error": str(exc)}
+        problems.append(str(exc))
+        ctx.error(str(exc))
+    done += 1
+
+    for db in databases:
+        ctx.progress(done, total, f"database {db.name}")
+        result["databases"].append(_check_database(ctx, db, problems))
+        done += 1
+
+    for svc in services:
+        ctx.progress(done, total, f"service {svc.name}")
+        result["services"].append(_check_service(ctx, svc, problems))
+        done += 1
+
+    ctx.progress(done, total, "done")
+    result["ok"] = not problems
+    result["problems"] = problems
+    if problems:
+        raise OperationError(f"{len(problems)} problem(s): " + "; ".join(problems), result=result)
+    ctx.info(f"all {len(databases)} database(s) and {len(services)} service(s) healthy")
+    return result
+
+
+def _check_database(ctx: RunContext, db: DatabaseConnection, problems: list[str]) -> dict:
+    entry = {"name": db.name, "engine": db.engine, "target": db.display_url(), "ok": False}
+    ctx.info(f"database {db.name}: connecting to {db.display_url()}")
+    try:
+        if db.engine == DatabaseConnection.Engine.SQLITE:
+            res = dbprobe.probe_sqlite(str(db.sqlite_file()))
+        else:
+            password = reveal(db.password)
+            ctx.add_secret(password)
+            probe = dbprobe.probe_postgresql if db.engine == DatabaseConnection.Engine.POSTGRESQL else dbprobe.probe_mysql
+            res = probe(host=db.host, port=db.port, user=db.user, password=password, dbname=db.database,
+                        runner=ctx.runner())
+        entry.update(ok=True, server_version=res.server_version, client_version=res.client_version)
+        ctx.info(f"database {db.name}: ok, server {res.server_version}")
+    except (dbprobe.ProbeError, paths.PathEscapeError, OperationError) as exc:
+        entry["error"] = str(exc)
+        problems.append(f"database {db.name}: {exc}")
+        ctx.error(f"database {db.name}: {exc}")
+    return entry
+
+
+def _check_service(ctx: RunContext, svc, problems: list[str]) -> dict:
+    entry = {"name": svc.name, "path": svc.path, "process_manager": svc.process_manager, "ok": True}
+    try:
+        folder = svc.folder()
+        if not folder.is_dir():
+            raise paths.PathEscapeError(f"folder {folder} does not exist")
+        entry["folder"] = str(folder)
+        ctx.info(f"service {svc.name}: folder {folder} ok")
+    except paths.PathEscapeError as exc:
+        entry.update(ok=False, error=str(exc))
+        problems.append(f"service {svc.name}: {exc}")
+        ctx.error(f"service {svc.name}: {exc}")
+    if svc.health_url:
+        status, error = _http_status(svc.health_url)
+        entry["health"] = {"url": svc.health_url, "status": status, "ok": status == 200}
+        if status == 200:
+            ctx.info(f"service {svc.name}: {svc.health_url} answered 200")
+        else:
+            msg = f"health URL {svc.health_url} " + (f"answered {status}" if status else f"unreachable ({error})")
+            entry.update(ok=False, error=msg)
+            problems.append(f"service {svc.name}: {msg}")
+            ctx.error(f"service {svc.name}: {msg}")
+    else:
+        ctx.info(f"service {svc.name}: no health URL configured")
+    return entry
+
+
+def _http_status(url: str) -> tuple[int | None, str]:
+    req = urllib.request.Request(url, headers={"User-Agent": "kasa-check"})
+    try:
+        with urllib.request.urlopen(req, timeout=HEALTH_TIMEOUT) as resp:  # noqa: S310 (operator-set http(s) URL)
+            return resp.status, ""
+    except urllib.error.HTTPError as exc:
+        return exc.code, ""
+    except (urllib.error.URLError, OSError) as exc:
+        return None, str(getattr(exc, "reason", exc))

@@ -1,0 +1,87 @@
+"""Probe a customer database: can we connect, and which server version is it?
+
+The PostgreSQL and MySQL probes run the real client programs (psql, mysql)
+the way dumps will run later, so a probe that passes proves the credentials,
+the network path and the client tools together.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+from dataclasses import dataclass
+
+from . import credentials, proc
+
+
+class ProbeError(RuntimeError):
+    pass
+
+
+@dataclass
+class ProbeResult:
+    server_version: str
+    client_version: str = ""
+
+
+def client_version(program: str) -> str:
+    path = shutil.which(program)
+    if not path:
+        return ""
+    try:
+        res = proc.run([path, "--version"], timeout=10)
+    except (proc.CommandNotFound, proc.CommandTimeout):
+        return ""
+    return (res.stdout_tail or [""])[-1].strip()
+
+
+def probe_postgresql(
+    *, host: str, port: int, user: str, password: str, dbname: str,
+    runner=proc.run, sql: str = "SHOW server_version", timeout: float = 30,
+) -> ProbeResult:
+    psql = shutil.which("psql")
+    if not psql:
+        raise ProbeError("psql is not installed on this worker (Debian package postgresql-client)")
+    with credentials.pg_env(host=host, port=port, user=user, password=password, dbname=dbname) as env:
+        argv = [psql, "--no-psqlrc", "--no-password", "--tuples-only", "--no-align",
+                "--dbname", dbname, "--command", sql]
+        res = runner(argv, env=env, timeout=timeout, secrets=[password])
+    if not res.ok:
+        raise ProbeError(f"cannot connect to PostgreSQL at {host}:{port}/{dbname}: {res.last_error_line()}")
+    lines = [x for x in res.stdout_tail if x.strip()]
+    return ProbeResult(server_version=(lines[-1].strip() if lines else ""), client_version=client_version("pg_dump"))
+
+
+def probe_mysql(
+    *, host: str, port: int, user: str, password: str, dbname: str,
+    runner=proc.run, sql: str = "SELECT VERSION()", timeout: float = 30,
+) -> ProbeResult:
+    client = shutil.which("mariadb") or shutil.which("mysql")
+    if not client:
+        raise ProbeError("the mysql/mariadb client is not installed on this worker (Debian package mariadb-client)")
+    with credentials.mysql_defaults_file(host=host, port=port, user=user, password=password) as cnf:
+        argv = [client, f"--defaults-extra-file={cnf}", "--batch", "--skip-column-names",
+                "--database", dbname, "--execute", sql]
+        res = runner(argv, timeout=timeout, secrets=[password])
+    if not res.ok:
+        raise ProbeError(f"cannot connect to MySQL/MariaDB at {host}:{port}/{dbname}: {res.last_error_line()}")
+    lines = [x for x in res.stdout_tail if x.strip()]
+    dump = shutil.which("mariadb-dump") and "mariadb-dump" or "mysqldump"
+    return ProbeResult(server_version=(lines[-1].strip() if lines else ""), client_version=client_version(dump))
+
+
+def probe_sqlite(path: str) -> ProbeResult:
+    if not os.path.isfile(path):
+        raise ProbeError(f"SQLite database file {path} does not exist")
+    try:
+        # Read-only URI: a probe must never create or change the file.
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        try:
+            con.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            version = con.execute("SELECT sqlite_version()").fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as exc:
+        raise ProbeError(f"{path} is not a readable SQLite database: {exc}") from None
+    return ProbeResult(server_version=f"SQLite {version}", client_version=f"sqlite3 module {sqlite3.sqlite_version}")

@@ -1,0 +1,79 @@
+"""Database connection URLs: parse and format, never leaking the password.
+
+Forms: postgresql://user:pass@host:port/db (also postgres://),
+mysql://user:pass@host:port/db (also mariadb://), sqlite:////abs/path.db.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
+
+ENGINES = {
+    "postgresql": "postgresql",
+    "postgres": "postgresql",
+    "pgsql": "postgresql",
+    "mysql": "mysql",
+    "mariadb": "mysql",
+    "sqlite": "sqlite",
+}
+DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306}
+
+
+class DatabaseURLError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class DatabaseURL:
+    engine: str
+    host: str = ""
+    port: int | None = None
+    name: str = ""
+    user: str = ""
+    password: str = ""
+    path: str = ""  # sqlite only
+
+    def display(self) -> str:
+        """The URL with the password masked: safe for logs and output."""
+        if self.engine == "sqlite":
+            return f"sqlite:///{self.path}"
+        auth = self.user + (":********" if self.password else "")
+        return f"{self.engine}://{auth}@{self.host}:{self.port}/{self.name}"
+
+
+def parse(url: str) -> DatabaseURL:
+    if "://" not in url:
+        raise DatabaseURLError("database URL must look like engine://user:pass@host:port/name")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        # The message of a urllib error can quote the URL; never echo it.
+        raise DatabaseURLError(f"malformed database URL ({type(exc).__name__}: invalid port or host)") from None
+    scheme = parts.scheme.lower().split("+", 1)[0]
+    engine = ENGINES.get(scheme)
+    if engine is None:
+        raise DatabaseURLError(
+            f"unknown database engine {scheme!r}: use postgresql://, mysql://, mariadb:// or sqlite:///"
+        )
+    if engine == "sqlite":
+        if parts.netloc:
+            raise DatabaseURLError("sqlite URL must be sqlite:////absolute/path.db (no host)")
+        path = unquote(parts.path)
+        if not path.startswith("/") or path == "/":
+            raise DatabaseURLError("sqlite URL must name an absolute file path: sqlite:////abs/path.db")
+        return DatabaseURL(engine="sqlite", path=path)
+    name = unquote(parts.path.lstrip("/"))
+    if not parts.hostname:
+        raise DatabaseURLError(f"{engine} URL has no host")
+    if not name or "/" in name:
+        raise DatabaseURLError(f"{engine} URL must name exactly one database after the host")
+    return DatabaseURL(
+        engine=engine,
+        host=parts.hostname,
+        port=port or DEFAULT_PORTS[engine],
+        name=name,
+        user=unquote(parts.username or ""),
+        password=unquote(parts.password or ""),
+    )

@@ -1,0 +1,76 @@
+from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
+from django.utils.html import format_html
+
+from core.admin_mixins import TeamScopedAdminMixin
+
+from .models import Run
+from .services import run_cancel
+
+
+@admin.register(Run)
+class RunAdmin(TeamScopedAdminMixin, admin.ModelAdmin):
+    """Runs are written by services only: the admin shows them and their live log."""
+
+    list_display = ("id", "kind", "customer", "status_badge", "requested", "created_at", "duration_display",
+                    "progress_display")
+    list_filter = ("status", "kind")
+    search_fields = ("customer__domain", "error")
+    list_select_related = ("customer", "requested_by")
+    date_hierarchy = "created_at"
+    actions = ["cancel_action"]
+    fields = ("kind", "customer", "status", "requested_by", "requested_via", "created_at", "started_at",
+              "finished_at", "worker", "progress_message", "error", "result", "params")
+    readonly_fields = fields
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    def get_actions(self, request):
+        # Django hides actions when the user lacks change permission; cancel is
+        # guarded by the team check in the service instead.
+        actions = super().get_actions(request)
+        actions.setdefault("cancel_action", self.get_action("cancel_action"))
+        return actions
+
+    @admin.display(description="status", ordering="status")
+    def status_badge(self, obj):
+        return format_html('<span class="kasa-status kasa-status-{}">{}</span>', obj.status, obj.get_status_display())
+
+    @admin.display(description="requested by")
+    def requested(self, obj):
+        return obj.requested_by or obj.requested_via
+
+    @admin.display(description="duration")
+    def duration_display(self, obj):
+        d = obj.duration
+        return "—" if d is None else f"{d:.1f} s"
+
+    @admin.display(description="progress")
+    def progress_display(self, obj):
+        if obj.progress_total:
+            return f"{obj.progress_done}/{obj.progress_total}"
+        return "—"
+
+    @admin.action(description="Cancel selected runs")
+    def cancel_action(self, request, queryset):
+        for run in queryset.filter(status__in=Run.ACTIVE):
+            try:
+                run_cancel(run, requested_by=request.user)
+                self.message_user(request, f"cancel requested for run #{run.pk}", messages.SUCCESS)
+            except PermissionDenied as exc:
+                self.message_user(request, str(exc), messages.ERROR)
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        extra_context = extra_context or {}
+        run = self.get_object(request, object_id)
+        if run is not None:
+            extra_context["commands"] = run.commands.all()
+        return super().change_view(request, object_id, form_url, extra_context)
+

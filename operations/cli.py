@@ -1,0 +1,51 @@
+"""Helpers for management commands that start a run and wait for it."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from .models import Run, RunLogLine
+
+NO_WORKER_HINT_AFTER = 30
+
+
+def run_document(run: Run) -> dict:
+    return {
+        "id": run.pk,
+        "kind": run.kind,
+        "customer": run.customer.domain,
+        "status": run.status,
+        "requested_via": run.requested_via,
+        "created_at": run.created_at,
+        "started_at": run.started_at,
+        "finished_at": run.finished_at,
+        "duration": run.duration,
+        "progress": {"done": run.progress_done, "total": run.progress_total, "message": run.progress_message},
+        "error": run.error,
+        "result": run.result,
+    }
+
+
+def follow_run(run: Run, command, *, timeout: float, poll: float = 0.3) -> Run:
+    """Wait for the run to end, echoing its log lines to stderr as they arrive."""
+    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    last_seq = 0
+    hinted = False
+    while True:
+        for line in RunLogLine.objects.filter(run=run, seq__gt=last_seq).order_by("seq"):
+            sys.stderr.write(f"[{line.level}] {line.text}\n")
+            last_seq = line.seq
+        run.refresh_from_db()
+        if run.status in Run.TERMINAL:
+            for line in RunLogLine.objects.filter(run=run, seq__gt=last_seq).order_by("seq"):
+                sys.stderr.write(f"[{line.level}] {line.text}\n")
+            return run
+        if run.status == Run.Status.PENDING and not hinted and time.monotonic() - started > NO_WORKER_HINT_AFTER:
+            sys.stderr.write("still pending: is a worker running (`manage.py qcluster`)?\n")
+            hinted = True
+        if time.monotonic() > deadline:
+            sys.stderr.write(f"gave up waiting after {timeout:g} s; run #{run.pk} is {run.status}\n")
+            return run
+        time.sleep(poll)

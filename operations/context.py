@@ -1,0 +1,179 @@
+"""What a handler gets while it executes a run: logging, progress, commands.
+
+Each log line is INSERTed as it is written and a nudge is sent, so the admin
+page shows it within a second. A background thread keeps `heartbeat_at` fresh
+so the reaper can tell a long quiet step from a dead worker; if the run has
+been taken away from us (failed by the reaper or a redelivery), the next
+heartbeat or log call raises RunLost and the handler stops.
+"""
+
+from __future__ import annotations
+
+import threading
+import traceback
+from collections.abc import Iterable, Sequence
+
+from django.conf import settings
+from django.db import close_old_connections, connection
+from django.db.models import Max
+from django.utils import timezone
+
+from engines import proc
+
+from . import live
+from .models import Run, RunCommand, RunLogLine
+
+
+class OperationError(Exception):
+    """A handler's way to end the run failed with a clear message."""
+
+    def __init__(self, message: str, *, result: dict | None = None):
+        super().__init__(message)
+        self.result = result
+
+
+class RunLost(Exception):
+    """The run is no longer ours (reaped, redelivered elsewhere or cancelled)."""
+
+
+class RunCancelled(Exception):
+    pass
+
+
+class RunContext:
+    def __init__(self, run: Run):
+        self.run = run
+        self._seq = (RunLogLine.objects.filter(run=run).aggregate(m=Max("seq"))["m"] or 0) + 1
+        self._secrets: list[str] = []
+        self._stop = threading.Event()
+        self._heartbeat_thread: threading.Thread | None = None
+        self.lost = False
+
+    # --- lifecycle -----------------------------------------------------------
+    def start_heartbeat(self) -> None:
+        self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, daemon=True, name="run-heartbeat")
+        self._heartbeat_thread.start()
+
+    def stop_heartbeat(self) -> None:
+        self._stop.set()
+        if self._heartbeat_thread:
+            self._heartbeat_thread.join(timeout=5)
+
+    def _heartbeat_loop(self) -> None:
+        try:
+            while not self._stop.wait(settings.KASA_HEARTBEAT_SECONDS):
+                if not self.beat():
+                    self.lost = True
+                    return
+        finally:
+            connection.close()  # this thread's own connection
+
+    def beat(self) -> bool:
+        return bool(
+            Run.objects.filter(pk=self.run.pk, status=Run.Status.RUNNING).update(heartbeat_at=timezone.now())
+        )
+
+    def check_alive(self) -> None:
+        if self.lost:
+            raise RunLost(f"run #{self.run.pk} was taken away from this worker")
+        row = Run.objects.filter(pk=self.run.pk).values("status", "cancel_requested_at").first()
+        if not row or row["status"] != Run.Status.RUNNING:
+            self.lost = True
+            raise RunLost(f"run #{self.run.pk} is {row and row['status']}, no longer running here")
+        if row["cancel_requested_at"]:
+            raise RunCancelled("cancelled on request")
+
+    # --- secrets -------------------------------------------------------------
+    def add_secret(self, value: str) -> None:
+        """Mask this value in every later log line and argv of the run."""
+        if value and value not in self._secrets:
+            self._secrets.append(value)
+
+    def _mask(self, text: str) -> str:
+        return proc.mask(text, self._secrets)
+
+    # --- logging -------------------------------------------------------------
+    def log(self, text: str, *, level: str = RunLogLine.Level.INFO, stream: str = "kasa",
+            command: RunCommand | None = None) -> None:
+        RunLogLine.objects.create(
+            run=self.run, seq=self._seq, level=level, stream=stream, command=command, text=self._mask(str(text))
+        )
+        self._seq += 1
+        live.notify(self.run.pk)
+
+    def info(self, text: str) -> None:
+        self.log(text)
+
+    def warning(self, text: str) -> None:
+        self.log(text, level=RunLogLine.Level.WARNING)
+
+    def error(self, text: str) -> None:
+        self.log(text, level=RunLogLine.Level.ERROR)
+
+    def log_exception(self, exc: BaseException) -> None:
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        self.log(tb.rstrip(), level=RunLogLine.Level.ERROR)
+
+    def progress(self, done: int, total: int | None = None, message: str = "") -> None:
+        fields = {"progress_done": done, "heartbeat_at": timezone.now()}
+        if total is not None:
+            fields["progress_total"] = total
+        if message:
+            fields["progress_message"] = self._mask(message)[:300]
+        if not Run.objects.filter(pk=self.run.pk, status=Run.Status.RUNNING).update(**fields):
+            self.lost = True
+            raise RunLost(f"run #{self.run.pk} is no longer running here")
+        live.notify(self.run.pk)
+
+    # --- external commands ---------------------------------------------------
+    def command(
+        self, argv: Sequence[str], *, cwd: str | None = None, env: dict[str, str] | None = None,
+        timeout: float | None = None, secrets: Iterable[str] = (), check: bool = False,
+        on_start=None,
+    ) -> proc.CommandResult:
+        """Run argv, storing the command row and each output line as it comes."""
+        self.check_alive()
+        secrets = [s for s in secrets if s]
+        for s in secrets:
+            self.add_secret(s)
+        shown = proc.masked_argv(argv, self._secrets)
+        row = RunCommand.objects.create(run=self.run, argv=shown, cwd=cwd or "")
+        self.log("$ " + " ".join(shown), stream="kasa", command=row)
+
+        def on_line(stream: str, line: str) -> None:
+            self.log(line, stream=stream, command=row)
+
+        try:
+            res = proc.run(argv, cwd=cwd, env=env, timeout=timeout, secrets=self._secrets,
+                           on_line=on_line, on_start=on_start)
+        except (proc.CommandNotFound, proc.CommandTimeout) as exc:
+            RunCommand.objects.filter(pk=row.pk).update(finished_at=timezone.now(), error=str(exc))
+            self.error(str(exc))
+            raise OperationError(str(exc)) from None
+        RunCommand.objects.filter(pk=row.pk).update(
+            finished_at=timezone.now(), exit_code=res.exit_code, duration=res.duration
+        )
+        self.log(f"exit code {res.exit_code} after {res.duration:.2f} s",
+                 level=RunLogLine.Level.INFO if res.ok else RunLogLine.Level.WARNING, command=row)
+        if check and not res.ok:
+            raise OperationError(f"{shown[0]} failed: {res.last_error_line()}")
+        return res
+
+    def runner(self):
+        """An engines.proc.run-compatible callable that records through this run."""
+
+        def _run(argv, *, env=None, cwd=None, timeout=None, secrets=(), on_start=None, **_):
+            return self.command(argv, env=env, cwd=cwd, timeout=timeout, secrets=secrets, on_start=on_start)
+
+        return _run
+
+
+def close_db_after(fn):
+    def wrapper(*args, **kwargs):
+        close_old_connections()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            close_old_connections()
+
+    return wrapper

@@ -1,0 +1,177 @@
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+
+class RunQuerySet(models.QuerySet):
+    def visible_to(self, user) -> RunQuerySet:
+        from customers.models import Customer
+
+        return self.filter(customer__in=Customer.objects.visible_to(user))
+
+    def active(self) -> RunQuerySet:
+        return self.filter(status__in=Run.ACTIVE)
+
+
+class Run(models.Model):
+    """One operation on one customer, recorded from request to result.
+
+    The row is created first; the task receives only its primary key. Every
+    status change is a conditional UPDATE on the expected current status, so
+    two workers, a reaper and a cancel request can never both win.
+    """
+
+    class Kind(models.TextChoices):
+        CHECK = "check", "Check"
+        BACKUP = "backup", "Backup"
+        RESTORE = "restore", "Restore"
+        VERIFY = "verify", "Verify"
+        UPGRADE = "upgrade", "Upgrade"
+        ROLLBACK = "rollback", "Rollback"
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending"
+        RUNNING = "running", "Running"
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Failed"
+        CANCELLED = "cancelled", "Cancelled"
+
+    ACTIVE = (Status.PENDING, Status.RUNNING)
+    TERMINAL = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
+    TRANSITIONS = {
+        Status.PENDING: {Status.RUNNING, Status.CANCELLED, Status.FAILED},
+        Status.RUNNING: {Status.SUCCEEDED, Status.FAILED, Status.CANCELLED},
+    }
+
+    kind = models.CharField(max_length=20, choices=Kind.choices)
+    customer = models.ForeignKey("customers.Customer", on_delete=models.PROTECT, related_name="runs")
+    status = models.CharField(max_length=12, choices=Status.choices, default=Status.PENDING, db_index=True)
+    mutating = models.BooleanField(default=True, help_text="Changes the customer: one at a time per customer.")
+    requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    requested_via = models.CharField(max_length=20, default="admin")
+    params = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    worker = models.CharField(max_length=200, blank=True, help_text="host:pid of the worker that claimed it")
+    cancel_requested_at = models.DateTimeField(null=True, blank=True)
+    progress_done = models.BigIntegerField(default=0)
+    progress_total = models.BigIntegerField(null=True, blank=True)
+    progress_message = models.CharField(max_length=300, blank=True)
+    result = models.JSONField(default=dict, blank=True)
+    error = models.TextField(blank=True)
+
+    objects = RunQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            # The database itself enforces one mutating operation per customer;
+            # the service layer's check only produces the friendly message.
+            models.UniqueConstraint(
+                fields=["customer"],
+                condition=Q(mutating=True, status__in=["pending", "running"]),
+                name="one_active_mutating_run_per_customer",
+            ),
+            models.UniqueConstraint(
+                fields=["customer", "kind"],
+                condition=Q(status__in=["pending", "running"]),
+                name="one_active_run_per_customer_and_kind",
+            ),
+        ]
+        indexes = [models.Index(fields=["status", "heartbeat_at"], name="run_status_heartbeat")]
+
+    def __str__(self):
+        return f"{self.get_kind_display()} #{self.pk} of {self.customer_id and self.customer}"
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in self.ACTIVE
+
+    @property
+    def duration(self) -> float | None:
+        if self.started_at and self.finished_at:
+            return (self.finished_at - self.started_at).total_seconds()
+        return None
+
+    # --- transitions: conditional UPDATEs ------------------------------------
+    def _transition(self, to: str, *, expect: tuple[str, ...], **fields) -> bool:
+        assert all(to in self.TRANSITIONS.get(s, ()) for s in expect), (expect, to)
+        updated = Run.objects.filter(pk=self.pk, status__in=expect).update(status=to, **fields)
+        self.refresh_from_db()
+        return updated == 1
+
+    def start(self, worker: str) -> bool:
+        now = timezone.now()
+        return self._transition(
+            self.Status.RUNNING, expect=(self.Status.PENDING,), worker=worker, started_at=now, heartbeat_at=now
+        )
+
+    def succeed(self, result: dict) -> bool:
+        return self._transition(
+            self.Status.SUCCEEDED, expect=(self.Status.RUNNING,), result=result, finished_at=timezone.now()
+        )
+
+    def fail(self, error: str, *, result: dict | None = None, expect=(Status.RUNNING,)) -> bool:
+        fields = {"error": error[:10000], "finished_at": timezone.now()}
+        if result is not None:
+            fields["result"] = result
+        return self._transition(self.Status.FAILED, expect=tuple(expect), **fields)
+
+    def cancel(self, *, expect=(Status.PENDING,), error: str = "") -> bool:
+        return self._transition(
+            self.Status.CANCELLED, expect=tuple(expect), finished_at=timezone.now(), error=error
+        )
+
+
+class RunCommand(models.Model):
+    """An external command a run executed: argv (secrets masked), exit code, duration."""
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="commands")
+    argv = models.JSONField()
+    cwd = models.CharField(max_length=1024, blank=True)
+    started_at = models.DateTimeField(default=timezone.now)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    exit_code = models.IntegerField(null=True, blank=True)
+    duration = models.FloatField(null=True, blank=True)
+    error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["run", "id"]
+
+    def __str__(self):
+        return " ".join(self.argv)
+
+
+class RunLogLine(models.Model):
+    """One log line, stored as it is written (never buffered to the end)."""
+
+    class Level(models.TextChoices):
+        DEBUG = "debug"
+        INFO = "info"
+        WARNING = "warning"
+        ERROR = "error"
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="log_lines")
+    seq = models.PositiveIntegerField()
+    ts = models.DateTimeField(default=timezone.now)
+    level = models.CharField(max_length=8, choices=Level.choices, default=Level.INFO)
+    stream = models.CharField(max_length=8, default="kasa", help_text="kasa, stdout or stderr")
+    command = models.ForeignKey(RunCommand, null=True, blank=True, on_delete=models.CASCADE, related_name="lines")
+    text = models.TextField()
+
+    class Meta:
+        ordering = ["run", "seq"]
+        constraints = [models.UniqueConstraint(fields=["run", "seq"], name="unique_run_log_seq")]
+
+    def as_message(self) -> dict:
+        return {
+            "type": "line", "seq": self.seq, "ts": self.ts.isoformat(), "level": self.level,
+            "stream": self.stream, "text": self.text,
+        }

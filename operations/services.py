@@ -1,0 +1,201 @@
+"""Service functions for runs: the only code that creates or moves them.
+
+Admin actions, management commands and tasks call these; nothing else writes
+Run.status.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+from django.core.exceptions import PermissionDenied
+from django.db import IntegrityError, transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from audit.models import AuditEntry
+from audit.services import audit_record
+
+from . import live, registry
+from .context import OperationError, RunCancelled, RunContext, RunLost
+from .models import Run
+
+log = logging.getLogger(__name__)
+
+WORKER_DIED = "worker died: the task was delivered again while this run was still running; not repeated"
+
+
+class OperationRefused(Exception):
+    """A run could not be started; the message says why, for humans."""
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def user_can_operate(user, customer) -> bool:
+    from customers.models import Customer
+
+    return Customer.objects.visible_to(user).filter(pk=customer.pk).exists()
+
+
+def run_start(customer, *, kind: str, requested_by=None, via: str = "admin", params: dict | None = None) -> Run:
+    """Create a pending run and enqueue it (on commit) with only its primary key.
+
+    Refuses, with a message naming the blocking run, when the customer already
+    has a mutating run (or a run of the same kind) pending or running.
+    """
+    spec = registry.get(kind)
+    if requested_by is not None and not user_can_operate(requested_by, customer):
+        raise PermissionDenied(f"you are not in the team of {customer}")
+    with transaction.atomic():
+        active = Run.objects.active().filter(customer=customer)
+        blocking = active.filter(Q(mutating=True) | Q(kind=kind)) if spec.mutating else active.filter(kind=kind)
+        other = blocking.order_by("created_at").first()
+        if other is not None:
+            raise OperationRefused(_refusal(customer, kind, other))
+        try:
+            with transaction.atomic():
+                run = Run.objects.create(
+                    customer=customer, kind=kind, mutating=spec.mutating, requested_by=requested_by,
+                    requested_via=via, params=params or {},
+                )
+        except IntegrityError:
+            # Lost a race with another request: the partial unique index said no.
+            other = Run.objects.active().filter(customer=customer).order_by("created_at").first()
+            raise OperationRefused(_refusal(customer, kind, other)) from None
+        audit_record(action=f"run.{kind}.requested", source=_source(via), actor=requested_by, obj=run,
+                     customer=customer, changes={"params": params or {}}, result="pending")
+        transaction.on_commit(lambda: enqueue(run.pk))
+    return run
+
+
+def _refusal(customer, kind: str, other: Run | None) -> str:
+    if other is None:
+        return f"cannot start {kind} on {customer}: another operation is in progress"
+    return (
+        f"cannot start {kind} on {customer}: {other.get_kind_display().lower()} #{other.pk} is "
+        f"{other.status} (requested {other.created_at:%Y-%m-%d %H:%M:%S} UTC); wait for it to finish or cancel it"
+    )
+
+
+def _source(via: str) -> str:
+    return via if via in AuditEntry.Source.values else AuditEntry.Source.SYSTEM
+
+
+def enqueue(run_id: int) -> None:
+    from django_q.tasks import async_task
+
+    async_task("operations.tasks.execute_run", run_id, task_name=f"run-{run_id}", group="runs")
+
+
+def run_execute(run_id: int) -> str:
+    """Worker entry point. Claims the run, executes its handler once, records the end.
+
+    At-least-once delivery means this may be called again for the same run:
+    - still pending: claim it (conditional UPDATE) and execute;
+    - running: a previous delivery's worker died mid-way. Mark it failed and
+      never execute it again (a half-done restore must not be repeated blindly);
+    - anything else: already finished; do nothing.
+    """
+    run = Run.objects.select_related("customer").filter(pk=run_id).first()
+    if run is None:
+        log.warning("run %s does not exist (deleted?); nothing to do", run_id)
+        return "missing"
+    if not run.start(worker_id()):
+        if run.status == Run.Status.RUNNING:
+            if run.fail(WORKER_DIED):
+                RunContext(run).error(WORKER_DIED)
+                _notify_end(run)
+            return "redelivered"
+        return f"already {run.status}"
+
+    ctx = RunContext(run)
+    ctx.start_heartbeat()
+    try:
+        ctx.info(f"{run.get_kind_display()} of {run.customer} started on {run.worker}")
+        handler = registry.handler(run.kind)
+        result = handler(ctx) or {}
+        ctx.stop_heartbeat()
+        if run.succeed(result):
+            ctx.info("succeeded")
+    except RunLost as exc:
+        log.warning("run %s: %s", run_id, exc)
+    except RunCancelled as exc:
+        if run.cancel(expect=(Run.Status.RUNNING,), error=str(exc)):
+            ctx.warning(f"cancelled: {exc}")
+    except OperationError as exc:
+        if run.fail(str(exc), result=exc.result):
+            ctx.error(f"failed: {exc}")
+    except Exception as exc:  # a bug or an unexpected environment: keep the traceback in the log
+        log.exception("run %s crashed", run_id)
+        if run.fail(f"internal error: {type(exc).__name__}: {exc}"):
+            ctx.log_exception(exc)
+    finally:
+        ctx.stop_heartbeat()
+        run.refresh_from_db()
+        audit_record(action=f"run.{run.kind}.finished", source=AuditEntry.Source.WORKER, obj=run,
+                     customer=run.customer, actor_repr=f"worker:{run.worker}",
+                     result=(run.status + (f": {run.error}" if run.error else ""))[:300])
+        _notify_end(run)
+    return run.status
+
+
+def _notify_end(run: Run) -> None:
+    live.notify(run.pk)
+
+
+def run_cancel(run: Run, *, requested_by=None, via: str = "admin") -> bool:
+    """Cancel a pending run at once; ask a running one to stop at its next step."""
+    if requested_by is not None and not user_can_operate(requested_by, run.customer):
+        raise PermissionDenied(f"you are not in the team of {run.customer}")
+    who = requested_by.get_username() if requested_by else via
+    if run.cancel(error=f"cancelled by {who} before it started"):
+        done = True
+    else:
+        done = bool(Run.objects.filter(pk=run.pk, status=Run.Status.RUNNING, cancel_requested_at=None)
+                    .update(cancel_requested_at=timezone.now()))
+    audit_record(action=f"run.{run.kind}.cancel", source=_source(via), actor=requested_by, obj=run,
+                 customer=run.customer, result="requested" if done else f"not cancellable ({run.status})")
+    live.notify(run.pk)
+    return done
+
+
+def runs_reap(*, stale_after: int | None = None) -> list[int]:
+    """Fail running runs whose worker is gone.
+
+    Gone means: no heartbeat for `stale_after` seconds, or the worker was on
+    this host and its process no longer exists.
+    """
+    from django.conf import settings
+
+    stale_after = stale_after or settings.KASA_RUN_STALE_AFTER
+    cutoff = timezone.now() - timezone.timedelta(seconds=stale_after)
+    reaped = []
+    host = socket.gethostname()
+    for run in Run.objects.filter(status=Run.Status.RUNNING).select_related("customer"):
+        reason = None
+        if run.heartbeat_at is None or run.heartbeat_at < cutoff:
+            reason = f"worker lost: no heartbeat from {run.worker or 'unknown worker'} for over {stale_after} s"
+        else:
+            h, _, pid = run.worker.rpartition(":")
+            if h == host and pid.isdigit() and not _pid_alive(int(pid)):
+                reason = f"worker lost: process {run.worker} no longer exists"
+        if reason and run.fail(reason):
+            RunContext(run).error(reason)
+            audit_record(action=f"run.{run.kind}.reaped", source=AuditEntry.Source.SYSTEM, obj=run,
+                         customer=run.customer, result=reason)
+            reaped.append(run.pk)
+    return reaped
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,57 @@
+// Live log of a run: replays stored lines, then streams new ones, progress and status.
+// Reconnects with ?after=<last seq> so nothing is shown twice or lost.
+(function () {
+  "use strict";
+  const box = document.getElementById("run-live");
+  if (!box) return;
+  const logEl = document.getElementById("run-log");
+  const statusEl = document.getElementById("run-status");
+  const bar = document.getElementById("run-progress");
+  const barText = document.getElementById("run-progress-text");
+  const connEl = document.getElementById("run-connection");
+  const errEl = document.getElementById("run-error");
+  let lastSeq = 0;
+  let finished = false;
+  let retry = 500;
+
+  function appendLine(m) {
+    const span = document.createElement("span");
+    span.className = "kasa-line kasa-" + m.level + " kasa-stream-" + m.stream;
+    span.dataset.seq = m.seq;
+    const ts = m.ts ? m.ts.substring(11, 19) + " " : "";
+    span.textContent = ts + m.text + "\n";
+    const atBottom = logEl.scrollTop + logEl.clientHeight >= logEl.scrollHeight - 20;
+    logEl.appendChild(span);
+    if (atBottom) logEl.scrollTop = logEl.scrollHeight;
+    lastSeq = m.seq;
+  }
+
+  function onMessage(ev) {
+    const m = JSON.parse(ev.data);
+    if (m.type === "line") {
+      if (m.seq > lastSeq) appendLine(m);
+    } else if (m.type === "progress") {
+      if (m.total) { bar.max = m.total; bar.value = m.done; barText.textContent = m.done + "/" + m.total + " " + (m.message || ""); }
+      else { barText.textContent = m.message || ""; }
+    } else if (m.type === "status") {
+      statusEl.textContent = m.label;
+      statusEl.className = "kasa-status kasa-status-" + m.status;
+      box.dataset.status = m.status;
+      if (m.error) { errEl.hidden = false; errEl.textContent = m.error; }
+      if (m.finished) { finished = true; if (bar.max && m.status === "succeeded") bar.value = bar.max; }
+    }
+  }
+
+  function connect() {
+    const proto = location.protocol === "https:" ? "wss://" : "ws://";
+    const ws = new WebSocket(proto + location.host + box.dataset.wsPath + "?after=" + lastSeq);
+    ws.onopen = function () { connEl.textContent = "live"; retry = 500; };
+    ws.onmessage = onMessage;
+    ws.onclose = function (ev) {
+      if (ev.code === 4403) { connEl.textContent = "not allowed"; return; }
+      connEl.textContent = finished ? "finished" : "reconnecting…";
+      if (!finished) { setTimeout(connect, retry); retry = Math.min(retry * 2, 10000); }
+    };
+  }
+  connect();
+})();
