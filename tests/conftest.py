@@ -1,0 +1,272 @@
+"""Shared fixtures: real services, a real worker, a real ASGI server.
+
+Nothing here mocks a part that exists on this machine. A test that needs a
+service calls `require(...)`: it skips on a developer's machine without the
+service, and fails in CI (CI=true), where a missing service is a broken setup.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI", "").lower() == "true"
+PG_HOST, PG_PORT, PG_ADMIN = "127.0.0.1", 5432, "postgres"
+MY_HOST, MY_PORT, MY_ADMIN = "127.0.0.1", 3306, "root"
+REDIS_TEST_URL = os.environ.get("KASA_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+def require(ok: bool, what: str) -> None:
+    if ok:
+        return
+    if IN_CI:
+        pytest.fail(f"{what} is required in CI and is missing: .ci/run should have installed/started it")
+    pytest.skip(f"{what} is not available here")
+
+
+def port_open(host: str, port: int, timeout: float = 1.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float = 30, interval: float = 0.1, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+# --- real database servers for customer databases -----------------------------
+@pytest.fixture
+def pg_server():
+    require(port_open(PG_HOST, PG_PORT) and shutil.which("psql"), "PostgreSQL server and psql")
+    return {"host": PG_HOST, "port": PG_PORT}
+
+
+@pytest.fixture
+def pg_database(pg_server):
+    """A fresh database and a role with a password; dropped afterwards."""
+    import psycopg
+    from psycopg import sql
+
+    name = f"kasa_t_{uuid.uuid4().hex[:10]}"
+    password = f"pw-{uuid.uuid4().hex}"
+    admin = dict(host=PG_HOST, port=PG_PORT, user=PG_ADMIN, dbname="postgres", autocommit=True)
+    with psycopg.connect(**admin) as con:
+        con.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(name), sql.Literal(password)))
+        con.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(name), sql.Identifier(name)))
+    yield {"host": PG_HOST, "port": PG_PORT, "name": name, "user": name, "password": password,
+           "url": f"postgresql://{name}:{password}@{PG_HOST}:{PG_PORT}/{name}"}
+    with psycopg.connect(**admin) as con:
+        con.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        con.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
+
+
+def mysql_admin(sql: str) -> None:
+    client = shutil.which("mariadb") or shutil.which("mysql")
+    subprocess.run([client, "--protocol=TCP", "-h", MY_HOST, "-P", str(MY_PORT), "-u", MY_ADMIN, "-e", sql],
+                   check=True, capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def mysql_database():
+    require(port_open(MY_HOST, MY_PORT) and (shutil.which("mariadb") or shutil.which("mysql")),
+            "MariaDB server and client")
+    name = f"kasa_t_{uuid.uuid4().hex[:10]}"
+    password = f"pw'\"-{uuid.uuid4().hex}"  # quotes: the defaults file must escape them
+    esc = password.replace("\\", "\\\\").replace("'", "\\'")
+    mysql_admin(f"CREATE DATABASE `{name}`; CREATE USER '{name}'@'%' IDENTIFIED BY '{esc}'; "
+                f"CREATE USER '{name}'@'localhost' IDENTIFIED BY '{esc}'; "
+                f"GRANT ALL ON `{name}`.* TO '{name}'@'%'; GRANT ALL ON `{name}`.* TO '{name}'@'localhost';")
+    yield {"host": MY_HOST, "port": MY_PORT, "name": name, "user": name, "password": password}
+    mysql_admin(f"DROP DATABASE IF EXISTS `{name}`; DROP USER IF EXISTS '{name}'@'%'; "
+                f"DROP USER IF EXISTS '{name}'@'localhost';")
+
+
+@pytest.fixture
+def redis_url():
+    require(port_open("127.0.0.1", 6379), "Redis server")
+    return REDIS_TEST_URL
+
+
+# --- customers ----------------------------------------------------------------
+@pytest.fixture
+def customer_root():
+    root = Path(settings.KASA_CUSTOMERS_ROOT) / f"c-{uuid.uuid4().hex[:8]}"
+    root.mkdir(parents=True)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def team(db):
+    from customers.models import Team
+
+    return Team.objects.create(name=f"team-{uuid.uuid4().hex[:6]}")
+
+
+@pytest.fixture
+def make_customer(db, customer_root, team):
+    from customers.services import customer_create
+
+    def make(domain=None, *, services=("backend",), databases=(), team_=None, root=None):
+        from engines import dburl
+
+        root = Path(root or customer_root)
+        for s in services:
+            (root / s).mkdir(parents=True, exist_ok=True)
+        return customer_create(
+            domain=domain or f"{uuid.uuid4().hex[:8]}.example.com", root=str(root), team=team_ or team,
+            services=[(s, s) for s in services],
+            databases=[(n, dburl.parse(u) if isinstance(u, str) else u) for n, u in databases],
+        )
+
+    return make
+
+
+@pytest.fixture
+def staff_user(db):
+    """Factory for staff users in the operators group, members of the given teams."""
+    from django.contrib.auth import get_user_model
+
+    from core.setup import ensure_operator_group
+
+    group = ensure_operator_group()
+
+    def make(*teams, username=None, password="pw-Secret-123"):
+        user = get_user_model().objects.create_user(
+            username=username or f"staff-{uuid.uuid4().hex[:6]}", password=password, is_staff=True
+        )
+        user.groups.add(group)
+        for t in teams:
+            t.members.add(user)
+        user.plain_password = password
+        return user
+
+    return make
+
+
+# --- subprocesses: worker and ASGI server on the test database ----------------------
+def _database_url() -> str:
+    db = settings.DATABASES["default"]
+    if db["ENGINE"].endswith("sqlite3"):
+        return f"sqlite:///{db['NAME']}"
+    auth = db["USER"] + (f":{db['PASSWORD']}" if db.get("PASSWORD") else "")
+    return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+@pytest.fixture
+def subprocess_env(transactional_db):
+    env = dict(os.environ)
+    env.update(
+        DJANGO_SETTINGS_MODULE="config.settings",
+        DATABASE_URL=_database_url(),
+        KASA_VAR_DIR=str(settings.KASA_VAR_DIR),
+        KASA_CUSTOMERS_ROOT=str(settings.KASA_CUSTOMERS_ROOT),
+        KASA_SECRET_KEYS=settings.KASA_SECRET_KEYS,
+        SECRET_KEY=settings.SECRET_KEY,
+        KASA_WORKERS="1",
+        KASA_HEARTBEAT_SECONDS=str(settings.KASA_HEARTBEAT_SECONDS),
+        PYTHONUNBUFFERED="1",
+    )
+    if settings.REDIS_URL:
+        env["REDIS_URL"] = settings.REDIS_URL
+    else:
+        env.pop("REDIS_URL", None)
+    return env
+
+
+class Proc:
+    def __init__(self, argv, env, log_path: Path):
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.popen = subprocess.Popen(argv, cwd=BASE_DIR, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                      start_new_session=True)
+
+    @property
+    def pid(self):
+        return self.popen.pid
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 15):
+        if self.popen.poll() is None:
+            try:
+                os.killpg(self.popen.pid, sig)
+                self.popen.wait(timeout=timeout)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(self.popen.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.popen.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def start_worker(subprocess_env, tmp_path):
+    procs = []
+
+    def start(**extra_env):
+        env = {**subprocess_env, **{k: str(v) for k, v in extra_env.items()}}
+        p = Proc([sys.executable, "manage.py", "qcluster"], env, tmp_path / f"worker-{len(procs)}.log")
+        procs.append(p)
+        return p
+
+    yield start
+    for p in procs:
+        p.stop()
+
+
+@pytest.fixture
+def worker(start_worker):
+    return start_worker()
+
+
+@pytest.fixture
+def asgi_server(subprocess_env, tmp_path):
+    """daphne serving config.asgi on a free port, as in production."""
+    port = free_port()
+    p = Proc([sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "config.asgi:application"],
+             subprocess_env, tmp_path / "daphne.log")
+    try:
+        wait_until(lambda: port_open("127.0.0.1", port, 0.2) or p.popen.poll() is not None, 30, what="daphne")
+        assert p.popen.poll() is None, p.output()
+        p.url = f"http://127.0.0.1:{port}"
+        yield p
+    finally:
+        p.stop()
+
+
+def wait_for_run(run_id: int, timeout: float = 60, statuses=("succeeded", "failed", "cancelled")):
+    from operations.models import Run
+
+    def done():
+        run = Run.objects.get(pk=run_id)
+        return run if run.status in statuses else None
+
+    return wait_until(done, timeout, 0.1, what=f"run {run_id} to reach {statuses}")
