@@ -132,7 +132,7 @@ Q_CLUSTER = {
     "timeout": KASA_TASK_TIMEOUT,
     # Redelivery only after the timeout has certainly passed: a run is never
     # handed to a second worker while the first may still be working on it.
-    "retry": KASA_TASK_TIMEOUT + 600,
+    "retry": env.int("KASA_TASK_RETRY", default=KASA_TASK_TIMEOUT + 600),
     "max_attempts": 2,
     "ack_failures": True,
     "catch_up": False,

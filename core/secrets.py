@@ -129,7 +129,8 @@ def rotate_all() -> dict:
         rotated = 0
         with transaction.atomic():
             rows = model._base_manager.exclude(**{field.attname: ""}).select_for_update()
-            for pk, token in rows.values_list("pk", field.attname):
+            for pk, value in rows.values_list("pk", field.attname):
+                token = value.token if isinstance(value, SealedSecret) else value
                 if not b.is_current(token):
                     # .update() with the raw token: no clear text ever lands in a Python str here.
                     model._base_manager.filter(pk=pk).update(**{field.attname: SealedSecret(b.rotate(token))})

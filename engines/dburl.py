@@ -60,7 +60,9 @@ def parse(url: str) -> DatabaseURL:
     if engine == "sqlite":
         if parts.netloc:
             raise DatabaseURLError("sqlite URL must be sqlite:////absolute/path.db (no host)")
-        path = unquote(parts.path)
+        # sqlite:////abs/path.db: the path part is "//abs/path.db"; one slash
+        # belongs to the URL syntax, the rest must be an absolute path.
+        path = unquote(parts.path)[1:]
         if not path.startswith("/") or path == "/":
             raise DatabaseURLError("sqlite URL must name an absolute file path: sqlite:////abs/path.db")
         return DatabaseURL(engine="sqlite", path=path)

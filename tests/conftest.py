@@ -202,6 +202,7 @@ def subprocess_env(transactional_db):
 class Proc:
     def __init__(self, argv, env, log_path: Path):
         self.log_path = log_path
+        self.env = env
         self._log = open(log_path, "wb")
         self.popen = subprocess.Popen(argv, cwd=BASE_DIR, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                       start_new_session=True)
