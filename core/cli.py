@@ -29,6 +29,9 @@ class KasaCommand(BaseCommand):
     json_output = False
 
     def create_parser(self, prog_name, subcommand, **kwargs):
+        # "resolve": a command may redefine Django's own --version (customer_add
+        # uses --version COMPONENT=VERSION, as the CLI contract says).
+        kwargs.setdefault("conflict_handler", "resolve")
         parser = super().create_parser(prog_name, subcommand, **kwargs)
         parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
         # argparse errors are bad input: exit 2 (argparse's own code), as the contract says.
