@@ -69,7 +69,8 @@ def _check_database(ctx: RunContext, db: DatabaseConnection, problems: list[str]
         else:
             password = reveal(db.password)
             ctx.add_secret(password)
-            probe = dbprobe.probe_postgresql if db.engine == DatabaseConnection.Engine.POSTGRESQL else dbprobe.probe_mysql
+            is_pg = db.engine == DatabaseConnection.Engine.POSTGRESQL
+            probe = dbprobe.probe_postgresql if is_pg else dbprobe.probe_mysql
             res = probe(host=db.host, port=db.port, user=db.user, password=password, dbname=db.database,
                         runner=ctx.runner())
         entry.update(ok=True, server_version=res.server_version, client_version=res.client_version)

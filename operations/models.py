@@ -170,6 +170,9 @@ class RunLogLine(models.Model):
         ordering = ["run", "seq"]
         constraints = [models.UniqueConstraint(fields=["run", "seq"], name="unique_run_log_seq")]
 
+    def __str__(self):
+        return f"#{self.seq} {self.text[:80]}"
+
     def as_message(self) -> dict:
         return {
             "type": "line", "seq": self.seq, "ts": self.ts.isoformat(), "level": self.level,

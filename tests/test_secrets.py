@@ -150,8 +150,10 @@ def test_mysql_password_absent_from_child_argv_environment_and_logs(make_custome
     run = Run.objects.create(customer=run_customer, kind="check", mutating=False, status="running")
     ctx = RunContext(run)
     seen: dict = {}
-    res = dbprobe.probe_mysql(host=m["host"], port=m["port"], user=m["user"], password=m["password"],
-                              dbname=m["name"], runner=_spying_runner(ctx, seen, "mariadb"), sql="SELECT SLEEP(0.5), VERSION()")
+    res = dbprobe.probe_mysql(
+        host=m["host"], port=m["port"], user=m["user"], password=m["password"], dbname=m["name"],
+        runner=_spying_runner(ctx, seen, "mariadb"), sql="SELECT SLEEP(0.5), VERSION()",
+    )
     assert "MariaDB" in res.server_version
     assert "--defaults-extra-file=" in seen["cmdline"]
     assert all(m["password"] not in cmd for cmd in seen["cmdlines"]) and m["password"] not in seen["environ"]

@@ -14,7 +14,8 @@ class Command(KasaCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("--no-demo", action="store_true")
-        parser.add_argument("--sqlite-demo", action="store_true", help="demo database in SQLite even if PostgreSQL is up")
+        parser.add_argument("--sqlite-demo", action="store_true",
+                            help="demo database in SQLite even if PostgreSQL is up")
 
     def handle(self, *args, **o):
         from core.setup import ensure_operator_group
