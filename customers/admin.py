@@ -1,5 +1,6 @@
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
+from django.db import models
 from django.db.models import Max
 from django.shortcuts import redirect
 from django.urls import reverse
@@ -41,6 +42,8 @@ class TeamAdmin(AuditedAdminMixin, admin.ModelAdmin):
 class ServiceInline(admin.TabularInline):
     model = Service
     extra = 0
+    # Health URLs are mostly local (http://127.0.0.1:PORT/health): a bare host means http.
+    formfield_overrides = {models.URLField: {"assume_scheme": "http"}}
     fields = ("name", "path", "process_manager", "app_name", "start_command", "stop_command", "health_url")
 
 

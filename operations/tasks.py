@@ -1,7 +1,7 @@
 """django-q2 entry points. Each receives primary keys only and calls a service."""
 
-from .context import close_db_after
 from . import services
+from .context import close_db_after
 
 
 @close_db_after

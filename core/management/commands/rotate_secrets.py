@@ -1,4 +1,4 @@
-from core.cli import OperationFailed, KasaCommand
+from core.cli import KasaCommand, OperationFailed
 from core.secrets import rotate_all
 from engines.secretbox import SecretDecryptError
 
