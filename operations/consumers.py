@@ -1,60 +1,80 @@
 """Live log of a run over a WebSocket.
 
 connect(): only an authenticated, active staff user of the customer's team
-gets in. Then: join the run's group, replay the stored lines, and stream
-typed messages ("line", "progress", "status"). Every push reads the database
-(lines with seq > last sent), so order and completeness never depend on the
-channel layer: with Redis a worker's nudge triggers the read at once; with the
-in-memory layer (worker in another process) a short poll does.
+gets in; anyone else is closed with code 4403 (accepted first, then closed, so
+a browser sees 4403 and stops retrying instead of a bare 1006). Then: join the
+run's group, replay the stored lines, and stream typed messages ("line",
+"progress", "status"). Every push reads the database (lines with seq > last
+sent), so order and completeness never depend on the channel layer: with Redis
+a worker's nudge triggers the read at once; with the in-memory layer (worker in
+another process) a short poll does.
+
+A worker writes its last lines ("succeeded", a traceback) just after the
+terminal status, so the consumer keeps reading for FINISH_GRACE seconds after
+the run ended, then closes the socket normally (1000).
 """
 
 from __future__ import annotations
 
 import asyncio
+from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
+from django.utils import timezone
 
 from . import live
 from .models import Run, RunLogLine
 
 BATCH = 500
+SAFETY_POLL_SECONDS = 5.0  # with a shared layer: nudges drive updates; this only catches a lost one
+FINISH_GRACE = 10.0  # seconds after the run ended during which late lines are still read
+CLOSE_FORBIDDEN = 4403
+STATE_FIELDS = ("status", "error", "progress_done", "progress_total", "progress_message", "started_at",
+                "finished_at")
 
 
 class RunLogConsumer(AsyncJsonWebsocketConsumer):
+    group = None
+    _poller = None
+
     async def connect(self):
-        user = self.scope.get("user")
         self.run_id = int(self.scope["url_route"]["kwargs"]["run_id"])
-        if not await self._allowed(user, self.run_id):
-            await self.close(code=4403)
+        if not await self._allowed(self.scope.get("user"), self.run_id):
+            await self.accept()
+            await self.close(code=CLOSE_FORBIDDEN)
             return
-        self.group = live.group_name(self.run_id)
-        self.last_seq = 0
+        self.last_seq = self._after()
         self.last_state = None
-        self.finished = False
+        self.settled = False
+        self._finished_seen = None
         self._lock = asyncio.Lock()
+        self.group = live.group_name(self.run_id)
         await self.channel_layer.group_add(self.group, self.channel_name)
         await self.accept()
-        try:
-            self.last_seq = max(0, int(self._query().get("after", "0")))
-        except ValueError:
-            self.last_seq = 0
         await self.push()
-        interval = settings.KASA_LIVE_POLL_SECONDS if not live.layer_is_shared() else 5.0
-        self._poller = asyncio.create_task(self._poll(interval))
+        self._poller = asyncio.create_task(self._poll(self._interval()))
 
-    def _query(self) -> dict:
-        from urllib.parse import parse_qs
+    def _after(self) -> int:
+        raw = parse_qs(self.scope.get("query_string", b"").decode()).get("after", ["0"])[-1]
+        try:
+            return max(0, int(raw))
+        except ValueError:
+            return 0
 
-        raw = self.scope.get("query_string", b"").decode()
-        return {k: v[-1] for k, v in parse_qs(raw).items()}
+    @staticmethod
+    def _interval() -> float:
+        if live.layer_is_shared():
+            # Never faster than the configured poll; KASA_LIVE_POLL_SECONDS above 5 s
+            # stretches the safety net too (tests use that to prove the push path).
+            return max(SAFETY_POLL_SECONDS, settings.KASA_LIVE_POLL_SECONDS)
+        return settings.KASA_LIVE_POLL_SECONDS
 
     async def disconnect(self, code):
-        poller = getattr(self, "_poller", None)
-        if poller:
-            poller.cancel()
-        if getattr(self, "group", None):
+        if self._poller:
+            self._poller.cancel()
+        if self.group:
             await self.channel_layer.group_discard(self.group, self.channel_name)
 
     async def receive_json(self, content, **kwargs):
@@ -65,27 +85,34 @@ class RunLogConsumer(AsyncJsonWebsocketConsumer):
 
     async def _poll(self, interval: float):
         try:
-            while not self.finished:
+            while not self.settled:
                 await asyncio.sleep(interval)
                 await self.push()
+            await self.close(code=1000)  # normal closure: the run is over and fully sent
         except asyncio.CancelledError:
             pass
 
     async def push(self):
         async with self._lock:
             while True:
-                lines, state = await self._read(self.run_id, self.last_seq)
+                lines, state, finished_ago = await self._read(self.run_id, self.last_seq)
                 for line in lines:
                     await self.send_json(line)
                     self.last_seq = line["seq"]
                 if len(lines) < BATCH:
                     break
+            if state is None:  # the run is gone
+                self.settled = True
+                return
             if state != self.last_state:
                 self.last_state = state
                 await self.send_json({"type": "progress", **state["progress"]})
                 await self.send_json({"type": "status", **state["status"]})
             if state["status"]["finished"]:
-                self.finished = True
+                now = asyncio.get_running_loop().time()
+                self._finished_seen = self._finished_seen or now
+                self.settled = (finished_ago is None or finished_ago > FINISH_GRACE
+                                or now - self._finished_seen > FINISH_GRACE)
 
     @staticmethod
     @database_sync_to_async
@@ -101,15 +128,18 @@ class RunLogConsumer(AsyncJsonWebsocketConsumer):
             ln.as_message()
             for ln in RunLogLine.objects.filter(run_id=run_id, seq__gt=after).order_by("seq")[:BATCH]
         ]
-        run = Run.objects.only(
-            "status", "error", "progress_done", "progress_total", "progress_message", "started_at", "finished_at"
-        ).get(pk=run_id)
+        run = Run.objects.only(*STATE_FIELDS).filter(pk=run_id).first()
+        if run is None:
+            return lines, None, None
+        finished = run.status in Run.TERMINAL
         state = {
-            "progress": {"done": run.progress_done, "total": run.progress_total, "message": run.progress_message},
+            "progress": {
+                "done": run.progress_done, "total": run.progress_total, "message": run.progress_message,
+            },
             "status": {
                 "status": run.status, "label": run.get_status_display(), "error": run.error,
-                "finished": run.status in Run.TERMINAL,
-                "duration": run.duration,
+                "finished": finished, "duration": run.duration,
             },
         }
-        return lines, state
+        ago = (timezone.now() - run.finished_at).total_seconds() if finished and run.finished_at else None
+        return lines, state, ago

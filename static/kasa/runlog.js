@@ -10,6 +10,7 @@
   const barText = document.getElementById("run-progress-text");
   const connEl = document.getElementById("run-connection");
   const errEl = document.getElementById("run-error");
+  const loadedActive = box.dataset.status === "pending" || box.dataset.status === "running";
   let lastSeq = 0;
   let finished = false;
   let retry = 500;
@@ -26,6 +27,12 @@
     lastSeq = m.seq;
   }
 
+  // Keep the admin's read-only fields above the log in step with it.
+  function setField(name, text) {
+    const el = document.querySelector(".field-" + name + " .readonly");
+    if (el) el.textContent = text || "-";
+  }
+
   function onMessage(ev) {
     const m = JSON.parse(ev.data);
     if (m.type === "line") {
@@ -33,24 +40,42 @@
     } else if (m.type === "progress") {
       if (m.total) { bar.max = m.total; bar.value = m.done; barText.textContent = m.done + "/" + m.total + " " + (m.message || ""); }
       else { barText.textContent = m.message || ""; }
+      setField("progress_message", m.message);
     } else if (m.type === "status") {
       statusEl.textContent = m.label;
       statusEl.className = "kasa-status kasa-status-" + m.status;
       box.dataset.status = m.status;
-      if (m.error) { errEl.hidden = false; errEl.textContent = m.error; }
-      if (m.finished) { finished = true; if (bar.max && m.status === "succeeded") bar.value = bar.max; }
+      errEl.hidden = !m.error;
+      errEl.textContent = m.error || "";
+      setField("status", m.label);
+      setField("error", m.error);
+      if (m.finished && !finished) {
+        finished = true;
+        if (m.status === "succeeded") bar.value = bar.max;
+        connEl.textContent = m.duration != null ? "finished in " + m.duration.toFixed(1) + " s" : "finished";
+        if (loadedActive) {  // timestamps and the result are on the server-rendered part: offer a reload
+          const a = document.createElement("a");
+          a.href = location.pathname;
+          a.id = "run-reload";
+          a.textContent = "show the result";
+          connEl.append(" · ", a);
+        }
+      }
     }
   }
 
   function connect() {
     const proto = location.protocol === "https:" ? "wss://" : "ws://";
     const ws = new WebSocket(proto + location.host + box.dataset.wsPath + "?after=" + lastSeq);
-    ws.onopen = function () { connEl.textContent = "live"; retry = 500; };
+    ws.onopen = function () { if (!finished) connEl.textContent = "live"; retry = 500; };
     ws.onmessage = onMessage;
     ws.onclose = function (ev) {
+      // 4403: not staff of this customer's team (the server accepts, then closes with it).
       if (ev.code === 4403) { connEl.textContent = "not allowed"; return; }
-      connEl.textContent = finished ? "finished" : "reconnecting…";
-      if (!finished) { setTimeout(connect, retry); retry = Math.min(retry * 2, 10000); }
+      if (finished) { if (!/^finished/.test(connEl.textContent)) connEl.textContent = "finished"; return; }
+      connEl.textContent = "reconnecting…";
+      setTimeout(connect, retry);
+      retry = Math.min(retry * 2, 10000);
     };
   }
   connect();
