@@ -2,8 +2,9 @@ from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.db import models
 from django.db.models import Max
-from django.shortcuts import redirect
-from django.urls import reverse
+from django.http import HttpResponseNotAllowed
+from django.shortcuts import get_object_or_404, redirect
+from django.urls import path, reverse
 from django.utils.html import format_html
 
 from core.admin_mixins import AuditedAdminMixin, TeamScopedAdminMixin
@@ -75,6 +76,30 @@ class CustomerAdmin(TeamScopedAdminMixin, AuditedAdminMixin, admin.ModelAdmin):
     @admin.display(description="last operation", ordering="last_run_at")
     def last_run(self, obj):
         return obj.last_run_at
+
+    def get_urls(self):
+        urls = super().get_urls()
+        own = [path("<int:pk>/check/", self.admin_site.admin_view(self.check_view), name="customers_customer_check")]
+        return own + urls
+
+    def check_view(self, request, pk):
+        """The "Check now" button on the customer page (POST only)."""
+        if request.method != "POST":
+            return HttpResponseNotAllowed(["POST"])
+        customer = get_object_or_404(self.get_queryset(request), pk=pk)  # team-scoped: 404 for others
+        try:
+            run = customer_check_start(customer, requested_by=request.user, via="admin")
+        except (OperationRefused, PermissionDenied) as exc:
+            self.message_user(request, str(exc), messages.ERROR)
+            return redirect(reverse("admin:customers_customer_change", args=[pk]))
+        return redirect(reverse("admin:operations_run_change", args=[run.pk]))
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        extra_context = extra_context or {}
+        customer = self.get_object(request, object_id)
+        if customer is not None:
+            extra_context["recent_runs"] = customer.runs.select_related("requested_by")[:10]
+        return super().change_view(request, object_id, form_url, extra_context)
 
     @admin.action(description="Check databases and services")
     def check_action(self, request, queryset):

@@ -117,3 +117,20 @@ def test_operations_are_audited_from_request_to_result(two_teams):
     assert actions[0] == ("run.check.requested", two_teams["alice"].username, "pending")
     assert actions[1][0] == "run.check.finished" and actions[1][2] == "succeeded"
     assert Customer.objects.count() == 2
+
+
+def test_check_now_button_starts_a_check_only_for_the_team(client, two_teams):
+    client.force_login(two_teams["alice"])
+    page = client.get(f"/customers/customer/{two_teams['blue'].pk}/change/").content.decode()
+    assert "Check now" in page and "Recent operations" in page
+    response = client.post(f"/customers/customer/{two_teams['blue'].pk}/check/")
+    run = Run.objects.get(customer=two_teams["blue"])
+    assert response["Location"].endswith(f"/operations/run/{run.pk}/change/")
+    assert f"/operations/run/{run.pk}/change/" in client.get(
+        f"/customers/customer/{two_teams['blue'].pk}/change/").content.decode()
+    # a second click while it is pending is refused with the reason
+    again = client.post(f"/customers/customer/{two_teams['blue'].pk}/check/", follow=True)
+    assert f"check #{run.pk} is pending" in again.content.decode()
+    assert client.post(f"/customers/customer/{two_teams['red'].pk}/check/").status_code == 404
+    assert client.get(f"/customers/customer/{two_teams['blue'].pk}/check/").status_code == 405
+    assert not Run.objects.filter(customer=two_teams["red"]).exists()
