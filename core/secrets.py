@@ -95,7 +95,8 @@ class EncryptedSecretField(models.TextField):
         return value.token if isinstance(value, SealedSecret) else ""
 
     def formfield(self, **kwargs):
-        return SecretFormField(label=self.verbose_name.capitalize(), help_text=self.help_text or None)
+        extra = {"help_text": self.help_text} if self.help_text else {}
+        return SecretFormField(label=self.verbose_name.capitalize(), **extra)
 
     def save_form_data(self, instance, data):
         if data:  # empty means "keep what is stored"

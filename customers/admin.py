@@ -1,3 +1,4 @@
+from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.db import models
@@ -44,7 +45,11 @@ class ServiceInline(admin.TabularInline):
     model = Service
     extra = 0
     # Health URLs are mostly local (http://127.0.0.1:PORT/health): a bare host means http.
-    formfield_overrides = {models.URLField: {"assume_scheme": "http"}}
+    formfield_overrides = {
+        models.URLField: {"assume_scheme": "http"},
+        # argv lists are short: one line each, not a tall textarea per row.
+        models.JSONField: {"widget": forms.TextInput(attrs={"size": 24})},
+    }
     fields = ("name", "path", "process_manager", "app_name", "start_command", "stop_command", "health_url")
 
 
