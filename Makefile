@@ -1,44 +1,71 @@
 # Kasa: two commands matter. `make run` starts Kasa on its embedded defaults;
 # `make test` installs what is missing and passes every test (CI runs it).
 SHELL := /bin/bash
-PY ?= python3.11
+.DEFAULT_GOAL := help
+# Targets run one after the other, in the order written, even under `make -j`.
+.NOTPARALLEL:
+
+# The interpreter that creates .venv: the first of these that is Python 3.11 and
+# can make a virtual environment (on Debian: packages python3.11 and python3.11-venv).
+# Recursive (?= on an undefined name) on purpose: evaluated when a recipe needs it, i.e. after
+# `system-deps` may have installed it in the same `make` run.
+PY_CANDIDATES ?= python3.11 /usr/bin/python3.11 python3
+PY ?= $(shell for p in $(PY_CANDIDATES); do \
+	"$$p" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info[:2] != (3, 11)); ' >/dev/null 2>&1 \
+	&& { "$$p" -c 'import sys; print(sys.executable)'; break; }; done)
 VENV := .venv
 BIN := $(VENV)/bin
 PG_TEST_URL ?= postgres://postgres@127.0.0.1:5432/kasa
-TEST_VAR := $(CURDIR)/var/test
+TEST_VAR ?= $(CURDIR)/var/test
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+export PIP_NO_INPUT := 1
 
-.PHONY: install run test lint lock system-deps services test-pg test-sqlite clean
+.PHONY: help install python run test lint lock system-deps services test-pg test-sqlite clean
 
-install: $(BIN)/.installed   ## create .venv and install the locked Python dependencies
+help:   ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
+
+install: $(BIN)/.installed   ## create .venv and install the locked Python dependencies (nothing else)
 
 $(BIN)/.installed: requirements.lock pyproject.toml
-	@command -v $(PY) >/dev/null || { echo "need $(PY)"; exit 1; }
-	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -r requirements.lock
+	@if ! { $(BIN)/python -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' \
+		&& $(BIN)/python -m pip --version; } >/dev/null 2>&1; then \
+		py="$(PY)"; \
+		if [ -z "$$py" ]; then \
+			echo "no Python 3.11 with venv support found (tried: $(PY_CANDIDATES))." \
+				"On Debian: apt-get install python3.11 python3.11-venv, or 'make python' as root." >&2; \
+			exit 1; \
+		fi; \
+		echo "creating $(VENV) with $$py"; rm -rf $(VENV) && "$$py" -m venv $(VENV) || exit 1; \
+	fi
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.lock
 	@touch $@
 
-run: install   ## migrate, create the admin login and demo customer, run web + worker
+python:   ## Debian: install python3.11 and python3.11-venv when missing (as root)
+	@scripts/system-deps.sh --python
+
+run: python install   ## migrate, create the admin login and demo customer, run web + worker
 	$(BIN)/python manage.py migrate --noinput
 	$(BIN)/python manage.py kasa_setup
 	@exec scripts/run.sh
 
-system-deps:   ## Debian packages the suite needs (no-op when present)
+system-deps:   ## Debian packages the suite needs (installs only what is missing)
 	@scripts/system-deps.sh
 
 services: system-deps   ## start PostgreSQL, MariaDB and Redis when they are down
 	@scripts/services.sh
 
-lint: install
+lint: install   ## ruff
 	$(BIN)/ruff check .
 
-test: install services lint test-pg test-sqlite   ## everything CI checks
+test: system-deps services install lint test-pg test-sqlite   ## everything CI checks
 
-test-pg: install
+test-pg: install   ## the whole suite on PostgreSQL as the control database
 	@rm -rf $(TEST_VAR) && mkdir -p $(TEST_VAR)
 	KASA_VAR_DIR=$(TEST_VAR) DATABASE_URL=$(PG_TEST_URL) $(BIN)/pytest $(PYTEST_ARGS)
 
-test-sqlite: install
+test-sqlite: install   ## the smoke part on the default SQLite control database
 	@rm -rf $(TEST_VAR)-sqlite && mkdir -p $(TEST_VAR)-sqlite
 	env -u DATABASE_URL KASA_VAR_DIR=$(TEST_VAR)-sqlite $(BIN)/pytest -m smoke $(PYTEST_ARGS)
 
@@ -46,5 +73,5 @@ lock:   ## re-resolve requirements.lock from pyproject.toml (needs network)
 	$(PY) -m venv /tmp/kasa-uv && /tmp/kasa-uv/bin/pip install --quiet uv
 	/tmp/kasa-uv/bin/uv pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
 
-clean:
-	rm -rf $(VENV) var/test var/test-sqlite .pytest_cache .ruff_cache
+clean:   ## remove .venv and test leftovers
+	rm -rf $(VENV) $(TEST_VAR) $(TEST_VAR)-sqlite .pytest_cache .ruff_cache

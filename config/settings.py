@@ -157,6 +157,7 @@ else:
 KASA_STORAGE_DIR = Path(env.str("KASA_STORAGE_DIR", default=str(KASA_VAR_DIR / "storage"))).resolve()
 STATIC_URL = "static/"
 STATIC_ROOT = KASA_VAR_DIR / "static"
+STATIC_ROOT.mkdir(exist_ok=True)  # whitenoise warns on every request when it is missing
 STATICFILES_DIRS = [BASE_DIR / "static"]
 STORAGES = {
     "default": {
