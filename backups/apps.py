@@ -3,3 +3,8 @@ from django.apps import AppConfig
 
 class BackupsConfig(AppConfig):
     name = "backups"
+
+    def ready(self):
+        from operations import registry
+
+        registry.register("backup", "backups.operations.backup", mutating=True)

@@ -1,1 +1,216 @@
-"""Models arrive with their issue; the app exists so the layout is stable."""
+"""The backup catalogue: where backups go, how often, how long they stay, what they hold.
+
+A Backup row is the catalogue entry of one restore point; its Run records how
+it was made. The manifest stored beside the artifacts repeats everything here,
+so the catalogue can be rebuilt from storage alone.
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import models
+from django.db.models import Q
+
+from core.secrets import EncryptedSecretField, reveal
+from customers.models import slug_validator
+
+
+class StorageTarget(models.Model):
+    class Kind(models.TextChoices):
+        LOCAL = "local", "Local folder"
+        S3 = "s3", "S3-compatible"
+        SFTP = "sftp", "SFTP"
+
+    name = models.CharField(max_length=63, unique=True, validators=[slug_validator])
+    kind = models.CharField(max_length=8, choices=Kind.choices, default=Kind.LOCAL)
+    path = models.CharField(max_length=1024, blank=True, help_text="Local folder, or the folder on the SFTP server.")
+    bucket = models.CharField(max_length=255, blank=True)
+    prefix = models.CharField(max_length=255, blank=True, help_text="Key prefix inside the bucket.")
+    endpoint_url = models.URLField(blank=True, help_text="S3-compatible endpoint; empty for AWS.")
+    region = models.CharField(max_length=64, blank=True)
+    host = models.CharField(max_length=255, blank=True)
+    port = models.PositiveIntegerField(null=True, blank=True)
+    username = models.CharField(max_length=255, blank=True)
+    access_key = EncryptedSecretField(help_text="S3 access key id.")
+    secret_key = EncryptedSecretField(help_text="S3 secret key, or the SFTP password.")
+    private_key = EncryptedSecretField(help_text="SFTP private key (PEM/OpenSSH).")
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self):
+        return self.name
+
+    def clean(self):
+        required = {self.Kind.LOCAL: ["path"], self.Kind.S3: ["bucket"], self.Kind.SFTP: ["host", "username", "path"]}
+        missing = [f for f in required[self.kind] if not getattr(self, f)]
+        if missing:
+            raise ValidationError({f: f"required for {self.get_kind_display()}" for f in missing})
+
+    def store(self):
+        from engines.stores import store_from_config
+
+        config = {
+            "path": self.path, "bucket": self.bucket, "prefix": self.prefix, "endpoint_url": self.endpoint_url or None,
+            "region": self.region or None, "host": self.host, "port": self.port, "username": self.username,
+        }
+        secrets = {"access_key": reveal(self.access_key), "secret_key": reveal(self.secret_key),
+                   "private_key": reveal(self.private_key)}
+        return store_from_config(self.kind, config, secrets)
+
+
+class BackupPolicy(models.Model):
+    """How a customer is backed up. The policy without a customer is the global default."""
+
+    class Schedule(models.TextChoices):
+        NONE = "none", "Not scheduled"
+        HOURLY = "hourly", "Hourly"
+        DAILY = "daily", "Daily"
+        WEEKLY = "weekly", "Weekly"
+        MONTHLY = "monthly", "Monthly"
+        CRON = "cron", "Cron expression"
+
+    class Scope(models.TextChoices):
+        FULL = "full", "Full (services, config, databases)"
+        FILES = "files", "Service folders"
+        DATABASE = "database", "Databases"
+        CONFIG = "config", "Config files"
+
+    class Compression(models.TextChoices):
+        ZSTD = "zstd", "zstd"
+        GZIP = "gzip", "gzip"
+        NONE = "none", "none"
+
+    customer = models.OneToOneField(
+        "customers.Customer", null=True, blank=True, on_delete=models.CASCADE, related_name="backup_policy",
+        help_text="Empty: the global default policy.",
+    )
+    schedule = models.CharField(max_length=8, choices=Schedule.choices, default=Schedule.DAILY)
+    cron = models.CharField(max_length=100, blank=True, help_text="With 'Cron expression', e.g. '30 2 * * *'.")
+    scope = models.CharField(max_length=8, choices=Scope.choices, default=Scope.FULL)
+    compression = models.CharField(max_length=4, choices=Compression.choices, default=Compression.ZSTD)
+    encrypt = models.BooleanField(default=True)
+    target = models.ForeignKey(StorageTarget, on_delete=models.PROTECT, related_name="+")
+    replicas = models.ManyToManyField(StorageTarget, blank=True, related_name="+",
+                                      help_text="Extra copies (3-2-1); each is checksummed after writing.")
+    keep_last = models.PositiveIntegerField(default=5)
+    keep_daily = models.PositiveIntegerField(default=0)
+    keep_weekly = models.PositiveIntegerField(default=0)
+    keep_monthly = models.PositiveIntegerField(default=0)
+    keep_verified = models.PositiveIntegerField(default=0, help_text="Always keep the newest N verified backups.")
+    max_age_days = models.PositiveIntegerField(null=True, blank=True)
+    include_logs = models.BooleanField(default=False)
+    excludes = models.JSONField(default=list, blank=True,
+                                help_text='Extra tar exclude patterns, e.g. ["tmp", "*.cache"].')
+    bandwidth_limit_mbps = models.FloatField(null=True, blank=True,
+                                             help_text="MB/s written to storage; empty: no limit.")
+    notify_emails = models.CharField(max_length=500, blank=True, help_text="Comma-separated.")
+    webhook_url = models.URLField(blank=True, help_text="Slack-compatible incoming webhook.")
+    notify_on_success = models.BooleanField(default=False)
+
+    class Meta:
+        verbose_name_plural = "backup policies"
+        constraints = [
+            models.UniqueConstraint(fields=["customer"], condition=Q(customer__isnull=True), name="one_global_policy",
+                                    nulls_distinct=False),
+        ]
+
+    def __str__(self):
+        return f"policy of {self.customer}" if self.customer_id else "global backup policy"
+
+
+class Backup(models.Model):
+    class Status(models.TextChoices):
+        RUNNING = "running", "Running"
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Failed"
+        DELETED = "deleted", "Deleted"
+
+    class Trigger(models.TextChoices):
+        MANUAL = "manual", "Manual"
+        SCHEDULE = "schedule", "Schedule"
+        UPGRADE = "upgrade", "Before an upgrade"
+        RESTORE = "restore", "Before a restore"
+        IMPORT = "import", "Imported from storage"
+
+    customer = models.ForeignKey("customers.Customer", on_delete=models.PROTECT, related_name="backups")
+    run = models.OneToOneField("operations.Run", null=True, blank=True, on_delete=models.SET_NULL,
+                               related_name="backup")
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.RUNNING, db_index=True)
+    scope = models.CharField(max_length=8, choices=BackupPolicy.Scope.choices, default=BackupPolicy.Scope.FULL)
+    services = models.JSONField(default=list, blank=True, help_text="Chosen services; empty: all.")
+    compression = models.CharField(max_length=4, choices=BackupPolicy.Compression.choices, default="zstd")
+    encrypted = models.BooleanField(default=True)
+    target = models.ForeignKey(StorageTarget, on_delete=models.PROTECT, related_name="backups")
+    prefix = models.CharField(max_length=500, blank=True, help_text="Folder on the target: <domain>/<UTC time>-<id>")
+    size = models.BigIntegerField(default=0)
+    trigger = models.CharField(max_length=10, choices=Trigger.choices, default=Trigger.MANUAL)
+    requested_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                     related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True, db_index=True)
+    pinned = models.BooleanField(default=False)
+    pin_reason = models.CharField(max_length=200, blank=True)
+    verified_at = models.DateTimeField(null=True, blank=True)
+    manifest = models.JSONField(default=dict, blank=True)
+    error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self):
+        return f"backup #{self.pk} of {self.customer}"
+
+    @property
+    def duration(self) -> float | None:
+        if self.started_at and self.finished_at:
+            return (self.finished_at - self.started_at).total_seconds()
+        return None
+
+    @property
+    def restorable(self) -> bool:
+        return self.status == self.Status.SUCCEEDED
+
+
+class BackupArtifact(models.Model):
+    class Kind(models.TextChoices):
+        SERVICE = "service", "Service folder"
+        CONFIG = "config", "Config files"
+        DATABASE = "database", "Database dump"
+
+    backup = models.ForeignKey(Backup, on_delete=models.CASCADE, related_name="artifacts")
+    name = models.CharField(max_length=255)
+    kind = models.CharField(max_length=10, choices=Kind.choices)
+    source = models.CharField(max_length=100, help_text="Service or database name.")
+    size = models.BigIntegerField()
+    sha256 = models.CharField(max_length=64)
+    compression = models.CharField(max_length=4)
+    key_id = models.CharField(max_length=32, blank=True)
+    details = models.JSONField(default=dict, blank=True, help_text="Engine, versions, row counts…")
+
+    class Meta:
+        ordering = ["backup", "id"]
+        constraints = [models.UniqueConstraint(fields=["backup", "name"], name="unique_artifact_name")]
+
+    def __str__(self):
+        return self.name
+
+
+class BackupCopy(models.Model):
+    """A copy of a backup on a replica target (the primary is Backup.target)."""
+
+    backup = models.ForeignKey(Backup, on_delete=models.CASCADE, related_name="copies")
+    target = models.ForeignKey(StorageTarget, on_delete=models.PROTECT, related_name="+")
+    status = models.CharField(max_length=10, default="succeeded")
+    verified_at = models.DateTimeField(null=True, blank=True)
+    error = models.TextField(blank=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["backup", "target"], name="unique_backup_copy")]
+
+    def __str__(self):
+        return f"copy of backup #{self.backup_id} on {self.target}"

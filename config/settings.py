@@ -48,6 +48,18 @@ try:
 except secretbox.SecretKeyError as exc:
     raise ImproperlyConfigured(f"KASA_SECRET_KEYS: {exc}") from None
 
+# Key-encryption keys for backup artifacts (same form; newest first). Deployed
+# instances must set it: a backup then fails with a clear message instead of
+# silently writing plaintext. Development generates one into the var dir.
+KASA_BACKUP_KEYS = env.str("KASA_BACKUP_KEYS", default="") or (
+    "" if DEPLOYED else _dev_generated("kasa_backup_keys", secretbox.generate_key)
+)
+if KASA_BACKUP_KEYS:
+    try:
+        secretbox.parse_keys(KASA_BACKUP_KEYS)
+    except secretbox.SecretKeyError as exc:
+        raise ImproperlyConfigured(f"KASA_BACKUP_KEYS: {exc}") from None
+
 DEBUG = env.bool("DEBUG", default=not DEPLOYED)
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=[] if DEPLOYED else ["localhost", "127.0.0.1", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
@@ -171,6 +183,13 @@ STORAGES = {
     },
 }
 WHITENOISE_USE_FINDERS = not DEPLOYED
+
+# --- Backups ----------------------------------------------------------------
+# Folder of the default local storage target named "local".
+KASA_BACKUP_DIR = Path(env.str("KASA_BACKUP_DIR", default=str(KASA_VAR_DIR / "backups"))).resolve()
+# Private scratch space (SQLite online copies); must be on a disk with room for the largest SQLite database.
+KASA_SCRATCH_DIR = Path(env.str("KASA_SCRATCH_DIR", default=str(KASA_VAR_DIR / "scratch"))).resolve()
+KASA_MAX_BACKUPS_PER_HOST = env.int("KASA_MAX_BACKUPS_PER_HOST", default=2)
 
 # --- Operations -------------------------------------------------------------
 # A running run whose heartbeat is older than this is considered orphaned.

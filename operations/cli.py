@@ -27,7 +27,7 @@ def run_document(run: Run) -> dict:
     }
 
 
-def follow_run(run: Run, command, *, timeout: float, poll: float = 0.3) -> Run:
+def follow_run(run: Run, command=None, *, timeout: float, poll: float = 0.3) -> Run:
     """Wait for the run to end, echoing its log lines to stderr as they arrive."""
     deadline = time.monotonic() + timeout
     started = time.monotonic()

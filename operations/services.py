@@ -41,8 +41,13 @@ def user_can_operate(user, customer) -> bool:
     return Customer.objects.visible_to(user).filter(pk=customer.pk).exists()
 
 
-def run_start(customer, *, kind: str, requested_by=None, via: str = "admin", params: dict | None = None) -> Run:
+def run_start(customer, *, kind: str, requested_by=None, via: str = "admin", params: dict | None = None,
+              enqueue: bool = True) -> Run:
     """Create a pending run and enqueue it (on commit) with only its primary key.
+
+    enqueue=False is for a command that executes the run in the foreground
+    itself (run_execute in its own process): queuing it too would make a
+    worker find it running and fail it as a redelivery.
 
     Refuses, with a message naming the blocking run, when the customer already
     has a mutating run (or a run of the same kind) pending or running.
@@ -68,7 +73,8 @@ def run_start(customer, *, kind: str, requested_by=None, via: str = "admin", par
             raise OperationRefused(_refusal(customer, kind, other)) from None
         audit_record(action=f"run.{kind}.requested", source=_source(via), actor=requested_by, obj=run,
                      customer=customer, changes={"params": params or {}}, result="pending")
-        transaction.on_commit(lambda: enqueue(run.pk))
+        if enqueue:
+            transaction.on_commit(lambda: enqueue_run(run.pk))
     return run
 
 
@@ -85,7 +91,7 @@ def _source(via: str) -> str:
     return via if via in AuditEntry.Source.values else AuditEntry.Source.SYSTEM
 
 
-def enqueue(run_id: int) -> None:
+def enqueue_run(run_id: int) -> None:
     from django_q.tasks import async_task
 
     async_task("operations.tasks.execute_run", run_id, task_name=f"run-{run_id}", group="runs")

@@ -21,7 +21,10 @@ class Command(KasaCommand):
         from core.setup import ensure_operator_group
 
         ensure_operator_group()
-        doc = {"admin": self._admin(), "reaper_schedule": self._reaper()}
+        from backups.services import global_policy
+
+        doc = {"admin": self._admin(), "reaper_schedule": self._reaper(),
+               "backup_target": global_policy().target.name}
         if not o["no_demo"]:
             from customers.demo import demo_seed
 

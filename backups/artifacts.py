@@ -1,0 +1,128 @@
+"""Which artifacts a backup holds, and how to open the process chain of each."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from django.conf import settings
+
+from core.secrets import reveal
+from customers.models import Customer, DatabaseConnection
+from engines import sources
+from engines.streams import ProcessChain, Stage
+
+ENCRYPTED_SUFFIX = ".enc"
+
+
+@dataclass
+class ArtifactSpec:
+    name: str
+    kind: str  # service | config | database
+    source: str
+    opener: Callable  # () -> context manager yielding (ProcessChain, details dict)
+    secrets: list[str] = field(default_factory=list)
+    size_hint: int = 0
+
+
+def _name(base: str, compression: str, encrypted: bool) -> str:
+    return base + sources.COMPRESSIONS[compression] + (ENCRYPTED_SUFFIX if encrypted else "")
+
+
+def _chain(stages: list[Stage | None], **kw) -> ProcessChain:
+    return ProcessChain([s for s in stages if s is not None], **kw)
+
+
+def plan(customer: Customer, params: dict) -> list[ArtifactSpec]:
+    scope, compression, encrypted = params["scope"], params["compression"], params["encrypt"]
+    root = str(customer.root_path())
+    chosen = params.get("services") or []
+    services = [s for s in customer.services.all() if not chosen or s.name in chosen]
+    excludes = [] if params.get("include_logs") else list(sources.DEFAULT_EXCLUDES)
+    excludes += list(params.get("excludes") or [])
+    specs: list[ArtifactSpec] = []
+
+    if scope in ("full", "files"):
+        for svc in services:
+            folder = str(svc.folder())
+            rel = os.path.relpath(folder, root)
+
+            @contextlib.contextmanager
+            def open_service(rel=rel):
+                yield _chain([sources.tar_stage(root, [rel], excludes=excludes),
+                              sources.compressor_stage(compression)]), {"path": rel}
+
+            specs.append(ArtifactSpec(_name(f"{svc.name}.tar", compression, encrypted), "service", svc.name,
+                                      open_service, size_hint=sources.path_size(folder)))
+
+    if scope in ("full", "config"):
+        members = sources.config_members(root, [s.path for s in customer.services.all()])
+        if members:
+            @contextlib.contextmanager
+            def open_config(members=members):
+                yield _chain([sources.tar_stage(root, members, no_recursion=True),
+                              sources.compressor_stage(compression)]), {"files": members}
+
+            specs.append(ArtifactSpec(_name("config.tar", compression, encrypted), "config", "config", open_config))
+
+    if scope in ("full", "database") and not chosen:
+        for db in customer.databases.all():
+            specs.append(_database_spec(db, compression, encrypted))
+    return specs
+
+
+def _database_spec(db: DatabaseConnection, compression: str, encrypted: bool) -> ArtifactSpec:
+    comp = sources.compressor_stage(compression)
+    if db.engine == DatabaseConnection.Engine.POSTGRESQL:
+        password = reveal(db.password)
+
+        @contextlib.contextmanager
+        def open_pg():
+            with sources.pg_snapshot(host=db.host, port=db.port, user=db.user, password=password,
+                                     dbname=db.database) as snap:
+                pg_dump, client = sources.pg_tool_for(snap.server_major)
+                with sources.pg_env(host=db.host, port=db.port, user=db.user, password=password,
+                                    dbname=db.database) as env:
+                    stage = sources.pg_dump_stage(pg_dump, dbname=db.database, snapshot=snap.snapshot, env=env)
+                    yield _chain([stage, comp]), {
+                        "engine": "postgresql", "database": db.database, "format": "pg_dump custom",
+                        "server_version": snap.server_version, "client_version": client,
+                        "row_counts": snap.row_counts,
+                    }
+
+        return ArtifactSpec(_name(f"db-{db.name}.pgdump", compression, encrypted), "database", db.name, open_pg,
+                            secrets=[password])
+
+    if db.engine == DatabaseConnection.Engine.MYSQL:
+        password = reveal(db.password)
+
+        @contextlib.contextmanager
+        def open_mysql():
+            with sources.mysql_defaults(host=db.host, port=db.port, user=db.user, password=password) as cnf:
+                version = sources.mysql_query(cnf, db.database, "SELECT VERSION()")[0][0]
+                counts = sources.mysql_row_counts(cnf, db.database)
+                stage = sources.mysql_dump_stage(cnf, db.database)
+                yield _chain([stage, comp]), {
+                    "engine": "mysql", "database": db.database, "format": "sql", "server_version": version,
+                    "client_version": sources.client_version_of(stage.argv[0]), "row_counts": counts,
+                }
+
+        return ArtifactSpec(_name(f"db-{db.name}.sql", compression, encrypted), "database", db.name, open_mysql,
+                            secrets=[password])
+
+    @contextlib.contextmanager
+    def open_sqlite():
+        settings.KASA_SCRATCH_DIR.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=settings.KASA_SCRATCH_DIR, prefix="sqlite-") as tmp:
+            copy = os.path.join(tmp, "copy.sqlite3")
+            counts = sources.sqlite_online_copy(str(db.sqlite_file()), copy)
+            stages = [comp or Stage(["cat"], name="cat")]
+            yield _chain(stages, stdin_path=copy), {
+                "engine": "sqlite", "path": db.sqlite_path, "format": "sqlite3 file",
+                "server_version": sources.sqlite_version(), "row_counts": counts,
+            }
+
+    return ArtifactSpec(_name(f"db-{db.name}.sqlite3", compression, encrypted), "database", db.name, open_sqlite)

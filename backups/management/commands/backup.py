@@ -1,0 +1,53 @@
+from backups.models import Backup
+from backups.services import BackupInputError, backup_document, backup_start
+from core.cli import BadInput, KasaCommand
+from customers.models import Customer
+from operations.cli import follow_run, run_document
+from operations.foreground import execute_in_foreground
+from operations.services import OperationRefused
+
+
+class Command(KasaCommand):
+    help = "Back up a customer: runs in the foreground (log on stderr) unless --enqueue."
+
+    def add_arguments(self, parser):
+        parser.add_argument("domain")
+        parser.add_argument("--scope", choices=["full", "files", "database", "config"])
+        parser.add_argument("--service", action="append", default=[], help="only this service folder (repeatable)")
+        parser.add_argument("--no-encrypt", action="store_true", help="store artifacts unencrypted (not advised)")
+        parser.add_argument("--compression", choices=["zstd", "gzip", "none"])
+        parser.add_argument("--target", help="storage target name (default: the policy's)")
+        parser.add_argument("--enqueue", action="store_true", help="hand it to the workers and return at once")
+        parser.add_argument("--wait", action="store_true", help="with --enqueue: wait for the worker to finish")
+
+    def handle(self, *args, **o):
+        customer = Customer.objects.filter(domain=o["domain"].lower()).first()
+        if customer is None:
+            raise BadInput(f"no customer with domain {o['domain']!r}")
+        try:
+            run = backup_start(
+                customer, scope=o["scope"], services=o["service"], compression=o["compression"],
+                encrypt=False if o["no_encrypt"] else None, target=o["target"], via="cli", enqueue=o["enqueue"],
+            )
+        except (BackupInputError, OperationRefused) as exc:
+            raise BadInput(str(exc)) from None
+        if o["enqueue"]:
+            if not o["wait"]:
+                if self.json_output:
+                    self.emit(run_document(run))
+                else:
+                    self.stdout.write(f"backup queued as run #{run.pk}")
+                return
+            run = follow_run(run, self, timeout=24 * 3600)
+        else:
+            run = execute_in_foreground(run)
+        bk = Backup.objects.filter(run=run).first()
+        doc = backup_document(bk) if bk else {"id": None, "customer": customer.domain, "status": run.status,
+                                               "error": run.error}
+        doc["run"] = run.pk
+        if run.status != "succeeded":
+            self.fail(f"backup of {customer} {run.status}: {run.error}", doc)
+        if self.json_output:
+            self.emit(doc)
+        else:
+            self.stdout.write(f"backup #{doc['id']} of {customer}: {doc['size'] / 1e6:.1f} MB at {doc['location']}")

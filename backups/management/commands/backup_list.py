@@ -1,0 +1,29 @@
+from backups.models import Backup
+from backups.services import backup_document
+from core.cli import BadInput, KasaCommand
+from customers.models import Customer
+
+
+class Command(KasaCommand):
+    help = "List backups (newest first), optionally of one customer."
+
+    def add_arguments(self, parser):
+        parser.add_argument("domain", nargs="?")
+        parser.add_argument("--all", action="store_true", help="include failed and deleted backups")
+
+    def handle(self, *args, **o):
+        backups = Backup.objects.select_related("customer", "target").prefetch_related("artifacts")
+        if o["domain"]:
+            customer = Customer.objects.filter(domain=o["domain"].lower()).first()
+            if customer is None:
+                raise BadInput(f"no customer with domain {o['domain']!r}")
+            backups = backups.filter(customer=customer)
+        if not o["all"]:
+            backups = backups.filter(status__in=[Backup.Status.SUCCEEDED, Backup.Status.RUNNING])
+        docs = [backup_document(b) for b in backups]
+        if self.json_output:
+            self.emit(docs)
+            return
+        for d in docs:
+            self.stdout.write(f"#{d['id']:<6} {d['customer']:<30} {d['status']:<10} {d['scope']:<8} "
+                              f"{d['size'] / 1e6:>10.1f} MB  {d['finished_at'] or d['started_at']}  {d['location']}")

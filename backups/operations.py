@@ -1,0 +1,206 @@
+"""The backup operation: one restore point of a customer, complete or nothing.
+
+Each artifact streams to storage, is read back and checksummed, then the
+manifest (backup.json) is written beside the artifacts last: a folder without
+a manifest is never a restore point. Any failure deletes everything written
+under the backup's prefix, on the primary and on every replica.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from django.conf import settings
+from django.utils import timezone
+
+from customers.models import Customer
+from engines import streams
+from engines.artifact import write_artifact, write_bytes
+from operations.context import OperationError, RunContext
+
+from . import artifacts as plans
+from .models import Backup, BackupArtifact, BackupCopy, StorageTarget
+
+FORMAT_VERSION = 1
+MANIFEST = "backup.json"
+
+
+class _Progress:
+    """Bytes done, throughput and ETA, written at most twice a second."""
+
+    def __init__(self, ctx: RunContext, expected_total: int):
+        self.ctx, self.total = ctx, expected_total or None
+        self.base = 0
+        self.started = time.monotonic()
+        self.last = 0.0
+        self.last_alive_check = self.started
+
+    def update(self, current: int, label: str, force: bool = False) -> None:
+        now = time.monotonic()
+        if now - self.last_alive_check > 2:
+            self.last_alive_check = now
+            self.ctx.check_alive()  # a cancel request or a lost run stops the stream within ~2 s
+        if not force and now - self.last < 0.5:
+            return
+        self.last = now
+        done = self.base + current
+        rate = done / max(now - self.started, 1e-6)
+        msg = f"{label}: {done / 1e6:.1f} MB at {rate / 1e6:.1f} MB/s"
+        if self.total and rate > 0 and self.total > done:
+            msg += f", about {int((self.total - done) / rate)} s left"
+        self.ctx.progress(done, max(self.total or 0, done) or None, msg)
+
+
+def backup(ctx: RunContext) -> dict:
+    run = ctx.run
+    p = run.params
+    customer = Customer.objects.prefetch_related("services", "databases").get(pk=run.customer_id)
+    target = StorageTarget.objects.get(name=p["target"])
+    keyring = _keyring() if p["encrypt"] else None
+    started = timezone.now()
+    bk = Backup.objects.create(
+        customer=customer, run=run, status=Backup.Status.RUNNING, scope=p["scope"], services=p["services"],
+        compression=p["compression"], encrypted=p["encrypt"], target=target, trigger=p.get("trigger", "manual"),
+        requested_by=run.requested_by, started_at=started,
+    )
+    bk.prefix = f"{customer.domain}/{started:%Y%m%dT%H%M%SZ}-{bk.pk}"
+    bk.save(update_fields=["prefix"])
+    store = target.store()
+    replicas = list(StorageTarget.objects.filter(name__in=p.get("replicas") or [], enabled=True))
+    ctx.info(f"backup #{bk.pk} ({p['scope']}, {p['compression']}, "
+             f"{'encrypted with key ' + keyring.current_id if keyring else 'NOT encrypted'}) "
+             f"to {store.location(bk.prefix)}")
+    try:
+        specs = plans.plan(customer, p)
+        if not specs:
+            raise OperationError(f"nothing to back up for scope {p['scope']!r}")
+        previous = (Backup.objects.filter(customer=customer, status=Backup.Status.SUCCEEDED, scope=p["scope"])
+                    .order_by("-finished_at").values_list("size", flat=True).first())
+        progress = _Progress(ctx, previous or 0)
+        bandwidth = p["bandwidth_limit_mbps"] * 1e6 if p.get("bandwidth_limit_mbps") else None
+        written = []
+        for spec in specs:
+            for s in spec.secrets:
+                ctx.add_secret(s)
+            ctx.check_alive()
+            ctx.info(f"{spec.name}: {spec.kind} {spec.source}")
+            name = f"{bk.prefix}/{spec.name}"
+            try:
+                with spec.opener() as (chain, details):
+                    ctx.info("$ " + " | ".join(" ".join(st.argv) for st in chain.stages))
+                    res = write_artifact(chain, store, name, keyring=keyring, bandwidth=bandwidth,
+                                         on_progress=lambda n, label=spec.name: progress.update(n, label))
+                    for label, line in chain.stderr_lines():
+                        ctx.warning(f"{label}: {line}")
+            except (streams.ChainError, plans.sources.SourceError) as exc:
+                raise OperationError(f"{spec.name}: {exc}") from None
+            progress.base += res.source_bytes
+            progress.update(0, spec.name, force=True)
+            _verify_object(store, name, res.sha256, res.size)
+            art = BackupArtifact.objects.create(
+                backup=bk, name=spec.name, kind=spec.kind, source=spec.source, size=res.size, sha256=res.sha256,
+                compression=p["compression"], key_id=res.key_id, details=details,
+            )
+            written.append(art)
+            rows = details.get("row_counts")
+            ctx.info(f"{spec.name}: {res.size / 1e6:.1f} MB stored, sha256 {res.sha256[:16]}…"
+                     + (f", {len(rows)} tables" if rows is not None else ""))
+
+        finished = timezone.now()
+        manifest = _manifest(bk, customer, written, started, finished, keyring)
+        write_bytes(store, f"{bk.prefix}/{MANIFEST}", json.dumps(manifest, indent=2, default=str).encode())
+        for replica in replicas:
+            _copy_to_replica(ctx, bk, store, replica, [a.name for a in written] + [MANIFEST], written)
+        bk.status = Backup.Status.SUCCEEDED
+        bk.size = sum(a.size for a in written)
+        bk.finished_at = finished
+        bk.manifest = manifest
+        bk.save(update_fields=["status", "size", "finished_at", "manifest"])
+    except BaseException as exc:
+        _discard(ctx, bk, store, replicas, exc)
+        raise
+    ctx.info(f"backup #{bk.pk} complete: {len(written)} artifacts, {bk.size / 1e6:.1f} MB")
+    return {"backup": bk.pk, "location": store.location(bk.prefix), "size": bk.size,
+            "artifacts": [{"name": a.name, "size": a.size, "sha256": a.sha256} for a in written]}
+
+
+def _keyring():
+    from engines.backupcrypto import KeyRing
+
+    if not settings.KASA_BACKUP_KEYS:
+        raise OperationError("KASA_BACKUP_KEYS is not set: refusing to write an unencrypted backup silently")
+    return KeyRing(settings.KASA_BACKUP_KEYS)
+
+
+def _verify_object(store, name: str, sha256: str, size: int) -> None:
+    """Re-read what was stored: a copy is only trusted after its checksum matched."""
+    with store.open_read(name) as fh:
+        got, n = streams.sha256_of(fh)
+    if got != sha256 or n != size:
+        raise OperationError(f"{name}: stored copy does not match what was written "
+                             f"(sha256 {got[:16]}…, {n} bytes; expected {sha256[:16]}…, {size} bytes)")
+
+
+def _copy_to_replica(ctx, bk: Backup, store, replica: StorageTarget, names: list[str], written) -> None:
+    rstore = replica.store()
+    sums = {a.name: (a.sha256, a.size) for a in written}
+    for short in names:
+        name = f"{bk.prefix}/{short}"
+        with store.open_read(name) as src:
+            w = rstore.open_write(name)
+            try:
+                h = streams.HashingWriter(w)
+                while chunk := src.read(streams.CHUNK):
+                    h.write(chunk)
+                w.commit()
+            except BaseException:
+                w.abort()
+                raise
+        expected = sums.get(short, (h.hexdigest(), h.size))
+        _verify_object(rstore, name, *expected)
+    BackupCopy.objects.create(backup=bk, target=replica, verified_at=timezone.now())
+    ctx.info(f"copied to replica {replica.name} ({rstore.location(bk.prefix)}), checksums verified")
+
+
+def _discard(ctx, bk: Backup, store, replicas, exc: BaseException) -> None:
+    """Delete every partial artifact; the backup is failed and never offered for restore."""
+    for s in [store] + [r.store() for r in replicas]:
+        try:
+            removed = s.delete_prefix(bk.prefix)
+            if removed:
+                ctx.warning(f"removed {removed} partial object(s) from {s.location(bk.prefix)}")
+        except Exception as cleanup_exc:  # keep the original error; say what could not be cleaned
+            ctx.error(f"could not remove partial backup at {bk.prefix}: {cleanup_exc}")
+    bk.status = Backup.Status.FAILED
+    bk.error = str(exc)[:5000] or type(exc).__name__
+    bk.finished_at = timezone.now()
+    bk.save(update_fields=["status", "error", "finished_at"])
+
+
+def _manifest(bk: Backup, customer: Customer, written, started, finished, keyring) -> dict:
+    return {
+        "format": "kasa-backup",
+        "format_version": FORMAT_VERSION,
+        "kasa_version": settings.KASA_VERSION,
+        "backup_id": bk.pk,
+        "customer": {"domain": customer.domain, "name": customer.name},
+        "scope": bk.scope,
+        "services": bk.services,
+        "trigger": bk.trigger,
+        "started_at": started.isoformat(),
+        "finished_at": finished.isoformat(),
+        "duration": (finished - started).total_seconds(),
+        "component_versions": customer.versions,
+        "compression": bk.compression,
+        "encrypted": bk.encrypted,
+        "key_id": keyring.current_id if keyring else None,
+        "artifacts": [
+            {"name": a.name, "kind": a.kind, "source": a.source, "size": a.size, "sha256": a.sha256,
+             "compression": a.compression, "encrypted": bk.encrypted, "key_id": a.key_id or None,
+             **({"database": a.details} if a.kind == "database" else {}),
+             **({"path": a.details.get("path")} if a.kind == "service" else {}),
+             **({"files": a.details.get("files")} if a.kind == "config" else {})}
+            for a in written
+        ],
+    }

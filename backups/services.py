@@ -1,0 +1,104 @@
+"""Service functions for backups: targets, policies, starting a backup."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import transaction
+
+from operations.models import Run
+from operations.services import run_start
+
+from .models import Backup, BackupPolicy, StorageTarget
+
+DEFAULT_TARGET = "local"
+
+
+class BackupInputError(ValueError):
+    pass
+
+
+def default_target() -> StorageTarget:
+    target, _ = StorageTarget.objects.get_or_create(
+        name=DEFAULT_TARGET, defaults={"kind": StorageTarget.Kind.LOCAL, "path": str(settings.KASA_BACKUP_DIR)}
+    )
+    return target
+
+
+@transaction.atomic
+def global_policy() -> BackupPolicy:
+    policy = BackupPolicy.objects.filter(customer__isnull=True).first()
+    return policy or BackupPolicy.objects.create(customer=None, target=default_target())
+
+
+def policy_for(customer) -> BackupPolicy:
+    return BackupPolicy.objects.filter(customer=customer).first() or global_policy()
+
+
+def backup_start(
+    customer, *, scope: str | None = None, services: list[str] | tuple = (), compression: str | None = None,
+    encrypt: bool | None = None, target: str | None = None, requested_by=None, via: str = "admin",
+    trigger: str = Backup.Trigger.MANUAL, enqueue: bool = True,
+) -> Run:
+    """Validate the request against the customer's policy and start a backup run."""
+    policy = policy_for(customer)
+    scope = scope or policy.scope
+    if scope not in BackupPolicy.Scope.values:
+        raise BackupInputError(f"unknown scope {scope!r}: use {', '.join(BackupPolicy.Scope.values)}")
+    compression = compression or policy.compression
+    if compression not in BackupPolicy.Compression.values:
+        raise BackupInputError(f"unknown compression {compression!r}: use zstd, gzip or none")
+    known = set(customer.services.values_list("name", flat=True))
+    unknown = [s for s in services if s not in known]
+    if unknown:
+        raise BackupInputError(f"{customer} has no service named {', '.join(unknown)} "
+                               f"(services: {', '.join(sorted(known)) or 'none'})")
+    if services and scope == BackupPolicy.Scope.DATABASE:
+        raise BackupInputError("--service chooses service folders; it cannot be combined with scope 'database'")
+    target_obj = StorageTarget.objects.filter(name=target).first() if target else policy.target
+    if target_obj is None:
+        raise BackupInputError(f"no storage target named {target!r}")
+    if not target_obj.enabled:
+        raise BackupInputError(f"storage target {target_obj.name!r} is disabled")
+    encrypt = policy.encrypt if encrypt is None else encrypt
+    if encrypt and not settings.KASA_BACKUP_KEYS:
+        raise BackupInputError("backups are encrypted by default but KASA_BACKUP_KEYS is not set "
+                               "(or pass --no-encrypt deliberately)")
+    params = {
+        "scope": scope, "services": list(services), "compression": compression, "encrypt": encrypt,
+        "target": target_obj.name, "trigger": trigger,
+        "replicas": [] if target else list(policy.replicas.values_list("name", flat=True)),
+        "include_logs": policy.include_logs, "excludes": list(policy.excludes or []),
+        "bandwidth_limit_mbps": policy.bandwidth_limit_mbps,
+    }
+    return run_start(customer, kind=Run.Kind.BACKUP, requested_by=requested_by, via=via, params=params,
+                     enqueue=enqueue)
+
+
+def backup_document(backup: Backup) -> dict:
+    """A backup as the CLI shows it."""
+    store_location = ""
+    if backup.prefix:
+        try:
+            store_location = backup.target.store().location(backup.prefix)
+        except Exception:  # an unreachable target must not break listing
+            store_location = f"{backup.target.name}:{backup.prefix}"
+    return {
+        "id": backup.pk,
+        "customer": backup.customer.domain,
+        "status": backup.status,
+        "scope": backup.scope,
+        "services": backup.services,
+        "size": backup.size,
+        "encrypted": backup.encrypted,
+        "compression": backup.compression,
+        "target": backup.target.name,
+        "trigger": backup.trigger,
+        "pinned": backup.pinned,
+        "started_at": backup.started_at,
+        "finished_at": backup.finished_at,
+        "duration": backup.duration,
+        "location": store_location,
+        "error": backup.error,
+        "artifacts": [{"name": a.name, "kind": a.kind, "size": a.size, "sha256": a.sha256}
+                      for a in backup.artifacts.all()],
+    }

