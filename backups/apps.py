@@ -7,4 +7,5 @@ class BackupsConfig(AppConfig):
     def ready(self):
         from operations import registry
 
-        registry.register("backup", "backups.operations.backup", mutating=True)
+        registry.register("backup", "backups.operations.backup", mutating=True,
+                          on_abandon="backups.operations.abandon")

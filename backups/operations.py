@@ -178,6 +178,15 @@ def _discard(ctx, bk: Backup, store, replicas, exc: BaseException) -> None:
     bk.save(update_fields=["status", "error", "finished_at"])
 
 
+def abandon(run, ctx: RunContext) -> None:
+    """The worker died mid-backup: delete what it wrote and fail the backup."""
+    bk = Backup.objects.filter(run=run, status=Backup.Status.RUNNING).select_related("target").first()
+    if bk is None:
+        return
+    replicas = list(StorageTarget.objects.filter(name__in=run.params.get("replicas") or []))
+    _discard(ctx, bk, bk.target.store(), replicas, RuntimeError(run.error or "worker died"))
+
+
 def _manifest(bk: Backup, customer: Customer, written, started, finished, keyring) -> dict:
     return {
         "format": "kasa-backup",

@@ -102,3 +102,37 @@ def backup_document(backup: Backup) -> dict:
         "artifacts": [{"name": a.name, "kind": a.kind, "size": a.size, "sha256": a.sha256}
                       for a in backup.artifacts.all()],
     }
+
+
+def backup_pin(backup: Backup, *, pinned: bool, reason: str = "", actor=None, via: str = "admin") -> None:
+    from audit.services import audit_record
+
+    Backup.objects.filter(pk=backup.pk).update(pinned=pinned, pin_reason=reason if pinned else "")
+    audit_record(action="backup.pin" if pinned else "backup.unpin", source=via, actor=actor, obj=backup,
+                 customer=backup.customer, result=reason or "ok")
+
+
+def backup_delete(backup: Backup, *, actor=None, via: str = "admin") -> int:
+    """Delete a backup's objects from every target; the catalogue row stays, marked deleted."""
+    from audit.services import audit_record
+
+    if backup.pinned:
+        raise BackupInputError(f"backup #{backup.pk} is pinned ({backup.pin_reason or 'by hand'}); unpin it first")
+    removed = 0
+    targets = [backup.target] + [c.target for c in backup.copies.select_related("target")]
+    for target in targets:
+        if backup.prefix:
+            removed += target.store().delete_prefix(backup.prefix)
+    Backup.objects.filter(pk=backup.pk).update(status=Backup.Status.DELETED)
+    audit_record(action="backup.delete", source=via, actor=actor, obj=backup, customer=backup.customer,
+                 result=f"{removed} object(s) removed")
+    return removed
+
+
+def target_check(target: StorageTarget) -> str:
+    from engines.stores import StoreError
+
+    try:
+        return target.store().check()
+    except StoreError as exc:
+        raise BackupInputError(f"target {target.name}: {exc}") from None

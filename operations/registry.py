@@ -16,13 +16,16 @@ class Kind:
     name: str
     handler: str
     mutating: bool
+    # Called with the Run when its worker died mid-way (reaper or redelivery):
+    # the place to clean up what the dead handler could not (partial artifacts).
+    on_abandon: str | None = None
 
 
 _kinds: dict[str, Kind] = {}
 
 
-def register(name: str, handler: str, *, mutating: bool) -> None:
-    _kinds[name] = Kind(name, handler, mutating)
+def register(name: str, handler: str, *, mutating: bool, on_abandon: str | None = None) -> None:
+    _kinds[name] = Kind(name, handler, mutating, on_abandon)
 
 
 def unregister(name: str) -> None:
@@ -38,3 +41,8 @@ def get(name: str) -> Kind:
 
 def handler(name: str):
     return import_string(get(name).handler)
+
+
+def abandon_hook(name: str):
+    spec = _kinds.get(name)
+    return import_string(spec.on_abandon) if spec and spec.on_abandon else None

@@ -113,7 +113,9 @@ def run_execute(run_id: int) -> str:
     if not run.start(worker_id()):
         if run.status == Run.Status.RUNNING:
             if run.fail(WORKER_DIED):
-                RunContext(run).error(WORKER_DIED)
+                ctx = RunContext(run)
+                ctx.error(WORKER_DIED)
+                _abandon(run, ctx)
                 _notify_end(run)
             return "redelivered"
         return f"already {run.status}"
@@ -190,11 +192,25 @@ def runs_reap(*, stale_after: int | None = None) -> list[int]:
             if h == host and pid.isdigit() and not _pid_alive(int(pid)):
                 reason = f"worker lost: process {run.worker} no longer exists"
         if reason and run.fail(reason):
-            RunContext(run).error(reason)
+            ctx = RunContext(run)
+            ctx.error(reason)
+            _abandon(run, ctx)
             audit_record(action=f"run.{run.kind}.reaped", source=AuditEntry.Source.SYSTEM, obj=run,
                          customer=run.customer, result=reason)
             reaped.append(run.pk)
     return reaped
+
+
+def _abandon(run: Run, ctx: RunContext) -> None:
+    """Let the kind clean up after a handler that died (partial artifacts and the like)."""
+    hook = registry.abandon_hook(run.kind)
+    if hook is None:
+        return
+    try:
+        hook(run, ctx)
+    except Exception as exc:  # cleanup trouble must not hide the failure itself
+        log.exception("cleanup of abandoned run %s failed", run.pk)
+        ctx.error(f"cleanup after the dead worker failed: {exc}")
 
 
 def _pid_alive(pid: int) -> bool:
