@@ -32,6 +32,7 @@ if ! $only_python; then
   [ -d /usr/share/fonts/truetype/liberation ] || need+=(fonts-liberation)  # text for headless chromium
   have zstd          || need+=(zstd)
   have node          || need+=(nodejs)
+  [ -x /usr/sbin/sshd ] || need+=(openssh-server)  # a real SFTP server for the storage-target tests
 fi
 
 if [ ${#need[@]} -eq 0 ]; then

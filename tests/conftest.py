@@ -271,3 +271,7 @@ def wait_for_run(run_id: int, timeout: float = 60, statuses=("succeeded", "faile
         return run if run.status in statuses else None
 
     return wait_until(done, timeout, 0.1, what=f"run {run_id} to reach {statuses}")
+
+
+# Fixtures of a real moto S3 server (imported last: tests/s3.py uses the helpers above).
+from tests.s3 import moto_server, s3_server  # noqa: E402, F401
