@@ -1,0 +1,134 @@
+"""Which backups to delete: a pure function over (id, time, outcome) records.
+
+The rules follow restic's `forget` and Borg's `prune`, with the lessons of
+tools that lost good backups:
+
+- Order is by finish time, never by id or name (WAL-G once sorted by name).
+- Only successful backups count. A run of failures must not push good backups
+  out of "keep the last N" (pgbackweb's bug), so failures are never counted.
+- keep_daily N keeps the newest backup of each of the N most recent days that
+  *have* a backup (not "the last N calendar days"), so a week-long outage does
+  not empty the window. Weekly uses ISO weeks, monthly calendar months; days
+  are UTC days.
+- keep_verified N keeps the newest N successful backups whose restore was
+  verified: a backup known to restore is worth more than a newer unknown one.
+
+Precedence, strongest first:
+1. pinned backups are kept (by hand or by an upgrade), whatever their age or outcome;
+2. the newest successful backup is kept, even past max_age, so there is always
+   something to restore from;
+3. max_age_days is a ceiling: a successful, unpinned backup older than that is
+   deleted even if keep_last/daily/weekly/monthly/verified would keep it. (If
+   those rules won instead, max age could never delete anything they had not
+   already dropped; its point is a hard limit, e.g. for data-protection.)
+4. keep_last, keep_daily, keep_weekly, keep_monthly, keep_verified.
+Everything else is deleted.
+
+Failed backups are deleted (their partial artifacts are junk) only when they
+finished before the newest successful backup; a failure newer than that is kept
+for inspection, and with no successful backup at all no failure is deleted.
+Ties on the same instant are broken by id, only so that the result is stable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+
+@dataclass(frozen=True)
+class Item:
+    id: int
+    finished_at: datetime  # aware, UTC
+    succeeded: bool
+    pinned: bool = False
+    verified: bool = False
+
+
+@dataclass
+class Policy:
+    keep_last: int = 5
+    keep_daily: int = 0
+    keep_weekly: int = 0
+    keep_monthly: int = 0
+    max_age_days: int | None = None
+    keep_verified: int = 0
+
+    def __post_init__(self) -> None:
+        counts = (self.keep_last, self.keep_daily, self.keep_weekly, self.keep_monthly, self.keep_verified)
+        if min(counts) < 0 or (self.max_age_days is not None and self.max_age_days < 0):
+            raise ValueError("retention counts and max_age_days cannot be negative")
+
+
+@dataclass
+class Plan:
+    keep: dict[int, list[str]] = field(default_factory=dict)  # id -> why, newest first
+    delete: list[int] = field(default_factory=list)  # newest first
+
+
+def _day(t: datetime) -> str:
+    return t.date().isoformat()
+
+
+def _week(t: datetime) -> str:
+    iso = t.isocalendar()
+    return f"{iso.year}-W{iso.week:02d}"
+
+
+def _month(t: datetime) -> str:
+    return f"{t.year}-{t.month:02d}"
+
+
+def _buckets(good: list[Item], n: int, key: Callable[[datetime], str]) -> dict[int, str]:
+    """The newest backup of each of the n most recent buckets that hold one (good is newest first)."""
+    chosen: dict[int, str] = {}
+    seen: set[str] = set()
+    for item in good:
+        if len(seen) >= n:
+            break
+        bucket = key(item.finished_at.astimezone(UTC))
+        if bucket not in seen:
+            seen.add(bucket)
+            chosen[item.id] = bucket
+    return chosen
+
+
+def plan(items: list[Item], policy: Policy, now: datetime) -> Plan:
+    """Split finished backups into keep (with reasons) and delete, by the rules above."""
+    ordered = sorted(items, key=lambda i: (i.finished_at, i.id), reverse=True)
+    good = [i for i in ordered if i.succeeded]
+    newest = good[0] if good else None
+    cutoff = now - timedelta(days=policy.max_age_days) if policy.max_age_days is not None else None
+
+    counted: dict[int, list[str]] = {}  # reasons from the counting rules, subject to max age
+    for item in good[: policy.keep_last]:
+        counted.setdefault(item.id, []).append(f"last {policy.keep_last}")
+    for label, n, key in (
+        ("daily", policy.keep_daily, _day),
+        ("weekly", policy.keep_weekly, _week),
+        ("monthly", policy.keep_monthly, _month),
+    ):
+        for item_id, bucket in _buckets(good, n, key).items():
+            counted.setdefault(item_id, []).append(f"{label} {bucket}")
+    for item in [i for i in good if i.verified][: policy.keep_verified]:
+        counted.setdefault(item.id, []).append(f"verified (newest {policy.keep_verified})")
+
+    result = Plan()
+    for item in ordered:
+        reasons = []
+        expired = cutoff is not None and item.finished_at < cutoff
+        if item.pinned:
+            reasons.append("pinned")
+        if item is newest:
+            reasons.append("newest successful" + (" (older than max age)" if expired else ""))
+        if item.succeeded:
+            if not expired:  # max age overrides the counting rules
+                reasons += counted.get(item.id, [])
+        elif newest is None or item.finished_at >= newest.finished_at:
+            reasons.append("failed after the newest successful backup (kept for inspection)")
+        if reasons:
+            result.keep[item.id] = reasons
+        else:
+            result.delete.append(item.id)
+    return result
