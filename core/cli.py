@@ -7,7 +7,6 @@ stdout. Exit codes: 0 = done, 1 = the operation failed, 2 = bad input.
 from __future__ import annotations
 
 import json
-import sys
 
 from django.core.management.base import BaseCommand, CommandError
 
@@ -52,8 +51,9 @@ class KasaCommand(BaseCommand):
 
     def emit(self, document) -> None:
         """Write the one JSON document (json mode) on stdout."""
-        sys.stdout.write(json.dumps(document, indent=2, default=str, sort_keys=False) + "\n")
-        sys.stdout.flush()
+        # Through self.stdout (sys.stdout unless call_command redirected it).
+        self.stdout.write(json.dumps(document, indent=2, default=str, sort_keys=False))
+        self.stdout.flush()
 
     def fail(self, message: str, document=None):
         """End with exit 1, printing `document` first in JSON mode."""

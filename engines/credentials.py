@@ -65,6 +65,7 @@ def mysql_defaults_file(*, host: str, port: int, user: str, password: str) -> It
             lines.append(f'password="{_mycnf_escape(password)}"')
         # Over TCP even for "localhost": the socket would ignore host/port.
         lines.append("protocol=TCP")
-        lines.append("connect-timeout=10")
+        # Only the interactive client knows connect-timeout; in [client] it would make mariadb-dump refuse to start.
+        lines += ["[mysql]", "connect-timeout=10"]
         _write_0600(path, "\n".join(lines) + "\n")
         yield path

@@ -150,8 +150,8 @@ def pg_snapshot(*, host: str, port: int, user: str, password: str, dbname: str) 
         con = psycopg.connect(host=host, port=port, user=user, password=password or None, dbname=dbname,
                               connect_timeout=10, application_name="kasa-backup")
     except psycopg.Error as exc:
-        raise SourceError(f"cannot connect to PostgreSQL at {host}:{port}/{dbname}: "
-                          f"{str(exc).strip().splitlines()[-1]}") from None
+        raise SourceError(f"cannot connect to PostgreSQL at {host}:{port}/{dbname}: {' '.join(str(exc).split())}"
+                          ) from None
     try:
         con.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         con.read_only = True
