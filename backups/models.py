@@ -35,6 +35,8 @@ class StorageTarget(models.Model):
     access_key = EncryptedSecretField(help_text="S3 access key id.")
     secret_key = EncryptedSecretField(help_text="S3 secret key, or the SFTP password.")
     private_key = EncryptedSecretField(help_text="SFTP private key (PEM/OpenSSH).")
+    host_key = models.CharField(max_length=1000, blank=True,
+                                help_text="SFTP server key to pin: an OpenSSH key line or SHA256:… fingerprint.")
     enabled = models.BooleanField(default=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
@@ -56,6 +58,7 @@ class StorageTarget(models.Model):
         config = {
             "path": self.path, "bucket": self.bucket, "prefix": self.prefix, "endpoint_url": self.endpoint_url or None,
             "region": self.region or None, "host": self.host, "port": self.port, "username": self.username,
+            "host_key": self.host_key or None,
         }
         secrets = {"access_key": reveal(self.access_key), "secret_key": reveal(self.secret_key),
                    "private_key": reveal(self.private_key)}
@@ -214,3 +217,14 @@ class BackupCopy(models.Model):
 
     def __str__(self):
         return f"copy of backup #{self.backup_id} on {self.target}"
+
+
+class CustomerBackupState(models.Model):
+    """Per-customer alerting memory, so a missed-backup alert is sent once per lapse, not every minute."""
+
+    customer = models.OneToOneField("customers.Customer", on_delete=models.CASCADE, related_name="backup_state")
+    missed_alert_at = models.DateTimeField(null=True, blank=True)
+    missed_since = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self):
+        return f"backup state of {self.customer}"

@@ -119,8 +119,10 @@ def backup(ctx: RunContext) -> dict:
         bk.save(update_fields=["status", "size", "finished_at", "manifest"])
     except BaseException as exc:
         _discard(ctx, bk, store, replicas, exc)
+        _notify(ctx, bk)
         raise
     ctx.info(f"backup #{bk.pk} complete: {len(written)} artifacts, {bk.size / 1e6:.1f} MB")
+    _after_success(ctx, bk)
     return {"backup": bk.pk, "location": store.location(bk.prefix), "size": bk.size,
             "artifacts": [{"name": a.name, "size": a.size, "sha256": a.sha256} for a in written]}
 
@@ -178,6 +180,28 @@ def _discard(ctx, bk: Backup, store, replicas, exc: BaseException) -> None:
     bk.save(update_fields=["status", "error", "finished_at"])
 
 
+def _notify(ctx: RunContext, bk: Backup) -> None:
+    """Email/webhook about the result; a notification problem never changes the backup's outcome."""
+    try:
+        from .notify import backup_finished
+
+        backup_finished(bk.pk)
+    except Exception as exc:
+        ctx.warning(f"notification failed: {exc}")
+
+
+def _after_success(ctx: RunContext, bk: Backup) -> None:
+    _notify(ctx, bk)
+    try:
+        from .services import prune_customer
+
+        plan = prune_customer(bk.customer, via="worker")
+        if plan.delete:
+            ctx.info(f"retention removed {len(plan.delete)} old backup(s): {', '.join(f'#{i}' for i in plan.delete)}")
+    except Exception as exc:  # retention trouble is reported, never turns a good backup into a failed one
+        ctx.warning(f"retention failed: {exc}")
+
+
 def abandon(run, ctx: RunContext) -> None:
     """The worker died mid-backup: delete what it wrote and fail the backup."""
     bk = Backup.objects.filter(run=run, status=Backup.Status.RUNNING).select_related("target").first()
@@ -185,6 +209,7 @@ def abandon(run, ctx: RunContext) -> None:
         return
     replicas = list(StorageTarget.objects.filter(name__in=run.params.get("replicas") or []))
     _discard(ctx, bk, bk.target.store(), replicas, RuntimeError(run.error or "worker died"))
+    _notify(ctx, bk)
 
 
 def _manifest(bk: Backup, customer: Customer, written, started, finished, keyring) -> dict:

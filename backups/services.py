@@ -136,3 +136,28 @@ def target_check(target: StorageTarget) -> str:
         return target.store().check()
     except StoreError as exc:
         raise BackupInputError(f"target {target.name}: {exc}") from None
+
+
+def retention_policy(policy: BackupPolicy):
+    from engines.retention import Policy
+
+    return Policy(keep_last=policy.keep_last, keep_daily=policy.keep_daily, keep_weekly=policy.keep_weekly,
+                  keep_monthly=policy.keep_monthly, max_age_days=policy.max_age_days,
+                  keep_verified=policy.keep_verified)
+
+
+def prune_customer(customer, *, dry_run: bool = False, actor=None, via: str = "cli"):
+    """Apply the customer's retention policy; returns the engine's Plan (keep reasons, ids deleted)."""
+    from django.utils import timezone
+
+    from engines.retention import Item, plan
+
+    finished = Backup.objects.filter(customer=customer, finished_at__isnull=False,
+                                     status__in=[Backup.Status.SUCCEEDED, Backup.Status.FAILED])
+    items = [Item(id=b.pk, finished_at=b.finished_at, succeeded=b.status == Backup.Status.SUCCEEDED,
+                  pinned=b.pinned, verified=b.verified_at is not None) for b in finished]
+    result = plan(items, retention_policy(policy_for(customer)), timezone.now())
+    if not dry_run:
+        for bk in Backup.objects.filter(pk__in=result.delete).select_related("target", "customer"):
+            backup_delete(bk, actor=actor, via=via)
+    return result
