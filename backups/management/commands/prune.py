@@ -1,7 +1,6 @@
+from backups.services import prune_customer
 from core.cli import BadInput, KasaCommand
 from customers.models import Customer
-
-from backups.services import prune_customer
 
 
 class Command(KasaCommand):
