@@ -220,4 +220,9 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    # A killed worker stays a zombie until its parent (qcluster) reaps it: dead all the same.
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(") ", 1)[1][:1] not in ("Z", "X")
+    except (FileNotFoundError, IndexError):
+        return False

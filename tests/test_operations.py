@@ -22,12 +22,13 @@ from tests.conftest import wait_until
 @pytest.fixture
 def test_kinds():
     kinds.reset()
-    registry.register("backup", "tests.kinds.counting", mutating=True)
-    registry.register("restore", "tests.kinds.cooperative", mutating=True)
-    registry.register("verify", "tests.kinds.crashing", mutating=False)
+    # Own names: registering over a real kind ("backup") would unregister it for later tests.
+    registry.register("t-mutating", "tests.kinds.counting", mutating=True)
+    registry.register("t-cancel", "tests.kinds.cooperative", mutating=True)
+    registry.register("t-crash", "tests.kinds.crashing", mutating=False)
     yield kinds
     kinds.release.set()
-    for k in ("backup", "restore", "verify"):
+    for k in ("t-mutating", "t-cancel", "t-crash"):
         registry.unregister(k)
 
 
@@ -66,16 +67,16 @@ def test_run_row_is_created_first_and_enqueued_with_only_its_pk_on_commit(
 @pytest.mark.django_db
 def test_second_mutating_operation_on_a_customer_is_refused_with_a_clear_message(make_customer, test_kinds):
     customer = make_customer()
-    first = run_start(customer, kind="backup", via="cli")
+    first = run_start(customer, kind="t-mutating", via="cli")
     with pytest.raises(OperationRefused) as err:
-        run_start(customer, kind="restore", via="cli")
-    assert f"backup #{first.pk} is pending" in str(err.value) and customer.domain in str(err.value)
+        run_start(customer, kind="t-cancel", via="cli")
+    assert f"t-mutating #{first.pk} is pending" in str(err.value) and customer.domain in str(err.value)
     # a read-only check may run beside it, but not two checks at once
     run_start(customer, kind="check", via="cli")
     with pytest.raises(OperationRefused, match="check #"):
         run_start(customer, kind="check", via="cli")
     # other customers are not blocked
-    run_start(make_customer(root=None, domain="other.example.com", services=()), kind="backup", via="cli")
+    run_start(make_customer(root=None, domain="other.example.com", services=()), kind="t-mutating", via="cli")
 
 
 @pytest.mark.smoke
@@ -96,7 +97,7 @@ def test_concurrent_requests_race_and_exactly_one_wins(make_customer, test_kinds
     def request():
         barrier.wait()
         try:
-            results.append(run_start(customer, kind="backup", via="cli").pk)
+            results.append(run_start(customer, kind="t-mutating", via="cli").pk)
         except OperationRefused as exc:
             results.append(str(exc))
         finally:
@@ -109,13 +110,13 @@ def test_concurrent_requests_race_and_exactly_one_wins(make_customer, test_kinds
         t.join()
     won = [r for r in results if isinstance(r, int)]
     assert len(won) == 1 and len(results) == 4
-    assert all("cannot start backup" in r for r in results if isinstance(r, str))
+    assert all("cannot start t-mutating" in r for r in results if isinstance(r, str))
     assert Run.objects.filter(customer=customer).count() == 1
 
 
 @pytest.mark.django_db(transaction=True)
 def test_log_lines_are_stored_as_they_happen_not_at_the_end(make_customer, test_kinds):
-    run = run_start(make_customer(), kind="backup", via="cli")
+    run = run_start(make_customer(), kind="t-mutating", via="cli")
     thread, out = _in_thread(run_execute, run.pk)
     assert test_kinds.started.wait(10)
     # Read from this thread's own connection while the handler is still working.
@@ -134,7 +135,7 @@ def test_log_lines_are_stored_as_they_happen_not_at_the_end(make_customer, test_
 
 @pytest.mark.django_db(transaction=True)
 def test_redelivered_task_marks_a_running_run_failed_and_never_repeats_it(make_customer, test_kinds):
-    run = run_start(make_customer(), kind="backup", via="cli")
+    run = run_start(make_customer(), kind="t-mutating", via="cli")
     thread, _ = _in_thread(run_execute, run.pk)
     assert test_kinds.started.wait(10)
     # django-q2 delivers the same task again while the first delivery is mid-way.
@@ -154,7 +155,7 @@ def test_redelivered_task_marks_a_running_run_failed_and_never_repeats_it(make_c
 @pytest.mark.smoke
 @pytest.mark.django_db
 def test_handler_crash_fails_the_run_with_the_traceback_in_its_log(make_customer, test_kinds):
-    run = run_start(make_customer(), kind="verify", via="cli")
+    run = run_start(make_customer(), kind="t-crash", via="cli")
     assert run_execute(run.pk) == "failed"
     run.refresh_from_db()
     assert run.error == "internal error: ZeroDivisionError: division by zero in a handler"
@@ -198,7 +199,7 @@ def test_pending_run_is_cancelled_at_once(make_customer):
 
 @pytest.mark.django_db(transaction=True)
 def test_running_run_stops_at_its_next_step_when_cancelled(make_customer, test_kinds):
-    run = run_start(make_customer(), kind="restore", via="cli")
+    run = run_start(make_customer(), kind="t-cancel", via="cli")
     thread, out = _in_thread(run_execute, run.pk)
     assert test_kinds.started.wait(10)
     assert run_cancel(Run.objects.get(pk=run.pk), via="cli")
