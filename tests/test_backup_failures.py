@@ -70,6 +70,7 @@ def tiny_disk(tmp_path):
     subprocess.run(["umount", str(mount)], check=False)
 
 
+@pytest.mark.smoke
 @pytest.mark.django_db(transaction=True)
 def test_full_disk_fails_the_backup_and_leaves_no_partial_file(make_customer, customer_root, tiny_disk):
     _files(customer_root, 8)
@@ -81,6 +82,7 @@ def test_full_disk_fails_the_backup_and_leaves_no_partial_file(make_customer, cu
     assert shutil.disk_usage(tiny_disk).used < 64 * 1024
 
 
+@pytest.mark.smoke
 @pytest.mark.django_db(transaction=True)
 def test_unreachable_s3_fails_quickly_with_a_clear_message(make_customer, customer_root):
     _files(customer_root, 1)
@@ -171,6 +173,7 @@ def _proc_state(pid: int) -> str:
         return "Z"
 
 
+@pytest.mark.smoke
 @pytest.mark.django_db(transaction=True)
 def test_retention_keeps_exactly_what_the_policy_says(make_customer, customer_root):
     (customer_root / ".env").write_text("A=1\n")
