@@ -124,6 +124,15 @@ class BackupPolicy(models.Model):
     def __str__(self):
         return f"policy of {self.customer}" if self.customer_id else "global backup policy"
 
+    def clean(self):
+        if self.schedule == self.Schedule.CRON:
+            from .schedules import ScheduleError, validate_cron
+
+            try:
+                self.cron = validate_cron(self.cron)
+            except ScheduleError as exc:
+                raise ValidationError({"cron": str(exc)}) from None
+
 
 class Backup(models.Model):
     class Status(models.TextChoices):

@@ -17,6 +17,7 @@ from django.utils import timezone
 from customers.models import Customer
 from engines import streams
 from engines.artifact import write_artifact, write_bytes
+from engines.slots import acquire_slot
 from operations.context import OperationError, RunContext
 
 from . import artifacts as plans
@@ -53,6 +54,19 @@ class _Progress:
 
 
 def backup(ctx: RunContext) -> dict:
+    """Wait for a per-host backup slot (flock: released even if this process is killed), then back up."""
+
+    def waiting(waited: float) -> None:
+        if waited == 0:
+            ctx.info(f"waiting for a backup slot ({settings.KASA_MAX_BACKUPS_PER_HOST} backups already "
+                     "running on this host)")
+        ctx.check_alive()  # a cancel request or a lost run ends the wait
+
+    with acquire_slot(settings.KASA_SCRATCH_DIR, settings.KASA_MAX_BACKUPS_PER_HOST, poll=2.0, on_wait=waiting):
+        return _backup(ctx)
+
+
+def _backup(ctx: RunContext) -> dict:
     run = ctx.run
     p = run.params
     customer = Customer.objects.prefetch_related("services", "databases").get(pk=run.customer_id)

@@ -191,6 +191,24 @@ KASA_BACKUP_DIR = Path(env.str("KASA_BACKUP_DIR", default=str(KASA_VAR_DIR / "ba
 KASA_SCRATCH_DIR = Path(env.str("KASA_SCRATCH_DIR", default=str(KASA_VAR_DIR / "scratch"))).resolve()
 KASA_MAX_BACKUPS_PER_HOST = env.int("KASA_MAX_BACKUPS_PER_HOST", default=2)
 
+# --- Email and links in notifications ------------------------------------------
+# EMAIL_URL: smtp://user:pass@host:25, smtp+tls://…:587 (STARTTLS), smtp+ssl://…:465,
+# consolemail:// (print), filemail:///path, memorymail://, dummymail://.
+_email = env.email_url("EMAIL_URL", default="smtp://127.0.0.1:25" if DEPLOYED else "consolemail://")
+EMAIL_BACKEND = _email["EMAIL_BACKEND"]
+EMAIL_HOST = _email.get("EMAIL_HOST") or "localhost"
+EMAIL_USE_TLS = bool(_email.get("EMAIL_USE_TLS", False))
+EMAIL_USE_SSL = bool(_email.get("EMAIL_USE_SSL", False))
+EMAIL_PORT = _email.get("EMAIL_PORT") or (465 if EMAIL_USE_SSL else 587 if EMAIL_USE_TLS else 25)
+EMAIL_HOST_USER = _email.get("EMAIL_HOST_USER") or ""
+EMAIL_HOST_PASSWORD = _email.get("EMAIL_HOST_PASSWORD") or ""
+if _email.get("EMAIL_FILE_PATH"):
+    EMAIL_FILE_PATH = _email["EMAIL_FILE_PATH"]
+EMAIL_TIMEOUT = env.int("EMAIL_TIMEOUT", default=10)
+DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="kasa@localhost")
+# Base of the admin links in notifications (no trailing slash).
+KASA_BASE_URL = env.str("KASA_BASE_URL", default="http://127.0.0.1:8000")
+
 # --- Operations -------------------------------------------------------------
 # A running run whose heartbeat is older than this is considered orphaned.
 KASA_RUN_STALE_AFTER = env.int("KASA_RUN_STALE_AFTER", default=120)

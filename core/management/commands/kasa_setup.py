@@ -21,6 +21,7 @@ class Command(KasaCommand):
         from core.setup import ensure_operator_group
 
         ensure_operator_group()
+        from backups.schedules import schedules_sync
         from backups.services import global_policy
 
         doc = {"admin": self._admin(), "reaper_schedule": self._reaper(),
@@ -31,6 +32,7 @@ class Command(KasaCommand):
             customer, created = demo_seed(prefer_postgres=not o["sqlite_demo"])
             doc["demo"] = {"domain": customer.domain, "created": created,
                            "database": customer.databases.first().display_url()}
+        doc["backup_schedules"] = schedules_sync(strict=False)  # after the demo customer exists
         if self.json_output:
             self.emit(doc)
             return

@@ -1,0 +1,64 @@
+"""django-q2 entry points for backups. Each receives primary keys only and calls a service.
+
+A scheduled backup only *starts* a run (`backup_start(..., enqueue=True)`):
+the run is then executed by `operations.tasks.execute_run`, exactly like
+"Back up now" in the admin or `manage.py backup --enqueue`. One path for every
+backup means one place for redelivery handling (a run found running is failed,
+never repeated), the per-customer lock and the task timeout; and the
+scheduler's task ends in milliseconds instead of holding a worker for hours.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from operations.context import close_db_after
+
+log = logging.getLogger(__name__)
+
+
+@close_db_after
+def scheduled_backup(customer_id: int) -> str:
+    from customers.models import Customer
+    from operations.services import OperationRefused
+
+    from .models import Backup, BackupPolicy
+    from .services import BackupInputError, backup_start, policy_for
+
+    customer = Customer.objects.filter(pk=customer_id).first()
+    if customer is None:
+        log.warning("scheduled backup: customer %s no longer exists (its schedule goes at the next sync)",
+                    customer_id)
+        return "skipped: customer deleted"
+    if customer.status == Customer.Status.DISABLED:
+        log.info("scheduled backup of %s skipped: customer disabled", customer)
+        return "skipped: customer disabled"
+    if policy_for(customer).schedule == BackupPolicy.Schedule.NONE:
+        log.info("scheduled backup of %s skipped: its policy is no longer scheduled", customer)
+        return "skipped: not scheduled"
+    try:
+        run = backup_start(customer, via="schedule", trigger=Backup.Trigger.SCHEDULE, enqueue=True)
+    except OperationRefused as exc:
+        # A backup that outlasts its schedule (or any other mutating run) is never doubled.
+        log.warning("scheduled backup of %s skipped: previous backup still running (%s)", customer, exc)
+        return f"skipped: previous backup still running ({exc})"
+    except BackupInputError as exc:
+        # A misconfigured policy (disabled target, no keys…): nothing starts; the missed-backup
+        # check alerts the policy's recipients when the lapse exceeds what the schedule allows.
+        log.error("scheduled backup of %s not started: %s", customer, exc)
+        return f"not started: {exc}"
+    log.info("scheduled backup of %s queued as run #%s", customer, run.pk)
+    return f"queued run #{run.pk}"
+
+
+@close_db_after
+def check_missed_backups() -> dict:
+    from .notify import missed_backups_check
+    from .schedules import schedules_sync
+
+    try:
+        # Reconcile first: customers added or deleted since the last sync get (or lose) their schedule.
+        schedules_sync(strict=False)
+    except Exception:
+        log.exception("backup schedule sync failed; checking missed backups anyway")
+    return missed_backups_check()
