@@ -25,7 +25,6 @@ class ArtifactSpec:
     source: str
     opener: Callable  # () -> context manager yielding (ProcessChain, details dict)
     secrets: list[str] = field(default_factory=list)
-    size_hint: int = 0
 
 
 def _name(base: str, compression: str, encrypted: bool) -> str:
@@ -56,7 +55,7 @@ def plan(customer: Customer, params: dict) -> list[ArtifactSpec]:
                               sources.compressor_stage(compression)]), {"path": rel}
 
             specs.append(ArtifactSpec(_name(f"{svc.name}.tar", compression, encrypted), "service", svc.name,
-                                      open_service, size_hint=sources.path_size(folder)))
+                                      open_service))
 
     if scope in ("full", "config"):
         members = sources.config_members(root, [s.path for s in customer.services.all()])

@@ -142,7 +142,14 @@ class PgSnapshot:
 
 @contextlib.contextmanager
 def pg_snapshot(*, host: str, port: int, user: str, password: str, dbname: str) -> Iterator[PgSnapshot]:
-    """Hold a REPEATABLE READ transaction open, count rows in it, export its snapshot for pg_dump."""
+    """Hold a REPEATABLE READ transaction open, export its snapshot for pg_dump, count rows in it.
+
+    The counting runs in a thread on the exporting connection while pg_dump
+    streams (both read the same snapshot, so the counts match the dump
+    exactly); row_counts is complete when the context exits.
+    """
+    import threading
+
     import psycopg
     from psycopg import sql
 
@@ -152,21 +159,34 @@ def pg_snapshot(*, host: str, port: int, user: str, password: str, dbname: str) 
     except psycopg.Error as exc:
         raise SourceError(f"cannot connect to PostgreSQL at {host}:{port}/{dbname}: {' '.join(str(exc).split())}"
                           ) from None
+    errors: list[Exception] = []
     try:
         con.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         con.read_only = True
         snap = con.execute("SELECT pg_export_snapshot()").fetchone()[0]
         version = con.execute("SHOW server_version").fetchone()[0]
-        major = con.info.server_version // 10000
-        counts = {}
-        tables = con.execute(
-            "SELECT table_schema, table_name FROM information_schema.tables WHERE table_type = 'BASE TABLE' "
-            "AND table_schema NOT IN ('pg_catalog', 'information_schema') ORDER BY 1, 2"
-        ).fetchall()
-        for schema, table in tables:
-            q = sql.SQL("SELECT count(*) FROM {}.{}").format(sql.Identifier(schema), sql.Identifier(table))
-            counts[f"{schema}.{table}"] = con.execute(q).fetchone()[0]
-        yield PgSnapshot(snapshot=snap, server_version=version, server_major=major, row_counts=counts)
+        result = PgSnapshot(snapshot=snap, server_version=version, server_major=con.info.server_version // 10000)
+
+        def count() -> None:
+            try:
+                tables = con.execute(
+                    "SELECT table_schema, table_name FROM information_schema.tables WHERE table_type = 'BASE TABLE' "
+                    "AND table_schema NOT IN ('pg_catalog', 'information_schema') ORDER BY 1, 2"
+                ).fetchall()
+                for schema, table in tables:
+                    q = sql.SQL("SELECT count(*) FROM {}.{}").format(sql.Identifier(schema), sql.Identifier(table))
+                    result.row_counts[f"{schema}.{table}"] = con.execute(q).fetchone()[0]
+            except Exception as exc:  # reported when the context exits
+                errors.append(exc)
+
+        counter = threading.Thread(target=count, name="pg-row-counts", daemon=True)
+        counter.start()
+        try:
+            yield result
+        finally:
+            counter.join()
+        if errors:
+            raise SourceError(f"counting rows in {dbname} failed: {' '.join(str(errors[0]).split())}")
     finally:
         con.close()  # ends the transaction, releasing the snapshot
 

@@ -46,6 +46,7 @@ class RunContext:
         self._seq = (RunLogLine.objects.filter(run=run).aggregate(m=Max("seq"))["m"] or 0) + 1
         self._secrets: list[str] = []
         self._stop = threading.Event()
+        self._log_lock = threading.Lock()  # a handler may log from two threads (backup lanes)
         self._heartbeat_thread: threading.Thread | None = None
         self.lost = False
 
@@ -95,10 +96,11 @@ class RunContext:
     # --- logging -------------------------------------------------------------
     def log(self, text: str, *, level: str = RunLogLine.Level.INFO, stream: str = "kasa",
             command: RunCommand | None = None) -> None:
-        RunLogLine.objects.create(
-            run=self.run, seq=self._seq, level=level, stream=stream, command=command, text=self._mask(str(text))
-        )
-        self._seq += 1
+        with self._log_lock:
+            RunLogLine.objects.create(
+                run=self.run, seq=self._seq, level=level, stream=stream, command=command, text=self._mask(str(text))
+            )
+            self._seq += 1
         live.notify(self.run.pk)
 
     def info(self, text: str) -> None:
