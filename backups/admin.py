@@ -1,13 +1,26 @@
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.template.response import TemplateResponse
-from django.utils.html import format_html
+from django.urls import reverse
+from django.utils.html import format_html, format_html_join
 
 from core.admin_mixins import AuditedAdminMixin, TeamScopedAdminMixin
 from operations.services import OperationRefused
 
 from .models import Backup, BackupArtifact, BackupPolicy, StorageTarget
+from .selectors import MANIFEST, downloadable_names, human_duration, human_size, trigger_label
 from .services import BackupInputError, backup_delete, backup_pin, target_check
+
+
+def _may_see_backups(request) -> bool:
+    """Whoever may see customers may see their backups (the querysets are team-scoped)."""
+    user = request.user
+    return user.is_active and user.is_staff and (
+        user.is_superuser or user.has_perm("backups.view_backup") or user.has_perm("customers.view_customer"))
+
+
+def download_url(backup: Backup, name: str) -> str:
+    return reverse("backups-download", args=[backup.pk, name])
 
 
 @admin.register(StorageTarget)
@@ -69,32 +82,74 @@ class BackupPolicyAdmin(TeamScopedAdminMixin, AuditedAdminMixin, admin.ModelAdmi
 
         return qs.filter(customer__in=Customer.objects.visible_to(request.user))
 
+    def save_related(self, request, form, formsets, change):
+        super().save_related(request, form, formsets, change)
+        from .schedules import ScheduleError, schedules_sync
+
+        try:
+            schedules_sync()  # the django-q2 schedules follow the saved policy at once
+        except ScheduleError as exc:
+            self.message_user(request, f"backup schedules not updated: {exc}", messages.ERROR)
+
 
 class ArtifactInline(admin.TabularInline):
     model = BackupArtifact
     extra = 0
-    fields = ("name", "kind", "source", "size", "sha256", "key_id")
+    fields = ("name", "kind", "source", "size_display", "sha256_short", "key_id", "download")
     readonly_fields = fields
     can_delete = False
 
     def has_add_permission(self, request, obj=None):
         return False
 
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    def has_view_permission(self, request, obj=None):
+        return _may_see_backups(request)
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).select_related("backup")
+
+    @admin.display(description="size")
+    def size_display(self, obj):
+        return human_size(obj.size)
+
+    @admin.display(description="sha256")
+    def sha256_short(self, obj):
+        return format_html('<code title="{}">{}…</code>', obj.sha256, obj.sha256[:16])
+
+    @admin.display(description="download")
+    def download(self, obj):
+        if obj.backup.status != Backup.Status.SUCCEEDED:
+            return "—"
+        return format_html('<a class="kasa-download" href="{}">Download</a>', download_url(obj.backup, obj.name))
+
 
 @admin.register(Backup)
 class BackupAdmin(TeamScopedAdminMixin, admin.ModelAdmin):
-    list_display = ("id", "customer", "finished_at", "scope", "size_display", "duration_display", "status",
-                    "trigger_display", "target", "verified_at", "pinned")
+    list_display = ("id", "customer", "finished_at", "scope", "size_display", "duration_display", "status_badge",
+                    "trigger_display", "target", "verified", "pinned")
+    list_display_links = ("id", "finished_at")
     list_filter = ("status", "scope", "trigger", "pinned", "target")
     search_fields = ("customer__domain",)
     list_select_related = ("customer", "target", "requested_by")
     date_hierarchy = "created_at"
     inlines = [ArtifactInline]
     actions = ["pin", "unpin", "delete_backups"]
-    fields = ("customer", "status", "scope", "services", "compression", "encrypted", "target", "prefix", "size",
-              "trigger", "requested_by", "started_at", "finished_at", "pinned", "pin_reason", "verified_at",
-              "error", "run_link")
+    fields = ("customer", "status", "scope", "services", "compression", "encrypted", "target", "prefix",
+              "size_display", "trigger", "requested_by", "started_at", "finished_at", "pinned", "pin_reason",
+              "verified_at", "error", "run_link", "downloads")
     readonly_fields = fields
+
+    def has_module_permission(self, request):
+        return _may_see_backups(request)
+
+    def has_view_permission(self, request, obj=None):
+        return _may_see_backups(request)
 
     def has_add_permission(self, request):
         return False
@@ -113,21 +168,40 @@ class BackupAdmin(TeamScopedAdminMixin, admin.ModelAdmin):
 
     @admin.display(description="size", ordering="size")
     def size_display(self, obj):
-        return f"{obj.size / 1e6:.1f} MB" if obj.size else "—"
+        return human_size(obj.size) if obj.size else "—"
 
     @admin.display(description="duration")
     def duration_display(self, obj):
-        return "—" if obj.duration is None else f"{obj.duration:.1f} s"
+        return human_duration(obj.duration)
 
-    @admin.display(description="by")
+    @admin.display(description="status", ordering="status")
+    def status_badge(self, obj):
+        return format_html('<span class="kasa-status kasa-status-{}">{}</span>', obj.status, obj.get_status_display())
+
+    @admin.display(description="by", ordering="trigger")
     def trigger_display(self, obj):
-        return obj.requested_by or obj.get_trigger_display()
+        return trigger_label(obj)
+
+    @admin.display(description="verified?", boolean=True, ordering="verified_at")
+    def verified(self, obj):
+        return obj.verified_at is not None
 
     @admin.display(description="run")
     def run_link(self, obj):
         if not obj.run_id:
             return "—"
-        return format_html('<a href="../../../operations/run/{}/change/">run #{}</a>', obj.run_id, obj.run_id)
+        return format_html('<a href="{}">run #{}</a>', reverse("admin:operations_run_change", args=[obj.run_id]),
+                           obj.run_id)
+
+    @admin.display(description="download")
+    def downloads(self, obj):
+        names = downloadable_names(obj)
+        if not names:
+            return "— (only a succeeded backup can be downloaded)"
+        return format_html_join(
+            " ", '<a class="button kasa-download" href="{}">{}</a>',
+            ((download_url(obj, n), n + (" (manifest)" if n == MANIFEST else "")) for n in names),
+        )
 
     @admin.action(description="Pin (retention never deletes it)")
     def pin(self, request, queryset):

@@ -1,5 +1,5 @@
 from django.contrib import admin
-from django.urls import path
+from django.urls import include, path
 
 from core import views
 
@@ -12,5 +12,6 @@ urlpatterns = [
     path("health/ready/", views.health_ready, name="health-ready"),
     path("health/", views.health_detail, name="health"),
     path("metrics", views.metrics, name="metrics"),
+    path("", include("backups.urls")),
     path("", admin.site.urls),
 ]

@@ -67,7 +67,7 @@ class CustomerAdmin(TeamScopedAdminMixin, AuditedAdminMixin, admin.ModelAdmin):
     search_fields = ("domain", "name")
     list_select_related = ("team",)
     inlines = [ServiceInline, DatabaseInline]
-    actions = ["check_action"]
+    actions = ["check_action", "backup_action"]
     readonly_fields = ("created_at", "updated_at")
     fields = ("domain", "name", "team", "root", "status", "versions", "created_at", "updated_at")
 
@@ -84,8 +84,15 @@ class CustomerAdmin(TeamScopedAdminMixin, AuditedAdminMixin, admin.ModelAdmin):
 
     def get_urls(self):
         urls = super().get_urls()
-        own = [path("<int:pk>/check/", self.admin_site.admin_view(self.check_view), name="customers_customer_check")]
+        own = [path("<int:pk>/check/", self.admin_site.admin_view(self.check_view), name="customers_customer_check"),
+               path("<int:pk>/backup/", self.admin_site.admin_view(self.backup_view), name="customers_customer_backup")]
         return own + urls
+
+    def backup_view(self, request, pk):
+        """"Back up now": the intermediate page (scope, services, compression, encryption, target)."""
+        from backups.views import backup_now_view
+
+        return backup_now_view(request, pk, self)
 
     def check_view(self, request, pk):
         """The "Check now" button on the customer page (POST only)."""
@@ -104,6 +111,10 @@ class CustomerAdmin(TeamScopedAdminMixin, AuditedAdminMixin, admin.ModelAdmin):
         customer = self.get_object(request, object_id)
         if customer is not None:
             extra_context["recent_runs"] = customer.runs.select_related("requested_by")[:10]
+            from backups.selectors import backup_chart, customer_backups
+
+            extra_context["backups"] = customer_backups(customer, 20)
+            extra_context["backup_chart"] = backup_chart(customer)
         return super().change_view(request, object_id, form_url, extra_context)
 
     @admin.action(description="Check databases and services")
@@ -120,4 +131,15 @@ class CustomerAdmin(TeamScopedAdminMixin, AuditedAdminMixin, admin.ModelAdmin):
             url = reverse("admin:operations_run_change", args=[run.pk])
             self.message_user(request, format_html('Check of {} queued: <a href="{}">run #{}</a>',
                                                    run.customer, url, run.pk), messages.SUCCESS)
+        return None
+
+    @admin.action(description="Back up now")
+    def backup_action(self, request, queryset):
+        """One customer: the intermediate page to choose what to back up. Several: each with its policy."""
+        customers = list(queryset)
+        if len(customers) == 1:
+            return redirect(reverse("admin:customers_customer_backup", args=[customers[0].pk]))
+        from backups.views import backup_now_many
+
+        backup_now_many(self, request, customers)
         return None

@@ -33,12 +33,25 @@
     if (el) el.textContent = text || "-";
   }
 
+  // A byte total estimated from the previous run may end short of it: a succeeded run is 100 %, no ETA.
+  function completeBytes() {
+    if (bar.max <= 10000) return;
+    bar.value = bar.max;
+    barText.textContent = barText.textContent.replace(/^\d+ %/, "100 %").replace(/, about \d+ s left$/, "");
+  }
+
   function onMessage(ev) {
     const m = JSON.parse(ev.data);
     if (m.type === "line") {
       if (m.seq > lastSeq) appendLine(m);
     } else if (m.type === "progress") {
-      if (m.total) { bar.max = m.total; bar.value = m.done; barText.textContent = m.done + "/" + m.total + " " + (m.message || ""); }
+      if (m.total) {
+        bar.max = m.total; bar.value = m.done;
+        // Steps read as "3/5"; byte counts (a backup) as a percentage: the message carries MB, MB/s and the ETA.
+        const count = m.total <= 10000 ? m.done + "/" + m.total : Math.floor(100 * m.done / m.total) + " %";
+        barText.textContent = count + " " + (m.message || "");
+        if (finished && box.dataset.status === "succeeded") completeBytes();
+      }
       else { barText.textContent = m.message || ""; }
       setField("progress_message", m.message);
     } else if (m.type === "status") {
@@ -51,7 +64,10 @@
       setField("error", m.error);
       if (m.finished && !finished) {
         finished = true;
-        if (m.status === "succeeded") bar.value = bar.max;
+        if (m.status === "succeeded") {
+          bar.value = bar.max;
+          completeBytes();
+        }
         connEl.textContent = m.duration != null ? "finished in " + m.duration.toFixed(1) + " s" : "finished";
         if (loadedActive) {  // timestamps and the result are on the server-rendered part: offer a reload
           const a = document.createElement("a");

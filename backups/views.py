@@ -1,0 +1,175 @@
+"""Admin pages for backups that are not plain ModelAdmin views: "Back up now" and "Download".
+
+Both are team-scoped: a staff member reaches only backups and customers of their teams
+(anything else is a 404, never a 403 that would confirm it exists); superusers reach all.
+"""
+
+from __future__ import annotations
+
+from asgiref.sync import sync_to_async
+from django import forms
+from django.conf import settings
+from django.contrib import messages
+from django.core.exceptions import PermissionDenied
+from django.core.handlers.asgi import ASGIRequest
+from django.http import Http404, HttpResponseRedirect, StreamingHttpResponse
+from django.shortcuts import get_object_or_404, redirect
+from django.template.response import TemplateResponse
+from django.urls import reverse
+from django.utils.html import format_html
+from django.utils.http import content_disposition_header
+
+from audit.models import AuditEntry
+from audit.services import audit_record
+from operations.services import OperationRefused
+
+from .models import BackupPolicy, StorageTarget
+from .selectors import backups_visible_to, downloadable_names
+from .services import BackupInputError, backup_start, policy_for
+
+DOWNLOAD_LINK_SECONDS = 15 * 60
+STREAM_CHUNK = 512 * 1024
+
+
+# --- "Back up now" ---------------------------------------------------------------------------
+class BackupNowForm(forms.Form):
+    scope = forms.ChoiceField(choices=BackupPolicy.Scope.choices, widget=forms.RadioSelect)
+    services = forms.MultipleChoiceField(
+        required=False, widget=forms.CheckboxSelectMultiple,
+        help_text="Service folders to include; none ticked: all of them. Not with scope 'Databases'.",
+    )
+    compression = forms.ChoiceField(choices=BackupPolicy.Compression.choices, widget=forms.RadioSelect)
+    encrypt = forms.BooleanField(required=False, label="Encrypt",
+                                 help_text="AES-256-GCM with a fresh key per artifact (KASA_BACKUP_KEYS).")
+    target = forms.ChoiceField(label="Storage target")
+
+    def __init__(self, *args, customer, policy: BackupPolicy, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.policy = policy
+        self.fields["services"].choices = [(s, s) for s in customer.services.order_by("name")
+                                           .values_list("name", flat=True)]
+        targets = StorageTarget.objects.filter(enabled=True).order_by("name")
+        choices = []
+        for t in targets:
+            label = f"{t.name} ({t.get_kind_display()})"
+            if t.pk == policy.target_id:
+                label += " — the policy's"
+                if policy.pk and policy.replicas.exists():
+                    label += ", with its replicas"
+            choices.append((t.name, label))
+        self.fields["target"].choices = choices
+        if not self.is_bound:
+            self.initial.update(scope=policy.scope, compression=policy.compression, encrypt=policy.encrypt,
+                                target=policy.target.name, services=[])
+
+
+def backup_now_view(request, pk, model_admin):
+    """GET: the form with the policy's defaults. POST: start the backup, land on the run's live page."""
+    customer = get_object_or_404(model_admin.get_queryset(request), pk=pk)  # team-scoped: 404 for others
+    policy = policy_for(customer)
+    form = BackupNowForm(request.POST or None, customer=customer, policy=policy)
+    if request.method == "POST" and form.is_valid():
+        data = form.cleaned_data
+        # The policy's own target keeps its replicas; naming it explicitly would drop them.
+        target = None if data["target"] == policy.target.name else data["target"]
+        try:
+            run = backup_start(customer, scope=data["scope"], services=data["services"],
+                               compression=data["compression"], encrypt=data["encrypt"], target=target,
+                               requested_by=request.user, via="admin")
+        except (OperationRefused, BackupInputError, PermissionDenied) as exc:
+            messages.error(request, str(exc))
+        else:
+            if not data["encrypt"]:
+                messages.warning(request, f"Backup of {customer} started WITHOUT encryption: anyone who can read "
+                                          f"the storage target can read it.")
+            return redirect(reverse("admin:operations_run_change", args=[run.pk]))
+    context = {
+        **model_admin.admin_site.each_context(request),
+        "opts": model_admin.model._meta,
+        "original": customer,
+        "customer": customer,
+        "policy": policy,
+        "form": form,
+        "keys_missing": not settings.KASA_BACKUP_KEYS,
+        "title": f"Back up {customer}",
+        "subtitle": None,
+    }
+    return TemplateResponse(request, "admin/backups/backup_now.html", context,
+                            status=400 if request.method == "POST" and form.errors else 200)
+
+
+def backup_now_many(model_admin, request, customers) -> None:
+    """The changelist action on several customers: each with its policy's defaults."""
+    for customer in customers:
+        try:
+            run = backup_start(customer, requested_by=request.user, via="admin")
+        except (OperationRefused, BackupInputError, PermissionDenied) as exc:
+            model_admin.message_user(request, f"{customer}: {exc}", messages.ERROR)
+            continue
+        url = reverse("admin:operations_run_change", args=[run.pk])
+        model_admin.message_user(request, format_html('Backup of {} queued: <a href="{}">run #{}</a>',
+                                                      customer, url, run.pk), messages.SUCCESS)
+
+
+# --- "Download" ------------------------------------------------------------------------------
+def _chunks(fh):
+    try:
+        while chunk := fh.read(STREAM_CHUNK):
+            yield chunk
+    finally:
+        fh.close()
+
+
+async def _achunks(fh):
+    # Under ASGI (daphne) a synchronous iterator would be drained into a list before the first byte is
+    # sent (Django's StreamingHttpResponse.__aiter__): read each chunk in a thread instead.
+    read = sync_to_async(fh.read, thread_sensitive=False)
+    try:
+        while chunk := await read(STREAM_CHUNK):
+            yield chunk
+    finally:
+        await sync_to_async(fh.close, thread_sensitive=False)()
+
+
+def backup_download(request, backup_id: int, name: str):
+    """An artifact (or backup.json) of a succeeded backup: a short-lived presigned link where the target
+    can make one (S3), otherwise streamed through Kasa (local folder, SFTP)."""
+    from engines.stores import StoreError, StoreNotFound
+
+    backup = get_object_or_404(backups_visible_to(request.user).select_related("target", "customer"), pk=backup_id)
+    # Only names from the catalogue: a traversal or any other key on the target is a 404.
+    if name not in downloadable_names(backup):
+        raise Http404("no such artifact in this backup")
+    key = f"{backup.prefix}/{name}"
+    artifact = backup.artifacts.filter(name=name).first()
+    try:
+        store = backup.target.store()
+        url = store.download_url(key, DOWNLOAD_LINK_SECONDS)
+        stream = None if url else store.open_read(key)
+    except StoreNotFound:
+        raise Http404(f"{name} is missing on target {backup.target.name}") from None
+    except StoreError as exc:
+        messages.error(request, f"download of {name} failed: {exc}")
+        return redirect(reverse("admin:backups_backup_change", args=[backup.pk]))
+    audit_record(action="backup.download", source=AuditEntry.Source.ADMIN, actor=request.user, obj=backup,
+                 customer=backup.customer, changes={"artifact": name, "how": "presigned link" if url else "stream"},
+                 result="ok")
+    if url:
+        return HttpResponseRedirect(url)
+    # Bounded chunks, never the whole object in memory; an async iterator when served over ASGI.
+    chunks = _achunks(stream) if isinstance(request, ASGIRequest) else _chunks(stream)
+    response = StreamingHttpResponse(chunks, content_type="application/octet-stream")
+    response.headers["Content-Disposition"] = content_disposition_header(True, name.rsplit("/", 1)[-1])
+    size = artifact.size if artifact is not None else _size_or_none(store, key)
+    if size is not None:
+        response.headers["Content-Length"] = str(size)
+    return response
+
+
+def _size_or_none(store, key: str) -> int | None:
+    from engines.stores import StoreError
+
+    try:
+        return store.size(key)
+    except StoreError:
+        return None
