@@ -157,7 +157,7 @@ class Backup(models.Model):
     compression = models.CharField(max_length=4, choices=BackupPolicy.Compression.choices, default="zstd")
     encrypted = models.BooleanField(default=True)
     target = models.ForeignKey(StorageTarget, on_delete=models.PROTECT, related_name="backups")
-    prefix = models.CharField(max_length=500, blank=True, help_text="Folder on the target: <domain>/<UTC time>-<id>")
+    prefix = models.CharField(max_length=500, blank=True, help_text="Folder on the target: DOMAIN/UTC-TIME-ID.")
     size = models.BigIntegerField(default=0)
     trigger = models.CharField(max_length=10, choices=Trigger.choices, default=Trigger.MANUAL)
     requested_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,

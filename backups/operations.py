@@ -63,7 +63,7 @@ class _Progress:
             self.ctx.check_alive()  # a cancel request or a lost run stops the stream within ~2 s
         rate = done / max(now - self.started, 1e-6)
         msg = f"{label}: {done / 1e6:.1f} MB at {rate / 1e6:.1f} MB/s"
-        if self.total and rate > 0 and self.total > done:
+        if self.total and rate > 0 and self.total > done and now - self.started > 3:  # rate settles first
             msg += f", about {int((self.total - done) / rate)} s left"
         self.ctx.progress(done, max(self.total or 0, done) or None, msg)
 

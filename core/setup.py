@@ -9,6 +9,7 @@ PERMS = {
                   "add_databaseconnection", "delete_databaseconnection", "view_team"],
     "operations": ["view_run"],
     "audit": ["view_auditentry"],
+    "backups": ["view_backup", "view_backupartifact"],
 }
 
 
