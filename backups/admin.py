@@ -1,5 +1,6 @@
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
+from django.db import models
 from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
@@ -25,6 +26,7 @@ def download_url(backup: Backup, name: str) -> str:
 
 @admin.register(StorageTarget)
 class StorageTargetAdmin(AuditedAdminMixin, admin.ModelAdmin):
+    formfield_overrides = {models.URLField: {"assume_scheme": "https"}}
     list_display = ("name", "kind", "where", "enabled")
     list_filter = ("kind", "enabled")
     actions = ["check_target"]
@@ -70,6 +72,7 @@ class StorageTargetAdmin(AuditedAdminMixin, admin.ModelAdmin):
 
 @admin.register(BackupPolicy)
 class BackupPolicyAdmin(TeamScopedAdminMixin, AuditedAdminMixin, admin.ModelAdmin):
+    formfield_overrides = {models.URLField: {"assume_scheme": "https"}}
     list_display = ("__str__", "schedule", "scope", "target", "keep_last", "encrypt")
     list_select_related = ("customer", "target")
     filter_horizontal = ("replicas",)

@@ -275,3 +275,4 @@ def wait_for_run(run_id: int, timeout: float = 60, statuses=("succeeded", "faile
 
 # Fixtures of a real moto S3 server (imported last: tests/s3.py uses the helpers above).
 from tests.s3 import moto_server, s3_server  # noqa: E402, F401
+from tests.sftp import sshd  # noqa: E402, F401  (a real OpenSSH sftp server)

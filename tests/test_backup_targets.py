@@ -50,3 +50,31 @@ def test_staff_cannot_see_or_change_storage_targets(client, staff_user, team):
     client.force_login(staff_user(team))
     assert client.get("/backups/storagetarget/").status_code == 403
     assert "Storage targets" not in client.get("/").content.decode()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_backup_to_an_sftp_target_with_a_pinned_host_key(make_customer, customer_root, sshd, tmp_path):
+    """End to end through a StorageTarget: artifacts land on a real OpenSSH server, checksums match."""
+    import hashlib
+    import io
+    import json
+
+    from django.core.management import call_command
+
+    (customer_root / "backend" / "data.bin").parent.mkdir(parents=True, exist_ok=True)
+    (customer_root / "backend" / "data.bin").write_bytes(b"kasa" * 300_000)
+    remote = tmp_path / "sftp-backups"
+    remote.mkdir()
+    StorageTarget.objects.create(name="vault", kind="sftp", host=sshd["host"], port=sshd["port"],
+                                 username=sshd["username"], path=str(remote), private_key=sshd["private_key"],
+                                 host_key=sshd["host_key"])
+    customer = make_customer()
+    out = io.StringIO()
+    call_command("backup", customer.domain, "--target", "vault", "--json", stdout=out)
+    doc = json.loads(out.getvalue())
+    assert doc["status"] == "succeeded" and doc["location"].startswith("sftp://")
+    folder = next(remote.glob(f"{customer.domain}/*"))
+    for art in doc["artifacts"]:
+        assert hashlib.sha256((folder / art["name"]).read_bytes()).hexdigest() == art["sha256"]
+    assert (folder / "backup.json").exists()
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temp files left
