@@ -183,6 +183,24 @@ STORAGES = {
     },
 }
 WHITENOISE_USE_FINDERS = not DEPLOYED
+# Production switches Django's default storage to S3 by environment alone
+# (django-storages). Backups use their own StorageTargets, not this.
+KASA_S3_BUCKET = env.str("KASA_S3_BUCKET", default="")
+if KASA_S3_BUCKET:
+    STORAGES["default"] = {
+        "BACKEND": "storages.backends.s3.S3Storage",
+        "OPTIONS": {
+            "bucket_name": KASA_S3_BUCKET,
+            "location": env.str("KASA_S3_PREFIX", default=""),
+            "endpoint_url": env.str("KASA_S3_ENDPOINT_URL", default="") or None,
+            "region_name": env.str("KASA_S3_REGION", default="") or None,
+            "access_key": env.str("KASA_S3_ACCESS_KEY_ID", default="") or None,
+            "secret_key": env.str("KASA_S3_SECRET_ACCESS_KEY", default="") or None,
+            "default_acl": None,  # private objects; the bucket's policy decides
+            "file_overwrite": False,
+            "querystring_expire": 900,  # presigned links live 15 minutes
+        },
+    }
 
 # --- Backups ----------------------------------------------------------------
 # Folder of the default local storage target named "local".

@@ -62,7 +62,9 @@ def check_channel_layer() -> str:
 def check_storage() -> str:
     name = default_storage.save(f".kasa-health/{uuid.uuid4().hex}", ContentFile(b"ok"))
     default_storage.delete(name)
-    return f"{type(default_storage).__name__} writable"
+    from django.core.files.storage import storages
+
+    return f"{type(storages['default']).__name__} writable"
 
 
 CHECKS = {

@@ -99,3 +99,29 @@ def test_metrics_can_require_a_bearer_token(client, settings):
     settings.KASA_METRICS_TOKEN = "t0ken-for-prometheus"
     assert client.get("/metrics").status_code == 401
     assert client.get("/metrics", headers={"Authorization": "Bearer t0ken-for-prometheus"}).status_code == 200
+
+
+def test_s3_default_storage_by_environment_alone(s3_server, tmp_path):
+    """KASA_S3_BUCKET switches Django's default storage to S3 (django-storages); /health/ready/ probes it."""
+    code = (
+        "import django, json; django.setup();"
+        "from django.core.files.base import ContentFile; from django.core.files.storage import default_storage;"
+        "from django.test import Client;"
+        "name = default_storage.save('probe/hello.txt', ContentFile(b'hi'));"
+        "r = Client().get('/health/');"
+        "from django.core.files.storage import storages;"
+        "print(json.dumps({'cls': type(storages['default']).__name__, 'name': name,"
+        " 'storage': r.json()['checks']['storage']}))"
+    )
+    env = {"DJANGO_SETTINGS_MODULE": "config.settings", "PATH": "/usr/bin:/bin", "KASA_VAR_DIR": str(tmp_path),
+           "ALLOWED_HOSTS": "testserver", "KASA_S3_BUCKET": s3_server.bucket,
+           "KASA_S3_ENDPOINT_URL": s3_server.endpoint, "KASA_S3_REGION": s3_server.region,
+           "KASA_S3_ACCESS_KEY_ID": s3_server.access_key,
+           "KASA_S3_SECRET_ACCESS_KEY": s3_server.secret_key, "KASA_S3_PREFIX": "kasa"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60,
+                         cwd=str(__import__("pathlib").Path(__file__).resolve().parent.parent))
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout.strip().splitlines()[-1])
+    assert doc["cls"] == "S3Storage" and doc["storage"]["ok"] and "S3Storage" in doc["storage"]["detail"], doc
+    body = s3_server.client().get_object(Bucket=s3_server.bucket, Key=f"kasa/{doc['name']}")["Body"].read()
+    assert body == b"hi"
