@@ -82,6 +82,7 @@ class ProcessChain:
                     raise ChainError(f"{stage.label()}: command not found ({stage.argv[0]})") from None
                 if hasattr(prev_stdout, "close"):
                     prev_stdout.close()  # the child holds its own copy; keeping ours would block EOF
+                _grow_pipe(proc.stdout)
                 prev_stdout = proc.stdout
                 self.procs.append(proc)
                 t = threading.Thread(target=_drain, args=(proc.stderr, stage.stderr_tail), daemon=True)
@@ -130,6 +131,16 @@ class ProcessChain:
 
     def stderr_lines(self) -> list[tuple[str, str]]:
         return [(s.label(), line) for s in self.stages for line in s.stderr_tail]
+
+
+def _grow_pipe(pipe, size: int = 1 << 20) -> None:
+    """Ask for 1 MiB pipes instead of 64 KiB: fewer wake-ups between stages (Linux only, best effort)."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(pipe.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), size)
+    except (OSError, ImportError):
+        pass
 
 
 def _drain(stream, tail: collections.deque) -> None:
