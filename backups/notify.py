@@ -86,7 +86,9 @@ def backup_message(bk: Backup) -> tuple[str, str]:
     """(subject, body) describing a finished backup; secrets masked."""
     customer = bk.customer
     failed = bk.status != Backup.Status.SUCCEEDED
-    subject = f"[Kasa] Backup {'FAILED' if failed else 'succeeded'}: {customer.domain} (backup #{bk.pk})"
+    failed_copies = list(bk.copies.filter(status="failed").select_related("target"))
+    state = "FAILED" if failed else ("succeeded, REPLICA FAILED" if failed_copies else "succeeded")
+    subject = f"[Kasa] Backup {state}: {customer.domain} (backup #{bk.pk})"
     who = f" by {bk.requested_by.get_username()}" if bk.requested_by_id else ""
     lines = [
         _customer_line(customer),
@@ -95,6 +97,8 @@ def backup_message(bk: Backup) -> tuple[str, str]:
     ]
     if failed:
         lines.append(f"Error: {bk.error or 'unknown error'}")
+    for copy in failed_copies:
+        lines.append(f"Replica {copy.target.name} failed (the primary copy is kept): {copy.error}")
     lines += [f"Size: {_size(bk.size)}", f"Duration: {_duration(bk.duration)}"]
     if bk.started_at:
         lines.append(f"Started: {bk.started_at:%Y-%m-%d %H:%M:%S} UTC")
@@ -170,10 +174,11 @@ def backup_finished(backup_id: int) -> dict | None:
             # A success ends any missed-backup lapse: the next lapse alerts again.
             CustomerBackupState.objects.filter(customer=bk.customer).update(missed_alert_at=None, missed_since=None)
         policy = policy_for(bk.customer)
-        if bk.status == Backup.Status.SUCCEEDED and not policy.notify_on_success:
+        degraded = bk.copies.filter(status="failed").exists()  # a lost replica is alerted like a failure
+        if bk.status == Backup.Status.SUCCEEDED and not degraded and not policy.notify_on_success:
             return None
         subject, body = backup_message(bk)
-        return _deliver(policy, subject, body, ok=bk.status == Backup.Status.SUCCEEDED)
+        return _deliver(policy, subject, body, ok=bk.status == Backup.Status.SUCCEEDED and not degraded)
     except Exception:
         log.warning("notification about backup %s failed", backup_id, exc_info=True)
         return None

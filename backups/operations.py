@@ -19,8 +19,9 @@ from django.utils import timezone
 from customers.models import Customer
 from engines import streams
 from engines.artifact import write_artifact, write_bytes
+from engines.paths import PathEscapeError
 from engines.slots import acquire_slot
-from operations.context import OperationError, RunContext
+from operations.context import OperationError, RunCancelled, RunContext, RunLost
 
 from . import artifacts as plans
 from .models import Backup, BackupArtifact, BackupCopy, StorageTarget
@@ -106,7 +107,10 @@ def _backup(ctx: RunContext) -> dict:
              f"{'encrypted with key ' + keyring.current_id if keyring else 'NOT encrypted'}) "
              f"to {store.location(bk.prefix)}")
     try:
-        specs = plans.plan(customer, p)
+        try:
+            specs = plans.plan(customer, p)
+        except (PathEscapeError, plans.sources.SourceError) as exc:
+            raise OperationError(str(exc)) from None
         if not specs:
             raise OperationError(f"nothing to back up for scope {p['scope']!r}")
         previous = (Backup.objects.filter(customer=customer, status=Backup.Status.SUCCEEDED, scope=p["scope"])
@@ -128,8 +132,6 @@ def _backup(ctx: RunContext) -> dict:
         finished = timezone.now()
         manifest = _manifest(bk, customer, written, started, finished, keyring)
         write_bytes(store, f"{bk.prefix}/{MANIFEST}", json.dumps(manifest, indent=2, default=str).encode())
-        for replica in replicas:
-            _copy_to_replica(ctx, bk, store, replica, [a.name for a in written] + [MANIFEST], written)
         bk.status = Backup.Status.SUCCEEDED
         bk.size = sum(a.size for a in written)
         bk.finished_at = finished
@@ -139,6 +141,10 @@ def _backup(ctx: RunContext) -> dict:
         _discard(ctx, bk, store, replicas, exc)
         _notify(ctx, bk)
         raise
+    # A replica that fails does not take the restore point away: the copy is marked failed (and its partial
+    # objects removed), the primary stays, and the warning reaches the log and the notification.
+    for replica in replicas:
+        _copy_to_replica(ctx, bk, store, replica, [a.name for a in written] + [MANIFEST], written)
     ctx.info(f"backup #{bk.pk} complete: {len(written)} artifacts, {bk.size / 1e6:.1f} MB")
     _after_success(ctx, bk)
     return {"backup": bk.pk, "location": store.location(bk.prefix), "size": bk.size,
@@ -234,22 +240,33 @@ def _verify_object(store, name: str, sha256: str, size: int) -> None:
 
 
 def _copy_to_replica(ctx, bk: Backup, store, replica: StorageTarget, names: list[str], written) -> None:
-    rstore = replica.store()
     sums = {a.name: (a.sha256, a.size) for a in written}
-    for short in names:
-        name = f"{bk.prefix}/{short}"
-        with store.open_read(name) as src:
-            w = rstore.open_write(name)
-            try:
-                h = streams.HashingWriter(w)
-                while chunk := src.read(streams.CHUNK):
-                    h.write(chunk)
-                w.commit()
-            except BaseException:
-                w.abort()
-                raise
-        expected = sums.get(short, (h.hexdigest(), h.size))
-        _verify_object(rstore, name, *expected)
+    try:
+        rstore = replica.store()
+        for short in names:
+            ctx.check_alive()
+            name = f"{bk.prefix}/{short}"
+            with store.open_read(name) as src:
+                w = rstore.open_write(name)
+                try:
+                    h = streams.HashingWriter(w)
+                    while chunk := src.read(streams.CHUNK):
+                        h.write(chunk)
+                    w.commit()
+                except BaseException:
+                    w.abort()
+                    raise
+            _verify_object(rstore, name, *sums.get(short, (h.hexdigest(), h.size)))
+    except (RunLost, RunCancelled):
+        raise
+    except Exception as exc:
+        ctx.warning(f"replica {replica.name} failed, the primary copy is kept: {exc}")
+        try:
+            replica.store().delete_prefix(bk.prefix)
+        except Exception as cleanup:
+            ctx.warning(f"could not remove the partial copy on {replica.name}: {cleanup}")
+        BackupCopy.objects.create(backup=bk, target=replica, status="failed", error=str(exc)[:2000])
+        return
     BackupCopy.objects.create(backup=bk, target=replica, verified_at=timezone.now())
     ctx.info(f"copied to replica {replica.name} ({rstore.location(bk.prefix)}), checksums verified")
 

@@ -228,3 +228,42 @@ def test_backup_of_a_2_gb_input_keeps_memory_flat(make_customer, customer_root, 
     assert bk.status == "succeeded" and bk.size > 2 * 1024 * MiB
     assert peak_kib < 200 * 1024, f"peak RSS {peak_kib / 1024:.0f} MB"
     shutil.rmtree(Path(bk.target.path) / bk.prefix)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_unreachable_replica_keeps_the_primary_backup_and_records_the_failed_copy(make_customer, customer_root,
+                                                                                      settings, mailoutbox):
+    settings.EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+    _files(customer_root, 1)
+    policy = global_policy()
+    policy.notify_emails = "ops@example.com"  # notify_on_success stays off: a lost replica is alerted anyway
+    policy.replicas.add(StorageTarget.objects.create(
+        name="offsite-down", kind="s3", bucket="offsite", region="us-east-1",
+        endpoint_url=f"http://127.0.0.1:{free_port()}", access_key="AKIA", secret_key="Replica-Secret-9"))
+    policy.save()
+    customer = make_customer()
+    out = io.StringIO()
+    call_command("backup", customer.domain, "--json", stdout=out)
+    doc = json.loads(out.getvalue())
+    bk = Backup.objects.get(pk=doc["id"])
+    assert bk.status == "succeeded" and (Path(bk.target.path) / bk.prefix / "backup.json").exists()
+    copy = bk.copies.get()
+    assert copy.status == "failed" and "cannot connect" in copy.error and "Replica-Secret-9" not in copy.error
+    run = Run.objects.get(backup=bk)
+    assert run.log_lines.filter(level="warning", text__contains="replica offsite-down failed").exists()
+    assert len(mailoutbox) == 1 and "REPLICA FAILED" in mailoutbox[0].subject
+    assert "offsite-down failed" in mailoutbox[0].body and "Replica-Secret-9" not in mailoutbox[0].body
+
+
+@pytest.mark.smoke
+@pytest.mark.django_db(transaction=True)
+def test_a_root_that_now_escapes_fails_the_backup_with_a_clear_message(make_customer, customer_root, tmp_path):
+    customer = make_customer()
+    import shutil as _shutil
+
+    _shutil.rmtree(customer_root)
+    customer_root.symlink_to(tmp_path)  # the folder was swapped for a link out of KASA_CUSTOMERS_ROOT
+    bk = _backup_fails(customer.domain)
+    assert "outside" in bk.error and not bk.error.startswith("internal error")
+    customer_root.unlink()
+    customer_root.mkdir()
