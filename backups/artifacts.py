@@ -12,7 +12,7 @@ from django.conf import settings
 
 from core.secrets import reveal
 from customers.models import Customer, DatabaseConnection
-from engines import sources
+from engines import credentials, sources
 from engines.streams import ProcessChain, Stage
 
 ENCRYPTED_SUFFIX = ".enc"
@@ -83,7 +83,7 @@ def _database_spec(db: DatabaseConnection, compression: str, encrypted: bool) ->
             with sources.pg_snapshot(host=db.host, port=db.port, user=db.user, password=password,
                                      dbname=db.database) as snap:
                 pg_dump, client = sources.pg_tool_for(snap.server_major)
-                with sources.pg_env(host=db.host, port=db.port, user=db.user, password=password,
+                with credentials.pg_env(host=db.host, port=db.port, user=db.user, password=password,
                                     dbname=db.database) as env:
                     stage = sources.pg_dump_stage(pg_dump, dbname=db.database, snapshot=snap.snapshot, env=env)
                     yield _chain([stage, comp]), {
@@ -100,7 +100,7 @@ def _database_spec(db: DatabaseConnection, compression: str, encrypted: bool) ->
 
         @contextlib.contextmanager
         def open_mysql():
-            with sources.mysql_defaults(host=db.host, port=db.port, user=db.user, password=password) as cnf:
+            with credentials.mysql_defaults_file(host=db.host, port=db.port, user=db.user, password=password) as cnf:
                 version = sources.mysql_query(cnf, db.database, "SELECT VERSION()")[0][0]
                 counts = sources.mysql_row_counts(cnf, db.database)
                 stage = sources.mysql_dump_stage(cnf, db.database)

@@ -74,12 +74,15 @@ def backup_start(
                      enqueue=enqueue)
 
 
-def backup_document(backup: Backup) -> dict:
-    """A backup as the CLI shows it."""
+def backup_document(backup: Backup, *, stores: dict | None = None) -> dict:
+    """A backup as the CLI shows it. `stores` caches one store per target when listing many."""
     store_location = ""
     if backup.prefix:
         try:
-            store_location = backup.target.store().location(backup.prefix)
+            cache = stores if stores is not None else {}
+            if backup.target_id not in cache:
+                cache[backup.target_id] = backup.target.store()  # an S3 store builds a boto3 client: once per target
+            store_location = cache[backup.target_id].location(backup.prefix)
         except Exception:  # an unreachable target must not break listing
             store_location = f"{backup.target.name}:{backup.prefix}"
     return {

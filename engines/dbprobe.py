@@ -12,7 +12,7 @@ import shutil
 import sqlite3
 from dataclasses import dataclass
 
-from . import credentials, proc
+from . import credentials, proc, sources
 
 
 class ProbeError(RuntimeError):
@@ -23,17 +23,6 @@ class ProbeError(RuntimeError):
 class ProbeResult:
     server_version: str
     client_version: str = ""
-
-
-def client_version(program: str) -> str:
-    path = shutil.which(program)
-    if not path:
-        return ""
-    try:
-        res = proc.run([path, "--version"], timeout=10)
-    except (proc.CommandNotFound, proc.CommandTimeout):
-        return ""
-    return (res.stdout_tail or [""])[-1].strip()
 
 
 def probe_postgresql(
@@ -50,7 +39,8 @@ def probe_postgresql(
     if not res.ok:
         raise ProbeError(f"cannot connect to PostgreSQL at {host}:{port}/{dbname}: {res.last_error_line()}")
     lines = [x for x in res.stdout_tail if x.strip()]
-    return ProbeResult(server_version=(lines[-1].strip() if lines else ""), client_version=client_version("pg_dump"))
+    tools = sources.pg_tools("pg_dump")  # the client backups will use: the newest installed
+    return ProbeResult(server_version=(lines[-1].strip() if lines else ""), client_version=tools[0][2] if tools else "")
 
 
 def probe_mysql(
@@ -67,8 +57,11 @@ def probe_mysql(
     if not res.ok:
         raise ProbeError(f"cannot connect to MySQL/MariaDB at {host}:{port}/{dbname}: {res.last_error_line()}")
     lines = [x for x in res.stdout_tail if x.strip()]
-    dump = shutil.which("mariadb-dump") and "mariadb-dump" or "mysqldump"
-    return ProbeResult(server_version=(lines[-1].strip() if lines else ""), client_version=client_version(dump))
+    try:
+        dump = sources.client_version_of(sources.mysql_dump_program())
+    except sources.SourceError:
+        dump = ""
+    return ProbeResult(server_version=(lines[-1].strip() if lines else ""), client_version=dump)
 
 
 def probe_sqlite(path: str) -> ProbeResult:

@@ -22,9 +22,7 @@ import sqlite3
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from . import credentials
 from .streams import Stage
 
 DEFAULT_EXCLUDES = ("logs", "log", "*.log")  # log folders are excluded unless asked
@@ -49,10 +47,6 @@ def compressor_stage(compression: str, *, level: int | None = None) -> Stage | N
     if compression == "none":
         return None
     raise SourceError(f"unknown compression {compression!r}: use zstd, gzip or none")
-
-
-def decompressor_argv(compression: str) -> list[str] | None:
-    return {"zstd": ["zstd", "-d", "-q", "-c"], "gzip": ["gzip", "-d", "-c"], "none": None}[compression]
 
 
 # --- files ------------------------------------------------------------------------
@@ -198,9 +192,6 @@ def pg_dump_stage(pg_dump: str, *, dbname: str, snapshot: str | None, env: dict[
     return Stage(argv, name="pg_dump", env=env)
 
 
-pg_env = credentials.pg_env
-
-
 # --- MySQL / MariaDB ------------------------------------------------------------------
 def mysql_dump_program() -> str:
     prog = shutil.which("mariadb-dump") or shutil.which("mysqldump")
@@ -268,23 +259,6 @@ def sqlite_online_copy(src: str, dest: str) -> dict[str, int]:
 
 def sqlite_version() -> str:
     return f"SQLite {sqlite3.sqlite_version}"
-
-
-def mysql_defaults(**kw):
-    return credentials.mysql_defaults_file(**kw)
-
-
-def path_size(root: str | Path) -> int:
-    """Total bytes of regular files under root (for progress estimates)."""
-    total = 0
-    for dirpath, _dirs, files in os.walk(root):
-        for f in files:
-            try:
-                st = os.lstat(os.path.join(dirpath, f))
-            except OSError:
-                continue
-            total += st.st_size
-    return total
 
 
 def client_version_of(program: str) -> str:

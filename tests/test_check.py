@@ -26,6 +26,9 @@ def test_check_reports_postgresql_server_version_and_records_the_command(make_cu
     assert run.status == "succeeded", run.error
     db = run.result["databases"][0]
     assert db["ok"] and db["server_version"].startswith(("15", "16", "17", "18"))
+    from engines.sources import pg_tools
+
+    assert db["client_version"] == pg_tools("pg_dump")[0][2]  # the pg_dump backups will use, not PATH's
     cmd = RunCommand.objects.get(run=run)
     assert cmd.argv[0].endswith("psql") and cmd.exit_code == 0 and cmd.duration is not None
     assert pg_database["password"] not in json.dumps(cmd.argv)

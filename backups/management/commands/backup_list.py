@@ -20,7 +20,8 @@ class Command(KasaCommand):
             backups = backups.filter(customer=customer)
         if not o["all"]:
             backups = backups.filter(status__in=[Backup.Status.SUCCEEDED, Backup.Status.RUNNING])
-        docs = [backup_document(b) for b in backups]
+        stores: dict = {}
+        docs = [backup_document(b, stores=stores) for b in backups]
         if self.json_output:
             self.emit(docs)
             return
