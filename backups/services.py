@@ -40,6 +40,20 @@ def backup_start(
     trigger: str = Backup.Trigger.MANUAL, enqueue: bool = True,
 ) -> Run:
     """Validate the request against the customer's policy and start a backup run."""
+    params = backup_params(customer, scope=scope, services=services, compression=compression, encrypt=encrypt,
+                           target=target, trigger=trigger)
+    return run_start(customer, kind=Run.Kind.BACKUP, requested_by=requested_by, via=via, params=params,
+                     enqueue=enqueue)
+
+
+def backup_params(
+    customer, *, scope: str | None = None, services: list[str] | tuple = (), compression: str | None = None,
+    encrypt: bool | None = None, target: str | None = None, trigger: str = Backup.Trigger.MANUAL,
+) -> dict:
+    """The parameters of one backup, from the request and the customer's policy (BackupInputError if invalid).
+
+    Also used by restores and upgrades for the safety backup they take inside their own run.
+    """
     policy = policy_for(customer)
     scope = scope or policy.scope
     if scope not in BackupPolicy.Scope.values:
@@ -70,8 +84,7 @@ def backup_start(
         "include_logs": policy.include_logs, "excludes": list(policy.excludes or []),
         "bandwidth_limit_mbps": policy.bandwidth_limit_mbps,
     }
-    return run_start(customer, kind=Run.Kind.BACKUP, requested_by=requested_by, via=via, params=params,
-                     enqueue=enqueue)
+    return params
 
 
 def backup_document(backup: Backup, *, stores: dict | None = None) -> dict:

@@ -8,7 +8,7 @@ writer is aborted (local temp file removed, S3 multipart upload aborted).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .streams import HashingWriter, ProcessChain, ThrottledWriter
 
@@ -21,12 +21,17 @@ class ArtifactResult:
     source_bytes: int  # bytes that came out of the chain (compressed, before encryption)
     encrypted: bool
     key_id: str
+    # Set only with commit=False: the open writer, which the caller must commit() or abort().
+    writer: object = field(default=None, repr=False)
 
 
 def write_artifact(
     chain: ProcessChain, store, name: str, *, keyring=None, bandwidth: float | None = None,
-    on_progress: Callable[[int], None] | None = None,
+    on_progress: Callable[[int], None] | None = None, commit: bool = True,
 ) -> ArtifactResult:
+    """Stream one artifact to the store. With commit=False the writer is returned still open, so the
+    caller can make it durable (fsync, complete the upload) in the background while the next artifact
+    streams; until it commits, the object is invisible and abort() leaves nothing."""
     from .backupcrypto import EncryptingWriter
 
     writer = store.open_write(name)
@@ -42,13 +47,15 @@ def write_artifact(
             chain.finish()
         if keyring is not None:
             top.close()
-        writer.commit()
+        if commit:
+            writer.commit()
     except BaseException:
         writer.abort()
         raise
     return ArtifactResult(
         name=name, size=hashing.size, sha256=hashing.hexdigest(), source_bytes=chain.bytes_out,
         encrypted=keyring is not None, key_id=top.key_id if keyring is not None else "",
+        writer=None if commit else writer,
     )
 
 
