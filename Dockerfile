@@ -22,7 +22,7 @@ RUN python -m venv /opt/venv \
 FROM ${PYTHON_IMAGE} AS runtime
 # Database client tools the operations run (pg_dump/psql, mariadb-dump/mariadb), zstd for archives.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends postgresql-client mariadb-client zstd ca-certificates \
+ && apt-get install -y --no-install-recommends postgresql-client mariadb-client zstd ca-certificates nodejs npm \
  && rm -rf /var/lib/apt/lists/*
 # Non-root user with a fixed uid/gid (10001), so bind mounts can be chowned to it.
 RUN groupadd --system --gid 10001 kasa \
@@ -33,6 +33,8 @@ COPY --from=builder /opt/venv /opt/venv
 WORKDIR /app
 # Code is owned by root and read-only for kasa; everything Kasa writes goes to KASA_VAR_DIR.
 COPY . /app
+# PM2 (customer services run under it), at package-lock.json's versions.
+RUN npm ci --omit=dev --no-audit --no-fund --loglevel=error
 
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \

@@ -25,7 +25,7 @@ export PIP_NO_INPUT := 1
 help:   ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
 
-install: $(BIN)/.installed   ## create .venv and install the locked Python dependencies (nothing else)
+install: $(BIN)/.installed node_modules/.bin/pm2   ## create .venv, install the locked Python dependencies and PM2
 
 $(BIN)/.installed: requirements.lock pyproject.toml
 	@if ! { $(BIN)/python -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' \
@@ -40,6 +40,15 @@ $(BIN)/.installed: requirements.lock pyproject.toml
 	fi
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.lock
+	@touch $@
+
+# PM2 (customer services run under it) at package-lock.json's exact versions, in node_modules/.
+# npm unpacks files with old timestamps, hence the touch: `make install` stays a no-op until
+# package-lock.json changes.
+node_modules/.bin/pm2: package-lock.json package.json
+	@command -v npm >/dev/null 2>&1 || { echo "npm is missing: run scripts/system-deps.sh as root" \
+		"(Debian package npm) or install Node.js with npm" >&2; exit 1; }
+	npm ci --no-audit --no-fund --loglevel=error
 	@touch $@
 
 python:   ## Debian: install python3.11 and python3.11-venv when missing (as root)

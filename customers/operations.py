@@ -11,7 +11,7 @@ import urllib.error
 import urllib.request
 
 from core.secrets import reveal
-from engines import dbprobe, paths
+from engines import dbprobe, paths, proc
 from operations.context import OperationError, RunContext
 
 from .models import Customer, DatabaseConnection
@@ -75,7 +75,8 @@ def _check_database(ctx: RunContext, db: DatabaseConnection, problems: list[str]
                         runner=ctx.runner())
         entry.update(ok=True, server_version=res.server_version, client_version=res.client_version)
         ctx.info(f"database {db.name}: ok, server {res.server_version}")
-    except (dbprobe.ProbeError, paths.PathEscapeError, OperationError) as exc:
+    except (dbprobe.ProbeError, paths.PathEscapeError, OperationError, proc.CommandNotFound,
+            proc.CommandTimeout) as exc:
         entry["error"] = str(exc)
         problems.append(f"database {db.name}: {exc}")
         ctx.error(f"database {db.name}: {exc}")

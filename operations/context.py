@@ -131,9 +131,13 @@ class RunContext:
     def command(
         self, argv: Sequence[str], *, cwd: str | None = None, env: dict[str, str] | None = None,
         timeout: float | None = None, secrets: Iterable[str] = (), check: bool = False,
-        on_start=None,
+        on_start=None, raise_proc_errors: bool = False,
     ) -> proc.CommandResult:
-        """Run argv, storing the command row and each output line as it comes."""
+        """Run argv, storing the command row and each output line as it comes.
+
+        raise_proc_errors: a missing program or a timeout re-raises the engine's own exception (logged first)
+        instead of OperationError, for engines that handle it themselves (procman puts services back).
+        """
         self.check_alive()
         secrets = [s for s in secrets if s]
         for s in secrets:
@@ -151,6 +155,8 @@ class RunContext:
         except (proc.CommandNotFound, proc.CommandTimeout) as exc:
             RunCommand.objects.filter(pk=row.pk).update(finished_at=timezone.now(), error=str(exc))
             self.error(str(exc))
+            if raise_proc_errors:
+                raise
             raise OperationError(str(exc)) from None
         RunCommand.objects.filter(pk=row.pk).update(
             finished_at=timezone.now(), exit_code=res.exit_code, duration=res.duration
@@ -165,7 +171,8 @@ class RunContext:
         """An engines.proc.run-compatible callable that records through this run."""
 
         def _run(argv, *, env=None, cwd=None, timeout=None, secrets=(), on_start=None, **_):
-            return self.command(argv, env=env, cwd=cwd, timeout=timeout, secrets=secrets, on_start=on_start)
+            return self.command(argv, env=env, cwd=cwd, timeout=timeout, secrets=secrets, on_start=on_start,
+                                raise_proc_errors=True)
 
         return _run
 

@@ -19,6 +19,7 @@ py_ok() {
 }
 
 py_ok || need+=(python3.11 python3.11-venv)
+have npm || need+=(npm)  # make install puts PM2 (customer services run under it) in node_modules/
 if ! $only_python; then
   [ -e /etc/ssl/certs/ca-certificates.crt ] || need+=(ca-certificates)
   have psql          || need+=(postgresql-client)
