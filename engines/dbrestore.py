@@ -1,0 +1,770 @@
+"""Restore a database dump into a FRESH database, then swap it in for the live one.
+
+The live database is never written to: the dump goes into a new database beside
+it (`<live>__kasa_new_<tag>`), is checked (row counts, or SQLite's integrity
+check), and only then is exchanged with the live one, which is kept aside as
+`<live>__kasa_old_<tag>` until the caller drops it — or swaps it back with
+*_unswap. Any failure drops what was created and leaves the live database as it was.
+
+Privileges needed (nothing here asks for more):
+- PostgreSQL: the role must own the live database and have CREATEDB (CREATE
+  DATABASE, and ALTER DATABASE ... RENAME needs both), or be a superuser. To end
+  other sessions it must be a member of their role (or of pg_signal_backend).
+- MySQL/MariaDB: ALL on the `<live>__kasa_%` databases (CREATE/DROP of the side
+  databases, RENAME TABLE into and out of them) besides ALL on the live one, e.g.
+  GRANT ALL ON `shop\\_\\_kasa\\_%`.* TO 'shop'@'%'. Live names longer than 33
+  characters are shortened in side names, so the grant must match that prefix.
+- SQLite: write access to the folder of the live file.
+The application must be stopped while swapping: open sessions are ended
+(PostgreSQL) or waited for (MySQL metadata locks), and a SQLite file must not be
+open at all.
+
+Passwords reach client programs only through engines.credentials (PGPASSFILE,
+--defaults-extra-file); psycopg gets them in-process. No message carries one.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import functools
+import os
+import re
+import secrets
+import shutil
+import signal
+import sqlite3
+import subprocess
+import threading
+import time
+from collections.abc import Iterable, Iterator
+
+from . import credentials, proc, sources
+from .streams import CHUNK
+
+
+class RestoreError(RuntimeError):
+    """A restore, swap or verification step failed; the message says what was left as it was."""
+
+
+@dataclasses.dataclass
+class DbTarget:
+    """Where a database lives. engine: postgresql, mysql or sqlite (sqlite uses sqlite_path only)."""
+
+    engine: str
+    host: str = ""
+    port: int = 0
+    user: str = ""
+    password: str = dataclasses.field(default="", repr=False)  # never in a repr, hence never in a log
+    dbname: str = ""
+    sqlite_path: str = ""
+
+    @classmethod
+    def from_url(cls, url) -> DbTarget:
+        """From an engines.dburl.DatabaseURL."""
+        return cls(engine=url.engine, host=url.host, port=url.port or 0, user=url.user, password=url.password,
+                   dbname=url.name, sqlite_path=url.path)
+
+    def display(self) -> str:
+        if self.engine == "sqlite":
+            return self.sqlite_path
+        return f"{self.engine}://{self.user}@{self.host}:{self.port}/{self.dbname}"
+
+
+# --- names -------------------------------------------------------------------------
+def new_tag() -> str:
+    """UTC time plus 4 hex digits: sorts by time, and two restores in one second still differ."""
+    return time.strftime("%Y%m%d%H%M%S", time.gmtime()) + "_" + secrets.token_hex(2)
+
+
+def side_name(live: str, kind: str, tag: str | None = None, *, engine: str = "postgresql") -> str:
+    """`<live>__kasa_<kind>_<tag>` within the server's name limit (PostgreSQL 63 bytes, MySQL 64 characters).
+
+    The live part is shortened, never the suffix, and never in the middle of a
+    UTF-8 character (PostgreSQL would cut the name itself, and could cut it there).
+    """
+    suffix = f"__kasa_{kind}_{tag or new_tag()}"
+    if engine == "mysql":
+        return live[: 64 - len(suffix)] + suffix
+    room = 63 - len(suffix.encode())
+    return live.encode()[:room].decode("utf-8", "ignore") + suffix
+
+
+def compare_counts(expected: dict[str, int], got: dict[str, int]) -> list[str]:
+    """Human lines for every table whose row count differs; empty when the counts are equal."""
+    lines = []
+    for table in sorted(set(expected) | set(got)):
+        if table not in got:
+            lines.append(f"table {table} is in the backup ({expected[table]} rows) but missing from the restore")
+        elif table not in expected:
+            lines.append(f"table {table} was restored ({got[table]} rows) but is not in the backup's manifest")
+        elif expected[table] != got[table]:
+            lines.append(f"table {table}: the backup has {expected[table]} rows, the restore {got[table]}")
+    return lines
+
+
+def restore_to_scratch(engine: str, chunks: Iterable[bytes], *, scratch: DbTarget | None = None,
+                       base_dir: str | None = None) -> dict[str, int]:
+    """Restore into a throwaway database and return its row counts (see engines.scratchdb)."""
+    from .scratchdb import restore_to_scratch as run  # scratchdb imports this module
+
+    return run(engine, chunks, scratch=scratch, base_dir=base_dir)
+
+
+def drop_database(target: DbTarget, name: str) -> None:
+    """Drop a side database (or remove a side SQLite file); refuses the live one."""
+    live = target.sqlite_path if target.engine == "sqlite" else target.dbname
+    if not name or name == live or (target.engine == "sqlite" and os.path.abspath(name) == os.path.abspath(live)):
+        raise RestoreError(f"refusing to drop {name or 'an unnamed database'}: it is the live database")
+    if target.engine == "postgresql":
+        _pg_drop(target, name)
+    elif target.engine == "mysql":
+        from .dbrestore_mysql import mysql_drop_database  # it imports this module
+
+        mysql_drop_database(target, name)
+    elif target.engine == "sqlite":
+        _sqlite_remove(name)
+    else:
+        raise RestoreError(f"unknown database engine {target.engine!r}")
+
+
+# --- feeding a client's stdin ------------------------------------------------------------
+def feed_process(argv: list[str], chunks: Iterable[bytes], *, env: dict[str, str] | None = None,
+                 secrets_: Iterable[str] = (), then: list[str] | None = None, transform=None) -> None:
+    """Write chunks to argv's stdin as they come (flat memory); raise RestoreError naming the failed client.
+
+    With `then`, argv's stdout goes through transform(src, dst) (a thread;
+    default: a plain copy) into the stdin of `then`. Every client's output is
+    drained by a thread into a bounded tail, so a chatty client never blocks and
+    never fills memory. If reading the chunks fails, every client is killed
+    before it could see a clean end of input (one that commits at EOF must not
+    commit a partial restore).
+    """
+    first = _Client(argv, env, feeds_next=bool(then))
+    clients, pump_errors, pump = [first], [], None
+    try:
+        if then:
+            clients.append(_Client(then, env, feeds_next=False))
+            pump = threading.Thread(target=_pump, args=(first, clients[1], transform or shutil.copyfileobj,
+                                                        pump_errors), daemon=True)
+            pump.start()
+        for chunk in chunks:
+            try:
+                first.proc.stdin.write(chunk)
+            except BrokenPipeError:
+                break  # the client stopped reading: its exit code and output say why
+        with contextlib.suppress(BrokenPipeError):
+            first.proc.stdin.close()
+    except BaseException:
+        for client in clients:
+            client.kill()
+        raise
+    finally:
+        if pump:
+            pump.join()
+    failures = [(c.proc.wait(), c.failure(secrets_)) for c in clients]
+    if pump_errors:
+        raise RestoreError(f"passing the {first.name} output on failed: {_oneline(pump_errors[0])}")
+    # A client's own error (exit code > 0) is the cause; one killed because the other stopped is not.
+    failed = [why for code, why in failures if why and code > 0] or [why for _, why in failures if why]
+    if failed:
+        raise RestoreError(failed[0])
+
+
+class _Client:
+    def __init__(self, argv: list[str], env: dict[str, str] | None, *, feeds_next: bool):
+        self.name = os.path.basename(argv[0])
+        self.tail: collections.deque[str] = collections.deque(maxlen=40)
+        try:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE if feeds_next else subprocess.STDOUT,
+                                         env=env, close_fds=True, start_new_session=True)
+        except FileNotFoundError:
+            raise RestoreError(f"{self.name}: command not found ({argv[0]})") from None
+        out = self.proc.stderr if feeds_next else self.proc.stdout
+        self.drainer = threading.Thread(target=_drain, args=(out, self.tail), daemon=True)
+        self.drainer.start()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def failure(self, secrets_: Iterable[str]) -> str | None:
+        code = self.proc.wait()
+        self.drainer.join(5)
+        if code == 0:
+            return None
+        lines = [proc.mask(x.strip(), secrets_) for x in self.tail if x.strip()]
+        # pg_restore and psql print "error: ..." and then the failing command: the error is the useful line.
+        why = next((x for x in lines if "error" in x.lower()), lines[-1] if lines else "no output")
+        return f"{self.name} failed ({f'exit code {code}' if code > 0 else f'killed by signal {-code}'}): {why}"
+
+
+def _pump(first: _Client, second: _Client, transform, errors: list) -> None:
+    try:
+        transform(first.proc.stdout, second.proc.stdin)
+    except BrokenPipeError:
+        first.kill()  # the second client stopped reading: the first would block on a full pipe forever
+    except Exception as exc:
+        errors.append(exc)
+        second.kill()  # it must not see a clean end of a half-passed script
+        first.kill()
+    finally:
+        for f in (second.proc.stdin, first.proc.stdout):
+            with contextlib.suppress(OSError):
+                f.close()
+
+
+def _drain(stream, tail: collections.deque) -> None:
+    for raw in iter(lambda: stream.readline(65536), b""):  # bounded: a huge line arrives in pieces
+        tail.append(raw.decode("utf-8", "replace").rstrip("\n")[:2000])
+    stream.close()
+
+
+def _oneline(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+# --- PostgreSQL --------------------------------------------------------------------------
+PG_MAINTENANCE_DBS = ("postgres", "template1")
+
+
+def _pg_connect(target: DbTarget, dbname: str):
+    import psycopg
+
+    return psycopg.connect(host=target.host, port=target.port, user=target.user, password=target.password or None,
+                           dbname=dbname, connect_timeout=10, autocommit=True, application_name="kasa-restore")
+
+
+@contextlib.contextmanager
+def _pg_admin(target: DbTarget, *busy: str | None) -> Iterator:
+    """A connection to a maintenance database other than `busy`: one cannot rename or drop the database one is in."""
+    import psycopg
+
+    error = None
+    for name in [n for n in PG_MAINTENANCE_DBS if n not in busy]:
+        try:
+            con = _pg_connect(target, name)
+            break
+        except psycopg.Error as exc:
+            error = exc
+    else:
+        raise RestoreError(f"cannot connect to PostgreSQL at {target.host}:{target.port} (database postgres or "
+                           f"template1) as {target.user}: {_oneline(error)}; nothing was changed")
+    try:
+        yield con
+    finally:
+        con.close()
+
+
+def _pg_exists(con, name: str) -> bool:
+    return con.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone() is not None
+
+
+def _pg_ident(name: str):
+    from psycopg import sql
+
+    return sql.Identifier(name)
+
+
+def _pg_create_options(con, like: str):
+    """TEMPLATE template0 plus the live database's encoding and locale, so the dump loads as it was made."""
+    from psycopg import sql
+
+    opts = [sql.SQL("TEMPLATE template0")]
+    version = con.info.server_version
+    loc = "datlocale" if version >= 170000 else "daticulocale" if version >= 150000 else "NULL"
+    provider = "datlocprovider" if version >= 150000 else "'c'"
+    row = con.execute(f"SELECT pg_encoding_to_char(encoding), datcollate, datctype, {provider}::text, {loc} "
+                      "FROM pg_database WHERE datname = %s", [like]).fetchone()
+    if row:
+        encoding, collate, ctype, kind, locale = row
+        opts.append(sql.SQL("ENCODING {} LC_COLLATE {} LC_CTYPE {}").format(
+            sql.Literal(encoding), sql.Literal(collate), sql.Literal(ctype)))
+        if kind == "i" and locale:
+            opts.append(sql.SQL("LOCALE_PROVIDER icu ICU_LOCALE {}").format(sql.Literal(locale)))
+        elif kind == "b" and locale:
+            opts.append(sql.SQL("LOCALE_PROVIDER builtin BUILTIN_LOCALE {}").format(sql.Literal(locale)))
+    return sql.SQL(" ").join(opts)
+
+
+def _pg_conninfo_dbname(name: str) -> str:
+    # As a conninfo string a name containing "=" or a URI prefix cannot be mistaken for one.
+    return "dbname='" + name.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+_PG_ATTVER = re.compile(rb"(ALTER (?:FOREIGN )?TABLE ONLY .+ ALTER COLUMN .+ SET \()(.*)(\);\n)", re.S)
+
+
+def _pg_script_filter(src, dst, *, drop_transaction_timeout: bool) -> None:
+    """Pass pg_restore's script to psql, mending two things a server would refuse; the data passes untouched.
+
+    - pg_restore 17+ always starts with `SET transaction_timeout = 0;`, which a
+      server before 17 rejects: dropped from the header (before the first entry).
+    - pg_dump 18.6 copies the server-managed column option `pg_attver` of
+      PostgreSQL 15.20 into `ALTER TABLE ONLY ... ALTER COLUMN ... SET (...)`;
+      15.20 ignores it and other servers reject it (pg_dump 15.20 leaves it out,
+      and so do we; the server gives each restored column its own).
+    Both live in the definitions before the first COPY: from there on the rest is
+    copied in raw chunks. Lines are read at most CHUNK bytes at a time (flat memory).
+    """
+    header = at_start = True
+    while line := src.readline(CHUNK):
+        if at_start:
+            if line.startswith(b"COPY "):
+                dst.write(line)
+                shutil.copyfileobj(src, dst, CHUNK)
+                return
+            header = header and not line.startswith(b"-- Name: ")
+            if header and drop_transaction_timeout and line == b"SET transaction_timeout = 0;\n":
+                continue
+            if b"pg_attver=" in line and (m := _PG_ATTVER.fullmatch(line)):
+                options = [o for o in m.group(2).split(b", ") if not o.startswith(b"pg_attver=")]
+                if not options:
+                    continue
+                line = m.group(1) + b", ".join(options) + m.group(3)
+        dst.write(line)
+        at_start = line.endswith(b"\n")
+
+
+def pg_restore_fresh(target: DbTarget, new_dbname: str, chunks: Iterable[bytes], *, owner: str | None = None,
+                     privileges: bool = True, extra_args: Iterable[str] = ()) -> dict[str, int]:
+    """CREATE DATABASE new_dbname and restore the custom-format dump from chunks into it, all or nothing.
+
+    pg_restore (the newest installed, as it must read archives of the newest
+    pg_dump) writes the script, psql of the same version runs it in one
+    transaction, stopping at the first error; _pg_script_filter in between
+    mends what a newer pg_restore writes that the server refuses.
+    Returns row counts keyed "schema.table" like the manifest. `--no-owner`:
+    objects belong to the restoring role (or `owner`, through --role), as the
+    original owner may not exist here. Privileges (GRANTs) are restored by default:
+    in place the roles exist, and an app that loses its grants after a swap fails
+    later and worse than a restore that fails now (live untouched) naming the
+    missing role. Pass privileges=False (--no-privileges) for a clone to another
+    server or a scratch check. On any failure the new database is dropped.
+    """
+    import psycopg
+
+    live = target.dbname
+    if new_dbname == live:
+        raise RestoreError(f"refusing to restore into the live database {live}; nothing was changed")
+    with _pg_admin(target, new_dbname) as con:
+        user, can_create = con.execute(
+            "SELECT current_user::text, rolcreatedb OR rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()
+        if not can_create:
+            raise RestoreError(f"role {user} lacks the CREATEDB privilege needed to restore into a fresh database "
+                               f"(a superuser can grant it: ALTER ROLE {user} CREATEDB); nothing was changed")
+        if _pg_exists(con, new_dbname):
+            raise RestoreError(f"database {new_dbname} already exists: refusing to restore over it; "
+                               "nothing was changed")
+        major = con.info.server_version // 10000
+        try:
+            pg_restore = sources.pg_tool_for(major, "pg_restore")[0]
+            psql = os.path.join(os.path.dirname(pg_restore), "psql")
+            psql = psql if os.access(psql, os.X_OK) else sources.pg_tool_for(major, "psql")[0]
+        except sources.SourceError as exc:
+            raise RestoreError(f"{exc}; nothing was changed") from None
+        create = psycopg.sql.SQL("CREATE DATABASE {} {}").format(_pg_ident(new_dbname),
+                                                                 _pg_create_options(con, live))
+        if owner:
+            create = psycopg.sql.SQL("{} OWNER {}").format(create, _pg_ident(owner))
+        try:
+            con.execute(create)
+        except psycopg.Error as exc:
+            raise RestoreError(f"cannot create database {new_dbname}: {_oneline(exc)}; nothing was changed") from None
+    # No archive argument: it comes on stdin. --single-transaction wraps the script in BEGIN/COMMIT.
+    argv = [pg_restore, "--file=-", "--single-transaction", "--no-owner"]
+    argv += ([] if privileges else ["--no-privileges"]) + ([f"--role={owner}"] if owner else []) + list(extra_args)
+    then = [psql, "--no-psqlrc", "--no-password", "--quiet", "--set=ON_ERROR_STOP=1", "--output=/dev/null",
+            "--dbname", _pg_conninfo_dbname(new_dbname)]
+    try:
+        with credentials.pg_env(host=target.host, port=target.port, user=target.user,
+                                password=target.password) as env:
+            feed_process(argv, chunks, env=env, secrets_=[target.password], then=then,
+                         transform=functools.partial(_pg_script_filter, drop_transaction_timeout=major < 17))
+        return pg_row_counts(target, new_dbname)
+    except BaseException as exc:
+        _drop_after_failure(lambda: _pg_drop(target, new_dbname), exc, new_dbname, live)
+        raise
+
+
+def _drop_after_failure(drop, exc: BaseException, new_dbname: str, live: str) -> None:
+    """Drop the half-restored database and raise RestoreError saying so (other BaseExceptions pass through)."""
+    try:
+        drop()
+        left = f"database {new_dbname} was dropped"
+    except Exception as drop_exc:
+        left = f"dropping database {new_dbname} failed too ({_oneline(drop_exc)}): drop it by hand"
+    if not isinstance(exc, Exception):
+        return  # KeyboardInterrupt and friends: the caller re-raises them as they are
+    why = str(exc) if isinstance(exc, RestoreError) else f"reading the backup failed: {_oneline(exc)}"
+    raise RestoreError(f"{why}; {left} and {live or 'the live database'} was not touched") from exc
+
+
+def pg_row_counts(target: DbTarget, dbname: str) -> dict[str, int]:
+    """Rows per "schema.table" of every base table, counted by the very code that counts them for the manifest."""
+    import psycopg
+
+    try:
+        with _pg_connect(target, dbname) as con:
+            return sources.pg_count_rows(con)
+    except psycopg.Error as exc:
+        raise RestoreError(f"counting rows in {dbname} failed: {_oneline(exc)}") from None
+
+
+def pg_swap(target: DbTarget, new_dbname: str, *, tag: str | None = None) -> str | None:
+    """Put new_dbname in place of the live database; return the name the old one is kept under.
+
+    Connections to the live database are refused during the swap, its other
+    sessions (and any on new_dbname) are ended, then two renames. If the second
+    fails the first is undone. Returns None when there was no live database (a
+    clone to a new name).
+    """
+    live = target.dbname
+    with _pg_admin(target, live, new_dbname) as con:
+        if not _pg_exists(con, new_dbname):
+            raise RestoreError(f"database {new_dbname} does not exist: nothing to swap in; {live} was not touched")
+        if not _pg_exists(con, live):
+            _pg_check_rename(con, [new_dbname])
+            _pg_exchange(con, live, incoming=new_dbname, outgoing=None)
+            return None
+        old = side_name(live, "old", tag)
+        if _pg_exists(con, old):
+            raise RestoreError(f"database {old} already exists; {live} was not touched")
+        _pg_check_rename(con, [live, new_dbname])
+        _pg_exchange(con, live, incoming=new_dbname, outgoing=old)
+        return old
+
+
+def pg_unswap(target: DbTarget, old_dbname: str | None, new_dbname: str) -> None:
+    """Undo pg_swap: the live (restored) database goes back to new_dbname, old_dbname becomes live again."""
+    live = target.dbname
+    with _pg_admin(target, live, old_dbname, new_dbname) as con:
+        if _pg_exists(con, new_dbname):
+            raise RestoreError(f"database {new_dbname} already exists; {live} was not touched")
+        if old_dbname and not _pg_exists(con, old_dbname):
+            raise RestoreError(f"database {old_dbname} does not exist: nothing to swap back; {live} was not touched")
+        _pg_check_rename(con, [live] + ([old_dbname] if old_dbname else []))
+        _pg_exchange(con, live, incoming=old_dbname, outgoing=new_dbname)
+
+
+def pg_repair(target: DbTarget) -> list[str]:
+    """Re-open the live database (and its swap side databases) to connections an interrupted swap left closed.
+
+    pg_swap and pg_unswap refuse new connections to the database being renamed
+    and allow them again when done; a worker killed in between leaves it
+    refusing them (datallowconn false), and the application cannot connect.
+    Only the live name and `<live>__kasa_old_*`/`__kasa_new_*` (where the
+    closed database may have been renamed to) are looked at. Returns one human
+    line per database fixed; empty when nothing needed fixing.
+    """
+    import psycopg
+
+    live = target.dbname
+    fixed: list[str] = []
+    with _pg_admin(target, live) as con:
+        closed = [r[0] for r in con.execute("SELECT datname FROM pg_database WHERE NOT datallowconn").fetchall()]
+        for name in [n for n in closed if n == live or _pg_is_side_of(n, live)]:
+            try:
+                con.execute(psycopg.sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(_pg_ident(name)))
+            except psycopg.Error as exc:
+                done = f"{len(fixed)} other database(s) were re-opened" if fixed else "nothing was changed"
+                raise RestoreError(f"database {name} refuses connections and re-enabling them failed "
+                                   f"({_oneline(exc)}; the role must own it); {done}") from None
+            what = "the live database" if name == live else f"a swap copy of {live}"
+            fixed.append(f"database {name} ({what}) refused connections, as an interrupted swap leaves it: "
+                         "connections are allowed again")
+    return fixed
+
+
+def _pg_is_side_of(name: str, live: str) -> bool:
+    """Whether name is exactly side_name(live, "old"|"new", tag) for the tag it ends with."""
+    at = name.rfind("__kasa_")
+    kind, _, tag = name[at + 7:].partition("_") if at > 0 else ("", "", "")
+    return kind in ("old", "new") and bool(tag) and side_name(live, kind, tag) == name
+
+
+def database_exists(target: DbTarget, name: str) -> bool:
+    """Whether database `name` exists on target's server (for sqlite: whether file `name` exists)."""
+    if target.engine == "postgresql":
+        with _pg_admin(target) as con:
+            return _pg_exists(con, name)
+    if target.engine == "mysql":
+        from .dbrestore_mysql import mysql_database_exists  # it imports this module
+
+        return mysql_database_exists(target, name)
+    if target.engine == "sqlite":
+        return os.path.isfile(name)
+    raise RestoreError(f"unknown database engine {target.engine!r}")
+
+
+def _pg_check_rename(con, names: list[str]) -> None:
+    """Fail before changing anything when the role may not rename these databases (owner + CREATEDB)."""
+    user, superuser, createdb = con.execute(
+        "SELECT current_user::text, rolsuper, rolcreatedb FROM pg_roles WHERE rolname = current_user").fetchone()
+    if superuser:
+        return
+    if not createdb:
+        raise RestoreError(f"role {user} lacks the CREATEDB privilege needed to rename databases "
+                           f"(a superuser can grant it: ALTER ROLE {user} CREATEDB); nothing was changed")
+    for name, owns in con.execute("SELECT datname, pg_has_role(current_user, datdba, 'USAGE') FROM pg_database "
+                                  "WHERE datname = ANY(%s)", [names]).fetchall():
+        if not owns:
+            raise RestoreError(f"role {user} does not own database {name}, which renaming it needs; "
+                               "nothing was changed")
+
+
+def _pg_exchange(con, live: str, *, incoming: str | None, outgoing: str | None) -> None:
+    """live → outgoing, then incoming → live; the first rename is undone if the second fails."""
+    import psycopg
+
+    q = psycopg.sql.SQL
+    here = live if _pg_exists(con, live) else None  # the current name of the original live database
+    closed = False
+    try:
+        if here:
+            allowed = con.execute("SELECT datallowconn FROM pg_database WHERE datname = %s", [live]).fetchone()[0]
+            if allowed:  # an application's pool reconnects at once; refuse it while the names change
+                try:
+                    con.execute(q("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(_pg_ident(live)))
+                except psycopg.Error as exc:
+                    raise RestoreError(f"cannot close database {live} to new connections: {_oneline(exc)}; "
+                                       "nothing was changed") from None
+                closed = True
+        _pg_end_sessions(con, [n for n in (live, incoming) if n])
+        if here:
+            try:
+                con.execute(q("ALTER DATABASE {} RENAME TO {}").format(_pg_ident(live), _pg_ident(outgoing)))
+            except psycopg.Error as exc:
+                raise RestoreError(f"cannot rename database {live}: {_oneline(exc)}; nothing was changed") from None
+            here = outgoing
+        if incoming:
+            try:
+                con.execute(q("ALTER DATABASE {} RENAME TO {}").format(_pg_ident(incoming), _pg_ident(live)))
+            except psycopg.Error as exc:
+                why = _oneline(exc)
+                if here:
+                    try:
+                        con.execute(q("ALTER DATABASE {} RENAME TO {}").format(_pg_ident(here), _pg_ident(live)))
+                    except psycopg.Error as back:
+                        raise RestoreError(f"cannot rename database {incoming} to {live}: {why}; renaming {here} "
+                                           f"back failed too ({_oneline(back)}): the live data is in {here}") from None
+                    here = live
+                raise RestoreError(f"cannot rename database {incoming} to {live}: {why}; "
+                                   f"{live} was renamed back and is unchanged") from None
+    finally:
+        if closed and here:
+            try:
+                con.execute(q("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(_pg_ident(here)))
+            except psycopg.Error as exc:
+                raise RestoreError(f"database {here} still refuses connections, re-enabling them failed: "
+                                   f"{_oneline(exc)}; run ALTER DATABASE ... ALLOW_CONNECTIONS true") from None
+
+
+def _pg_end_sessions(con, names: list[str], timeout: float = 15) -> None:
+    import psycopg
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            rows = con.execute("SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity "
+                               "WHERE datname = ANY(%s) AND pid <> pg_backend_pid()", [names]).fetchall()
+        except psycopg.Error as exc:
+            raise RestoreError(f"cannot end the other sessions on {', '.join(names)}: {_oneline(exc)} (the role "
+                               "needs their role or pg_signal_backend); nothing was renamed") from None
+        if not rows:
+            return
+        if time.monotonic() > deadline:
+            raise RestoreError(f"{len(rows)} session(s) on {', '.join(names)} did not end within {timeout:g} s; "
+                               "nothing was renamed")
+        time.sleep(0.1)  # pg_terminate_backend only signals; the backends exit a moment later
+
+
+def _pg_drop(target: DbTarget, name: str) -> None:
+    import psycopg
+
+    with _pg_admin(target, name) as con:
+        force = " WITH (FORCE)" if con.info.server_version >= 130000 else ""
+        try:
+            con.execute(psycopg.sql.SQL("DROP DATABASE IF EXISTS {}" + force).format(_pg_ident(name)))
+        except psycopg.Error as exc:
+            raise RestoreError(f"cannot drop database {name}: {_oneline(exc)}") from None
+
+
+# --- SQLite ------------------------------------------------------------------------------
+SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")  # they belong to the main file: they move with it
+
+
+def _sqlite_side_path(live_path: str, kind: str, tag: str | None) -> str:
+    folder, base = os.path.split(os.path.abspath(live_path))
+    return os.path.join(folder, f".{base}.kasa-{kind}-{tag or new_tag()}")
+
+
+def _fsync_dir(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sqlite_remove(path: str) -> None:
+    for p in (path, *(path + s for s in SQLITE_SIDE_FILES)):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(p)
+
+
+def sqlite_row_counts(path: str) -> dict[str, int]:
+    """`PRAGMA integrity_check` must say ok; then rows per table, keyed like sources.sqlite_online_copy."""
+    with open(path, "rb") as fh:
+        if fh.read(16) != b"SQLite format 3\x00":
+            raise RestoreError(f"{os.path.basename(path)} is not an SQLite database (bad header)")
+    try:
+        con = sqlite3.connect(path, timeout=5)
+        try:
+            result = [r[0] for r in con.execute("PRAGMA integrity_check")]
+            if result != ["ok"]:
+                raise RestoreError(f"the restored SQLite file fails its integrity check: {'; '.join(result[:3])}")
+            tables = [r[0] for r in con.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name")]
+            return {t: con.execute(f'SELECT count(*) FROM "{t.replace(chr(34), chr(34) * 2)}"').fetchone()[0]
+                    for t in tables}
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as exc:
+        raise RestoreError(f"the restored SQLite file is not readable: {exc}") from None
+
+
+def sqlite_restore_fresh(live_path: str, chunks: Iterable[bytes], *, tag: str | None = None
+                         ) -> tuple[str, dict[str, int]]:
+    """Write the database copy beside the live file under a hidden name, fsync, check; return (path, counts).
+
+    The new file takes the live file's mode and owner (when we may set them), so
+    the application can still write it once swapped in. A missing live file is
+    fine (a clone to a new place). On failure the new file is removed.
+    """
+    live_path = os.path.abspath(live_path)
+    folder = os.path.dirname(live_path)
+    if not os.path.isdir(folder):
+        raise RestoreError(f"folder {folder} does not exist; nothing was changed")
+    new_path = _sqlite_side_path(live_path, "new", tag)
+    ref = os.stat(live_path) if os.path.exists(live_path) else None
+    try:
+        fd = os.open(new_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            for chunk in chunks:
+                fh.write(chunk)
+            fh.flush()
+            os.fsync(fh.fileno())
+        counts = sqlite_row_counts(new_path)
+        for side in SQLITE_SIDE_FILES:  # a clean close leaves none; one left over must not follow it to live
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(new_path + side)
+        owner_of = ref or os.stat(folder)
+        with contextlib.suppress(PermissionError):
+            os.chown(new_path, owner_of.st_uid, owner_of.st_gid)
+        if ref:
+            os.chmod(new_path, ref.st_mode & 0o7777)
+        _fsync_dir(folder)
+        return new_path, counts
+    except BaseException as exc:
+        _drop_after_failure(lambda: _sqlite_remove(new_path), exc, os.path.basename(new_path), live_path)
+        raise
+
+
+def _sqlite_set_aside(live_path: str, aside: str, undo: list) -> bool:
+    """Give the live file a second name (a hard link: live never vanishes) and move its side files with it.
+
+    Returns whether the main file was linked; if not (a filesystem without hard
+    links) it was renamed, and live is missing until the caller replaces it.
+    """
+    try:
+        os.link(live_path, aside)
+        undo.append(lambda: os.unlink(aside))
+        linked = True
+    except OSError:
+        os.rename(live_path, aside)
+        undo.append(lambda: os.rename(aside, live_path))
+        linked = False
+    for side in SQLITE_SIDE_FILES:
+        if os.path.exists(live_path + side):
+            os.rename(live_path + side, aside + side)
+            undo.append(lambda s=side: os.rename(aside + s, live_path + s))
+    return linked
+
+
+def _sqlite_undo(undo: list, exc: BaseException, what: str) -> None:
+    for step in reversed(undo):
+        with contextlib.suppress(OSError):
+            step()
+    raise RestoreError(f"{what} failed: {_oneline(exc)}; every file was put back") from exc
+
+
+def sqlite_swap(live_path: str, new_path: str, *, tag: str | None = None) -> str | None:
+    """Move the live file and its -wal/-shm aside (no checkpoint, no open), os.replace the new one in.
+
+    Returns the old file's path, or None when there was no live file.
+    """
+    live_path = os.path.abspath(live_path)
+    if not os.path.isfile(new_path):
+        raise RestoreError(f"{new_path} does not exist: nothing to swap in; {live_path} was not touched")
+    old = _sqlite_side_path(live_path, "old", tag) if os.path.exists(live_path) else None
+    undo: list = []
+    try:
+        if old:
+            _sqlite_set_aside(live_path, old, undo)
+        os.replace(new_path, live_path)
+    except OSError as exc:
+        _sqlite_undo(undo, exc, f"swapping {live_path}")
+    _fsync_dir(os.path.dirname(live_path))
+    return old
+
+
+def sqlite_unswap(live_path: str, old_path: str | None, new_path: str | None = None) -> str:
+    """Undo sqlite_swap: the restored file (and side files) go to new_path, old_path is live again.
+
+    Returns where the restored file was kept. old_path None: there was no live
+    file before the swap, so there is none after.
+    """
+    live_path = os.path.abspath(live_path)
+    keep = new_path or _sqlite_side_path(live_path, "new", None)
+    if os.path.exists(keep):
+        raise RestoreError(f"{keep} already exists; {live_path} was not touched")
+    if old_path and not os.path.isfile(old_path):
+        raise RestoreError(f"{old_path} does not exist: nothing to swap back; {live_path} was not touched")
+    undo: list = []
+    try:
+        linked = _sqlite_set_aside(live_path, keep, undo) if os.path.exists(live_path) else False
+        if old_path:
+            for side in SQLITE_SIDE_FILES:
+                if os.path.exists(old_path + side):
+                    os.rename(old_path + side, live_path + side)
+                    undo.append(lambda s=side: os.rename(live_path + s, old_path + s))
+            os.replace(old_path, live_path)
+        elif linked:
+            os.unlink(live_path)
+    except OSError as exc:
+        _sqlite_undo(undo, exc, f"swapping {live_path} back")
+    _fsync_dir(os.path.dirname(live_path))
+    return keep
+
+
+# --- MySQL / MariaDB: in engines.dbrestore_mysql -----------------------------------------
+_MYSQL_NAMES = frozenset({"mysql_restore_fresh", "mysql_swap", "mysql_unswap", "mysql_drop_database",
+                          "mysql_database_exists"})
+
+
+def __getattr__(name: str):
+    """dbrestore.mysql_* (and `from engines.dbrestore import mysql_*`) still work.
+
+    Looked up on first use rather than imported here: dbrestore_mysql imports this
+    module, and a plain import at either end would break whichever is imported first.
+    """
+    if name in _MYSQL_NAMES:
+        from . import dbrestore_mysql
+
+        return getattr(dbrestore_mysql, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
