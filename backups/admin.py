@@ -1,6 +1,7 @@
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.db import models
+from django.shortcuts import redirect
 from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
@@ -73,7 +74,7 @@ class StorageTargetAdmin(AuditedAdminMixin, admin.ModelAdmin):
 @admin.register(BackupPolicy)
 class BackupPolicyAdmin(TeamScopedAdminMixin, AuditedAdminMixin, admin.ModelAdmin):
     formfield_overrides = {models.URLField: {"assume_scheme": "https"}}
-    list_display = ("__str__", "schedule", "scope", "target", "keep_last", "encrypt")
+    list_display = ("__str__", "schedule", "scope", "target", "keep_last", "encrypt", "verify_schedule")
     list_select_related = ("customer", "target")
     filter_horizontal = ("replicas",)
 
@@ -135,17 +136,17 @@ class ArtifactInline(admin.TabularInline):
 @admin.register(Backup)
 class BackupAdmin(TeamScopedAdminMixin, admin.ModelAdmin):
     list_display = ("id", "customer", "finished_at", "scope", "size_display", "duration_display", "status_badge",
-                    "trigger_display", "target", "verified", "pinned")
+                    "trigger_display", "target", "verification", "verified_at", "pinned")
     list_display_links = ("id", "finished_at")
-    list_filter = ("status", "scope", "trigger", "pinned", "target")
+    list_filter = ("status", "verify_status", "scope", "trigger", "pinned", "target")
     search_fields = ("customer__domain",)
     list_select_related = ("customer", "target", "requested_by")
     date_hierarchy = "created_at"
     inlines = [ArtifactInline]
-    actions = ["pin", "unpin", "delete_backups"]
+    actions = ["pin", "unpin", "verify_backups", "restore_backup", "delete_backups"]
     fields = ("customer", "status", "scope", "services", "compression", "encrypted", "target", "prefix",
               "size_display", "trigger", "requested_by", "started_at", "finished_at", "pinned", "pin_reason",
-              "verified_at", "error", "run_link", "downloads")
+              "verification", "verified_at", "verify_error", "error", "run_link", "downloads")
     readonly_fields = fields
 
     def has_module_permission(self, request):
@@ -165,7 +166,7 @@ class BackupAdmin(TeamScopedAdminMixin, admin.ModelAdmin):
 
     def get_actions(self, request):
         actions = super().get_actions(request)
-        for name in ("pin", "unpin", "delete_backups"):
+        for name in ("pin", "unpin", "verify_backups", "restore_backup", "delete_backups"):
             actions.setdefault(name, self.get_action(name))
         return actions
 
@@ -185,9 +186,44 @@ class BackupAdmin(TeamScopedAdminMixin, admin.ModelAdmin):
     def trigger_display(self, obj):
         return trigger_label(obj)
 
-    @admin.display(description="verified?", boolean=True, ordering="verified_at")
-    def verified(self, obj):
-        return obj.verified_at is not None
+    @admin.display(description="verified?", ordering="verify_status")
+    def verification(self, obj):
+        return format_html('<span class="kasa-status kasa-verify-{}">{}</span>', obj.verify_status,
+                           obj.get_verify_status_display())
+
+    def get_urls(self):
+        from django.urls import path
+
+        from .restore_views import restore_view, verify_view
+
+        own = [
+            path("<int:backup_id>/restore/", self.admin_site.admin_view(lambda r, backup_id: restore_view(
+                r, backup_id, self)), name="backups_backup_restore"),
+            path("<int:backup_id>/verify/", self.admin_site.admin_view(lambda r, backup_id: verify_view(
+                r, backup_id, self)), name="backups_backup_verify"),
+        ]
+        return own + super().get_urls()
+
+    @admin.action(description="Verify now (test restore into scratch)")
+    def verify_backups(self, request, queryset):
+        from .services import verify_start
+
+        for bk in queryset.select_related("customer"):
+            try:
+                run = verify_start(bk, requested_by=request.user, via="admin")
+            except (BackupInputError, OperationRefused, PermissionDenied) as exc:
+                self.message_user(request, f"backup #{bk.pk}: {exc}", messages.ERROR)
+                continue
+            url = reverse("admin:operations_run_change", args=[run.pk])
+            self.message_user(request, format_html('Verification of backup #{} queued: <a href="{}">run #{}</a>',
+                                                   bk.pk, url, run.pk), messages.SUCCESS)
+
+    @admin.action(description="Restore… (one backup)")
+    def restore_backup(self, request, queryset):
+        if queryset.count() != 1:
+            self.message_user(request, "choose exactly one backup to restore", messages.ERROR)
+            return None
+        return redirect(reverse("admin:backups_backup_restore", args=[queryset.first().pk]))
 
     @admin.display(description="run")
     def run_link(self, obj):

@@ -9,3 +9,6 @@ class BackupsConfig(AppConfig):
 
         registry.register("backup", "backups.operations.backup", mutating=True,
                           on_abandon="backups.operations.abandon")
+        registry.register("restore", "backups.restore.restore", mutating=True, on_abandon="backups.restore.abandon")
+        # A drill touches no customer file or database: it may run beside a backup (not beside another drill).
+        registry.register("verify", "backups.verify.verify", mutating=False)

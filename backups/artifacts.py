@@ -35,13 +35,18 @@ def _chain(stages: list[Stage | None], **kw) -> ProcessChain:
     return ProcessChain([s for s in stages if s is not None], **kw)
 
 
+def excludes_of(params: dict) -> list[str]:
+    """tar --exclude patterns of a backup: log folders unless asked for, plus the policy's own."""
+    excludes = [] if params.get("include_logs") else list(sources.DEFAULT_EXCLUDES)
+    return excludes + list(params.get("excludes") or [])
+
+
 def plan(customer: Customer, params: dict) -> list[ArtifactSpec]:
     scope, compression, encrypted = params["scope"], params["compression"], params["encrypt"]
     root = str(customer.root_path())
     chosen = params.get("services") or []
     services = [s for s in customer.services.all() if not chosen or s.name in chosen]
-    excludes = [] if params.get("include_logs") else list(sources.DEFAULT_EXCLUDES)
-    excludes += list(params.get("excludes") or [])
+    excludes = excludes_of(params)
     specs: list[ArtifactSpec] = []
 
     if scope in ("full", "files"):

@@ -113,6 +113,14 @@ class BackupPolicy(models.Model):
     notify_emails = models.CharField(max_length=500, blank=True, help_text="Comma-separated.")
     webhook_url = models.URLField(blank=True, help_text="Slack-compatible incoming webhook.")
     notify_on_success = models.BooleanField(default=False)
+    verify_schedule = models.CharField(
+        "verification drills", max_length=8, choices=Schedule.choices[:5], default=Schedule.NONE,
+        help_text="How often the newest backup is test-restored (checksums, decryption, scratch restore).",
+    )
+    rpo_hours = models.FloatField("RPO target (hours)", null=True, blank=True,
+                                  help_text="Most data we accept to lose; empty: KASA_RPO_HOURS.")
+    rto_minutes = models.FloatField("RTO target (minutes)", null=True, blank=True,
+                                    help_text="Longest restore we accept; empty: KASA_RTO_MINUTES.")
 
     class Meta:
         verbose_name_plural = "backup policies"
@@ -141,6 +149,11 @@ class Backup(models.Model):
         FAILED = "failed", "Failed"
         DELETED = "deleted", "Deleted"
 
+    class VerifyStatus(models.TextChoices):
+        NEVER = "never", "Never verified"
+        PASSED = "passed", "Verified"
+        FAILED = "failed", "Verification failed"
+
     class Trigger(models.TextChoices):
         MANUAL = "manual", "Manual"
         SCHEDULE = "schedule", "Schedule"
@@ -167,7 +180,11 @@ class Backup(models.Model):
     finished_at = models.DateTimeField(null=True, blank=True, db_index=True)
     pinned = models.BooleanField(default=False)
     pin_reason = models.CharField(max_length=200, blank=True)
-    verified_at = models.DateTimeField(null=True, blank=True)
+    verified_at = models.DateTimeField(null=True, blank=True, help_text="Last verification drill that passed.")
+    verify_status = models.CharField(max_length=8, choices=VerifyStatus.choices, default=VerifyStatus.NEVER)
+    verify_error = models.TextField(blank=True)
+    verify_checked_at = models.DateTimeField(null=True, blank=True)
+    verify_seconds = models.FloatField(null=True, blank=True, help_text="Duration of the last passed drill.")
     manifest = models.JSONField(default=dict, blank=True)
     error = models.TextField(blank=True)
 

@@ -184,6 +184,31 @@ def backup_finished(backup_id: int) -> dict | None:
         return None
 
 
+def verification_failed(backup_id: int) -> dict | None:
+    """A drill found that a backup does not restore: always alerted (a bad restore point is a silent failure)."""
+    from .services import policy_for
+
+    try:
+        bk = Backup.objects.select_related("customer", "target").filter(pk=backup_id).first()
+        if bk is None:
+            return None
+        customer = bk.customer
+        subject = f"[Kasa] Backup VERIFICATION FAILED: {customer.domain} (backup #{bk.pk})"
+        lines = [_customer_line(customer),
+                 f"Backup: #{bk.pk} ({bk.scope}, finished {bk.finished_at:%Y-%m-%d %H:%M} UTC, "
+                 f"target {bk.target.name})",
+                 f"Error: {bk.verify_error or 'unknown error'}",
+                 "This backup is flagged: it did not restore in the drill. Take a new backup and check the storage."]
+        link = _link(reverse("admin:backups_backup_change", args=[bk.pk]))
+        if link:
+            lines.append(f"Details: {link}")
+        secrets = _secrets_of(customer)
+        return _deliver(policy_for(customer), _redact(subject, secrets), _redact("\n".join(lines), secrets), ok=False)
+    except Exception:
+        log.warning("notification about the verification of backup %s failed", backup_id, exc_info=True)
+        return None
+
+
 def missed_backups_check(now=None) -> dict:
     """Alert once per lapse for every scheduled customer whose last success is older than allowed.
 

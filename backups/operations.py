@@ -139,7 +139,7 @@ def make_backup(ctx: RunContext, customer: Customer, p: dict, *, run=None, pin_r
             ))
 
         finished = timezone.now()
-        manifest = _manifest(bk, customer, written, started, finished, keyring)
+        manifest = _manifest(bk, customer, written, started, finished, keyring, excludes=plans.excludes_of(p))
         write_bytes(store, f"{bk.prefix}/{MANIFEST}", json.dumps(manifest, indent=2, default=str).encode())
         bk.status = Backup.Status.SUCCEEDED
         bk.size = sum(a.size for a in written)
@@ -391,7 +391,7 @@ def abandon(run, ctx: RunContext) -> None:
     _notify(ctx, bk)
 
 
-def _manifest(bk: Backup, customer: Customer, written, started, finished, keyring) -> dict:
+def _manifest(bk: Backup, customer: Customer, written, started, finished, keyring, *, excludes: list[str]) -> dict:
     return {
         "format": "kasa-backup",
         "format_version": FORMAT_VERSION,
@@ -405,7 +405,18 @@ def _manifest(bk: Backup, customer: Customer, written, started, finished, keyrin
         "finished_at": finished.isoformat(),
         "duration": (finished - started).total_seconds(),
         "component_versions": customer.versions,
+        # Enough to re-create the customer on a fresh Kasa (backup_import): never a password.
+        "instance": {
+            "root": customer.root,
+            "services": [{"name": s.name, "path": s.path, "process_manager": s.process_manager,
+                          "app_name": s.app_name, "start_command": s.start_command, "stop_command": s.stop_command,
+                          "health_url": s.health_url} for s in customer.services.all()],
+            "databases": [{"name": d.name, "engine": d.engine, "host": d.host, "port": d.port,
+                           "database": d.database, "user": d.user, "sqlite_path": d.sqlite_path}
+                          for d in customer.databases.all()],
+        },
         "compression": bk.compression,
+        "excludes": excludes,  # left out of the service archives; a restore keeps the live ones
         "encrypted": bk.encrypted,
         "key_id": keyring.current_id if keyring else None,
         "artifacts": [

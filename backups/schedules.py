@@ -35,6 +35,10 @@ from .models import BackupPolicy
 log = logging.getLogger(__name__)
 
 BACKUP_FUNC = "backups.tasks.scheduled_backup"
+VERIFY_FUNC = "backups.tasks.scheduled_verify"
+VERIFY_PREFIX = "verify: "
+# Drills run in the morning window, after the night's backups (06:00-11:59).
+VERIFY_HOUR_OFFSET = 6
 MISSED_FUNC = "backups.tasks.check_missed_backups"
 MISSED_NAME = "kasa: check missed backups"
 MISSED_EVERY_MINUTES = 5
@@ -95,6 +99,21 @@ def cron_for(policy: BackupPolicy, domain: str) -> str | None:
     if kind == BackupPolicy.Schedule.MONTHLY:
         return f"{minute} {hour} {(h // 2520) % 28 + 1} * *"
     raise ScheduleError(f"unknown schedule {kind!r}")
+
+
+def verify_cron_for(policy: BackupPolicy, domain: str) -> str | None:
+    """The cron expression of a customer's verification drills, or None when not scheduled."""
+    kind = policy.verify_schedule
+    if kind == BackupPolicy.Schedule.NONE:
+        return None
+    h = _spread("verify:" + domain)
+    minute, hour = h % 60, (h // 60) % NIGHT_HOURS + VERIFY_HOUR_OFFSET
+    return {
+        BackupPolicy.Schedule.HOURLY: f"{minute} * * * *",
+        BackupPolicy.Schedule.DAILY: f"{minute} {hour} * * *",
+        BackupPolicy.Schedule.WEEKLY: f"{minute} {hour} * * {(h // 360) % 7}",
+        BackupPolicy.Schedule.MONTHLY: f"{minute} {hour} {(h // 2520) % 28 + 1} * *",
+    }[kind]
 
 
 def allowed_age(policy: BackupPolicy, now: datetime | None = None) -> timedelta | None:
@@ -168,48 +187,9 @@ def schedules_sync(*, strict: bool = True) -> dict:
 
         customers = list(scheduled_customers())
         policies = effective_policies(customers)
-        existing: dict[int, list[Schedule]] = {}
-        for s in Schedule.objects.select_for_update().filter(func=BACKUP_FUNC).order_by("pk"):
-            existing.setdefault(_customer_id_of(s), []).append(s)
-
-        for customer in customers:
-            rows = existing.pop(customer.pk, [])
-            try:
-                cron = cron_for(policies[customer.pk], customer.domain)
-            except ScheduleError as exc:
-                result["errors"][customer.domain] = f"{customer.domain}: {exc}"
-                continue
-            if cron is None:
-                for s in rows:
-                    result["removed"].append(s.name)
-                    s.delete()
-                continue
-            keep, extra = (rows[0], rows[1:]) if rows else (None, [])
-            for s in extra:  # duplicates (a race before this lock existed, or hand-made): keep one
-                result["removed"].append(s.name)
-                s.delete()
-            wanted = {"name": schedule_name(customer.domain), "func": BACKUP_FUNC, "args": repr(customer.pk),
-                      "kwargs": None, "schedule_type": Schedule.CRON, "cron": cron, "repeats": -1, "cluster": None}
-            if keep is None:
-                Schedule.objects.create(**wanted, next_run=next_fire(cron, now))
-                result["created"].append(wanted["name"])
-                continue
-            changed = {k: v for k, v in wanted.items() if getattr(keep, k) != v}
-            if not changed:
-                result["unchanged"] += 1
-                continue
-            for k, v in changed.items():
-                setattr(keep, k, v)
-            if "cron" in changed or "schedule_type" in changed or keep.next_run is None:
-                keep.next_run = next_fire(cron, now)
-            keep.save()
-            result["updated"].append(wanted["name"])
-
-        # Schedules of customers that were deleted or disabled, or whose args make no sense.
-        for rows in existing.values():
-            for s in rows:
-                result["removed"].append(s.name)
-                s.delete()
+        for func, prefix, cron_of in ((BACKUP_FUNC, NAME_PREFIX, cron_for),
+                                      (VERIFY_FUNC, VERIFY_PREFIX, verify_cron_for)):
+            _sync_func(func, prefix, cron_of, customers, policies, result, now)
 
         _sync_missed_check(result)
 
@@ -218,6 +198,52 @@ def schedules_sync(*, strict: bool = True) -> dict:
     if strict and result["errors"]:
         raise ScheduleError("; ".join(result["errors"].values()))
     return result
+
+
+def _sync_func(func: str, prefix: str, cron_of, customers, policies, result: dict, now) -> None:
+    """One Schedule row `<prefix><domain>` calling `func(customer pk)` per customer whose policy asks for it."""
+    existing: dict[int, list[Schedule]] = {}
+    for s in Schedule.objects.select_for_update().filter(func=func).order_by("pk"):
+        existing.setdefault(_customer_id_of(s), []).append(s)
+
+    for customer in customers:
+        rows = existing.pop(customer.pk, [])
+        try:
+            cron = cron_of(policies[customer.pk], customer.domain)
+        except ScheduleError as exc:
+            result["errors"][customer.domain] = f"{customer.domain}: {exc}"
+            continue
+        if cron is None:
+            for s in rows:
+                result["removed"].append(s.name)
+                s.delete()
+            continue
+        keep, extra = (rows[0], rows[1:]) if rows else (None, [])
+        for s in extra:  # duplicates (a race before this lock existed, or hand-made): keep one
+            result["removed"].append(s.name)
+            s.delete()
+        wanted = {"name": f"{prefix}{customer.domain}", "func": func, "args": repr(customer.pk),
+                  "kwargs": None, "schedule_type": Schedule.CRON, "cron": cron, "repeats": -1, "cluster": None}
+        if keep is None:
+            Schedule.objects.create(**wanted, next_run=next_fire(cron, now))
+            result["created"].append(wanted["name"])
+            continue
+        changed = {k: v for k, v in wanted.items() if getattr(keep, k) != v}
+        if not changed:
+            result["unchanged"] += 1
+            continue
+        for k, v in changed.items():
+            setattr(keep, k, v)
+        if "cron" in changed or "schedule_type" in changed or keep.next_run is None:
+            keep.next_run = next_fire(cron, now)
+        keep.save()
+        result["updated"].append(wanted["name"])
+
+    # Schedules of customers that were deleted or disabled, or whose args make no sense.
+    for rows in existing.values():
+        for s in rows:
+            result["removed"].append(s.name)
+            s.delete()
 
 
 def _sync_missed_check(result: dict) -> None:
@@ -245,8 +271,8 @@ def schedules_document() -> list[dict]:
     """Every backup-related schedule, as `manage.py backup_schedules --json` prints them."""
     customers = {c.pk: c for c in Customer.objects.all()}
     docs = []
-    for s in Schedule.objects.filter(func__in=[BACKUP_FUNC, MISSED_FUNC]).order_by("name"):
-        customer = customers.get(_customer_id_of(s)) if s.func == BACKUP_FUNC else None
+    for s in Schedule.objects.filter(func__in=[BACKUP_FUNC, VERIFY_FUNC, MISSED_FUNC]).order_by("name"):
+        customer = customers.get(_customer_id_of(s)) if s.func in (BACKUP_FUNC, VERIFY_FUNC) else None
         docs.append({
             "name": s.name, "func": s.func, "customer": customer.domain if customer else None,
             "type": str(s.get_schedule_type_display()), "cron": s.cron, "minutes": s.minutes, "next_run": s.next_run,

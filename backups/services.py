@@ -177,3 +177,79 @@ def prune_customer(customer, *, dry_run: bool = False, actor=None, via: str = "c
         for bk in Backup.objects.filter(pk__in=result.delete).select_related("target", "customer"):
             backup_delete(bk, actor=actor, via=via)
     return result
+
+
+# --- restore and verification ---------------------------------------------------------
+def restore_start(
+    backup: Backup, *, only: list[str] | tuple = (), to_root: str | None = None,
+    to_databases: dict[str, str] | None = None, rewrite_env: bool = False, confirmed: bool = False,
+    safety_backup: bool = True, requested_by=None, via: str = "admin", enqueue: bool = True,
+) -> Run:
+    """Check a restore request completely, then start it. Nothing is touched before the run verifies."""
+    from pathlib import Path
+
+    from core.secrets import box
+    from engines import dburl, paths
+
+    from .restore import select_artifacts
+
+    customer = backup.customer
+    if not confirmed:
+        raise BackupInputError(f"a restore replaces what {customer.domain} has now: confirm it (admin: type the "
+                               "domain; CLI: --yes)")
+    if not backup.restorable:
+        raise BackupInputError(f"backup #{backup.pk} is {backup.status}: only a succeeded backup can be restored")
+    if backup.encrypted and not settings.KASA_BACKUP_KEYS:
+        raise BackupInputError(f"backup #{backup.pk} is encrypted and KASA_BACKUP_KEYS is not set")
+    try:
+        arts = select_artifacts(backup, list(only))
+    except Exception as exc:  # OperationError from the shared selector: same words here
+        raise BackupInputError(str(exc)) from None
+    if to_root:
+        try:
+            target_root = paths.resolve_strictly_inside(to_root, settings.KASA_CUSTOMERS_ROOT, what="--to-root")
+        except paths.PathEscapeError as exc:
+            raise BackupInputError(f"{exc} (KASA_CUSTOMERS_ROOT)") from None
+        live = customer.root_path()
+        if target_root == live or live in target_root.parents or target_root in live.parents:
+            raise BackupInputError(f"--to-root {target_root} overlaps the customer's live root {live}: a copy goes "
+                                   "somewhere else (or restore in place without --to-root)")
+        if target_root.exists() and any(target_root.iterdir()):
+            raise BackupInputError(f"--to-root {target_root} is not empty: a copy is only made into an empty folder")
+        to_root = str(target_root)
+    sealed = {}
+    shown = {}
+    databases = {a.source: a for a in arts if a.kind == "database"}
+    for name, url in (to_databases or {}).items():
+        if name not in databases:
+            raise BackupInputError(f"--to-database {name}=…: backup #{backup.pk} holds no chosen database named "
+                                   f"{name!r} (it has: {', '.join(sorted(databases)) or 'none'})")
+        try:
+            parsed = dburl.parse(url)
+        except dburl.DatabaseURLError as exc:
+            raise BackupInputError(f"--to-database {name}: {exc}") from None
+        engine = (databases[name].details or {}).get("engine")
+        if engine and parsed.engine != engine:
+            raise BackupInputError(f"--to-database {name}: the dump is {engine}, the URL is {parsed.engine}")
+        if parsed.engine == "sqlite":
+            try:
+                paths.resolve_strictly_inside(parsed.path, settings.KASA_CUSTOMERS_ROOT, what="SQLite path")
+            except paths.PathEscapeError as exc:
+                raise BackupInputError(f"--to-database {name}: {exc} (KASA_CUSTOMERS_ROOT)") from None
+            if Path(parsed.path).exists():
+                raise BackupInputError(f"--to-database {name}: {parsed.path} exists; a copy never overwrites")
+        sealed[name] = box().encrypt(url)  # run params are shown in the admin: the URL's password stays sealed
+        shown[name] = parsed.display()
+    params = {"backup": backup.pk, "only": list(only), "to_root": to_root, "to_databases": sealed,
+              "to_databases_shown": shown, "rewrite_env": bool(rewrite_env), "safety_backup": bool(safety_backup)}
+    return run_start(customer, kind=Run.Kind.RESTORE, requested_by=requested_by, via=via, params=params,
+                     enqueue=enqueue)
+
+
+def verify_start(backup: Backup, *, requested_by=None, via: str = "admin", enqueue: bool = True) -> Run:
+    if not backup.restorable:
+        raise BackupInputError(f"backup #{backup.pk} is {backup.status}: only a succeeded backup can be verified")
+    if backup.encrypted and not settings.KASA_BACKUP_KEYS:
+        raise BackupInputError(f"backup #{backup.pk} is encrypted and KASA_BACKUP_KEYS is not set")
+    return run_start(backup.customer, kind=Run.Kind.VERIFY, requested_by=requested_by, via=via,
+                     params={"backup": backup.pk}, enqueue=enqueue)

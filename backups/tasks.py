@@ -62,3 +62,28 @@ def check_missed_backups() -> dict:
     except Exception:
         log.exception("backup schedule sync failed; checking missed backups anyway")
     return missed_backups_check()
+
+
+@close_db_after
+def scheduled_verify(customer_id: int) -> str:
+    """Drill the customer's newest successful backup (a failure flags that backup and alerts)."""
+    from customers.models import Customer
+    from operations.services import OperationRefused
+
+    from .models import Backup
+    from .services import BackupInputError, verify_start
+
+    customer = Customer.objects.filter(pk=customer_id).first()
+    if customer is None or customer.status == Customer.Status.DISABLED:
+        return "skipped: customer deleted or disabled"
+    newest = (Backup.objects.filter(customer=customer, status=Backup.Status.SUCCEEDED)
+              .order_by("-finished_at").first())
+    if newest is None:
+        log.warning("scheduled verification of %s skipped: no successful backup yet", customer)
+        return "skipped: no successful backup"
+    try:
+        run = verify_start(newest, via="schedule", enqueue=True)
+    except (OperationRefused, BackupInputError) as exc:
+        log.warning("scheduled verification of %s not started: %s", customer, exc)
+        return f"not started: {exc}"
+    return f"queued run #{run.pk} (backup #{newest.pk})"

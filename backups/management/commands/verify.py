@@ -1,0 +1,38 @@
+from backups.models import Backup
+from backups.services import BackupInputError, verify_start
+from core.cli import BadInput, KasaCommand
+from operations.cli import run_document
+from operations.foreground import execute_in_foreground
+from operations.services import OperationRefused
+
+
+class Command(KasaCommand):
+    help = ("Verification drill: checksums, decryption, a test extraction of every archive and a test restore of "
+            "every database into a scratch database (row counts against the manifest). Touches nothing live.")
+
+    def add_arguments(self, parser):
+        parser.add_argument("backup_id", type=int)
+        parser.add_argument("--enqueue", action="store_true", help="hand it to the workers and return at once")
+
+    def handle(self, *args, **o):
+        bk = Backup.objects.select_related("customer").filter(pk=o["backup_id"]).first()
+        if bk is None:
+            raise BadInput(f"no backup #{o['backup_id']}")
+        try:
+            run = verify_start(bk, via="cli", enqueue=o["enqueue"])
+        except (BackupInputError, OperationRefused) as exc:
+            raise BadInput(str(exc)) from None
+        if o["enqueue"]:
+            if self.json_output:
+                self.emit(run_document(run))
+            else:
+                self.stdout.write(f"verification queued as run #{run.pk}")
+            return
+        run = execute_in_foreground(run)
+        doc = run_document(run)
+        if run.status != "succeeded":
+            self.fail(f"verification of backup #{bk.pk} {run.status}: {run.error}", doc)
+        if self.json_output:
+            self.emit(doc)
+        else:
+            self.stdout.write(f"backup #{bk.pk} verified in {run.result.get('seconds')} s")

@@ -1,0 +1,474 @@
+"""The restore operation: put a backup back, in place or into a copy elsewhere.
+
+In place, the order is what keeps the customer safe:
+
+1. verify every chosen artifact end to end (checksum, decryption, every tar
+   member) — a bad backup is refused before anything is touched;
+2. take a pinned safety backup of the current state;
+3. stage: unpack archives into a folder beside the live one, restore each
+   database into a fresh database (the live ones keep serving meanwhile);
+4. stop the services, swap the staged folders and databases in, start the
+   services, check their health;
+5. only then throw the previous folders and databases away.
+
+Every swap is written to a journal (the run's `result`) before it happens. Any
+failure — or a worker killed mid-way (see `abandon`) — undoes the journal in
+reverse, so the customer ends exactly as it was, and the run says so.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from django.conf import settings
+
+from core.secrets import box
+from customers import runtime
+from customers.models import Customer
+from engines import dburl, paths, sources, swap, unpack
+from engines.slots import acquire_slot
+from operations.context import OperationError, RunCancelled, RunContext, RunLost
+from operations.models import Run
+
+from . import dbswap, envfiles
+from .models import Backup, BackupArtifact
+
+STAGING_PREFIX = ".kasa-restore-"
+# Room we want left on the disk after staging: a restore must not fill the disk the customer runs on.
+DISK_MARGIN = 256 * 1024 * 1024
+
+
+@dataclass
+class Plan:
+    backup: Backup
+    customer: Customer
+    artifacts: list[BackupArtifact]
+    root: Path  # where files land: the customer's root, or the clone's root
+    clone: bool
+    to_databases: dict[str, str] = field(default_factory=dict)  # database name -> URL (clone)
+    listings: dict[str, unpack.Listing] = field(default_factory=dict)
+
+
+class Journal:
+    """What was changed, stored on the run before each change so a dead worker can be undone."""
+
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+        self.steps: list[dict] = []
+
+    def add(self, step: dict) -> dict:
+        self.steps.append(step)
+        self._save()
+        return step
+
+    def _save(self) -> None:
+        Run.objects.filter(pk=self.ctx.run.pk).update(result={"journal": self.steps})
+
+
+def restore(ctx: RunContext) -> dict:
+    p = ctx.run.params
+    started = time.monotonic()
+    plan = _plan(ctx, p)
+    keyring = _keyring(plan.backup)
+    store = plan.backup.target.store()
+    _verify_all(ctx, plan, store, keyring)
+    _check_disk(plan)
+    journal = Journal(ctx)
+    safety = None
+    try:
+        if not plan.clone and p.get("safety_backup", True):
+            safety = _safety_backup(ctx, plan)
+        staging = _stage(ctx, plan, store, keyring, journal)
+        if plan.clone:
+            _clone_in(ctx, plan, staging, journal)
+        else:
+            _swap_in(ctx, plan, staging, journal)
+    except BaseException as exc:
+        undone = _undo(ctx, journal, plan)
+        if isinstance(exc, (RunLost, RunCancelled)):
+            raise
+        what = "the copy was removed" if plan.clone else "the pre-restore state was put back"
+        if getattr(journal, "services_down", None):
+            what += f", but the services did not come back up ({journal.services_down}): an operator must look"
+        if not undone:
+            raise OperationError(f"restore failed: {exc}; ROLLBACK INCOMPLETE, an operator must look at "
+                                 f"{plan.root}: nothing further was deleted") from None
+        raise OperationError(f"restore failed: {_short(exc)}; {what}", result={"safety_backup": safety}) from None
+    _cleanup(ctx, journal)
+    seconds = time.monotonic() - started
+    ctx.info(f"restore of backup #{plan.backup.pk} complete in {seconds:.1f} s"
+             + ("" if plan.clone else f" (safety backup #{safety})" if safety else ""))
+    return {"backup": plan.backup.pk, "customer": plan.customer.domain, "clone": plan.clone,
+            "root": str(plan.root), "artifacts": [a.name for a in plan.artifacts], "safety_backup": safety,
+            "databases": plan.to_databases and {k: _display(v) for k, v in plan.to_databases.items()},
+            "seconds": round(seconds, 2)}
+
+
+# --- 1. plan and verify -------------------------------------------------------------
+def _plan(ctx: RunContext, p: dict) -> Plan:
+    bk = Backup.objects.select_related("customer", "target").get(pk=p["backup"])
+    if not bk.restorable:
+        raise OperationError(f"backup #{bk.pk} is {bk.status}: only a succeeded backup can be restored")
+    customer = Customer.objects.prefetch_related("services", "databases").get(pk=bk.customer_id)
+    arts = select_artifacts(bk, p.get("only") or [])
+    to_root = p.get("to_root")
+    to_dbs = {name: box().decrypt(token).reveal() for name, token in (p.get("to_databases") or {}).items()}
+    for url in to_dbs.values():
+        ctx.add_secret(dburl.parse(url).password)
+    clone = bool(to_root or to_dbs)
+    if clone:
+        root = Path(to_root) if to_root else None
+
+        def needs_url(a: BackupArtifact) -> bool:  # a copy's SQLite file simply lives inside its root
+            sqlite_in_copy = to_root and (a.details or {}).get("engine") == "sqlite"
+            return a.kind == "database" and a.source not in to_dbs and not sqlite_in_copy
+
+        if any(needs_url(a) for a in arts):
+            if to_root and not p.get("only"):  # a copy of the files only: the other databases stay out of it
+                arts = [a for a in arts if not needs_url(a)]
+            else:
+                missing = sorted(a.source for a in arts if needs_url(a))
+                raise OperationError(f"a copy elsewhere never touches the live databases: give --to-database "
+                                     f"for {', '.join(missing)}")
+        if root is None:
+            arts = [a for a in arts if a.kind == "database"]
+            root = customer.root_path()
+    else:
+        root = customer.root_path()
+    if not arts:
+        raise OperationError("nothing to restore: no artifact of the backup matches the selection")
+    ctx.info(f"restoring backup #{bk.pk} of {customer.domain} ({bk.finished_at:%Y-%m-%d %H:%M UTC}) "
+             + (f"into a copy at {root}" if clone and p.get("to_root") else "in place" if not clone else "")
+             + f": {', '.join(a.name for a in arts)}")
+    return Plan(bk, customer, arts, Path(root), clone, to_dbs)
+
+
+def select_artifacts(bk: Backup, only: list[str]) -> list[BackupArtifact]:
+    """`only` names artifacts by file name, by service/database name, or 'config'."""
+    arts = list(bk.artifacts.order_by("pk"))
+    if not only:
+        return arts
+    chosen, unknown = [], []
+    for want in only:
+        match = [a for a in arts if want in (a.name, a.source, a.name.split(".", 1)[0])]
+        if not match:
+            unknown.append(want)
+        chosen += [a for a in match if a not in chosen]
+    if unknown:
+        raise OperationError(f"backup #{bk.pk} has no artifact {', '.join(map(repr, unknown))} "
+                             f"(it has: {', '.join(a.source if a.kind != 'config' else 'config' for a in arts)})")
+    return sorted(chosen, key=lambda a: a.pk)
+
+
+def _keyring(bk: Backup):
+    if not bk.encrypted:
+        return None
+    from engines.backupcrypto import KeyRing
+
+    if not settings.KASA_BACKUP_KEYS:
+        raise OperationError(f"backup #{bk.pk} is encrypted and KASA_BACKUP_KEYS is not set: nothing was touched")
+    return KeyRing(settings.KASA_BACKUP_KEYS)
+
+
+def artifact_kwargs(bk: Backup, art: BackupArtifact, keyring) -> dict:
+    return {"sha256": art.sha256, "size": art.size, "encrypted": bk.encrypted, "keyring": keyring,
+            "compression": art.compression}
+
+
+def _verify_all(ctx: RunContext, plan: Plan, store, keyring) -> None:
+    """Read every chosen artifact end to end before anything is touched."""
+    bk = plan.backup
+    for art in plan.artifacts:
+        ctx.check_alive()
+        name = f"{bk.prefix}/{art.name}"
+        try:
+            listing = unpack.verify_artifact(store, name, tar=art.kind != "database",
+                                             on_progress=_progress(ctx, f"verifying {art.name}"),
+                                             **artifact_kwargs(bk, art, keyring))
+        except unpack.ArtifactError as exc:
+            raise OperationError(f"refused: {exc}; nothing was touched") from None
+        if listing is not None:
+            plan.listings[art.name] = listing
+            ctx.info(f"{art.name}: checksum, decryption and {listing.members} members verified "
+                     f"({listing.files} files, {listing.total_size / 1e6:.1f} MB)")
+        else:
+            ctx.info(f"{art.name}: checksum and decryption verified")
+
+
+def _progress(ctx: RunContext, label: str):
+    last = [0.0]
+
+    def update(done: int) -> None:
+        now = time.monotonic()
+        if now - last[0] > 0.5:
+            last[0] = now
+            ctx.progress(done, None, f"{label}: {done / 1e6:.1f} MB")
+    return update
+
+
+def _check_disk(plan: Plan) -> None:
+    need = sum(listing.total_size for listing in plan.listings.values())
+    if not need:
+        return
+    where = plan.root if plan.root.exists() else plan.root.parent
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if free < need + DISK_MARGIN:
+        raise OperationError(f"not enough free disk on {where}: staging needs {need / 1e6:.0f} MB plus a "
+                             f"{DISK_MARGIN // 2**20} MB margin, {free / 1e6:.0f} MB free; nothing was touched")
+
+
+# --- 2. safety backup -----------------------------------------------------------------
+def _safety_backup(ctx: RunContext, plan: Plan) -> int:
+    from .operations import make_backup
+    from .services import BackupInputError, backup_params
+
+    kinds = {a.kind for a in plan.artifacts}
+    if kinds == {"database"}:
+        scope, services = "database", []
+    elif kinds == {"config"}:
+        scope, services = "config", []
+    elif kinds <= {"service"}:
+        scope, services = "files", sorted({a.source for a in plan.artifacts})
+    else:
+        scope, services = "full", []
+    known = {s.name for s in plan.customer.services.all()}
+    services = [s for s in services if s in known]
+    try:
+        params = backup_params(plan.customer, scope=scope, services=services, trigger=Backup.Trigger.RESTORE)
+    except BackupInputError as exc:
+        raise OperationError(f"cannot take the safety backup: {exc}; nothing was touched") from None
+    params["replicas"] = []  # the way back must exist now; copies to replicas can wait for the next backup
+    ctx.info(f"safety backup of the current state ({scope}) before anything changes")
+    with acquire_slot(settings.KASA_SCRATCH_DIR, settings.KASA_MAX_BACKUPS_PER_HOST, poll=2.0,
+                      on_wait=lambda waited: ctx.check_alive()):
+        try:
+            bk, _ = make_backup(ctx, plan.customer, params, pin_reason=f"safety backup before restore run #"
+                                f"{ctx.run.pk}")
+        except OperationError as exc:
+            raise OperationError(f"the safety backup failed ({exc}); nothing was restored") from None
+    return bk.pk
+
+
+# --- 3. staging -------------------------------------------------------------------------
+def staging_dir(root: Path, run_id: int) -> Path:
+    return root / f"{STAGING_PREFIX}{run_id}"
+
+
+def _stage(ctx: RunContext, plan: Plan, store, keyring, journal: Journal) -> Path | None:
+    bk = plan.backup
+    files = [a for a in plan.artifacts if a.kind != "database"]
+    staging = None
+    if files:
+        plan.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        staging = staging_dir(plan.root, ctx.run.pk)
+        journal.add({"type": "staging", "path": str(staging)})
+        staging.mkdir(mode=0o700)
+        for art in files:
+            ctx.check_alive()
+            dest = staging / art.name.split(".", 1)[0]
+            try:
+                listing = unpack.extract_artifact(store, f"{bk.prefix}/{art.name}", dest=str(dest),
+                                                  on_progress=_progress(ctx, f"unpacking {art.name}"),
+                                                  **artifact_kwargs(bk, art, keyring))
+            except unpack.ArtifactError as exc:
+                raise OperationError(str(exc)) from None
+            ctx.info(f"{art.name}: unpacked {listing.files} files into staging")
+    for art in plan.artifacts:
+        if art.kind == "database" and not _inside_tree(art):
+            ctx.check_alive()
+            dbswap.restore_fresh(ctx, plan, store, keyring, art, journal)
+    return staging
+
+
+def _inside_tree(art: BackupArtifact) -> bool:
+    """An SQLite file lives inside the customer's folders: it is restored after the folders are in place
+    (restored earlier, beside a live file, it would be swapped away with the folder that holds it)."""
+    return (art.details or {}).get("engine") == "sqlite"
+
+
+def _restore_file_databases(ctx: RunContext, plan: Plan, journal: Journal) -> None:
+    store, keyring = plan.backup.target.store(), _keyring(plan.backup)
+    for art in plan.artifacts:
+        if art.kind == "database" and _inside_tree(art):
+            ctx.check_alive()
+            dbswap.restore_fresh(ctx, plan, store, keyring, art, journal)
+
+
+# --- 4. swap ---------------------------------------------------------------------------
+def _file_swaps(plan: Plan, staging: Path) -> list[tuple[str, str]]:
+    """(live path, staged path) pairs: one per service folder, then one per config file."""
+    pairs = []
+    for art in plan.artifacts:
+        if art.kind == "database":
+            continue
+        unpacked = staging / art.name.split(".", 1)[0]
+        if art.kind == "service":
+            rel = (art.details or {}).get("path") or art.source
+            paths.relative_inside(rel, what="service path")  # a manifest never places a folder outside the root
+            pairs.append((str(plan.root / rel), str(unpacked / rel)))
+        else:
+            for rel in (art.details or {}).get("files") or []:
+                paths.relative_inside(rel, what="config file")
+                if (unpacked / rel).exists() or (unpacked / rel).is_symlink():
+                    pairs.append((str(plan.root / rel), str(unpacked / rel)))
+    return pairs
+
+
+def _swap_in(ctx: RunContext, plan: Plan, staging: Path | None, journal: Journal) -> None:
+    specs = runtime.service_specs(plan.customer)
+    # Which services answer now: after a rollback those must answer again (one that was down before the
+    # restore is not the restore's fault); after a successful restore every health URL must answer.
+    healthy_before = runtime.healthy_now(specs)
+    ctx.info(f"stopping {len(specs)} service(s)")
+    journal.add({"type": "services_stopped", "healthy_before": healthy_before})
+    runtime.stop_all(ctx, specs)
+    if staging is not None:
+        excludes = (plan.backup.manifest or {}).get("excludes", list(sources.DEFAULT_EXCLUDES))
+        for live, staged in _file_swaps(plan, staging):
+            if not os.path.lexists(os.path.dirname(live)):
+                os.makedirs(os.path.dirname(live), mode=0o700)
+            if os.path.isdir(live) and not os.path.islink(live) and os.path.isdir(staged):
+                _carry_excluded(ctx, live, staged, excludes, journal)
+            step = journal.add({"type": "files", **swap.plan(live, staged)})
+            swap.apply(step)
+            ctx.info(f"swapped in {os.path.relpath(live, plan.root)}")
+    _restore_file_databases(ctx, plan, journal)
+    dbswap.swap_all(ctx, plan, journal)
+    ctx.info(f"starting {len(specs)} service(s)")
+    runtime.start_all(ctx, specs)
+    runtime.check_health(ctx, specs)
+
+
+def _carry_excluded(ctx: RunContext, live: str, staged: str, patterns: list[str], journal: Journal) -> None:
+    """What the backup left out on purpose (log folders, excluded patterns) stays: it moves into the staged
+    tree before the swap, so a restore never deletes today's logs. Undone like every other step."""
+    carried = 0
+    for dirpath, dirnames, filenames in os.walk(live):
+        rel_dir = os.path.relpath(dirpath, live)
+        for name in list(dirnames) + filenames:
+            rel = os.path.normpath(os.path.join(rel_dir, name))
+            if not _excluded(rel, name, patterns):
+                continue
+            if name in dirnames:
+                dirnames.remove(name)  # carried whole: do not descend
+            target_parent = os.path.join(staged, os.path.dirname(rel))
+            target = os.path.join(staged, rel)
+            if not os.path.isdir(target_parent) or os.path.lexists(target):
+                continue  # the restored tree has no such folder, or brings its own: leave the live one aside
+            step = journal.add({"type": "carry", "from": os.path.join(live, rel), "to": target})
+            os.rename(step["from"], step["to"])
+            carried += 1
+    if carried:
+        ctx.info(f"kept {carried} excluded path(s) (logs) of {os.path.basename(live)}")
+
+
+def _excluded(rel: str, name: str, patterns: list[str]) -> bool:
+    # GNU tar's --exclude: a pattern without '/' matches any path component; with '/', the path.
+    return any(fnmatch.fnmatch(rel if "/" in p else name, p) for p in patterns)
+
+
+def _clone_in(ctx: RunContext, plan: Plan, staging: Path | None, journal: Journal) -> None:
+    if staging is not None:
+        for live, staged in _file_swaps(plan, staging):
+            if os.path.lexists(live) and os.path.isdir(staged):
+                raise OperationError(f"{live} already exists in the copy's root: a copy is only made into "
+                                     "an empty place")
+            # A config file that a service folder brought already is replaced by the config artifact's copy.
+            os.makedirs(os.path.dirname(live), mode=0o700, exist_ok=True)
+            step = journal.add({"type": "files", **swap.plan(live, staged)})
+            swap.apply(step)
+    _restore_file_databases(ctx, plan, journal)
+    dbswap.swap_all(ctx, plan, journal)
+    if plan.to_databases and ctx.run.params.get("rewrite_env") and staging is not None:
+        envfiles.rewrite_clone(ctx, plan)
+
+
+# --- 5. undo and clean up -----------------------------------------------------------------
+def _undo(ctx: RunContext, journal: Journal, plan: Plan | None) -> bool:
+    """Undo every journalled step in reverse. True when everything was put back."""
+    ok = True
+    restart = False
+    for step in reversed(journal.steps):
+        try:
+            kind = step["type"]
+            if kind == "files":
+                if swap.undo(step):
+                    ctx.info(f"put back {step['live']}")
+            elif kind == "carry":
+                if os.path.lexists(step["to"]) and not os.path.lexists(step["from"]):
+                    os.rename(step["to"], step["from"])
+            elif kind == "staging":
+                shutil.rmtree(step["path"], ignore_errors=True)
+            elif kind == "services_stopped":
+                restart = step
+            else:
+                dbswap.undo(ctx, step)
+        except Exception as exc:
+            ok = False
+            ctx.error(f"could not undo {step.get('type')} ({step.get('live') or step.get('db') or ''}): {exc}")
+    journal.steps = [] if ok else journal.steps
+    journal._save()
+    if restart and plan is not None:
+        try:
+            specs = runtime.service_specs(plan.customer)
+            runtime.start_all(ctx, specs)
+            before = set(restart.get("healthy_before") or [])
+            runtime.check_health(ctx, [s for s in specs if s.name in before])
+        except Exception as exc:
+            journal.services_down = str(exc)
+            ctx.error(f"the previous files and databases are back but the services did not come up: {exc}")
+    return ok
+
+
+def _cleanup(ctx: RunContext, journal: Journal) -> None:
+    """The restore holds: drop what was kept for the way back (previous folders, old databases)."""
+    for step in reversed(journal.steps):
+        try:
+            if step["type"] == "staging":
+                shutil.rmtree(step["path"])
+            elif step["type"] not in ("files", "services_stopped", "carry"):
+                dbswap.finish(ctx, step)
+        except Exception as exc:  # the restore stands; leftovers are reported, not fatal
+            ctx.warning(f"could not remove the previous copy ({step.get('path') or step.get('db')}): {exc}")
+    journal.steps = []
+    journal._save()
+
+
+def abandon(run: Run, ctx: RunContext) -> None:
+    """The worker died mid-restore: undo its journal so the customer is exactly as it was."""
+    from .operations import _discard
+
+    steps = (run.result or {}).get("journal") or []
+    customer = Customer.objects.get(pk=run.customer_id)
+    # A safety backup the dead worker was still writing: it is nobody's restore point.
+    for bk in Backup.objects.filter(customer=customer, run=None, status=Backup.Status.RUNNING,
+                                    trigger=Backup.Trigger.RESTORE, created_at__gte=run.created_at):
+        _discard(ctx, bk, bk.target.store(), [], RuntimeError("worker died during the restore"))
+    if not steps:
+        return
+    journal = Journal(ctx)
+    journal.steps = list(steps)
+    plan = Plan(backup=None, customer=customer, artifacts=[], root=Path(customer.root), clone=False)
+    if _undo(ctx, journal, plan):
+        ctx.info("the worker died mid-restore: the pre-restore state was put back")
+    else:
+        ctx.error("the worker died mid-restore and the pre-restore state could not be fully put back")
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text[:2000]
+
+
+def _display(url: str) -> str:
+    try:
+        return dburl.parse(url).display()
+    except Exception:
+        return "(database URL)"

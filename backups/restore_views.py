@@ -1,0 +1,156 @@
+"""Admin pages for restores and drills: "Restore…" (what will change, then a typed confirmation) and "Verify now".
+
+Team-scoped like every backup page: another team's backup is a 404.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+from django import forms
+from django.conf import settings
+from django.contrib import messages
+from django.core.exceptions import PermissionDenied
+from django.http import HttpResponseNotAllowed
+from django.shortcuts import get_object_or_404, redirect
+from django.template.response import TemplateResponse
+from django.urls import reverse
+
+from engines import envfile, unpack
+from operations.services import OperationRefused
+
+from .models import Backup
+from .selectors import backups_visible_to, human_size
+from .services import BackupInputError, restore_start, verify_start
+
+MAX_ENV_BYTES = 1024 * 1024
+
+
+class RestoreForm(forms.Form):
+    artifacts = forms.MultipleChoiceField(widget=forms.CheckboxSelectMultiple, label="What to restore")
+    confirm = forms.CharField(label="Type the customer's domain to confirm", required=True)
+    safety_backup = forms.BooleanField(required=False, initial=True, label="Take a safety backup first",
+                                       help_text="A pinned backup of the current state, so the restore can be undone "
+                                                 "later.")
+
+    def __init__(self, *args, backup: Backup, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backup = backup
+        arts = list(backup.artifacts.order_by("pk"))
+        self.fields["artifacts"].choices = [(a.name, f"{a.name} ({a.get_kind_display().lower()}, "
+                                                     f"{human_size(a.size)})") for a in arts]
+        if not self.is_bound:
+            self.initial["artifacts"] = [a.name for a in arts]
+
+    def clean_confirm(self):
+        typed = self.cleaned_data["confirm"].strip().lower()
+        if typed != self.backup.customer.domain:
+            raise forms.ValidationError(f"type {self.backup.customer.domain} exactly to confirm")
+        return typed
+
+
+def restore_view(request, backup_id: int, model_admin):
+    backup = get_object_or_404(backups_visible_to(request.user).select_related("customer", "target"), pk=backup_id)
+    form = RestoreForm(request.POST or None, backup=backup)
+    if request.method == "POST" and form.is_valid():
+        chosen = form.cleaned_data["artifacts"]
+        everything = len(chosen) == len(form.fields["artifacts"].choices)
+        try:
+            run = restore_start(backup, only=[] if everything else chosen, confirmed=True,
+                                safety_backup=form.cleaned_data["safety_backup"], requested_by=request.user,
+                                via="admin")
+        except (OperationRefused, BackupInputError, PermissionDenied) as exc:
+            messages.error(request, str(exc))
+        else:
+            return redirect(reverse("admin:operations_run_change", args=[run.pk]))
+    try:
+        env_changes = env_diff(backup)
+        env_error = ""
+    except (unpack.ArtifactError, tarfile.TarError, OSError) as exc:
+        env_changes, env_error = [], f"could not read the .env files of the backup: {exc}"
+    context = {
+        **model_admin.admin_site.each_context(request),
+        "opts": model_admin.model._meta,
+        "original": backup,
+        "backup": backup,
+        "customer": backup.customer,
+        "form": form,
+        "env_changes": env_changes,
+        "env_error": env_error,
+        "root": backup.customer.root,
+        "databases": list(backup.customer.databases.all()),
+        "keys_missing": backup.encrypted and not settings.KASA_BACKUP_KEYS,
+        "title": f"Restore backup #{backup.pk} of {backup.customer}",
+        "subtitle": None,
+    }
+    return TemplateResponse(request, "admin/backups/restore.html", context,
+                            status=400 if request.method == "POST" and form.errors else 200)
+
+
+def verify_view(request, backup_id: int, model_admin):
+    if request.method != "POST":
+        return HttpResponseNotAllowed(["POST"])
+    backup = get_object_or_404(backups_visible_to(request.user).select_related("customer"), pk=backup_id)
+    try:
+        run = verify_start(backup, requested_by=request.user, via="admin")
+    except (OperationRefused, BackupInputError, PermissionDenied) as exc:
+        messages.error(request, str(exc))
+        return redirect(reverse("admin:backups_backup_change", args=[backup.pk]))
+    return redirect(reverse("admin:operations_run_change", args=[run.pk]))
+
+
+def env_diff(backup: Backup) -> list[dict]:
+    """Per .env file: how the backup's version differs from the live one, values masked."""
+    from .restore import _keyring, artifact_kwargs
+
+    config = backup.artifacts.filter(kind="config").first()
+    if config is None or backup.status != Backup.Status.SUCCEEDED:
+        return []
+    keyring = _keyring(backup) if backup.encrypted and settings.KASA_BACKUP_KEYS else None
+    if backup.encrypted and keyring is None:
+        return []
+    store = backup.target.store()
+    files: dict[str, str] = {}
+    with unpack.open_plain(store, f"{backup.prefix}/{config.name}", **artifact_kwargs(backup, config, keyring)) as it:
+        stream = _IterReader(it)
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
+            for member in tar:
+                base = member.name.rsplit("/", 1)[-1]
+                if member.isfile() and base.startswith(".env") and member.size <= MAX_ENV_BYTES:
+                    fh = tar.extractfile(member)
+                    files[member.name] = fh.read().decode("utf-8", errors="replace")
+        stream.drain()
+    root = backup.customer.root_path()
+    out = []
+    for name, text in sorted(files.items()):
+        current = envfile.read(root / name)
+        changes = envfile.diff(current, envfile.parse(text))
+        out.append({"file": name, "exists": (root / name).exists(), "changes": changes})
+    return out
+
+
+class _IterReader(io.RawIOBase):
+    """A file object over an iterator of bytes chunks (tarfile's stream mode reads from it)."""
+
+    def __init__(self, it):
+        self._it, self._buf = iter(it), b""
+
+    def readable(self):
+        return True
+
+    def read(self, n=-1):
+        while n < 0 or len(self._buf) < n:
+            chunk = next(self._it, None)
+            if chunk is None:
+                break
+            self._buf += chunk
+        if n < 0:
+            data, self._buf = self._buf, b""
+        else:
+            data, self._buf = self._buf[:n], self._buf[n:]
+        return data
+
+    def drain(self):
+        for _ in self._it:  # the engine checks checksum and authentication only once it has read everything
+            pass

@@ -1,0 +1,140 @@
+""".env files: read, compare and rewrite them without losing a line or showing a secret.
+
+The format is the common one (dotenv): `KEY=value`, optional `export `, quotes,
+comments and blank lines. We keep every line as it was and only ever replace
+the value part of a line we mean to change, so comments, order and quoting of
+everything else survive a rewrite.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
+
+_LINE = re.compile(r"^(?P<lead>\s*(?:export\s+)?)(?P<key>[A-Za-z_][A-Za-z0-9_.-]*)(?P<eq>\s*=\s*)(?P<value>.*?)\s*$")
+# Keys whose values are shown only as a mask anywhere Kasa displays them.
+_SECRET = re.compile(r"PASS|SECRET|TOKEN|KEY|CREDENTIAL|PRIVATE|DSN|AUTH|SALT|COOKIE|SESSION|CERT", re.I)
+MASK = "********"
+
+
+@dataclass(frozen=True)
+class Change:
+    key: str
+    status: str  # added | removed | changed | same
+    old: str | None  # shown values: masked when secret
+    new: str | None
+
+
+def unquote(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1]
+    if " #" in value:  # an unquoted value ends at a comment
+        value = value.split(" #", 1)[0].rstrip()
+    return value
+
+
+def parse(text: str) -> dict[str, str]:
+    """KEY -> value (unquoted). A key given twice keeps its last value, as dotenv loaders do."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        m = _LINE.match(line)
+        if m and not line.lstrip().startswith("#"):
+            out[m["key"]] = unquote(m["value"])
+    return out
+
+
+def read(path: str | os.PathLike) -> dict[str, str]:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return parse(fh.read())
+    except FileNotFoundError:
+        return {}
+
+
+def is_secret(key: str, value: str = "") -> bool:
+    return bool(_SECRET.search(key)) or _url_password(value) is not None
+
+
+def _url_password(value: str) -> str | None:
+    if "://" not in value or "@" not in value:
+        return None
+    try:
+        return urlsplit(value).password
+    except ValueError:
+        return None
+
+
+def shown(key: str, value: str | None) -> str | None:
+    """The value as Kasa may display it: secret keys masked whole, a password inside a URL masked."""
+    if value is None:
+        return None
+    if _SECRET.search(key):
+        return MASK if value else ""
+    pw = _url_password(value)
+    if pw:
+        parts = urlsplit(value)
+        netloc = parts.netloc.replace(f":{pw}@", f":{MASK}@", 1)
+        return urlunsplit(parts._replace(netloc=netloc))
+    return value
+
+
+def diff(old: dict[str, str], new: dict[str, str], *, include_same: bool = False) -> list[Change]:
+    """Key by key, in the new file's order then the removed keys; values already masked."""
+    changes = []
+    for key, value in new.items():
+        if key not in old:
+            changes.append(Change(key, "added", None, shown(key, value)))
+        elif old[key] != value:
+            old_shown, new_shown = shown(key, old[key]), shown(key, value)
+            if old_shown == new_shown:  # two different secrets: say it changed without showing either
+                old_shown, new_shown = MASK + " (old)", MASK + " (new)"
+            changes.append(Change(key, "changed", old_shown, new_shown))
+        elif include_same:
+            changes.append(Change(key, "same", shown(key, value), shown(key, value)))
+    for key, value in old.items():
+        if key not in new:
+            changes.append(Change(key, "removed", shown(key, value), None))
+    return changes
+
+
+def replace_values(text: str, updates: dict[str, str]) -> str:
+    """The same text with the values of `updates`' keys replaced (quoted when needed); other lines untouched."""
+    out = []
+    for line in text.splitlines(keepends=True):
+        body = line.rstrip("\r\n")
+        ending = line[len(body):]
+        m = _LINE.match(body)
+        if m and not body.lstrip().startswith("#") and m["key"] in updates:
+            body = f"{m['lead']}{m['key']}{m['eq']}{_quote(updates[m['key']])}"
+        out.append(body + ending)
+    return "".join(out)
+
+
+def _quote(value: str) -> str:
+    if re.fullmatch(r"[A-Za-z0-9_./:@%+,=?&-]*", value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Replace a file in one step, keeping its mode (a .env is usually 0600)."""
+    path = os.fspath(path)
+    try:
+        mode = os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        mode = 0o600
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".env.kasa-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
