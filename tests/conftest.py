@@ -273,6 +273,39 @@ def wait_for_run(run_id: int, timeout: float = 60, statuses=("succeeded", "faile
     return wait_until(done, timeout, 0.1, what=f"run {run_id} to reach {statuses}")
 
 
+# --- PM2: the services Kasa starts in tests must not outlive them ----------------------------
+def _kill_pm2_of(home: str) -> None:
+    """Stop the PM2 daemon of `home` and its apps: `pm2 kill` when it still has its files, else (its home was
+    deleted under it, e.g. by `make test-pg` emptying the test var dir) by its process title."""
+    from engines import procman
+
+    try:
+        procman.pm2_kill(home)
+    except Exception:  # noqa: BLE001 — fall through to the process table
+        pass
+    title = f"God Daemon ({home})"
+    for proc_dir in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if title in cmdline:
+            daemon = int(proc_dir.name)
+            subprocess.run(["pkill", "-KILL", "-P", str(daemon)], check=False)  # its apps
+            try:
+                os.kill(daemon, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leftover_pm2():
+    home = str(settings.KASA_PM2_HOME)
+    _kill_pm2_of(home)  # left by an earlier, interrupted run
+    yield
+    _kill_pm2_of(home)
+
+
 # Fixtures of a real moto S3 server (imported last: tests/s3.py uses the helpers above).
 from tests.s3 import moto_server, s3_server  # noqa: E402, F401
 from tests.sftp import sshd  # noqa: E402, F401  (a real OpenSSH sftp server)
