@@ -217,6 +217,9 @@ KASA_RTO_MINUTES = env.float("KASA_RTO_MINUTES", default=60.0)
 # KASA_SCRATCH_MYSQL_URL, or the customer's own server under a scratch database name.
 KASA_SCRATCH_PG_URL = env.str("KASA_SCRATCH_PG_URL", default="")
 KASA_SCRATCH_MYSQL_URL = env.str("KASA_SCRATCH_MYSQL_URL", default="")
+# Release packages: refuse a component zip larger than this, or one that unpacks to more (zip bombs).
+KASA_RELEASE_MAX_ZIP_BYTES = env.int("KASA_RELEASE_MAX_ZIP_BYTES", default=1 << 30)
+KASA_RELEASE_MAX_UNPACKED_BYTES = env.int("KASA_RELEASE_MAX_UNPACKED_BYTES", default=2 << 30)
 # PM2 keeps its daemon state here (never the user's ~/.pm2), so Kasa's processes are its own.
 KASA_PM2_HOME = Path(env.str("KASA_PM2_HOME", default=str(KASA_VAR_DIR / "pm2"))).resolve()
 # Stopping/starting one service may take this long (seconds); a service is healthy after KASA_HEALTH_STREAK

@@ -10,6 +10,7 @@ PERMS = {
     "operations": ["view_run"],
     "audit": ["view_auditentry"],
     "backups": ["view_backup", "view_backupartifact"],
+    "releases": ["view_release", "view_componentversion"],
 }
 
 

@@ -1,0 +1,1 @@
+console.log("nothing to migrate in the example");
