@@ -121,9 +121,8 @@ def test_restore_refuses_a_hostile_archive_before_anything_lands(make_customer, 
     bk = Backup.objects.create(customer=customer, target=target, status="succeeded", scope="files",
                                prefix=f"{customer.domain}/hostile", started_at=timezone.now(),
                                finished_at=timezone.now(), compression="none")
-    with ProcessChain([Stage(["cat"])], stdin_path=str(raw)) as chain:
-        res = write_artifact(chain, target.store(), f"{bk.prefix}/backend.tar.enc",
-                             keyring=KeyRing(settings.KASA_BACKUP_KEYS))
+    res = write_artifact(ProcessChain([Stage(["cat"])], stdin_path=str(raw)), target.store(),
+                         f"{bk.prefix}/backend.tar.enc", keyring=KeyRing(settings.KASA_BACKUP_KEYS))
     BackupArtifact.objects.create(backup=bk, name="backend.tar.enc", kind="service", source="backend",
                                   size=res.size, sha256=res.sha256, compression="none", key_id=res.key_id,
                                   details={"path": "backend"})

@@ -94,12 +94,22 @@ def test_backup_import_rebuilds_the_catalogue_from_storage(make_customer, custom
     first = _backup_json(customer.domain, "--target", "dr")
     second = _backup_json(customer.domain, "--scope", "files", "--target", "dr")
     before = tree_state(customer_root)
-    # A fresh install: the catalogue is gone, the storage and the keys are not.
+    # A fresh install: the catalogue and the customer are gone; the storage, its target and the keys are not.
+    from customers.models import Customer
+    from operations.models import Run
+
+    domain = customer.domain
     Backup.objects.all().delete()
+    Run.objects.all().delete()
+    Customer.objects.filter(pk=customer.pk).delete()
     code, doc = command_json("backup_import", "--target", "dr")
     assert code == 0, doc
+    assert doc["customers_created"] == [domain]
     assert sorted(i["prefix"].rsplit("-", 1)[1] for i in doc["imported"]) == sorted([str(first["id"]),
                                                                                      str(second["id"])])
+    customer = Customer.objects.get(domain=domain)
+    assert customer.root == str(customer_root) and list(customer.services.values_list("name", flat=True)) == [
+        "backend"]
     imported = Backup.objects.filter(customer=customer, trigger="import").order_by("finished_at")
     assert imported.count() == 2 and all(b.artifacts.exists() for b in imported)
     again = command_json("backup_import", "--target", "dr")[1]
