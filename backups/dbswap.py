@@ -48,7 +48,7 @@ def _target_of_step(ctx: RunContext, step: dict) -> dbrestore.DbTarget:
     return target
 
 
-def restore_fresh(ctx: RunContext, plan, store, keyring, art: BackupArtifact, journal) -> None:
+def restore_fresh(ctx: RunContext, plan, store, keyring, art: BackupArtifact, journal, stop=None) -> None:
     """Restore one dump beside the live database; check its row counts against the manifest."""
     from .restore import _progress, artifact_kwargs
 
@@ -67,7 +67,7 @@ def restore_fresh(ctx: RunContext, plan, store, keyring, art: BackupArtifact, jo
     ctx.info(f"{art.name}: restoring into a fresh database beside {target.display()}")
     name = f"{plan.backup.prefix}/{art.name}"
     try:
-        with unpack.open_plain(store, name, on_progress=_progress(ctx, f"restoring {art.name}"),
+        with unpack.open_plain(store, name, on_progress=_progress(ctx, f"restoring {art.name}", stop),
                                **artifact_kwargs(plan.backup, art, keyring)) as chunks:
             if engine == "postgresql":
                 counts = dbrestore.pg_restore_fresh(target, new, chunks, privileges=not plan.clone)

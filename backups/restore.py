@@ -21,6 +21,8 @@ from __future__ import annotations
 import fnmatch
 import os
 import shutil
+import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,14 +62,20 @@ class Journal:
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
         self.steps: list[dict] = []
+        self.lock = threading.Lock()  # the files lane and the databases lane both write it
 
     def add(self, step: dict) -> dict:
-        self.steps.append(step)
-        self._save()
+        with self.lock:
+            self.steps.append(step)
+            self._save()
         return step
 
     def _save(self) -> None:
-        Run.objects.filter(pk=self.ctx.run.pk).update(result={"journal": self.steps})
+        Run.objects.filter(pk=self.ctx.run.pk).update(result={"journal": list(self.steps)})
+
+    def touched_live(self) -> bool:
+        """Whether anything beyond staging happened (services stopped, a swap)."""
+        return any(s["type"] in ("services_stopped", "files", "carry", "db_swap") for s in self.steps)
 
 
 def restore(ctx: RunContext) -> dict:
@@ -76,23 +84,28 @@ def restore(ctx: RunContext) -> dict:
     plan = _plan(ctx, p)
     keyring = _keyring(plan.backup)
     store = plan.backup.target.store()
-    _verify_all(ctx, plan, store, keyring)
+    _sweep_trash(plan.root)
     _check_disk(plan)
     journal = Journal(ctx)
     safety = None
     try:
+        # Staging is the verification: every artifact is read to the end, checksummed, authenticated and
+        # (archives) checked member by member, or (databases) restored into a fresh database and its rows
+        # counted — all beside the live customer, which keeps running untouched.
+        staging = _stage(ctx, plan, store, keyring, journal)
         if not plan.clone and p.get("safety_backup", True):
             safety = _safety_backup(ctx, plan)
-        staging = _stage(ctx, plan, store, keyring, journal)
         if plan.clone:
             _clone_in(ctx, plan, staging, journal)
         else:
             _swap_in(ctx, plan, staging, journal)
     except BaseException as exc:
+        touched = journal.touched_live()  # before the undo empties the journal
         undone = _undo(ctx, journal, plan)
         if isinstance(exc, (RunLost, RunCancelled)):
             raise
-        what = "the copy was removed" if plan.clone else "the pre-restore state was put back"
+        what = ("the copy was removed" if plan.clone else
+                "the pre-restore state was put back" if touched else "nothing was touched")
         if getattr(journal, "services_down", None):
             what += f", but the services did not come back up ({journal.services_down}): an operator must look"
         if not undone:
@@ -180,30 +193,28 @@ def artifact_kwargs(bk: Backup, art: BackupArtifact, keyring) -> dict:
             "compression": art.compression}
 
 
-def _verify_all(ctx: RunContext, plan: Plan, store, keyring) -> None:
-    """Read every chosen artifact end to end before anything is touched."""
+def _verify_one(ctx: RunContext, plan: Plan, store, keyring, art: BackupArtifact) -> None:
+    """Read one artifact end to end (checksum, decryption, every tar member) without unpacking it."""
     bk = plan.backup
-    for art in plan.artifacts:
-        ctx.check_alive()
-        name = f"{bk.prefix}/{art.name}"
-        try:
-            listing = unpack.verify_artifact(store, name, tar=art.kind != "database",
-                                             on_progress=_progress(ctx, f"verifying {art.name}"),
-                                             **artifact_kwargs(bk, art, keyring))
-        except unpack.ArtifactError as exc:
-            raise OperationError(f"refused: {exc}; nothing was touched") from None
-        if listing is not None:
-            plan.listings[art.name] = listing
-            ctx.info(f"{art.name}: checksum, decryption and {listing.members} members verified "
-                     f"({listing.files} files, {listing.total_size / 1e6:.1f} MB)")
-        else:
-            ctx.info(f"{art.name}: checksum and decryption verified")
+    try:
+        listing = unpack.verify_artifact(store, f"{bk.prefix}/{art.name}", tar=art.kind != "database",
+                                         on_progress=_progress(ctx, f"verifying {art.name}"),
+                                         **artifact_kwargs(bk, art, keyring))
+    except unpack.ArtifactError as exc:
+        raise OperationError(f"refused: {exc}") from None
+    if listing is not None:
+        ctx.info(f"{art.name}: checksum, decryption and {listing.members} members verified "
+                 f"({listing.files} files, {listing.total_size / 1e6:.1f} MB)")
+    else:
+        ctx.info(f"{art.name}: checksum and decryption verified")
 
 
-def _progress(ctx: RunContext, label: str):
+def _progress(ctx: RunContext, label: str, stop: threading.Event | None = None):
     last = [0.0]
 
     def update(done: int) -> None:
+        if stop is not None and stop.is_set():
+            raise _Stopped()
         now = time.monotonic()
         if now - last[0] > 0.5:
             last[0] = now
@@ -212,7 +223,9 @@ def _progress(ctx: RunContext, label: str):
 
 
 def _check_disk(plan: Plan) -> None:
-    need = sum(listing.total_size for listing in plan.listings.values())
+    """A first check before staging: the stored (compressed) size is a lower bound of what unpacking needs.
+    A disk that fills up anyway fails the staging cleanly (the staged copy is removed)."""
+    need = sum(a.size for a in plan.artifacts if a.kind != "database")
     if not need:
         return
     where = plan.root if plan.root.exists() else plan.root.parent
@@ -220,8 +233,8 @@ def _check_disk(plan: Plan) -> None:
         where = where.parent
     free = shutil.disk_usage(where).free
     if free < need + DISK_MARGIN:
-        raise OperationError(f"not enough free disk on {where}: staging needs {need / 1e6:.0f} MB plus a "
-                             f"{DISK_MARGIN // 2**20} MB margin, {free / 1e6:.0f} MB free; nothing was touched")
+        raise OperationError(f"not enough free disk on {where}: staging needs at least {need / 1e6:.0f} MB plus "
+                             f"a {DISK_MARGIN // 2**20} MB margin, {free / 1e6:.0f} MB free; nothing was touched")
 
 
 # --- 2. safety backup -----------------------------------------------------------------
@@ -262,29 +275,82 @@ def staging_dir(root: Path, run_id: int) -> Path:
 
 
 def _stage(ctx: RunContext, plan: Plan, store, keyring, journal: Journal) -> Path | None:
-    bk = plan.backup
+    """Two lanes at once: archives unpack into the staging folder while the database dumps restore into fresh
+    databases (mostly the database server's work). The first failure stops the other lane."""
     files = [a for a in plan.artifacts if a.kind != "database"]
+    dbs = [a for a in plan.artifacts if a.kind == "database"]
     staging = None
     if files:
         plan.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         staging = staging_dir(plan.root, ctx.run.pk)
         journal.add({"type": "staging", "path": str(staging)})
         staging.mkdir(mode=0o700)
+    stop = threading.Event()
+
+    def files_lane() -> None:
         for art in files:
-            ctx.check_alive()
+            _check_stop(ctx, stop)
             dest = staging / art.name.split(".", 1)[0]
             try:
-                listing = unpack.extract_artifact(store, f"{bk.prefix}/{art.name}", dest=str(dest),
-                                                  on_progress=_progress(ctx, f"unpacking {art.name}"),
-                                                  **artifact_kwargs(bk, art, keyring))
+                listing = unpack.extract_artifact(
+                    store, f"{plan.backup.prefix}/{art.name}", dest=str(dest),
+                    on_progress=_progress(ctx, f"unpacking {art.name}", stop), **artifact_kwargs(plan.backup, art,
+                                                                                                keyring))
             except unpack.ArtifactError as exc:
                 raise OperationError(str(exc)) from None
-            ctx.info(f"{art.name}: unpacked {listing.files} files into staging")
-    for art in plan.artifacts:
-        if art.kind == "database" and not _inside_tree(art):
-            ctx.check_alive()
-            dbswap.restore_fresh(ctx, plan, store, keyring, art, journal)
+            ctx.info(f"{art.name}: checksum, decryption and {listing.members} members verified, "
+                     f"{listing.files} files ({listing.total_size / 1e6:.1f} MB) unpacked into staging")
+
+    def databases_lane() -> None:
+        for art in dbs:
+            _check_stop(ctx, stop)
+            if _inside_tree(art):  # restored after the swap (see _inside_tree); verified now
+                _verify_one(ctx, plan, store, keyring, art)
+            else:
+                dbswap.restore_fresh(ctx, plan, store, keyring, art, journal, stop=stop)
+
+    _two_lanes(files_lane, databases_lane, stop)
     return staging
+
+
+def _check_stop(ctx: RunContext, stop: threading.Event) -> None:
+    if stop.is_set():
+        raise _Stopped()
+    ctx.check_alive()
+
+
+class _Stopped(Exception):
+    """The other lane failed: this one stops at its next chunk."""
+
+
+def _two_lanes(first, second, stop: threading.Event) -> None:
+    """Run both; the first error (not a _Stopped caused by it) is raised once both have ended."""
+    from django.db import connection
+
+    errors: list[BaseException] = []
+
+    def run_second() -> None:
+        try:
+            second()
+        except BaseException as exc:  # handed to the calling thread
+            errors.append(exc)
+            stop.set()
+        finally:
+            connection.close()  # this thread's own database connection
+
+    thread = threading.Thread(target=run_second, name="restore-databases")
+    thread.start()
+    try:
+        first()
+    except BaseException as exc:
+        stop.set()
+        thread.join()
+        if isinstance(exc, _Stopped) and errors:
+            raise errors[0] from None
+        raise
+    thread.join()
+    if errors and not isinstance(errors[0], _Stopped):
+        raise errors[0]
 
 
 def _inside_tree(art: BackupArtifact) -> bool:
@@ -427,12 +493,38 @@ def _undo(ctx: RunContext, journal: Journal, plan: Plan | None) -> bool:
     return ok
 
 
+TRASH_PREFIX = ".kasa-trash-"
+
+
+def _discard_tree(path: str) -> None:
+    """Throw a staged or previous tree away without making the caller wait for it: renamed (instantly) to a
+    trash name beside it, then removed by a detached `rm -rf`. A trash folder left by a crash is swept by the
+    next restore of that root."""
+    if not os.path.lexists(path):
+        return
+    trash = os.path.join(os.path.dirname(path), TRASH_PREFIX + os.path.basename(path).lstrip("."))
+    try:
+        os.rename(path, trash)
+    except OSError:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    subprocess.Popen(["rm", "-rf", "--", trash], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,  # noqa: S603
+                     stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+
+
+def _sweep_trash(root: Path) -> None:
+    if root.is_dir():
+        for entry in root.iterdir():
+            if entry.name.startswith(TRASH_PREFIX) and entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+
+
 def _cleanup(ctx: RunContext, journal: Journal) -> None:
     """The restore holds: drop what was kept for the way back (previous folders, old databases)."""
     for step in reversed(journal.steps):
         try:
             if step["type"] == "staging":
-                shutil.rmtree(step["path"])
+                _discard_tree(step["path"])  # it holds the previous trees now
             elif step["type"] not in ("files", "services_stopped", "carry"):
                 dbswap.finish(ctx, step)
         except Exception as exc:  # the restore stands; leftovers are reported, not fatal

@@ -283,10 +283,12 @@ def test_saving_a_policy_in_the_admin_updates_its_schedule(make_customer, admin_
     global_policy()
     form = {"customer": customer.pk, "schedule": "cron", "cron": "45 1 * * *", "scope": "full", "compression": "zstd",
             "encrypt": "on", "target": default_target().pk, "keep_last": 5, "keep_daily": 0, "keep_weekly": 0,
-            "keep_monthly": 0, "keep_verified": 0, "excludes": "[]", "notify_emails": "", "webhook_url": ""}
+            "keep_monthly": 0, "keep_verified": 0, "excludes": "[]", "notify_emails": "", "webhook_url": "",
+            "verify_schedule": "weekly"}
     resp = admin_client.post("/backups/backuppolicy/add/", form)
     assert resp.status_code == 302, resp.content.decode()[:3000]
     assert _backup_schedules()[f"backup: {customer.domain}"].cron == "45 1 * * *"
+    assert Schedule.objects.filter(name=f"verify: {customer.domain}", func="backups.tasks.scheduled_verify").exists()
 
     policy = BackupPolicy.objects.get(customer=customer)
     resp = admin_client.post(f"/backups/backuppolicy/{policy.pk}/change/", {**form, "cron": "99 1 * * *"})

@@ -13,7 +13,7 @@ from django_q.models import Schedule
 
 from backups.models import Backup, BackupArtifact, BackupPolicy
 from backups.recovery import fleet
-from backups.services import default_target, global_policy
+from backups.services import default_target
 from backups.tasks import scheduled_verify
 from engines.artifact import write_artifact
 from engines.backupcrypto import KeyRing
