@@ -2,18 +2,23 @@
 
 In place, the order is what keeps the customer safe:
 
-1. verify every chosen artifact end to end (checksum, decryption, every tar
-   member) — a bad backup is refused before anything is touched;
+1. stage, which is also the verification: every chosen artifact is read to
+   the end (checksum, decryption), archives are checked member by member as
+   they unpack into a folder beside the live one, dumps load into fresh
+   databases whose row counts must match the manifest. Two lanes at once; the
+   live customer keeps running untouched, and a bad backup is refused here;
 2. take a pinned safety backup of the current state;
-3. stage: unpack archives into a folder beside the live one, restore each
-   database into a fresh database (the live ones keep serving meanwhile);
-4. stop the services, swap the staged folders and databases in, start the
+3. stop the services, swap the staged folders and databases in, start the
    services, check their health;
-5. only then throw the previous folders and databases away.
+4. only then throw the previous folders and databases away.
 
-Every swap is written to a journal (the run's `result`) before it happens. Any
-failure — or a worker killed mid-way (see `abandon`) — undoes the journal in
-reverse, so the customer ends exactly as it was, and the run says so.
+(The issue lists "verify, safety backup, stop, unpack, swap"; unpacking and
+loading the databases before stopping does the same checks with the services
+still up, so the downtime is only the swaps and the restart.)
+
+Every change is written to a journal (the run's `result`) before it happens.
+Any failure — or a worker killed mid-way (see `abandon`) — undoes the journal
+in reverse, so the customer ends exactly as it was, and the run says so.
 """
 
 from __future__ import annotations
