@@ -31,6 +31,11 @@ def _name(base: str, compression: str, encrypted: bool) -> str:
     return base + sources.COMPRESSIONS[compression] + (ENCRYPTED_SUFFIX if encrypted else "")
 
 
+def _compressor(compression: str):
+    level = settings.KASA_ZSTD_LEVEL if compression == "zstd" else settings.KASA_GZIP_LEVEL
+    return sources.compressor_stage(compression, level=level)
+
+
 def _chain(stages: list[Stage | None], **kw) -> ProcessChain:
     return ProcessChain([s for s in stages if s is not None], **kw)
 
@@ -57,7 +62,7 @@ def plan(customer: Customer, params: dict) -> list[ArtifactSpec]:
             @contextlib.contextmanager
             def open_service(rel=rel):
                 yield _chain([sources.tar_stage(root, [rel], excludes=excludes),
-                              sources.compressor_stage(compression)]), {"path": rel}
+                              _compressor(compression)]), {"path": rel}
 
             specs.append(ArtifactSpec(_name(f"{svc.name}.tar", compression, encrypted), "service", svc.name,
                                       open_service))
@@ -68,7 +73,7 @@ def plan(customer: Customer, params: dict) -> list[ArtifactSpec]:
             @contextlib.contextmanager
             def open_config(members=members):
                 yield _chain([sources.tar_stage(root, members, no_recursion=True),
-                              sources.compressor_stage(compression)]), {"files": members}
+                              _compressor(compression)]), {"files": members}
 
             specs.append(ArtifactSpec(_name("config.tar", compression, encrypted), "config", "config", open_config))
 
@@ -79,7 +84,7 @@ def plan(customer: Customer, params: dict) -> list[ArtifactSpec]:
 
 
 def _database_spec(db: DatabaseConnection, compression: str, encrypted: bool) -> ArtifactSpec:
-    comp = sources.compressor_stage(compression)
+    comp = _compressor(compression)
     if db.engine == DatabaseConnection.Engine.POSTGRESQL:
         password = reveal(db.password)
 

@@ -209,6 +209,9 @@ KASA_BACKUP_DIR = Path(env.str("KASA_BACKUP_DIR", default=str(KASA_VAR_DIR / "ba
 # Private scratch space (SQLite online copies); must be on a disk with room for the largest SQLite database.
 KASA_SCRATCH_DIR = Path(env.str("KASA_SCRATCH_DIR", default=str(KASA_VAR_DIR / "scratch"))).resolve()
 KASA_MAX_BACKUPS_PER_HOST = env.int("KASA_MAX_BACKUPS_PER_HOST", default=2)
+# Compression levels of backup artifacts (zstd 1-19, gzip 1-9).
+KASA_ZSTD_LEVEL = env.int("KASA_ZSTD_LEVEL", default=3)
+KASA_GZIP_LEVEL = env.int("KASA_GZIP_LEVEL", default=6)
 # Recovery objectives when a customer's policy sets none: the newest verified backup may be this old (RPO),
 # and a restore (measured by the last restore or drill) may take this long (RTO).
 KASA_RPO_HOURS = env.float("KASA_RPO_HOURS", default=26.0)

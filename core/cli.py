@@ -26,6 +26,9 @@ class OperationFailed(CommandError):
 
 class KasaCommand(BaseCommand):
     json_output = False
+    # Django's system checks import every admin and URL module before each command (~0.1 s); they run
+    # in `manage.py check`, `migrate` and the test suite, not before every backup.
+    requires_system_checks = []
 
     def create_parser(self, prog_name, subcommand, **kwargs):
         # "resolve": a command may redefine Django's own --version (customer_add

@@ -27,8 +27,11 @@ def run_document(run: Run) -> dict:
     }
 
 
-def follow_run(run: Run, command=None, *, timeout: float, poll: float = 0.3) -> Run:
-    """Wait for the run to end, echoing its log lines to stderr as they arrive."""
+def follow_run(run: Run, command=None, *, timeout: float, poll: float = 0.3, done=None) -> Run:
+    """Wait for the run to end, echoing its log lines to stderr as they arrive.
+
+    `done` (a threading.Event set when a foreground run's thread ends) lets the wait end at once instead of
+    at the next poll."""
     deadline = time.monotonic() + timeout
     started = time.monotonic()
     last_seq = 0
@@ -48,4 +51,7 @@ def follow_run(run: Run, command=None, *, timeout: float, poll: float = 0.3) -> 
         if time.monotonic() > deadline:
             sys.stderr.write(f"gave up waiting after {timeout:g} s; run #{run.pk} is {run.status}\n")
             return run
-        time.sleep(poll)
+        if done is not None:
+            done.wait(poll)
+        else:
+            time.sleep(poll)

@@ -17,16 +17,19 @@ from .services import run_cancel, run_execute
 
 
 def execute_in_foreground(run: Run, *, timeout: float = 24 * 3600) -> Run:
+    finished = threading.Event()
+
     def target():
         try:
             run_execute(run.pk)
         finally:
             connection.close()
+            finished.set()
 
     thread = threading.Thread(target=target, name=f"run-{run.pk}")
     thread.start()
     try:
-        run = follow_run(run, None, timeout=timeout)
+        run = follow_run(run, None, timeout=timeout, done=finished)
     except KeyboardInterrupt:
         run_cancel(Run.objects.get(pk=run.pk), via="cli")
         thread.join()
