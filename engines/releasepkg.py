@@ -1,4 +1,4 @@
-"""Release packages: releases.json, semantic versions, version ranges and the checks on component zips.
+"""Release packages: releases.json, semantic versions and version ranges.
 
 Pure Python (no Django): the `releases` app calls validate_package() and writes nothing unless it passes.
 
@@ -31,30 +31,21 @@ one, because a partial one is ambiguous there. `^1.2.3` := >=1.2.3 <2.0.0 (^0.2.
 range only when a comparator of the same and-set names a pre-release of the same major.minor.patch, so
 "<3" never lets 3.0.0-rc.1 through and ">=2.4.0" never offers a release candidate by accident.
 
-Zip checks (before anything is stored): a valid, unencrypted zip; every member relative, without `..`,
-backslashes or drive letters, no duplicate names; no device/FIFO members; symlinks resolved against the
-other members (a chain of links, or a member written through a link, may not leave the folder); total
-declared size and member count under Limits; every member read once so CRCs are checked and a member can
-never yield more than its declared size.
+Zip checks: engines.zipcheck (check_zip, ZipReport, ZipRefused and Limits are re-exported here).
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import posixpath
 import re
-import stat
-import zipfile
-from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engines import envfile, paths
-from engines.streams import CHUNK, sha256_of
+from engines import paths
+from engines.zipcheck import GiB, Limits, MiB, ZipRefused, ZipReport, check_zip  # noqa: F401 (re-exported)
 
-MiB, GiB = 1 << 20, 1 << 30
 HOOKS = ("install", "migrate", "build")
 MATRIX = "compatMatrix"
 _RESERVED = {MATRIX, "release", "notes", "from"}  # cannot be component names: they mean something in rows/requires
@@ -83,10 +74,6 @@ class PackageError(ValueError):
         else:
             text = f"{len(self.problems)} problems: " + "; ".join(self.problems)
         super().__init__(text)
-
-
-class ZipRefused(ValueError):
-    """A zip is not a valid component package; the message names the member and the rule."""
 
 
 # --- semantic versions -----------------------------------------------------------------------------------------
@@ -257,27 +244,6 @@ def requirement_problems(requires: Mapping[str, str], component: str, current: M
 
 
 # --- releases.json ---------------------------------------------------------------------------------------------
-@dataclass
-class Limits:
-    max_json_bytes: int = 5 * MiB
-    max_zip_bytes: int = 1 * GiB
-    max_unpacked_bytes: int = 2 * GiB  # total declared uncompressed size of one zip (zip bombs)
-    max_members: int = 200_000
-    max_link_target: int = 4096
-    max_env_example: int = 1 * MiB
-    max_link_hops: int = 40  # as Linux's MAXSYMLINKS
-
-
-@dataclass
-class ZipReport:
-    sha256: str
-    size: int
-    members: int
-    unpacked_size: int
-    root: str  # the single top-level folder holding everything, or "" when files sit at the top
-    env_example: list[str]  # keys of <root>/.env.example, in file order (values are not kept)
-
-
 @dataclass
 class ComponentEntry:
     component: str
@@ -492,126 +458,6 @@ def _parse_matrix(raw, components: list[str], entries: list[ComponentEntry], pro
             names.add(name.strip())
             releases.append(ReleaseEntry(name=name.strip(), components=versions, notes=notes))
     return releases
-
-
-# --- zips ------------------------------------------------------------------------------------------------------
-def check_zip(path: str | Path, *, limits: Limits | None = None) -> ZipReport:
-    """Check one component zip (see the module docstring) and describe it. Raises ZipRefused."""
-    limits = limits or Limits()
-    path = Path(path)
-    size = path.stat().st_size
-    if size > limits.max_zip_bytes:
-        raise ZipRefused(f"is {size} bytes, more than the {limits.max_zip_bytes} allowed")
-    with open(path, "rb") as fh:
-        sha, _ = sha256_of(fh)
-    try:
-        with zipfile.ZipFile(path) as zf:
-            infos = zf.infolist()
-            if len(infos) > limits.max_members:
-                raise ZipRefused(f"has {len(infos)} members, more than the {limits.max_members} allowed")
-            declared = sum(i.file_size for i in infos)
-            if declared > limits.max_unpacked_bytes:
-                raise ZipRefused(f"would unpack to {declared} bytes, more than the {limits.max_unpacked_bytes} "
-                                 "allowed (zip bomb?)")
-            names, links = _check_names(zf, infos, limits)
-            for name in names:
-                if name not in links:
-                    _resolve(posixpath.dirname(name), links, limits, what=f"member {name!r}")
-            for name, target in links.items():
-                _resolve(posixpath.join(posixpath.dirname(name), target), links, limits,
-                         what=f"symlink {name!r} → {target!r}")
-            for info in infos:
-                if not info.is_dir():
-                    _read_all(zf, info)
-            root = _root_folder(names)
-            env_keys = _env_example(zf, names, links, root, limits)
-    except zipfile.BadZipFile as exc:
-        raise ZipRefused(f"is not a valid zip file ({exc})") from None
-    except (NotImplementedError, RuntimeError) as exc:  # unsupported compression method, encryption
-        raise ZipRefused(f"cannot be read: {exc}") from None
-    return ZipReport(sha256=sha, size=size, members=len(infos), unpacked_size=declared, root=root,
-                     env_example=env_keys)
-
-
-def _check_names(zf: zipfile.ZipFile, infos, limits: Limits) -> tuple[dict[str, zipfile.ZipInfo], dict[str, str]]:
-    names: dict[str, zipfile.ZipInfo] = {}
-    links: dict[str, str] = {}
-    for info in infos:
-        raw = info.filename
-        if not raw or "\\" in raw or raw.startswith("/") or re.match(r"[A-Za-z]:", raw):
-            raise ZipRefused(f"member {raw!r} is not a relative path inside the component folder "
-                             "(absolute, drive letter or backslash)")
-        parts = [p for p in raw.split("/") if p not in ("", ".")]
-        if ".." in parts:
-            raise ZipRefused(f"member {raw!r} escapes the component folder ('..')")
-        if not parts:
-            raise ZipRefused(f"member {raw!r} names the component folder itself")
-        if info.flag_bits & 0x1:
-            raise ZipRefused(f"member {raw!r} is encrypted")
-        name = "/".join(parts)
-        if name in names:
-            raise ZipRefused(f"member {name!r} appears twice")
-        names[name] = info
-        mode = info.external_attr >> 16 if info.create_system == 3 else 0
-        kind = stat.S_IFMT(mode)
-        if kind == stat.S_IFLNK:
-            if info.file_size > limits.max_link_target:
-                raise ZipRefused(f"symlink {raw!r} has a target longer than {limits.max_link_target} bytes")
-            target = zf.read(info).decode("utf-8", "replace")
-            if not target or "\x00" in target or target.startswith("/") or "\\" in target:
-                raise ZipRefused(f"symlink {raw!r} → {target!r} points outside the component folder "
-                                 "(absolute, empty or with a backslash)")
-            links[name] = target
-        elif kind and kind not in (stat.S_IFREG, stat.S_IFDIR):
-            raise ZipRefused(f"member {raw!r} is a device, FIFO or socket, which a package may not contain")
-    return names, links
-
-
-def _resolve(path: str, links: dict[str, str], limits: Limits, *, what: str) -> None:
-    """Follow `path` through the zip's own symlinks as the kernel would after extraction; refuse when it
-    climbs above the component folder (a lexical check alone is fooled by a link to '.' used as 'l/l/..')."""
-    resolved: list[str] = []
-    queue = deque(p for p in path.split("/") if p not in ("", "."))
-    hops = 0
-    while queue:
-        part = queue.popleft()
-        if part == "..":
-            if not resolved:
-                raise ZipRefused(f"{what} leads outside the component folder")
-            resolved.pop()
-            continue
-        resolved.append(part)
-        target = links.get("/".join(resolved))
-        if target is not None:
-            hops += 1
-            if hops > limits.max_link_hops:
-                raise ZipRefused(f"{what} goes through more than {limits.max_link_hops} symlinks (a loop?)")
-            resolved.pop()
-            queue.extendleft(reversed([p for p in target.split("/") if p not in ("", ".")]))
-
-
-def _read_all(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> None:
-    # zipfile stops at the declared size and checks the CRC at the end: a lying header fails here, not later.
-    with zf.open(info) as member:
-        while member.read(CHUNK):
-            pass
-
-
-def _root_folder(names: dict[str, zipfile.ZipInfo]) -> str:
-    tops = {n.split("/", 1)[0] for n in names}
-    if len(tops) != 1:
-        return ""
-    top = tops.pop()
-    nested = any("/" in n for n in names)
-    return top if nested and (top not in names or names[top].is_dir()) else ""
-
-
-def _env_example(zf, names, links, root: str, limits: Limits) -> list[str]:
-    name = f"{root}/.env.example" if root else ".env.example"
-    info = names.get(name)
-    if info is None or name in links or info.is_dir() or info.file_size > limits.max_env_example:
-        return []
-    return list(envfile.parse(zf.read(info).decode("utf-8", "replace")))
 
 
 # --- the whole package -----------------------------------------------------------------------------------------

@@ -39,9 +39,9 @@ from .dbrestore import (
     new_tag,
     pg_restore_fresh,
     side_name,
-    sqlite_restore_fresh,
 )
 from .dbrestore_mysql import mysql_restore_fresh
+from .dbrestore_sqlite import sqlite_restore_fresh
 
 SUPERUSER = "postgres"
 SOCKET_PATH_MAX = 100  # sockaddr_un holds 107 bytes; the socket file adds "/.s.PGSQL.NNNNN"
