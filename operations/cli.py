@@ -55,3 +55,25 @@ def follow_run(run: Run, command=None, *, timeout: float, poll: float = 0.3, don
             done.wait(poll)
         else:
             time.sleep(poll)
+
+
+def run_in_command(command, run: Run, *, enqueue: bool, what: str, done_text) -> Run:
+    """The end of a command that started a run: `--enqueue` reports the queued run; otherwise the run executes
+    here (log on stderr) and the command prints the run (JSON) or `done_text(run)`, exit 1 unless it succeeded."""
+    from .foreground import execute_in_foreground
+
+    if enqueue:
+        if command.json_output:
+            command.emit(run_document(run))
+        else:
+            command.stdout.write(f"{what} queued as run #{run.pk}")
+        return run
+    run = execute_in_foreground(run)
+    doc = run_document(run)
+    if run.status != Run.Status.SUCCEEDED:
+        command.fail(f"{what} {run.status}: {run.error}", doc)
+    if command.json_output:
+        command.emit(doc)
+    else:
+        command.stdout.write(done_text(run))
+    return run

@@ -1,8 +1,7 @@
 from backups.models import Backup
 from backups.services import BackupInputError, restore_start
 from core.cli import BadInput, KasaCommand
-from operations.cli import run_document
-from operations.foreground import execute_in_foreground
+from operations.cli import run_in_command
 from operations.services import OperationRefused
 
 
@@ -40,19 +39,9 @@ class Command(KasaCommand):
                                 safety_backup=not o["no_safety_backup"], via="cli", enqueue=o["enqueue"])
         except (BackupInputError, OperationRefused) as exc:
             raise BadInput(str(exc)) from None
-        if o["enqueue"]:
-            if self.json_output:
-                self.emit(run_document(run))
-            else:
-                self.stdout.write(f"restore queued as run #{run.pk}")
-            return
-        run = execute_in_foreground(run)
-        doc = run_document(run)
-        if run.status != "succeeded":
-            self.fail(f"restore of backup #{bk.pk} {run.status}: {run.error}", doc)
-        if self.json_output:
-            self.emit(doc)
-        else:
+        def done(run) -> str:
             r = run.result
             where = r.get("root") if r.get("clone") else f"{bk.customer.domain} (in place)"
-            self.stdout.write(f"restored backup #{bk.pk} into {where} in {r.get('seconds')} s")
+            return f"restored backup #{bk.pk} into {where} in {r.get('seconds')} s"
+
+        run_in_command(self, run, enqueue=o["enqueue"], what=f"restore of backup #{bk.pk}", done_text=done)

@@ -1,8 +1,7 @@
 from backups.models import Backup
 from backups.services import BackupInputError, verify_start
 from core.cli import BadInput, KasaCommand
-from operations.cli import run_document
-from operations.foreground import execute_in_foreground
+from operations.cli import run_in_command
 from operations.services import OperationRefused
 
 
@@ -22,17 +21,5 @@ class Command(KasaCommand):
             run = verify_start(bk, via="cli", enqueue=o["enqueue"])
         except (BackupInputError, OperationRefused) as exc:
             raise BadInput(str(exc)) from None
-        if o["enqueue"]:
-            if self.json_output:
-                self.emit(run_document(run))
-            else:
-                self.stdout.write(f"verification queued as run #{run.pk}")
-            return
-        run = execute_in_foreground(run)
-        doc = run_document(run)
-        if run.status != "succeeded":
-            self.fail(f"verification of backup #{bk.pk} {run.status}: {run.error}", doc)
-        if self.json_output:
-            self.emit(doc)
-        else:
-            self.stdout.write(f"backup #{bk.pk} verified in {run.result.get('seconds')} s")
+        run_in_command(self, run, enqueue=o["enqueue"], what=f"verification of backup #{bk.pk}",
+                       done_text=lambda run: f"backup #{bk.pk} verified in {run.result.get('seconds')} s")
