@@ -58,7 +58,6 @@ class Plan:
     root: Path  # where files land: the customer's root, or the clone's root
     clone: bool
     to_databases: dict[str, str] = field(default_factory=dict)  # database name -> URL (clone)
-    listings: dict[str, unpack.Listing] = field(default_factory=dict)
 
 
 class Journal:
@@ -68,6 +67,7 @@ class Journal:
         self.ctx = ctx
         self.steps: list[dict] = []
         self.lock = threading.Lock()  # the files lane and the databases lane both write it
+        self.services_down = ""  # set by _undo when the previous state is back but a service did not come up
 
     def add(self, step: dict) -> dict:
         with self.lock:
@@ -111,7 +111,7 @@ def restore(ctx: RunContext) -> dict:
             raise
         what = ("the copy was removed" if plan.clone else
                 "the pre-restore state was put back" if touched else "nothing was touched")
-        if getattr(journal, "services_down", None):
+        if journal.services_down:
             what += f", but the services did not come back up ({journal.services_down}): an operator must look"
         if not undone:
             raise OperationError(f"restore failed: {exc}; ROLLBACK INCOMPLETE, an operator must look at "
