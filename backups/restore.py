@@ -464,8 +464,20 @@ def _clone_in(ctx: RunContext, plan: Plan, staging: Path | None, journal: Journa
 # --- 5. undo and clean up -----------------------------------------------------------------
 def _undo(ctx: RunContext, journal: Journal, plan: Plan | None) -> bool:
     """Undo every journalled step in reverse. True when everything was put back."""
+    with ctx.uninterruptible():  # also after a cancel, and for the reaper, whose run is already failed
+        return _undo_steps(ctx, journal, plan)
+
+
+def _undo_steps(ctx: RunContext, journal: Journal, plan: Plan | None) -> bool:
     ok = True
-    restart = False
+    restart = next((s for s in journal.steps if s["type"] == "services_stopped"), None)
+    if restart and plan is not None:
+        # The restored services may be running (started before a failed health check, or by a worker that
+        # died): stop them before their folders and databases are swapped back under them.
+        try:
+            runtime.stop_all(ctx, runtime.service_specs(plan.customer))
+        except Exception as exc:
+            ctx.warning(f"could not stop the services before putting the previous state back: {exc}")
     for step in reversed(journal.steps):
         try:
             kind = step["type"]
@@ -477,9 +489,7 @@ def _undo(ctx: RunContext, journal: Journal, plan: Plan | None) -> bool:
                     os.rename(step["to"], step["from"])
             elif kind == "staging":
                 shutil.rmtree(step["path"], ignore_errors=True)
-            elif kind == "services_stopped":
-                restart = step
-            else:
+            elif kind != "services_stopped":
                 dbswap.undo(ctx, step)
         except Exception as exc:
             ok = False

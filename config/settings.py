@@ -226,6 +226,11 @@ KASA_RELEASE_MAX_ZIP_BYTES = env.int("KASA_RELEASE_MAX_ZIP_BYTES", default=1 << 
 KASA_RELEASE_MAX_UNPACKED_BYTES = env.int("KASA_RELEASE_MAX_UNPACKED_BYTES", default=2 << 30)
 # PM2 keeps its daemon state here (never the user's ~/.pm2), so Kasa's processes are its own.
 KASA_PM2_HOME = Path(env.str("KASA_PM2_HOME", default=str(KASA_VAR_DIR / "pm2"))).resolve()
+# Upgrades: previous releases kept per component (never the live one or the rollback target), how long one
+# install/migrate/build hook may run (seconds), and the free disk kept beyond backup + release (bytes).
+KASA_KEEP_RELEASES = env.int("KASA_KEEP_RELEASES", default=3)
+KASA_HOOK_TIMEOUT = env.float("KASA_HOOK_TIMEOUT", default=1800.0)
+KASA_UPGRADE_DISK_MARGIN = env.int("KASA_UPGRADE_DISK_MARGIN", default=256 << 20)
 # Stopping/starting one service may take this long (seconds); a service is healthy after KASA_HEALTH_STREAK
 # answers 200 in a row, within KASA_HEALTH_TIMEOUT seconds, polled every KASA_HEALTH_INTERVAL seconds.
 KASA_SERVICE_TIMEOUT = env.float("KASA_SERVICE_TIMEOUT", default=60.0)

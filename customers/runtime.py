@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from django.conf import settings
 
-from engines import health, procman
+from engines import ecosystem, health, procman
 from operations.context import OperationError, RunContext
 
 from .models import Customer
@@ -17,9 +17,14 @@ from .models import Customer
 def service_specs(customer: Customer, *, root=None) -> list[procman.ServiceSpec]:
     """In the customer's order; `root` points the specs at another root (a copy of the customer)."""
     base = root if root is not None else customer.root_path()
+    # After an upgrade Kasa's own ecosystem file (env from the merged .env) is what PM2 must start, not an
+    # ecosystem.config.js the customer shipped before.
+    kasa_ecosystem = base / ecosystem.FILE_NAME
+    managed = {a.get("name") for a in ecosystem.read_apps(kasa_ecosystem)}
     specs = []
     for s in customer.services.all().order_by("name"):
         specs.append(procman.ServiceSpec(
+            ecosystem=str(kasa_ecosystem) if s.process_manager == "pm2" and s.app_name in managed else None,
             name=s.name, folder=str(base / (s.path or ".")), manager=s.process_manager, app_name=s.app_name,
             start_command=tuple(s.start_command or ()), stop_command=tuple(s.stop_command or ()),
             health_url=s.health_url, root=str(base),

@@ -9,6 +9,7 @@ heartbeat or log call raises RunLost and the handler stops.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import traceback
 from collections.abc import Iterable, Sequence
@@ -49,6 +50,7 @@ class RunContext:
         self._log_lock = threading.Lock()  # a handler may log from two threads (backup lanes)
         self._heartbeat_thread: threading.Thread | None = None
         self.lost = False
+        self._undoing = 0  # > 0 inside uninterruptible(): putting things back must not stop half-way
 
     # --- lifecycle -----------------------------------------------------------
     def start_heartbeat(self) -> None:
@@ -74,7 +76,20 @@ class RunContext:
             Run.objects.filter(pk=self.run.pk, status=Run.Status.RUNNING).update(heartbeat_at=timezone.now())
         )
 
+    @contextlib.contextmanager
+    def uninterruptible(self):
+        """Putting a customer back (a rollback, an undo — also run by the reaper for a dead worker, whose run
+        is already failed) is not stopped half-way by a cancel request or a lost run: check_alive() passes,
+        and progress, which a finished run no longer takes, is not recorded."""
+        self._undoing += 1
+        try:
+            yield self
+        finally:
+            self._undoing -= 1
+
     def check_alive(self) -> None:
+        if self._undoing:
+            return
         if self.lost:
             raise RunLost(f"run #{self.run.pk} was taken away from this worker")
         row = Run.objects.filter(pk=self.run.pk).values("status", "cancel_requested_at").first()
@@ -117,6 +132,8 @@ class RunContext:
         self.log(tb.rstrip(), level=RunLogLine.Level.ERROR)
 
     def progress(self, done: int, total: int | None = None, message: str = "") -> None:
+        if self._undoing:
+            return
         fields = {"progress_done": done, "heartbeat_at": timezone.now()}
         if total is not None:
             fields["progress_total"] = total

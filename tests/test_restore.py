@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import sys
 from pathlib import Path
 
 import pytest
@@ -206,7 +207,8 @@ def test_clone_into_another_root_leaves_the_live_customer_alone(restorable, pg_d
 
 def test_a_worker_killed_mid_restore_is_undone_by_the_reaper(restorable, pg_database, mysql_database, start_worker):
     """SIGKILL the worker while the restored services are being health-checked (everything already swapped
-    in): the reaper's on_abandon hook undoes the journal and the customer is exactly as before the restore."""
+    in): the reaper's on_abandon hook undoes the journal, the customer is exactly as before the restore, and
+    the service that was running before (a real process, "command" manager) runs and answers again."""
     import http.server
     import signal
     import threading
@@ -226,8 +228,21 @@ def test_a_worker_killed_mid_restore_is_undone_by_the_reaper(restorable, pg_data
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Failing)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    from customers import runtime
+    from engines import health, procman
+    from tests.conftest import free_port
+
+    customer, doc, _ = restorable
+    port = free_port()
+    web = customer.services.get(name="admin")
+    web.process_manager = "command"
+    web.start_command = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
+    web.health_url = f"http://127.0.0.1:{port}/"
+    web.save()
+    managers = procman.managers(pm2_home=str(settings.KASA_PM2_HOME), state_dir=str(settings.KASA_VAR_DIR / "services"))
+    admin_spec = next(s for s in runtime.service_specs(customer) if s.name == "admin")
+    managers["command"].start(admin_spec)
     try:
-        customer, doc, _ = restorable
         svc = customer.services.get(name="store")
         svc.health_url = f"http://127.0.0.1:{server.server_address[1]}/health"
         svc.save()
@@ -247,5 +262,7 @@ def test_a_worker_killed_mid_restore_is_undone_by_the_reaper(restorable, pg_data
         assert _now(customer, pg_database, mysql_database) == changed
         assert "pre-restore state was put back" in " ".join(run.log_lines.values_list("text", flat=True))
         assert pg_databases_like(pg_database, pg_database["name"] + "__kasa_%") == []
+        assert health.wait_healthy(web.health_url, consecutive=2, timeout=10).ok  # restarted by the reaper
     finally:
         server.shutdown()
+        managers["command"].stop(admin_spec)

@@ -1,0 +1,104 @@
+"""PM2 ecosystem files that Kasa writes for a customer (pure Python, no Django).
+
+After an upgrade Kasa regenerates one file for all of a customer's PM2 services and starts each app
+from it with `pm2 delete` + `pm2 start <file> --only <app>` (engines.procman): `pm2 restart
+--update-env` would keep environment keys that the new .env no longer has.
+
+Each app runs in its service path (the symlink to the live release, so a later switch needs no edit),
+with the service's .env as its environment. What to run comes, in this order, from the service's start
+command (an argv, run as is), the release's package.json (`main`, else a `node X` start script), or a
+conventional file name (server.js, index.js, app.js, main.js).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+FILE_NAME = "ecosystem.kasa.config.js"  # matches procman's ecosystem*.config.js search at the customer's root
+DEFAULT_SCRIPTS = ("server.js", "index.js", "app.js", "main.js")
+HEADER = "// Written by Kasa after each upgrade: edits here are replaced. Holds the services' .env values.\n"
+
+
+class EcosystemError(ValueError):
+    """Kasa cannot tell how to start a service; the message names it and what was looked at."""
+
+
+def script_for(folder: str | os.PathLike, start_command: Sequence[str] = ()) -> dict:
+    """{"script", "args", "interpreter"?} for the app whose files are in `folder` (a staged release)."""
+    if start_command:
+        return {"script": start_command[0], "args": list(start_command[1:]), "interpreter": "none"}
+    folder = Path(folder)
+    pkg = folder / "package.json"
+    if pkg.is_file():
+        try:
+            data = json.loads(pkg.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as exc:
+            raise EcosystemError(f"{pkg} cannot be read as JSON ({exc})") from None
+        main = data.get("main") if isinstance(data, dict) else None
+        if isinstance(main, str) and main.strip() and (folder / main).is_file():
+            return {"script": main, "args": []}
+        start = ((data.get("scripts") or {}).get("start") if isinstance(data, dict) else None) or ""
+        try:
+            words = shlex.split(start) if isinstance(start, str) else []
+        except ValueError:
+            words = []
+        if len(words) >= 2 and words[0] == "node" and (folder / words[1]).is_file():
+            return {"script": words[1], "args": words[2:]}
+    for name in DEFAULT_SCRIPTS:
+        if (folder / name).is_file():
+            return {"script": name, "args": []}
+    raise EcosystemError(f"cannot tell how to start the app in {folder}: give the service a start command, or "
+                         f"ship a package.json with \"main\" (or a \"node FILE\" start script), or one of "
+                         f"{', '.join(DEFAULT_SCRIPTS)}")
+
+
+def app(name: str, *, cwd: str | os.PathLike, folder: str | os.PathLike, start_command: Sequence[str] = (),
+        env: Mapping[str, str] | None = None) -> dict:
+    """One PM2 app: runs in `cwd` (the service path), its script found in `folder` (the release's files)."""
+    how = script_for(folder, start_command)
+    script = how["script"]
+    if not start_command and not os.path.isabs(script):
+        script = os.path.join(os.fspath(cwd), script)  # absolute: PM2 resolves relative scripts elsewhere
+    entry = {"name": name, "cwd": os.fspath(cwd), "script": script, "args": how["args"],
+             "env": {str(k): str(v) for k, v in (env or {}).items()},
+             "autorestart": True, "merge_logs": True}
+    if how.get("interpreter"):
+        entry["interpreter"] = how["interpreter"]
+    return entry
+
+
+def render(apps: Sequence[Mapping]) -> str:
+    """The file's text: JSON inside `module.exports = …;` (valid JavaScript, and no code of ours runs)."""
+    return HEADER + "module.exports = " + json.dumps({"apps": list(apps)}, indent=2, sort_keys=False) + ";\n"
+
+
+def write(path: str | os.PathLike, apps: Sequence[Mapping]) -> None:
+    """Write atomically, 0600 (it holds .env values)."""
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".ecosystem.kasa-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(render(apps))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_apps(path: str | os.PathLike) -> list[dict]:
+    """The apps of a file Kasa wrote ([] when there is none)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    body = text.split("module.exports = ", 1)[-1].rstrip().rstrip(";")
+    return json.loads(body).get("apps", [])

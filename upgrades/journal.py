@@ -1,0 +1,135 @@
+"""The bookkeeping of an upgrade run: its journal (the way back) and its recorded steps.
+
+The journal lives in the run's `result` and is written BEFORE each change, so a worker killed at any
+point leaves exactly what the reaper's on_abandon hook needs to put the customer back. It never holds
+a secret: databases are named by connection name, .env files by path and sha256.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import threading
+
+from django.utils import timezone
+
+from operations.context import RunContext
+from operations.models import Run
+
+from .models import UpgradeStep
+
+DETAIL_LIMIT = 20000
+
+
+class Journal:
+    """One list of steps inside the run's result document (`doc[key]`); dbswap's journal interface."""
+
+    def __init__(self, ctx: RunContext, doc: dict, key: str):
+        self.ctx, self.doc, self.key = ctx, doc, key
+        self.steps: list[dict] = doc.setdefault(key, [])
+        self.lock = threading.Lock()
+
+    def add(self, step: dict) -> dict:
+        with self.lock:
+            self.steps.append(step)
+            self._save()
+        return step
+
+    def _save(self) -> None:
+        Run.objects.filter(pk=self.ctx.run.pk).update(result=self.doc)
+
+    def has(self, kind: str) -> bool:
+        return any(s["type"] == kind for s in self.steps)
+
+    def of(self, kind: str) -> list[dict]:
+        return [s for s in self.steps if s["type"] == kind]
+
+
+class StepLog:
+    """What a step says: to the run's log at once, and to the step's detail."""
+
+    def __init__(self, ctx: RunContext, row: UpgradeStep):
+        self.ctx, self.row = ctx, row
+        self.lines: list[str] = []
+
+    def _keep(self, text: str) -> None:
+        self.lines.append(text)
+        size = sum(len(x) + 1 for x in self.lines)
+        while size > DETAIL_LIMIT and len(self.lines) > 1:
+            size -= len(self.lines.pop(0)) + 1
+
+    def info(self, text: str) -> None:
+        self._keep(text)
+        self.ctx.info(text)
+
+    def warning(self, text: str) -> None:
+        self._keep(f"warning: {text}")
+        self.ctx.warning(text)
+
+    def command(self, argv, *, cwd=None, env=None, timeout=None, secrets=(), check=True):
+        """ctx.command (every line to the run log as it comes); the step keeps the command and its tail."""
+        shown = " ".join(argv)
+        try:
+            res = self.ctx.command(argv, cwd=cwd, env=env, timeout=timeout, secrets=secrets, check=check)
+        except Exception as exc:
+            self._keep(f"$ {shown}\n{exc}")
+            raise
+        tail = [*res.stdout_tail, *res.stderr_tail][-20:]
+        self._keep("\n".join([f"$ {' '.join(res.argv)}", *tail, f"exit code {res.exit_code}"]))
+        return res
+
+
+class Steps:
+    """UpgradeStep rows: one per step, with status and times, written as the step starts and ends."""
+
+    def __init__(self, ctx: RunContext, upgrade):
+        self.ctx, self.upgrade = ctx, upgrade
+        self.position = UpgradeStep.objects.filter(upgrade=upgrade).count()
+        self.failed = ""  # the first step that failed
+
+    def _row(self, name: str, status: str) -> UpgradeStep:
+        self.position += 1
+        return UpgradeStep.objects.create(upgrade=self.upgrade, position=self.position, name=name, status=status)
+
+    @contextlib.contextmanager
+    def step(self, name: str):
+        self.ctx.check_alive()  # a cancel request or a lost run stops the upgrade between steps
+        row = self._row(name, UpgradeStep.Status.RUNNING)
+        self.ctx.info(f"— {name}")
+        log = StepLog(self.ctx, row)
+        try:
+            yield log
+        except BaseException as exc:
+            self.failed = self.failed or name
+            log._keep(f"failed: {exc}")
+            self._end(row, log, UpgradeStep.Status.FAILED)
+            raise
+        self._end(row, log, UpgradeStep.Status.SUCCEEDED)
+
+    def skip(self, name: str, why: str) -> None:
+        row = self._row(name, UpgradeStep.Status.SKIPPED)
+        UpgradeStep.objects.filter(pk=row.pk).update(finished_at=timezone.now(), detail=why)
+        self.ctx.info(f"— {name}: skipped ({why})")
+
+    def _end(self, row: UpgradeStep, log: StepLog, status: str) -> None:
+        detail = self.ctx._mask("\n".join(log.lines))[-DETAIL_LIMIT:]
+        UpgradeStep.objects.filter(pk=row.pk).update(status=status, finished_at=timezone.now(), detail=detail)
+
+
+def uninterruptible(ctx: RunContext):
+    """See RunContext.uninterruptible: a rollback runs to its end."""
+    return ctx.uninterruptible()
+
+
+def file_sha256(path: str) -> str | None:
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.sha256(fh.read()).hexdigest()
+    except FileNotFoundError:
+        return None
+
+
+def env_fingerprints(paths: list[str]) -> dict[str, str | None]:
+    """sha256 of each live .env (None: absent): the rollback proves they are back byte for byte."""
+    return {p: file_sha256(os.path.join(p, ".env")) for p in paths}

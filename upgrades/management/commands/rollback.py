@@ -1,0 +1,33 @@
+from core.cli import BadInput, KasaCommand
+from customers.models import Customer
+from operations.cli import run_document
+from operations.foreground import execute_in_foreground
+from upgrades.management.commands.upgrade import report
+from upgrades.models import Upgrade
+from upgrades.services import UpgradeInputError, rollback_start
+
+
+class Command(KasaCommand):
+    help = ("Roll back a customer's last successful upgrade: safety backup, stop, previous releases back, "
+            "databases from the pre-upgrade backup, start, health check. Exit 0 only when it succeeded.")
+
+    def add_arguments(self, parser):
+        parser.add_argument("domain")
+        parser.add_argument("--enqueue", action="store_true", help="hand it to the workers and return at once")
+
+    def handle(self, *args, **o):
+        customer = Customer.objects.filter(domain=o["domain"].lower()).first()
+        if customer is None:
+            raise BadInput(f"no customer with domain {o['domain']!r}")
+        try:
+            run = rollback_start(customer, via="cli", enqueue=o["enqueue"])
+        except UpgradeInputError as exc:
+            raise BadInput(str(exc)) from None
+        if o["enqueue"]:
+            if self.json_output:
+                self.emit(run_document(run))
+            else:
+                self.stdout.write(f"rollback queued as run #{run.pk}")
+            return
+        run = execute_in_foreground(run)
+        report(self, Upgrade.objects.select_related("customer").get(run=run), run)

@@ -1,0 +1,564 @@
+"""The upgrade and rollback operations (Run kinds "upgrade" and "rollback"), step by step.
+
+Upgrade (and install, an upgrade from nothing), each step an UpgradeStep row and lines in the run's log:
+
+    preflight → backup (pinned; if it fails nothing is touched) → stage → env → install/migrate/build hooks
+    → stop → switch → start → health → record → cleanup (prune old releases; never fails the upgrade)
+
+Before the backup has succeeded, a failure ends the upgrade `failed` with nothing touched. After it,
+every change is journalled before it is made and any failure puts the customer back (rollback.put_back):
+`rolled_back` (and the release is marked bad for the customer), or `quarantined` when that fails too.
+
+A manual rollback undoes the customer's last successful upgrade with the same mechanics: a safety
+backup, stop, the symlinks back to the previous releases, the databases from the upgrade's pre-upgrade
+backup (fresh database, then swap), start, health. If it fails, its own journal is undone (the customer
+stays on the upgraded release); if that fails, it is quarantined.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from django.conf import settings
+from django.utils import timezone
+
+from backups.models import Backup
+from customers import runtime
+from engines import ecosystem, envfile, layout, procman, releasepkg
+from engines.slots import acquire_slot
+from operations.context import OperationError, RunCancelled, RunContext, RunLost
+
+from . import preflight
+from .journal import env_fingerprints, uninterruptible
+from .models import Upgrade, UpgradeStep
+from .rollback import (
+    Job,
+    discard_running_backups,
+    drop_scratch,
+    mark_bad,
+    put_back,
+    quarantine,
+    restore_databases,
+    scratch_dir,
+)
+from .selectors import live_order, protected_versions, rollback_target
+
+HOOK_ORDER = releasepkg.HOOKS  # install, migrate, build: every component's install first, then migrate…
+
+
+class Refused(OperationError):
+    """Failed before anything was touched (preflight, backup): the upgrade ends `failed`."""
+
+
+# --- entry points (operations.registry) -------------------------------------------------------------
+def upgrade(ctx: RunContext) -> dict:
+    up = Upgrade.objects.select_related("customer", "to_release").get(run_id=ctx.run.pk)
+    if not up.begin():
+        raise OperationError(f"upgrade #{up.pk} is {up.status}, not pending: not started again")
+    job = Job(ctx, up)
+    try:
+        if up.dry_run:
+            with job.steps.step("preflight") as slog:
+                report = _preflight(job, slog, zips_dir=None)
+            up.succeed()
+            ctx.info(f"dry run: the upgrade to {up.to_release} may go ahead ({report.kind})")
+            return {"upgrade": up.pk, "dry_run": True, "preflight": up.preflight}
+        _upgrade(job)
+    except RunLost:
+        raise  # taken away from this worker: the reaper's on_abandon hook puts the customer back
+    except BaseException as exc:
+        _failed(job, exc)
+    finally:
+        drop_scratch(ctx.run.pk)
+    return _summary(job)
+
+
+def rollback(ctx: RunContext) -> dict:
+    up = Upgrade.objects.select_related("customer", "rolls_back").get(run_id=ctx.run.pk)
+    if not up.begin():
+        raise OperationError(f"rollback #{up.pk} is {up.status}, not pending: not started again")
+    job = Job(ctx, up)
+    try:
+        _rollback(job)
+    except RunLost:
+        raise
+    except BaseException as exc:
+        _failed(job, exc)
+    return _summary(job)
+
+
+def abandon(run, ctx: RunContext) -> None:
+    """The worker died mid-way (reaper or redelivery): put the customer back from the journal it left."""
+    up = Upgrade.objects.select_related("customer", "to_release").filter(run=run).first()
+    if up is None or up.status in Upgrade.TERMINAL:
+        return
+    discard_running_backups(up)
+    if up.status == Upgrade.Status.PENDING or not (run.result or {}).get("touched"):
+        up.fail(f"the worker died ({run.error}); nothing had been touched")
+        return
+    job = Job(ctx, up, doc=dict(run.result))
+    for step in up.steps.filter(status=UpgradeStep.Status.RUNNING):  # the step the worker died in
+        job.steps.failed = job.steps.failed or step.name
+        UpgradeStep.objects.filter(pk=step.pk).update(status=UpgradeStep.Status.FAILED, finished_at=timezone.now(),
+                                                      detail=(step.detail + "\nthe worker died").strip())
+    what = (f"{up.get_kind_display().lower()} #{up.pk} failed at {job.steps.failed or 'an unknown step'}: "
+            f"the worker died ({run.error})")
+    if job.doc.get("rolling_back"):
+        quarantine(job, f"{what} while putting the customer back; quarantined, nothing was deleted")
+        return
+    _outcome(job, what, put_back(job))
+
+
+# --- the upgrade --------------------------------------------------------------------------------------
+def _upgrade(job: Job) -> None:
+    ctx, up = job.ctx, job.upgrade
+    with job.steps.step("preflight") as slog:
+        report = _preflight(job, slog, zips_dir=str(scratch_dir(ctx.run.pk)))
+    job.changes = report.changes
+    with job.steps.step("backup") as slog:
+        _backup(job, slog, pin=f"before upgrade #{up.pk} to {up.to_release} (run #{ctx.run.pk})")
+    job.mark(touched=True)  # from here on, any failure puts the customer back
+    with job.steps.step("stage") as slog:
+        _stage(job, slog)
+    with job.steps.step("env") as slog:
+        _env(job, slog)
+    for phase in HOOK_ORDER:
+        if any(phase in ch.hooks for ch in job.changes):
+            with job.steps.step(phase) as slog:
+                _hooks(job, phase, slog)
+    with job.steps.step("stop") as slog:
+        _stop(job, slog)
+    with job.steps.step("switch") as slog:
+        _switch(job, slog)
+    with job.steps.step("start") as slog:
+        _start(job, slog, {ch.service: ch.dest for ch in job.changes}, strict={ch.service for ch in job.changes})
+    with job.steps.step("health") as slog:
+        _health(job, slog)
+    with job.steps.step("record") as slog:
+        _record(job, slog, {**(job.customer.versions or {}), **up.to_versions})
+    up.succeed()
+    ctx.info(f"{up.get_kind_display().lower()} to {up.to_release} succeeded")
+    with uninterruptible(ctx), job.steps.step("cleanup") as slog:  # it holds now: a cancel comes too late
+        _cleanup(job, slog)
+
+
+def _preflight(job: Job, slog, *, zips_dir: str | None) -> preflight.Report:
+    up = job.upgrade
+    report = preflight.check(job.customer, up.to_release, force=up.force, own_run=job.ctx.run, zips_dir=zips_dir)
+    Upgrade.objects.filter(pk=up.pk).update(preflight=report.as_dict(), kind=report.kind,
+                                            from_versions=report.from_versions, to_versions=report.to_versions)
+    up.refresh_from_db()
+    for c in report.checks:
+        text = f"{c.name}: {c.detail}"
+        if c.ok:
+            slog.info(f"ok  {text}")
+        elif c.blocking:
+            slog.info(f"FAILED  {text}")
+        else:
+            slog.warning(text)
+    running = report.kind != Upgrade.Kind.INSTALL  # an install starts from services that never ran
+    job.mark(healthy_before=[s.name for s in job.specs() if s.health_url] if running else [])
+    if not report.ok:
+        raise Refused(f"preflight failed: {'; '.join(report.problems())}; nothing was touched")
+    return report
+
+
+def _backup(job: Job, slog, *, pin: str, kind: str | None = None) -> None:
+    from backups.operations import make_backup
+    from backups.services import BackupInputError, backup_params
+
+    ctx, up = job.ctx, job.upgrade
+    scope, note = preflight.backup_scope(job.customer, kind or up.kind)
+    if scope is None:
+        slog.info(note)
+        return
+    try:
+        params = backup_params(job.customer, scope=scope, trigger=Backup.Trigger.UPGRADE)
+    except BackupInputError as exc:
+        raise Refused(f"the pre-upgrade backup cannot be taken: {exc}; nothing was touched") from None
+    params["replicas"] = []  # the way back must exist now; replicas get the next scheduled backup
+    slog.info(f"{note}, to {params['target']}")
+    with acquire_slot(settings.KASA_SCRATCH_DIR, settings.KASA_MAX_BACKUPS_PER_HOST, poll=2.0,
+                      on_wait=lambda waited: ctx.check_alive()):
+        try:
+            bk, _ = make_backup(ctx, job.customer, params, pin_reason=pin)
+        except (RunLost, RunCancelled):
+            raise
+        except Exception as exc:  # a storage error is as much a failed backup as a failed dump
+            raise Refused(f"the backup failed ({_short(exc)}); nothing was touched") from None
+    Upgrade.objects.filter(pk=up.pk).update(backup=bk)
+    up.backup_id = bk.pk
+    job.journal.add({"type": "backup", "id": bk.pk})
+    slog.info(f"backup #{bk.pk} taken and pinned ({bk.size / 1e6:.1f} MB)")
+
+
+def _stage(job: Job, slog) -> None:
+    root, tag = job.root, f"r{job.ctx.run.pk}"
+    for path in layout.sweep(root):
+        slog.info(f"removed {path}, left by an interrupted run")
+    job.journal.add({"type": "env_before", "files": env_fingerprints([ch.live for ch in job.changes])})
+    for ch in job.changes:
+        dest = Path(ch.dest)
+        if os.path.lexists(dest):
+            # Left by an earlier attempt (e.g. a release rolled back by hand and now forced again): set aside,
+            # never reused: a release folder always starts from its verified zip.
+            aside = dest.parent / f".{dest.name}{layout.ASIDE_MARK}{tag}"
+            job.journal.add({"type": "aside", "from": str(dest), "to": str(aside)})
+            os.rename(dest, aside)
+            slog.info(f"{dest} existed already: set aside as {aside.name}")
+        try:
+            releasepkg.check_zip(ch.zip)  # the import checked it; checked again before anything is unpacked
+        except releasepkg.ZipRefused as exc:
+            raise OperationError(f"{ch.component} {ch.version}: the zip {exc}") from None
+        job.journal.add({"type": "staged", "component": ch.component, "path": str(dest),
+                         "tmp": str(layout.staging_path(dest, tag))})
+        dest.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        layout.stage_zip(ch.zip, dest, root_folder=ch.root_folder, tag=tag)
+        slog.info(f"{ch.component} {ch.version} staged in {dest.relative_to(root)}")
+
+
+def _env(job: Job, slog) -> None:
+    """Per component: the live .env copied into the staged folder and merged there (see layout.merge_env)."""
+    diff = {}
+    services = {s.name: s for s in job.customer.services.all()}
+    for ch in job.changes:
+        live_text, example = preflight.change_env_text(ch)
+        merged = layout.merge_env(live_text, example)
+        if merged.missing_required:
+            raise OperationError(f"{ch.component} {ch.version} requires {', '.join(merged.missing_required)}, "
+                                 f"which {ch.live}/.env does not set")
+        target = Path(ch.dest) / ".env"
+        if target.exists():
+            slog.warning(f"{ch.component}: the release ships a .env; the customer's own replaces it")
+            target.unlink()
+        live_env = Path(ch.live) / ".env"
+        if live_env.is_file():
+            shutil.copy2(live_env, target)  # keeps the live file's mode (a .env is usually 0600)
+        if live_env.is_file() or merged.text:
+            envfile.write_atomic(target, merged.text)
+        old, new = envfile.parse(live_text or ""), envfile.parse(merged.text)
+        changes = [c.__dict__ for c in envfile.diff(old, new)]
+        diff[ch.component] = {"added": list(merged.added), "removed_from_example": merged.removed,
+                              "changes": changes, "example": example is not None}
+        slog.info(f"{ch.component}: .env merged — "
+                  + (f"added {', '.join(f'{k}={envfile.shown(k, v)}' for k, v in merged.added.items())}"
+                     if merged.added else "no new key")
+                  + (f"; no longer in .env.example (kept): {', '.join(merged.removed)}" if merged.removed else ""))
+        svc = services[ch.service]
+        if svc.process_manager == svc.ProcessManager.PM2:
+            try:
+                ecosystem.script_for(ch.dest, svc.start_command)
+            except ecosystem.EcosystemError as exc:
+                raise OperationError(f"service {svc.name}: {exc}") from None
+    Upgrade.objects.filter(pk=job.upgrade.pk).update(env_diff=diff)
+
+
+def _hooks(job: Job, phase: str, slog) -> None:
+    if not job.journal.has("hooks"):
+        job.journal.add({"type": "hooks"})  # from here the databases may have changed: a rollback restores them
+    timeout = settings.KASA_HOOK_TIMEOUT
+    for ch in job.changes:
+        argv = ch.hooks.get(phase)
+        if not argv:
+            continue
+        values = envfile.read(Path(ch.dest) / ".env")
+        secrets = [v for k, v in values.items() if envfile.is_secret(k, v)] + procman.env_secrets(values)
+        secrets += [_url_password(v) for v in values.values() if "://" in v]
+        slog.info(f"{ch.component} {ch.version}: {phase} hook in {ch.dest}")
+        try:
+            slog.command(list(argv), cwd=ch.dest, env=procman.service_env(values), timeout=timeout,
+                         secrets=secrets, check=True)
+        except OperationError as exc:
+            raise OperationError(f"the {phase} hook of {ch.component} {ch.version} failed: {exc}") from None
+
+
+def _stop(job: Job, slog) -> None:
+    specs = job.specs()
+    job.journal.add({"type": "services_stopped", "healthy_before": job.doc.get("healthy_before") or []})
+    slog.info(f"stopping {len(specs)} service(s)")
+    runtime.stop_all(job.ctx, specs)
+
+
+def _switch(job: Job, slog) -> None:
+    root, plan = job.root, {}
+    for ch in job.changes:
+        step = layout.plan_switch(root, ch.live, ch.dest, component=ch.component, previous_version=ch.previous)
+        job.journal.add(step)
+        layout.apply_switch(step)
+        before = step["before"]
+        if before["kind"] == "dir":
+            before_dir, before_version = before["moved_to"], ch.previous or layout.UNVERSIONED
+        elif before["kind"] == "link":
+            before_dir = os.path.normpath(os.path.join(os.path.dirname(ch.live), before["target"]))
+            before_version = before["version"]
+        else:
+            before_dir, before_version = None, ""
+        plan[ch.component] = {"service": ch.service, "live": ch.live, "before": before, "before_dir": before_dir,
+                              "before_version": before_version, "after_dir": ch.dest, "after_version": ch.version}
+        slog.info(f"{os.path.relpath(ch.live, root)} → {step['new']}"
+                  + (f" (the original folder kept as {os.path.relpath(before_dir, root)})"
+                     if before["kind"] == "dir" else ""))
+    Upgrade.objects.filter(pk=job.upgrade.pk).update(layout=plan)
+    job.upgrade.layout = plan
+
+
+def _start(job: Job, slog, folders: dict[str, str | None], *, strict: set[str]) -> None:
+    """Regenerate the customer's PM2 ecosystem file (journalled: the previous one is kept), then start."""
+    root, ctx = job.root, job.ctx
+    apps, included = [], set()
+    for svc in job.customer.services.all().order_by("name"):
+        if svc.process_manager != svc.ProcessManager.PM2:
+            continue
+        live = root / (svc.path or svc.name)
+        folder = folders.get(svc.name) or str(live)
+        if not os.path.isdir(folder):
+            continue
+        try:
+            apps.append(ecosystem.app(svc.app_name, cwd=live, folder=folder, start_command=svc.start_command,
+                                      env=envfile.read(Path(folder) / ".env")))
+            included.add(svc.name)
+        except ecosystem.EcosystemError as exc:
+            if svc.name in strict:
+                raise OperationError(f"service {svc.name}: {exc}") from None
+            slog.warning(f"service {svc.name} is left out of the ecosystem file: {exc}")
+    path = root / ecosystem.FILE_NAME
+    if apps:
+        saved = None
+        if path.exists():
+            saved = f"{path}.kasa-prev-r{ctx.run.pk}"
+            shutil.copy2(path, saved)
+        job.journal.add({"type": "ecosystem", "path": str(path), "saved": saved, "written": True})
+        ecosystem.write(path, apps)
+        slog.info(f"{path.name} written for {', '.join(sorted(included))}")
+    specs = [s for s in job.specs() if os.path.isdir(s.folder)]
+    for spec in specs:
+        if spec.name in included:
+            spec.ecosystem = str(path)
+    slog.info(f"starting {len(specs)} service(s)")
+    runtime.start_all(ctx, specs)
+
+
+def _health(job: Job, slog) -> None:
+    specs = [s for s in job.specs() if os.path.isdir(s.folder)]
+    runtime.check_health(job.ctx, specs)
+    slog.info(f"healthy: {', '.join(s.name for s in specs if s.health_url) or 'no service has a health URL'}")
+
+
+def _record(job: Job, slog, versions: dict) -> None:
+    customer = job.customer
+    job.journal.add({"type": "versions", "old": dict(customer.versions or {})})
+    customer.versions = versions
+    customer.save(update_fields=["versions", "updated_at"])
+    slog.info("versions recorded: " + (", ".join(f"{c} {v}" for c, v in sorted(versions.items())) or "none"))
+
+
+def _cleanup(job: Job, slog) -> None:
+    """The upgrade holds. Remove what was set aside, prune old releases, unpin earlier pre-upgrade backups.
+    Nothing here can fail the upgrade: trouble is a warning."""
+    try:
+        for step in job.journal.steps:
+            if step["type"] == "aside":
+                layout.discard(step["to"])
+            elif step["type"] == "ecosystem" and step.get("saved"):
+                Path(step["saved"]).unlink(missing_ok=True)
+        prune(job, slog)
+        _unpin_older(job, slog)
+    except Exception as exc:  # noqa: BLE001
+        slog.warning(f"cleanup: {exc}")
+    job.doc["journal"] = []
+    job.journal._save()
+
+
+def prune(job: Job, slog) -> list[str]:
+    """Keep the live release, the rollback target and KASA_KEEP_RELEASES (default 3) others per component."""
+    keep = settings.KASA_KEEP_RELEASES
+    root, removed = job.root, []
+    job.customer.refresh_from_db()
+    components = set(job.upgrade.layout) | set(job.customer.versions or {})
+    for comp in sorted(components):
+        protect = protected_versions(job.customer, comp)
+        info = job.upgrade.layout.get(comp) or {}
+        protect |= {v for v in (info.get("before_version"), info.get("after_version")) if v}
+        svc = job.customer.services.filter(name=comp).first()
+        if svc is not None:  # whatever the service's link points at now is live, recorded or not
+            state = layout.live_state(root, root / (svc.path or comp))
+            if state.version:
+                protect.add(state.version)
+        present = layout.present_versions(root, comp)
+        for version in layout.prune_plan(present, order=live_order(job.customer, comp), keep=keep, protect=protect):
+            layout.remove_release(root, version, comp)
+            removed.append(f"{comp} {version}")
+    if removed:
+        slog.info(f"pruned old releases (keeping {keep} besides the live one and the way back): {', '.join(removed)}")
+    return removed
+
+
+def _unpin_older(job: Job, slog) -> None:
+    """Only the last upgrade can be rolled back by hand: the backups pinned for earlier ones go back to the
+    retention policy."""
+    from backups.services import backup_pin
+
+    older = (Upgrade.objects.real().filter(customer=job.customer, backup__pinned=True)
+             .exclude(pk=job.upgrade.pk).exclude(backup=None)
+             .exclude(status=Upgrade.Status.QUARANTINED, resolved_at__isnull=True).select_related("backup"))
+    for up in older:
+        backup_pin(up.backup, pinned=False, via="worker")
+        slog.info(f"backup #{up.backup_id} (before upgrade #{up.pk}) unpinned: retention decides now")
+
+
+# --- the manual rollback ----------------------------------------------------------------------------
+def _rollback(job: Job) -> None:
+    ctx, up = job.ctx, job.upgrade
+    target = up.rolls_back
+    with job.steps.step("preflight") as slog:
+        _rollback_preflight(job, target, slog)
+    with job.steps.step("backup") as slog:
+        _backup(job, slog, pin=f"before rollback #{up.pk} of upgrade #{target.pk} (run #{ctx.run.pk})",
+                kind=Upgrade.Kind.UPGRADE)
+    job.mark(touched=True)
+    lay = target.layout
+    job.journal.add({"type": "env_before", "files": env_fingerprints([i["live"] for i in lay.values()])})
+    with job.steps.step("stop") as slog:
+        _stop(job, slog)
+    with job.steps.step("switch") as slog:
+        for comp, info in lay.items():
+            step = layout.plan_switch(job.root, info["live"], info["before_dir"], component=comp,
+                                      previous_version=info["after_version"])
+            job.journal.add(step)
+            layout.apply_switch(step)
+            slog.info(f"{info['live']} → {step['new'] or '(no folder: the install is undone)'}")
+    target_backup = Backup.objects.filter(pk=target.backup_id).first()
+    if target_backup is not None and target_backup.artifacts.filter(kind="database").exists():
+        with job.steps.step("database") as slog:
+            # Into the forward journal: a failure later unswaps them (dbswap.undo), the previous ones kept aside.
+            restore_databases(job, slog, backup_id=target.backup_id, journal=job.journal)
+    else:
+        job.steps.skip("database", "the upgrade took no database backup (it had no database)")
+    with job.steps.step("env") as slog:
+        diff = {}
+        for comp, info in lay.items():
+            new = envfile.read(Path(info["after_dir"]) / ".env")
+            old = envfile.read(Path(info["before_dir"]) / ".env") if info["before_dir"] else {}
+            diff[comp] = {"changes": [c.__dict__ for c in envfile.diff(new, old)]}
+            lost = [k for k in new if k not in old]
+            slog.info(f"{comp}: the .env of {info['before_version'] or 'nothing'} is live again"
+                      + (f"; keys only the upgraded release had: {', '.join(lost)}" if lost else ""))
+        Upgrade.objects.filter(pk=up.pk).update(env_diff=diff)
+    with job.steps.step("start") as slog:
+        _start(job, slog, {i["service"]: i["before_dir"] for i in lay.values()}, strict=set())
+    with job.steps.step("health") as slog:
+        _health(job, slog)
+    with job.steps.step("record") as slog:
+        _record(job, slog, dict(target.from_versions))
+    up.succeed()
+    ctx.info(f"upgrade #{target.pk} rolled back by hand")
+    with uninterruptible(ctx), job.steps.step("cleanup") as slog:
+        for step in reversed(job.journal.steps):
+            if step["type"] == "db_swap":
+                try:
+                    from backups import dbswap
+
+                    dbswap.finish(ctx, step)  # the post-upgrade databases: in the safety backup now
+                except Exception as exc:  # noqa: BLE001
+                    slog.warning(f"could not drop {step.get('old')}: {exc}")
+            elif step["type"] == "ecosystem" and step.get("saved"):
+                Path(step["saved"]).unlink(missing_ok=True)
+        who = up.run.requested_by.get_username() if up.run.requested_by_id else up.run.requested_via
+        mark_bad(target, f"rolled back by hand by {who} (rollback #{up.pk})")
+        slog.info(f"release {target.to_release} marked bad for {job.customer}")
+        job.doc["journal"] = []
+        job.journal._save()
+
+
+def _rollback_preflight(job: Job, target: Upgrade, slog) -> None:
+    problems = []
+    if rollback_target(job.customer) != target:
+        problems.append(f"upgrade #{target.pk} is no longer the customer's last successful upgrade")
+    root = job.root
+    for comp, info in target.layout.items():
+        state = layout.live_state(root, info["live"])
+        if state.kind != "link" or state.version != info["after_version"]:
+            problems.append(f"{info['live']} no longer points at {comp} {info['after_version']}")
+        if info["before_dir"] and not os.path.isdir(info["before_dir"]):
+            problems.append(f"the previous release {info['before_dir']} is gone")
+        if (job.customer.versions or {}).get(comp) != info["after_version"]:
+            problems.append(f"the customer records {comp} {(job.customer.versions or {}).get(comp)}, not "
+                            f"{info['after_version']}")
+    bk = Backup.objects.filter(pk=target.backup_id).first()
+    if target.backup_id and (bk is None or not bk.restorable):
+        problems.append(f"the pre-upgrade backup #{target.backup_id} is {bk.status if bk else 'gone'}")
+    if job.customer.databases.exists() and bk is None:
+        problems.append(f"upgrade #{target.pk} took no backup of the databases: they cannot be put back")
+    health = preflight._healthy(job.customer)
+    exclusive = preflight._exclusive(job.customer, job.ctx.run)
+    problems += [f"{c.name}: {c.detail}" for c in (health, exclusive) if not c.ok]
+    Upgrade.objects.filter(pk=job.upgrade.pk).update(preflight={
+        "ok": not problems, "problems": problems, "rolls_back": target.pk,
+        "checks": [c.__dict__ for c in (health, exclusive)]})
+    job.mark(healthy_before=[s.name for s in job.specs() if s.health_url])
+    if problems:
+        raise Refused(f"rollback refused: {'; '.join(problems)}; nothing was touched")
+    slog.info(f"rolling back upgrade #{target.pk}: " + ", ".join(
+        f"{c} {i['after_version']} → {i['before_version'] or 'nothing'}" for c, i in target.layout.items()))
+
+
+# --- outcomes -----------------------------------------------------------------------------------------
+def _failed(job: Job, exc: BaseException) -> None:
+    """Always raises: OperationError with the outcome (or the cancel, after putting things back)."""
+    up, ctx = job.upgrade, job.ctx
+    up.refresh_from_db()
+    if up.status == Upgrade.Status.SUCCEEDED:  # only its cleanup was cut short: the upgrade stands
+        raise exc
+    if not job.touched:
+        message = str(exc) if isinstance(exc, Refused) else f"failed before anything was touched: {_short(exc)}"
+        up.fail(message)
+        if isinstance(exc, (RunCancelled, KeyboardInterrupt)):
+            raise exc
+        raise OperationError(message, result=job.doc) from None
+    ctx.error(f"{job.steps.failed or 'a step'} failed: {_short(exc)}; putting the customer back")
+    target = f"to {up.to_release}" if up.to_release_id else f"of upgrade #{up.rolls_back_id}"
+    what = f"{up.get_kind_display().lower()} {target} failed at {job.steps.failed or 'an unknown step'}: {_short(exc)}"
+    message = _outcome(job, what, put_back(job))
+    if isinstance(exc, (RunCancelled, KeyboardInterrupt)):
+        raise exc
+    raise OperationError(message, result=job.doc) from None
+
+
+def _outcome(job: Job, what: str, ok: bool) -> str:
+    up = job.upgrade
+    if ok:
+        if up.kind == Upgrade.Kind.ROLLBACK:
+            message = f"{what}; undone: the customer is on the upgraded release again, as before the rollback"
+        else:
+            message = (f"{what}; rolled back: the previous release, its .env and the databases are back and the "
+                       "services answer")
+            mark_bad(up, f"{what} (run #{up.run_id}, {timezone.now():%Y-%m-%d %H:%M} UTC)")
+        up.rolled_back(message)
+        job.ctx.warning(message)
+        return message
+    message = (f"{what}; ROLLBACK FAILED ({job.doc.get('rollback_error')}): quarantined, an operator must look; "
+               "nothing was deleted")
+    quarantine(job, message)
+    return message
+
+
+def _summary(job: Job) -> dict:
+    up = job.upgrade
+    up.refresh_from_db()
+    return {"upgrade": up.pk, "kind": up.kind, "status": up.status, "release": str(up.to_release or ""),
+            "from": up.from_versions, "to": up.to_versions, "backup": up.backup_id, "layout": up.layout}
+
+
+def _url_password(value: str) -> str:
+    try:
+        return urlsplit(value).password or ""
+    except ValueError:
+        return ""
+
+
+def _short(exc: BaseException) -> str:
+    return (str(exc) or type(exc).__name__)[:2000]
+

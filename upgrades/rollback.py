@@ -1,0 +1,324 @@
+"""Putting a customer back after a failed upgrade (or a failed manual rollback): the way back, proven.
+
+`put_back` undoes the run's journal in the issue's order — stop, switch the symlinks back, restore the
+databases from the pre-upgrade backup (into fresh databases, then swapped in), check that each .env is
+back byte for byte, start, health-check — and only once all of that holds does it throw away what the
+failed attempt left (staged folders, the migrated databases kept aside). The first step that fails stops
+it: the upgrade is QUARANTINED, nothing more is changed or deleted, and an alert goes out; the journal
+left on the run says exactly what was and was not put back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+from django.conf import settings
+from django.core.mail import mail_admins
+from django.urls import NoReverseMatch, reverse
+
+from backups import dbswap
+from backups.models import Backup
+from customers import runtime
+from customers.models import Customer
+from engines import layout
+from operations.context import OperationError, RunContext
+
+from .journal import Journal, Steps, env_fingerprints, uninterruptible
+from .models import BadRelease, Upgrade
+
+log = logging.getLogger(__name__)
+
+
+class Job:
+    """Everything one upgrade or rollback run works with; `doc` is the run's result (the journals)."""
+
+    def __init__(self, ctx: RunContext, upgrade: Upgrade, doc: dict | None = None):
+        self.ctx, self.upgrade = ctx, upgrade
+        self.customer = Customer.objects.prefetch_related("services", "databases").get(pk=upgrade.customer_id)
+        self.doc = doc if doc is not None else {"upgrade": upgrade.pk}
+        self.journal = Journal(ctx, self.doc, "journal")
+        self.undo_journal = Journal(ctx, self.doc, "rollback")
+        self.steps = Steps(ctx, upgrade)
+        self.changes: list = []
+        from core.secrets import reveal
+
+        for db in self.customer.databases.all():  # masked in every line a hook or a tool prints
+            ctx.add_secret(reveal(db.password))
+
+    @property
+    def root(self) -> Path:
+        return self.customer.root_path()
+
+    @property
+    def touched(self) -> bool:
+        return bool(self.doc.get("touched"))
+
+    def mark(self, **fields) -> None:
+        self.doc.update(fields)
+        self.journal._save()
+
+    def specs(self):
+        return runtime.service_specs(self.customer)
+
+
+# --- the way back ----------------------------------------------------------------------------------
+def put_back(job: Job) -> bool:
+    """Undo the journal (see the module docstring). True: the customer is back as it was; False: quarantined
+    (job.doc["rollback_error"] says why)."""
+    ctx, j = job.ctx, job.journal
+    job.mark(rolling_back=True)
+    restore_db = j.has("hooks") and job.upgrade.backup_id is not None and job.upgrade.kind != Upgrade.Kind.ROLLBACK
+    unswap_db = j.has("db_fresh") or j.has("db_swap")
+    live_touched = j.has("services_stopped") or j.has("switch") or restore_db or unswap_db
+    stopped = j.of("services_stopped")
+    healthy_before = (stopped[0]["healthy_before"] if stopped else job.doc.get("healthy_before")) or []
+    with uninterruptible(ctx):
+        try:
+            specs = job.specs()
+            if live_touched:
+                with job.steps.step("rollback: stop") as slog:
+                    slog.info(f"stopping {len(specs)} service(s)")
+                    runtime.stop_all(ctx, specs)
+            else:
+                job.steps.skip("rollback: stop", "nothing live was changed: the services kept running")
+            with job.steps.step("rollback: switch") as slog:
+                _undo_files(job, slog)
+            if restore_db:
+                with job.steps.step("rollback: database") as slog:
+                    restore_databases(job, slog, backup_id=job.upgrade.backup_id, journal=job.undo_journal)
+            elif unswap_db:
+                with job.steps.step("rollback: database") as slog:
+                    for step in reversed(j.steps):
+                        if step["type"] in ("db_swap", "db_fresh"):
+                            dbswap.undo(ctx, step)
+                    slog.info("the databases as they were before this run are live again")
+            else:
+                job.steps.skip("rollback: database", "no hook ran: the databases were not changed")
+            with job.steps.step("rollback: env") as slog:
+                _check_env(job, slog)
+            if live_touched and job.upgrade.kind == Upgrade.Kind.INSTALL:
+                job.steps.skip("rollback: start", "an install: no service ran before it")
+            elif live_touched:
+                with job.steps.step("rollback: start") as slog:
+                    startable = [s for s in specs if os.path.isdir(s.folder)]
+                    slog.info(f"starting {len(startable)} service(s)")
+                    runtime.start_all(ctx, startable)
+                with job.steps.step("rollback: health") as slog:
+                    checked = [s for s in specs if s.name in healthy_before]
+                    runtime.check_health(ctx, checked)
+                    slog.info(f"healthy: {', '.join(s.name for s in checked) or 'no service to check'}")
+        except Exception as exc:  # noqa: BLE001 — whatever it is, the customer now needs an operator
+            job.mark(rollback_error=str(exc)[:2000])
+            ctx.error(f"ROLLBACK FAILED: {exc}; nothing further is changed or deleted")
+            return False
+        with job.steps.step("rollback: cleanup") as slog:
+            _cleanup_after_undo(job, slog)
+    job.mark(rolling_back=False, rolled_back=True)
+    return True
+
+
+def _undo_files(job: Job, slog) -> None:
+    """Symlinks, the ecosystem file and the recorded versions, newest change first."""
+    if not any(s["type"] in ("switch", "ecosystem", "versions") for s in job.journal.steps):
+        slog.info("nothing had been switched yet")
+    for step in reversed(job.journal.steps):
+        kind = step["type"]
+        if kind == "switch":
+            if layout.undo_switch(step):
+                slog.info(f"{step['live']}: put back ({_describe_before(step['before'])})")
+        elif kind == "ecosystem":
+            _undo_ecosystem(step)
+            slog.info(f"{step['path']}: put back")
+        elif kind == "versions":
+            Customer.objects.filter(pk=job.customer.pk).update(versions=step["old"])
+            job.customer.versions = step["old"]
+            slog.info(f"recorded versions put back: {_versions(step['old'])}")
+    _tidy(job.root)
+
+
+def _describe_before(before: dict) -> str:
+    if before["kind"] == "dir":
+        return "the original folder"
+    if before["kind"] == "link":
+        return f"link to {before['target']}"
+    return "no folder, as before"
+
+
+def _undo_ecosystem(step: dict) -> None:
+    saved = step.get("saved")
+    if saved and os.path.exists(saved):
+        os.replace(saved, step["path"])
+    elif not saved and os.path.exists(step["path"]) and step.get("written"):
+        os.unlink(step["path"])
+
+
+def restore_databases(job: Job, slog, *, backup_id: int, journal: Journal) -> None:
+    """Every database of the backup into a fresh database, then swapped in (backups.dbswap, as a restore does;
+    the previous databases are kept aside, journalled, until the caller's finish or undo)."""
+    bk = Backup.objects.select_related("target").get(pk=backup_id)
+    if not bk.restorable:
+        raise OperationError(f"the pre-upgrade backup #{bk.pk} is {bk.status}: the databases cannot be put back")
+    arts = list(bk.artifacts.filter(kind="database").order_by("pk"))
+    if not arts:
+        slog.info(f"backup #{bk.pk} holds no database")
+        return
+    keyring = None
+    if bk.encrypted:
+        from engines.backupcrypto import KeyRing
+
+        if not settings.KASA_BACKUP_KEYS:
+            raise OperationError(f"backup #{bk.pk} is encrypted and KASA_BACKUP_KEYS is not set")
+        keyring = KeyRing(settings.KASA_BACKUP_KEYS)
+    plan = SimpleNamespace(backup=bk, customer=job.customer, clone=False, root=job.root, to_databases={},
+                           artifacts=arts)
+    store = bk.target.store()
+    for art in arts:
+        dbswap.restore_fresh(job.ctx, plan, store, keyring, art, journal)
+    dbswap.swap_all(job.ctx, plan, journal)
+    slog.info(f"databases {', '.join(a.source for a in arts)} restored from backup #{bk.pk}; the changed ones are "
+              "kept aside until the rollback holds")
+
+
+def _check_env(job: Job, slog) -> None:
+    """The .env files live in the previous release folders, which no step writes: prove they are back."""
+    recorded = {}
+    for step in job.journal.of("env_before"):
+        recorded.update(step["files"])
+    if not recorded:
+        slog.info("no .env was recorded (nothing had been staged)")
+        return
+    now = env_fingerprints(list(recorded))
+    changed = [p for p, sha in recorded.items() if now.get(p) != sha]
+    if changed:
+        raise OperationError(f"the .env of {', '.join(changed)} is not the one from before the upgrade")
+    slog.info(f"{len(recorded)} .env file(s) identical to before")
+
+
+def _cleanup_after_undo(job: Job, slog) -> None:
+    """The way back holds: throw away what the failed attempt left. Trouble here is only a warning."""
+    for step in reversed(job.undo_journal.steps):
+        try:
+            dbswap.finish(job.ctx, step)  # the migrated databases kept aside
+        except Exception as exc:  # noqa: BLE001
+            slog.warning(f"could not drop {step.get('old') or step.get('db')}: {exc}")
+    for step in job.journal.steps:
+        try:
+            if step["type"] == "staged":
+                layout.discard(step["tmp"])
+                layout.discard(step["path"])
+            elif step["type"] == "ecosystem" and step.get("saved"):
+                Path(step["saved"]).unlink(missing_ok=True)
+        except OSError as exc:
+            slog.warning(f"could not remove {step.get('path')}: {exc}")
+    for step in job.journal.of("aside"):  # a folder set aside before staging takes its place again
+        if os.path.lexists(step["to"]) and not os.path.lexists(step["from"]):
+            os.rename(step["to"], step["from"])
+    _tidy(job.root)
+    job.undo_journal.steps.clear()
+    job.journal._save()
+    slog.info("staged releases and the databases kept aside removed")
+
+
+def _tidy(root: Path) -> None:
+    """Remove empty version folders (and an empty releases/ folder) that a rollback leaves."""
+    base = root / layout.RELEASES
+    if not base.is_dir():
+        return
+    for version in base.iterdir():
+        if version.is_dir() and not version.is_symlink():
+            try:
+                version.rmdir()
+            except OSError:
+                pass
+    try:
+        base.rmdir()
+    except OSError:
+        pass
+
+
+def _versions(versions: dict) -> str:
+    return ", ".join(f"{c} {v}" for c, v in sorted(versions.items())) or "none"
+
+
+# --- outcomes --------------------------------------------------------------------------------------
+def mark_bad(upgrade: Upgrade, reason: str) -> None:
+    if upgrade.to_release_id is None:
+        return
+    BadRelease.objects.get_or_create(customer_id=upgrade.customer_id, release_id=upgrade.to_release_id,
+                                     defaults={"upgrade": upgrade, "reason": reason[:2000]})
+
+
+def quarantine(job: Job, message: str) -> None:
+    job.upgrade.quarantine(message)
+    job.ctx.error(message)
+    alert(job.upgrade, message)
+
+
+def alert(upgrade: Upgrade, message: str) -> None:
+    """A quarantine needs a human: mail the customer's backup recipients and webhook, else the ADMINS."""
+    from backups.notify import post_webhook, recipients, send_email
+    from backups.services import policy_for
+
+    customer = upgrade.customer
+    subject = f"[Kasa] Upgrade QUARANTINED: {customer.domain} (upgrade #{upgrade.pk}) needs an operator"
+    lines = [f"Customer: {customer.domain}",
+             f"{upgrade.get_kind_display()} #{upgrade.pk}, run #{upgrade.run_id}: "
+             f"{_versions(upgrade.from_versions)} → {_versions(upgrade.to_versions)}",
+             f"What happened: {message}",
+             "Nothing was deleted: the staged releases, the previous ones, the pre-upgrade backup "
+             f"(#{upgrade.backup_id or 'none'}) and any database kept aside are all still there.",
+             "The run's result holds the journal of what was changed and what was put back."]
+    try:
+        base = settings.KASA_BASE_URL.rstrip("/")
+        lines.append(f"Run: {base}{reverse('admin:operations_run_change', args=[upgrade.run_id])}")
+    except NoReverseMatch:
+        pass
+    body = _redact(customer, "\n".join(lines))
+    try:
+        policy = policy_for(customer)
+        to = recipients(policy)
+        sent = send_email(to, subject, body) if to else False
+        hooked = post_webhook(policy.webhook_url, subject, body, ok=False) if policy.webhook_url else False
+        if not (sent or hooked):
+            mail_admins(subject, body, fail_silently=True)
+    except Exception:  # noqa: BLE001 — an alert problem must not hide the quarantine itself
+        log.warning("alert about quarantined upgrade %s failed", upgrade.pk, exc_info=True)
+    log.error("%s: %s", subject, message)
+
+
+def _redact(customer, text: str) -> str:
+    from core.secrets import reveal
+
+    for db in customer.databases.all():
+        pw = reveal(db.password)
+        if pw and len(pw) >= 4:
+            text = text.replace(pw, "********")
+    return text
+
+
+def discard_running_backups(upgrade: Upgrade) -> None:
+    """A pre-upgrade backup a dead worker was still writing is nobody's restore point: delete its objects."""
+    from django.utils import timezone
+
+    for bk in Backup.objects.filter(customer_id=upgrade.customer_id, run=None, status=Backup.Status.RUNNING,
+                                    trigger=Backup.Trigger.UPGRADE, created_at__gte=upgrade.created_at):
+        try:
+            bk.target.store().delete_prefix(bk.prefix)
+        except Exception:  # noqa: BLE001
+            log.warning("could not remove the partial backup %s", bk.pk, exc_info=True)
+        Backup.objects.filter(pk=bk.pk).update(status=Backup.Status.FAILED, finished_at=timezone.now(),
+                                               error="the worker died during the upgrade")
+
+
+def scratch_dir(run_id: int) -> Path:
+    path = Path(settings.KASA_SCRATCH_DIR) / f"upgrade-{run_id}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def drop_scratch(run_id: int) -> None:
+    shutil.rmtree(Path(settings.KASA_SCRATCH_DIR) / f"upgrade-{run_id}", ignore_errors=True)

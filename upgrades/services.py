@@ -1,0 +1,88 @@
+"""Service functions of upgrades: what the CLI and the admin call. Nothing else creates upgrade runs.
+
+    upgrade_preflight(customer, release)            -> preflight.Report (nothing changes)
+    upgrade_start(customer, release, …)              -> Run (kind "upgrade"; an install when no version is recorded)
+    rollback_start(customer, …)                      -> Run (kind "rollback" of the last successful upgrade)
+    upgrade_document(upgrade)                        -> dict (the CLI's JSON)
+    quarantine_resolve(upgrade, …)                   -> an operator has dealt with a quarantine
+"""
+
+from __future__ import annotations
+
+from django.core.exceptions import PermissionDenied
+from django.db import transaction
+from django.utils import timezone
+
+from audit.models import AuditEntry
+from audit.services import audit_record
+from operations.models import Run
+from operations.services import OperationRefused, run_start, user_can_operate
+from releases.models import Release
+
+from . import preflight
+from .models import Upgrade
+from .selectors import bad_release, rollback_target, upgrade_document  # noqa: F401  (part of this API)
+
+
+class UpgradeInputError(ValueError):
+    """The request is refused before any run exists; the message says why and that nothing was touched."""
+
+
+def upgrade_preflight(customer, release: Release, *, force: bool = False) -> preflight.Report:
+    """Every preflight check, now, without changing anything (the upgrade repeats them as its first step)."""
+    return preflight.check(customer, release, force=force)
+
+
+def upgrade_start(customer, release: Release, *, requested_by=None, via: str = "admin", force: bool = False,
+                  dry_run: bool = False, enqueue: bool = True) -> Run:
+    """Start an upgrade run (dry_run: its preflight only). Refused at once for a release that failed for this
+    customer before, unless forced; every other check is the run's preflight step, recorded."""
+    if requested_by is not None and not user_can_operate(requested_by, customer):
+        raise PermissionDenied(f"you are not in the team of {customer}")
+    mark = bad_release(customer, release)
+    if mark is not None and not force and not dry_run:
+        raise UpgradeInputError(f"release {release.name} failed for {customer} before ({mark.reason}); force it to "
+                                "try again; nothing was started")
+    versions = {k: v for k, v in (customer.versions or {}).items() if v}
+    kind = Upgrade.Kind.UPGRADE if versions else Upgrade.Kind.INSTALL
+    params = {"release": release.name, "force": bool(force), "dry_run": bool(dry_run)}
+    with transaction.atomic():
+        try:
+            run = run_start(customer, kind=Run.Kind.UPGRADE, requested_by=requested_by, via=via, params=params,
+                            enqueue=enqueue)
+        except OperationRefused as exc:
+            raise UpgradeInputError(str(exc)) from None
+        Upgrade.objects.create(customer=customer, run=run, kind=kind, to_release=release, force=bool(force),
+                               dry_run=bool(dry_run), from_versions=versions)
+    return run
+
+
+def rollback_start(customer, *, requested_by=None, via: str = "admin", enqueue: bool = True) -> Run:
+    """Roll back the customer's last successful upgrade (refused when there is none to roll back)."""
+    if requested_by is not None and not user_can_operate(requested_by, customer):
+        raise PermissionDenied(f"you are not in the team of {customer}")
+    target = rollback_target(customer)
+    if target is None:
+        raise UpgradeInputError(f"{customer} has no successful upgrade to roll back (the last one may have been "
+                                "rolled back already); nothing was started")
+    with transaction.atomic():
+        try:
+            run = run_start(customer, kind=Run.Kind.ROLLBACK, requested_by=requested_by, via=via,
+                            params={"upgrade": target.pk}, enqueue=enqueue)
+        except OperationRefused as exc:
+            raise UpgradeInputError(str(exc)) from None
+        to = {c: target.from_versions.get(c, "") for c in target.to_versions}
+        Upgrade.objects.create(customer=customer, run=run, kind=Upgrade.Kind.ROLLBACK, rolls_back=target,
+                               from_versions=dict(customer.versions or {}), to_versions=to)
+    return run
+
+
+def quarantine_resolve(upgrade: Upgrade, *, actor=None, note: str, via: str = "admin") -> None:
+    """An operator has checked a quarantined customer: upgrades are allowed again. Nothing else changes."""
+    if upgrade.status != Upgrade.Status.QUARANTINED:
+        raise UpgradeInputError(f"upgrade #{upgrade.pk} is {upgrade.status}, not quarantined")
+    if not note.strip():
+        raise UpgradeInputError("say what was done about the quarantine (it goes into the audit log)")
+    Upgrade.objects.filter(pk=upgrade.pk).update(resolved_at=timezone.now(), resolved_by=actor, resolution=note)
+    audit_record(action="upgrade.quarantine_resolved", source=via if via in AuditEntry.Source.values else "system",
+                 actor=actor, obj=upgrade, customer=upgrade.customer, result=note[:300])
