@@ -58,11 +58,15 @@ def plan(customer: Customer, params: dict) -> list[ArtifactSpec]:
         for svc in services:
             folder = str(svc.folder())
             rel = os.path.relpath(folder, root)
+            details = {"path": rel}
+            declared = os.path.join(root, svc.path or ".")
+            if os.path.islink(declared):  # an upgraded service: its path is a symlink to releases/<v>/<name>
+                details["link"] = {"path": os.path.relpath(declared, root), "target": os.readlink(declared)}
 
             @contextlib.contextmanager
-            def open_service(rel=rel):
+            def open_service(rel=rel, details=details):
                 yield _chain([sources.tar_stage(root, [rel], excludes=excludes),
-                              _compressor(compression)]), {"path": rel}
+                              _compressor(compression)]), details
 
             specs.append(ArtifactSpec(_name(f"{svc.name}.tar", compression, encrypted), "service", svc.name,
                                       open_service))

@@ -118,6 +118,8 @@ def restore(ctx: RunContext) -> dict:
                                  f"{plan.root}: nothing further was deleted") from None
         raise OperationError(f"restore failed: {_short(exc)}; {what}", result={"safety_backup": safety}) from None
     _cleanup(ctx, journal)
+    if not plan.clone:
+        _record_versions(ctx, plan)
     seconds = time.monotonic() - started
     ctx.info(f"restore of backup #{plan.backup.pk} complete in {seconds:.1f} s"
              + ("" if plan.clone else f" (safety backup #{safety})" if safety else ""))
@@ -373,11 +375,11 @@ def _restore_file_databases(ctx: RunContext, plan: Plan, journal: Journal) -> No
 
 
 # --- 4. swap ---------------------------------------------------------------------------
-def _file_swaps(plan: Plan, staging: Path) -> list[tuple[str, str]]:
-    """(live path, staged path) pairs: one per service folder, then one per config file."""
+def _file_swaps(plan: Plan, staging: Path, *, kind: str) -> list[tuple[str, str]]:
+    """(live path, staged path) pairs: one per service folder (kind "service") or per config file ("config")."""
     pairs = []
     for art in plan.artifacts:
-        if art.kind == "database":
+        if art.kind != kind:
             continue
         unpacked = staging / art.name.split(".", 1)[0]
         if art.kind == "service":
@@ -392,6 +394,28 @@ def _file_swaps(plan: Plan, staging: Path) -> list[tuple[str, str]]:
     return pairs
 
 
+def _relink(ctx: RunContext, plan: Plan, journal: Journal) -> None:
+    """An upgraded service's path is a symlink to its release folder: point it where it pointed at backup
+    time (a later upgrade may have moved it), journalled like every swap. Before the config files, which
+    are written through the link."""
+    for art in plan.artifacts:
+        link = (art.details or {}).get("link") if art.kind == "service" else None
+        if not link:
+            continue
+        rel, target = paths.relative_inside(link["path"], what="service path"), link["target"]
+        paths.relative_inside(os.path.normpath(os.path.join(os.path.dirname(rel), target)), what="link target")
+        live = plan.root / rel
+        if os.path.islink(live) and os.readlink(live) == target:
+            continue
+        tmp = f"{live}.kasa-link-{ctx.run.pk}"
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        os.symlink(target, tmp)
+        step = journal.add({"type": "files", "beside": True, **swap.plan(str(live), tmp)})
+        swap.apply(step)
+        ctx.info(f"{rel} points at {target} again")
+
+
 def _swap_in(ctx: RunContext, plan: Plan, staging: Path | None, journal: Journal) -> None:
     specs = runtime.service_specs(plan.customer)
     # Which services answer now: after a rollback those must answer again (one that was down before the
@@ -402,19 +426,34 @@ def _swap_in(ctx: RunContext, plan: Plan, staging: Path | None, journal: Journal
     runtime.stop_all(ctx, specs)
     if staging is not None:
         excludes = (plan.backup.manifest or {}).get("excludes", list(sources.DEFAULT_EXCLUDES))
-        for live, staged in _file_swaps(plan, staging):
-            if not os.path.lexists(os.path.dirname(live)):
-                os.makedirs(os.path.dirname(live), mode=0o700)
-            if os.path.isdir(live) and not os.path.islink(live) and os.path.isdir(staged):
-                _carry_excluded(ctx, live, staged, excludes, journal)
-            step = journal.add({"type": "files", **swap.plan(live, staged)})
-            swap.apply(step)
-            ctx.info(f"swapped in {os.path.relpath(live, plan.root)}")
+        for kind in ("service", "config"):
+            for live, staged in _file_swaps(plan, staging, kind=kind):
+                if not os.path.lexists(os.path.dirname(live)):
+                    os.makedirs(os.path.dirname(live), mode=0o700)
+                if os.path.isdir(live) and not os.path.islink(live) and os.path.isdir(staged):
+                    _carry_excluded(ctx, live, staged, excludes, journal)
+                step = journal.add({"type": "files", **swap.plan(live, staged)})
+                swap.apply(step)
+                ctx.info(f"swapped in {os.path.relpath(live, plan.root)}")
+            if kind == "service":
+                _relink(ctx, plan, journal)
     _restore_file_databases(ctx, plan, journal)
     dbswap.swap_all(ctx, plan, journal)
     ctx.info(f"starting {len(specs)} service(s)")
     runtime.start_all(ctx, specs)
     runtime.check_health(ctx, specs)
+
+
+def _record_versions(ctx: RunContext, plan: Plan) -> None:
+    """The restored service folders hold the versions the backup recorded: the customer says so again."""
+    recorded = (plan.backup.manifest or {}).get("component_versions") or {}
+    restored = {a.source for a in plan.artifacts if a.kind == "service"}
+    versions = dict(plan.customer.versions or {})
+    changed = {c: v for c, v in recorded.items() if c in restored and versions.get(c) != v}
+    if changed:
+        versions.update(changed)
+        Customer.objects.filter(pk=plan.customer.pk).update(versions=versions)
+        ctx.info("versions now " + ", ".join(f"{c} {v}" for c, v in sorted(changed.items())))
 
 
 def _carry_excluded(ctx: RunContext, live: str, staged: str, patterns: list[str], journal: Journal) -> None:
@@ -447,14 +486,17 @@ def _excluded(rel: str, name: str, patterns: list[str]) -> bool:
 
 def _clone_in(ctx: RunContext, plan: Plan, staging: Path | None, journal: Journal) -> None:
     if staging is not None:
-        for live, staged in _file_swaps(plan, staging):
-            if os.path.lexists(live) and os.path.isdir(staged):
-                raise OperationError(f"{live} already exists in the copy's root: a copy is only made into "
-                                     "an empty place")
-            # A config file that a service folder brought already is replaced by the config artifact's copy.
-            os.makedirs(os.path.dirname(live), mode=0o700, exist_ok=True)
-            step = journal.add({"type": "files", **swap.plan(live, staged)})
-            swap.apply(step)
+        for kind in ("service", "config"):
+            for live, staged in _file_swaps(plan, staging, kind=kind):
+                if os.path.lexists(live) and os.path.isdir(staged):
+                    raise OperationError(f"{live} already exists in the copy's root: a copy is only made into "
+                                         "an empty place")
+                # A config file that a service folder brought already is replaced by the config artifact's copy.
+                os.makedirs(os.path.dirname(live), mode=0o700, exist_ok=True)
+                step = journal.add({"type": "files", **swap.plan(live, staged)})
+                swap.apply(step)
+            if kind == "service":
+                _relink(ctx, plan, journal)
     _restore_file_databases(ctx, plan, journal)
     dbswap.swap_all(ctx, plan, journal)
     if plan.to_databases and ctx.run.params.get("rewrite_env") and staging is not None:
@@ -484,6 +526,8 @@ def _undo_steps(ctx: RunContext, journal: Journal, plan: Plan | None) -> bool:
             if kind == "files":
                 if swap.undo(step):
                     ctx.info(f"put back {step['live']}")
+                if step.get("beside") and os.path.islink(step["staged"]):
+                    os.unlink(step["staged"])  # the link we made
             elif kind == "carry":
                 if os.path.lexists(step["to"]) and not os.path.lexists(step["from"]):
                     os.rename(step["to"], step["from"])
@@ -540,6 +584,11 @@ def _cleanup(ctx: RunContext, journal: Journal) -> None:
         try:
             if step["type"] == "staging":
                 _discard_tree(step["path"])  # it holds the previous trees now
+            elif step["type"] == "files" and step.get("beside"):  # the previous link (or folder) set aside
+                if os.path.islink(step["staged"]) or os.path.isfile(step["staged"]):
+                    os.unlink(step["staged"])
+                else:
+                    _discard_tree(step["staged"])
             elif step["type"] not in ("files", "services_stopped", "carry"):
                 dbswap.finish(ctx, step)
         except Exception as exc:  # the restore stands; leftovers are reported, not fatal

@@ -425,6 +425,34 @@ def test_a_backup_taken_after_an_upgrade_restores_onto_the_symlinked_layout(cust
     assert _get(f"http://127.0.0.1:{customer.port}/version") == "2.5.0"
 
 
+def test_restores_across_an_upgrade_bring_back_the_layout_and_the_versions(customer_factory, releases,
+                                                                          pg_database):
+    """The pinned pre-upgrade backup puts the plain 2.4.0 folders back (and versions 2.4.0); a backup taken
+    after the upgrade then points the service path at releases/2.5.0 again (and versions 2.5.0)."""
+    from tests.restore_helpers import command_json
+    from upgrades.models import Upgrade
+
+    customer = customer_factory()
+    root = customer.root_path()
+    assert _cli("upgrade", customer.domain, "--to", "2.5")[0] == 0
+    pre = Upgrade.objects.get(customer=customer, kind="upgrade").backup_id
+    code, post = command_json("backup", customer.domain)
+    assert code == 0, post
+
+    code, run = command_json("restore", str(pre), "--yes", "--no-safety-backup")
+    assert code == 0, run
+    customer.refresh_from_db()
+    assert not os.path.islink(root / "backend") and customer.versions["backend"] == "2.4.0"
+    assert _get(f"http://127.0.0.1:{customer.port}/version") == "2.4.0"
+
+    code, run = command_json("restore", str(post["id"]), "--yes", "--no-safety-backup")
+    assert code == 0, run
+    customer.refresh_from_db()
+    assert os.readlink(root / "backend") == "releases/2.5.0/backend" and customer.versions["backend"] == "2.5.0"
+    assert _get(f"http://127.0.0.1:{customer.port}/version") == "2.5.0"
+    assert not [p for p in os.listdir(root) if ".kasa-link-" in p]
+
+
 def test_install_puts_a_first_release_in_place_from_nothing(customer_factory, releases, pg_database):
     """From nothing: the backend under PM2 and, to cover the plain start/stop manager too, the store served by
     `python -m http.server` under the "command" process manager."""
