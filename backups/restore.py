@@ -40,6 +40,7 @@ from customers.models import Customer
 from engines import dburl, paths, sources, swap, unpack
 from engines.slots import acquire_slot
 from operations.context import OperationError, RunCancelled, RunContext, RunLost
+from operations.journal import RunJournal
 from operations.models import Run
 
 from . import dbswap, envfiles
@@ -60,23 +61,12 @@ class Plan:
     to_databases: dict[str, str] = field(default_factory=dict)  # database name -> URL (clone)
 
 
-class Journal:
+class Journal(RunJournal):
     """What was changed, stored on the run before each change so a dead worker can be undone."""
 
     def __init__(self, ctx: RunContext):
-        self.ctx = ctx
-        self.steps: list[dict] = []
-        self.lock = threading.Lock()  # the files lane and the databases lane both write it
+        super().__init__(ctx)
         self.services_down = ""  # set by _undo when the previous state is back but a service did not come up
-
-    def add(self, step: dict) -> dict:
-        with self.lock:
-            self.steps.append(step)
-            self._save()
-        return step
-
-    def _save(self) -> None:
-        Run.objects.filter(pk=self.ctx.run.pk).update(result={"journal": list(self.steps)})
 
     def touched_live(self) -> bool:
         """Whether anything beyond staging happened (services stopped, a swap)."""

@@ -10,40 +10,19 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import threading
 
 from django.utils import timezone
 
 from operations.context import RunContext
-from operations.models import Run
+from operations.journal import RunJournal
 
 from .models import UpgradeStep
 
 DETAIL_LIMIT = 20000
 
 
-class Journal:
+class Journal(RunJournal):
     """One list of steps inside the run's result document (`doc[key]`); dbswap's journal interface."""
-
-    def __init__(self, ctx: RunContext, doc: dict, key: str):
-        self.ctx, self.doc, self.key = ctx, doc, key
-        self.steps: list[dict] = doc.setdefault(key, [])
-        self.lock = threading.Lock()
-
-    def add(self, step: dict) -> dict:
-        with self.lock:
-            self.steps.append(step)
-            self._save()
-        return step
-
-    def _save(self) -> None:
-        Run.objects.filter(pk=self.ctx.run.pk).update(result=self.doc)
-
-    def has(self, kind: str) -> bool:
-        return any(s["type"] == kind for s in self.steps)
-
-    def of(self, kind: str) -> list[dict]:
-        return [s for s in self.steps if s["type"] == kind]
 
 
 class StepLog:
