@@ -11,6 +11,7 @@ PERMS = {
     "audit": ["view_auditentry"],
     "backups": ["view_backup", "view_backupartifact"],
     "releases": ["view_release", "view_componentversion"],
+    "upgrades": ["view_upgrade", "view_upgradestep", "view_badrelease"],
 }
 
 

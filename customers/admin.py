@@ -85,8 +85,24 @@ class CustomerAdmin(TeamScopedAdminMixin, AuditedAdminMixin, admin.ModelAdmin):
     def get_urls(self):
         urls = super().get_urls()
         own = [path("<int:pk>/check/", self.admin_site.admin_view(self.check_view), name="customers_customer_check"),
-               path("<int:pk>/backup/", self.admin_site.admin_view(self.backup_view), name="customers_customer_backup")]
+               path("<int:pk>/backup/", self.admin_site.admin_view(self.backup_view), name="customers_customer_backup"),
+               path("<int:pk>/upgrade/", self.admin_site.admin_view(self.upgrade_view),
+                    name="customers_customer_upgrade"),
+               path("<int:pk>/rollback/", self.admin_site.admin_view(self.rollback_view),
+                    name="customers_customer_rollback")]
         return own + urls
+
+    def upgrade_view(self, request, pk):
+        """"Upgrade to…": the release, its preflight, notes and .env diff, then a typed confirmation."""
+        from upgrades.views import upgrade_view
+
+        return upgrade_view(request, pk, self)
+
+    def rollback_view(self, request, pk):
+        """"Roll back": what comes back (and what is lost), then a typed confirmation."""
+        from upgrades.views import rollback_view
+
+        return rollback_view(request, pk, self)
 
     def backup_view(self, request, pk):
         """"Back up now": the intermediate page (scope, services, compression, encryption, target)."""
@@ -129,6 +145,10 @@ class CustomerAdmin(TeamScopedAdminMixin, AuditedAdminMixin, admin.ModelAdmin):
                 "rto_target": human_duration(rec.rto_target.total_seconds()), "outside_rto": rec.outside_rto,
                 "last_verified": rec.last_verified,
             }
+            from upgrades.admin_selectors import upgrade_history, versions_card
+
+            extra_context["versions_card"] = versions_card(customer)
+            extra_context["upgrades"] = upgrade_history(customer)
         return super().change_view(request, object_id, form_url, extra_context)
 
     @admin.action(description="Check databases and services")

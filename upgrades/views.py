@@ -1,0 +1,182 @@
+"""Admin pages of upgrades that are not plain ModelAdmin views: "Upgrade to…", "Roll back", "Mark resolved"
+and the step list an upgrade's page polls.
+
+Team-scoped like every customer page: another team's customer or upgrade is a 404 (never a 403 that would
+confirm it exists). Starting anything is POST-only and needs the customer's domain typed in full: both
+operations stop the customer's services, and a rollback also puts its databases back as they were.
+"""
+
+from __future__ import annotations
+
+from django import forms
+from django.contrib import messages
+from django.core.exceptions import PermissionDenied
+from django.http import HttpResponseNotAllowed, JsonResponse
+from django.shortcuts import get_object_or_404, redirect
+from django.template.response import TemplateResponse
+from django.urls import reverse
+
+from operations.services import OperationRefused
+
+from .admin_selectors import rollback_plan, steps_document, upgrade_plan, versions_card
+from .services import UpgradeInputError, quarantine_resolve, rollback_start, upgrade_start
+
+STARTED = (UpgradeInputError, OperationRefused, PermissionDenied)
+
+
+class ConfirmForm(forms.Form):
+    """The typed confirmation: the customer's domain, exactly (case aside)."""
+
+    confirm = forms.CharField(label="Type the customer's domain to confirm", required=True,
+                              widget=forms.TextInput(attrs={"autocomplete": "off", "spellcheck": "false"}))
+
+    def __init__(self, *args, customer, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.customer = customer
+
+    def clean_confirm(self):
+        typed = self.cleaned_data["confirm"].strip().lower()
+        if typed != self.customer.domain:
+            raise forms.ValidationError(f"type {self.customer.domain} exactly to confirm")
+        return typed
+
+
+class UpgradeForm(ConfirmForm):
+    release = forms.CharField(widget=forms.HiddenInput)
+    force = forms.BooleanField(required=False, widget=forms.HiddenInput)
+
+
+def _choices(card: dict, *, force: bool) -> list[dict]:
+    """Releases the page lets one pick: the allowed ones, and those that failed for this customer before only
+    when forced (whether `requires` allows them is then the preflight's first check)."""
+    return [o for o in card["offered"] if o["allowed"] or (force and o["bad"])]
+
+
+def _refusal(customer, name: str, card: dict, force: bool) -> str:
+    offer = next((o for o in card["offered"] if o["release"].name == name), None)
+    if offer is None:
+        return f"there is no release {name!r}; nothing was started"
+    if offer["bad"] and not force:
+        return (f"release {name} failed for {customer} before ({offer['bad']}); tick \"force\" to offer it again; "
+                "nothing was started")
+    return f"release {name} is not an allowed upgrade for {customer}: {offer['why']}; nothing was started"
+
+
+def upgrade_view(request, pk: int, model_admin):
+    """GET ?release=&force=: the chosen release's preflight, notes and .env diff, then the confirmation.
+    POST: the preflight again (refused unless it passes), then start the upgrade and land on its run's page."""
+    customer = get_object_or_404(model_admin.get_queryset(request), pk=pk)  # team-scoped: 404 for others
+    posted = request.method == "POST"
+    data = request.POST if posted else request.GET
+    force = data.get("force") in ("1", "on", "true", "True")
+    card = versions_card(customer)
+    choices = _choices(card, force=force)
+    name = (data.get("release") or "").strip()
+    chosen = next((o for o in choices if o["release"].name == name), None)
+    problem = _refusal(customer, name, card, force) if name and chosen is None else ""
+    form = plan = None
+    if chosen is not None:
+        form = UpgradeForm(request.POST if posted else None, customer=customer,
+                           initial={"release": chosen["release"].name, "force": force})
+        plan = upgrade_plan(customer, chosen["release"], force=force)
+    if posted:
+        if form is None:
+            messages.error(request, problem or "choose a release first; nothing was started")
+        elif form.is_valid() and not plan["ok"]:
+            messages.error(request, f"the preflight failed ({'; '.join(plan['report'].problems())}); nothing was "
+                                    "started")
+        elif form.is_valid():
+            release = chosen["release"]
+            try:
+                run = upgrade_start(customer, release, requested_by=request.user, via="admin", force=force)
+            except STARTED as exc:
+                messages.error(request, str(exc))
+            else:
+                if force and chosen["bad"]:
+                    messages.warning(request, f"Upgrade of {customer} to {release} forced although it failed for "
+                                              f"this customer before ({chosen['bad']}).")
+                return redirect(reverse("admin:operations_run_change", args=[run.pk]))
+    context = {
+        **model_admin.admin_site.each_context(request),
+        "opts": model_admin.model._meta,
+        "original": customer,
+        "customer": customer,
+        "card": card,
+        "choices": choices,
+        "bad_hidden": [o for o in card["offered"] if o["bad"] and not force],
+        "chosen": chosen,
+        "force": force,
+        "problem": problem,
+        "plan": plan,
+        "form": form,
+        "title": f"Upgrade {customer}",
+        "subtitle": None,
+    }
+    return TemplateResponse(request, "admin/upgrades/upgrade.html", context,
+                            status=400 if posted or problem else 200)
+
+
+def rollback_view(request, pk: int, model_admin):
+    """GET: what the rollback puts back (and what is lost), then the confirmation. POST: start it."""
+    customer = get_object_or_404(model_admin.get_queryset(request), pk=pk)
+    plan = rollback_plan(customer)
+    form = ConfirmForm(request.POST if request.method == "POST" else None, customer=customer)
+    if request.method == "POST" and plan is not None and form.is_valid():
+        try:
+            run = rollback_start(customer, requested_by=request.user, via="admin")
+        except STARTED as exc:
+            messages.error(request, str(exc))
+        else:
+            return redirect(reverse("admin:operations_run_change", args=[run.pk]))
+    context = {
+        **model_admin.admin_site.each_context(request),
+        "opts": model_admin.model._meta,
+        "original": customer,
+        "customer": customer,
+        "plan": plan,
+        "form": form,
+        "title": f"Roll back {customer}",
+        "subtitle": None,
+    }
+    status = 200 if request.method == "GET" and plan is not None else 400 if request.method == "POST" else 404
+    return TemplateResponse(request, "admin/upgrades/rollback.html", context, status=status)
+
+
+class ResolveForm(forms.Form):
+    note = forms.CharField(label="What was done", widget=forms.Textarea(attrs={"rows": 4, "cols": 80}),
+                           help_text="Goes into the audit log. Upgrades of this customer are allowed again after.")
+
+
+def resolve_view(request, upgrade_id: int, model_admin):
+    """A quarantined upgrade an operator has dealt with: GET the form, POST the note."""
+    upgrade = get_object_or_404(model_admin.get_queryset(request).select_related("customer"), pk=upgrade_id)
+    form = ResolveForm(request.POST if request.method == "POST" else None)
+    if request.method == "POST" and form.is_valid():
+        try:
+            quarantine_resolve(upgrade, actor=request.user, note=form.cleaned_data["note"], via="admin")
+        except UpgradeInputError as exc:
+            messages.error(request, str(exc))
+        else:
+            messages.success(request, f"Quarantine of {upgrade.customer} marked resolved; upgrades are allowed "
+                                      "again.")
+            return redirect(reverse("admin:upgrades_upgrade_change", args=[upgrade.pk]))
+    context = {
+        **model_admin.admin_site.each_context(request),
+        "opts": model_admin.model._meta,
+        "original": upgrade,
+        "upgrade": upgrade,
+        "form": form,
+        "title": f"Resolve the quarantine of {upgrade.customer}",
+        "subtitle": None,
+    }
+    return TemplateResponse(request, "admin/upgrades/resolve.html", context,
+                            status=400 if request.method == "POST" else 200)
+
+
+def steps_view(request, upgrade_id: int, model_admin):
+    """The step list as JSON, for the upgrade page's live table (read-only, GET only)."""
+    if request.method != "GET":
+        return HttpResponseNotAllowed(["GET"])
+    upgrade = get_object_or_404(model_admin.get_queryset(request), pk=upgrade_id)
+    return JsonResponse(steps_document(upgrade))
+
