@@ -17,6 +17,7 @@ from django.shortcuts import get_object_or_404, redirect
 from django.template.response import TemplateResponse
 from django.urls import reverse
 
+from customers.forms import ConfirmForm
 from engines import envfile, unpack
 from operations.services import OperationRefused
 
@@ -27,27 +28,22 @@ from .services import BackupInputError, restore_start, verify_start
 MAX_ENV_BYTES = 1024 * 1024
 
 
-class RestoreForm(forms.Form):
+class RestoreForm(ConfirmForm):
     artifacts = forms.MultipleChoiceField(widget=forms.CheckboxSelectMultiple, label="What to restore")
-    confirm = forms.CharField(label="Type the customer's domain to confirm", required=True)
     safety_backup = forms.BooleanField(required=False, initial=True, label="Take a safety backup first",
                                        help_text="A pinned backup of the current state, so the restore can be undone "
                                                  "later.")
 
+    field_order = ["artifacts", "safety_backup", "confirm"]
+
     def __init__(self, *args, backup: Backup, **kwargs):
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, customer=backup.customer, **kwargs)
         self.backup = backup
         arts = list(backup.artifacts.order_by("pk"))
         self.fields["artifacts"].choices = [(a.name, f"{a.name} ({a.get_kind_display().lower()}, "
                                                      f"{human_size(a.size)})") for a in arts]
         if not self.is_bound:
             self.initial["artifacts"] = [a.name for a in arts]
-
-    def clean_confirm(self):
-        typed = self.cleaned_data["confirm"].strip().lower()
-        if typed != self.backup.customer.domain:
-            raise forms.ValidationError(f"type {self.backup.customer.domain} exactly to confirm")
-        return typed
 
 
 def restore_view(request, backup_id: int, model_admin):

@@ -16,29 +16,13 @@ from django.shortcuts import get_object_or_404, redirect
 from django.template.response import TemplateResponse
 from django.urls import reverse
 
+from customers.forms import ConfirmForm
 from operations.services import OperationRefused
 
 from .admin_selectors import rollback_plan, steps_document, upgrade_plan, versions_card
 from .services import UpgradeInputError, quarantine_resolve, rollback_start, upgrade_start
 
 STARTED = (UpgradeInputError, OperationRefused, PermissionDenied)
-
-
-class ConfirmForm(forms.Form):
-    """The typed confirmation: the customer's domain, exactly (case aside)."""
-
-    confirm = forms.CharField(label="Type the customer's domain to confirm", required=True,
-                              widget=forms.TextInput(attrs={"autocomplete": "off", "spellcheck": "false"}))
-
-    def __init__(self, *args, customer, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.customer = customer
-
-    def clean_confirm(self):
-        typed = self.cleaned_data["confirm"].strip().lower()
-        if typed != self.customer.domain:
-            raise forms.ValidationError(f"type {self.customer.domain} exactly to confirm")
-        return typed
 
 
 class UpgradeForm(ConfirmForm):
