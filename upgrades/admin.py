@@ -7,6 +7,7 @@ from django.contrib import admin
 from django.urls import path, reverse
 from django.utils.html import format_html
 
+from backups.selectors import human_duration
 from core.admin_mixins import TeamScopedAdminMixin
 
 from .admin_selectors import duration_seconds, versions_text
@@ -39,14 +40,6 @@ class _ReadOnly:
 
 def status_badge(obj) -> str:
     return format_html('<span class="kasa-status kasa-status-{}">{}</span>', obj.status, obj.get_status_display())
-
-
-def human_seconds(seconds: float | None) -> str:
-    if seconds is None:
-        return "—"
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    return f"{int(seconds // 60)} min {int(seconds % 60)} s"
 
 
 @admin.register(Upgrade)
@@ -84,7 +77,7 @@ class UpgradeAdmin(_ReadOnly, TeamScopedAdminMixin, admin.ModelAdmin):
 
     @admin.display(description="duration")
     def duration_display(self, obj):
-        return human_seconds(duration_seconds(obj))
+        return human_duration(duration_seconds(obj))
 
     @admin.display(description="backup used")
     def backup_link(self, obj):
