@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .streams import HashingWriter, ProcessChain, ThrottledWriter
+from .streams import CHUNK, HashingWriter, ProcessChain, ThrottledWriter
 
 
 @dataclass
@@ -39,9 +39,11 @@ def write_artifact(
         sink = ThrottledWriter(writer, bandwidth) if bandwidth else writer
         hashing = HashingWriter(sink)
         top = EncryptingWriter(hashing, keyring) if keyring is not None else hashing
+        buf = bytearray(CHUNK)  # one buffer for the whole stream: the writers below copy what they keep
+        view = memoryview(buf)
         with chain:
-            for chunk in chain.chunks():
-                top.write(chunk)
+            while n := chain.read_into(buf):
+                top.write(view[:n])
                 if on_progress:
                     on_progress(chain.bytes_out)
             chain.finish()

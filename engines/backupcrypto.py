@@ -52,6 +52,12 @@ _AAD_SIZE = HEADER_SIZE - WRAPPED_KEY_BYTES  # everything before the wrapped key
 
 # Bounds the ciphertext one write() hands on, whatever size the caller passes.
 _WRITE_SLICE = 1 << 20
+_COBBLE_CHUNK = 1 << 14  # Cobblestone's plaintext chunk; each ciphertext chunk carries a 16-byte tag
+
+
+def _out_room(n: int) -> int:
+    """Room update_into() may need for n plaintext bytes: a pending chunk, a tag per chunk, the nonce."""
+    return n + _COBBLE_CHUNK + (n // _COBBLE_CHUNK + 2) * 16 + 64
 
 
 class BackupKeyError(SecretKeyError):
@@ -178,21 +184,32 @@ class EncryptingWriter:
         header = aad + AESGCM(keyring.kek(self.key_id)).encrypt(nonce, data_key, aad)
         self._enc = Cobblestone256Encryptor(data_key, header)
         self._closed = False
+        self._buf: bytearray | None = None
+        self._view: memoryview | None = None
         out.write(header)
         self.bytes_in = 0
         self.bytes_out = len(header)
 
-    def _forward(self, data: bytes) -> None:
+    def _forward(self, data) -> None:
         if data:
             self._out.write(data)
             self.bytes_out += len(data)
 
-    def write(self, data: bytes) -> int:
+    def write(self, data) -> int:
+        """Encrypt into one reused buffer and hand `out` a view of it.
+
+        `out` must copy what it keeps (every store writer and hashlib do): the
+        view is overwritten by the next write. No allocation per chunk.
+        """
         if self._closed:
             raise ValueError("write to a closed EncryptingWriter")
         view = memoryview(data).cast("B")
+        if self._buf is None:
+            self._buf = bytearray(_out_room(_WRITE_SLICE))
+            self._view = memoryview(self._buf)
         for start in range(0, len(view), _WRITE_SLICE):
-            self._forward(self._enc.update(view[start : start + _WRITE_SLICE]))
+            n = self._enc.update_into(view[start : start + _WRITE_SLICE], self._buf)
+            self._forward(self._view[:n])
         self.bytes_in += len(view)
         return len(view)
 

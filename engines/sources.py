@@ -54,8 +54,12 @@ def compressor_stage(compression: str, *, level: int | None = None) -> Stage | N
 def tar_stage(root: str, members: list[str], *, excludes: tuple[str, ...] | list[str] = (),
               no_recursion: bool = False) -> Stage:
     """GNU tar of `members` (relative to root). Exit 1 ("file changed as we read it") is a warning."""
-    argv = ["tar", "--create", "--file=-", "--directory", root, "--format=posix", "--sparse",
-            "--warning=no-file-ignored"]
+    # POSIX (pax) format for long names, large files and sparse maps, but without the per-file extended
+    # header GNU tar writes only to carry atime, ctime and the fraction of a second of mtime: 1 KiB per file
+    # (40 MB and ~0.6 CPU-s per 40,000 files to archive and compress). mtime is kept to the second, as in
+    # GNU tar's default format; atime and ctime are not restored by tar anyway.
+    argv = ["tar", "--create", "--file=-", "--directory", root, "--format=posix",
+            "--pax-option=delete=atime,delete=ctime,delete=mtime", "--sparse", "--warning=no-file-ignored"]
     argv += [f"--exclude={p}" for p in excludes]
     if no_recursion:
         argv.append("--no-recursion")

@@ -101,6 +101,16 @@ class ProcessChain:
             self.bytes_out += len(data)
             yield data
 
+    def read_into(self, buf) -> int:
+        """Fill `buf` from the last stage's stdout; the byte count, 0 at the end.
+
+        The streaming loop reuses one buffer instead of allocating a fresh
+        bytes object per chunk, as chunks() does: fewer page faults per GB.
+        """
+        n = self.procs[-1].stdout.readinto(buf) or 0
+        self.bytes_out += n
+        return n
+
     def finish(self) -> list[int]:
         """Wait for every stage; raise ChainError naming the first failed stage."""
         codes = [p.wait() for p in self.procs]

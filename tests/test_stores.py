@@ -115,6 +115,23 @@ def test_streamed_object_in_odd_chunks_reads_back_identical(store):
     assert store.leftovers() == [name]
 
 
+def test_object_written_from_one_reused_buffer_reads_back_identical(store):
+    """The backup stream hands writers views of one buffer it overwrites: each writer must copy what it keeps."""
+    name = "shop.example.com/20261122T051500Z-13/db-main.pgdump.zst.enc"
+    buf = bytearray(2 * MiB)  # random_stream's chunks are at most 2 MiB - 1
+    view = memoryview(buf)
+    h, total = hashlib.sha256(), 0
+    with store.open_write(name) as w:
+        for chunk in random_stream(11 * MiB + 5):
+            buf[: len(chunk)] = chunk
+            w.write(view[: len(chunk)])
+            h.update(chunk)
+            total += len(chunk)
+            buf[: len(chunk)] = b"\0" * len(chunk)  # what a writer kept a reference to is now zeros
+    with store.open_read(name) as fh:
+        assert read_all(fh) == (h.hexdigest(), total)
+
+
 def test_exists_size_list_delete_and_delete_prefix(store):
     names = ["a.example.com/1/backup.json", "a.example.com/1/db/main.dump", "a.example.com/10/backup.json",
              "b.example.com/1/backup.json"]
@@ -229,6 +246,66 @@ def test_local_symlink_out_of_the_root_is_refused(tmp_path):
     with pytest.raises(StoreError, match="outside"):
         s.open_write("link/stolen")
     assert list(outside.iterdir()) == []
+
+
+def _resident_bytes(path) -> int:
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.strip())
+
+
+def test_local_artifacts_go_to_disk_without_filling_the_page_cache(tmp_path):
+    """O_DIRECT: gigabytes of backup must not push the live instance's files out of memory."""
+    s = LocalStore(tmp_path / "store")
+    name = "shop.example.com/20261122T051500Z-14/backend.tar.zst.enc"
+    h = hashlib.sha256()
+    with s.open_write(name) as w:
+        for chunk in random_stream(24 * MiB + 999):
+            h.update(chunk)
+            w.write(chunk)
+        assert w._fh.direct, "the writer should use O_DIRECT on this filesystem"
+    path = s.root / name
+    assert _resident_bytes(path) <= 64 * 1024  # only the last partial block went through the page cache
+    with s.open_read(name) as fh:
+        assert read_all(fh)[0] == h.hexdigest()
+
+
+@pytest.mark.parametrize("refused_at", ["open", "write"])
+def test_local_writer_falls_back_to_the_page_cache_where_o_direct_is_refused(tmp_path, monkeypatch, refused_at):
+    """Some filesystems (FUSE, some network mounts) refuse O_DIRECT with EINVAL at open() or at the first
+    write. This machine's filesystems accept it, so the refusal is simulated; the object must still be whole."""
+    import errno as errno_
+
+    from engines import directio
+
+    real_open, real_write = os.open, os.write
+    fds = set()
+
+    def fake_open(path, flags, mode=0o777, **kw):
+        if refused_at == "open" and flags & os.O_DIRECT:
+            raise OSError(errno_.EINVAL, "Invalid argument")
+        fd = real_open(path, flags, mode, **kw)
+        if flags & os.O_DIRECT:
+            fds.add(fd)
+        return fd
+
+    def fake_write(fd, data):
+        if fd in fds and directio.fcntl.fcntl(fd, directio.fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno_.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(directio.os, "open", fake_open)
+    monkeypatch.setattr(directio.os, "write", fake_write)
+    s = LocalStore(tmp_path / "store")
+    h, total = hashlib.sha256(), 9 * MiB + 3
+    with s.open_write("f.example.com/1/a.tar") as w:
+        for chunk in random_stream(total):
+            h.update(chunk)
+            w.write(chunk)
+    assert not w._fh.direct
+    monkeypatch.undo()
+    with s.open_read("f.example.com/1/a.tar") as fh:
+        assert read_all(fh) == (h.hexdigest(), total)
 
 
 def test_local_disk_full_raises_and_leaves_no_partial_file(tmp_path):

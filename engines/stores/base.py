@@ -81,7 +81,8 @@ class StoreWriter:
         else:
             self.abort()
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data) -> None:
+        """Store `data` (bytes-like). It may be a view of the caller's reused buffer: copy what you keep."""
         raise NotImplementedError
 
     def _commit(self) -> None:

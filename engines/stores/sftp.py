@@ -62,9 +62,9 @@ class SFTPWriter(StoreWriter):
                 raise
             self._fh.set_pipelined(True)  # don't wait for each write's ack: a round trip per 32 KB is slow
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data) -> None:
         with self._store._op("writing", self.name):
-            self._fh.write(data)
+            self._fh.write(bytes(data))  # paramiko may hold on to it while pipelining; callers reuse buffers
 
     def _commit(self) -> None:
         with self._store._op("writing", self.name):
