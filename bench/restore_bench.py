@@ -88,6 +88,7 @@ def run(args, work: Path) -> dict:
         dump, restore = pg_binary("pg_dump"), pg_binary("pg_restore")
     createdb, dropdb = pg_binary("createdb"), pg_binary("dropdb")
 
+    common.compile_kasa()
     say("registering the customer in a fresh control database; the role may create the fresh database")
     kasa = Kasa(work, work / "customers")
     kasa.reset()
