@@ -1,6 +1,6 @@
 """MySQL/MariaDB: restore a dump into a fresh database, swap it in for the live one, swap it back.
 
-The engine-neutral parts (DbTarget, RestoreError, feed_process, side names, the
+The engine-neutral parts (DbTarget, RestoreError, side names, the
 privileges each engine needs) are in engines.dbrestore, which re-exports the
 public functions here; see its docstring for the whole procedure.
 """
@@ -14,7 +14,8 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Iterator
 
 from . import credentials, sources
-from .dbrestore import DbTarget, RestoreError, _drop_after_failure, feed_process, side_name
+from .dbrestore import DbTarget, RestoreError, _drop_after_failure, side_name
+from .feed import feed_process
 
 # --- MySQL / MariaDB ---------------------------------------------------------------------
 # There is no RENAME DATABASE: base tables move between databases in one RENAME TABLE

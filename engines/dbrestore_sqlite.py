@@ -12,7 +12,8 @@ import os
 import sqlite3
 from collections.abc import Iterable
 
-from .dbrestore import RestoreError, _drop_after_failure, _oneline, new_tag
+from .dbrestore import RestoreError, _drop_after_failure, new_tag
+from .feed import oneline as _oneline
 
 # --- SQLite ------------------------------------------------------------------------------
 SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")  # they belong to the main file: they move with it

@@ -32,7 +32,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-BLOCK = 512
+from .tarfields import _DIGITS, BLOCK, _decimal, _is_star, _number, _pad, show
+
 ZERO_BLOCK = bytes(BLOCK)
 GiB = 1 << 30
 NAME_MAX = 255  # longest path component on ext4/xfs: refuse early rather than fail half-way in tar
@@ -43,11 +44,8 @@ _TYPES = {b"0": FILE, b"\x00": FILE, b"7": FILE, b"1": HARDLINK, b"2": SYMLINK, 
 _REFUSED_TYPES = {b"3": "it is a character device", b"4": "it is a block device", b"6": "it is a FIFO",
                   b"D": "it is a GNU dumpdir", b"V": "it is a volume label", b"M": "it continues a multi-volume "
                   "archive", b"N": "it is an old GNU rename record", b"X": "it is a Solaris extended header"}
-_SPACES = frozenset(b" \t\n\v\f\r")
 _DRIVE = re.compile(rb"[A-Za-z]:")
-_OCTAL = re.compile(rb"([0-7]+)(?:[\0 \t\n\v\f\r]|\Z)")
 _PAX_LEN = re.compile(rb"([0-9]{1,19}) ")
-_DIGITS = re.compile(rb"[0-9]{1,19}\Z")
 # Keywords that change what or where a member is: each may appear once, and their values are checked.
 _PAX_NAME_KEYS = {b"path", b"linkpath", b"size", b"GNU.sparse.name", b"GNU.sparse.major", b"GNU.sparse.minor",
                   b"GNU.sparse.realsize"}
@@ -92,53 +90,6 @@ class Listing:
     total_size: int = 0  # bytes of regular files (sparse files at their real size; hard links not again)
     # path (bytes, relative, normalised) → kind; what check_tree compares the extracted tree with.
     paths: dict | None = field(default=None, repr=False, compare=False)
-
-
-def show(raw: bytes, limit: int = 160) -> str:
-    """A member name fit for a message: decoded, control characters escaped, long names shortened."""
-    text = raw.decode("utf-8", "backslashreplace")
-    if len(text) > limit:
-        text = text[: limit // 2] + "…" + text[-limit // 2 :]
-    return repr(text)
-
-
-def _number(fld: bytes, *, octal_only: bool = False) -> int | None:
-    """A numeric header field read exactly as GNU tar's from_header reads it; None where GNU tar would
-    fail or where it accepts something we do not (base-64, negative base-256)."""
-    m = _OCTAL.match(fld)
-    if m:  # the common case, as GNU tar writes it: digits, then NUL or space
-        return int(m.group(1), 8)
-    n, i = len(fld), 0
-    if n and fld[0] == 0:
-        i = 1  # GNU tar skips one leading NUL left by an overflowing previous field
-    while True:
-        if i == n:
-            return None  # blanks only
-        if fld[i] not in _SPACES:
-            break
-        i += 1
-    c, value = fld[i], 0
-    if 48 <= c <= 55:
-        while i < n and 48 <= fld[i] <= 55:
-            value = value * 8 + fld[i] - 48
-            i += 1
-    elif not octal_only and c == 0x80 and i <= n - 2:
-        value = int.from_bytes(fld[i + 1 :], "big")  # positive base-256 uses the whole rest of the field
-        return value if value < 1 << 63 else None
-    elif not octal_only and c in (0xFF, 0x2B, 0x2D):
-        return None  # negative base-256, obsolete base-64
-    if i != n and fld[i] != 0 and fld[i] not in _SPACES:
-        return None
-    return value
-
-
-def _decimal(value: bytes) -> int | None:
-    """A pax number as GNU tar accepts it for an off_t: digits only, below 2**63."""
-    return int(value) if _DIGITS.match(value) and int(value) < 1 << 63 else None
-
-
-def _pad(size: int) -> int:
-    return -(-size // BLOCK) * BLOCK
 
 
 class TarScanner:
@@ -601,9 +552,3 @@ class TarScanner:
         if not self._need:
             self._refuse("its sparse map runs past the end of its data")
         return pos
-
-
-def _is_star(block: bytes) -> bool:
-    """GNU tar's test for a star header (which changes how it reads sparse members and times)."""
-    return (block[475] == 0 and 48 <= block[476] <= 55 and block[487] == 32 and 48 <= block[488] <= 55
-            and block[499] == 32)
