@@ -114,14 +114,17 @@ def _database_spec(db: DatabaseConnection, compression: str, encrypted: bool) ->
 
         @contextlib.contextmanager
         def open_mysql():
-            with credentials.mysql_defaults_file(host=db.host, port=db.port, user=db.user, password=password) as cnf:
+            settings.KASA_SCRATCH_DIR.mkdir(parents=True, exist_ok=True)
+            with credentials.mysql_defaults_file(host=db.host, port=db.port, user=db.user, password=password) as cnf, \
+                    tempfile.TemporaryDirectory(dir=settings.KASA_SCRATCH_DIR, prefix="rowcount-") as tmp:
                 version = sources.mysql_query(cnf, db.database, "SELECT VERSION()")[0][0]
-                counts = sources.mysql_row_counts(cnf, db.database)
                 stage = sources.mysql_dump_stage(cnf, db.database)
-                yield _chain([stage, comp]), {
-                    "engine": "mysql", "database": db.database, "format": "sql", "server_version": version,
-                    "client_version": sources.client_version_of(stage.argv[0]), "row_counts": counts,
-                }
+                # Rows are counted in the dump as it streams (a separate COUNT(*) cannot see the dump's snapshot)
+                counts_path = os.path.join(tmp, "counts.json")
+                details = {"engine": "mysql", "database": db.database, "format": "sql", "server_version": version,
+                           "client_version": sources.client_version_of(stage.argv[0]), "row_counts": None}
+                yield _chain([stage, sources.mysql_count_stage(counts_path), comp]), details
+                details["row_counts"] = sources.read_counts(counts_path)
 
         return ArtifactSpec(_name(f"db-{db.name}.sql", compression, encrypted), "database", db.name, open_mysql,
                             secrets=[password])

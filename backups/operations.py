@@ -272,6 +272,7 @@ def _write_one(ctx: RunContext, bk: Backup, store, spec, *, lane: str, keyring, 
     ctx.check_alive()
     ctx.info(f"{spec.name}: {spec.kind} {spec.source}")
     name = f"{bk.prefix}/{spec.name}"
+    res = None
     try:
         with spec.opener() as (chain, details):
             ctx.info("$ " + " | ".join(" ".join(st.argv) for st in chain.stages))
@@ -279,8 +280,12 @@ def _write_one(ctx: RunContext, bk: Backup, store, spec, *, lane: str, keyring, 
                                  on_progress=lambda n: progress.update(lane, n, spec.name))
             for label, line in chain.stderr_lines():
                 ctx.warning(f"{label}: {line}")
-    except (streams.ChainError, plans.sources.SourceError) as exc:
-        raise OperationError(f"{spec.name}: {exc}") from None
+    except BaseException as exc:
+        if res is not None and res.writer is not None:
+            res.writer.abort()  # the stream was whole but its opener failed on the way out (e.g. row counts)
+        if isinstance(exc, (streams.ChainError, plans.sources.SourceError)):
+            raise OperationError(f"{spec.name}: {exc}") from None
+        raise
     progress.artifact_done(lane, res.source_bytes)
     progress.update(lane, 0, spec.name, force=True)
     rows = details.get("row_counts")

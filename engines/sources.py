@@ -240,6 +240,25 @@ def mysql_dump_stage(defaults_file: str, dbname: str) -> Stage:
     return Stage(argv, name=os.path.basename(argv[0]))
 
 
+def mysql_count_stage(counts_path: str) -> Stage:
+    """A pass-through stage after the dump that counts each table's rows in it (engines/sqlcount.py says why):
+    COUNTS_PATH holds {"table": rows} once the dump ended cleanly."""
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sqlcount.py")
+    return Stage([sys.executable, "-I", "-S", script, counts_path], name="row count")
+
+
+def read_counts(counts_path: str) -> dict[str, int]:
+    import json
+
+    try:
+        with open(counts_path) as fh:
+            return {str(k): int(v) for k, v in json.load(fh).items()}
+    except (OSError, ValueError) as exc:
+        raise SourceError(f"the row counts of the dump are missing ({exc})") from None
+
+
 def mysql_query(defaults_file: str, dbname: str, query: str, timeout: float = 120) -> list[list[str]]:
     res = subprocess.run(
         [mysql_client_program(), f"--defaults-extra-file={defaults_file}", "--batch", "--skip-column-names",

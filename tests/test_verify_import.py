@@ -49,6 +49,50 @@ def test_verify_drill_restores_every_part_and_records_it(verifiable):
     assert not r.never_verified and not r.outside_rpo and r.rto_measured is not None
 
 
+def test_mariadb_backup_taken_while_the_app_writes_still_verifies(verifiable, mysql_database):
+    """MariaDB cannot share the dump's snapshot with a second connection: rows counted by a separate query
+    would differ from the dump while the app inserts, and the drill (and a restore) would refuse a good
+    backup. Kasa counts the rows in the dump itself."""
+    import subprocess
+    import time
+
+    from tests.conftest import MY_ADMIN, MY_HOST, MY_PORT
+
+    m = mysql_database
+    writer = subprocess.Popen(  # the "app": one autocommitted insert every millisecond or so, for ~10 s
+        ["mariadb", "--protocol=TCP", "-h", MY_HOST, "-P", str(MY_PORT), "-u", MY_ADMIN, m["name"], "-e",
+         "DELIMITER //\nBEGIN NOT ATOMIC DECLARE i INT DEFAULT 0; WHILE i < 8000 DO "
+         "INSERT INTO carts (v) VALUES ('w'); SET i = i + 1; DO SLEEP(0.001); END WHILE; END//"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while _mysql_count(m, "carts") < 321 + 20:  # writing has begun
+            assert writer.poll() is None and time.monotonic() < deadline, writer.stderr.read()
+            time.sleep(0.05)
+        doc = _backup_json(verifiable.domain)
+        still_writing = writer.poll() is None
+    finally:
+        writer.kill()
+        writer.wait()
+    assert doc["status"] == "succeeded" and still_writing
+    art = BackupArtifact.objects.get(backup_id=doc["id"], name="db-shop.sql.zst.enc")
+    assert art.details["row_counts"]["carts"] > 321 + 20
+    code, run = command_json("verify", str(doc["id"]))
+    assert code == 0, run
+    assert Backup.objects.get(pk=doc["id"]).verify_status == "passed"
+
+
+def _mysql_count(m: dict, table: str) -> int:
+    import subprocess
+
+    from tests.conftest import MY_ADMIN, MY_HOST, MY_PORT
+
+    out = subprocess.run(["mariadb", "--protocol=TCP", "-h", MY_HOST, "-P", str(MY_PORT), "-u", MY_ADMIN, "-N",
+                          "-B", m["name"], "-e", f"SELECT COUNT(*) FROM `{table}`"],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.strip())
+
+
 def test_a_drill_that_finds_a_difference_flags_the_backup_and_alerts(verifiable, settings):
     settings.EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
     from backups.services import global_policy
