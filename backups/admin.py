@@ -6,7 +6,7 @@ from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 
-from core.admin_mixins import AuditedAdminMixin, TeamScopedAdminMixin
+from core.admin_mixins import AuditedAdminMixin, TeamScopedAdminMixin, change_link
 from operations.services import OperationRefused
 
 from .models import Backup, BackupArtifact, BackupPolicy, StorageTarget
@@ -227,10 +227,7 @@ class BackupAdmin(TeamScopedAdminMixin, admin.ModelAdmin):
 
     @admin.display(description="run")
     def run_link(self, obj):
-        if not obj.run_id:
-            return "—"
-        return format_html('<a href="{}">run #{}</a>', reverse("admin:operations_run_change", args=[obj.run_id]),
-                           obj.run_id)
+        return change_link("admin:operations_run_change", obj.run_id, f"run #{obj.run_id}")
 
     @admin.display(description="download")
     def downloads(self, obj):

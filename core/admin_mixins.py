@@ -1,9 +1,19 @@
-"""Admin building blocks: team scoping and the audit trail for admin changes."""
+"""Admin building blocks: team scoping, the audit trail for admin changes, links between admin pages."""
 
 from __future__ import annotations
 
+from django.urls import reverse
+from django.utils.html import format_html
+
 from audit.models import AuditEntry
 from audit.services import audit_record
+
+
+def change_link(viewname: str, pk, text: str):
+    """A link to another object's admin page for a changelist or detail column, or a dash when there is none."""
+    if not pk:
+        return "—"
+    return format_html('<a href="{}">{}</a>', reverse(viewname, args=[pk]), text)
 
 
 def scope_to_user(qs, user, path: str, *, allow_null: str | bool = False):

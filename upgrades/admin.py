@@ -4,11 +4,11 @@ the pages that start them hang off the customer (customers.admin → upgrades.vi
 from __future__ import annotations
 
 from django.contrib import admin
-from django.urls import path, reverse
+from django.urls import path
 from django.utils.html import format_html
 
 from backups.selectors import human_duration
-from core.admin_mixins import TeamScopedAdminMixin
+from core.admin_mixins import TeamScopedAdminMixin, change_link
 
 from .admin_selectors import duration_seconds, versions_text
 from .models import BadRelease, Upgrade
@@ -81,29 +81,20 @@ class UpgradeAdmin(_ReadOnly, TeamScopedAdminMixin, admin.ModelAdmin):
 
     @admin.display(description="backup used")
     def backup_link(self, obj):
-        if not obj.backup_id:
-            return "—"
-        return format_html('<a href="{}">#{}</a>', reverse("admin:backups_backup_change", args=[obj.backup_id]),
-                           obj.backup_id)
+        return change_link("admin:backups_backup_change", obj.backup_id, f"#{obj.backup_id}")
 
     @admin.display(description="run")
     def run_link(self, obj):
-        return format_html('<a href="{}">#{}</a>', reverse("admin:operations_run_change", args=[obj.run_id]),
-                           obj.run_id)
+        return change_link("admin:operations_run_change", obj.run_id, f"#{obj.run_id}")
 
     @admin.display(description="release")
     def release_link(self, obj):
-        if not obj.to_release_id:
-            return "—"
-        return format_html('<a href="{}">{}</a>', reverse("admin:releases_release_change", args=[obj.to_release_id]),
-                           obj.to_release.name)
+        return change_link("admin:releases_release_change", obj.to_release_id,
+                           obj.to_release.name if obj.to_release_id else "")
 
     @admin.display(description="rolls back")
     def rolls_back_link(self, obj):
-        if not obj.rolls_back_id:
-            return "—"
-        return format_html('<a href="{}">upgrade #{}</a>',
-                           reverse("admin:upgrades_upgrade_change", args=[obj.rolls_back_id]), obj.rolls_back_id)
+        return change_link("admin:upgrades_upgrade_change", obj.rolls_back_id, f"upgrade #{obj.rolls_back_id}")
 
     @admin.display(description="error")
     def error_text(self, obj):
@@ -155,8 +146,5 @@ class BadReleaseAdmin(_ReadOnly, TeamScopedAdminMixin, admin.ModelAdmin):
 
     @admin.display(description="upgrade")
     def upgrade_link(self, obj):
-        if not obj.upgrade_id:
-            return "—"
-        return format_html('<a href="{}">#{}</a>', reverse("admin:upgrades_upgrade_change", args=[obj.upgrade_id]),
-                           obj.upgrade_id)
+        return change_link("admin:upgrades_upgrade_change", obj.upgrade_id, f"#{obj.upgrade_id}")
 
