@@ -74,10 +74,12 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "channels",
+    # Before django_q: its `qcluster` command is replaced by operations' own (a stop that cannot hang;
+    # operations/management/commands/qcluster.py). Of two commands with one name, the first app's wins.
+    "operations",
     "django_q",
     "core",
     "customers",
-    "operations",
     "audit",
     "backups",
     "releases",

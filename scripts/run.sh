@@ -14,8 +14,8 @@ for tool in python daphne; do
 done
 
 # Job control: each server runs in its own process group. A Ctrl-C in the terminal
-# then reaches only this script, which stops each server exactly once (django-q's
-# cluster can hang when a second signal arrives while it is still starting or stopping).
+# then reaches only this script, which stops each server exactly once (a second signal
+# would tell the worker to cut its running tasks off instead of letting them finish).
 set -m
 pids=()
 alive() { local pid; for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && return 0; done; return 1; }

@@ -240,9 +240,7 @@ def start_worker(subprocess_env, tmp_path):
 
     yield start
     for p in procs:
-        # A qcluster sent SIGTERM across its process group logs "stopping" and does not exit (noted on issue 3):
-        # teardown gives it 3 s, not 15, before SIGKILL; the tests' own assertions are done by then.
-        p.stop(timeout=3)
+        p.stop()  # SIGTERM to the whole group: Kasa's qcluster exits at once (tests/test_operations.py)
 
 
 @pytest.fixture

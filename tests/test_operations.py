@@ -252,3 +252,72 @@ def test_killed_worker_run_is_failed_on_redelivery_not_rerun(make_customer, star
     assert len(slow.hits) == 1  # the check was not executed a second time
     assert failed.log_lines.filter(text__contains="started on").count() == 1
     slow.server.shutdown()
+
+
+# --- stopping the worker (operations/management/commands/qcluster.py) ----------------------------------
+
+def _live_members(pgid: int) -> list[int]:
+    """Processes of the group that still run (zombies waiting for their reaper do not count)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            fields = stat.rpartition(")")[2].split()  # state ppid pgrp ...
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                pids.append(int(entry))
+    return pids
+
+
+@pytest.mark.django_db(transaction=True)
+def test_worker_whose_whole_process_group_gets_sigterm_exits_instead_of_hanging(start_worker):
+    # django-q2's own qcluster logs "stopping" and never exits here (its sentinel dies of the signal while
+    # the main process waits for it to acknowledge the stop).
+    worker = start_worker()
+    wait_until(lambda: "running." in worker.output(), 60, what="the cluster to start")
+    os.killpg(worker.pid, signal.SIGTERM)  # as `kill -- -PGID`, `pkill -f qcluster` or systemd's default
+    assert worker.popen.wait(timeout=30) == 0, worker.output()[-2000:]
+    assert "stopped by the same signal" in worker.output()
+    wait_until(lambda: not _live_members(worker.pid), 10, what="every process of the cluster to end")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_worker_sent_sigterm_lets_its_running_run_finish_then_exits(make_customer, start_worker):
+    from customers.services import customer_check_start
+
+    slow = _SlowHealth(delay=3)
+    customer = make_customer()
+    customer.services.update(health_url=slow.url)
+    worker = start_worker()
+    run = customer_check_start(customer, via="cli")
+    wait_until(lambda: slow.hits, 60, what="the check to reach the health URL")
+    os.kill(worker.pid, signal.SIGTERM)  # the main process only: `docker stop`, systemd's KillMode=mixed
+    assert worker.popen.wait(timeout=60) == 0, worker.output()[-2000:]
+    run.refresh_from_db()
+    assert run.status == Run.Status.SUCCEEDED, (run.status, run.error)
+    assert "has stopped" in worker.output()
+    wait_until(lambda: not _live_members(worker.pid), 10, what="every process of the cluster to end")
+    slow.server.shutdown()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_second_sigterm_stops_a_draining_worker_now_and_the_reaper_fails_its_run(make_customer, start_worker):
+    from customers.services import customer_check_start
+
+    slow = _SlowHealth(delay=120)
+    customer = make_customer()
+    customer.services.update(health_url=slow.url)
+    worker = start_worker()
+    run = customer_check_start(customer, via="cli")
+    wait_until(lambda: slow.hits, 60, what="the check to reach the health URL")
+    os.kill(worker.pid, signal.SIGTERM)
+    wait_until(lambda: "running tasks finish first" in worker.output(), 10, what="the drain to begin")
+    os.kill(worker.pid, signal.SIGTERM)
+    assert worker.popen.wait(timeout=30) == 0, worker.output()[-2000:]
+    assert "second signal" in worker.output()
+    wait_until(lambda: not _live_members(worker.pid), 10, what="every process of the cluster to end")
+    assert runs_reap() == [run.pk]
+    run.refresh_from_db()
+    assert run.status == Run.Status.FAILED and "no longer exists" in run.error
