@@ -2,11 +2,10 @@ from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.db import models
 from django.shortcuts import redirect
-from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 
-from core.admin_mixins import AuditedAdminMixin, TeamScopedAdminMixin, change_link
+from core.admin_mixins import AuditedAdminMixin, TeamScopedAdminMixin, admin_page, change_link
 from operations.services import OperationRefused
 
 from .models import Backup, BackupArtifact, BackupPolicy, StorageTarget
@@ -255,10 +254,8 @@ class BackupAdmin(TeamScopedAdminMixin, admin.ModelAdmin):
     def delete_backups(self, request, queryset):
         queryset = queryset.exclude(status=Backup.Status.DELETED)
         if request.POST.get("confirm") != "yes":
-            return TemplateResponse(request, "admin/backups/backup/delete_confirm.html", {
-                **self.admin_site.each_context(request), "backups": queryset, "opts": self.model._meta,
-                "title": "Delete backups from storage?",
-            })
+            return admin_page(request, self, "admin/backups/backup/delete_confirm.html",
+                              title="Delete backups from storage?", backups=queryset)
         for bk in queryset:
             try:
                 removed = backup_delete(bk, actor=request.user)

@@ -14,9 +14,9 @@ from django.contrib import messages
 from django.core.exceptions import PermissionDenied
 from django.http import HttpResponseNotAllowed
 from django.shortcuts import get_object_or_404, redirect
-from django.template.response import TemplateResponse
 from django.urls import reverse
 
+from core.admin_mixins import admin_page
 from customers.forms import ConfirmForm
 from engines import envfile, unpack
 from operations.services import OperationRefused
@@ -65,23 +65,13 @@ def restore_view(request, backup_id: int, model_admin):
         env_error = ""
     except (unpack.ArtifactError, tarfile.TarError, OSError) as exc:
         env_changes, env_error = [], f"could not read the .env files of the backup: {exc}"
-    context = {
-        **model_admin.admin_site.each_context(request),
-        "opts": model_admin.model._meta,
-        "original": backup,
-        "backup": backup,
-        "customer": backup.customer,
-        "form": form,
-        "env_changes": env_changes,
-        "env_error": env_error,
-        "root": backup.customer.root,
-        "databases": list(backup.customer.databases.all()),
-        "keys_missing": backup.encrypted and not settings.KASA_BACKUP_KEYS,
-        "title": f"Restore backup #{backup.pk} of {backup.customer}",
-        "subtitle": None,
-    }
-    return TemplateResponse(request, "admin/backups/restore.html", context,
-                            status=400 if request.method == "POST" and form.errors else 200)
+    return admin_page(request, model_admin, "admin/backups/restore.html",
+                      title=f"Restore backup #{backup.pk} of {backup.customer}", obj=backup,
+                      status=400 if request.method == "POST" and form.errors else 200,
+                      backup=backup, customer=backup.customer, form=form, env_changes=env_changes,
+                      env_error=env_error, root=backup.customer.root,
+                      databases=list(backup.customer.databases.all()),
+                      keys_missing=backup.encrypted and not settings.KASA_BACKUP_KEYS)
 
 
 def verify_view(request, backup_id: int, model_admin):

@@ -14,13 +14,13 @@ from django.core.exceptions import PermissionDenied
 from django.core.handlers.asgi import ASGIRequest
 from django.http import Http404, HttpResponseRedirect, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect
-from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils.html import format_html
 from django.utils.http import content_disposition_header
 
 from audit.models import AuditEntry
 from audit.services import audit_record
+from core.admin_mixins import admin_page
 from operations.services import OperationRefused
 
 from .models import BackupPolicy, StorageTarget
@@ -83,19 +83,9 @@ def backup_now_view(request, pk, model_admin):
                 messages.warning(request, f"Backup of {customer} started WITHOUT encryption: anyone who can read "
                                           f"the storage target can read it.")
             return redirect(reverse("admin:operations_run_change", args=[run.pk]))
-    context = {
-        **model_admin.admin_site.each_context(request),
-        "opts": model_admin.model._meta,
-        "original": customer,
-        "customer": customer,
-        "policy": policy,
-        "form": form,
-        "keys_missing": not settings.KASA_BACKUP_KEYS,
-        "title": f"Back up {customer}",
-        "subtitle": None,
-    }
-    return TemplateResponse(request, "admin/backups/backup_now.html", context,
-                            status=400 if request.method == "POST" and form.errors else 200)
+    return admin_page(request, model_admin, "admin/backups/backup_now.html", title=f"Back up {customer}",
+                      obj=customer, status=400 if request.method == "POST" and form.errors else 200,
+                      customer=customer, policy=policy, form=form, keys_missing=not settings.KASA_BACKUP_KEYS)
 
 
 def backup_now_many(model_admin, request, customers) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils.html import format_html
 
@@ -14,6 +15,15 @@ def change_link(viewname: str, pk, text: str):
     if not pk:
         return "—"
     return format_html('<a href="{}">{}</a>', reverse(viewname, args=[pk]), text)
+
+
+def admin_page(request, model_admin, template: str, *, title: str, obj=None, status: int = 200, **context):
+    """One of Kasa's own admin pages (back up now, restore, upgrade…) with the admin's header, breadcrumbs
+    and object tools: the site's context, the model's `opts`, `original` for the object it is about."""
+    return TemplateResponse(request, template, {
+        **model_admin.admin_site.each_context(request), "opts": model_admin.model._meta, "original": obj,
+        "title": title, "subtitle": None, **context,
+    }, status=status)
 
 
 def scope_to_user(qs, user, path: str, *, allow_null: str | bool = False):

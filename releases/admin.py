@@ -12,9 +12,10 @@ from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.shortcuts import redirect
-from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
+
+from core.admin_mixins import admin_page
 
 from .models import ComponentVersion, Release
 from .selectors import human_size
@@ -92,10 +93,8 @@ class ReleaseAdmin(_ReadOnlyAdmin):
                                            f"{len(result.releases_existing)} release(s) were already registered",
                                   messages.SUCCESS)
                 return redirect(reverse("admin:releases_release_changelist"))
-        return TemplateResponse(request, "admin/releases/upload.html", {
-            **self.admin_site.each_context(request), "form": form, "problems": problems, "opts": self.model._meta,
-            "title": "Upload releases",
-        }, status=400 if problems else 200)
+        return admin_page(request, self, "admin/releases/upload.html", title="Upload releases",
+                          status=400 if problems else 200, form=form, problems=problems)
 
 
 @admin.register(ComponentVersion)

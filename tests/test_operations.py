@@ -283,16 +283,22 @@ def test_worker_whose_whole_process_group_gets_sigterm_exits_instead_of_hanging(
     wait_until(lambda: not _live_members(worker.pid), 10, what="every process of the cluster to end")
 
 
-@pytest.mark.django_db(transaction=True)
-def test_worker_sent_sigterm_lets_its_running_run_finish_then_exits(make_customer, start_worker):
+def _worker_busy_with_a_check(make_customer, start_worker, *, seconds: float):
+    """A real worker running a real check run, which waits `seconds` for the customer's health URL."""
     from customers.services import customer_check_start
 
-    slow = _SlowHealth(delay=3)
+    slow = _SlowHealth(delay=seconds)
     customer = make_customer()
     customer.services.update(health_url=slow.url)
     worker = start_worker()
     run = customer_check_start(customer, via="cli")
     wait_until(lambda: slow.hits, 60, what="the check to reach the health URL")
+    return worker, run, slow
+
+
+@pytest.mark.django_db(transaction=True)
+def test_worker_sent_sigterm_lets_its_running_run_finish_then_exits(make_customer, start_worker):
+    worker, run, slow = _worker_busy_with_a_check(make_customer, start_worker, seconds=3)
     os.kill(worker.pid, signal.SIGTERM)  # the main process only: `docker stop`, systemd's KillMode=mixed
     assert worker.popen.wait(timeout=60) == 0, worker.output()[-2000:]
     run.refresh_from_db()
@@ -304,14 +310,7 @@ def test_worker_sent_sigterm_lets_its_running_run_finish_then_exits(make_custome
 
 @pytest.mark.django_db(transaction=True)
 def test_second_sigterm_stops_a_draining_worker_now_and_the_reaper_fails_its_run(make_customer, start_worker):
-    from customers.services import customer_check_start
-
-    slow = _SlowHealth(delay=120)
-    customer = make_customer()
-    customer.services.update(health_url=slow.url)
-    worker = start_worker()
-    run = customer_check_start(customer, via="cli")
-    wait_until(lambda: slow.hits, 60, what="the check to reach the health URL")
+    worker, run, _ = _worker_busy_with_a_check(make_customer, start_worker, seconds=120)
     os.kill(worker.pid, signal.SIGTERM)
     wait_until(lambda: "running tasks finish first" in worker.output(), 10, what="the drain to begin")
     os.kill(worker.pid, signal.SIGTERM)

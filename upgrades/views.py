@@ -13,9 +13,9 @@ from django.contrib import messages
 from django.core.exceptions import PermissionDenied
 from django.http import HttpResponseNotAllowed, JsonResponse
 from django.shortcuts import get_object_or_404, redirect
-from django.template.response import TemplateResponse
 from django.urls import reverse
 
+from core.admin_mixins import admin_page
 from customers.forms import ConfirmForm
 from operations.services import OperationRefused
 
@@ -80,24 +80,10 @@ def upgrade_view(request, pk: int, model_admin):
                     messages.warning(request, f"Upgrade of {customer} to {release} forced although it failed for "
                                               f"this customer before ({chosen['bad']}).")
                 return redirect(reverse("admin:operations_run_change", args=[run.pk]))
-    context = {
-        **model_admin.admin_site.each_context(request),
-        "opts": model_admin.model._meta,
-        "original": customer,
-        "customer": customer,
-        "card": card,
-        "choices": choices,
-        "bad_hidden": [o for o in card["offered"] if o["bad"] and not force],
-        "chosen": chosen,
-        "force": force,
-        "problem": problem,
-        "plan": plan,
-        "form": form,
-        "title": f"Upgrade {customer}",
-        "subtitle": None,
-    }
-    return TemplateResponse(request, "admin/upgrades/upgrade.html", context,
-                            status=400 if posted or problem else 200)
+    return admin_page(request, model_admin, "admin/upgrades/upgrade.html", title=f"Upgrade {customer}",
+                      obj=customer, status=400 if posted or problem else 200,
+                      customer=customer, card=card, choices=choices, chosen=chosen, force=force, problem=problem,
+                      bad_hidden=[o for o in card["offered"] if o["bad"] and not force], plan=plan, form=form)
 
 
 def rollback_view(request, pk: int, model_admin):
@@ -112,18 +98,9 @@ def rollback_view(request, pk: int, model_admin):
             messages.error(request, str(exc))
         else:
             return redirect(reverse("admin:operations_run_change", args=[run.pk]))
-    context = {
-        **model_admin.admin_site.each_context(request),
-        "opts": model_admin.model._meta,
-        "original": customer,
-        "customer": customer,
-        "plan": plan,
-        "form": form,
-        "title": f"Roll back {customer}",
-        "subtitle": None,
-    }
     status = 200 if request.method == "GET" and plan is not None else 400 if request.method == "POST" else 404
-    return TemplateResponse(request, "admin/upgrades/rollback.html", context, status=status)
+    return admin_page(request, model_admin, "admin/upgrades/rollback.html", title=f"Roll back {customer}",
+                      obj=customer, status=status, customer=customer, plan=plan, form=form)
 
 
 class ResolveForm(forms.Form):
@@ -144,17 +121,9 @@ def resolve_view(request, upgrade_id: int, model_admin):
             messages.success(request, f"Quarantine of {upgrade.customer} marked resolved; upgrades are allowed "
                                       "again.")
             return redirect(reverse("admin:upgrades_upgrade_change", args=[upgrade.pk]))
-    context = {
-        **model_admin.admin_site.each_context(request),
-        "opts": model_admin.model._meta,
-        "original": upgrade,
-        "upgrade": upgrade,
-        "form": form,
-        "title": f"Resolve the quarantine of {upgrade.customer}",
-        "subtitle": None,
-    }
-    return TemplateResponse(request, "admin/upgrades/resolve.html", context,
-                            status=400 if request.method == "POST" else 200)
+    return admin_page(request, model_admin, "admin/upgrades/resolve.html",
+                      title=f"Resolve the quarantine of {upgrade.customer}", obj=upgrade,
+                      status=400 if request.method == "POST" else 200, upgrade=upgrade, form=form)
 
 
 def steps_view(request, upgrade_id: int, model_admin):
