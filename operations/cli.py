@@ -57,9 +57,9 @@ def follow_run(run: Run, command=None, *, timeout: float, poll: float = 0.3, don
             time.sleep(poll)
 
 
-def run_in_command(command, run: Run, *, enqueue: bool, what: str, done_text) -> Run:
-    """The end of a command that started a run: `--enqueue` reports the queued run; otherwise the run executes
-    here (log on stderr) and the command prints the run (JSON) or `done_text(run)`, exit 1 unless it succeeded."""
+def enqueued_or_run_here(command, run: Run, *, enqueue: bool, what: str) -> Run | None:
+    """`--enqueue`: report the queued run (JSON: the run) and return None. Otherwise execute the run here, its log
+    on stderr, and return it finished."""
     from .foreground import execute_in_foreground
 
     if enqueue:
@@ -67,8 +67,16 @@ def run_in_command(command, run: Run, *, enqueue: bool, what: str, done_text) ->
             command.emit(run_document(run))
         else:
             command.stdout.write(f"{what} queued as run #{run.pk}")
-        return run
-    run = execute_in_foreground(run)
+        return None
+    return execute_in_foreground(run)
+
+
+def run_in_command(command, run: Run, *, enqueue: bool, what: str, done_text) -> Run | None:
+    """The end of a command that started a run (see enqueued_or_run_here); a finished run is printed (JSON) or
+    `done_text(run)`, exit 1 unless it succeeded."""
+    run = enqueued_or_run_here(command, run, enqueue=enqueue, what=what)
+    if run is None:
+        return None
     doc = run_document(run)
     if run.status != Run.Status.SUCCEEDED:
         command.fail(f"{what} {run.status}: {run.error}", doc)

@@ -2,8 +2,7 @@ from backups.models import Backup
 from backups.services import BackupInputError, backup_document, backup_start
 from core.cli import BadInput, KasaCommand
 from customers.models import Customer
-from operations.cli import follow_run, run_document
-from operations.foreground import execute_in_foreground
+from operations.cli import enqueued_or_run_here, follow_run
 from operations.services import OperationRefused
 
 
@@ -31,16 +30,12 @@ class Command(KasaCommand):
             )
         except (BackupInputError, OperationRefused) as exc:
             raise BadInput(str(exc)) from None
-        if o["enqueue"]:
-            if not o["wait"]:
-                if self.json_output:
-                    self.emit(run_document(run))
-                else:
-                    self.stdout.write(f"backup queued as run #{run.pk}")
-                return
+        if o["enqueue"] and o["wait"]:
             run = follow_run(run, self, timeout=24 * 3600)
         else:
-            run = execute_in_foreground(run)
+            run = enqueued_or_run_here(self, run, enqueue=o["enqueue"], what="backup")
+            if run is None:
+                return
         bk = Backup.objects.filter(run=run).first()
         doc = backup_document(bk) if bk else {"id": None, "customer": customer.domain, "status": run.status,
                                                "error": run.error}

@@ -1,7 +1,6 @@
 from core.cli import BadInput, KasaCommand
 from customers.models import Customer
-from operations.cli import run_document
-from operations.foreground import execute_in_foreground
+from operations.cli import enqueued_or_run_here
 from upgrades.management.commands.upgrade import report
 from upgrades.models import Upgrade
 from upgrades.services import UpgradeInputError, rollback_start
@@ -23,11 +22,7 @@ class Command(KasaCommand):
             run = rollback_start(customer, via="cli", enqueue=o["enqueue"])
         except UpgradeInputError as exc:
             raise BadInput(str(exc)) from None
-        if o["enqueue"]:
-            if self.json_output:
-                self.emit(run_document(run))
-            else:
-                self.stdout.write(f"rollback queued as run #{run.pk}")
+        run = enqueued_or_run_here(self, run, enqueue=o["enqueue"], what="rollback")
+        if run is None:
             return
-        run = execute_in_foreground(run)
         report(self, Upgrade.objects.select_related("customer").get(run=run), run)

@@ -1,7 +1,6 @@
 from core.cli import BadInput, KasaCommand
 from customers.models import Customer
-from operations.cli import run_document
-from operations.foreground import execute_in_foreground
+from operations.cli import enqueued_or_run_here
 from releases.models import Release
 from upgrades.models import Upgrade
 from upgrades.services import UpgradeInputError, upgrade_document, upgrade_start
@@ -33,13 +32,9 @@ class Command(KasaCommand):
                                 enqueue=o["enqueue"])
         except UpgradeInputError as exc:
             raise BadInput(str(exc)) from None
-        if o["enqueue"]:
-            if self.json_output:
-                self.emit(run_document(run))
-            else:
-                self.stdout.write(f"upgrade queued as run #{run.pk}")
+        run = enqueued_or_run_here(self, run, enqueue=o["enqueue"], what="upgrade")
+        if run is None:
             return
-        run = execute_in_foreground(run)
         up = Upgrade.objects.select_related("customer", "to_release").get(run=run)
         report(self, up, run)
 
