@@ -5,7 +5,7 @@ from django.shortcuts import redirect
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 
-from core.admin_mixins import AuditedAdminMixin, TeamScopedAdminMixin, admin_page, change_link
+from core.admin_mixins import AuditedAdminMixin, TeamScopedAdminMixin, admin_page, change_link, status_badge
 from operations.services import OperationRefused
 
 from .models import Backup, BackupArtifact, BackupPolicy, StorageTarget
@@ -179,7 +179,7 @@ class BackupAdmin(TeamScopedAdminMixin, admin.ModelAdmin):
 
     @admin.display(description="status", ordering="status")
     def status_badge(self, obj):
-        return format_html('<span class="kasa-status kasa-status-{}">{}</span>', obj.status, obj.get_status_display())
+        return status_badge(obj.status, obj.get_status_display())
 
     @admin.display(description="by", ordering="trigger")
     def trigger_display(self, obj):
@@ -187,8 +187,7 @@ class BackupAdmin(TeamScopedAdminMixin, admin.ModelAdmin):
 
     @admin.display(description="verified?", ordering="verify_status")
     def verification(self, obj):
-        return format_html('<span class="kasa-status kasa-verify-{}">{}</span>', obj.verify_status,
-                           obj.get_verify_status_display())
+        return status_badge(obj.verify_status, obj.get_verify_status_display(), "verify")
 
     def get_urls(self):
         from django.urls import path

@@ -26,7 +26,6 @@ from __future__ import annotations
 import fnmatch
 import os
 import shutil
-import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from django.conf import settings
 from core.secrets import box
 from customers import runtime
 from customers.models import Customer
-from engines import dburl, paths, sources, swap, unpack
+from engines import dburl, layout, paths, sources, swap, unpack
 from engines.slots import acquire_slot
 from operations.context import OperationError, RunCancelled, RunContext, RunLost
 from operations.journal import RunJournal
@@ -542,29 +541,10 @@ def _undo_steps(ctx: RunContext, journal: Journal, plan: Plan | None) -> bool:
     return ok
 
 
-TRASH_PREFIX = ".kasa-trash-"
-
-
-def _discard_tree(path: str) -> None:
-    """Throw a staged or previous tree away without making the caller wait for it: renamed (instantly) to a
-    trash name beside it, then removed by a detached `rm -rf`. A trash folder left by a crash is swept by the
-    next restore of that root."""
-    if not os.path.lexists(path):
-        return
-    trash = os.path.join(os.path.dirname(path), TRASH_PREFIX + os.path.basename(path).lstrip("."))
-    try:
-        os.rename(path, trash)
-    except OSError:
-        shutil.rmtree(path, ignore_errors=True)
-        return
-    subprocess.Popen(["rm", "-rf", "--", trash], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,  # noqa: S603
-                     stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
-
-
 def _sweep_trash(root: Path) -> None:
     if root.is_dir():
         for entry in root.iterdir():
-            if entry.name.startswith(TRASH_PREFIX) and entry.is_dir() and not entry.is_symlink():
+            if entry.name.startswith(layout.TRASH_PREFIX) and entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
 
 
@@ -572,13 +552,12 @@ def _cleanup(ctx: RunContext, journal: Journal) -> None:
     """The restore holds: drop what was kept for the way back (previous folders, old databases)."""
     for step in reversed(journal.steps):
         try:
+            # Renamed to a trash name at once, removed by a detached `rm -rf`: the caller does not wait for it.
+            # A trash folder left by a crash is swept by the next restore of that root (_sweep_trash).
             if step["type"] == "staging":
-                _discard_tree(step["path"])  # it holds the previous trees now
+                layout.discard(step["path"], background=True)  # it holds the previous trees now
             elif step["type"] == "files" and step.get("beside"):  # the previous link (or folder) set aside
-                if os.path.islink(step["staged"]) or os.path.isfile(step["staged"]):
-                    os.unlink(step["staged"])
-                else:
-                    _discard_tree(step["staged"])
+                layout.discard(step["staged"], background=True)
             elif step["type"] not in ("files", "services_stopped", "carry"):
                 dbswap.finish(ctx, step)
         except Exception as exc:  # the restore stands; leftovers are reported, not fatal

@@ -17,6 +17,11 @@ def change_link(viewname: str, pk, text: str):
     return format_html('<a href="{}">{}</a>', reverse(viewname, args=[pk]), text)
 
 
+def status_badge(value: str, label: str, kind: str = "status"):
+    """A coloured label for a status column (kasa.css styles `kasa-<kind>-<value>`)."""
+    return format_html('<span class="kasa-status kasa-{}-{}">{}</span>', kind, value, label)
+
+
 def admin_page(request, model_admin, template: str, *, title: str, obj=None, status: int = 200, **context):
     """One of Kasa's own admin pages (back up now, restore, upgrade…) with the admin's header, breadcrumbs
     and object tools: the site's context, the model's `opts`, `original` for the object it is about."""

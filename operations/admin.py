@@ -1,8 +1,7 @@
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
-from django.utils.html import format_html
 
-from core.admin_mixins import TeamScopedAdminMixin
+from core.admin_mixins import TeamScopedAdminMixin, status_badge
 
 from .models import Run
 from .services import run_cancel
@@ -41,7 +40,7 @@ class RunAdmin(TeamScopedAdminMixin, admin.ModelAdmin):
 
     @admin.display(description="status", ordering="status")
     def status_badge(self, obj):
-        return format_html('<span class="kasa-status kasa-status-{}">{}</span>', obj.status, obj.get_status_display())
+        return status_badge(obj.status, obj.get_status_display())
 
     @admin.display(description="requested by")
     def requested(self, obj):

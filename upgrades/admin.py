@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from django.contrib import admin
 from django.urls import path
-from django.utils.html import format_html
 
 from backups.selectors import human_duration
-from core.admin_mixins import TeamScopedAdminMixin, change_link
+from core.admin_mixins import TeamScopedAdminMixin, change_link, status_badge
 
 from .admin_selectors import duration_seconds, versions_text
 from .models import BadRelease, Upgrade
@@ -38,10 +37,6 @@ class _ReadOnly:
         return False
 
 
-def status_badge(obj) -> str:
-    return format_html('<span class="kasa-status kasa-status-{}">{}</span>', obj.status, obj.get_status_display())
-
-
 @admin.register(Upgrade)
 class UpgradeAdmin(_ReadOnly, TeamScopedAdminMixin, admin.ModelAdmin):
     list_display = ("id", "customer", "kind_display", "outcome", "from_display", "to_display", "created_at",
@@ -64,7 +59,7 @@ class UpgradeAdmin(_ReadOnly, TeamScopedAdminMixin, admin.ModelAdmin):
 
     @admin.display(description="result", ordering="status")
     def outcome(self, obj):
-        return status_badge(obj)
+        return status_badge(obj.status, obj.get_status_display())
 
     @admin.display(description="from")
     def from_display(self, obj):
