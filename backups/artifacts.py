@@ -6,6 +6,7 @@ import contextlib
 import os
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from django.conf import settings
@@ -25,6 +26,9 @@ class ArtifactSpec:
     source: str
     opener: Callable  # () -> context manager yielding (ProcessChain, details dict)
     secrets: list[str] = field(default_factory=list)
+
+
+OUTWARD_EXAMPLES = 5  # links named in the run's warning and the manifest; the count covers them all
 
 
 def _name(base: str, compression: str, encrypted: bool) -> str:
@@ -65,8 +69,15 @@ def plan(customer: Customer, params: dict) -> list[ArtifactSpec]:
 
             @contextlib.contextmanager
             def open_service(rel=rel, details=details):
+                # Links a restore would refuse, listed while tar streams rather than before it starts.
+                pool = ThreadPoolExecutor(1, thread_name_prefix="kasa-links")
+                listing = pool.submit(sources.outward_links, root, rel, excludes=excludes)
+                pool.shutdown(wait=False)
                 yield _chain([sources.tar_stage(root, [rel], excludes=excludes),
                               _compressor(compression)]), details
+                if links := listing.result():
+                    details["outward_links"] = {"count": len(links),
+                                                "examples": [f"{p} -> {t}" for p, t in links[:OUTWARD_EXAMPLES]]}
 
             specs.append(ArtifactSpec(_name(f"{svc.name}.tar", compression, encrypted), "service", svc.name,
                                       open_service))

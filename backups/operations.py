@@ -289,6 +289,11 @@ def _write_one(ctx: RunContext, bk: Backup, store, spec, *, lane: str, keyring, 
     progress.artifact_done(lane, res.source_bytes)
     progress.update(lane, 0, spec.name, force=True)
     rows = details.get("row_counts")
+    if outward := details.get("outward_links"):
+        ctx.warning(f"{spec.name}: {outward['count']} symbolic link(s) point outside the folder "
+                    f"({', '.join(outward['examples'])}{', …' if outward['count'] > len(outward['examples']) else ''})."
+                    " They are backed up as they are, but a restore refuses links that leave the folder: exclude "
+                    "them, or what holds them if it can be rebuilt (a virtualenv, say), in the backup policy")
 
     def verified() -> None:
         _verify_object(store, name, res.sha256, res.size)
@@ -407,6 +412,13 @@ def abandon(run, ctx: RunContext) -> None:
     _notify(ctx, bk)
 
 
+def _service_fields(details: dict) -> dict:
+    fields = {"path": details.get("path")}
+    if "outward_links" in details:  # links a restore refuses: the backup run warned about them
+        fields["outward_links"] = details["outward_links"]
+    return fields
+
+
 def _manifest(bk: Backup, customer: Customer, written, started, finished, keyring, *, excludes: list[str]) -> dict:
     return {
         "format": "kasa-backup",
@@ -439,7 +451,7 @@ def _manifest(bk: Backup, customer: Customer, written, started, finished, keyrin
             {"name": a.name, "kind": a.kind, "source": a.source, "size": a.size, "sha256": a.sha256,
              "compression": a.compression, "encrypted": bk.encrypted, "key_id": a.key_id or None,
              **({"database": a.details} if a.kind == "database" else {}),
-             **({"path": a.details.get("path")} if a.kind == "service" else {}),
+             **(_service_fields(a.details) if a.kind == "service" else {}),
              **({"files": a.details.get("files")} if a.kind == "config" else {})}
             for a in written
         ],

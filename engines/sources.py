@@ -80,6 +80,40 @@ def config_members(root: str, service_paths: list[str]) -> list[str]:
     return found
 
 
+def outward_links(root: str, folder: str, *, excludes: tuple[str, ...] | list[str] = ()) -> list[tuple[str, str]]:
+    """Symbolic links under root/folder that a restore refuses (engines.tarcheck): an absolute target, or a
+    relative one whose '..' climbs out of the extraction folder. They are backed up as they are; the caller
+    warns, because the backup would not restore until they are excluded (a virtualenv's `bin/python` is one).
+
+    Listed by `find` (C speed, a few hundredths of a second per 40,000 files), with tar's excludes as prunes:
+    a pattern without '/' names any path component, as tar's default `--exclude` matching does."""
+    prune: list[str] = []
+    for pattern in excludes:
+        prune += ["-o", "-path", f"*/{pattern}"] if "/" in pattern else ["-o", "-name", pattern]
+    argv = ["find", folder, *(["(", *prune[1:], ")", "-prune", "-o"] if prune else []),
+            "-type", "l", "-printf", r"%p\0%l\0"]
+    out = subprocess.run(argv, cwd=root, capture_output=True, check=False, timeout=600).stdout  # noqa: S603
+    fields = out.split(b"\0")
+    found = []
+    for raw_path, raw_target in zip(fields[0:-1:2], fields[1::2], strict=True):
+        path, target = os.fsdecode(raw_path), os.fsdecode(raw_target)
+        if target.startswith("/") or _climbs_out(path, target):
+            found.append((path, target))
+    return found
+
+
+def _climbs_out(path: str, target: str) -> bool:
+    depth = len([p for p in path.split("/")[:-1] if p not in ("", ".")])
+    for part in target.split("/"):
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                return True
+        elif part not in ("", "."):
+            depth += 1
+    return False
+
+
 # --- PostgreSQL -----------------------------------------------------------------------
 PG_DIRS = ("/usr/lib/postgresql/*/bin",)
 

@@ -215,3 +215,35 @@ def test_second_enqueued_backup_is_refused(make_customer):
     with pytest.raises(CommandError) as exit_info:
         call_command("backup", customer.domain, "--enqueue")
     assert exit_info.value.returncode == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_links_a_restore_would_refuse_are_named_at_backup_time(make_customer, customer_root):
+    backend = customer_root / "backend"
+    (backend / "node_modules" / "x").mkdir(parents=True)
+    (backend / "node_modules" / ".bin").mkdir()
+    (backend / "node_modules" / ".bin" / "x").symlink_to("../x/cli.js")  # stays inside: restores
+    (backend / ".venv" / "bin").mkdir(parents=True)
+    (backend / ".venv" / "bin" / "python").symlink_to("/usr/bin/python3")  # absolute
+    (backend / "shared").symlink_to("../../elsewhere")  # climbs out of the customer's root
+    (backend / "logs").mkdir()
+    (backend / "logs" / "current").symlink_to("/var/log/shop")  # excluded with the logs: not backed up
+    customer = make_customer(services=("backend",))
+
+    doc = _backup_json(customer.domain, "--scope", "files")
+
+    assert doc["status"] == "succeeded"
+    run = Run.objects.get(backup__pk=doc["id"])
+    warnings = [line.text for line in run.log_lines.filter(level="warning")]
+    assert len(warnings) == 1, warnings
+    assert "2 symbolic link(s) point outside" in warnings[0]
+    assert "backend/.venv/bin/python -> /usr/bin/python3" in warnings[0]
+    assert "backend/shared -> ../../elsewhere" in warnings[0]
+    assert ".bin/x" not in warnings[0] and "logs" not in warnings[0]
+    manifest = json.loads((_folder(doc) / "backup.json").read_text())
+    assert manifest["artifacts"][0]["outward_links"]["count"] == 2
+    # The warning foretells the restore: the drill's test extraction refuses the same archive.
+    with pytest.raises(CommandError):
+        call_command("verify", str(doc["id"]), stdout=io.StringIO())
+    drill = Run.objects.filter(kind="verify").latest("pk")
+    assert "symbolic link target" in drill.error, drill.error
