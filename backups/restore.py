@@ -36,7 +36,7 @@ from django.conf import settings
 from core.secrets import box
 from customers import runtime
 from customers.models import Customer
-from engines import dburl, layout, paths, sources, swap, unpack
+from engines import dburl, layout, paths, sources, swap, trees, unpack
 from engines.slots import acquire_slot
 from operations.context import OperationError, RunCancelled, RunContext, RunLost
 from operations.journal import RunJournal
@@ -521,7 +521,7 @@ def _undo_steps(ctx: RunContext, journal: Journal, plan: Plan | None) -> bool:
                 if os.path.lexists(step["to"]) and not os.path.lexists(step["from"]):
                     os.rename(step["to"], step["from"])
             elif kind == "staging":
-                shutil.rmtree(step["path"], ignore_errors=True)
+                trees.remove_tree(step["path"], ignore_errors=True)
             elif kind != "services_stopped":
                 dbswap.undo(ctx, step)
         except Exception as exc:
@@ -545,7 +545,7 @@ def _sweep_trash(root: Path) -> None:
     if root.is_dir():
         for entry in root.iterdir():
             if entry.name.startswith(layout.TRASH_PREFIX) and entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
+                trees.remove_tree(entry, ignore_errors=True)
 
 
 def _cleanup(ctx: RunContext, journal: Journal) -> None:

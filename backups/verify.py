@@ -10,13 +10,12 @@ or a failed flag) and a failure alerts like a failed backup.
 
 from __future__ import annotations
 
-import shutil
 import time
 
 from django.conf import settings
 from django.utils import timezone
 
-from engines import unpack
+from engines import trees, unpack
 from operations.context import OperationError, RunCancelled, RunContext, RunLost
 
 from . import dbswap
@@ -77,7 +76,7 @@ def _drill(ctx: RunContext, bk: Backup) -> list[dict]:
                     listing = unpack.extract_artifact(store, name, dest=str(dest),
                                                       on_progress=_progress(ctx, f"test extraction of {art.name}"),
                                                       **kwargs)
-                    shutil.rmtree(dest, ignore_errors=True)  # one archive's tree at a time on the scratch disk
+                    trees.remove_tree(dest, ignore_errors=True)  # one archive's tree at a time on the scratch disk
                     ctx.info(f"{art.name}: test extraction of {listing.files} files, {listing.dirs} folders, "
                              f"{listing.total_size / 1e6:.1f} MB: every member checked and in place")
                     checks.append({"artifact": art.name, "files": listing.files, "dirs": listing.dirs,
@@ -85,7 +84,7 @@ def _drill(ctx: RunContext, bk: Backup) -> list[dict]:
             except unpack.ArtifactError as exc:
                 raise OperationError(str(exc)) from None
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        trees.remove_tree(scratch, ignore_errors=True)
     return checks
 
 

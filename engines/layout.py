@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import stat
 import subprocess
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import envfile
+from . import envfile, trees
 from .streams import CHUNK
 
 RELEASES = "releases"
@@ -151,13 +150,13 @@ def stage_zip(zip_path: str | os.PathLike, dest: str | os.PathLike, *, root_fold
         raise LayoutError(f"{dest} exists already; nothing was staged")
     tmp = staging_path(dest, tag)
     if os.path.lexists(tmp):
-        shutil.rmtree(tmp)
+        trees.remove_tree(tmp)
     tmp.mkdir(parents=True, mode=0o755)
     try:
         extract_zip(zip_path, tmp, root_folder=root_folder)
         os.rename(tmp, dest)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        trees.remove_tree(tmp, ignore_errors=True)
         raise
     _fsync_dir(dest.parent)
     return dest
@@ -288,10 +287,11 @@ def discard(path: str | os.PathLike, *, background: bool = False) -> None:
     trash = os.path.join(os.path.dirname(path), TRASH_PREFIX + os.path.basename(path).lstrip(".") + f"-{os.getpid()}")
     os.rename(path, trash)
     if background:
+        trees.open_up(trash)  # `rm -rf` run by a non-root worker cannot empty read-only folders
         subprocess.Popen(["rm", "-rf", "--", trash], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,  # noqa: S603
                          stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
     else:
-        shutil.rmtree(trash, ignore_errors=True)
+        trees.remove_tree(trash, ignore_errors=True)
 
 
 def sweep(root: str | os.PathLike) -> list[str]:
@@ -304,7 +304,7 @@ def sweep(root: str | os.PathLike) -> list[str]:
         candidates = [version] + (list(version.iterdir()) if version.is_dir() and not version.is_symlink() else [])
         for p in candidates:
             if (p.name.startswith(TRASH_PREFIX) or STAGE_MARK in p.name) and p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
+                trees.remove_tree(p, ignore_errors=True)
                 removed.append(str(p))
     return removed
 

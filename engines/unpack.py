@@ -35,6 +35,7 @@ import threading
 from collections.abc import Callable, Iterator
 
 from . import tarcheck as tc
+from . import trees
 from .backupcrypto import MAGIC, BackupDecryptError, decrypt_stream
 from .stores.base import StoreError, StoreNotFound
 from .streams import CHUNK
@@ -443,24 +444,6 @@ def _prepare_dest(dest: str, label: str) -> None:
         raise ArtifactError(f"{label}: the staging folder {dest} is not empty; it was left as it is")
 
 
-def _remove(dest: str) -> None:
-    if not os.path.lexists(dest):
-        return
-    if not os.path.isdir(dest) or os.path.islink(dest):
-        os.unlink(dest)
-        return
-    if os.geteuid() != 0:
-        # A folder restored without write or search permission cannot be emptied until we give it back
-        # (top-down: each child folder is opened up before os.walk enters it).
-        os.chmod(dest, 0o700)
-        for dirpath, dirnames, _ in os.walk(dest):
-            for d in dirnames:
-                path = os.path.join(dirpath, d)
-                if not os.path.islink(path):
-                    os.chmod(path, 0o700)
-    shutil.rmtree(dest)
-
-
 def _restate(exc: ArtifactError, suffix: str) -> ArtifactError:
     msg = f"{exc}; {suffix}"
     if isinstance(exc, ArchiveRefused):
@@ -479,10 +462,10 @@ def extract_artifact(store, name: str, *, sha256: str, size: int, encrypted: boo
         listing = _extract(store, name, sha256=sha256, size=size, encrypted=encrypted, keyring=keyring,
                            compression=compression, dest=dest, limits=limits or Limits(), on_progress=on_progress)
     except ArtifactError as exc:
-        _remove(dest)
+        trees.remove_tree(dest)
         raise _restate(exc, f"the staging folder {dest} was removed and nothing else was touched") from None
     except BaseException:
-        _remove(dest)
+        trees.remove_tree(dest)
         raise
     listing.paths = None
     return listing

@@ -121,6 +121,51 @@ def customer_root():
     shutil.rmtree(root, ignore_errors=True)
 
 
+NOBODY = 65534  # uid and gid of Debian's nobody/nogroup
+
+
+def as_unprivileged(fn, *args, **kwargs) -> None:
+    """Run fn(*args, **kwargs) in a forked child as uid/gid 65534, as Kasa's worker runs in production
+    (systemd `User=kasa`, the image's uid 10001); here everything else runs as root, which no folder
+    permission stops. A failure in the child fails the test with the child's traceback. The child may only
+    use modules already imported: the interpreter's own files are not readable by that user here."""
+    import traceback
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        os.close(read_end)
+        code = 0
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            fn(*args, **kwargs)
+        except BaseException:
+            os.write(write_end, traceback.format_exc().encode()[-8000:])
+            code = 1
+        os._exit(code)
+    os.close(write_end)
+    report = b""
+    while chunk := os.read(read_end, 65536):
+        report += chunk
+    os.close(read_end)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "as uid 65534:\n" + report.decode(errors="replace")
+
+
+@pytest.fixture
+def unprivileged_dir():
+    """A folder that uid 65534 owns, reachable by it (pytest's tmp_path lies under a 0700 folder of root)."""
+    import tempfile
+
+    top = Path(tempfile.mkdtemp(prefix="kasa-unprivileged-", dir="/tmp"))
+    top.chmod(0o755)
+    os.chown(top, NOBODY, NOBODY)
+    yield top
+    shutil.rmtree(top)  # as root: no folder permission stops it
+
+
 @pytest.fixture
 def team(db):
     from customers.models import Team

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from engines import sources
+from engines import sources, trees
 from engines.artifact import write_artifact
 from engines.backupcrypto import HEADER_SIZE, KeyRing
 from engines.stores.local import LocalStore
@@ -29,6 +29,7 @@ from engines.unpack import (
     open_plain,
     verify_artifact,
 )
+from tests.conftest import NOBODY, as_unprivileged
 
 pytestmark = pytest.mark.smoke
 
@@ -401,3 +402,42 @@ def test_no_tar_options_from_the_environment_reach_tar(tmp_path, store, monkeypa
     monkeypatch.setenv("TAR_OPTIONS", "--to-stdout")  # would write nothing to disk if tar saw it
     extract_artifact(store, "b/svc.tar", dest=tmp_path / "staging", **cat)
     assert (tmp_path / "staging" / "svc" / "run.sh").is_file()
+
+
+# --- as the unprivileged user the worker is in production ---------------------------------------
+def unprivileged_artifact(top: Path, read_only: dict[str, int]):
+    """make_tree() with some read-only folders, archived into a store that uid 65534 may read."""
+    svc = make_tree(top / "src")
+    for rel, mode in read_only.items():
+        os.chmod(svc / rel, mode)  # (a mode change leaves the folder's mtime as it was)
+    store = LocalStore(top / "store")
+    cat = tar_artifact(store, top / "src", "b/svc.tar.zst", compression="zstd")
+    for dirpath, _, filenames in os.walk(top / "store"):
+        os.chmod(dirpath, 0o755)
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), 0o644)
+    return svc, store, cat
+
+
+def test_an_unprivileged_worker_extracts_the_exact_tree_owned_by_itself(unprivileged_dir):
+    svc, store, cat = unprivileged_artifact(unprivileged_dir, {"src/lib": 0o555, "private": 0o500})
+    dest = unprivileged_dir / "staging"
+
+    as_unprivileged(extract_artifact, store, "b/svc.tar.zst", dest=dest, **cat)
+
+    assert snapshot(dest / "svc") == snapshot(svc)  # read-only folders come back read-only
+    assert {p.lstat().st_uid for p in dest.rglob("*")} == {NOBODY}  # --no-same-owner: never root's
+
+
+def test_an_unprivileged_worker_removes_what_it_extracted_read_only_folders_included(unprivileged_dir):
+    # What a drill does with each test extraction, and a restore with a staged tree it gives up.
+    _, store, cat = unprivileged_artifact(unprivileged_dir, {"src/lib": 0o555, "src": 0o555, "private": 0o500})
+    dest = unprivileged_dir / "staging"
+
+    def extract_then_remove():
+        extract_artifact(store, "b/svc.tar.zst", dest=dest, **cat)
+        assert stat.S_IMODE((dest / "svc" / "src").stat().st_mode) == 0o555
+        trees.remove_tree(dest, ignore_errors=True)  # as backups/verify.py does
+
+    as_unprivileged(extract_then_remove)
+    assert not dest.exists()
