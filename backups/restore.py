@@ -36,7 +36,7 @@ from django.conf import settings
 from core.secrets import box
 from customers import runtime
 from customers.models import Customer
-from engines import dburl, layout, paths, sources, swap, trees, unpack
+from engines import dburl, paths, sources, swap, trees, unpack
 from engines.slots import acquire_slot
 from operations.context import OperationError, RunCancelled, RunContext, RunLost
 from operations.journal import RunJournal
@@ -544,7 +544,7 @@ def _undo_steps(ctx: RunContext, journal: Journal, plan: Plan | None) -> bool:
 def _sweep_trash(root: Path) -> None:
     if root.is_dir():
         for entry in root.iterdir():
-            if entry.name.startswith(layout.TRASH_PREFIX) and entry.is_dir() and not entry.is_symlink():
+            if entry.name.startswith(trees.TRASH_PREFIX) and entry.is_dir() and not entry.is_symlink():
                 trees.remove_tree(entry, ignore_errors=True)
 
 
@@ -555,9 +555,9 @@ def _cleanup(ctx: RunContext, journal: Journal) -> None:
             # Renamed to a trash name at once, removed by a detached `rm -rf`: the caller does not wait for it.
             # A trash folder left by a crash is swept by the next restore of that root (_sweep_trash).
             if step["type"] == "staging":
-                layout.discard(step["path"], background=True)  # it holds the previous trees now
+                trees.discard(step["path"], background=True)  # it holds the previous trees now
             elif step["type"] == "files" and step.get("beside"):  # the previous link (or folder) set aside
-                layout.discard(step["staged"], background=True)
+                trees.discard(step["staged"], background=True)
             elif step["type"] not in ("files", "services_stopped", "carry"):
                 dbswap.finish(ctx, step)
         except Exception as exc:  # the restore stands; leftovers are reported, not fatal

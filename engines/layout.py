@@ -21,19 +21,18 @@ from __future__ import annotations
 import os
 import re
 import stat
-import subprocess
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import envfile, trees
 from .streams import CHUNK
+from .trees import TRASH_PREFIX, discard
 
 RELEASES = "releases"
 UNVERSIONED = "unversioned"  # the version name of a plain folder whose version nobody recorded
 STAGE_MARK = ".kasa-stage-"
 ASIDE_MARK = ".kasa-aside-"
-TRASH_PREFIX = ".kasa-trash-"
 _NAME = re.compile(r"[0-9A-Za-z][0-9A-Za-z.+_-]{0,99}\Z")
 
 
@@ -274,24 +273,6 @@ def remove_release(root: str | os.PathLike, version: str, component: str) -> boo
     except OSError:
         pass  # other components of that version still live there
     return True
-
-
-def discard(path: str | os.PathLike, *, background: bool = False) -> None:
-    """Remove a tree: renamed to a trash name first (instant, and a crash leaves a name that says what it is)."""
-    path = os.fspath(path)
-    if not os.path.lexists(path):
-        return
-    if os.path.islink(path) or not os.path.isdir(path):
-        os.unlink(path)
-        return
-    trash = os.path.join(os.path.dirname(path), TRASH_PREFIX + os.path.basename(path).lstrip(".") + f"-{os.getpid()}")
-    os.rename(path, trash)
-    if background:
-        trees.open_up(trash)  # `rm -rf` run by a non-root worker cannot empty read-only folders
-        subprocess.Popen(["rm", "-rf", "--", trash], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,  # noqa: S603
-                         stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
-    else:
-        trees.remove_tree(trash, ignore_errors=True)
 
 
 def sweep(root: str | os.PathLike) -> list[str]:

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+
+TRASH_PREFIX = ".kasa-trash-"
 
 
 def open_up(top: str | os.PathLike) -> None:
@@ -40,3 +43,23 @@ def remove_tree(path: str | os.PathLike, *, ignore_errors: bool = False) -> None
         if not ignore_errors:
             raise
     shutil.rmtree(path, ignore_errors=ignore_errors)
+
+
+def discard(path: str | os.PathLike, *, background: bool = False) -> None:
+    """Remove a tree: renamed to a trash name first (instant, and a crash leaves a name that says what it is),
+    then removed here or, with background, by a detached `rm -rf` the caller does not wait for. Trash left by
+    a crash is swept later (layout.sweep, backups.restore)."""
+    path = os.fspath(path)
+    if not os.path.lexists(path):
+        return
+    if os.path.islink(path) or not os.path.isdir(path):
+        os.unlink(path)
+        return
+    trash = os.path.join(os.path.dirname(path), TRASH_PREFIX + os.path.basename(path).lstrip(".") + f"-{os.getpid()}")
+    os.rename(path, trash)
+    if background:
+        open_up(trash)  # `rm -rf` run by a non-root worker cannot empty read-only folders
+        subprocess.Popen(["rm", "-rf", "--", trash], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,  # noqa: S603
+                         stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+    else:
+        remove_tree(trash, ignore_errors=True)

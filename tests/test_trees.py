@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from engines import layout, trees
+from engines import trees
 from tests.conftest import NOBODY, as_unprivileged, wait_until
 
 pytestmark = pytest.mark.smoke
@@ -54,6 +54,6 @@ def test_remove_tree_removes_read_only_folders_as_an_unprivileged_user(unprivile
 @pytest.mark.parametrize("background", [False, True], ids=["at-once", "detached-rm"])
 def test_discard_removes_read_only_folders_as_an_unprivileged_user(unprivileged_dir, background):
     tree = read_only_tree(unprivileged_dir)
-    as_unprivileged(layout.discard, tree, background=background)
+    as_unprivileged(trees.discard, tree, background=background)
     assert not tree.exists()
     wait_until(lambda: list(unprivileged_dir.iterdir()) == [], 30, what="the trash folder to be removed")

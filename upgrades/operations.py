@@ -27,7 +27,7 @@ from django.utils import timezone
 
 from backups.models import Backup
 from customers import runtime
-from engines import ecosystem, envfile, layout, procman, releasepkg
+from engines import ecosystem, envfile, layout, procman, releasepkg, trees
 from engines.slots import acquire_slot
 from operations.context import OperationError, RunCancelled, RunContext, RunLost
 
@@ -361,7 +361,7 @@ def _cleanup(job: Job, slog) -> None:
     try:
         for step in job.journal.steps:
             if step["type"] == "aside":
-                layout.discard(step["to"])
+                trees.discard(step["to"])
             elif step["type"] == "ecosystem" and step.get("saved"):
                 Path(step["saved"]).unlink(missing_ok=True)
         prune(job, slog)

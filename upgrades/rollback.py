@@ -24,7 +24,7 @@ from backups import dbswap
 from backups.models import Backup
 from customers import runtime
 from customers.models import Customer
-from engines import layout
+from engines import layout, trees
 from operations.context import OperationError, RunContext
 
 from .journal import Journal, Steps, env_fingerprints, uninterruptible
@@ -208,8 +208,8 @@ def _cleanup_after_undo(job: Job, slog) -> None:
     for step in job.journal.steps:
         try:
             if step["type"] == "staged":
-                layout.discard(step["tmp"])
-                layout.discard(step["path"])
+                trees.discard(step["tmp"])
+                trees.discard(step["path"])
             elif step["type"] == "ecosystem" and step.get("saved"):
                 Path(step["saved"]).unlink(missing_ok=True)
         except OSError as exc:
