@@ -29,13 +29,20 @@ def open_up(top: str | os.PathLike) -> None:
                 os.chmod(path, 0o700)
 
 
+def _gone_unless_folder(path: str) -> bool:
+    """True when nothing is left to do: `path` was absent, or a file or link, now unlinked."""
+    if not os.path.lexists(path):
+        return True
+    if os.path.islink(path) or not os.path.isdir(path):
+        os.unlink(path)
+        return True
+    return False
+
+
 def remove_tree(path: str | os.PathLike, *, ignore_errors: bool = False) -> None:
     """Remove a folder (or a file or link) and all it holds, read-only folders included."""
     path = os.fspath(path)
-    if not os.path.lexists(path):
-        return
-    if os.path.islink(path) or not os.path.isdir(path):
-        os.unlink(path)
+    if _gone_unless_folder(path):
         return
     try:
         open_up(path)
@@ -50,10 +57,7 @@ def discard(path: str | os.PathLike, *, background: bool = False) -> None:
     then removed here or, with background, by a detached `rm -rf` the caller does not wait for. Trash left by
     a crash is swept later (layout.sweep, backups.restore)."""
     path = os.fspath(path)
-    if not os.path.lexists(path):
-        return
-    if os.path.islink(path) or not os.path.isdir(path):
-        os.unlink(path)
+    if _gone_unless_folder(path):
         return
     trash = os.path.join(os.path.dirname(path), TRASH_PREFIX + os.path.basename(path).lstrip(".") + f"-{os.getpid()}")
     os.rename(path, trash)
