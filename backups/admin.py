@@ -98,7 +98,7 @@ class BackupPolicyAdmin(TeamScopedAdminMixin, AuditedAdminMixin, admin.ModelAdmi
 class ArtifactInline(admin.TabularInline):
     model = BackupArtifact
     extra = 0
-    fields = ("name", "kind", "source", "size_display", "sha256_short", "key_id", "download")
+    fields = ("name", "kind", "source", "size_display", "sha256_short", "key_id", "download", "warnings")
     readonly_fields = fields
     can_delete = False
 
@@ -124,6 +124,15 @@ class ArtifactInline(admin.TabularInline):
     @admin.display(description="sha256")
     def sha256_short(self, obj):
         return format_html('<code title="{}">{}…</code>', obj.sha256, obj.sha256[:16])
+
+    @admin.display(description="warnings")
+    def warnings(self, obj):
+        links = (obj.details or {}).get("outward_links")
+        if not links:
+            return ""
+        return format_html('<span class="kasa-warning" title="{}">{} symbolic link(s) point outside the folder: a '
+                           "restore refuses them until they are excluded</span>",
+                           "\n".join(links["examples"]), links["count"])
 
     @admin.display(description="download")
     def download(self, obj):

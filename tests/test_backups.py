@@ -218,7 +218,7 @@ def test_second_enqueued_backup_is_refused(make_customer):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_links_a_restore_would_refuse_are_named_at_backup_time(make_customer, customer_root):
+def test_links_a_restore_would_refuse_are_named_at_backup_time(make_customer, customer_root, admin_client):
     backend = customer_root / "backend"
     (backend / "node_modules" / "x").mkdir(parents=True)
     (backend / "node_modules" / ".bin").mkdir()
@@ -242,6 +242,8 @@ def test_links_a_restore_would_refuse_are_named_at_backup_time(make_customer, cu
     assert ".bin/x" not in warnings[0] and "logs" not in warnings[0]
     manifest = json.loads((_folder(doc) / "backup.json").read_text())
     assert manifest["artifacts"][0]["outward_links"]["count"] == 2
+    page = admin_client.get(f"/backups/backup/{doc['id']}/change/").content.decode()
+    assert "2 symbolic link(s) point outside the folder" in page and "/usr/bin/python3" in page
     # The warning foretells the restore: the drill's test extraction refuses the same archive.
     with pytest.raises(CommandError):
         call_command("verify", str(doc["id"]), stdout=io.StringIO())
