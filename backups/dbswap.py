@@ -118,17 +118,20 @@ def swap_all(ctx: RunContext, plan, journal) -> None:
 def undo(ctx: RunContext, step: dict) -> None:
     target = _target_of_step(ctx, step)
     if step["type"] == "db_swap":
-        if not step.get("done"):
-            # The worker died inside the swap. Work out from what exists how far it got.
-            if target.engine == "sqlite":  # two renames, microseconds apart: say so rather than guess
-                ctx.warning(f"database {step['db']}: the worker died while swapping {target.sqlite_path}; check "
-                            "it and the .kasa-old/.kasa-new files beside it")
+        if not step.get("done") and target.engine == "sqlite":
+            # The worker died inside the swap: what exists tells how far it got (the names come from the tag).
+            old = dbrestore.sqlite_repair(target.sqlite_path, step["new"], tag=f"r{ctx.run.pk}")
+            if old is None:
+                ctx.info(f"database {step['db']}: the worker died inside the swap, before the restored file went "
+                         "live; the previous file is live")
                 return
+            step = {**step, "old": old or None}
+        elif not step.get("done"):
+            # The worker died inside the swap. Work out from what exists how far it got.
             if target.engine == "postgresql":
                 for line in dbrestore.pg_repair(target):
                     ctx.warning(f"database {step['db']}: {line}")
-            live = target.sqlite_path if target.engine == "sqlite" else target.dbname
-            new = step.get("new")
+            live, new = target.dbname, step.get("new")
             swapped = (new and not dbrestore.database_exists(target, new)
                        and dbrestore.database_exists(target, live))
             if not swapped:

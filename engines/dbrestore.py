@@ -492,8 +492,8 @@ def _pg_drop(target: DbTarget, name: str) -> None:
 
 
 # --- SQLite: in engines.dbrestore_sqlite; MySQL / MariaDB: in engines.dbrestore_mysql ----
-_SQLITE_NAMES = frozenset({"sqlite_restore_fresh", "sqlite_swap", "sqlite_unswap", "sqlite_row_counts",
-                           "SQLITE_SIDE_FILES"})
+_SQLITE_NAMES = frozenset({"sqlite_restore_fresh", "sqlite_swap", "sqlite_unswap", "sqlite_repair",
+                           "sqlite_row_counts", "SQLITE_SIDE_FILES"})
 _MYSQL_NAMES = frozenset({"mysql_restore_fresh", "mysql_swap", "mysql_unswap", "mysql_drop_database",
                           "mysql_database_exists"})
 

@@ -144,6 +144,30 @@ def sqlite_swap(live_path: str, new_path: str, *, tag: str | None = None) -> str
     return old
 
 
+def sqlite_repair(live_path: str, new_path: str, *, tag: str) -> str | None:
+    """After a worker died inside sqlite_swap(live_path, new_path, tag=tag): put back what the half-done swap
+    had moved, and tell how far it got (from what exists: the swap's names are fixed by its tag).
+
+    Returns None when the previous file is live (os.replace never ran; its second name and any moved -wal/-shm
+    file were put back here). Otherwise the restored file is live, and the return value is where the previous
+    one is kept ("" when there was none), for sqlite_unswap as after a completed swap.
+    """
+    live_path = os.path.abspath(live_path)
+    old = _sqlite_side_path(live_path, "old", tag)
+    if not os.path.exists(new_path):  # os.replace ran: the restored file is live
+        return old if os.path.isfile(old) else ""
+    if os.path.exists(old):
+        if os.path.exists(live_path):
+            os.unlink(old)  # the live file's second name (its hard link)
+        else:
+            os.rename(old, live_path)  # renamed aside, on a filesystem without hard links
+    for side in SQLITE_SIDE_FILES:
+        if os.path.exists(old + side) and not os.path.exists(live_path + side):
+            os.rename(old + side, live_path + side)
+    _fsync_dir(os.path.dirname(live_path))
+    return None
+
+
 def sqlite_unswap(live_path: str, old_path: str | None, new_path: str | None = None) -> str:
     """Undo sqlite_swap: the restored file (and side files) go to new_path, old_path is live again.
 

@@ -671,6 +671,50 @@ def test_sqlite_fresh_swap_and_unswap_with_a_wal_database(tmp_path):
     con.close()
 
 
+KILLED_SQLITE_SWAP = """
+import os, signal, sys
+from engines import dbrestore_sqlite
+
+def killed(*args, **kwargs):  # the worker dies here: no except or finally block runs
+    os.kill(os.getpid(), signal.SIGKILL)
+
+live, new, tag, point = sys.argv[1:]
+if point == "moving-the-wal":  # the live file has its second name; its -wal is still beside it
+    dbrestore_sqlite.os.rename = killed
+elif point == "replacing":  # the -wal moved aside with the second name; the live file not yet replaced
+    dbrestore_sqlite.os.replace = killed
+else:  # "replaced": the restored file is live; the swap did not return, so its journal step is not done
+    dbrestore_sqlite._fsync_dir = killed
+dbrestore_sqlite.sqlite_swap(live, new, tag=tag)
+"""
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize("point", ["moving-the-wal", "replacing", "replaced"])
+def test_sqlite_repair_after_a_worker_killed_inside_the_swap_puts_the_previous_file_back(tmp_path, point):
+    live = tmp_path / "app" / "data.db"
+    live.parent.mkdir()
+    make_sqlite(live)
+    dump, _ = sqlite_backup(live, tmp_path)
+    subprocess.run([sys.executable, "-c", WAL_WRITER, str(live)], check=True)
+    before, files_before = sqlite_state(str(live)), sorted(os.listdir(live.parent))
+    assert os.path.getsize(f"{live}-wal") > 0
+    new, _ = dbrestore.sqlite_restore_fresh(str(live), pieces(dump), tag="r7")
+    res = subprocess.run([sys.executable, "-c", KILLED_SQLITE_SWAP, str(live), new, "r7", point], cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, timeout=60)
+    assert res.returncode == -signal.SIGKILL, res.stderr.decode()
+
+    old = dbrestore.sqlite_repair(str(live), new, tag="r7")
+    if point == "replaced":
+        assert old and os.path.isfile(old)  # the swap completed: undone as any completed swap is
+        dbrestore.sqlite_unswap(str(live), old, new)  # the restored file goes back to `new`
+    else:
+        assert old is None
+    os.unlink(new)  # the restored file: the restore's own db_fresh step drops it next
+    assert sorted(os.listdir(live.parent)) == files_before  # no second name, no side file left
+    assert sqlite_state(str(live)) == before  # the -wal's rows included
+
+
 @pytest.mark.smoke
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
 def test_sqlite_restore_refuses_a_corrupt_file_and_leaves_nothing_behind(tmp_path, damage):

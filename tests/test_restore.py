@@ -266,3 +266,39 @@ def test_a_worker_killed_mid_restore_is_undone_by_the_reaper(restorable, pg_data
     finally:
         server.shutdown()
         managers["command"].stop(admin_spec)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("point", ["replacing", "replaced"])
+def test_a_worker_killed_inside_the_sqlite_swap_is_undone_by_its_journal(make_customer, customer_root, point):
+    """The db_swap step of a SQLite database was journalled but never marked done: the worker died between
+    (or right after) the renames of sqlite_swap. Undoing the journal puts the previous file and its -wal back."""
+    import signal
+    import subprocess
+
+    from backups import dbswap
+    from engines import dbrestore
+    from operations.context import RunContext
+    from tests.test_dbrestore import KILLED_SQLITE_SWAP, REPO, WAL_WRITER, make_sqlite, sqlite_backup, sqlite_state
+
+    live = customer_root / "backend" / "data.db"
+    live.parent.mkdir(parents=True, exist_ok=True)
+    make_sqlite(live)
+    customer = make_customer(databases=[("cache", f"sqlite:///{live}")])
+    dump, _ = sqlite_backup(live, customer_root.parent)
+    subprocess.run([sys.executable, "-c", WAL_WRITER, str(live)], check=True)
+    before, files_before = sqlite_state(str(live)), sorted(os.listdir(live.parent))
+    run = Run.objects.create(kind=Run.Kind.RESTORE, customer=customer, status=Run.Status.RUNNING, params={})
+    new, _ = dbrestore.sqlite_restore_fresh(str(live), iter([dump]), tag=f"r{run.pk}")
+    killed = subprocess.run([sys.executable, "-c", KILLED_SQLITE_SWAP, str(live), new, f"r{run.pk}", point],
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, timeout=60)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
+
+    ctx = RunContext(run)
+    dbswap.undo(ctx, {"type": "db_swap", "engine": "sqlite", "db": "cache", "new": new, "old": None, "done": False})
+    dbswap.undo(ctx, {"type": "db_fresh", "engine": "sqlite", "db": "cache", "new": new})  # the journal's next step
+
+    assert sorted(os.listdir(live.parent)) == files_before
+    assert sqlite_state(str(live)) == before
+    log = " ".join(run.log_lines.values_list("text", flat=True))
+    assert ("the previous file is live" if point == "replacing" else "the previous database is live again") in log
