@@ -124,7 +124,7 @@ def customer_root():
 NOBODY = 65534  # uid and gid of Debian's nobody/nogroup
 
 
-def as_unprivileged(fn, *args, **kwargs) -> None:
+def as_unprivileged(fn, *args, timeout: float = 120, **kwargs) -> None:
     """Run fn(*args, **kwargs) in a forked child as uid/gid 65534, as Kasa's worker runs in production
     (systemd `User=kasa`, the image's uid 10001); here everything else runs as root, which no folder
     permission stops. A failure in the child fails the test with the child's traceback. The child may only
@@ -146,12 +146,23 @@ def as_unprivileged(fn, *args, **kwargs) -> None:
             code = 1
         os._exit(code)
     os.close(write_end)
-    report = b""
-    while chunk := os.read(read_end, 65536):
-        report += chunk
-    os.close(read_end)
+    import select
+
+    report, deadline = b"", time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if select.select([read_end], [], [], 0.5)[0]:
+                chunk = os.read(read_end, 65536)
+                if not chunk:
+                    break  # the child exited (or closed its end on the way out)
+                report += chunk
+        else:
+            os.kill(pid, signal.SIGKILL)
+    finally:
+        os.close(read_end)
     _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, "as uid 65534:\n" + report.decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 0, (f"as uid {NOBODY} (exit status {status}):\n"
+                                                    + report.decode(errors="replace"))
 
 
 @pytest.fixture
