@@ -7,6 +7,7 @@ service, and fails in CI (CI=true), where a missing service is a broken setup.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -271,7 +272,10 @@ class Proc:
         return self.log_path.read_text(errors="replace")
 
     def stop(self, sig=signal.SIGTERM, timeout: float = 15):
-        if self.popen.poll() is None:
+        if self.popen.poll() is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGKILL)  # the group may outlive its leader
+        else:
             try:
                 os.killpg(self.popen.pid, sig)
                 self.popen.wait(timeout=timeout)

@@ -320,3 +320,15 @@ def test_second_sigterm_stops_a_draining_worker_now_and_the_reaper_fails_its_run
     assert runs_reap() == [run.pk]
     run.refresh_from_db()
     assert run.status == Run.Status.FAILED and "no longer exists" in run.error
+
+
+@pytest.mark.django_db(transaction=True)
+def test_worker_whose_cluster_dies_unasked_exits_1_for_its_supervisor_to_restart_it(start_worker):
+    worker = start_worker()
+    wait_until(lambda: "running." in worker.output(), 60, what="the cluster to start")
+    sentinel = next(pid for pid in _live_members(worker.pid)
+                    if open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()[1] == str(worker.pid))
+    os.kill(sentinel, signal.SIGKILL)  # as the OOM killer would
+    assert worker.popen.wait(timeout=30) == 1, worker.output()[-2000:]
+    assert "its sentinel exited by itself" in worker.output()
+    wait_until(lambda: not _live_members(worker.pid), 10, what="the orphaned workers to end")

@@ -18,8 +18,8 @@ the exit. A stop then behaves as an operator expects:
 - A second signal while it drains: the cluster's processes get SIGTERM now and this one exits 0. The runs
   they were executing are failed (and undone) by the reaper, as after any lost worker.
 - SIGTERM to the whole group: the cluster's processes are already gone. This process says so and exits 0.
-- The sentinel dies when nobody asked for a stop: exit 1, so a supervisor restarts the worker. Before,
-  the command went on living with no cluster behind it.
+- The sentinel dies when nobody asked for a stop: its orphaned processes get SIGTERM and this one exits 1,
+  so a supervisor restarts the worker. Before, the command went on living with no cluster behind it.
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ class KasaCluster(Cluster):
         if not self.signals:
             logger.error("Q Cluster %s: its sentinel exited by itself (code %s); the worker exits so that its "
                          "supervisor restarts it", self.name, self.sentinel.exitcode)
+            self._terminate_processes()  # its orphaned workers: no task reaches them any more
             return 1
         self.sentinel.join(_GROUP_SIGNAL_GRACE)
         if not self.sentinel.is_alive():
@@ -95,7 +96,7 @@ class KasaCluster(Cluster):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if os.getpgrp() == os.getpid():
             os.killpg(os.getpid(), signal.SIGTERM)
-        else:
+        elif self.sentinel.is_alive():
             os.kill(self.sentinel.pid, signal.SIGTERM)
 
 
