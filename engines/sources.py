@@ -92,7 +92,10 @@ def outward_links(root: str, folder: str, *, excludes: tuple[str, ...] | list[st
         prune += ["-o", "-path", f"*/{pattern}"] if "/" in pattern else ["-o", "-name", pattern]
     argv = ["find", folder, *(["(", *prune[1:], ")", "-prune", "-o"] if prune else []),
             "-type", "l", "-printf", r"%p\0%l\0"]
-    out = subprocess.run(argv, cwd=root, capture_output=True, check=False, timeout=600).stdout  # noqa: S603
+    try:
+        out = subprocess.run(argv, cwd=root, capture_output=True, check=False, timeout=600).stdout  # noqa: S603
+    except (OSError, subprocess.TimeoutExpired):
+        return []  # advisory only: never fails a backup (the drill still checks every member of the archive)
     fields = out.split(b"\0")
     found = []
     for raw_path, raw_target in zip(fields[0:-1:2], fields[1::2], strict=True):
