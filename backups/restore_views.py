@@ -40,10 +40,14 @@ class RestoreForm(ConfirmForm):
         super().__init__(*args, customer=backup.customer, **kwargs)
         self.backup = backup
         arts = list(backup.artifacts.order_by("pk"))
-        self.fields["artifacts"].choices = [(a.name, f"{a.name} ({a.get_kind_display().lower()}, "
-                                                     f"{human_size(a.size)})") for a in arts]
-        if not self.is_bound:
-            self.initial["artifacts"] = [a.name for a in arts]
+        refused = {a.name: a.details["outward_links"]["count"] for a in arts if (a.details or {}).get("outward_links")}
+        self.fields["artifacts"].choices = [
+            (a.name, f"{a.name} ({a.get_kind_display().lower()}, {human_size(a.size)})"
+                     + (f": holds {refused[a.name]} symbolic link(s) pointing outside its folder, which a restore "
+                        "refuses" if a.name in refused else ""))
+            for a in arts]
+        if not self.is_bound:  # what cannot be restored is not ticked
+            self.initial["artifacts"] = [a.name for a in arts if a.name not in refused]
 
 
 def restore_view(request, backup_id: int, model_admin):

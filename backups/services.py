@@ -205,6 +205,13 @@ def restore_start(
         arts = select_artifacts(backup, list(only))
     except Exception as exc:  # OperationError from the shared selector: same words here
         raise BackupInputError(str(exc)) from None
+    for art in arts:  # the backup run warned: refuse now rather than after the safety backup and the staging
+        if links := (art.details or {}).get("outward_links"):
+            raise BackupInputError(
+                f"backup #{backup.pk} cannot be restored as it is: {art.name} holds {links['count']} symbolic "
+                f"link(s) pointing outside its folder ({', '.join(links['examples'])}), which a restore refuses. "
+                "Restore the other artifacts without it (untick it on the Restore page, or name the others with "
+                "--only), and exclude those links in the backup policy")
     if to_root:
         try:
             target_root = paths.resolve_strictly_inside(to_root, settings.KASA_CUSTOMERS_ROOT, what="--to-root")

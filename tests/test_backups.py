@@ -4,6 +4,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -244,8 +245,16 @@ def test_links_a_restore_would_refuse_are_named_at_backup_time(make_customer, cu
     assert manifest["artifacts"][0]["outward_links"]["count"] == 2
     page = admin_client.get(f"/backups/backup/{doc['id']}/change/").content.decode()
     assert "2 symbolic link(s) point outside the folder" in page and "/usr/bin/python3" in page
-    # The warning foretells the restore: the drill's test extraction refuses the same archive.
+    # The warning foretells the restore: the drill's test extraction refuses the same archive, and a restore
+    # refuses at once, before its safety backup and its staging; the Restore page does not tick it.
     with pytest.raises(CommandError):
         call_command("verify", str(doc["id"]), stdout=io.StringIO())
     drill = Run.objects.filter(kind="verify").latest("pk")
     assert "symbolic link target" in drill.error, drill.error
+    runs = Run.objects.count()
+    with pytest.raises(CommandError, match="holds 2 symbolic link") as refused:
+        call_command("restore", str(doc["id"]), "--yes", stdout=io.StringIO())
+    assert refused.value.returncode == 2 and Run.objects.count() == runs
+    page = admin_client.get(f"/backups/backup/{doc['id']}/restore/").content.decode()
+    box = re.search(r'<input[^>]*value="backend\.tar\.zst\.enc"[^>]*>', page).group(0)
+    assert "checked" not in box and "pointing outside its folder" in page
