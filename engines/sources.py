@@ -85,11 +85,12 @@ def outward_links(root: str, folder: str, *, excludes: tuple[str, ...] | list[st
     relative one whose '..' climbs out of the extraction folder. They are backed up as they are; the caller
     warns, because the backup would not restore until they are excluded (a virtualenv's `bin/python` is one).
 
-    Listed by `find` (C speed, a few hundredths of a second per 40,000 files), with tar's excludes as prunes:
-    a pattern without '/' names any path component, as tar's default `--exclude` matching does."""
+    Listed by `find` (C speed, a few hundredths of a second per 40,000 files), with tar's excludes as prunes.
+    GNU tar's `--exclude` defaults (no-anchored, wildcards match '/') skip a member when the pattern matches
+    its whole name or any part after a '/': find's `-path P -o -path */P` is that same test."""
     prune: list[str] = []
     for pattern in excludes:
-        prune += ["-o", "-path", f"*/{pattern}"] if "/" in pattern else ["-o", "-name", pattern]
+        prune += ["-o", "-path", pattern, "-o", "-path", f"*/{pattern}"]
     argv = ["find", folder, *(["(", *prune[1:], ")", "-prune", "-o"] if prune else []),
             "-type", "l", "-printf", r"%p\0%l\0"]
     try:

@@ -165,3 +165,61 @@ def test_mysql_defaults_file_is_private_and_removed():
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
         assert 'password="p\\"q"' in open(path).read()
     assert not os.path.exists(path)
+
+
+# --- sources.outward_links: the links a restore would refuse, as GNU tar archives the folder -----------
+def _dir_info(name: str):
+    import tarfile
+
+    info = tarfile.TarInfo(name)
+    info.type, info.mode = tarfile.DIRTYPE, 0o755
+    return info
+
+
+def test_outward_links_are_exactly_the_archived_links_a_restore_refuses(tmp_path):
+    import io
+    import subprocess
+    import tarfile
+
+    from engines import sources, tarcheck
+
+    svc = tmp_path / "backend"
+    for rel in ("src/lib", "logs", "bad/cache", "blogs", "tmp/x", "deep/tmp"):
+        (svc / rel).mkdir(parents=True)
+    links = {
+        "src/current": "lib",                      # inside
+        "src/lib/up": "../../src",                 # climbs, stays inside
+        "src/python": "/usr/bin/python3",          # absolute
+        "src/out": "../../../elsewhere",           # climbs out of the customer's root
+        "sibling": "../admin/shared",              # into a sibling folder: kept inside the root
+        "logs/now": "/var/log",                    # excluded: logs
+        "bad/cache/c": "/tmp",                     # excluded: b*d/cache (a pattern with '/')
+        "blogs/b": "/srv",                         # excluded: b*s matches the whole name backend/blogs
+        "tmp/x/t": "/opt",                         # excluded: backend/tmp, anchored at the top
+        "deep/tmp/d": "/etc",                      # kept: backend/tmp does not name deep/tmp
+    }
+    for rel, target in links.items():
+        (svc / rel).symlink_to(target)
+    excludes = ["logs", "b*d/cache", "b*s", "backend/tmp"]
+
+    stage = sources.tar_stage(str(tmp_path), ["backend"], excludes=excludes)  # what a backup runs
+    archive = subprocess.run(stage.argv, capture_output=True, check=True).stdout
+    archived = [m for m in tarfile.open(fileobj=io.BytesIO(archive)) if m.issym()]
+    refused = set()
+    for member in archived:  # what the restore's own checker says of each archived link, with its folders
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as one:
+            parts = member.name.split("/")
+            for k in range(1, len(parts)):
+                one.addfile(_dir_info("/".join(parts[:k])))
+            one.addfile(member)
+        try:
+            scanner = tarcheck.TarScanner("one.tar")
+            scanner.feed(buf.getvalue())
+            scanner.finish()
+        except tarcheck.ArchiveRefused:
+            refused.add((member.name, member.linkname))
+
+    assert set(sources.outward_links(str(tmp_path), "backend", excludes=excludes)) == refused
+    assert refused == {("backend/src/python", "/usr/bin/python3"), ("backend/src/out", "../../../elsewhere"),
+                       ("backend/deep/tmp/d", "/etc")}
