@@ -61,6 +61,18 @@ def wait_until(predicate, timeout: float = 30, interval: float = 0.1, what: str 
 
 
 # --- real database servers for customer databases -----------------------------
+def wait_dead(pid: int, timeout: float = 30) -> None:
+    """Until `pid` is gone or a zombie. A SIGKILL takes effect only once the process leaves an uninterruptible
+    sleep (a write to disk, say), so a killed worker may still look alive for a moment."""
+    def dead() -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] in ("Z", "X")
+        except (FileNotFoundError, IndexError):
+            return True
+
+    wait_until(dead, timeout, what=f"process {pid} to die")
+
+
 @pytest.fixture
 def pg_server():
     require(port_open(PG_HOST, PG_PORT) and shutil.which("psql"), "PostgreSQL server and psql")

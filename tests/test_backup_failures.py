@@ -16,7 +16,7 @@ from backups.models import Backup, BackupPolicy, StorageTarget
 from backups.services import backup_start, default_target, global_policy
 from operations.models import Run
 from operations.services import runs_reap
-from tests.conftest import free_port, mysql_admin, require, wait_until
+from tests.conftest import free_port, mysql_admin, require, wait_dead, wait_until
 
 MiB = 1 << 20
 
@@ -158,19 +158,12 @@ def test_worker_killed_mid_backup_leaves_no_partial_artifacts(make_customer, cus
     assert any(folder.iterdir())  # a temp file is being written
     pid = int(Run.objects.get(pk=run.pk).worker.rsplit(":", 1)[1])
     os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: not os.path.exists(f"/proc/{pid}") or "Z" in _proc_state(pid), 10, what="worker death")
+    wait_dead(pid)
     assert run.pk in runs_reap()
     bk.refresh_from_db()
     assert bk.status == "failed"
     assert _leftovers(bk.target, bk.prefix) == [], worker.output()[-2000:]
     assert Run.objects.get(pk=run.pk).status == "failed"
-
-
-def _proc_state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0]
-    except (FileNotFoundError, IndexError):
-        return "Z"
 
 
 @pytest.mark.smoke

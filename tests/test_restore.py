@@ -215,8 +215,7 @@ def test_a_worker_killed_mid_restore_is_undone_by_the_reaper(restorable, pg_data
 
     from backups.services import restore_start
     from operations.services import runs_reap
-    from tests.conftest import wait_until
-    from tests.test_backup_failures import _proc_state
+    from tests.conftest import wait_dead, wait_until
 
     class Failing(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802
@@ -255,7 +254,7 @@ def test_a_worker_killed_mid_restore_is_undone_by_the_reaper(restorable, pg_data
         assert _now(customer, pg_database, mysql_database)["pg"] != changed["pg"]  # swapped in by now
         pid = int(Run.objects.get(pk=run.pk).worker.rsplit(":", 1)[1])
         os.kill(pid, signal.SIGKILL)
-        wait_until(lambda: not os.path.exists(f"/proc/{pid}") or "Z" in _proc_state(pid), 10, what="worker death")
+        wait_dead(pid)
         assert run.pk in runs_reap()
         run.refresh_from_db()
         assert run.status == "failed"

@@ -493,7 +493,7 @@ def test_a_worker_killed_mid_upgrade_is_rolled_back_by_the_reaper(customer_facto
     import signal
 
     from operations.services import runs_reap
-    from tests.conftest import wait_until
+    from tests.conftest import wait_dead, wait_until
     from upgrades.models import Upgrade, UpgradeStep
     from upgrades.services import upgrade_start
 
@@ -508,6 +508,8 @@ def test_a_worker_killed_mid_upgrade_is_rolled_back_by_the_reaper(customer_facto
     finally:
         worker.stop(signal.SIGKILL)
         _kill_processes_in(customer.root_path())  # the hung hook: its own session, so it outlived the worker
+    run.refresh_from_db()
+    wait_dead(int(run.worker.rsplit(":", 1)[1]))  # the task's process, not only qcluster
     assert "public.exports" in pg_state(pg_database)  # the migration changed the schema before the kill
     assert runs_reap() == [run.pk]
     up = Upgrade.objects.get(run=run)
