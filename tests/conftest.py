@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import traceback
 import uuid
 from pathlib import Path
 
@@ -60,19 +62,27 @@ def wait_until(predicate, timeout: float = 30, interval: float = 0.1, what: str 
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-# --- real database servers for customer databases -----------------------------
+# --- processes, from /proc ---------------------------------------------------
+def processes() -> dict[int, tuple[str, int, int]]:
+    """Every process: pid -> (state, ppid, process group). State "Z" is a zombie not yet reaped."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()
+            except OSError:
+                continue
+            found[int(entry)] = (fields[0], int(fields[1]), int(fields[2]))
+    return found
+
+
 def wait_dead(pid: int, timeout: float = 30) -> None:
     """Until `pid` is gone or a zombie. A SIGKILL takes effect only once the process leaves an uninterruptible
     sleep (a write to disk, say), so a killed worker may still look alive for a moment."""
-    def dead() -> bool:
-        try:
-            return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] in ("Z", "X")
-        except (FileNotFoundError, IndexError):
-            return True
-
-    wait_until(dead, timeout, what=f"process {pid} to die")
+    wait_until(lambda: processes().get(pid, ("X",))[0] in ("Z", "X"), timeout, what=f"process {pid} to die")
 
 
+# --- real database servers for customer databases -----------------------------
 @pytest.fixture
 def pg_server():
     require(port_open(PG_HOST, PG_PORT) and shutil.which("psql"), "PostgreSQL server and psql")
@@ -142,8 +152,6 @@ def as_unprivileged(fn, *args, timeout: float = 120, **kwargs) -> None:
     (systemd `User=kasa`, the image's uid 10001); here everything else runs as root, which no folder
     permission stops. A failure in the child fails the test with the child's traceback. The child may only
     use modules already imported: the interpreter's own files are not readable by that user here."""
-    import traceback
-
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: never returns into pytest
@@ -159,8 +167,6 @@ def as_unprivileged(fn, *args, timeout: float = 120, **kwargs) -> None:
             code = 1
         os._exit(code)
     os.close(write_end)
-    import select
-
     report, deadline = b"", time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:

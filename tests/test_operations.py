@@ -16,7 +16,7 @@ from operations import registry
 from operations.models import Run, RunLogLine
 from operations.services import WORKER_DIED, OperationRefused, run_cancel, run_execute, run_start, runs_reap
 from tests import kinds
-from tests.conftest import wait_until
+from tests.conftest import processes, wait_until
 
 
 @pytest.fixture
@@ -258,17 +258,7 @@ def test_killed_worker_run_is_failed_on_redelivery_not_rerun(make_customer, star
 
 def _live_members(pgid: int) -> list[int]:
     """Processes of the group that still run (zombies waiting for their reaper do not count)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = open(f"/proc/{entry}/stat").read()
-            except OSError:
-                continue
-            fields = stat.rpartition(")")[2].split()  # state ppid pgrp ...
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                pids.append(int(entry))
-    return pids
+    return [pid for pid, (state, _, group) in processes().items() if group == pgid and state != "Z"]
 
 
 @pytest.mark.django_db(transaction=True)
@@ -326,8 +316,7 @@ def test_second_sigterm_stops_a_draining_worker_now_and_the_reaper_fails_its_run
 def test_worker_whose_cluster_dies_unasked_exits_1_for_its_supervisor_to_restart_it(start_worker):
     worker = start_worker()
     wait_until(lambda: "running." in worker.output(), 60, what="the cluster to start")
-    sentinel = next(pid for pid in _live_members(worker.pid)
-                    if open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()[1] == str(worker.pid))
+    sentinel = next(pid for pid, (_, ppid, _) in processes().items() if ppid == worker.pid)
     os.kill(sentinel, signal.SIGKILL)  # as the OOM killer would
     assert worker.popen.wait(timeout=30) == 1, worker.output()[-2000:]
     assert "its sentinel exited by itself" in worker.output()

@@ -29,7 +29,7 @@ from engines.unpack import (
     open_plain,
     verify_artifact,
 )
-from tests.conftest import NOBODY, as_unprivileged
+from tests.conftest import NOBODY, as_unprivileged, processes
 
 pytestmark = pytest.mark.smoke
 
@@ -103,16 +103,7 @@ def tar_artifact(store, root: Path, name: str, *, compression: str, keyring=None
 
 def children() -> list[int]:
     """Live child processes of this test process (zombies count: they were not reaped)."""
-    me, found = str(os.getpid()), []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[1] == me:
-                found.append(int(pid))
-    return found
+    return [pid for pid, (_, ppid, _) in processes().items() if ppid == os.getpid()]
 
 
 @pytest.fixture
