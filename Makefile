@@ -76,11 +76,13 @@ test: system-deps services install lint test-pg test-sqlite   ## everything CI c
 
 test-pg: install   ## the whole suite on PostgreSQL as the control database
 	@rm -rf $(TEST_VAR) && mkdir -p $(TEST_VAR)
-	KASA_VAR_DIR=$(TEST_VAR) DATABASE_URL=$(PG_TEST_URL) $(BIN)/pytest $(PYTEST_ARGS)
+	KASA_VAR_DIR=$(TEST_VAR)/kasa KASA_CUSTOMERS_ROOT=$(TEST_VAR)/customers DATABASE_URL=$(PG_TEST_URL) \
+		$(BIN)/pytest $(PYTEST_ARGS)
 
 test-sqlite: install   ## the smoke part on the default SQLite control database
 	@rm -rf $(TEST_VAR)-sqlite && mkdir -p $(TEST_VAR)-sqlite
-	env -u DATABASE_URL KASA_VAR_DIR=$(TEST_VAR)-sqlite $(BIN)/pytest -m smoke $(PYTEST_ARGS)
+	env -u DATABASE_URL KASA_VAR_DIR=$(TEST_VAR)-sqlite/kasa KASA_CUSTOMERS_ROOT=$(TEST_VAR)-sqlite/customers \
+		$(BIN)/pytest -m smoke $(PYTEST_ARGS)
 
 lock:   ## re-resolve requirements.lock from pyproject.toml (needs network)
 	$(PY) -m venv /tmp/kasa-uv && /tmp/kasa-uv/bin/pip install --quiet uv

@@ -186,10 +186,18 @@ class Backup(models.Model):
     verify_checked_at = models.DateTimeField(null=True, blank=True)
     verify_seconds = models.FloatField(null=True, blank=True, help_text="Duration of the last passed drill.")
     manifest = models.JSONField(default=dict, blank=True)
+    unsigned = models.BooleanField(
+        default=False, help_text="Imported with --trust-unsigned: its manifest carries no valid authentication tag.")
     error = models.TextField(blank=True)
 
     class Meta:
         ordering = ["-created_at", "-id"]
+        permissions = [
+            ("restore_backup", "Can restore a backup"),
+            ("verify_backup", "Can run a verification drill"),
+            ("download_backup", "Can download a backup's artifacts"),
+            ("pin_backup", "Can pin and unpin a backup"),
+        ]
 
     def __str__(self):
         return f"backup #{self.pk} of {self.customer}"

@@ -5,12 +5,18 @@ local storage, all under KASA_VAR_DIR). Production switches by environment
 alone: DATABASE_URL, REDIS_URL, SENTRY_DSN. See README.md for the full list.
 """
 
+import os
 from pathlib import Path
 
 import environ
 from django.core.exceptions import ImproperlyConfigured
 
-from engines import secretbox
+from engines import runas, secretbox
+
+# Every file Kasa itself creates (control database and its WAL/SHM, keys, local backup artifacts, scratch
+# copies, logs) is readable by Kasa's user alone. What Kasa writes for a customer is handed to the customer's
+# run_as user explicitly, and customer code runs with its own umask (engines.runas).
+os.umask(runas.KASA_UMASK)
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 env = environ.Env()
@@ -21,9 +27,26 @@ if KASA_ENV not in ("development", "staging", "production"):
 DEPLOYED = KASA_ENV != "development"
 KASA_VERSION = "0.1.0"
 
-KASA_VAR_DIR = Path(env.str("KASA_VAR_DIR", default=str(BASE_DIR / "var"))).resolve()
-KASA_VAR_DIR.mkdir(parents=True, exist_ok=True)
-KASA_CUSTOMERS_ROOT = Path(env.str("KASA_CUSTOMERS_ROOT", default=str(KASA_VAR_DIR / "customers"))).resolve()
+# Kasa's own files (0700) and the customers' folders are apart: customer users must reach their own root,
+# and nothing of Kasa's. Development keeps both under ./var (delete it to start over).
+KASA_VAR_DIR = Path(env.str("KASA_VAR_DIR", default=str(BASE_DIR / "var" / "kasa"))).resolve()
+KASA_CUSTOMERS_ROOT = Path(env.str("KASA_CUSTOMERS_ROOT", default=str(BASE_DIR / "var" / "customers"))).resolve()
+
+
+def _private_dir(path: Path) -> None:
+    """Create `path` 0700, or tighten it to 0700 when it is ours and others may look inside."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = path.stat()
+    if st.st_mode & 0o077 and st.st_uid == os.geteuid():
+        path.chmod(0o700)
+
+
+# Each customer's user must be able to pass through to its own root: the folder and any parent created here are
+# 0711 (enter, but not list the other customers). Our umask would make them 0700.
+for _missing in [p for p in (KASA_CUSTOMERS_ROOT, *KASA_CUSTOMERS_ROOT.parents) if not p.exists()][::-1]:
+    _missing.mkdir(exist_ok=True)
+    _missing.chmod(0o711)
+_private_dir(KASA_VAR_DIR)
 
 
 def _dev_generated(name: str, make) -> str:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 from django.conf import settings
@@ -55,10 +56,18 @@ class Customer(models.Model):
         help_text="The customer's primary domain, e.g. shop.example.com.",
     )
     name = models.CharField(max_length=200, blank=True)
+    # Names the customer in its backups' manifests: an import attaches a backup to an existing customer only
+    # when this matches (a domain alone is easy to forge on a storage target).
+    uuid = models.UUIDField("UUID", default=uuid.uuid4, unique=True, editable=False)
     team = models.ForeignKey(Team, on_delete=models.PROTECT, related_name="customers")
     root = models.CharField(
         "root folder", max_length=1024, validators=[validate_customer_root],
         help_text="Absolute folder holding the services; must lie inside KASA_CUSTOMERS_ROOT.",
+    )
+    run_as = models.CharField(
+        "run as", max_length=32, blank=True,
+        help_text="OS user the customer's code runs as (PM2, start/stop commands, release hooks): not root, not "
+                  "Kasa's own user. Empty: development only, Kasa's user with a warning on every run.",
     )
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.ACTIVE)
     versions = models.JSONField(default=dict, blank=True, help_text="Current version per component.")
@@ -69,6 +78,10 @@ class Customer(models.Model):
 
     class Meta:
         ordering = ["domain"]
+        permissions = [
+            ("change_runtime", "Can change what runs: root folder, run as, process manager, commands, health URLs"),
+            ("check_customer", "Can check a customer's databases and services"),
+        ]
 
     def __str__(self):
         return self.domain
@@ -172,3 +185,29 @@ class DatabaseConnection(models.Model):
         if self.engine == self.Engine.SQLITE:
             return f"sqlite:///{self.sqlite_path}"
         return f"{self.engine}://{self.user}@{self.host}:{self.port}/{self.database}"
+
+
+class MaintenanceConnection(models.Model):
+    """An administrative login to one database server (superusers set it), used only to create, rename and drop
+    databases during restores and rollbacks when the customer's own role may not (no CREATEDB). Without one,
+    Kasa restores with the customer's role alone (see engines.dbrestore)."""
+
+    engine = models.CharField(max_length=12, choices=[c for c in DatabaseConnection.Engine.choices if c[0] != "sqlite"])
+    host = models.CharField(max_length=255)
+    port = models.PositiveIntegerField()
+    user = models.CharField(max_length=255)
+    password = EncryptedSecretField()
+    database = models.CharField("maintenance database", max_length=255, blank=True,
+                                help_text="Database to connect to (PostgreSQL: postgres); empty: the engine's default.")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["engine", "host", "port"]
+        constraints = [models.UniqueConstraint(fields=["engine", "host", "port"], name="unique_maintenance_server")]
+
+    def __str__(self):
+        return f"{self.engine}://{self.user}@{self.host}:{self.port}"
+
+    def clean(self):
+        if not self.port and self.engine:
+            self.port = dburl.DEFAULT_PORTS[self.engine]

@@ -55,6 +55,8 @@ class Run(models.Model):
     )
     requested_via = models.CharField(max_length=20, default="admin")
     params = models.JSONField(default=dict, blank=True)
+    root = models.CharField(max_length=1024, blank=True,
+                            help_text="The folder a mutating run changes: one such run at a time per folder.")
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
@@ -84,7 +86,13 @@ class Run(models.Model):
                 condition=Q(status__in=["pending", "running"]),
                 name="one_active_run_per_customer_and_kind",
             ),
+            models.UniqueConstraint(
+                fields=["root"],
+                condition=Q(mutating=True, status__in=["pending", "running"]) & ~Q(root=""),
+                name="one_active_mutating_run_per_root",
+            ),
         ]
+        permissions = [("cancel_run", "Can cancel a pending or running operation")]
         indexes = [models.Index(fields=["status", "heartbeat_at"], name="run_status_heartbeat")]
 
     def __str__(self):

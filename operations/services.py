@@ -65,17 +65,28 @@ def run_start(customer, *, kind: str, requested_by=None, via: str = "admin", par
             with transaction.atomic():
                 run = Run.objects.create(
                     customer=customer, kind=kind, mutating=spec.mutating, requested_by=requested_by,
-                    requested_via=via, params=params or {},
+                    requested_via=via, params=params or {}, root=_changed_root(customer, spec, params),
                 )
         except IntegrityError:
-            # Lost a race with another request: the partial unique index said no.
-            other = Run.objects.active().filter(customer=customer).order_by("created_at").first()
+            # Lost a race with another request (or another run changes the same folder): a partial unique
+            # index said no.
+            other = Run.objects.active().filter(
+                Q(customer=customer) | Q(mutating=True, root=_changed_root(customer, spec, params))
+            ).order_by("created_at").first()
             raise OperationRefused(_refusal(customer, kind, other)) from None
         audit_record(action=f"run.{kind}.requested", source=_source(via), actor=requested_by, obj=run,
                      customer=customer, changes={"params": params or {}}, result="pending")
         if enqueue:
             transaction.on_commit(lambda: enqueue_run(run.pk))
     return run
+
+
+def _changed_root(customer, spec, params: dict | None) -> str:
+    """The folder a mutating run changes (a copy's --to-root, else the customer's root): one mutating run at a
+    time per folder, whichever customer it belongs to."""
+    if not spec.mutating:
+        return ""
+    return str((params or {}).get("to_root") or customer.root)
 
 
 def _refusal(customer, kind: str, other: Run | None) -> str:

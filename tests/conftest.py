@@ -196,6 +196,33 @@ def unprivileged_dir():
     shutil.rmtree(top)  # as root: no folder permission stops it
 
 
+CUSTOMER_USERS = ("kasa-t-alpha", "kasa-t-beta")  # customers' OS users (run_as) in the tests
+
+
+def ensure_os_user(name: str) -> str:
+    """A system user without a home or login shell, with its own group; created once per machine (tests run as
+    root, as Kasa's worker does when it runs customer code as each customer's user)."""
+    import pwd
+
+    try:
+        pwd.getpwnam(name)
+        return name
+    except KeyError:
+        pass
+    require(os.geteuid() == 0 and bool(shutil.which("useradd")), "root and useradd (customer OS users)")
+    done = subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
+                           "--shell", "/usr/sbin/nologin", name], capture_output=True, text=True, check=False)
+    if done.returncode not in (0, 9):  # 9: created meanwhile by another test session
+        pytest.fail(f"useradd {name}: {done.stderr.strip()}")
+    return name
+
+
+@pytest.fixture(scope="session")
+def customer_users() -> tuple[str, str]:
+    """Two customer OS users, neither root nor Kasa's own."""
+    return tuple(ensure_os_user(n) for n in CUSTOMER_USERS)
+
+
 @pytest.fixture
 def team(db):
     from customers.models import Team

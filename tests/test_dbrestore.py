@@ -265,7 +265,7 @@ def test_pg15_backup_clones_into_a_pg18_scratch_server_with_identical_rows(pg_cr
         with pg_admin() as con:
             con.execute(f'DROP ROLE "{reader}"')
 
-    base = os.environ.get("KASA_VAR_DIR")  # reachable by the unprivileged user the server runs as under root
+    base = None  # the system temp folder: reachable by the unprivileged user the server runs as under root
     server = scratchdb.ScratchPostgres(base)
     with server as scratch:
         folder = server.folder
@@ -281,7 +281,7 @@ def test_pg15_backup_clones_into_a_pg18_scratch_server_with_identical_rows(pg_cr
 
 
 def test_scratch_postgres_stops_and_cleans_up_after_an_error():
-    server = scratchdb.ScratchPostgres(os.environ.get("KASA_VAR_DIR"))
+    server = scratchdb.ScratchPostgres()
     with pytest.raises(RestoreError, match="pg_restore failed"), server as scratch:
         folder, pid = server.folder, server._proc.pid
         dbrestore.pg_restore_fresh(scratch, "x", [b"PGDMP not really an archive"])

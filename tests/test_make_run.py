@@ -74,7 +74,8 @@ def run_env(tmp_path):
     var = tmp_path / "var"
     env = {k: v for k, v in os.environ.items() if k not in SCRUBBED}
     env.update(
-        KASA_VAR_DIR=str(var),
+        KASA_VAR_DIR=str(var / "kasa"),
+        KASA_CUSTOMERS_ROOT=str(var / "customers"),
         KASA_HOST="127.0.0.1",
         KASA_PORT=str(free_port()),
         KASA_ADMIN_PASSWORD=ADMIN_PASSWORD,
@@ -101,7 +102,7 @@ def test_make_run_serves_the_admin_with_the_demo_customer_and_ctrl_c_stops_every
     var = Path(run_env["KASA_VAR_DIR"])
     assert (var / "kasa.sqlite3").is_file()
     assert doc["demo"]["database"].startswith("sqlite:")
-    assert (var / "customers" / "demo.localhost" / "ecosystem.config.js").is_file()
+    assert (Path(run_env["KASA_CUSTOMERS_ROOT"]) / "demo.localhost" / "ecosystem.config.js").is_file()
 
     port = int(run_env["KASA_PORT"])
     base = f"http://127.0.0.1:{port}"

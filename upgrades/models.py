@@ -73,6 +73,11 @@ class Upgrade(models.Model):
 
     class Meta:
         ordering = ["-created_at", "-id"]
+        permissions = [
+            ("upgrade_customer", "Can upgrade a customer to a release"),
+            ("rollback_customer", "Can roll back a customer's last upgrade"),
+            ("install_release", "Can install a release on a customer that has none"),
+        ]
 
     def __str__(self):
         target = self.to_release.name if self.to_release_id else ", ".join(
