@@ -234,10 +234,15 @@ def team(db):
 def make_customer(db, customer_root, team):
     from customers.services import customer_create
 
+    used: list[Path] = []
+
     def make(domain=None, *, services=("backend",), databases=(), team_=None, root=None):
         from engines import dburl
 
-        root = Path(root or customer_root)
+        if root is None:  # the first customer gets `customer_root`; each later one a root of its own (never shared)
+            root = customer_root if not used else customer_root.with_name(f"{customer_root.name}-{len(used)}")
+        root = Path(root)
+        used.append(root)
         for s in services:
             (root / s).mkdir(parents=True, exist_ok=True)
         return customer_create(
@@ -246,7 +251,10 @@ def make_customer(db, customer_root, team):
             databases=[(n, dburl.parse(u) if isinstance(u, str) else u) for n, u in databases],
         )
 
-    return make
+    yield make
+    for root in used[1:]:
+        if root.parent == customer_root.parent and root.name.startswith(customer_root.name):
+            shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
