@@ -1,0 +1,85 @@
+"""Kasa's own files at rest: the var folder is 0700, its control database (with WAL and SHM), keys and local
+backup artifacts 0600, so that no other local user — a customer's code above all — can read sessions, encrypted
+credentials or keys."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.test_settings import BASE_DIR, base_env
+
+# Runs in a fresh process with a fresh KASA_VAR_DIR: migrate, keep a connection open with a write (so the WAL and
+# SHM files exist), write one local backup artifact, and report the modes.
+PROBE = r"""
+import json, os, stat, sys
+import django
+django.setup()
+from django.conf import settings
+from django.core.management import call_command
+from django.db import connection
+call_command("migrate", verbosity=0)
+from django.contrib.sessions.models import Session
+from django.utils import timezone
+Session.objects.create(session_key="k" * 32, session_data="secret", expire_date=timezone.now())
+from engines.stores.local import LocalStore
+store = LocalStore(str(settings.KASA_BACKUP_DIR))
+from engines.artifact import write_bytes
+write_bytes(store, "shop/1/backup.json", b"{}")
+var = settings.KASA_VAR_DIR
+paths = {"var": var, "db": var / "kasa.sqlite3", "wal": var / "kasa.sqlite3-wal", "shm": var / "kasa.sqlite3-shm",
+         "secret_keys": var / "kasa_secret_keys", "backup_keys": var / "kasa_backup_keys",
+         "django_key": var / "django_secret_key", "artifact": settings.KASA_BACKUP_DIR / "shop/1/backup.json"}
+print(json.dumps({k: stat.S_IMODE(os.stat(p).st_mode) for k, p in paths.items()}))
+"""
+
+
+@pytest.fixture
+def open_parent():
+    """A folder any local user may enter (pytest's tmp_path lies under a 0700 folder of root, which would hide
+    Kasa's files for the wrong reason)."""
+    top = Path(tempfile.mkdtemp(prefix="kasa-at-rest-", dir="/tmp"))
+    top.chmod(0o755)
+    yield top
+    shutil.rmtree(top)
+
+
+def test_control_database_keys_and_artifacts_are_private_to_kasa(open_parent, customer_users):
+    var = open_parent / "var"
+    env = base_env(var, KASA_CUSTOMERS_ROOT=str(open_parent / "customers"))
+    env.pop("DATABASE_URL", None)  # the default: SQLite in the var folder
+    done = subprocess.run([sys.executable, "-c", PROBE], cwd=BASE_DIR, env=env, capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    modes = json.loads(done.stdout.strip().splitlines()[-1])
+    assert modes.pop("var") == 0o700
+    assert modes == dict.fromkeys(modes, 0o600), {k: oct(v) for k, v in modes.items()}
+
+    # A customer's user (what its start command runs as) reads none of it.
+    for name in ("kasa.sqlite3", "kasa.sqlite3-wal", "kasa_backup_keys", "kasa_secret_keys"):
+        read = subprocess.run(["cat", str(var / name)], capture_output=True, user=customer_users[0],
+                              group=customer_users[0], extra_groups=[], timeout=30)
+        assert read.returncode != 0 and b"Permission denied" in read.stderr, name
+    listing = subprocess.run(["ls", str(var)], capture_output=True, user=customer_users[0], timeout=30)
+    assert listing.returncode != 0
+
+
+def test_an_existing_var_folder_open_to_others_is_tightened(open_parent):
+    var = open_parent / "var"
+    var.mkdir(mode=0o755)
+    var.chmod(0o755)
+    env = base_env(var, KASA_CUSTOMERS_ROOT=str(open_parent / "customers"))
+    done = subprocess.run([sys.executable, "manage.py", "check"], cwd=BASE_DIR, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert stat.S_IMODE(os.stat(var).st_mode) == 0o700
+    # The customers' folder stays reachable (not listable) by customer users.
+    assert stat.S_IMODE(os.stat(open_parent / "customers").st_mode) == 0o711
