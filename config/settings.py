@@ -183,7 +183,9 @@ if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [REDIS_URL]}}
     }
-    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
+    # Timeouts: the cache serves the health probes, which must answer even when Redis hangs.
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL,
+                          "OPTIONS": {"socket_connect_timeout": 2, "socket_timeout": 2}}}
 else:
     Q_CLUSTER["orm"] = "default"
     # In-process only: the worker cannot push through it, so the live-log
@@ -286,7 +288,11 @@ KASA_BASE_URL = env.str("KASA_BASE_URL", default="http://127.0.0.1:8000")
 KASA_RUN_STALE_AFTER = env.int("KASA_RUN_STALE_AFTER", default=120)
 KASA_HEARTBEAT_SECONDS = env.int("KASA_HEARTBEAT_SECONDS", default=10)
 KASA_LIVE_POLL_SECONDS = env.float("KASA_LIVE_POLL_SECONDS", default=0.4)
+# Bearer token for /metrics and /health/ (Prometheus). Deployed, /metrics needs it or a staff session.
 KASA_METRICS_TOKEN = env.str("KASA_METRICS_TOKEN", default="")
+# /health/ready/ and /health/ keep each answer this long (Django's cache): a flood of probes runs the checks
+# about once per period. 0 checks on every request.
+KASA_PROBE_CACHE_SECONDS = env.float("KASA_PROBE_CACHE_SECONDS", default=5.0)
 
 # --- i18n / time --------------------------------------------------------------
 LANGUAGE_CODE = "en-us"

@@ -2,6 +2,8 @@
 
 Counting rows at scrape time (rather than keeping counters in memory) gives
 the same numbers whichever web process answers and survives restarts.
+A staff member sees only the customers of their teams (and their runs); the
+metrics token (Prometheus) and superusers see the whole fleet.
 """
 
 from __future__ import annotations
@@ -12,12 +14,17 @@ from prometheus_client.exposition import generate_latest
 
 
 class KasaCollector:
+    def __init__(self, user=None):
+        self.user = user  # None: the whole fleet
+
     def collect(self):
         from customers.models import Customer
         from operations.models import Run
 
+        customers_qs = Customer.objects.all() if self.user is None else Customer.objects.visible_to(self.user)
+        runs_qs = Run.objects.all() if self.user is None else Run.objects.visible_to(self.user)
         runs = GaugeMetricFamily("kasa_runs", "Runs by kind and status", labels=["kind", "status"])
-        for row in Run.objects.order_by().values("kind", "status").annotate(n=Count("id")):
+        for row in runs_qs.order_by().values("kind", "status").annotate(n=Count("id")):
             runs.add_metric([row["kind"], row["status"]], row["n"])
         yield runs
 
@@ -26,7 +33,7 @@ class KasaCollector:
         )
         elapsed = ExpressionWrapper(F("finished_at") - F("started_at"), output_field=DurationField())
         for row in (
-            Run.objects.order_by()
+            runs_qs.order_by()
             .filter(started_at__isnull=False, finished_at__isnull=False)
             .values("kind", "status")
             .annotate(n=Count("id"), total=Sum(elapsed))
@@ -36,14 +43,14 @@ class KasaCollector:
         yield durations
 
         customers = GaugeMetricFamily("kasa_customers", "Customers by status", labels=["status"])
-        for row in Customer.objects.order_by().values("status").annotate(n=Count("id")):
+        for row in customers_qs.order_by().values("status").annotate(n=Count("id")):
             customers.add_metric([row["status"]], row["n"])
         yield customers
-        yield from recovery_metrics()
+        yield from recovery_metrics(None if self.user is None else customers_qs)
 
 
-def recovery_metrics():
-    """RPO/RTO per customer, the same figures as the admin's fleet dashboard."""
+def recovery_metrics(customers=None):
+    """RPO/RTO per customer (all when `customers` is None), the same figures as the admin's fleet dashboard."""
     from backups.recovery import fleet
 
     labels = ["customer"]
@@ -55,7 +62,7 @@ def recovery_metrics():
     outside = GaugeMetricFamily("kasa_outside_rpo", "1 when the customer is outside its RPO target", labels=labels)
     failed = GaugeMetricFamily("kasa_last_backup_failed", "1 when the newest finished backup failed", labels=labels)
     storage = GaugeMetricFamily("kasa_backup_storage_bytes", "Bytes of succeeded backups (primary)", labels=labels)
-    for r in fleet():
+    for r in fleet(customers):
         d = [r.customer.domain]
         current = r.rpo_current
         rpo.add_metric(d, current.total_seconds() if current is not None else float("nan"))
@@ -69,7 +76,8 @@ def recovery_metrics():
     yield from (rpo, rpo_target, rto, rto_target, outside, failed, storage)
 
 
-def render() -> bytes:
+def render(user=None) -> bytes:
+    """The fleet's metrics; with `user`, only what that user may see (Customer.objects.visible_to)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(KasaCollector())
+    registry.register(KasaCollector(user))
     return generate_latest(registry)
