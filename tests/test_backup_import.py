@@ -186,3 +186,27 @@ def test_an_artifact_is_read_only_as_what_the_catalogue_says_it_is(backed_up, en
     code, run = command_json("restore", str(bk.pk), "--yes", "--no-safety-backup")
     assert code == 1 and expected in run["error"], run
     assert tree_state(customer.root_path()) == before
+
+
+def test_a_manifest_on_s3_is_checked_the_same_way(make_customer, customer_root, s3_server):
+    """The forger writes to the bucket (its own credentials to it are enough); the tag is what Kasa trusts."""
+    (customer_root / "backend").mkdir(exist_ok=True)
+    (customer_root / "backend" / "app.js").write_text("console.log('s3')\n")
+    customer = make_customer(services=("backend",))
+    StorageTarget.objects.create(name="s3", kind="s3", bucket=s3_server.bucket, endpoint_url=s3_server.endpoint,
+                                 region="us-east-1", access_key=s3_server.access_key,
+                                 secret_key=s3_server.secret_key)
+    doc = _backup_json(customer.domain, "--scope", "files", "--target", "s3")
+    key = f"{Backup.objects.get(pk=doc['id']).prefix}/backup.json"
+    client = s3_server.client()
+    original = client.get_object(Bucket=s3_server.bucket, Key=key)["Body"].read()
+    forged = json.loads(original)
+    forged["instance"]["root"] = "/etc"
+    forged.pop("auth")
+    client.put_object(Bucket=s3_server.bucket, Key=key, Body=json.dumps(forged).encode())
+    fresh_install(customer)
+    code, out = command_json("backup_import", "--target", "s3")
+    assert code == 2 and "not signed" in out["refused"][0] and not Customer.objects.exists(), out
+    client.put_object(Bucket=s3_server.bucket, Key=key, Body=original)
+    code, out = command_json("backup_import", "--target", "s3")
+    assert code == 0 and out["customers_created"] == [customer.domain], out
