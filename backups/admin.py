@@ -144,7 +144,7 @@ class ArtifactInline(admin.TabularInline):
 @admin.register(Backup)
 class BackupAdmin(TeamScopedAdminMixin, admin.ModelAdmin):
     list_display = ("id", "customer", "finished_at", "scope", "size_display", "duration_display", "status_badge",
-                    "trigger_display", "target", "verification", "verified_at", "pinned")
+                    "trigger_display", "target", "verification", "verified_at", "pinned", "unsigned")
     list_display_links = ("id", "finished_at")
     list_filter = ("status", "verify_status", "scope", "trigger", "pinned", "target")
     search_fields = ("customer__domain",)
@@ -152,7 +152,7 @@ class BackupAdmin(TeamScopedAdminMixin, admin.ModelAdmin):
     date_hierarchy = "created_at"
     inlines = [ArtifactInline]
     actions = ["pin", "unpin", "verify_backups", "restore_backup", "delete_backups"]
-    fields = ("customer", "status", "scope", "services", "compression", "encrypted", "target", "prefix",
+    fields = ("customer", "status", "scope", "services", "compression", "encrypted", "unsigned", "target", "prefix",
               "size_display", "trigger", "requested_by", "started_at", "finished_at", "pinned", "pin_reason",
               "verification", "verified_at", "verify_error", "error", "run_link", "downloads")
     readonly_fields = fields

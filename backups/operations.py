@@ -18,7 +18,7 @@ from django.db import connection
 from django.utils import timezone
 
 from customers.models import Customer
-from engines import streams
+from engines import manifestauth, streams
 from engines.artifact import write_artifact, write_bytes
 from engines.paths import PathEscapeError
 from engines.slots import acquire_slot
@@ -139,8 +139,9 @@ def make_backup(ctx: RunContext, customer: Customer, p: dict, *, run=None, pin_r
             ))
 
         finished = timezone.now()
-        manifest = _manifest(bk, customer, written, started, finished, keyring, excludes=plans.excludes_of(p))
-        write_bytes(store, f"{bk.prefix}/{MANIFEST}", json.dumps(manifest, indent=2, default=str).encode())
+        manifest = _signed(ctx, _manifest(bk, customer, written, started, finished, keyring,
+                                          excludes=plans.excludes_of(p)))
+        write_bytes(store, f"{bk.prefix}/{MANIFEST}", json.dumps(manifest, indent=2).encode())
         bk.status = Backup.Status.SUCCEEDED
         bk.size = sum(a.size for a in written)
         bk.finished_at = finished
@@ -419,13 +420,24 @@ def _service_fields(details: dict) -> dict:
     return fields
 
 
+def _signed(ctx: RunContext, manifest: dict) -> dict:
+    """The manifest with its authentication tag (engines.manifestauth, docs/FORMAT.md): backup_import trusts
+    only what Kasa wrote. Signed in its JSON form, which is exactly what a reader will parse back."""
+    manifest = json.loads(json.dumps(manifest, default=str))
+    if not settings.KASA_BACKUP_KEYS:
+        ctx.warning(f"{MANIFEST} is NOT signed: KASA_BACKUP_KEYS is not set. backup_import accepts this backup only "
+                    "with --trust-unsigned")
+        return manifest
+    return manifestauth.sign(manifest, manifestauth.ManifestKeys(settings.KASA_BACKUP_KEYS))
+
+
 def _manifest(bk: Backup, customer: Customer, written, started, finished, keyring, *, excludes: list[str]) -> dict:
     return {
         "format": "kasa-backup",
         "format_version": FORMAT_VERSION,
         "kasa_version": settings.KASA_VERSION,
         "backup_id": bk.pk,
-        "customer": {"domain": customer.domain, "name": customer.name},
+        "customer": {"domain": customer.domain, "name": customer.name, "uuid": str(customer.uuid)},
         "scope": bk.scope,
         "services": bk.services,
         "trigger": bk.trigger,

@@ -5,6 +5,8 @@ from __future__ import annotations
 from django.conf import settings
 from django.db import transaction
 
+from customers import roots
+from customers.models import Customer
 from operations.models import Run
 from operations.services import run_start
 
@@ -221,6 +223,9 @@ def restore_start(
         if target_root == live or live in target_root.parents or target_root in live.parents:
             raise BackupInputError(f"--to-root {target_root} overlaps the customer's live root {live}: a copy goes "
                                    "somewhere else (or restore in place without --to-root)")
+        # Nor any other customer's root (a copy would write into another team's folder) nor Kasa's files.
+        if problem := roots.copy_root_problem(str(target_root), Customer.objects.values_list("root", flat=True)):
+            raise BackupInputError(problem)
         if target_root.exists() and any(target_root.iterdir()):
             raise BackupInputError(f"--to-root {target_root} is not empty: a copy is only made into an empty folder")
         to_root = str(target_root)
@@ -245,12 +250,33 @@ def restore_start(
                 raise BackupInputError(f"--to-database {name}: {exc} (KASA_CUSTOMERS_ROOT)") from None
             if Path(parsed.path).exists():
                 raise BackupInputError(f"--to-database {name}: {parsed.path} exists; a copy never overwrites")
+            if problem := _copy_sqlite_problem(parsed.path, customer, to_root):
+                raise BackupInputError(f"--to-database {name}: {problem}")
         sealed[name] = box().encrypt(url)  # run params are shown in the admin: the URL's password stays sealed
         shown[name] = parsed.display()
     params = {"backup": backup.pk, "only": list(only), "to_root": to_root, "to_databases": sealed,
               "to_databases_shown": shown, "rewrite_env": bool(rewrite_env), "safety_backup": bool(safety_backup)}
     return run_start(customer, kind=Run.Kind.RESTORE, requested_by=requested_by, via=via, params=params,
                      enqueue=enqueue)
+
+
+def _copy_sqlite_problem(path: str, customer, to_root: str | None) -> str | None:
+    """A copy's SQLite file lives inside the copy's own folder (--to-root); without one, in no other customer's
+    root and none of Kasa's files."""
+    from engines import paths
+
+    if to_root:
+        try:
+            paths.resolve_strictly_inside(path, to_root, what="SQLite path")
+        except paths.PathEscapeError as exc:
+            return f"{exc}: a copy's SQLite file goes inside its --to-root"
+        return None
+    if problem := roots.kasa_conflict(path, what="SQLite path"):
+        return problem
+    for other in Customer.objects.exclude(pk=customer.pk).values_list("root", flat=True):
+        if roots.overlap(roots.real(path), roots.real(other)):
+            return f"SQLite path {path} lies inside another customer's root folder"
+    return None
 
 
 def verify_start(backup: Backup, *, requested_by=None, via: str = "admin", enqueue: bool = True) -> Run:

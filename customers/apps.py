@@ -8,3 +8,4 @@ class CustomersConfig(AppConfig):
         from operations import registry
 
         registry.register("check", "customers.operations.check", mutating=False)
+        registry.add_guard("customers.operations.guard")

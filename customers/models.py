@@ -4,12 +4,14 @@ import uuid
 from pathlib import Path
 
 from django.conf import settings
-from django.core.exceptions import ValidationError
+from django.core.exceptions import ObjectDoesNotExist, ValidationError
 from django.core.validators import DomainNameValidator, RegexValidator
 from django.db import models
 
 from core.secrets import EncryptedSecretField
 from engines import dburl, paths
+
+from . import roots
 
 slug_validator = RegexValidator(r"^[a-z0-9][a-z0-9_-]{0,62}$", "Use lowercase letters, digits, - and _.")
 
@@ -90,9 +92,49 @@ class Customer(models.Model):
         self.domain = self.domain.lower().strip()
         super().save(*args, **kwargs)
 
+    def clean(self):
+        # Field validation confined the root to KASA_CUSTOMERS_ROOT; here: no other customer's root and none of
+        # Kasa's files may be it, hold it or lie in it (resolved real paths).
+        if self.root and Path(self.root).is_absolute():
+            others = Customer.objects.exclude(pk=self.pk).values_list("root", flat=True)
+            if problem := roots.root_conflict(self.root, others):
+                raise ValidationError({"root": problem})
+
     def root_path(self) -> Path:
         """The root, checked again now: a symlink may have been swapped since it was saved."""
         return paths.resolve_strictly_inside(self.root, settings.KASA_CUSTOMERS_ROOT, what="root folder")
+
+    def folder_problems(self) -> list[str]:
+        """Everything wrong with this customer's folders now (a folder may have become a link since it was
+        validated): root confinement and overlap, service and SQLite paths."""
+        try:
+            self.root_path()
+        except paths.PathEscapeError as exc:
+            return [f"{exc} (KASA_CUSTOMERS_ROOT)"]
+        others = Customer.objects.exclude(pk=self.pk).values_list("root", flat=True)
+        if problem := roots.root_conflict(self.root, others):
+            return [problem]
+        problems = []
+        for svc in self.services.all():
+            try:
+                svc.folder()
+            except paths.PathEscapeError as exc:
+                problems.append(str(exc))
+        for db in self.databases.all():
+            if db.engine == DatabaseConnection.Engine.SQLITE:
+                try:
+                    db.sqlite_file()
+                except paths.PathEscapeError as exc:
+                    problems.append(str(exc))
+        return problems
+
+
+def _customer_of(obj) -> Customer | None:
+    """The customer a service or database belongs to, also while both are still unsaved (admin inlines)."""
+    try:
+        return obj.customer
+    except ObjectDoesNotExist:
+        return None
 
 
 class Service(models.Model):
@@ -123,6 +165,12 @@ class Service(models.Model):
             self.path = paths.relative_inside(self.path, what="service path")
         except paths.PathEscapeError as exc:
             raise ValidationError({"path": str(exc)}) from None
+        customer = _customer_of(self)
+        if customer is not None and customer.root:
+            try:  # followed through links: the folder stays inside its own root
+                paths.resolve_inside(self.path or ".", customer.root, what="service path")
+            except paths.PathEscapeError as exc:
+                raise ValidationError({"path": str(exc)}) from None
         for field in ("start_command", "stop_command"):
             value = getattr(self, field)
             if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
@@ -165,17 +213,22 @@ class DatabaseConnection(models.Model):
         if self.engine == self.Engine.SQLITE:
             if not self.sqlite_path:
                 raise ValidationError({"sqlite_path": "required for SQLite"})
-            if self.customer_id:
+            customer = _customer_of(self)
+            if customer is not None and customer.root:
                 try:
-                    paths.resolve_strictly_inside(self.sqlite_path, self.customer.root, what="SQLite path")
+                    resolved = paths.resolve_strictly_inside(self.sqlite_path, customer.root, what="SQLite path")
                 except paths.PathEscapeError as exc:
                     raise ValidationError({"sqlite_path": str(exc)}) from None
+                if problem := roots.kasa_conflict(resolved, what="SQLite path"):
+                    raise ValidationError({"sqlite_path": problem})
         else:
             missing = [f for f in ("host", "database", "user") if not getattr(self, f)]
             if missing:
                 raise ValidationError({f: f"required for {self.get_engine_display()}" for f in missing})
             if not self.port:
-                self.port = dburl.DEFAULT_PORTS[self.engine]
+                self.port = dburl.DEFAULT_PORTS.get(self.engine)
+            elif not 1 <= self.port <= 65535:
+                raise ValidationError({"port": f"port {self.port} is not a TCP port (1-65535)"})
 
     def sqlite_file(self) -> Path:
         return paths.resolve_strictly_inside(self.sqlite_path, self.customer.root_path(), what="SQLite path")

@@ -14,9 +14,29 @@ from core.secrets import reveal
 from engines import dbprobe, paths, proc
 from operations.context import OperationError, RunContext
 
+from . import roots
 from .models import Customer, DatabaseConnection
 
 HEALTH_TIMEOUT = 5
+
+
+def guard(ctx: RunContext) -> None:
+    """Every run passes this right before its handler (operations.registry.add_guard, CustomersConfig.ready).
+
+    A mutating run (backup, restore, upgrade, rollback) refuses to start when its customer's folders, or the
+    folder it would change (a copy's --to-root), are not the customer's own any more: a folder may have been
+    swapped for a link since it was validated. Nothing has been touched at that point.
+    """
+    run = ctx.run
+    if not run.mutating:
+        return  # a drill reads no customer file; a check reports these problems itself
+    customer = Customer.objects.prefetch_related("services", "databases").get(pk=run.customer_id)
+    problems = customer.folder_problems()
+    if run.root and run.root != customer.root:
+        if problem := roots.copy_root_problem(run.root, Customer.objects.values_list("root", flat=True)):
+            problems.append(problem)
+    if problems:
+        raise OperationError("refused before touching anything: " + "; ".join(problems))
 
 
 def check(ctx: RunContext) -> dict:
@@ -33,6 +53,9 @@ def check(ctx: RunContext) -> dict:
         root = customer.root_path()
         if not root.is_dir():
             raise paths.PathEscapeError(f"root folder {root} does not exist")
+        if problem := roots.root_conflict(customer.root, Customer.objects.exclude(pk=customer.pk)
+                                          .values_list("root", flat=True)):
+            raise paths.PathEscapeError(problem)
         result["root"] = {"path": str(root), "ok": True}
         ctx.info(f"root folder {root}: ok")
     except paths.PathEscapeError as exc:

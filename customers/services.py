@@ -44,11 +44,17 @@ def _validation_message(exc: ValidationError) -> str:
 def customer_create(
     *, domain: str, root: str, team: Team, name: str = "", services: list[tuple[str, str]] = (),
     databases: list[tuple[str, dburl.DatabaseURL]] = (), versions: dict[str, str] | None = None,
-    actor=None, via: str = AuditEntry.Source.CLI,
+    uuid=None, actor=None, via: str = AuditEntry.Source.CLI,
 ) -> Customer:
-    """Create a customer with its services and databases, all validated, or nothing."""
+    """Create a customer with its services and databases, all validated, or nothing.
+
+    Services get a name and a folder only: what runs (process manager, commands, health URL, run as) is set
+    apart, by whoever may change runtime fields. `uuid` re-creates a customer its backups name (backup_import).
+    """
     customer = Customer(domain=domain.lower().strip(), root=root, name=name or domain, team=team,
                         versions=versions or {})
+    if uuid is not None:
+        customer.uuid = uuid
     try:
         customer.full_clean()
         customer.save()

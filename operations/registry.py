@@ -22,6 +22,9 @@ class Kind:
 
 
 _kinds: dict[str, Kind] = {}
+# Checks every run passes right before its handler, whatever its kind (dotted paths to fn(ctx), registered by
+# the apps that own what they check); one raising OperationError fails the run before it touched anything.
+_guards: list[str] = []
 
 
 def register(name: str, handler: str, *, mutating: bool, on_abandon: str | None = None) -> None:
@@ -46,3 +49,12 @@ def handler(name: str):
 def abandon_hook(name: str):
     spec = _kinds.get(name)
     return import_string(spec.on_abandon) if spec and spec.on_abandon else None
+
+
+def add_guard(path: str) -> None:
+    if path not in _guards:
+        _guards.append(path)
+
+
+def guards() -> list:
+    return [import_string(p) for p in _guards]

@@ -135,6 +135,8 @@ def run_execute(run_id: int) -> str:
     ctx.start_heartbeat()
     try:
         ctx.info(f"{run.get_kind_display()} of {run.customer} started on {run.worker}")
+        for guard in registry.guards():  # e.g. the customer's folders are still its own (customers.operations)
+            guard(ctx)
         handler = registry.handler(run.kind)
         result = handler(ctx) or {}
         ctx.stop_heartbeat()

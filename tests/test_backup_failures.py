@@ -256,7 +256,13 @@ def test_a_root_that_now_escapes_fails_the_backup_with_a_clear_message(make_cust
 
     _shutil.rmtree(customer_root)
     customer_root.symlink_to(tmp_path)  # the folder was swapped for a link out of KASA_CUSTOMERS_ROOT
-    bk = _backup_fails(customer.domain)
-    assert "outside" in bk.error and not bk.error.startswith("internal error")
+    with pytest.raises(CommandError) as err:
+        call_command("backup", customer.domain)
+    assert err.value.returncode == 1
+    # Refused by the check every mutating run passes before its handler: no backup was even begun.
+    run = Run.objects.get(customer=customer, kind="backup")
+    assert run.status == "failed" and run.error.startswith("refused before touching anything"), run.error
+    assert "outside" in run.error
+    assert not Backup.objects.filter(customer=customer).exists()
     customer_root.unlink()
     customer_root.mkdir()

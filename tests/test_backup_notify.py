@@ -85,7 +85,7 @@ def failing_customer(make_customer, customer_root):
 
 @pytest.fixture
 def good_customer(make_customer, customer_root):
-    root = customer_root / "good"  # its own root: a test may use both customers
+    root = customer_root.with_name(customer_root.name + "-good")  # its own root, beside: a test may use both
     (root / "backend").mkdir(parents=True)
     (root / "backend" / "data.bin").write_bytes(os.urandom(50_000))
     (root / "backend" / ".env").write_text("PORT=3000\n")

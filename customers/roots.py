@@ -1,0 +1,86 @@
+"""Customer folders never overlap: each customer's root is its own, and none reaches Kasa's own files.
+
+A root that equals, contains or lies inside another customer's root would let
+one team back up, download, restore over or upgrade another team's files. The
+comparison is between resolved real paths (symbolic links followed), so a link
+to another customer's folder is caught as well as the folder itself.
+
+Checked twice: when a root is set (model validation: `customer_add`, the
+admin, `backup_import`; `restore --to-root`), and again by
+`customers.operations.guard`, which every mutating run passes right before its
+handler (operations.registry guards), because a folder can be swapped for a
+link on disk after it was validated.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from django.conf import settings
+
+from engines import paths
+
+
+def real(path: str | os.PathLike) -> Path:
+    """The path with every symbolic link followed (what the kernel would open today); need not exist."""
+    return Path(os.path.realpath(os.fspath(path)))
+
+
+def overlap(a: Path, b: Path) -> str | None:
+    """How folder `a` overlaps folder `b`: "is", "lies inside", "contains", or None."""
+    if a == b:
+        return "is"
+    if b in a.parents:
+        return "lies inside"
+    if a in b.parents:
+        return "contains"
+    return None
+
+
+def kasa_own_paths() -> list[tuple[str, Path]]:
+    """Kasa's own folders and files, which no customer folder may be, hold or lie in."""
+    own = [("KASA_VAR_DIR", settings.KASA_VAR_DIR)]
+    for name in ("KASA_BACKUP_DIR", "KASA_SCRATCH_DIR", "KASA_STORAGE_DIR", "KASA_PM2_HOME", "STATIC_ROOT"):
+        if getattr(settings, name, None):
+            own.append((name, Path(getattr(settings, name))))
+    db = settings.DATABASES["default"]
+    if db["ENGINE"] == "django.db.backends.sqlite3" and str(db.get("NAME", "")).startswith("/"):
+        own.append(("the control database", Path(db["NAME"])))
+    return own
+
+
+def kasa_conflict(raw: str | os.PathLike, *, what: str) -> str | None:
+    mine = real(raw)
+    for label, path in kasa_own_paths():
+        theirs = real(path)
+        how = overlap(mine, theirs)
+        if how:
+            return f"{what} {os.fspath(raw)!r} {how} {label} ({theirs}), which is Kasa's own and never a customer's"
+    return None
+
+
+def root_conflict(raw: str | os.PathLike, others: Iterable[str], *, what: str = "root folder") -> str | None:
+    """Why `raw` may not be a customer's root (or a copy's folder), or None. `others`: the other customers'
+    roots (not the one whose root this is). The other customer is not named: whoever sets a root may not be
+    allowed to know it."""
+    if problem := kasa_conflict(raw, what=what):
+        return problem
+    mine = real(raw)
+    shown = os.fspath(raw) if str(mine) == os.path.normpath(os.fspath(raw)) else f"{os.fspath(raw)} (really {mine})"
+    for other_root in others:
+        how = overlap(mine, real(other_root))
+        if how:
+            return f"{what} {shown} {how} another customer's root folder: each customer's folder is its own"
+    return None
+
+
+def copy_root_problem(raw: str, roots: Iterable[str]) -> str | None:
+    """A copy (restore --to-root) goes into a folder of its own: inside KASA_CUSTOMERS_ROOT, overlapping no
+    customer's root (`roots`: every customer's, its own customer's included) and none of Kasa's files."""
+    try:
+        paths.resolve_strictly_inside(raw, settings.KASA_CUSTOMERS_ROOT, what="--to-root")
+    except paths.PathEscapeError as exc:
+        return f"{exc} (KASA_CUSTOMERS_ROOT)"
+    return root_conflict(raw, roots, what="--to-root")
