@@ -25,6 +25,7 @@ from .services import customer_check_start
 @admin.register(Team)
 class TeamAdmin(AuditedAdminMixin, admin.ModelAdmin):
     list_display = ("name", "member_count")
+    ordering = ("name",)  # explicit: the member count's GROUP BY drops Meta.ordering (autocomplete pages)
     filter_horizontal = ("members",)
     search_fields = ("name",)
 
@@ -96,6 +97,7 @@ class CustomerAdmin(TeamScopedAdminMixin, AuditedAdminMixin, admin.ModelAdmin):
     team_scope_path = ""
     list_display = ("domain", "name", "team", "status", "versions_display", "last_run")
     list_filter = ("status", ("team", scoped_filter(teams_of)))
+    ordering = ("domain",)  # explicit: the last run's GROUP BY drops Meta.ordering (autocomplete pages)
     search_fields = ("domain", "name")
     list_select_related = ("team",)
     inlines = [ServiceInline, DatabaseInline]
