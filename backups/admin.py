@@ -1,11 +1,24 @@
+"""Backups, policies and storage targets in the admin. Backups are team-scoped and read-only; each action and
+button needs its permission (core.permissions), and storage targets are named only where the user's teams may
+use them (StorageTarget.teams). Targets themselves are superusers' business."""
+
+from django import forms
 from django.contrib import admin, messages
-from django.core.exceptions import PermissionDenied
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import models
 from django.shortcuts import redirect
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 
-from core.admin_mixins import AuditedAdminMixin, TeamScopedAdminMixin, admin_page, change_link, status_badge
+from core import permissions
+from core.admin_mixins import (
+    AuditedAdminMixin,
+    TeamScopedAdminMixin,
+    admin_page,
+    change_link,
+    scoped_filter,
+    status_badge,
+)
 from operations.services import OperationRefused
 
 from .models import Backup, BackupArtifact, BackupPolicy, StorageTarget
@@ -24,14 +37,20 @@ def download_url(backup: Backup, name: str) -> str:
     return reverse("backups-download", args=[backup.pk, name])
 
 
+def targets_of(request):
+    """The storage targets a user may see named: those open to one of their teams (superusers: all)."""
+    return StorageTarget.objects.visible_to(request.user)
+
+
 @admin.register(StorageTarget)
 class StorageTargetAdmin(AuditedAdminMixin, admin.ModelAdmin):
     formfield_overrides = {models.URLField: {"assume_scheme": "https"}}
-    list_display = ("name", "kind", "where", "enabled")
+    list_display = ("name", "kind", "where", "enabled", "teams_display")
     list_filter = ("kind", "enabled")
     actions = ["check_target"]
+    filter_horizontal = ("teams",)
     fieldsets = (
-        (None, {"fields": ("name", "kind", "enabled")}),
+        (None, {"fields": ("name", "kind", "enabled", "teams")}),
         ("Local folder / SFTP", {"fields": ("path", "host", "port", "username", "private_key")}),
         ("S3-compatible", {"fields": ("bucket", "prefix", "endpoint_url", "region", "access_key")}),
         ("Credentials", {"fields": ("secret_key",)}),
@@ -53,6 +72,13 @@ class StorageTargetAdmin(AuditedAdminMixin, admin.ModelAdmin):
     def has_delete_permission(self, request, obj=None):
         return request.user.is_superuser
 
+    def get_queryset(self, request):
+        return super().get_queryset(request).prefetch_related("teams")
+
+    @admin.display(description="teams")
+    def teams_display(self, obj):
+        return ", ".join(t.name for t in obj.teams.all()) or "every team"
+
     @admin.display(description="where")
     def where(self, obj):
         if obj.kind == StorageTarget.Kind.S3:
@@ -65,17 +91,41 @@ class StorageTargetAdmin(AuditedAdminMixin, admin.ModelAdmin):
     def check_target(self, request, queryset):
         for target in queryset:
             try:
-                self.message_user(request, f"{target.name}: {target_check(target)}", messages.SUCCESS)
-            except BackupInputError as exc:
+                self.message_user(request, f"{target.name}: {target_check(target, actor=request.user)}",
+                                  messages.SUCCESS)
+            except (BackupInputError, PermissionDenied) as exc:
                 self.message_user(request, str(exc), messages.ERROR)
+
+
+class BackupPolicyForm(forms.ModelForm):
+    def clean(self):
+        data = super().clean()
+        customer = data.get("customer")
+        if customer is not None:  # the replicas too go only where the customer's team may put backups
+            refused = [t.name for t in data.get("replicas") or [] if not t.usable_by(customer.team_id)]
+            if refused:
+                raise ValidationError({"replicas": f"not open to team {customer.team}: {', '.join(refused)}"})
+        return data
 
 
 @admin.register(BackupPolicy)
 class BackupPolicyAdmin(TeamScopedAdminMixin, AuditedAdminMixin, admin.ModelAdmin):
+    form = BackupPolicyForm
     formfield_overrides = {models.URLField: {"assume_scheme": "https"}}
     list_display = ("__str__", "schedule", "scope", "target", "keep_last", "encrypt", "verify_schedule")
     list_select_related = ("customer", "target")
+    list_filter = ("schedule", ("target", scoped_filter(targets_of)))
     filter_horizontal = ("replicas",)
+
+    def formfield_for_foreignkey(self, db_field, request, **kwargs):
+        if db_field.related_model is StorageTarget:
+            kwargs["queryset"] = targets_of(request)
+        return super().formfield_for_foreignkey(db_field, request, **kwargs)
+
+    def formfield_for_manytomany(self, db_field, request, **kwargs):
+        if db_field.related_model is StorageTarget:
+            kwargs["queryset"] = targets_of(request)
+        return super().formfield_for_manytomany(db_field, request, **kwargs)
 
     def get_queryset(self, request):
         qs = super(TeamScopedAdminMixin, self).get_queryset(request)
@@ -114,6 +164,14 @@ class ArtifactInline(admin.TabularInline):
     def has_view_permission(self, request, obj=None):
         return _may_see_backups(request)
 
+    def get_fields(self, request, obj=None):
+        if permissions.has(request.user, permissions.DOWNLOAD):
+            return self.fields
+        return tuple(f for f in self.fields if f != "download")
+
+    def get_readonly_fields(self, request, obj=None):
+        return self.get_fields(request, obj)
+
     def get_queryset(self, request):
         return super().get_queryset(request).select_related("backup")
 
@@ -146,7 +204,7 @@ class BackupAdmin(TeamScopedAdminMixin, admin.ModelAdmin):
     list_display = ("id", "customer", "finished_at", "scope", "size_display", "duration_display", "status_badge",
                     "trigger_display", "target", "verification", "verified_at", "pinned", "unsigned")
     list_display_links = ("id", "finished_at")
-    list_filter = ("status", "verify_status", "scope", "trigger", "pinned", "target")
+    list_filter = ("status", "verify_status", "scope", "trigger", "pinned", ("target", scoped_filter(targets_of)))
     search_fields = ("customer__domain",)
     list_select_related = ("customer", "target", "requested_by")
     date_hierarchy = "created_at"
@@ -172,11 +230,34 @@ class BackupAdmin(TeamScopedAdminMixin, admin.ModelAdmin):
     def has_delete_permission(self, request, obj=None):
         return False  # deletion goes through the "Delete backups" action (storage first, then the catalogue)
 
-    def get_actions(self, request):
-        actions = super().get_actions(request)
-        for name in ("pin", "unpin", "verify_backups", "restore_backup", "delete_backups"):
-            actions.setdefault(name, self.get_action(name))
-        return actions
+    # The actions' permissions (`@admin.action(permissions=[…])` asks has_<name>_permission): an action the user
+    # may not take is not offered, and a POST naming it anyway does nothing.
+    def has_pin_permission(self, request):
+        return permissions.has(request.user, permissions.PIN)
+
+    def has_verify_permission(self, request):
+        return permissions.has(request.user, permissions.VERIFY)
+
+    def has_restore_permission(self, request):
+        return permissions.has(request.user, permissions.RESTORE)
+
+    def has_delete_from_storage_permission(self, request):
+        return permissions.has(request.user, permissions.DELETE)
+
+    def has_download_permission(self, request):
+        return permissions.has(request.user, permissions.DOWNLOAD)
+
+    def get_fields(self, request, obj=None):
+        if self.has_download_permission(request):
+            return self.fields
+        return tuple(f for f in self.fields if f != "downloads")
+
+    def get_readonly_fields(self, request, obj=None):
+        return self.get_fields(request, obj)
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        extra_context = {**(extra_context or {}), "may": permissions.may(request.user)}
+        return super().change_view(request, object_id, form_url, extra_context)
 
     @admin.display(description="size", ordering="size")
     def size_display(self, obj):
@@ -211,7 +292,7 @@ class BackupAdmin(TeamScopedAdminMixin, admin.ModelAdmin):
         ]
         return own + super().get_urls()
 
-    @admin.action(description="Verify now (test restore into scratch)")
+    @admin.action(description="Verify now (test restore into scratch)", permissions=["verify"])
     def verify_backups(self, request, queryset):
         from .services import verify_start
 
@@ -225,7 +306,7 @@ class BackupAdmin(TeamScopedAdminMixin, admin.ModelAdmin):
             self.message_user(request, format_html('Verification of backup #{} queued: <a href="{}">run #{}</a>',
                                                    bk.pk, url, run.pk), messages.SUCCESS)
 
-    @admin.action(description="Restore… (one backup)")
+    @admin.action(description="Restore… (one backup)", permissions=["restore"])
     def restore_backup(self, request, queryset):
         if queryset.count() != 1:
             self.message_user(request, "choose exactly one backup to restore", messages.ERROR)
@@ -246,19 +327,19 @@ class BackupAdmin(TeamScopedAdminMixin, admin.ModelAdmin):
             ((download_url(obj, n), n + (" (manifest)" if n == MANIFEST else "")) for n in names),
         )
 
-    @admin.action(description="Pin (retention never deletes it)")
+    @admin.action(description="Pin (retention never deletes it)", permissions=["pin"])
     def pin(self, request, queryset):
-        for bk in queryset:
+        for bk in queryset.select_related("customer"):
             backup_pin(bk, pinned=True, reason=f"pinned by {request.user}", actor=request.user)
         self.message_user(request, f"pinned {queryset.count()} backup(s)")
 
-    @admin.action(description="Unpin")
+    @admin.action(description="Unpin", permissions=["pin"])
     def unpin(self, request, queryset):
-        for bk in queryset:
+        for bk in queryset.select_related("customer"):
             backup_pin(bk, pinned=False, actor=request.user)
         self.message_user(request, f"unpinned {queryset.count()} backup(s)")
 
-    @admin.action(description="Delete backups from storage")
+    @admin.action(description="Delete backups from storage", permissions=["delete_from_storage"])
     def delete_backups(self, request, queryset):
         queryset = queryset.exclude(status=Backup.Status.DELETED)
         if request.POST.get("confirm") != "yes":

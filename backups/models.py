@@ -16,6 +16,21 @@ from core.secrets import EncryptedSecretField, reveal
 from customers.models import slug_validator
 
 
+class StorageTargetQuerySet(models.QuerySet):
+    def usable_by(self, team) -> StorageTargetQuerySet:
+        """Targets a team's backups may go to: those open to every team (no team listed) and those listing it."""
+        team_id = getattr(team, "pk", team)
+        return self.filter(Q(teams=None) | Q(teams=team_id)).distinct()
+
+    def visible_to(self, user) -> StorageTargetQuerySet:
+        """Targets a user may see named in lists and filters: superusers all; others those open to their teams."""
+        if not (user and user.is_authenticated and user.is_active and user.is_staff):
+            return self.none()
+        if user.is_superuser:
+            return self
+        return self.filter(Q(teams=None) | Q(teams__members=user)).distinct()
+
+
 class StorageTarget(models.Model):
     class Kind(models.TextChoices):
         LOCAL = "local", "Local folder"
@@ -38,13 +53,23 @@ class StorageTarget(models.Model):
     host_key = models.CharField(max_length=1000, blank=True,
                                 help_text="SFTP server key to pin: an OpenSSH key line or SHA256:… fingerprint.")
     enabled = models.BooleanField(default=True)
+    teams = models.ManyToManyField(
+        "customers.Team", blank=True, related_name="storage_targets",
+        help_text="Teams whose customers may back up here (and see it named). None chosen: every team.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = StorageTargetQuerySet.as_manager()
 
     class Meta:
         ordering = ["name"]
 
     def __str__(self):
         return self.name
+
+    def usable_by(self, team) -> bool:
+        team_id = getattr(team, "pk", team)
+        return not self.teams.exists() or self.teams.filter(pk=team_id).exists()
 
     def clean(self):
         required = {self.Kind.LOCAL: ["path"], self.Kind.S3: ["bucket"], self.Kind.SFTP: ["host", "username", "path"]}
@@ -133,6 +158,8 @@ class BackupPolicy(models.Model):
         return f"policy of {self.customer}" if self.customer_id else "global backup policy"
 
     def clean(self):
+        if self.customer_id and self.target_id and not self.target.usable_by(self.customer.team_id):
+            raise ValidationError({"target": f"storage target {self.target} is not open to team {self.customer.team}"})
         if self.schedule == self.Schedule.CRON:
             from .schedules import ScheduleError, validate_cron
 

@@ -1,6 +1,7 @@
 """Admin pages for restores and drills: "Restore…" (what will change, then a typed confirmation) and "Verify now".
 
-Team-scoped like every backup page: another team's backup is a 404.
+Team-scoped like every backup page: another team's backup is a 404. Without backups.restore_backup (or
+verify_backup) the page is a 403, GET or POST: what a restore would change is not shown to who may not start it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from django.http import HttpResponseNotAllowed
 from django.shortcuts import get_object_or_404, redirect
 from django.urls import reverse
 
+from core import permissions
 from core.admin_mixins import admin_page
 from customers.forms import ConfirmForm
 from engines import envfile, unpack
@@ -52,6 +54,7 @@ class RestoreForm(ConfirmForm):
 
 def restore_view(request, backup_id: int, model_admin):
     backup = get_object_or_404(backups_visible_to(request.user).select_related("customer", "target"), pk=backup_id)
+    permissions.require(request.user, permissions.RESTORE)
     form = RestoreForm(request.POST or None, backup=backup)
     if request.method == "POST" and form.is_valid():
         chosen = form.cleaned_data["artifacts"]
@@ -82,6 +85,7 @@ def verify_view(request, backup_id: int, model_admin):
     if request.method != "POST":
         return HttpResponseNotAllowed(["POST"])
     backup = get_object_or_404(backups_visible_to(request.user).select_related("customer"), pk=backup_id)
+    permissions.require(request.user, permissions.VERIFY)
     try:
         run = verify_start(backup, requested_by=request.user, via="admin")
     except (OperationRefused, BackupInputError, PermissionDenied) as exc:

@@ -1,16 +1,26 @@
-"""Service functions for backups: targets, policies, starting a backup."""
+"""Service functions for backups: targets, policies, starting a backup.
+
+Each one that acts for a user checks the team and the action's permission (core.permissions); requested_by /
+actor None is the shell user (CLI, schedules, a run's own safety backup).
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from django.conf import settings
 from django.db import transaction
 
+from audit.models import AuditEntry
+from audit.services import audit_record
+from core import permissions
 from customers import roots
 from customers.models import Customer
 from operations.models import Run
 from operations.services import run_start
 
 from .models import Backup, BackupPolicy, StorageTarget
+from .selectors import downloadable_names
 
 DEFAULT_TARGET = "local"
 
@@ -42,6 +52,7 @@ def backup_start(
     trigger: str = Backup.Trigger.MANUAL, enqueue: bool = True,
 ) -> Run:
     """Validate the request against the customer's policy and start a backup run."""
+    permissions.require(requested_by, permissions.BACKUP, customer)
     params = backup_params(customer, scope=scope, services=services, compression=compression, encrypt=encrypt,
                            target=target, trigger=trigger)
     return run_start(customer, kind=Run.Kind.BACKUP, requested_by=requested_by, via=via, params=params,
@@ -75,6 +86,11 @@ def backup_params(
         raise BackupInputError(f"no storage target named {target!r}")
     if not target_obj.enabled:
         raise BackupInputError(f"storage target {target_obj.name!r} is disabled")
+    replicas = [] if target else list(policy.replicas.all())
+    for t in [target_obj, *replicas]:  # a team's backups go only where the team may put them
+        if not t.usable_by(customer.team_id):
+            raise BackupInputError(f"storage target {t.name!r} is not open to team {customer.team}: backups of "
+                                   f"{customer} may not go there")
     encrypt = policy.encrypt if encrypt is None else encrypt
     if encrypt and not settings.KASA_BACKUP_KEYS:
         raise BackupInputError("backups are encrypted by default but KASA_BACKUP_KEYS is not set "
@@ -82,7 +98,7 @@ def backup_params(
     params = {
         "scope": scope, "services": list(services), "compression": compression, "encrypt": encrypt,
         "target": target_obj.name, "trigger": trigger,
-        "replicas": [] if target else list(policy.replicas.values_list("name", flat=True)),
+        "replicas": [t.name for t in replicas],
         "include_logs": policy.include_logs, "excludes": list(policy.excludes or []),
         "bandwidth_limit_mbps": policy.bandwidth_limit_mbps,
     }
@@ -123,8 +139,7 @@ def backup_document(backup: Backup, *, stores: dict | None = None) -> dict:
 
 
 def backup_pin(backup: Backup, *, pinned: bool, reason: str = "", actor=None, via: str = "admin") -> None:
-    from audit.services import audit_record
-
+    permissions.require(actor, permissions.PIN, backup.customer)
     Backup.objects.filter(pk=backup.pk).update(pinned=pinned, pin_reason=reason if pinned else "")
     audit_record(action="backup.pin" if pinned else "backup.unpin", source=via, actor=actor, obj=backup,
                  customer=backup.customer, result=reason or "ok")
@@ -132,8 +147,7 @@ def backup_pin(backup: Backup, *, pinned: bool, reason: str = "", actor=None, vi
 
 def backup_delete(backup: Backup, *, actor=None, via: str = "admin") -> int:
     """Delete a backup's objects from every target; the catalogue row stays, marked deleted."""
-    from audit.services import audit_record
-
+    permissions.require(actor, permissions.DELETE, backup.customer)
     if backup.pinned:
         raise BackupInputError(f"backup #{backup.pk} is pinned ({backup.pin_reason or 'by hand'}); unpin it first")
     removed = 0
@@ -147,9 +161,64 @@ def backup_delete(backup: Backup, *, actor=None, via: str = "admin") -> int:
     return removed
 
 
-def target_check(target: StorageTarget) -> str:
+class DownloadMissing(LookupError):
+    """No such object to download (not in the catalogue, or gone from the target): a 404."""
+
+
+@dataclass
+class Download:
+    name: str
+    url: str | None  # a short-lived presigned link, where the target makes one (S3)
+    stream: object | None  # else an open binary file to stream through Kasa
+    size: int | None
+
+
+def backup_download(backup: Backup, name: str, *, requested_by=None, via: str = "admin",
+                    link_seconds: int = 15 * 60) -> Download:
+    """One artifact (or backup.json) of a succeeded backup, for download; audited. Only names from the catalogue:
+    anything else (a traversal, another key on the target) is DownloadMissing, and the storage is never asked."""
+    from engines.stores import StoreError, StoreNotFound
+
+    permissions.require(requested_by, permissions.DOWNLOAD, backup.customer)
+    if name not in downloadable_names(backup):
+        raise DownloadMissing("no such artifact in this backup")
+    key = f"{backup.prefix}/{name}"
+    artifact = backup.artifacts.filter(name=name).first()
+    try:
+        store = backup.target.store()
+        url = store.download_url(key, link_seconds)
+        stream = None if url else store.open_read(key)
+    except StoreNotFound:
+        raise DownloadMissing(f"{name} is missing on target {backup.target.name}") from None
+    except StoreError as exc:
+        raise BackupInputError(f"download of {name} failed: {exc}") from None
+    size = None
+    if stream is not None:
+        size = artifact.size if artifact is not None else _size_or_none(store, key)
+    audit_record(action="backup.download", source=_source(via), actor=requested_by, obj=backup,
+                 customer=backup.customer, changes={"artifact": name, "how": "presigned link" if url else "stream"},
+                 result="ok")
+    return Download(name=name, url=url, stream=stream, size=size)
+
+
+def _size_or_none(store, key: str) -> int | None:
     from engines.stores import StoreError
 
+    try:
+        return store.size(key)
+    except StoreError:
+        return None
+
+
+def _source(via: str) -> str:
+    return via if via in AuditEntry.Source.values else AuditEntry.Source.SYSTEM
+
+
+def target_check(target: StorageTarget, *, actor=None) -> str:
+    """Write, read back and delete a probe. Targets serve the whole fleet: superusers only."""
+    from engines.stores import StoreError
+
+    permissions.require_superuser(actor, "check a storage target")
     try:
         return target.store().check()
     except StoreError as exc:
@@ -196,6 +265,7 @@ def restore_start(
     from .restore import select_artifacts
 
     customer = backup.customer
+    permissions.require(requested_by, permissions.RESTORE, customer)
     if not confirmed:
         raise BackupInputError(f"a restore replaces what {customer.domain} has now: confirm it (admin: type the "
                                "domain; CLI: --yes)")
@@ -280,6 +350,7 @@ def _copy_sqlite_problem(path: str, customer, to_root: str | None) -> str | None
 
 
 def verify_start(backup: Backup, *, requested_by=None, via: str = "admin", enqueue: bool = True) -> Run:
+    permissions.require(requested_by, permissions.VERIFY, backup.customer)
     if not backup.restorable:
         raise BackupInputError(f"backup #{backup.pk} is {backup.status}: only a succeeded backup can be verified")
     if backup.encrypted and not settings.KASA_BACKUP_KEYS:

@@ -2,6 +2,7 @@
 
 Both are team-scoped: a staff member reaches only backups and customers of their teams
 (anything else is a 404, never a 403 that would confirm it exists); superusers reach all.
+Within the team, each needs its permission (core.permissions): a 403 without it.
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ from django.urls import reverse
 from django.utils.html import format_html
 from django.utils.http import content_disposition_header
 
-from audit.models import AuditEntry
-from audit.services import audit_record
+from core import permissions
 from core.admin_mixins import admin_page
 from operations.services import OperationRefused
 
 from .models import BackupPolicy, StorageTarget
-from .selectors import backups_visible_to, downloadable_names
-from .services import BackupInputError, backup_start, policy_for
+from .selectors import backups_visible_to
+from .services import BackupInputError, DownloadMissing, backup_start, policy_for
+from .services import backup_download as download_open
 
 DOWNLOAD_LINK_SECONDS = 15 * 60
 STREAM_CHUNK = 512 * 1024
@@ -48,7 +49,8 @@ class BackupNowForm(forms.Form):
         self.policy = policy
         self.fields["services"].choices = [(s, s) for s in customer.services.order_by("name")
                                            .values_list("name", flat=True)]
-        targets = StorageTarget.objects.filter(enabled=True).order_by("name")
+        # Only the targets the customer's team may use (StorageTarget.teams; none listed: every team).
+        targets = StorageTarget.objects.usable_by(customer.team_id).filter(enabled=True).order_by("name")
         choices = []
         for t in targets:
             label = f"{t.name} ({t.get_kind_display()})"
@@ -64,8 +66,10 @@ class BackupNowForm(forms.Form):
 
 
 def backup_now_view(request, pk, model_admin):
-    """GET: the form with the policy's defaults. POST: start the backup, land on the run's live page."""
+    """GET: the form with the policy's defaults. POST: start the backup, land on the run's live page.
+    Another team's customer: 404; without backups.add_backup: 403."""
     customer = get_object_or_404(model_admin.get_queryset(request), pk=pk)  # team-scoped: 404 for others
+    permissions.require(request.user, permissions.BACKUP)
     policy = policy_for(customer)
     form = BackupNowForm(request.POST or None, customer=customer, policy=policy)
     if request.method == "POST" and form.is_valid():
@@ -123,43 +127,23 @@ async def _achunks(fh):
 
 def backup_download(request, backup_id: int, name: str):
     """An artifact (or backup.json) of a succeeded backup: a short-lived presigned link where the target
-    can make one (S3), otherwise streamed through Kasa (local folder, SFTP)."""
-    from engines.stores import StoreError, StoreNotFound
-
+    can make one (S3), otherwise streamed through Kasa (local folder, SFTP). Another team's backup is a 404;
+    without backups.download_backup, a 403."""
     backup = get_object_or_404(backups_visible_to(request.user).select_related("target", "customer"), pk=backup_id)
-    # Only names from the catalogue: a traversal or any other key on the target is a 404.
-    if name not in downloadable_names(backup):
-        raise Http404("no such artifact in this backup")
-    key = f"{backup.prefix}/{name}"
-    artifact = backup.artifacts.filter(name=name).first()
     try:
-        store = backup.target.store()
-        url = store.download_url(key, DOWNLOAD_LINK_SECONDS)
-        stream = None if url else store.open_read(key)
-    except StoreNotFound:
-        raise Http404(f"{name} is missing on target {backup.target.name}") from None
-    except StoreError as exc:
-        messages.error(request, f"download of {name} failed: {exc}")
+        got = download_open(backup, name, requested_by=request.user, via="admin",
+                            link_seconds=DOWNLOAD_LINK_SECONDS)
+    except DownloadMissing as exc:
+        raise Http404(str(exc)) from None
+    except BackupInputError as exc:
+        messages.error(request, str(exc))
         return redirect(reverse("admin:backups_backup_change", args=[backup.pk]))
-    audit_record(action="backup.download", source=AuditEntry.Source.ADMIN, actor=request.user, obj=backup,
-                 customer=backup.customer, changes={"artifact": name, "how": "presigned link" if url else "stream"},
-                 result="ok")
-    if url:
-        return HttpResponseRedirect(url)
+    if got.url:
+        return HttpResponseRedirect(got.url)
     # Bounded chunks, never the whole object in memory; an async iterator when served over ASGI.
-    chunks = _achunks(stream) if isinstance(request, ASGIRequest) else _chunks(stream)
+    chunks = _achunks(got.stream) if isinstance(request, ASGIRequest) else _chunks(got.stream)
     response = StreamingHttpResponse(chunks, content_type="application/octet-stream")
     response.headers["Content-Disposition"] = content_disposition_header(True, name.rsplit("/", 1)[-1])
-    size = artifact.size if artifact is not None else _size_or_none(store, key)
-    if size is not None:
-        response.headers["Content-Length"] = str(size)
+    if got.size is not None:
+        response.headers["Content-Length"] = str(got.size)
     return response
-
-
-def _size_or_none(store, key: str) -> int | None:
-    from engines.stores import StoreError
-
-    try:
-        return store.size(key)
-    except StoreError:
-        return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from django.contrib import admin
 from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils.html import format_html
@@ -47,6 +48,31 @@ def scope_to_user(qs, user, path: str, *, allow_null: str | bool = False):
     return qs.filter(**{f"{path}__in": visible.values("pk")})
 
 
+def teams_of(request):
+    """The teams a user may see named: their own (superusers: all)."""
+    from customers.models import Team
+
+    user = request.user
+    return Team.objects.all() if user.is_superuser else Team.objects.filter(members=user)
+
+
+def customers_of(request):
+    from customers.models import Customer
+
+    return Customer.objects.visible_to(request.user)
+
+
+def scoped_filter(choices):
+    """A changelist filter on a relation that lists only `choices(request)` (a queryset). Django's own
+    RelatedFieldListFilter lists every row of the related table: other teams' names, every storage target."""
+
+    class ScopedRelatedFieldListFilter(admin.RelatedFieldListFilter):
+        def field_choices(self, field, request, model_admin):
+            return [(obj.pk, str(obj)) for obj in choices(request)]
+
+    return ScopedRelatedFieldListFilter
+
+
 class TeamScopedAdminMixin:
     team_scope_path = "customer"
     team_scope_allow_null: str | bool = False
@@ -59,10 +85,20 @@ class TeamScopedAdminMixin:
 
         if not request.user.is_superuser:
             if db_field.related_model is Customer:
-                kwargs["queryset"] = Customer.objects.visible_to(request.user)
+                kwargs["queryset"] = customers_of(request)
             elif db_field.related_model is Team:
-                kwargs["queryset"] = Team.objects.filter(members=request.user)
+                kwargs["queryset"] = teams_of(request)
         return super().formfield_for_foreignkey(db_field, request, **kwargs)
+
+    def formfield_for_manytomany(self, db_field, request, **kwargs):
+        from customers.models import Customer, Team
+
+        if not request.user.is_superuser:
+            if db_field.related_model is Customer:
+                kwargs["queryset"] = customers_of(request)
+            elif db_field.related_model is Team:
+                kwargs["queryset"] = teams_of(request)
+        return super().formfield_for_manytomany(db_field, request, **kwargs)
 
 
 def _changed_fields(message) -> dict:

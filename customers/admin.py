@@ -1,16 +1,23 @@
+"""Customers in the admin: team-scoped. What runs (root, run_as, each service's process manager, app name,
+commands and health URL) is read-only without customers.change_runtime and saved through customers.changes,
+which refuses and audits; every button and action needs its permission (core.permissions)."""
+
 from django import forms
 from django.contrib import admin, messages
-from django.core.exceptions import PermissionDenied
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import models
 from django.db.models import Max
+from django.forms.models import BaseInlineFormSet
 from django.http import HttpResponseNotAllowed
 from django.shortcuts import get_object_or_404, redirect
 from django.urls import path, reverse
 from django.utils.html import format_html
 
-from core.admin_mixins import AuditedAdminMixin, TeamScopedAdminMixin
+from core import permissions
+from core.admin_mixins import AuditedAdminMixin, TeamScopedAdminMixin, scoped_filter, teams_of
 from operations.services import OperationRefused
 
+from .changes import CUSTOMER_RUNTIME, SERVICE_RUNTIME, customer_save, runs_something, service_delete, service_save
 from .models import Customer, DatabaseConnection, Service, Team
 from .services import customer_check_start
 
@@ -18,6 +25,7 @@ from .services import customer_check_start
 @admin.register(Team)
 class TeamAdmin(AuditedAdminMixin, admin.ModelAdmin):
     list_display = ("name", "member_count")
+    ordering = ("name",)  # explicit: the member count's GROUP BY drops Meta.ordering (autocomplete pages)
     filter_horizontal = ("members",)
     search_fields = ("name",)
 
@@ -41,8 +49,22 @@ class TeamAdmin(AuditedAdminMixin, admin.ModelAdmin):
         return request.user.is_superuser
 
 
+class ServiceFormSet(BaseInlineFormSet):
+    may_change_runtime = False  # set per request by ServiceInline.get_formset
+
+    def clean(self):
+        super().clean()
+        if self.may_change_runtime:
+            return
+        for form in self.deleted_forms:
+            if form.instance.pk and runs_something(form.instance):
+                raise ValidationError(f"service {form.instance.name} runs something (process manager, commands or "
+                                      f"health URL set): deleting it needs the permission {permissions.RUNTIME}")
+
+
 class ServiceInline(admin.TabularInline):
     model = Service
+    formset = ServiceFormSet
     extra = 0
     # Health URLs are mostly local (http://127.0.0.1:PORT/health): a bare host means http.
     formfield_overrides = {
@@ -51,6 +73,17 @@ class ServiceInline(admin.TabularInline):
         models.JSONField: {"widget": forms.TextInput(attrs={"size": 24})},
     }
     fields = ("name", "path", "process_manager", "app_name", "start_command", "stop_command", "health_url")
+
+    def get_readonly_fields(self, request, obj=None):
+        readonly = super().get_readonly_fields(request, obj)
+        if permissions.has(request.user, permissions.RUNTIME):
+            return readonly
+        return (*readonly, *SERVICE_RUNTIME)  # not form fields at all: a POST of them is ignored
+
+    def get_formset(self, request, obj=None, **kwargs):
+        formset = super().get_formset(request, obj, **kwargs)
+        formset.may_change_runtime = permissions.has(request.user, permissions.RUNTIME)
+        return formset
 
 
 class DatabaseInline(admin.StackedInline):
@@ -63,16 +96,47 @@ class DatabaseInline(admin.StackedInline):
 class CustomerAdmin(TeamScopedAdminMixin, AuditedAdminMixin, admin.ModelAdmin):
     team_scope_path = ""
     list_display = ("domain", "name", "team", "status", "versions_display", "last_run")
-    list_filter = ("status", "team")
+    list_filter = ("status", ("team", scoped_filter(teams_of)))
+    ordering = ("domain",)  # explicit: the last run's GROUP BY drops Meta.ordering (autocomplete pages)
     search_fields = ("domain", "name")
     list_select_related = ("team",)
     inlines = [ServiceInline, DatabaseInline]
     actions = ["check_action", "backup_action"]
     readonly_fields = ("created_at", "updated_at")
-    fields = ("domain", "name", "team", "root", "status", "versions", "created_at", "updated_at")
+    fields = ("domain", "name", "team", "root", "run_as", "status", "versions", "created_at", "updated_at")
 
     def get_queryset(self, request):
         return super().get_queryset(request).annotate(last_run_at=Max("runs__created_at"))
+
+    def get_readonly_fields(self, request, obj=None):
+        readonly = super().get_readonly_fields(request, obj)
+        if permissions.has(request.user, permissions.RUNTIME):
+            return readonly
+        return (*readonly, *CUSTOMER_RUNTIME)
+
+    def has_add_permission(self, request):
+        # A new customer needs a root folder, which is a runtime field.
+        return super().has_add_permission(request) and permissions.has(request.user, permissions.RUNTIME)
+
+    def has_check_permission(self, request):
+        return permissions.has(request.user, permissions.CHECK)
+
+    def has_backup_permission(self, request):
+        return permissions.has(request.user, permissions.BACKUP)
+
+    def save_model(self, request, obj, form, change):
+        customer_save(obj, actor=request.user, via="admin")
+
+    def save_formset(self, request, form, formset, change):
+        if formset.model is not Service:
+            return super().save_formset(request, form, formset, change)
+        changed = formset.save(commit=False)
+        for service in formset.deleted_objects:  # first: a row deleted and added again keeps its unique name
+            service_delete(service, actor=request.user, via="admin")
+        for service in changed:
+            service_save(service, actor=request.user, via="admin")
+        formset.save_m2m()
+        return None
 
     @admin.display(description="versions")
     def versions_display(self, obj):
@@ -115,6 +179,7 @@ class CustomerAdmin(TeamScopedAdminMixin, AuditedAdminMixin, admin.ModelAdmin):
         if request.method != "POST":
             return HttpResponseNotAllowed(["POST"])
         customer = get_object_or_404(self.get_queryset(request), pk=pk)  # team-scoped: 404 for others
+        permissions.require(request.user, permissions.CHECK)  # a 403
         try:
             run = customer_check_start(customer, requested_by=request.user, via="admin")
         except (OperationRefused, PermissionDenied) as exc:
@@ -126,6 +191,7 @@ class CustomerAdmin(TeamScopedAdminMixin, AuditedAdminMixin, admin.ModelAdmin):
         extra_context = extra_context or {}
         customer = self.get_object(request, object_id)
         if customer is not None:
+            extra_context["may"] = permissions.may(request.user, customer)
             extra_context["recent_runs"] = customer.runs.select_related("requested_by")[:10]
             from backups.selectors import backup_chart, customer_backups
 
@@ -151,7 +217,7 @@ class CustomerAdmin(TeamScopedAdminMixin, AuditedAdminMixin, admin.ModelAdmin):
             extra_context["upgrades"] = upgrade_history(customer)
         return super().change_view(request, object_id, form_url, extra_context)
 
-    @admin.action(description="Check databases and services")
+    @admin.action(description="Check databases and services", permissions=["check"])
     def check_action(self, request, queryset):
         started = []
         for customer in queryset:
@@ -167,7 +233,7 @@ class CustomerAdmin(TeamScopedAdminMixin, AuditedAdminMixin, admin.ModelAdmin):
                                                    run.customer, url, run.pk), messages.SUCCESS)
         return None
 
-    @admin.action(description="Back up now")
+    @admin.action(description="Back up now", permissions=["backup"])
     def backup_action(self, request, queryset):
         """One customer: the intermediate page to choose what to back up. Several: each with its policy."""
         customers = list(queryset)

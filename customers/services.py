@@ -7,6 +7,7 @@ from django.db import transaction
 
 from audit.models import AuditEntry
 from audit.services import audit_record
+from core import permissions
 from engines import dburl
 from operations.models import Run
 from operations.services import run_start
@@ -50,7 +51,9 @@ def customer_create(
 
     Services get a name and a folder only: what runs (process manager, commands, health URL, run as) is set
     apart, by whoever may change runtime fields. `uuid` re-creates a customer its backups name (backup_import).
+    The root folder is a runtime field: an actor needs customers.change_runtime (None: the CLI's shell user).
     """
+    permissions.require(actor, permissions.RUNTIME)
     customer = Customer(domain=domain.lower().strip(), root=root, name=name or domain, team=team,
                         versions=versions or {})
     if uuid is not None:
@@ -74,7 +77,9 @@ def customer_create(
     except ValidationError as exc:
         raise CustomerInputError(_validation_message(exc)) from None
     audit_record(action="customer.add", source=via, actor=actor, obj=customer, result="ok",
-                 changes={"services": [s for s, _ in services], "databases": [d for d, _ in databases]})
+                 changes={"services": [s for s, _ in services], "databases": [d for d, _ in databases],
+                          "runtime": {"root": {"before": None, "after": customer.root},
+                                      "run_as": {"before": None, "after": customer.run_as}}})
     return customer
 
 

@@ -1,6 +1,10 @@
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
+from django.http import HttpResponseNotAllowed
+from django.shortcuts import get_object_or_404, redirect
+from django.urls import path, reverse
 
+from core import permissions
 from core.admin_mixins import TeamScopedAdminMixin, status_badge
 
 from .models import Run
@@ -31,12 +35,26 @@ class RunAdmin(TeamScopedAdminMixin, admin.ModelAdmin):
     def has_delete_permission(self, request, obj=None):
         return False
 
-    def get_actions(self, request):
-        # Django hides actions when the user lacks change permission; cancel is
-        # guarded by the team check in the service instead.
-        actions = super().get_actions(request)
-        actions.setdefault("cancel_action", self.get_action("cancel_action"))
-        return actions
+    def has_cancel_permission(self, request):
+        return permissions.has(request.user, permissions.CANCEL)
+
+    def get_urls(self):
+        own = [path("<int:pk>/cancel/", self.admin_site.admin_view(self.cancel_view), name="operations_run_cancel")]
+        return own + super().get_urls()
+
+    def cancel_view(self, request, pk):
+        """The "Cancel" button of a run's page (POST only): another team's run is a 404, without
+        operations.cancel_run a 403."""
+        if request.method != "POST":
+            return HttpResponseNotAllowed(["POST"])
+        run = get_object_or_404(self.get_queryset(request).select_related("customer"), pk=pk)
+        permissions.require(request.user, permissions.CANCEL)
+        if run_cancel(run, requested_by=request.user):
+            self.message_user(request, f"cancel requested for run #{run.pk}", messages.SUCCESS)
+        else:
+            run.refresh_from_db()
+            self.message_user(request, f"run #{run.pk} is {run.status}: nothing to cancel", messages.WARNING)
+        return redirect(reverse("admin:operations_run_change", args=[run.pk]))
 
     @admin.display(description="status", ordering="status")
     def status_badge(self, obj):
@@ -57,7 +75,7 @@ class RunAdmin(TeamScopedAdminMixin, admin.ModelAdmin):
             return f"{obj.progress_done}/{obj.progress_total}"
         return "—"
 
-    @admin.action(description="Cancel selected runs")
+    @admin.action(description="Cancel selected runs", permissions=["cancel"])
     def cancel_action(self, request, queryset):
         for run in queryset.filter(status__in=Run.ACTIVE):
             try:
@@ -71,5 +89,6 @@ class RunAdmin(TeamScopedAdminMixin, admin.ModelAdmin):
         run = self.get_object(request, object_id)
         if run is not None:
             extra_context["commands"] = run.commands.all()
+            extra_context["cancellable"] = run.status in Run.ACTIVE and self.has_cancel_permission(request)
         return super().change_view(request, object_id, form_url, extra_context)
 

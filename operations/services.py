@@ -10,13 +10,13 @@ import logging
 import os
 import socket
 
-from django.core.exceptions import PermissionDenied
 from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
 from audit.models import AuditEntry
 from audit.services import audit_record
+from core import permissions
 
 from . import live, registry
 from .context import OperationError, RunCancelled, RunContext, RunLost
@@ -36,14 +36,15 @@ def worker_id() -> str:
 
 
 def user_can_operate(user, customer) -> bool:
-    from customers.models import Customer
-
-    return Customer.objects.visible_to(user).filter(pk=customer.pk).exists()
+    return permissions.may_see(user, customer)
 
 
 def run_start(customer, *, kind: str, requested_by=None, via: str = "admin", params: dict | None = None,
-              enqueue: bool = True) -> Run:
+              enqueue: bool = True, permission: str | None = None) -> Run:
     """Create a pending run and enqueue it (on commit) with only its primary key.
+
+    requested_by must be in the customer's team and hold the kind's permission (core.permissions.RUN_KINDS,
+    or `permission` when the caller knows better: an install); None is the shell user (CLI, schedules).
 
     enqueue=False is for a command that executes the run in the foreground
     itself (run_execute in its own process): queuing it too would make a
@@ -53,8 +54,11 @@ def run_start(customer, *, kind: str, requested_by=None, via: str = "admin", par
     has a mutating run (or a run of the same kind) pending or running.
     """
     spec = registry.get(kind)
-    if requested_by is not None and not user_can_operate(requested_by, customer):
-        raise PermissionDenied(f"you are not in the team of {customer}")
+    permission = permission or permissions.RUN_KINDS.get(kind)
+    if permission is None:  # a kind nobody named a permission for: superusers only
+        permissions.require_superuser(requested_by, f"start a {kind} run")
+    else:
+        permissions.require(requested_by, permission, customer)
     with transaction.atomic():
         active = Run.objects.active().filter(customer=customer)
         blocking = active.filter(Q(mutating=True) | Q(kind=kind)) if spec.mutating else active.filter(kind=kind)
@@ -170,8 +174,7 @@ def _notify_end(run: Run) -> None:
 
 def run_cancel(run: Run, *, requested_by=None, via: str = "admin") -> bool:
     """Cancel a pending run at once; ask a running one to stop at its next step."""
-    if requested_by is not None and not user_can_operate(requested_by, run.customer):
-        raise PermissionDenied(f"you are not in the team of {run.customer}")
+    permissions.require(requested_by, permissions.CANCEL, run.customer)
     who = requested_by.get_username() if requested_by else via
     if run.cancel(error=f"cancelled by {who} before it started"):
         done = True

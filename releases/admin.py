@@ -1,20 +1,20 @@
 """The release registry in the admin: read-only changelists and the "Upload releases" page.
 
 Releases serve the whole fleet (they belong to no customer), so there is no team scoping: staff who hold the
-view permissions see them; uploading needs releases.add_release (superusers have it). Rows are written only
-by releases.services, which records every import (and every refusal) in the audit trail, so the usual
-add/change/delete views are switched off rather than audited.
+view permissions see them; uploading needs releases.add_release (superusers have it; the operators group does
+not). Rows are written only by releases.services, which records every import (and every refusal) in the audit
+trail, so the usual add/change/delete views are switched off rather than audited.
 """
 
 from __future__ import annotations
 
 from django import forms
 from django.contrib import admin, messages
-from django.core.exceptions import PermissionDenied
 from django.shortcuts import redirect
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 
+from core import permissions
 from core.admin_mixins import admin_page
 
 from .models import ComponentVersion, Release
@@ -72,12 +72,12 @@ class ReleaseAdmin(_ReadOnlyAdmin):
         return own + super().get_urls()
 
     def changelist_view(self, request, extra_context=None):
-        extra_context = {**(extra_context or {}), "may_upload": request.user.has_perm("releases.add_release")}
+        extra_context = {**(extra_context or {}),
+                         "may_upload": permissions.has(request.user, permissions.UPLOAD_RELEASES)}
         return super().changelist_view(request, extra_context)
 
     def upload_view(self, request):
-        if not request.user.has_perm("releases.add_release"):
-            raise PermissionDenied
+        permissions.require(request.user, permissions.UPLOAD_RELEASES)
         form = UploadForm(request.POST or None, request.FILES or None)
         problems: list[str] = []
         if request.method == "POST" and form.is_valid():

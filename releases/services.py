@@ -25,6 +25,7 @@ from django.db import IntegrityError, transaction
 
 from audit.models import AuditEntry
 from audit.services import audit_record
+from core import permissions
 from engines import releasepkg
 from engines.releasepkg import PackageError, Version, requirement_problems
 from engines.streams import CHUNK, HashingWriter
@@ -84,7 +85,9 @@ def release_sync(path, *, actor=None, via: str = "cli") -> SyncResult:
 
 
 def release_upload(json_file, zip_files, *, actor) -> SyncResult:
-    """Import an uploaded releases.json with its zips (Django UploadedFiles), matched by file name."""
+    """Import an uploaded releases.json with its zips (Django UploadedFiles), matched by file name. Releases serve
+    every customer: the actor needs releases.add_release (core.permissions.UPLOAD_RELEASES)."""
+    permissions.require(actor, permissions.UPLOAD_RELEASES)
     scratch = Path(settings.KASA_SCRATCH_DIR)
     scratch.mkdir(parents=True, exist_ok=True)
     json_name = os.path.basename(getattr(json_file, "name", "") or "releases.json")

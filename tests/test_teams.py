@@ -87,7 +87,15 @@ def test_audit_trail_is_scoped_and_read_only(client, two_teams):
 
 
 def test_team_choices_offer_only_the_users_teams(client, two_teams):
-    client.force_login(two_teams["alice"])
+    from django.contrib.auth.models import Permission
+
+    alice = two_teams["alice"]
+    client.force_login(alice)
+    # A new customer sets its root folder, which decides what runs: not an operator's to add…
+    assert client.get("/customers/customer/add/").status_code == 403
+    # …but a holder of customers.change_runtime (and add_customer) may, for their own teams only.
+    alice.user_permissions.add(*Permission.objects.filter(content_type__app_label="customers",
+                                                          codename__in=["change_runtime", "add_customer"]))
     html = client.get("/customers/customer/add/").content.decode()
     assert ">Blue<" in html and ">Red<" not in html
 

@@ -7,6 +7,7 @@ from django.contrib import admin
 from django.urls import path
 
 from backups.selectors import human_duration
+from core import permissions
 from core.admin_mixins import TeamScopedAdminMixin, change_link, status_badge
 
 from .admin_selectors import duration_seconds, versions_text
@@ -122,6 +123,7 @@ class UpgradeAdmin(_ReadOnly, TeamScopedAdminMixin, admin.ModelAdmin):
         extra_context = extra_context or {}
         upgrade = self.get_object(request, object_id)
         if upgrade is not None:
+            extra_context["may"] = permissions.may(request.user, upgrade.customer)
             extra_context["steps"] = list(upgrade.steps.all())
             extra_context["checks"] = (upgrade.preflight or {}).get("checks", [])
             extra_context["preflight_problems"] = (upgrade.preflight or {}).get("problems", [])

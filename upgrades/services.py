@@ -9,14 +9,14 @@
 
 from __future__ import annotations
 
-from django.core.exceptions import PermissionDenied
 from django.db import transaction
 from django.utils import timezone
 
 from audit.models import AuditEntry
 from audit.services import audit_record
+from core import permissions
 from operations.models import Run
-from operations.services import OperationRefused, run_start, user_can_operate
+from operations.services import OperationRefused, run_start
 from releases.models import Release
 
 from . import preflight
@@ -36,9 +36,12 @@ def upgrade_preflight(customer, release: Release, *, force: bool = False) -> pre
 def upgrade_start(customer, release: Release, *, requested_by=None, via: str = "admin", force: bool = False,
                   dry_run: bool = False, enqueue: bool = True) -> Run:
     """Start an upgrade run (dry_run: its preflight only). Refused at once for a release that failed for this
-    customer before, unless forced; every other check is the run's preflight step, recorded."""
-    if requested_by is not None and not user_can_operate(requested_by, customer):
-        raise PermissionDenied(f"you are not in the team of {customer}")
+    customer before, unless forced; every other check is the run's preflight step, recorded.
+
+    The first upgrade of a customer without versions is an install: it needs upgrades.install_release instead of
+    upgrades.upgrade_customer (core.permissions)."""
+    permission = permissions.upgrade_permission(customer)
+    permissions.require(requested_by, permission, customer)
     mark = bad_release(customer, release)
     if mark is not None and not force and not dry_run:
         raise UpgradeInputError(f"release {release.name} failed for {customer} before ({mark.reason}); force it to "
@@ -49,7 +52,7 @@ def upgrade_start(customer, release: Release, *, requested_by=None, via: str = "
     with transaction.atomic():
         try:
             run = run_start(customer, kind=Run.Kind.UPGRADE, requested_by=requested_by, via=via, params=params,
-                            enqueue=enqueue)
+                            enqueue=enqueue, permission=permission)
         except OperationRefused as exc:
             raise UpgradeInputError(str(exc)) from None
         Upgrade.objects.create(customer=customer, run=run, kind=kind, to_release=release, force=bool(force),
@@ -59,8 +62,7 @@ def upgrade_start(customer, release: Release, *, requested_by=None, via: str = "
 
 def rollback_start(customer, *, requested_by=None, via: str = "admin", enqueue: bool = True) -> Run:
     """Roll back the customer's last successful upgrade (refused when there is none to roll back)."""
-    if requested_by is not None and not user_can_operate(requested_by, customer):
-        raise PermissionDenied(f"you are not in the team of {customer}")
+    permissions.require(requested_by, permissions.ROLLBACK, customer)
     target = rollback_target(customer)
     if target is None:
         raise UpgradeInputError(f"{customer} has no successful upgrade to roll back (the last one may have been "
@@ -79,6 +81,7 @@ def rollback_start(customer, *, requested_by=None, via: str = "admin", enqueue: 
 
 def quarantine_resolve(upgrade: Upgrade, *, actor=None, note: str, via: str = "admin") -> None:
     """An operator has checked a quarantined customer: upgrades are allowed again. Nothing else changes."""
+    permissions.require(actor, permissions.RESOLVE, upgrade.customer)
     if upgrade.status != Upgrade.Status.QUARANTINED:
         raise UpgradeInputError(f"upgrade #{upgrade.pk} is {upgrade.status}, not quarantined")
     if not note.strip():

@@ -2,8 +2,11 @@
 and the step list an upgrade's page polls.
 
 Team-scoped like every customer page: another team's customer or upgrade is a 404 (never a 403 that would
-confirm it exists). Starting anything is POST-only and needs the customer's domain typed in full: both
-operations stop the customer's services, and a rollback also puts its databases back as they were.
+confirm it exists). Within the team each page needs its permission (core.permissions), GET or POST, else a 403:
+"Upgrade to…" upgrades.upgrade_customer (upgrades.install_release for a customer with no version yet), "Roll back"
+upgrades.rollback_customer, "Mark resolved" upgrades.change_upgrade. Starting anything is POST-only and needs the
+customer's domain typed in full: both operations stop the customer's services, and a rollback also puts its
+databases back as they were.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from django.http import HttpResponseNotAllowed, JsonResponse
 from django.shortcuts import get_object_or_404, redirect
 from django.urls import reverse
 
+from core import permissions
 from core.admin_mixins import admin_page
 from customers.forms import ConfirmForm
 from operations.services import OperationRefused
@@ -50,6 +54,7 @@ def upgrade_view(request, pk: int, model_admin):
     """GET ?release=&force=: the chosen release's preflight, notes and .env diff, then the confirmation.
     POST: the preflight again (refused unless it passes), then start the upgrade and land on its run's page."""
     customer = get_object_or_404(model_admin.get_queryset(request), pk=pk)  # team-scoped: 404 for others
+    permissions.require(request.user, permissions.upgrade_permission(customer))
     posted = request.method == "POST"
     data = request.POST if posted else request.GET
     force = data.get("force") in ("1", "on", "true", "True")
@@ -83,12 +88,14 @@ def upgrade_view(request, pk: int, model_admin):
     return admin_page(request, model_admin, "admin/upgrades/upgrade.html", title=f"Upgrade {customer}",
                       obj=customer, status=400 if posted or problem else 200,
                       customer=customer, card=card, choices=choices, chosen=chosen, force=force, problem=problem,
+                      may=permissions.may(request.user, customer),
                       bad_hidden=[o for o in card["offered"] if o["bad"] and not force], plan=plan, form=form)
 
 
 def rollback_view(request, pk: int, model_admin):
     """GET: what the rollback puts back (and what is lost), then the confirmation. POST: start it."""
     customer = get_object_or_404(model_admin.get_queryset(request), pk=pk)
+    permissions.require(request.user, permissions.ROLLBACK)
     plan = rollback_plan(customer)
     form = ConfirmForm(request.POST if request.method == "POST" else None, customer=customer)
     if request.method == "POST" and plan is not None and form.is_valid():
@@ -111,11 +118,12 @@ class ResolveForm(forms.Form):
 def resolve_view(request, upgrade_id: int, model_admin):
     """A quarantined upgrade an operator has dealt with: GET the form, POST the note."""
     upgrade = get_object_or_404(model_admin.get_queryset(request).select_related("customer"), pk=upgrade_id)
+    permissions.require(request.user, permissions.RESOLVE)
     form = ResolveForm(request.POST if request.method == "POST" else None)
     if request.method == "POST" and form.is_valid():
         try:
             quarantine_resolve(upgrade, actor=request.user, note=form.cleaned_data["note"], via="admin")
-        except UpgradeInputError as exc:
+        except (UpgradeInputError, PermissionDenied) as exc:
             messages.error(request, str(exc))
         else:
             messages.success(request, f"Quarantine of {upgrade.customer} marked resolved; upgrades are allowed "
