@@ -19,6 +19,14 @@ Extraction is one pass: plaintext goes through tarcheck.TarScanner, which
 checks every member header before GNU tar receives a byte of that member, and
 after tar exits check_tree() compares what is on disk with what the scanner
 saw, so a disagreement between the two parsers cannot go unnoticed.
+
+Extracted files are tamed: never the archive's owners (`--no-same-owner`),
+never a setuid/setgid bit (the scanner strips them from the headers and lists
+the members; check_tree refuses any that still appears), never a device or
+FIFO (refused), never extended attributes (file capabilities). Given an
+`owner` (the customer's run_as user), GNU tar itself runs as that user, so
+whatever it writes belongs to the customer and it can write nothing the
+customer could not; without one the files are the worker's own.
 """
 
 from __future__ import annotations
@@ -34,15 +42,15 @@ import subprocess
 import threading
 from collections.abc import Callable, Iterator
 
+from . import runas, trees
 from . import tarcheck as tc
-from . import trees
 from .backupcrypto import MAGIC, BackupDecryptError, decrypt_stream
 from .stores.base import StoreError, StoreNotFound
 from .streams import CHUNK
 from .tarcheck import ArchiveRefused, ArtifactError, Limits, Listing, TarScanner, show
 
-__all__ = ["ArchiveRefused", "ArtifactError", "Limits", "Listing", "check_tree", "extract_artifact", "open_plain",
-           "verify_artifact"]
+__all__ = ["ArchiveRefused", "ArtifactError", "Limits", "Listing", "check_tree", "extract_artifact", "files_owner",
+           "open_plain", "setid_warnings", "verify_artifact"]
 
 Progress = Callable[[int], None]
 # Child programs get a fixed environment: TAR_OPTIONS, GZIP or a locale would change how they read their input.
@@ -358,24 +366,30 @@ def verify_artifact(store, name: str, *, sha256: str, size: int, encrypted: bool
 
 
 # --- extraction ------------------------------------------------------------------------------
-def _tar_argv(dest: str) -> list[str]:
-    argv = ["tar", "--extract", "--file=-", f"--directory={dest}", "--preserve-permissions",
-            "--delay-directory-restore"]
-    # Ownership can only be given away by root; numeric ids, because names may map to other ids here.
-    argv += ["--same-owner", "--numeric-owner"] if os.geteuid() == 0 else ["--no-same-owner"]
-    return argv
+def _tar_argv() -> list[str]:
+    # Modes as archived (the scanner has taken the set-id bits out), owners never: whoever runs tar owns what
+    # it writes. No extended attributes, ACLs or SELinux labels (a capability is a setuid bit by other means),
+    # even where a tar build would default to them.
+    return ["tar", "--extract", "--file=-", "--preserve-permissions", "--no-same-owner", "--no-xattrs",
+            "--no-acls", "--no-selinux", "--delay-directory-restore"]
 
 
 class _Tar:
     """GNU tar reading the checked stream from a pipe."""
 
-    def __init__(self, dest: str, label: str):
+    def __init__(self, dest: str, label: str, owner: runas.Identity | None = None):
         self.dest, self.label = dest, label
         self.tail: collections.deque = collections.deque(maxlen=20)
         try:
-            self.proc = subprocess.Popen(_tar_argv(dest), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+            # As the owner, tar could not enter dest by its path (the staging folder around it is the worker's,
+            # 0700): the worker's child enters it before it switches user, and tar extracts into ".".
+            as_owner = runas.popen_kwargs(owner) if owner is not None else {}
+        except runas.RunAsError as exc:
+            raise ArtifactError(f"{label}: cannot extract as the customer's user: {exc}") from None
+        try:
+            self.proc = subprocess.Popen(_tar_argv(), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                          stderr=subprocess.PIPE, close_fds=True, start_new_session=True,
-                                         env=_CHILD_ENV, bufsize=0)
+                                         env=_CHILD_ENV, bufsize=0, cwd=dest, **as_owner)
         except FileNotFoundError:
             raise ArtifactError(f"{label}: GNU tar is not installed on this worker") from None
         _grow_pipe(self.proc.stdin.fileno())
@@ -428,20 +442,58 @@ class _Tar:
                 pass
 
 
-def _prepare_dest(dest: str, label: str) -> None:
+def _prepare_dest(dest: str, label: str, owner: runas.Identity | None) -> None:
+    """dest absent (created 0700) or an empty folder of ours; given to `owner` when there is one. Through a
+    descriptor opened without following links: a folder or link put there by someone else is refused, not
+    chmod-ed or chown-ed."""
     try:
         os.mkdir(dest, 0o700)
-        os.chmod(dest, 0o700)  # exact, whatever the umask
-        return
     except FileExistsError:
         pass
     except OSError as exc:
         raise ArtifactError(f"{label}: cannot create the staging folder {dest}: {exc.strerror}") from None
-    st = os.lstat(dest)
-    if not stat.S_ISDIR(st.st_mode):
-        raise ArtifactError(f"{label}: the staging folder {dest} exists and is not a folder; it was left as it is")
-    if os.listdir(dest):
-        raise ArtifactError(f"{label}: the staging folder {dest} is not empty; it was left as it is")
+    try:
+        fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        raise ArtifactError(f"{label}: the staging folder {dest} exists and is not a folder; it was left as it "
+                            "is") from None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid() and not (owner is not None and st.st_uid == owner.uid):
+            raise ArtifactError(f"{label}: the staging folder {dest} belongs to uid {st.st_uid}, not to the worker; "
+                                "it was left as it is")
+        if os.listdir(fd):
+            raise ArtifactError(f"{label}: the staging folder {dest} is not empty; it was left as it is")
+        os.fchmod(fd, 0o700)  # exact, whatever the umask
+        if owner is not None and os.geteuid() == 0:
+            os.fchown(fd, owner.uid, owner.gid)
+    finally:
+        os.close(fd)
+
+
+def files_owner(run_as: str) -> runas.Identity | None:
+    """Who unpacked files belong to: the customer's run_as user; None (the worker's own: development) when empty."""
+    try:
+        return runas.lookup(run_as) if run_as else None
+    except runas.RunAsError as exc:
+        raise ArtifactError(f"cannot unpack files for the customer: {exc}; nothing was unpacked") from None
+
+
+# Enough to name every set-id member of a real backup or package; thousands (a hostile archive) get a count.
+MAX_SETID_LINES = 200
+
+
+def setid_warnings(artifact: str, setid: list[tuple[str, int]]) -> list[str]:
+    """One warning line per member (name, archived mode) whose setuid/setgid bits were stripped."""
+    lines = []
+    for member, mode in setid[:MAX_SETID_LINES]:
+        bits = " and ".join(b for b, m in (("setuid", 0o4000), ("setgid", 0o2000)) if mode & m)
+        lines.append(f"{artifact}: {member!r} had the {bits} bit (mode {mode & 0o7777:04o}): unpacked without it "
+                     f"(mode {mode & 0o1777:04o})")
+    if len(setid) > MAX_SETID_LINES:
+        lines.append(f"{artifact}: {len(setid) - MAX_SETID_LINES} more members had setuid/setgid bits, all unpacked "
+                     "without them")
+    return lines
 
 
 def _restate(exc: ArtifactError, suffix: str) -> ArtifactError:
@@ -452,15 +504,22 @@ def _restate(exc: ArtifactError, suffix: str) -> ArtifactError:
 
 
 def extract_artifact(store, name: str, *, sha256: str, size: int, encrypted: bool, keyring, compression: str,
-                     dest, limits: Limits | None = None, on_progress: Progress | None = None) -> Listing:
+                     dest, limits: Limits | None = None, on_progress: Progress | None = None,
+                     owner: runas.Identity | None = None) -> Listing:
     """Extract a tar artifact into `dest` (absent, then created 0700, or an empty folder) in one pass: every
     member header is checked before tar receives that member, and the tree is checked after tar exits.
+    With `owner`, dest and everything in it belong to that user (tar runs as it); else to the worker.
+    Set-id bits are stripped: `Listing.setid` names each member that had them, for a warning.
     Any failure removes `dest` entirely and raises ArtifactError/ArchiveRefused. Returns the Listing."""
     dest = os.path.abspath(os.fspath(dest))
-    _prepare_dest(dest, name)
+    if owner is not None and os.geteuid() != 0 and os.geteuid() != owner.uid:
+        raise ArtifactError(f"{name}: the worker runs as uid {os.geteuid()} and cannot give the restored files to "
+                            f"{owner}: run the worker as root, or leave run_as empty; nothing was unpacked")
+    _prepare_dest(dest, name, owner)
     try:
         listing = _extract(store, name, sha256=sha256, size=size, encrypted=encrypted, keyring=keyring,
-                           compression=compression, dest=dest, limits=limits or Limits(), on_progress=on_progress)
+                           compression=compression, dest=dest, limits=limits or Limits(), on_progress=on_progress,
+                           owner=owner)
     except ArtifactError as exc:
         trees.remove_tree(dest)
         raise _restate(exc, f"the staging folder {dest} was removed and nothing else was touched") from None
@@ -471,14 +530,14 @@ def extract_artifact(store, name: str, *, sha256: str, size: int, encrypted: boo
     return listing
 
 
-def _extract(store, name: str, *, sha256, size, encrypted, keyring, compression, dest, limits, on_progress):
+def _extract(store, name: str, *, sha256, size, encrypted, keyring, compression, dest, limits, on_progress, owner):
     scanner = TarScanner(name, limits)
     stream = open_plain(store, name, sha256=sha256, size=size, encrypted=encrypted, keyring=keyring,
                         compression=compression, on_progress=on_progress)
     tar = None
     try:
         with stream as chunks:
-            tar = _Tar(dest, name)
+            tar = _Tar(dest, name, owner)
             for chunk in chunks:
                 if scanner.ended:
                     continue  # what follows the end-of-archive block (tar's padding) is read only to be checked
@@ -494,18 +553,18 @@ def _extract(store, name: str, *, sha256, size, encrypted, keyring, compression,
             tar.kill()
         raise
     try:
-        check_tree(dest, listing, artifact=name)
+        check_tree(dest, listing, artifact=name, uid=owner.uid if owner is not None else os.geteuid())
     except OSError as exc:  # a restored folder we cannot read (mode 0000 and we are not root)
         raise ArtifactError(f"{name}: cannot check the extracted tree in {dest}: {exc.strerror or exc}") from None
     return listing
 
 
 # --- after tar -----------------------------------------------------------------------------
-def check_tree(dest, listing: Listing, *, artifact: str = "") -> None:
-    """Walk the extracted tree without following links. Refuse devices, FIFOs, sockets, a symlink that
-    resolves outside dest, a file hard-linked to something outside dest; then require the tree to be
-    exactly what the scanner listed (every path and its type when listing.paths is kept, else the counts
-    and total size). Raises ArchiveRefused / ArtifactError."""
+def check_tree(dest, listing: Listing, *, artifact: str = "", uid: int | None = None) -> None:
+    """Walk the extracted tree without following links. Refuse devices, FIFOs, sockets, a setuid/setgid bit,
+    an entry not owned by `uid` (when given), a symlink that resolves outside dest, a file hard-linked to
+    something outside dest; then require the tree to be exactly what the scanner listed (every path and its
+    type when listing.paths is kept, else the counts and total size). Raises ArchiveRefused / ArtifactError."""
     root = os.fsencode(os.path.abspath(os.fspath(dest)))
     real_root = os.path.realpath(root)
     label = f"{artifact}: " if artifact else ""
@@ -521,6 +580,14 @@ def check_tree(dest, listing: Listing, *, artifact: str = "") -> None:
                 rel = rel_dir + b"/" + entry.name if rel_dir else entry.name
                 st = entry.stat(follow_symlinks=False)
                 mode = st.st_mode
+                if mode & tc.SETID and not stat.S_ISLNK(mode):
+                    raise ArchiveRefused(f"{label}the extracted {show(rel)} has a setuid or setgid bit (mode "
+                                         f"{stat.S_IMODE(mode):o}) although its header had none: the two readings "
+                                         "of the archive differ", member=show(rel)[1:-1], rule="set-id bit")
+                if uid is not None and st.st_uid != uid:
+                    raise ArchiveRefused(f"{label}the extracted {show(rel)} belongs to uid {st.st_uid}, not {uid}: "
+                                         "the archive's owners are never used", member=show(rel)[1:-1],
+                                         rule="owner")
                 if stat.S_ISDIR(mode):
                     kind = tc.DIR
                     stack.append(rel)
