@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from django.conf import settings
 
-from engines import ecosystem, envfile, layout
+from engines import ecosystem, envfile, layout, zipunpack
 from tests.conftest import free_port
 from tests.restore_helpers import pg_databases_like, pg_exec, pg_state, tree_state
 
@@ -102,8 +102,8 @@ def test_staging_refuses_a_member_leaving_the_folder_and_leaves_nothing(tmp_path
         zf.writestr(info, "../../etc")
     dest = tmp_path / "releases" / "1.0.0" / "web"
     dest.parent.mkdir(parents=True)
-    with pytest.raises(layout.LayoutError, match="leaves the component folder"):
-        layout.stage_zip(z, dest, root_folder="web", tag="t")
+    with pytest.raises(layout.LayoutError, match="leads outside the component folder"):
+        zipunpack.stage_zip(z, tmp_path, dest, root_folder="web", tag="t")
     assert list(dest.parent.iterdir()) == []
 
 
