@@ -220,9 +220,10 @@ class TarScanner:
 
     def _patched(self, out: list, *, extra: int = 0) -> list:
         """Put the rewritten header blocks in place of the archive's own in `out`, the pieces about to be
-        forwarded: contiguous in the stream and ending at self.offset, but for `extra` pieces added at the end."""
+        forwarded: contiguous in the stream up to what is held back, but for `extra` pieces added at the end."""
+        sent = self.offset - (len(self._held) if self._group_open else 0)
         pieces = out[: len(out) - extra]
-        at = self.offset - sum(len(p) for p in pieces)
+        at = sent - sum(len(p) for p in pieces)
         result = []
         for piece in pieces:
             stop = at + len(piece)
@@ -234,7 +235,7 @@ class TarScanner:
                     piece[lo - at : hi - at] = blk[lo - off : hi - off]
             result.append(piece)
             at = stop
-        self._patches = [(off, blk) for off, blk in self._patches if off + BLOCK > self.offset]
+        self._patches = [(off, blk) for off, blk in self._patches if off + BLOCK > sent]
         return result + out[len(out) - extra :]
 
     def finish(self) -> Listing:
