@@ -288,14 +288,18 @@ def _stage(ctx: RunContext, plan: Plan, store, keyring, journal: Journal) -> Pat
             _check_stop(ctx, stop)
             dest = staging / art.name.split(".", 1)[0]
             try:
+                owner = unpack.files_owner(plan.customer.run_as)  # the customer's user, or the worker's own
                 listing = unpack.extract_artifact(
-                    store, f"{plan.backup.prefix}/{art.name}", dest=str(dest),
+                    store, f"{plan.backup.prefix}/{art.name}", dest=str(dest), owner=owner,
                     on_progress=_progress(ctx, f"unpacking {art.name}", stop), **artifact_kwargs(plan.backup, art,
                                                                                                 keyring))
             except unpack.ArtifactError as exc:
                 raise OperationError(str(exc)) from None
+            for line in unpack.setid_warnings(art.name, listing.setid):
+                ctx.warning(line)
             ctx.info(f"{art.name}: checksum, decryption and {listing.members} members verified, "
-                     f"{listing.files} files ({listing.total_size / 1e6:.1f} MB) unpacked into staging")
+                     f"{listing.files} files ({listing.total_size / 1e6:.1f} MB) unpacked into staging"
+                     + (f" as {owner.user}" if owner else ""))
 
     def databases_lane() -> None:
         for art in dbs:

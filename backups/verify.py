@@ -77,6 +77,8 @@ def _drill(ctx: RunContext, bk: Backup) -> list[dict]:
                                                       on_progress=_progress(ctx, f"test extraction of {art.name}"),
                                                       **kwargs)
                     trees.remove_tree(dest, ignore_errors=True)  # one archive's tree at a time on the scratch disk
+                    for line in unpack.setid_warnings(art.name, listing.setid):
+                        ctx.warning(line)  # a restore would strip them too: the operator should know
                     ctx.info(f"{art.name}: test extraction of {listing.files} files, {listing.dirs} folders, "
                              f"{listing.total_size / 1e6:.1f} MB: every member checked and in place")
                     checks.append({"artifact": art.name, "files": listing.files, "dirs": listing.dirs,

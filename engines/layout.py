@@ -20,13 +20,10 @@ from __future__ import annotations
 
 import os
 import re
-import stat
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import envfile, trees
-from .streams import CHUNK
 from .trees import TRASH_PREFIX, discard
 
 RELEASES = "releases"
@@ -89,76 +86,9 @@ def link_text(live: str | os.PathLike, target_dir: str | os.PathLike) -> str:
 
 # --- staging ---------------------------------------------------------------------------------------
 def staging_path(dest: str | os.PathLike, tag: str) -> Path:
+    """Where a release folder is unpacked before it is renamed to `dest` (engines.zipunpack.stage_zip)."""
     dest = Path(dest)
     return dest.parent / f".{dest.name}{STAGE_MARK}{tag}"
-
-
-def extract_zip(zip_path: str | os.PathLike, dest: str | os.PathLike, *, root_folder: str = "") -> int:
-    """Unpack a component zip into the empty folder `dest`, dropping its top folder `root_folder`.
-
-    The zip was checked when it was imported (engines.releasepkg) and its sha256 matched since; this
-    still refuses any member that would land outside `dest`, and creates symlinks only after every file,
-    so no write ever goes through a link the zip brought. Returns the number of files written."""
-    dest = Path(dest)
-    prefix = f"{root_folder.strip('/')}/" if root_folder else ""
-    links: list[tuple[Path, str]] = []
-    files = 0
-    with zipfile.ZipFile(zip_path) as zf:
-        for info in zf.infolist():
-            name = info.filename
-            if prefix:
-                if name.rstrip("/") == prefix.rstrip("/"):
-                    continue
-                if not name.startswith(prefix):
-                    raise LayoutError(f"zip member {name!r} is outside its top folder {root_folder!r}; "
-                                      "nothing was staged")
-                name = name[len(prefix):]
-            parts = [p for p in name.split("/") if p not in ("", ".")]
-            if not parts:
-                continue
-            if ".." in parts or name.startswith("/") or "\\" in name:
-                raise LayoutError(f"zip member {info.filename!r} leaves the component folder; nothing was staged")
-            path = dest.joinpath(*parts)
-            mode = (info.external_attr >> 16) if info.create_system == 3 else 0
-            if info.is_dir() or stat.S_ISDIR(mode):
-                path.mkdir(parents=True, exist_ok=True, mode=0o755)
-                continue
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-            if stat.S_ISLNK(mode):
-                links.append((path, zf.read(info).decode("utf-8")))
-                continue
-            with zf.open(info) as src, open(path, "wb") as out:
-                while chunk := src.read(CHUNK):
-                    out.write(chunk)
-            os.chmod(path, (stat.S_IMODE(mode) & 0o777) or 0o644)
-            files += 1
-    for path, target in links:
-        resolved = Path(os.path.normpath(path.parent / target))
-        if os.path.isabs(target) or (resolved != dest and dest not in resolved.parents):
-            raise LayoutError(f"zip symlink {path.relative_to(dest)} -> {target!r} leaves the component folder; "
-                              "nothing was staged")
-        os.symlink(target, path)
-    return files
-
-
-def stage_zip(zip_path: str | os.PathLike, dest: str | os.PathLike, *, root_folder: str, tag: str) -> Path:
-    """Unpack into a hidden folder beside `dest`, then rename it to `dest` (which must not exist):
-    a release folder is either complete or absent. The half-unpacked folder is removed on failure."""
-    dest = Path(dest)
-    if os.path.lexists(dest):
-        raise LayoutError(f"{dest} exists already; nothing was staged")
-    tmp = staging_path(dest, tag)
-    if os.path.lexists(tmp):
-        trees.remove_tree(tmp)
-    tmp.mkdir(parents=True, mode=0o755)
-    try:
-        extract_zip(zip_path, tmp, root_folder=root_folder)
-        os.rename(tmp, dest)
-    except BaseException:
-        trees.remove_tree(tmp, ignore_errors=True)
-        raise
-    _fsync_dir(dest.parent)
-    return dest
 
 
 # --- the switch ------------------------------------------------------------------------------------

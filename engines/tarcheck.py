@@ -25,6 +25,14 @@ Accepted type flags: '0', '\\0' and '7' (regular file), '1' (hard link), '2'
 only); 'x', 'g', 'L', 'K' are metadata the parser consumes itself. Everything
 else (devices, FIFOs, GNU dumpdir/volume/multivolume headers, Solaris 'X',
 vendor flags that GNU tar would extract as plain files) is refused.
+
+Set-user-ID and set-group-ID bits are never handed to tar: a file or folder
+whose mode has them is forwarded with a header rewritten without them (mode
+and checksum, nothing else), and listed in `Listing.setid` so that the caller
+can name it in a warning. A backup that happens to hold a setuid program can
+still be restored; it comes back as an ordinary executable. (The mode is the
+only place GNU tar reads permissions from: pax has no mode keyword, and
+extended attributes such as file capabilities are never extracted.)
 """
 
 from __future__ import annotations
@@ -55,6 +63,7 @@ _PAX_GLOBAL_OK = {b"atime", b"ctime", b"mtime", b"comment", b"charset", b"hdrcha
                   b"gname"}
 
 _HEADER, _META, _DATA, _SPARSE_EXT, _SPARSE_MAP = range(5)
+SETID = 0o6000  # S_ISUID | S_ISGID
 
 
 class ArtifactError(ValueError):
@@ -90,6 +99,8 @@ class Listing:
     total_size: int = 0  # bytes of regular files (sparse files at their real size; hard links not again)
     # path (bytes, relative, normalised) → kind; what check_tree compares the extracted tree with.
     paths: dict | None = field(default=None, repr=False, compare=False)
+    # (member name, archived mode) of each file or folder whose setuid/setgid bits were stripped, in archive order.
+    setid: list = field(default_factory=list, compare=False)
 
 
 class TarScanner:
@@ -127,6 +138,9 @@ class TarScanner:
         self._map_numbers: list[int] = []
         self._map_expected = self._map_bytes = 0
         self._map_line = b""
+        self._setid: list[tuple[str, int]] = []
+        # (stream offset, header block) to forward instead of the archive's own block: set-id bits stripped.
+        self._patches: list[tuple[int, bytes]] = []
 
     # --- errors ------------------------------------------------------------------------
     def _refuse(self, rule: str, member: bytes | None = None):
@@ -192,8 +206,8 @@ class TarScanner:
                     out.append(view[emit_from:i])
                     out.append(ZERO_BLOCK)  # a second zero block: tar sees a complete end of archive
                     self.offset += i
-                    return [p for p in out if len(p)]
-        self.offset += n
+                    out = [p for p in out if len(p)]
+                    return self._patched(out, extra=1) if self._patches else out
         if not self._group_open:
             if emit_from < n:
                 out.append(view[emit_from:n])
@@ -201,7 +215,28 @@ class TarScanner:
             if emit_from is not None and emit_from < group_start:
                 out.append(view[emit_from:group_start])
             self._held += view[group_start:n]
-        return out
+        self.offset += n
+        return self._patched(out) if self._patches else out
+
+    def _patched(self, out: list, *, extra: int = 0) -> list:
+        """Put the rewritten header blocks in place of the archive's own in `out`, the pieces about to be
+        forwarded: contiguous in the stream up to what is held back, but for `extra` pieces added at the end."""
+        sent = self.offset - (len(self._held) if self._group_open else 0)
+        pieces = out[: len(out) - extra]
+        at = sent - sum(len(p) for p in pieces)
+        result = []
+        for piece in pieces:
+            stop = at + len(piece)
+            hits = [(off, blk) for off, blk in self._patches if off < stop and off + BLOCK > at]
+            if hits:
+                piece = bytearray(piece)
+                for off, blk in hits:
+                    lo, hi = max(off, at), min(off + BLOCK, stop)
+                    piece[lo - at : hi - at] = blk[lo - off : hi - off]
+            result.append(piece)
+            at = stop
+        self._patches = [(off, blk) for off, blk in self._patches if off + BLOCK > sent]
+        return result + out[len(out) - extra :]
 
     def finish(self) -> Listing:
         """Call after the last chunk: the archive must have ended properly. Returns the listing."""
@@ -215,7 +250,7 @@ class TarScanner:
         for kind in self._paths.values():
             counts[kind] += 1
         return Listing(members=self._members, files=counts[FILE], dirs=counts[DIR], symlinks=counts[SYMLINK],
-                       hardlinks=counts[HARDLINK], total_size=self._total, paths=self._paths)
+                       hardlinks=counts[HARDLINK], total_size=self._total, paths=self._paths, setid=self._setid)
 
     # --- headers -----------------------------------------------------------------------
     def _header(self, block: bytes) -> bool:
@@ -382,6 +417,7 @@ class TarScanner:
                 self._refuse(f"the archive's files add up to more than the limit of {limits.max_total_size} bytes")
         if parts:
             self._paths[key] = kind
+        self._strip_setid(block, kind)
 
         self._need = _pad(size)
         self._realsize, self._stored_blocks, self._region_blocks = realsize, self._need // BLOCK, 0
@@ -396,6 +432,21 @@ class TarScanner:
         elif self._need:
             self._state = _DATA
         return True
+
+    def _strip_setid(self, block: bytes, kind: int) -> None:
+        """Forward a file's or folder's header without its setuid/setgid bits (see the module docstring)."""
+        mode = _number(block[100:108])
+        if mode is None:  # GNU tar would warn and extract it with some mode: refuse rather than guess which
+            self._refuse(f"its mode field {show(block[100:108].rstrip(bytes(1)))} is not a valid number")
+        if not mode & SETID or kind not in (FILE, DIR):
+            return  # a link's own mode is never applied
+        kept = mode & ~SETID  # other bits as they were: GNU tar reads the type bits some old tars write there
+        new = bytearray(block)
+        new[100:108] = b"%07o\0" % (kept if kept < 8**7 else kept & 0o7777)
+        new[148:156] = b" " * 8
+        new[148:156] = b"%06o\0 " % sum(new)
+        self._patches.append((self._block_at, bytes(new)))
+        self._setid.append((show(self._member)[1:-1], mode & 0o7777))
 
     def _pax_sparse_header(self, pax: dict, keys: set, typeflag: bytes, ustar: bool) -> None:
         # GNU tar honours GNU.sparse.* only in POSIX-format regular files; elsewhere realsize alone would

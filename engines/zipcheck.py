@@ -1,9 +1,17 @@
 """Checks on a component zip, before anything of it is stored or unpacked.
 
 A valid, unencrypted zip; every member relative, without `..`, backslashes or drive letters, no duplicate
-names; no device/FIFO members; symlinks resolved against the other members (a chain of links, or a member
-written through a link, may not leave the folder); total declared size and member count under Limits; every
-member read once so CRCs are checked and a member can never yield more than its declared size.
+names; no device/FIFO members; total declared size and member count under Limits; every member read once so
+CRCs are checked and a member can never yield more than its declared size.
+
+Symlinks are judged where they will live: in the component folder, after the zip's single top folder (if
+any) is stripped, as staging unpacks it. Each link is resolved as the kernel would, from the folder it is
+extracted into and through the zip's other links (`l -> .` makes `l/l/..` climb from the folder itself, not
+from `l`); one that leads above the component folder, or a loop, refuses the whole zip. No member may be
+written through a link (`l/file` where `l` is a link): staging creates links last, so it could only fail.
+
+Setuid/setgid bits in a member's Unix mode (external_attr) are listed in `ZipReport.setid`; staging never
+applies them (engines.zipunpack), and the upgrade's log names each one.
 
 Pure Python (no Django). engines.releasepkg re-exports check_zip, ZipReport, ZipRefused and Limits (which also
 carries the releases.json size limit, so that one object holds every limit of a package).
@@ -16,7 +24,7 @@ import re
 import stat
 import zipfile
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from engines import envfile
@@ -48,6 +56,7 @@ class ZipReport:
     unpacked_size: int
     root: str  # the single top-level folder holding everything, or "" when files sit at the top
     env_example: list[str]  # keys of <root>/.env.example, in file order (values are not kept)
+    setid: list[tuple[str, int]] = field(default_factory=list)  # (member, mode) with setuid/setgid bits
 
 
 # --- zips ------------------------------------------------------------------------------------------------------
@@ -70,23 +79,48 @@ def check_zip(path: str | Path, *, limits: Limits | None = None) -> ZipReport:
                 raise ZipRefused(f"would unpack to {declared} bytes, more than the {limits.max_unpacked_bytes} "
                                  "allowed (zip bomb?)")
             names, links = _check_names(zf, infos, limits)
-            for name in names:
-                if name not in links:
-                    _resolve(posixpath.dirname(name), links, limits, what=f"member {name!r}")
-            for name, target in links.items():
-                _resolve(posixpath.join(posixpath.dirname(name), target), links, limits,
-                         what=f"symlink {name!r} → {target!r}")
+            root = _root_folder(names)
+            prefix = f"{root}/" if root else ""
+            # What staging makes of it: names relative to the component folder (the top folder itself is dropped).
+            inside = {n[len(prefix):]: n for n in names if n != root}
+            confine(list(inside), {n[len(prefix):]: t for n, t in links.items()}, limits=limits,
+                    shown=inside.get)
             for info in infos:
                 if not info.is_dir():
                     _read_all(zf, info)
-            root = _root_folder(names)
             env_keys = _env_example(zf, names, links, root, limits)
     except zipfile.BadZipFile as exc:
         raise ZipRefused(f"is not a valid zip file ({exc})") from None
     except (NotImplementedError, RuntimeError) as exc:  # unsupported compression method, encryption
         raise ZipRefused(f"cannot be read: {exc}") from None
+    setid = [(n, unix_mode(i)) for n, i in names.items() if unix_mode(i) & SETID and n not in links]
     return ZipReport(sha256=sha, size=size, members=len(infos), unpacked_size=declared, root=root,
-                     env_example=env_keys)
+                     env_example=env_keys, setid=setid)
+
+
+SETID = stat.S_ISUID | stat.S_ISGID
+
+
+def unix_mode(info: zipfile.ZipInfo) -> int:
+    """The member's Unix mode (type and permission bits) when a Unix zip tool wrote one, else 0."""
+    return info.external_attr >> 16 if info.create_system == 3 else 0
+
+
+def confine(members: list[str], links: dict[str, str], *, limits: Limits | None = None, shown=None) -> None:
+    """Refuse (ZipRefused) a link among `links` (name -> target) that resolves outside the folder holding
+    `members` (every name, links included, relative to that folder), a loop of links, and a member placed
+    under a link. `shown(name)` gives the name to put in messages (the zip's own, top folder included)."""
+    limits = limits or Limits()
+    show = (lambda n: shown(n) or n) if shown else (lambda n: n)
+    for name, target in links.items():
+        _resolve(posixpath.join(posixpath.dirname(name), target), links, limits,
+                 what=f"symlink {show(name)!r} → {target!r}")
+    for name in members:
+        parts = name.split("/")
+        for k in range(1, len(parts)):
+            folder = "/".join(parts[:k])
+            if folder in links:
+                raise ZipRefused(f"member {show(name)!r} would be written through the symlink {show(folder)!r}")
 
 
 def _check_names(zf: zipfile.ZipFile, infos, limits: Limits) -> tuple[dict[str, zipfile.ZipInfo], dict[str, str]]:
@@ -108,7 +142,7 @@ def _check_names(zf: zipfile.ZipFile, infos, limits: Limits) -> tuple[dict[str, 
         if name in names:
             raise ZipRefused(f"member {name!r} appears twice")
         names[name] = info
-        mode = info.external_attr >> 16 if info.create_system == 3 else 0
+        mode = unix_mode(info)
         kind = stat.S_IFMT(mode)
         if kind == stat.S_IFLNK:
             if info.file_size > limits.max_link_target:

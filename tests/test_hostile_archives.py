@@ -458,3 +458,71 @@ def test_mutated_real_archives_are_refused_or_extracted_exactly_never_anything_e
         assert os.listdir(sandbox) in ([], ["dest"])
         extracted += 1
     assert refused > 10 and extracted > 10
+
+
+# --- tamed files: no set-id bits, no extended attributes --------------------------------------------------
+def test_setid_bits_are_stripped_from_files_and_folders_and_named(tmp_path, site):
+    data = archive(member("bin/", type_=b"5", mode=0o2755), member("bin/su", b"#!/bin/sh\n", mode=0o4755),
+                   member("bin/both", b"x", mode=0o6750), member("bin/h", type_=b"1", link="bin/su"),
+                   member("tmp/", type_=b"5", mode=0o1777), member("plain", b"y", mode=0o640))
+    store, name, cat = store_archive(tmp_path, data)
+    assert verify_artifact(store, name, tar=True, **cat).setid == [("bin/", 0o2755), ("bin/su", 0o4755),
+                                                                   ("bin/both", 0o6750)]
+    dest = site / "svc.restoring"
+    listing = extract_artifact(store, name, dest=dest, **cat)
+    assert listing.setid == [("bin/", 0o2755), ("bin/su", 0o4755), ("bin/both", 0o6750)]
+    modes = {p: stat.S_IMODE((dest / p).lstat().st_mode) for p in ("bin", "bin/su", "bin/both", "bin/h", "tmp",
+                                                                    "plain")}
+    assert modes == {"bin": 0o755, "bin/su": 0o755, "bin/both": 0o750, "bin/h": 0o755, "tmp": 0o1777,
+                     "plain": 0o640}  # only the set-id bits go: the sticky bit and the rest stay
+    assert (dest / "bin" / "su").read_bytes() == b"#!/bin/sh\n"
+
+
+def test_a_setid_header_is_rewritten_whole_however_the_stream_is_cut(tmp_path):
+    # A GNU sparse file with more regions than its header holds: the rewritten header is followed by
+    # extension blocks, so it is held back across chunks before it goes out.
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "sparse", "wb") as f:
+        for k in range(12):
+            f.seek(k * 65536)
+            f.write(b"region %d" % k)
+    long = "long-" + "n" * 120  # a GNU long-name header before the member's own
+    (src / long).write_text("long name")
+    for path in src.iterdir():
+        os.chmod(path, 0o4755)
+    os.chmod(src, 0o2750)
+    data = subprocess.run(["tar", "--create", "--file=-", "--format=gnu", "--sparse", "--directory", str(tmp_path),
+                           "src"], capture_output=True, check=True).stdout
+    whole = b"".join(bytes(p) for p in TarScanner("t").feed(data))
+    for size in (1, 100, 511, 512, 513, 4096):
+        scanner = TarScanner("t")
+        pieces = [bytes(p) for i in range(0, len(data), size) for p in scanner.feed(data[i:i + size])]
+        assert b"".join(pieces) == whole, size
+        assert sorted(scanner.finish().setid) == [("src/", 0o2750), (f"src/{long}", 0o4755), ("src/sparse", 0o4755)]
+    changed = [i for i in range(len(whole) - 512) if data[i] != whole[i]]  # (tar pads its records: cut after the end)
+    assert changed and all(i % 512 in range(100, 108) or i % 512 in range(148, 156) for i in changed)
+    out = tmp_path / "out"
+    out.mkdir()
+    subprocess.run(["tar", "--extract", "--file=-", "--preserve-permissions", "--directory", str(out)], input=whole,
+                   check=True)
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in [out / "src", *(out / "src").iterdir()]} == {
+        "src": 0o750, "sparse": 0o755, long: 0o755}
+    assert (out / "src" / "sparse").read_bytes() == (src / "sparse").read_bytes()
+
+
+def test_a_mode_field_that_is_not_a_number_is_refused(tmp_path, site):
+    bad = bytearray(member("f", b"x"))
+    bad[100:108] = b"rwxr-x\0\0"
+    bad[148:156] = b" " * 8
+    bad[148:156] = b"%06o\0 " % sum(bad[:512])
+    assert_refused(tmp_path, site, archive(bytes(bad)), "f", "mode field")
+
+
+def test_extended_attributes_are_never_extracted(tmp_path, site):
+    # A file capability is a setuid bit by other means; GNU tar would restore it with --xattrs.
+    data = archive(pax({"SCHILY.xattr.user.kasa": "planted"}), member("f", b"x", mode=0o755))
+    store, name, cat = store_archive(tmp_path, data)
+    dest = site / "svc.restoring"
+    extract_artifact(store, name, dest=dest, **cat)
+    assert os.listxattr(dest / "f") == []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import shutil
 import stat
 import struct
@@ -26,7 +27,7 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
 from audit.models import AuditEntry
-from engines.releasepkg import PackageError, Range, Version, VersionError, check_zip, parse_package
+from engines.releasepkg import PackageError, Range, Version, VersionError, ZipRefused, check_zip, parse_package
 from releases.models import ComponentVersion, Release, ReleaseComponent
 from releases.services import (
     ReleaseInputError,
@@ -175,6 +176,63 @@ def test_symlinks_that_stay_inside_are_accepted(tmp_path):
     path = make_zip(tmp_path / "ok.zip", {"app/node_modules/pkg/cli.js": "x"},
                     links={"app/node_modules/.bin/cli": "../pkg/cli.js", "app/current": "."})
     assert check_zip(path).members == 3
+
+
+# Links are judged in the component folder, as staging unpacks them: the zip's top folder stripped.
+LINKS_INSIDE = [
+    ("to-dot", {"app/a": "x"}, {"app/l": "."}),
+    ("dot-used-twice-then-down", {"app/sub/f": "x"}, {"app/l": ".", "app/x": "l/l/sub/f"}),
+    ("chain-inside", {"app/d/f": "x"}, {"app/a": "b", "app/b": "d", "app/c": "a/f"}),
+    ("climb-through-a-link-to-a-subfolder", {"app/d/e/f": "x"}, {"app/l": "d/e", "app/x": "l/../../d"}),
+    ("no-top-folder", {"a": "x", "d/f": "y"}, {"l": ".", "x": "l/d/../a"}),
+]
+LINKS_OUTSIDE = [
+    ("issue-example", {"backend/server.js": "x"}, {"backend/l": ".", "backend/x": "l/l/.."},
+     "symlink 'backend/x' → 'l/l/..' leads outside"),
+    ("top-folder-parent", {"app/a": "x"}, {"app/up": ".."}, "symlink 'app/up' → '..' leads outside"),
+    ("chain-out", {"app/a": "x"}, {"app/a1": "a2", "app/a2": "sub/a3", "app/sub/a3": "../.."},
+     "symlink 'app/a1' → 'a2' leads outside"),
+    ("through-a-link-to-a-subfolder", {"app/d/f": "x"}, {"app/l": "d", "app/x": "l/../.."},
+     "symlink 'app/x' → 'l/../..' leads outside"),
+    ("loop", {"app/a": "x"}, {"app/p": "q", "app/q": "p"}, "goes through more than 40 symlinks (a loop?)"),
+    ("absolute", {"app/a": "x"}, {"app/etc": "/etc"}, "points outside the component folder"),
+    ("member-written-through-a-link", {"app/d/f": "x", "app/l/passwd": "evil"}, {"app/l": "d"},
+     "member 'app/l/passwd' would be written through the symlink 'app/l'"),
+    ("link-written-through-a-link", {"app/d/f": "x"}, {"app/l": "d", "app/l/x": "f"},
+     "would be written through the symlink 'app/l'"),
+]
+
+
+@pytest.mark.parametrize("files, links", [c[1:] for c in LINKS_INSIDE], ids=[c[0] for c in LINKS_INSIDE])
+def test_links_that_resolve_inside_the_component_folder_are_accepted(tmp_path, files, links):
+    assert check_zip(make_zip(tmp_path / "ok.zip", files, links=links)).members == len(files) + len(links)
+
+
+@pytest.mark.parametrize("files, links, message", [c[1:] for c in LINKS_OUTSIDE], ids=[c[0] for c in LINKS_OUTSIDE])
+def test_links_that_resolve_outside_the_component_folder_are_refused(tmp_path, files, links, message):
+    with pytest.raises(ZipRefused, match=re.escape(message)):
+        check_zip(make_zip(tmp_path / "bad.zip", files, links=links))
+
+
+def _unix_member(zf: zipfile.ZipFile, name: str, mode: int, data: bytes = b"x") -> None:
+    info = zipfile.ZipInfo(name)
+    info.create_system = 3
+    info.external_attr = mode << 16
+    zf.writestr(info, data)
+
+
+def test_setid_members_are_listed_and_devices_refused(tmp_path):
+    path = tmp_path / "s.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        _unix_member(zf, "app/bin/", stat.S_IFDIR | 0o2755, b"")
+        _unix_member(zf, "app/bin/su", stat.S_IFREG | 0o4755)
+        _unix_member(zf, "app/plain", stat.S_IFREG | 0o644)
+    assert check_zip(path).setid == [("app/bin", stat.S_IFDIR | 0o2755), ("app/bin/su", stat.S_IFREG | 0o4755)]
+    for kind in (stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK):
+        with zipfile.ZipFile(path, "w") as zf:
+            _unix_member(zf, "app/dev", kind | 0o666, b"")
+        with pytest.raises(ZipRefused, match="member 'app/dev' is a device, FIFO or socket"):
+            check_zip(path)
 
 
 # --- sync ----------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from engines import sources, trees
+from engines import runas, sources, trees
 from engines.artifact import write_artifact
 from engines.backupcrypto import HEADER_SIZE, KeyRing
 from engines.stores.local import LocalStore
@@ -431,4 +431,63 @@ def test_an_unprivileged_worker_removes_what_it_extracted_read_only_folders_incl
         trees.remove_tree(dest, ignore_errors=True)  # as backups/verify.py does
 
     as_unprivileged(extract_then_remove)
+    assert not dest.exists()
+
+
+# --- as the customer's user -------------------------------------------------------------------------
+def test_extract_as_the_customer_user_brings_back_the_exact_tree_owned_by_it(tmp_path, store, customer_users,
+                                                                          clean_process):
+    owner = runas.lookup(customer_users[0])
+    svc = make_tree(tmp_path / "src")
+    os.chown(svc / "run.sh", 0, 0)
+    os.chown(svc / "src", runas.lookup(customer_users[1]).uid, 0)  # another user's: never comes back as such
+    cat = tar_artifact(store, tmp_path / "src", "b/svc.tar.zst", compression="zstd")
+    dest = tmp_path / "staging"
+
+    extract_artifact(store, "b/svc.tar.zst", dest=dest, owner=owner, **cat)
+
+    assert snapshot(dest / "svc") == snapshot(svc)
+    owners = {(p.lstat().st_uid, p.lstat().st_gid) for p in [dest, *dest.rglob("*")]}
+    assert owners == {(owner.uid, owner.gid)}
+
+
+def test_a_staging_folder_that_is_a_link_is_refused_and_left(tmp_path, store, customer_users):
+    make_tree(tmp_path / "src")
+    cat = tar_artifact(store, tmp_path / "src", "b/svc.tar.zst", compression="zstd")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "staging").symlink_to(elsewhere)
+    with pytest.raises(ArtifactError, match="exists and is not a folder; it was left as it is"):
+        extract_artifact(store, "b/svc.tar.zst", dest=tmp_path / "staging", owner=runas.lookup(customer_users[0]),
+                         **cat)
+    assert os.listdir(elsewhere) == [] and elsewhere.stat().st_uid == 0
+
+
+def test_check_tree_refuses_setid_bits_and_foreign_owners_left_on_disk(tmp_path):
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "f").write_text("x")
+    listing = Listing(members=1, files=1, total_size=1)
+    check_tree(dest, listing, uid=0)
+    os.chmod(dest / "f", 0o4755)
+    with pytest.raises(ArchiveRefused, match="'f' has a setuid or setgid bit") as refused:
+        check_tree(dest, listing, uid=0)
+    assert refused.value.rule == "set-id bit"
+    os.chmod(dest / "f", 0o755)
+    os.chown(dest / "f", NOBODY, NOBODY)
+    with pytest.raises(ArchiveRefused, match="'f' belongs to uid 65534, not 0"):
+        check_tree(dest, listing, uid=0)
+
+
+def test_an_unprivileged_worker_cannot_give_files_to_a_customer_user(unprivileged_dir, customer_users):
+    _, store, cat = unprivileged_artifact(unprivileged_dir, {})
+    owner = runas.lookup(customer_users[0])
+    dest = unprivileged_dir / "staging"
+
+    def refused():
+        with pytest.raises(ArtifactError, match=r"the worker runs as uid 65534 and cannot give the restored files to "
+                                                r"kasa-t-alpha \(uid \d+\)"):
+            extract_artifact(store, "b/svc.tar.zst", dest=dest, owner=owner, **cat)
+
+    as_unprivileged(refused)
     assert not dest.exists()

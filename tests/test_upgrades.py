@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from django.conf import settings
 
-from engines import ecosystem, envfile, layout
+from engines import ecosystem, envfile, layout, zipunpack
 from tests.conftest import free_port
 from tests.restore_helpers import pg_databases_like, pg_exec, pg_state, tree_state
 
@@ -102,9 +102,76 @@ def test_staging_refuses_a_member_leaving_the_folder_and_leaves_nothing(tmp_path
         zf.writestr(info, "../../etc")
     dest = tmp_path / "releases" / "1.0.0" / "web"
     dest.parent.mkdir(parents=True)
-    with pytest.raises(layout.LayoutError, match="leaves the component folder"):
-        layout.stage_zip(z, dest, root_folder="web", tag="t")
+    with pytest.raises(layout.LayoutError, match="leads outside the component folder"):
+        zipunpack.stage_zip(z, tmp_path, dest, root_folder="web", tag="t")
     assert list(dest.parent.iterdir()) == []
+
+
+def _unix_member(zf: zipfile.ZipFile, name: str, mode: int, data: str = "") -> None:
+    info = zipfile.ZipInfo(name)
+    info.create_system = 3  # Unix: external_attr holds the type and mode
+    info.external_attr = mode << 16
+    zf.writestr(info, data)
+
+
+@pytest.mark.smoke
+def test_staging_gives_the_release_folder_to_the_customer_user_without_setid_bits(tmp_path, customer_users):
+    from engines import runas
+
+    owner = runas.lookup(customer_users[0])
+    z = tmp_path / "web.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        _unix_member(zf, "web/", 0o40755)
+        _unix_member(zf, "web/bin/", 0o42775)
+        _unix_member(zf, "web/bin/su", 0o104755, "#!/bin/sh\n")
+        _unix_member(zf, "web/bin/tool", 0o100750, "tool")
+        dos = zipfile.ZipInfo("web/deep/er/index.html")
+        dos.create_system = 0  # written on Windows: no Unix mode, so 0644; its folders are made on the way
+        zf.writestr(dos, "<h1>hi</h1>")
+        _unix_member(zf, "web/current", 0o120777, "deep/er")
+    root = tmp_path / "root"
+    root.mkdir()
+    dest = layout.release_dir(root, "1.0.0", "web")
+
+    staged = zipunpack.stage_zip(z, root, dest, root_folder="web", tag="t", owner=owner)
+
+    assert staged.files == 3 and staged.setid == [("web/bin/", 0o42775), ("web/bin/su", 0o104755)]
+    entries = [dest, *dest.rglob("*")]
+    assert {(p.lstat().st_uid, p.lstat().st_gid) for p in entries} == {(owner.uid, owner.gid)}
+    modes = {str(p.relative_to(dest)): oct(p.lstat().st_mode & 0o7777) for p in entries if not p.is_symlink()}
+    assert modes == {".": "0o755", "bin": "0o755", "bin/su": "0o755", "bin/tool": "0o750", "deep": "0o755",
+                     "deep/er": "0o755", "deep/er/index.html": "0o644"}
+    assert (dest / "current" / "index.html").read_text() == "<h1>hi</h1>"
+    for folder in (root / "releases", root / "releases" / "1.0.0"):  # the worker's, traversable by the customer
+        assert (folder.stat().st_uid, folder.stat().st_mode & 0o777) == (os.geteuid(), 0o755)
+    assert os.listdir(dest.parent) == ["web"]
+
+
+@pytest.mark.smoke
+def test_staging_refuses_a_releases_folder_that_is_a_link_and_writes_nothing_there(tmp_path):
+    z = tmp_path / "web.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        zf.writestr("web/index.html", "x")
+    root, elsewhere = tmp_path / "root", tmp_path / "elsewhere"
+    root.mkdir()
+    elsewhere.mkdir()
+    (root / "releases").symlink_to(elsewhere)
+    with pytest.raises(layout.LayoutError, match="releases is not a folder"):
+        zipunpack.stage_zip(z, root, layout.release_dir(root, "1.0.0", "web"), root_folder="web", tag="t")
+    assert os.listdir(elsewhere) == []
+
+
+@pytest.mark.smoke
+def test_staging_refuses_a_member_written_through_a_link_and_leaves_nothing(tmp_path):
+    z = tmp_path / "web.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        zf.writestr("web/d/f", "x")
+        _unix_member(zf, "web/l", 0o120777, "d")
+        zf.writestr("web/l/g", "through the link")
+    dest = tmp_path / "releases" / "1.0.0" / "web"
+    with pytest.raises(layout.LayoutError, match="'web/l/g' would be written through the symlink 'web/l'"):
+        zipunpack.stage_zip(z, tmp_path, dest, root_folder="web", tag="t")
+    assert os.listdir(dest.parent) == []
 
 
 @pytest.mark.smoke
@@ -228,6 +295,22 @@ def test_upgrade_serves_the_new_release_merges_env_records_versions_and_is_healt
     assert Customer.objects.get(pk=customer.pk).versions == {"backend": "2.5.0", "store": "2.5.0"}
     assert up.backup.pinned and up.backup.trigger == "upgrade" and up.backup.status == "succeeded"
     assert not up.run.error and up.run.status == "succeeded"
+
+
+def test_an_upgrade_stages_the_release_and_its_env_as_the_customer_user(customer_factory, releases, customer_users):
+    from engines import runas
+
+    owner = runas.lookup(customer_users[0])
+    customer = customer_factory()
+    customer.run_as = owner.user
+    customer.save()
+    code, doc = _cli("upgrade", customer.domain, "--to", "2.5")
+    assert code == 0, doc
+    staged = customer.root_path() / "releases" / "2.5.0"
+    for path in (staged / "backend", staged / "backend" / "server.js", staged / "backend" / ".env", staged / "store",
+                 staged / "store" / "index.html"):
+        assert (path.lstat().st_uid, path.lstat().st_gid) == (owner.uid, owner.gid), path
+    assert (staged.stat().st_uid, staged.stat().st_mode & 0o777) == (os.geteuid(), 0o755)
 
 
 @pytest.mark.parametrize("step", ["migrate", "build", "start", "health"])

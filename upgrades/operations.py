@@ -27,7 +27,7 @@ from django.utils import timezone
 
 from backups.models import Backup
 from customers import runtime
-from engines import ecosystem, envfile, layout, procman, releasepkg, trees
+from engines import ecosystem, envfile, layout, procman, releasepkg, runas, trees, unpack, zipunpack
 from engines.slots import acquire_slot
 from operations.context import OperationError, RunCancelled, RunContext, RunLost
 
@@ -199,6 +199,10 @@ def _stage(job: Job, slog) -> None:
     root, tag = job.root, f"r{job.ctx.run.pk}"
     for path in layout.sweep(root):
         slog.info(f"removed {path}, left by an interrupted run")
+    try:
+        owner = unpack.files_owner(job.customer.run_as)  # hooks and services run as that user: it owns the folder
+    except unpack.ArtifactError as exc:
+        raise OperationError(str(exc)) from None
     job.journal.add({"type": "env_before", "files": env_fingerprints([ch.live for ch in job.changes])})
     for ch in job.changes:
         dest = Path(ch.dest)
@@ -215,15 +219,21 @@ def _stage(job: Job, slog) -> None:
             raise OperationError(f"{ch.component} {ch.version}: the zip {exc}") from None
         job.journal.add({"type": "staged", "component": ch.component, "path": str(dest),
                          "tmp": str(layout.staging_path(dest, tag))})
-        dest.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-        layout.stage_zip(ch.zip, dest, root_folder=ch.root_folder, tag=tag)
-        slog.info(f"{ch.component} {ch.version} staged in {dest.relative_to(root)}")
+        try:
+            staged = zipunpack.stage_zip(ch.zip, root, dest, root_folder=ch.root_folder, tag=tag, owner=owner)
+        except layout.LayoutError as exc:
+            raise OperationError(f"{ch.component} {ch.version}: {exc}") from None
+        for line in unpack.setid_warnings(f"{ch.component} {ch.version}", staged.setid):
+            slog.warning(line)
+        slog.info(f"{ch.component} {ch.version} staged in {dest.relative_to(root)}"
+                  + (f", owned by {owner.user}" if owner else ""))
 
 
 def _env(job: Job, slog) -> None:
     """Per component: the live .env copied into the staged folder and merged there (see layout.merge_env)."""
     diff = {}
     services = {s.name: s for s in job.customer.services.all()}
+    owner = unpack.files_owner(job.customer.run_as)  # checked by _stage already
     for ch in job.changes:
         live_text, example = preflight.change_env_text(ch)
         merged = layout.merge_env(live_text, example)
@@ -239,6 +249,7 @@ def _env(job: Job, slog) -> None:
             shutil.copy2(live_env, target)  # keeps the live file's mode (a .env is usually 0600)
         if live_env.is_file() or merged.text:
             envfile.write_atomic(target, merged.text)
+            runas.give(target, owner)  # the staged folder is the customer's user's: its .env too
         old, new = envfile.parse(live_text or ""), envfile.parse(merged.text)
         changes = [c.__dict__ for c in envfile.diff(old, new)]
         diff[ch.component] = {"added": list(merged.added), "removed_from_example": merged.removed,
