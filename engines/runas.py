@@ -70,11 +70,18 @@ def popen_kwargs(identity: Identity | None) -> dict:
 
 def give(path: str | os.PathLike, identity: Identity | None, *, recursive: bool = False) -> None:
     """Make `path` (and, recursively, what is below it) belong to `identity`, symlinks themselves included and
-    never followed. No-op for None or when we are not root (an unprivileged worker's files are its own)."""
+    never followed. No-op for None or when we are not root (an unprivileged worker's files are its own).
+
+    The walk goes through directory descriptors opened without following links (os.fwalk): a customer who
+    swaps a folder for a link while we walk cannot make root chown anything outside the tree."""
     if identity is None or os.geteuid() != 0:
         return
-    os.lchown(path, identity.uid, identity.gid)
-    if recursive and os.path.isdir(path) and not os.path.islink(path):
-        for dirpath, dirnames, filenames in os.walk(path):
-            for name in dirnames + filenames:
-                os.lchown(os.path.join(dirpath, name), identity.uid, identity.gid)
+    os.chown(path, identity.uid, identity.gid, follow_symlinks=False)
+    if not recursive or os.path.islink(path) or not os.path.isdir(path):
+        return
+    for _dirpath, dirnames, filenames, dirfd in os.fwalk(path, follow_symlinks=False):
+        for name in dirnames + filenames:
+            try:
+                os.chown(name, identity.uid, identity.gid, dir_fd=dirfd, follow_symlinks=False)
+            except FileNotFoundError:  # removed meanwhile by the customer's own code: nothing to give
+                pass

@@ -83,3 +83,26 @@ def test_an_existing_var_folder_open_to_others_is_tightened(open_parent):
     assert stat.S_IMODE(os.stat(var).st_mode) == 0o700
     # The customers' folder stays reachable (not listable) by customer users.
     assert stat.S_IMODE(os.stat(open_parent / "customers").st_mode) == 0o711
+
+
+def test_giving_a_tree_to_a_customer_never_follows_a_link_out_of_it(tmp_path, customer_users):
+    """runas.give walks by directory descriptors: a link inside the tree (which the customer may plant or swap
+    in at any moment) is given itself, never what it points at."""
+    import pwd
+
+    from engines import runas
+
+    outside = tmp_path / "kasa-own"
+    outside.mkdir()
+    (outside / "secret").write_text("root's")
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "file").write_text("x")
+    (tree / "link").symlink_to(outside)
+    (tree / "sub" / "file-link").symlink_to(outside / "secret")
+    who = runas.lookup(customer_users[0])
+    runas.give(tree, who, recursive=True)
+    uid = pwd.getpwnam(customer_users[0]).pw_uid
+    for p in (tree, tree / "sub", tree / "sub" / "file", tree / "link", tree / "sub" / "file-link"):
+        assert os.lstat(p).st_uid == uid, p
+    assert os.lstat(outside).st_uid == 0 and os.lstat(outside / "secret").st_uid == 0
