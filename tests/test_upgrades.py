@@ -459,6 +459,7 @@ def test_install_puts_a_first_release_in_place_from_nothing(customer_factory, re
     import sys
 
     from backups.models import Backup
+    from customers import runtime
     from customers.models import Customer, Service
     from engines import procman
 
@@ -474,7 +475,7 @@ def test_install_puts_a_first_release_in_place_from_nothing(customer_factory, re
         assert _get(f"http://127.0.0.1:{store_port}/index.html") == "<h1>store 2.4.0</h1>\n"
     finally:
         procman.CommandManager(str(settings.KASA_VAR_DIR / "services")).stop(procman.ServiceSpec(
-            name="store", folder=str(root / "store"), manager="command"))
+            name="store", folder=str(root / "store"), manager="command", state_dir=str(runtime.state_dir(customer))))
     assert code == 0, doc
     assert doc["kind"] == "install" and doc["from"] == {} and doc["to"] == {"backend": "2.4.0", "store": "2.4.0"}
     # no backup of files that are not there; the database is backed up (a failed migrate could be undone)
