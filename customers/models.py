@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import uuid
 from pathlib import Path
 
@@ -9,7 +10,7 @@ from django.core.validators import DomainNameValidator, RegexValidator
 from django.db import models
 
 from core.secrets import EncryptedSecretField
-from engines import dburl, paths
+from engines import dburl, paths, runas
 
 slug_validator = RegexValidator(r"^[a-z0-9][a-z0-9_-]{0,62}$", "Use lowercase letters, digits, - and _.")
 
@@ -43,6 +44,27 @@ def validate_customer_root(value: str) -> None:
         raise ValidationError(f"{exc} (KASA_CUSTOMERS_ROOT)") from None
     if not Path(value).is_absolute():
         raise ValidationError("root folder must be an absolute path")
+
+
+def kasa_uids() -> set[int]:
+    """Kasa's own users: this process's, and the owner of KASA_VAR_DIR (a worker running as root, to switch to
+    the customers' users, and the web running as `kasa` are both Kasa)."""
+    uids = {os.geteuid()}
+    try:
+        uids.add(settings.KASA_VAR_DIR.stat().st_uid)
+    except OSError:
+        pass
+    return uids
+
+
+def run_as_identity(name: str) -> runas.Identity:
+    """The OS user `name` for a customer's code: it must exist and be neither root nor one of Kasa's users.
+    Raises runas.RunAsError with a message for humans."""
+    identity = runas.lookup(name)
+    if identity.uid in kasa_uids():
+        raise runas.RunAsError(f"run_as user {name!r} is Kasa's own user: customer code must not run within "
+                               "reach of Kasa's keys")
+    return identity
 
 
 class Customer(models.Model):
@@ -89,6 +111,15 @@ class Customer(models.Model):
     def save(self, *args, **kwargs):
         self.domain = self.domain.lower().strip()
         super().save(*args, **kwargs)
+
+    def clean(self):
+        super().clean()
+        self.run_as = (self.run_as or "").strip()
+        if self.run_as:
+            try:
+                run_as_identity(self.run_as)
+            except runas.RunAsError as exc:
+                raise ValidationError({"run_as": str(exc)}) from None
 
     def root_path(self) -> Path:
         """The root, checked again now: a symlink may have been swapped since it was saved."""
