@@ -76,6 +76,8 @@ def restore(ctx: RunContext) -> dict:
     p = ctx.run.params
     started = time.monotonic()
     plan = _plan(ctx, p)
+    if not plan.clone:  # the services are stopped and started as the customer's user: refused now if it cannot be
+        runtime.check_run_as(ctx, plan.customer)
     keyring = _keyring(plan.backup)
     store = plan.backup.target.store()
     _sweep_trash(plan.root)

@@ -27,7 +27,7 @@ from django.utils import timezone
 
 from backups.models import Backup
 from customers import runtime
-from engines import ecosystem, envfile, layout, procman, releasepkg, trees
+from engines import ecosystem, envfile, layout, procman, releasepkg, runas, trees
 from engines.slots import acquire_slot
 from operations.context import OperationError, RunCancelled, RunContext, RunLost
 
@@ -147,6 +147,8 @@ def _upgrade(job: Job) -> None:
 
 def _preflight(job: Job, slog, *, zips_dir: str | None) -> preflight.Report:
     up = job.upgrade
+    _run_as(job, hooks=any(rc.component_version.hooks for rc in up.to_release.rows.select_related(
+        "component_version")))
     report = preflight.check(job.customer, up.to_release, force=up.force, own_run=job.ctx.run, zips_dir=zips_dir)
     Upgrade.objects.filter(pk=up.pk).update(preflight=report.as_dict(), kind=report.kind,
                                             from_versions=report.from_versions, to_versions=report.to_versions)
@@ -164,6 +166,41 @@ def _preflight(job: Job, slog, *, zips_dir: str | None) -> preflight.Report:
     if not report.ok:
         raise Refused(f"preflight failed: {'; '.join(report.problems())}; nothing was touched")
     return report
+
+
+def _run_as(job: Job, *, hooks: bool) -> runas.Identity | None:
+    """Who the release's hooks and the services run as, before anything is touched (runtime.check_run_as)."""
+    try:
+        return runtime.check_run_as(job.ctx, job.customer, hooks=hooks)
+    except OperationError as exc:
+        raise Refused(str(exc)) from None
+
+
+def _identity(job: Job) -> runas.Identity | None:
+    """The customer's user now (looked up again: it may have been removed since the preflight)."""
+    return runtime.run_identity(job.customer)
+
+
+def _read_env(path: Path, identity: runas.Identity | None) -> dict[str, str]:
+    """A .env in the customer's folders, which its user may have replaced: only a regular file of that user's is
+    read (never a link to Kasa's files or another customer's), since its values go to the user's processes."""
+    try:
+        return envfile.read(path, owner=identity)
+    except runas.NotOwned as exc:
+        raise OperationError(f"{path} was not read: {exc}") from None
+
+
+def _give_releases(job: Job, slog) -> None:
+    """releases/ and releases/<version>/ are created by Kasa (0700, its umask): the customer's user must pass
+    through them to its services. The folders only; what is inside is given where it is made."""
+    identity = _identity(job)
+    top = job.root / layout.RELEASES
+    if identity is None or not top.is_dir() or top.is_symlink():
+        return
+    runas.give(top, identity)
+    for entry in top.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            runas.give(entry, identity)
 
 
 def _backup(job: Job, slog, *, pin: str, kind: str | None = None) -> None:
@@ -217,7 +254,10 @@ def _stage(job: Job, slog) -> None:
                          "tmp": str(layout.staging_path(dest, tag))})
         dest.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
         layout.stage_zip(ch.zip, dest, root_folder=ch.root_folder, tag=tag)
+        # The release's hooks run as the customer's user and write in its folder (install, build).
+        runas.give(dest, _identity(job), recursive=True)
         slog.info(f"{ch.component} {ch.version} staged in {dest.relative_to(root)}")
+    _give_releases(job, slog)
 
 
 def _env(job: Job, slog) -> None:
@@ -239,6 +279,7 @@ def _env(job: Job, slog) -> None:
             shutil.copy2(live_env, target)  # keeps the live file's mode (a .env is usually 0600)
         if live_env.is_file() or merged.text:
             envfile.write_atomic(target, merged.text)
+            runas.give(target, _identity(job))  # the services read it as the customer's user
         old, new = envfile.parse(live_text or ""), envfile.parse(merged.text)
         changes = [c.__dict__ for c in envfile.diff(old, new)]
         diff[ch.component] = {"added": list(merged.added), "removed_from_example": merged.removed,
@@ -257,20 +298,25 @@ def _env(job: Job, slog) -> None:
 
 
 def _hooks(job: Job, phase: str, slog) -> None:
+    """The release's hooks: customer code, run as the customer's user with a clean environment (PATH, locale,
+    HOME, USER, and the component's .env), in the staged folder, umask 027, none of Kasa's descriptors."""
     if not job.journal.has("hooks"):
         job.journal.add({"type": "hooks"})  # from here the databases may have changed: a rollback restores them
     timeout = settings.KASA_HOOK_TIMEOUT
+    identity = runtime.run_identity(job.customer)
     for ch in job.changes:
         argv = ch.hooks.get(phase)
         if not argv:
             continue
-        values = envfile.read(Path(ch.dest) / ".env")
+        values = _read_env(Path(ch.dest) / ".env", identity)
         secrets = [v for k, v in values.items() if envfile.is_secret(k, v)] + procman.env_secrets(values)
         secrets += [_url_password(v) for v in values.values() if "://" in v]
-        slog.info(f"{ch.component} {ch.version}: {phase} hook in {ch.dest}")
+        slog.info(f"{ch.component} {ch.version}: {phase} hook in {ch.dest}"
+                  + (f" as {identity}" if identity else ""))
         try:
-            slog.command(list(argv), cwd=ch.dest, env=procman.service_env(values), timeout=timeout,
-                         secrets=secrets, check=True)
+            env = procman.service_env(values, identity=identity, home=str(job.root))
+            slog.command(list(argv), cwd=ch.dest, env=env, timeout=timeout, secrets=secrets, check=True,
+                         identity=identity)
         except OperationError as exc:
             raise OperationError(f"the {phase} hook of {ch.component} {ch.version} failed: {exc}") from None
 
@@ -290,6 +336,8 @@ def _switch(job: Job, slog) -> None:
         layout.apply_switch(step)
         before = step["before"]
         if before["kind"] == "dir":
+            _give_releases(job, slog)  # the original folder moved into a releases/<version>/ Kasa created
+        if before["kind"] == "dir":
             before_dir, before_version = before["moved_to"], ch.previous or layout.UNVERSIONED
         elif before["kind"] == "link":
             before_dir = os.path.normpath(os.path.join(os.path.dirname(ch.live), before["target"]))
@@ -308,6 +356,7 @@ def _switch(job: Job, slog) -> None:
 def _start(job: Job, slog, folders: dict[str, str | None], *, strict: set[str]) -> None:
     """Regenerate the customer's PM2 ecosystem file (journalled: the previous one is kept), then start."""
     root, ctx = job.root, job.ctx
+    identity = runtime.run_identity(job.customer)
     apps, included = [], set()
     for svc in job.customer.services.all().order_by("name"):
         if svc.process_manager != svc.ProcessManager.PM2:
@@ -318,7 +367,7 @@ def _start(job: Job, slog, folders: dict[str, str | None], *, strict: set[str]) 
             continue
         try:
             apps.append(ecosystem.app(svc.app_name, cwd=live, folder=folder, start_command=svc.start_command,
-                                      env=envfile.read(Path(folder) / ".env")))
+                                      env=_read_env(Path(folder) / ".env", identity)))
             included.add(svc.name)
         except ecosystem.EcosystemError as exc:
             if svc.name in strict:
@@ -327,11 +376,14 @@ def _start(job: Job, slog, folders: dict[str, str | None], *, strict: set[str]) 
     path = root / ecosystem.FILE_NAME
     if apps:
         saved = None
-        if path.exists():
+        if os.path.lexists(path):
             saved = f"{path}.kasa-prev-r{ctx.run.pk}"
-            shutil.copy2(path, saved)
+            # A link the customer's user put there is kept as a link, never followed by Kasa's copy; the copy
+            # is the user's again (a rollback renames it back for PM2, which runs as that user).
+            shutil.copy2(path, saved, follow_symlinks=False)
+            runas.give(saved, identity)
         job.journal.add({"type": "ecosystem", "path": str(path), "saved": saved, "written": True})
-        ecosystem.write(path, apps)
+        ecosystem.write(path, apps, owner=identity)
         slog.info(f"{path.name} written for {', '.join(sorted(included))}")
     specs = [s for s in job.specs() if os.path.isdir(s.folder)]
     for spec in specs:
@@ -474,6 +526,7 @@ def _rollback(job: Job) -> None:
 
 
 def _rollback_preflight(job: Job, target: Upgrade, slog) -> None:
+    _run_as(job, hooks=False)
     problems = []
     if rollback_target(job.customer) != target:
         problems.append(f"upgrade #{target.pk} is no longer the customer's last successful upgrade")
