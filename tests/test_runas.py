@@ -256,6 +256,27 @@ def test_an_upgrade_runs_pm2_and_the_hooks_as_the_customers_user_and_hands_it_wh
     assert [_uid_of(a["pid"]) for a in apps] == [alpha.uid]
 
 
+def test_an_upgrade_never_copies_a_file_the_customers_env_links_to_into_its_folder(make_customer, customer_users,
+                                                                                    tmp_path):
+    """The customer's user replaces its .env with a link to Kasa's backup keys: the merged .env Kasa hands it
+    must not carry them. The upgrade stops at its env step and puts everything back."""
+    from tests.upgrade_fixtures import one_component_release
+
+    alpha = runas.lookup(customer_users[0])
+    customer = make_customer(services=("web",))
+    root = Path(customer.root)
+    _owned_by(customer, alpha)
+    keys = settings.KASA_VAR_DIR / "kasa_backup_keys"
+    (root / "web" / ".env").symlink_to(keys)
+    one_component_release(tmp_path / "pkg", "web", {"index.html": "web 1.0\n", ".env.example": "NEW=1\n"})
+    code, doc = command_json("upgrade", customer.domain, "--to", "1.0")
+    assert code == 1 and doc["status"] == "rolled_back", doc
+    assert f"{root / 'web' / '.env'} was not read" in doc["error"] and "failed at env" in doc["error"], doc["error"]
+    secret = keys.read_bytes().strip()
+    leaked = [p for p in root.rglob("*") if p.is_file() and not p.is_symlink() and secret in p.read_bytes()]
+    assert not leaked
+
+
 # --- engines: PM2 home, untrusted output and files ------------------------------------------------------------
 def test_a_pm2_home_too_long_for_pm2s_sockets_is_refused_with_a_clear_message(tmp_path):
     spec = procman.ServiceSpec("web", str(tmp_path), "pm2", app_name="web", pm2_home="/srv/" + "x" * 100)

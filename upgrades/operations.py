@@ -17,6 +17,7 @@ stays on the upgraded release); if that fails, it is quarantined.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -190,6 +191,15 @@ def _read_env(path: Path, identity: runas.Identity | None) -> dict[str, str]:
         raise OperationError(f"{path} was not read: {exc}") from None
 
 
+def _read_env_text(path: Path, identity: runas.Identity) -> str | None:
+    try:
+        return runas.read_owned(path, identity, limit=16 << 20).decode("utf-8", "replace")
+    except runas.NotOwned as exc:
+        if exc.errno == errno.ENOENT:
+            return None
+        raise OperationError(f"{path} was not read: {exc}") from None
+
+
 def _give_releases(job: Job, slog) -> None:
     """releases/ and releases/<version>/ are created by Kasa (0700, its umask): the customer's user must pass
     through them to its services. The folders only; what is inside is given where it is made."""
@@ -264,8 +274,14 @@ def _env(job: Job, slog) -> None:
     """Per component: the live .env copied into the staged folder and merged there (see layout.merge_env)."""
     diff = {}
     services = {s.name: s for s in job.customer.services.all()}
+    identity = _identity(job)
     for ch in job.changes:
         live_text, example = preflight.change_env_text(ch)
+        live_env = Path(ch.live) / ".env"
+        if identity is not None:
+            # The merged file goes to the customer's user: the live one is read only when it is that user's own
+            # regular file, never through a link to Kasa's files or another customer's.
+            live_text = _read_env_text(live_env, identity)
         merged = layout.merge_env(live_text, example)
         if merged.missing_required:
             raise OperationError(f"{ch.component} {ch.version} requires {', '.join(merged.missing_required)}, "
@@ -274,12 +290,11 @@ def _env(job: Job, slog) -> None:
         if target.exists():
             slog.warning(f"{ch.component}: the release ships a .env; the customer's own replaces it")
             target.unlink()
-        live_env = Path(ch.live) / ".env"
-        if live_env.is_file():
+        if live_env.is_file() and identity is None:
             shutil.copy2(live_env, target)  # keeps the live file's mode (a .env is usually 0600)
-        if live_env.is_file() or merged.text:
-            envfile.write_atomic(target, merged.text)
-            runas.give(target, _identity(job))  # the services read it as the customer's user
+        if live_text is not None or merged.text:
+            envfile.write_atomic(target, merged.text)  # 0600 unless a copy above gave it the live file's mode
+            runas.give(target, identity)  # the services read it as the customer's user
         old, new = envfile.parse(live_text or ""), envfile.parse(merged.text)
         changes = [c.__dict__ for c in envfile.diff(old, new)]
         diff[ch.component] = {"added": list(merged.added), "removed_from_example": merged.removed,
@@ -337,7 +352,6 @@ def _switch(job: Job, slog) -> None:
         before = step["before"]
         if before["kind"] == "dir":
             _give_releases(job, slog)  # the original folder moved into a releases/<version>/ Kasa created
-        if before["kind"] == "dir":
             before_dir, before_version = before["moved_to"], ch.previous or layout.UNVERSIONED
         elif before["kind"] == "link":
             before_dir = os.path.normpath(os.path.join(os.path.dirname(ch.live), before["target"]))
