@@ -50,6 +50,7 @@ ECOSYSTEM_NAMES = ("ecosystem.config.js", "ecosystem.config.cjs", "ecosystem.jso
 ECOSYSTEM_GLOBS = ("ecosystem*.config.js", "ecosystem*.config.cjs", "ecosystem*.json")
 PM2_HOME_NAME = ".kasa-pm2"  # a customer's own PM2 home, in its root, owned by its user
 SOCKET_PATH_MAX = 107  # bytes of a unix socket path (sun_path) on Linux
+_ERROR_LINE = re.compile(r"error|exception|fatal|denied|refused", re.I)
 JLIST_MAX_BYTES = 32 << 20  # `pm2 jlist` is the customer's daemon talking: bounded
 
 
@@ -414,7 +415,10 @@ def _last_line(path, identity: runas.Identity | None, limit: int = 8192) -> str:
         text = runas.read_owned(path, identity, limit=limit, tail=True).decode("utf-8", "replace")
     except OSError:
         return ""
-    return next((line.strip()[:500] for line in reversed(text.splitlines()) if line.strip()), "")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    # A Node crash ends with its stack and error object ("}"): the line that names the error says more.
+    named = [line for line in lines[-40:] if _ERROR_LINE.search(line) and not line.startswith("at ")]
+    return (named or lines or [""])[-1][:500]
 
 
 # --- systemd --------------------------------------------------------------------------------
