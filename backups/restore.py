@@ -36,7 +36,7 @@ from django.conf import settings
 from core.secrets import box
 from customers import runtime
 from customers.models import Customer
-from engines import dburl, paths, sources, swap, trees, unpack
+from engines import dburl, paths, runas, sources, swap, trees, unpack
 from engines.slots import acquire_slot
 from operations.context import OperationError, RunCancelled, RunContext, RunLost
 from operations.journal import RunJournal
@@ -58,6 +58,7 @@ class Plan:
     root: Path  # where files land: the customer's root, or the clone's root
     clone: bool
     to_databases: dict[str, str] = field(default_factory=dict)  # database name -> URL (clone)
+    owner: runas.Identity | None = None  # who restored files belong to (None: the worker's own, development)
 
 
 class Journal(RunJournal):
@@ -76,6 +77,12 @@ def restore(ctx: RunContext) -> dict:
     p = ctx.run.params
     started = time.monotonic()
     plan = _plan(ctx, p)
+    # Restored files belong to the customer's user, and its services are stopped and started as that user:
+    # refused now, before anything is touched, if it cannot be (a copy elsewhere starts nothing).
+    if plan.clone:
+        plan.owner = runtime.run_identity(plan.customer, needed=False)
+    else:
+        plan.owner = runtime.check_run_as(ctx, plan.customer)
     keyring = _keyring(plan.backup)
     store = plan.backup.target.store()
     _sweep_trash(plan.root)
@@ -288,7 +295,7 @@ def _stage(ctx: RunContext, plan: Plan, store, keyring, journal: Journal) -> Pat
             _check_stop(ctx, stop)
             dest = staging / art.name.split(".", 1)[0]
             try:
-                owner = unpack.files_owner(plan.customer.run_as)  # the customer's user, or the worker's own
+                owner = plan.owner  # the customer's user, or the worker's own (development)
                 listing = unpack.extract_artifact(
                     store, f"{plan.backup.prefix}/{art.name}", dest=str(dest), owner=owner,
                     on_progress=_progress(ctx, f"unpacking {art.name}", stop), **artifact_kwargs(plan.backup, art,

@@ -251,8 +251,8 @@ KASA_SCRATCH_MYSQL_URL = env.str("KASA_SCRATCH_MYSQL_URL", default="")
 # Release packages: refuse a component zip larger than this, or one that unpacks to more (zip bombs).
 KASA_RELEASE_MAX_ZIP_BYTES = env.int("KASA_RELEASE_MAX_ZIP_BYTES", default=1 << 30)
 KASA_RELEASE_MAX_UNPACKED_BYTES = env.int("KASA_RELEASE_MAX_UNPACKED_BYTES", default=2 << 30)
-# PM2 keeps its daemon state here (never the user's ~/.pm2), so Kasa's processes are its own.
-KASA_PM2_HOME = Path(env.str("KASA_PM2_HOME", default=str(KASA_VAR_DIR / "pm2"))).resolve()
+# PM2: each customer has its own PM2 home in its root (engines.procman.pm2_home_for), owned by its run_as user,
+# whose daemon and apps are that user's; there is no PM2 home of Kasa's.
 # Upgrades: previous releases kept per component (never the live one or the rollback target), how long one
 # install/migrate/build hook may run (seconds), and the free disk kept beyond backup + release (bytes).
 KASA_KEEP_RELEASES = env.int("KASA_KEEP_RELEASES", default=3)

@@ -4,23 +4,31 @@ A folder with backend/admin/store services (a tiny Node HTTP server each, a
 .env, a logs folder), a PM2 ecosystem file, and a real database: PostgreSQL
 when one is reachable (KASA_DEMO_POSTGRES_URL, default the local server as
 `postgres`), SQLite inside the root otherwise.
+
+As root (`make run` on a bare machine), the demo's code runs as its own OS
+user `kasa-demo` (a system user without login, created here), who owns the
+demo's folder; otherwise it falls back to Kasa's own user, as development may.
 """
 
 from __future__ import annotations
 
 import os
+import pwd
 import secrets
+import shutil
 import sqlite3
+import subprocess
 from pathlib import Path
 
 from django.conf import settings
 
-from engines import dburl
+from engines import dburl, procman, runas
 
-from .models import Customer, Team
+from .models import Customer, Team, run_as_identity
 from .services import customer_create
 
 DEMO_DOMAIN = "demo.localhost"
+DEMO_USER = "kasa-demo"
 SERVICES = {"backend": 4101, "admin": 4102, "store": 4103}
 
 SERVER_JS = """// Demo service: answers /health with 200 and / with its name and version.
@@ -101,6 +109,43 @@ def _make_sqlite(path: Path) -> dburl.DatabaseURL:
     return dburl.DatabaseURL(engine="sqlite", path=str(path))
 
 
+def demo_user() -> runas.Identity | None:
+    """As root: the demo's own OS user, created when missing (system user, own group, no home, no login).
+    None when we are not root (the development fallback)."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        pwd.getpwnam(DEMO_USER)
+        missing = False
+    except KeyError:
+        missing = True
+    if missing:
+        useradd = shutil.which("useradd") or "/usr/sbin/useradd"
+        done = subprocess.run([useradd, "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
+                               "--shell", "/usr/sbin/nologin", DEMO_USER], capture_output=True, text=True, timeout=60,
+                              check=False)
+        if done.returncode not in (0, 9):  # 9: created meanwhile
+            raise RuntimeError(f"useradd {DEMO_USER}: {done.stderr.strip() or done.returncode}")
+    return run_as_identity(DEMO_USER)
+
+
+def _hand_over(root: Path) -> tuple[str, str]:
+    """Give the demo's folder to kasa-demo (root only). Returns (run_as to set, "" for Kasa's own user; a note
+    saying why not), after checking that user can reach the folder and PM2 (a checkout under a closed folder
+    such as /root cannot)."""
+    identity = demo_user()
+    if identity is None:
+        return "", "not root: the demo's code runs as Kasa's own user (development fallback)"
+    runas.give(root, identity, recursive=True)
+    root.chmod(0o750)
+    pm2 = os.path.realpath(procman.pm2_binary())
+    if not runas.may_access(root, identity, os.R_OK | os.W_OK | os.X_OK):
+        return "", f"{identity} cannot reach {root}: the demo's code runs as Kasa's own user"
+    if os.path.exists(pm2) and not runas.may_access(pm2, identity, os.R_OK | os.X_OK):
+        return "", f"{identity} cannot run {pm2}: the demo's code runs as Kasa's own user"
+    return identity.user, f"the demo's code runs as {identity}, who owns {root}"
+
+
 def demo_seed(*, prefer_postgres: bool = True) -> tuple[Customer, bool]:
     """Create the demo customer if missing. Returns (customer, created)."""
     existing = Customer.objects.filter(domain=DEMO_DOMAIN).first()
@@ -125,4 +170,7 @@ def demo_seed(*, prefer_postgres: bool = True) -> tuple[Customer, bool]:
         svc.process_manager = svc.ProcessManager.PM2
         svc.app_name = f"demo-{svc.name}"
         svc.save(update_fields=["process_manager", "app_name"])
+    customer.run_as, customer.demo_note = _hand_over(root)
+    if customer.run_as:
+        customer.save(update_fields=["run_as", "updated_at"])
     return customer, True

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import uuid
 from pathlib import Path
 
@@ -9,7 +10,7 @@ from django.core.validators import DomainNameValidator, RegexValidator
 from django.db import models
 
 from core.secrets import EncryptedSecretField
-from engines import dburl, paths
+from engines import dburl, paths, runas
 
 from . import roots
 
@@ -45,6 +46,27 @@ def validate_customer_root(value: str) -> None:
         raise ValidationError(f"{exc} (KASA_CUSTOMERS_ROOT)") from None
     if not Path(value).is_absolute():
         raise ValidationError("root folder must be an absolute path")
+
+
+def kasa_uids() -> set[int]:
+    """Kasa's own users: this process's, and the owner of KASA_VAR_DIR (a worker running as root, to switch to
+    the customers' users, and the web running as `kasa` are both Kasa)."""
+    uids = {os.geteuid()}
+    try:
+        uids.add(settings.KASA_VAR_DIR.stat().st_uid)
+    except OSError:
+        pass
+    return uids
+
+
+def run_as_identity(name: str) -> runas.Identity:
+    """The OS user `name` for a customer's code: it must exist and be neither root nor one of Kasa's users.
+    Raises runas.RunAsError with a message for humans."""
+    identity = runas.lookup(name)
+    if identity.uid in kasa_uids():
+        raise runas.RunAsError(f"run_as user {name!r} is Kasa's own user: customer code must not run within "
+                               "reach of Kasa's keys")
+    return identity
 
 
 class Customer(models.Model):
@@ -93,6 +115,13 @@ class Customer(models.Model):
         super().save(*args, **kwargs)
 
     def clean(self):
+        super().clean()
+        self.run_as = (self.run_as or "").strip()
+        if self.run_as:
+            try:
+                run_as_identity(self.run_as)
+            except runas.RunAsError as exc:
+                raise ValidationError({"run_as": str(exc)}) from None
         # Field validation confined the root to KASA_CUSTOMERS_ROOT; here: no other customer's root and none of
         # Kasa's files may be it, hold it or lie in it (resolved real paths).
         if self.root and Path(self.root).is_absolute():

@@ -1,5 +1,7 @@
 """The check operation: can Kasa reach everything a customer is made of?
 
+For the root: it exists inside KASA_CUSTOMERS_ROOT, and the customer's run_as user exists (not root, not Kasa's),
+may enter it, and nobody else may read it.
 For each database: connect with the real client and report the server version.
 For each service: the folder exists inside the root, and the health URL answers.
 Any problem fails the run, with every problem listed in its error and result.
@@ -7,15 +9,18 @@ Any problem fails the run, with every problem listed in its error and result.
 
 from __future__ import annotations
 
+import os
 import urllib.error
 import urllib.request
 
+from django.conf import settings
+
 from core.secrets import reveal
-from engines import dbprobe, paths, proc
+from engines import dbprobe, paths, proc, runas
 from operations.context import OperationError, RunContext
 
 from . import roots
-from .models import Customer, DatabaseConnection
+from .models import Customer, DatabaseConnection, run_as_identity
 
 HEALTH_TIMEOUT = 5
 
@@ -62,6 +67,7 @@ def check(ctx: RunContext) -> dict:
         result["root"] = {"path": customer.root, "ok": False, "error": str(exc)}
         problems.append(str(exc))
         ctx.error(str(exc))
+    result["run_as"] = _check_run_as(ctx, customer, problems)
     done += 1
 
     for db in databases:
@@ -81,6 +87,42 @@ def check(ctx: RunContext) -> dict:
         raise OperationError(f"{len(problems)} problem(s): " + "; ".join(problems), result=result)
     ctx.info(f"all {len(databases)} database(s) and {len(services)} service(s) healthy")
     return result
+
+
+def _check_run_as(ctx: RunContext, customer: Customer, problems: list[str]) -> dict:
+    """Part of the root's item: who the customer's code runs as, and whether that user can work in the root
+    while nobody else may look in."""
+    entry: dict = {"user": customer.run_as, "ok": True}
+
+    def problem(text: str) -> dict:
+        entry.update(ok=False, error=text)
+        problems.append(f"run as: {text}")
+        ctx.error(f"run as: {text}")
+        return entry
+
+    if not customer.run_as:
+        if settings.DEPLOYED:
+            return problem("no run_as user is set: a deployed Kasa refuses to run this customer's commands")
+        entry["note"] = "no run_as user: its commands would run as Kasa's own user (development only)"
+        ctx.warning(f"run as: {entry['note']}")
+        return entry
+    try:
+        identity = run_as_identity(customer.run_as)
+        root = customer.root_path()
+    except (runas.RunAsError, paths.PathEscapeError) as exc:
+        return problem(str(exc))
+    entry["uid"] = identity.uid
+    if not root.is_dir():
+        return entry  # the root's own item says so
+    if not runas.may_access(root, identity, os.R_OK | os.X_OK):
+        return problem(f"{identity} cannot enter the root folder {root} (each folder above it needs x for that "
+                       "user, the root itself r and x)")
+    mode = root.stat().st_mode & 0o777
+    if mode & 0o006:
+        return problem(f"the root folder {root} is open to every user (mode {mode:04o}): chmod o-rwx it, so other "
+                       "customers' users cannot read it")
+    ctx.info(f"run as: {identity}, who may enter {root}; other users may not read it")
+    return entry
 
 
 def _check_database(ctx: RunContext, db: DatabaseConnection, problems: list[str]) -> dict:

@@ -42,7 +42,7 @@ def overlap(a: Path, b: Path) -> str | None:
 def kasa_own_paths() -> list[tuple[str, Path]]:
     """Kasa's own folders and files, which no customer folder may be, hold or lie in."""
     own = [("KASA_VAR_DIR", settings.KASA_VAR_DIR)]
-    for name in ("KASA_BACKUP_DIR", "KASA_SCRATCH_DIR", "KASA_STORAGE_DIR", "KASA_PM2_HOME", "STATIC_ROOT"):
+    for name in ("KASA_BACKUP_DIR", "KASA_SCRATCH_DIR", "KASA_STORAGE_DIR", "STATIC_ROOT"):
         if getattr(settings, name, None):
             own.append((name, Path(getattr(settings, name))))
     db = settings.DATABASES["default"]

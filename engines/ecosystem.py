@@ -8,6 +8,9 @@ Each app runs in its service path (the symlink to the live release, so a later s
 with the service's .env as its environment. What to run comes, in this order, from the service's start
 command (an argv, run as is), the release's package.json (`main`, else a `node X` start script), or a
 conventional file name (server.js, index.js, app.js, main.js).
+
+The file belongs to the customer's OS user (PM2 runs as that user and reads it); Kasa reads it back only
+as a regular file of that user's (engines.runas.read_owned): the user may have replaced it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import shlex
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from . import runas
 
 FILE_NAME = "ecosystem.kasa.config.js"  # matches procman's ecosystem*.config.js search at the customer's root
 DEFAULT_SCRIPTS = ("server.js", "index.js", "app.js", "main.js")
@@ -77,8 +82,8 @@ def render(apps: Sequence[Mapping]) -> str:
     return HEADER + "module.exports = " + json.dumps({"apps": list(apps)}, indent=2, sort_keys=False) + ";\n"
 
 
-def write(path: str | os.PathLike, apps: Sequence[Mapping]) -> None:
-    """Write atomically, 0600 (it holds .env values)."""
+def write(path: str | os.PathLike, apps: Sequence[Mapping], *, owner: runas.Identity | None = None) -> None:
+    """Write atomically, 0600 (it holds .env values), owned by `owner` (the customer's user, who runs PM2)."""
     path = os.fspath(path)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".ecosystem.kasa-")
     try:
@@ -86,7 +91,8 @@ def write(path: str | os.PathLike, apps: Sequence[Mapping]) -> None:
             fh.write(render(apps))
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o600)
+            os.fchmod(fh.fileno(), 0o600)
+            runas.give_fd(fh.fileno(), owner)  # before the rename: never a chown by name in the user's folder
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -94,11 +100,17 @@ def write(path: str | os.PathLike, apps: Sequence[Mapping]) -> None:
         raise
 
 
-def read_apps(path: str | os.PathLike) -> list[dict]:
-    """The apps of a file Kasa wrote ([] when there is none)."""
+def read_apps(path: str | os.PathLike, *, owner: runas.Identity | None = None) -> list[dict]:
+    """The apps of a file Kasa wrote ([] when there is none, or when it is no longer a regular file of `owner`'s
+    holding what Kasa writes: the customer's user may have changed it)."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
+        text = runas.read_owned(path, owner, limit=16 << 20).decode("utf-8", "replace")
+    except OSError:
         return []
     body = text.split("module.exports = ", 1)[-1].rstrip().rstrip(";")
-    return json.loads(body).get("apps", [])
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return []
+    apps = data.get("apps") if isinstance(data, dict) else None
+    return [a for a in apps if isinstance(a, dict)] if isinstance(apps, list) else []

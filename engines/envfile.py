@@ -8,11 +8,14 @@ everything else survive a rewrite.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import tempfile
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
+
+from . import runas
 
 _LINE = re.compile(r"^(?P<lead>\s*(?:export\s+)?)(?P<key>[A-Za-z_][A-Za-z0-9_.-]*)(?P<eq>\s*=\s*)(?P<value>.*?)\s*$")
 # Keys whose values are shown only as a mask anywhere Kasa displays them.
@@ -46,7 +49,17 @@ def parse(text: str) -> dict[str, str]:
     return out
 
 
-def read(path: str | os.PathLike) -> dict[str, str]:
+def read(path: str | os.PathLike, *, owner: runas.Identity | None = None) -> dict[str, str]:
+    """The file's keys ({} when it is missing). With `owner` (the customer's user, whose folder it lies in):
+    only a regular file of that user's is read, never a link or a file of Kasa's the user pointed it at
+    (runas.NotOwned)."""
+    if owner is not None:
+        try:
+            return parse(runas.read_owned(path, owner, limit=16 << 20).decode("utf-8", "replace"))
+        except runas.NotOwned as exc:
+            if exc.errno == errno.ENOENT:
+                return {}
+            raise
     try:
         with open(path, encoding="utf-8", errors="replace") as fh:
             return parse(fh.read())

@@ -3,6 +3,11 @@
 Secrets never go into argv (callers pass them through 0600 files); as a second
 line of defence every string in `secrets` is masked in the recorded argv and in
 each output line before it reaches a callback.
+
+Customer code (PM2, start/stop commands, release hooks) runs with `identity`:
+the customer's OS user, no supplementary group, umask 027 (engines.runas).
+Children never inherit a descriptor of ours (close_fds) and start in a session
+of their own.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import subprocess
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+
+from . import runas
 
 MASK = "********"
 
@@ -68,16 +75,20 @@ def run(
     on_line: LineCallback | None = None,
     on_start: Callable[[int], None] | None = None,
     tail: int = 20,
+    identity: runas.Identity | None = None,
 ) -> CommandResult:
     """Run argv, stream its output to on_line, and return the result.
 
-    Raises CommandNotFound when the program does not exist and CommandTimeout
-    (after killing the child) when it outlives `timeout` seconds.
+    identity: run as that OS user (customer code); None runs as Kasa itself.
+    Raises CommandNotFound when the program does not exist, CommandTimeout
+    (after killing the child) when it outlives `timeout` seconds, and
+    runas.RunAsError when this process cannot switch to `identity`.
     """
     if isinstance(argv, str):  # a shell string is a bug, not a convenience
         raise TypeError("argv must be a list of strings, not a shell string")
     secrets = [s for s in secrets if s]
     shown = masked_argv(argv, secrets)
+    as_user = runas.popen_kwargs(identity) if identity is not None else {}
     started = time.monotonic()
     try:
         proc = subprocess.Popen(
@@ -89,9 +100,13 @@ def run(
             stderr=subprocess.PIPE,
             close_fds=True,
             start_new_session=True,
+            **as_user,
         )
     except FileNotFoundError:
         raise CommandNotFound(f"command not found: {shown[0]}") from None
+    except PermissionError as exc:  # e.g. a program or folder the customer's user may not open
+        who = f" as {identity}" if identity is not None else ""
+        raise CommandNotFound(f"cannot run {shown[0]}{who} in {cwd or os.getcwd()}: {exc.strerror}") from None
     if on_start:
         on_start(proc.pid)
 

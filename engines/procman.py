@@ -11,6 +11,15 @@ to write the command into its run log. Services get a small clean environment
 (PATH, HOME, locale) plus their own `env`, never Kasa's: Kasa's environment
 holds its database URL and secret keys, and PM2 in particular copies the
 environment of the `pm2 start` command into the app it starts.
+
+Whatever comes from the customer runs as the spec's `identity` (the customer's
+OS user, engines.runas): every `pm2` call, so the PM2 daemon of the customer's
+own PM2 home and its apps are that user's; the start command (the launcher is
+Kasa's Python, what it starts is the user's) and the stop command. `systemctl`
+is Kasa's own call: it starts a unit that systemd runs as the unit says, and
+the unit name is a runtime field only privileged users may set. What PM2
+prints (`pm2 jlist`) and the files it names are the customer's side and are
+read as untrusted input (runas.read_owned).
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import proc
+from . import proc, runas
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 Runner = Callable[..., proc.CommandResult]  # proc.run's signature; a caller's runner must call proc.run
@@ -39,6 +48,10 @@ _SECRET_KEY = re.compile(r"PASS|SECRET|TOKEN|KEY|AUTH|CREDENTIAL|DSN|DATABASE_UR
 PM2_QUIET = ("--no-color", "--mini-list")  # plain text for run logs, not a colored table of every app
 ECOSYSTEM_NAMES = ("ecosystem.config.js", "ecosystem.config.cjs", "ecosystem.json", "ecosystem.config.json")
 ECOSYSTEM_GLOBS = ("ecosystem*.config.js", "ecosystem*.config.cjs", "ecosystem*.json")
+PM2_HOME_NAME = ".kasa-pm2"  # a customer's own PM2 home, in its root, owned by its user
+SOCKET_PATH_MAX = 107  # bytes of a unix socket path (sun_path) on Linux
+_ERROR_LINE = re.compile(r"error|exception|fatal|denied|refused", re.I)
+JLIST_MAX_BYTES = 32 << 20  # `pm2 jlist` is the customer's daemon talking: bounded
 
 
 @dataclass
@@ -53,6 +66,9 @@ class ServiceSpec:
     env: dict[str, str] | None = None
     ecosystem: str | None = None  # PM2 ecosystem file; relative to folder; found by name when None
     root: str = ""  # the customer's root: the ecosystem search looks no higher (default: folder's parent)
+    identity: runas.Identity | None = None  # the OS user its commands run as; None: Kasa's own (development)
+    pm2_home: str = ""  # the customer's PM2 home (pm2_home_for(root)); "": the manager's
+    state_dir: str = ""  # where a start command's log and pid file go; "": the manager's
 
 
 class ProcessError(RuntimeError):
@@ -63,11 +79,25 @@ class ProcessError(RuntimeError):
         self.service, self.argv, self.detail = service, list(argv), detail
 
 
-def service_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: os.environ[k] for k in _PASSED_ENV if k in os.environ}
+def service_env(extra: dict[str, str] | None = None, *, identity: runas.Identity | None = None,
+                home: str = "") -> dict[str, str]:
+    """The environment of a customer's command: a few harmless variables of Kasa's, then `extra` (the service's
+    own env). With an identity: only PATH, the locale and TZ are Kasa's; HOME is the user's own home when it
+    exists, else `home` (the customer's root); USER and LOGNAME name the user."""
+    if identity is None:
+        env = {k: os.environ[k] for k in _PASSED_ENV if k in os.environ}
+    else:
+        env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LANGUAGE", "TZ") or k.startswith("LC_")}
+        own_home = identity.home if identity.home and os.path.isdir(identity.home) else ""
+        env.update(HOME=own_home or home or "/", USER=identity.user, LOGNAME=identity.user)
     env.setdefault("PATH", os.defpath)
     env.update({str(k): str(v) for k, v in (extra or {}).items()})
     return env
+
+
+def spec_env(spec: ServiceSpec, *, with_own: bool = True) -> dict[str, str]:
+    """service_env for a spec: its identity, HOME defaulting to its root, its own env unless with_own=False."""
+    return service_env(spec.env if with_own else None, identity=spec.identity, home=spec.root or spec.folder)
 
 
 def env_secrets(env: dict[str, str] | None) -> list[str]:
@@ -95,12 +125,13 @@ class _Base:
 
     def _run(self, argv: Sequence[str], spec: ServiceSpec, action: str, *, env: dict[str, str],
              cwd: str | None = None, timeout: float | None = None, check: bool = True,
-             shown: Sequence[str] | None = None) -> proc.CommandResult:
-        """Run through the runner; ProcessError on failure, naming `shown` (default: argv) as the command."""
+             shown: Sequence[str] | None = None, identity: runas.Identity | None = None) -> proc.CommandResult:
+        """Run through the runner (as `identity`); ProcessError on failure, naming `shown` (default: argv)."""
         secrets = [*self.secrets, *env_secrets(spec.env)]
         try:
-            result = self.runner(list(argv), cwd=cwd, env=env, timeout=timeout or self.timeout, secrets=secrets)
-        except (proc.CommandNotFound, proc.CommandTimeout) as exc:
+            result = self.runner(list(argv), cwd=cwd, env=env, timeout=timeout or self.timeout, secrets=secrets,
+                                 identity=identity)
+        except (proc.CommandNotFound, proc.CommandTimeout, runas.RunAsError) as exc:
             raise _fail(action, spec, self.label, detail=str(exc)) from None
         if check and not result.ok:
             if shown is not None:
@@ -128,9 +159,25 @@ def pm2_binary() -> str:
     return shutil.which("pm2") or "pm2"
 
 
-def _pm2_daemon_pid(pm2_home: str) -> int | None:
+def pm2_home_for(root: str | os.PathLike) -> str:
+    """A customer's own PM2 home: in its root, so its daemon and apps are its user's, apart from everyone's."""
+    return os.path.join(os.path.abspath(root), PM2_HOME_NAME)
+
+
+def _check_home_length(home: str) -> None:
+    # PM2 talks to its daemon over unix sockets in PM2_HOME, whose paths may not exceed 107 bytes.
+    if len(os.path.join(home, "rpc.sock").encode()) > SOCKET_PATH_MAX:
+        raise ProcessError(f"PM2 home {home} is too long for PM2's unix sockets ({home}/rpc.sock may have at most "
+                           f"{SOCKET_PATH_MAX} bytes): give the customer a shorter root folder; nothing was run")
+
+
+def _pm2_daemon_pid(pm2_home: str, identity: runas.Identity | None = None) -> int | None:
+    """The daemon's pid from its pid file, when that process lives. The file is the customer's: read as
+    untrusted (a regular file of its user's, a number)."""
     try:
-        pid = int(Path(pm2_home, "pm2.pid").read_text().strip())
+        pid = int(runas.read_owned(os.path.join(pm2_home, "pm2.pid"), identity, limit=64).strip())
+        if pid <= 1:
+            return None
         os.kill(pid, 0)
     except (OSError, ValueError):
         return None
@@ -138,16 +185,25 @@ def _pm2_daemon_pid(pm2_home: str) -> int | None:
 
 
 def pm2_kill(pm2_home: str, *, runner: Runner | None = None, binary: str | None = None,
-             timeout: float = 30.0) -> None:
-    """Stop the PM2 daemon of `pm2_home` and every app in it (no-op when no daemon runs there)."""
-    pid = _pm2_daemon_pid(pm2_home)
+             timeout: float = 30.0, identity: runas.Identity | None = None) -> None:
+    """Stop the PM2 daemon of `pm2_home` and every app in it (no-op when no daemon runs there), as `identity`
+    (the home's user: its daemon is that user's)."""
+    pid = _pm2_daemon_pid(pm2_home, identity)
     if pid is None:  # `pm2 kill` would first spawn a daemon just to kill it
         return
-    env = {**service_env(), "PM2_HOME": pm2_home}
-    (runner or proc.run)([binary or pm2_binary(), "kill", "--no-color"], env=env, timeout=timeout)
+    env = {**service_env(identity=identity, home=os.path.dirname(pm2_home)), "PM2_HOME": pm2_home}
+    (runner or proc.run)([binary or pm2_binary(), "kill", "--no-color"], env=env, timeout=timeout,
+                         cwd=os.path.dirname(pm2_home), identity=identity)
     deadline = time.monotonic() + 10
-    while _pm2_daemon_pid(pm2_home) == pid and time.monotonic() < deadline:
+    while _pm2_daemon_pid(pm2_home, identity) == pid and time.monotonic() < deadline:
         time.sleep(0.1)
+
+
+def _read_customer_text(path: str, identity: runas.Identity | None) -> str | None:
+    try:
+        return runas.read_owned(path, identity).decode("utf-8", "replace")
+    except OSError:
+        return None
 
 
 def find_ecosystem(spec: ServiceSpec) -> str | None:
@@ -165,68 +221,120 @@ def find_ecosystem(spec: ServiceSpec) -> str | None:
         for path in dict.fromkeys(candidates):
             if not os.path.isfile(path):
                 continue
-            try:
-                text = Path(path).read_text(errors="replace")
-            except OSError:
-                continue
+            text = _read_customer_text(path, spec.identity)
             # The customer's root may hold one file for other services: one that never names this
             # app would make `pm2 start --only` start nothing, so it is not this service's file.
-            if any(q in text for q in quoted):
+            if text is not None and any(q in text for q in quoted):
                 return path
     return None
 
 
-class Pm2Manager(_Base):
-    """PM2 apps in Kasa's own PM2 home (never the user's ~/.pm2).
+def parse_jlist(lines: Sequence[str]) -> list[dict] | None:
+    """The apps of `pm2 jlist` output, as untrusted input: the last line that is a JSON list, keeping only
+    objects, each with a str name and a dict pm2_env. None when no line is such a list."""
+    for line in reversed(lines):
+        if not line.startswith("["):
+            continue
+        try:
+            data = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(data, list):
+            continue
+        apps = []
+        for item in data:
+            if isinstance(item, dict) and isinstance(item.get("name"), str):
+                env = item.get("pm2_env")
+                apps.append({**item, "pm2_env": env if isinstance(env, dict) else {}})
+        return apps
+    return None
 
-    stop is `pm2 delete` so the next start reads the ecosystem file and env afresh:
+
+def _int(value, default: int = 0) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+class Pm2Manager(_Base):
+    """PM2 apps in a PM2 home of Kasa's choosing (never the user's ~/.pm2): a customer's spec names its own
+    (spec.pm2_home, in its root); `pm2_home` is the default for specs that do not.
+
+    Every pm2 call runs as spec.identity, so the daemon it starts in that home, and the apps, are the
+    customer's user's. stop is `pm2 delete` so the next start reads the ecosystem file and env afresh:
     `pm2 restart --update-env` keeps env keys that were removed from the file.
     """
 
     kind, label = "pm2", "PM2"
 
-    def __init__(self, pm2_home: str, *, binary: str | None = None, settle: float = 2.0, **kw):
+    def __init__(self, pm2_home: str | None = None, *, binary: str | None = None, settle: float = 2.0, **kw):
         super().__init__(**kw)
-        self.pm2_home = os.path.abspath(pm2_home)
-        # PM2 talks to its daemon over unix sockets in PM2_HOME, whose paths may not exceed 107 bytes.
-        if len(os.path.join(self.pm2_home, "rpc.sock").encode()) > 107:
-            raise ValueError(f"PM2 home {self.pm2_home} is too long for PM2's sockets (at most 98 characters)")
-        os.makedirs(self.pm2_home, mode=0o700, exist_ok=True)
+        self.pm2_home = os.path.abspath(pm2_home) if pm2_home else ""
+        if self.pm2_home:
+            _check_home_length(self.pm2_home)
         self.binary = binary or pm2_binary()
         self.settle = settle
+        self._ready: set[tuple[str, int | None]] = set()
 
-    def _env(self, spec: ServiceSpec | None = None) -> dict[str, str]:
-        return {**service_env(spec.env if spec else None), "PM2_HOME": self.pm2_home}
+    def home(self, spec: ServiceSpec) -> str:
+        """The spec's PM2 home, created 0700 and given to its user the first time."""
+        home = os.path.abspath(spec.pm2_home) if spec.pm2_home else self.pm2_home
+        if not home:
+            raise ProcessError(f"service {spec.name!r} has no PM2 home; nothing was run", service=spec.name)
+        key = (home, spec.identity.uid if spec.identity else None)
+        if key not in self._ready:
+            _check_home_length(home)
+            if not os.path.lexists(home):
+                os.makedirs(home, mode=0o700)
+            runas.give(home, spec.identity)  # the folder only: what is inside is the user's own doing
+            self._ready.add(key)
+        return home
 
-    def apps(self) -> list[dict]:
-        """`pm2 jlist`, or [] when no daemon runs in this PM2 home (a read never spawns one)."""
-        if _pm2_daemon_pid(self.pm2_home) is None:
+    def _env(self, spec: ServiceSpec, *, own: bool = False) -> dict[str, str]:
+        return {**spec_env(spec, with_own=own), "PM2_HOME": self.home(spec)}
+
+    @staticmethod
+    def _cwd(spec: ServiceSpec) -> str:
+        return spec.root or spec.folder
+
+    def apps(self, spec: ServiceSpec) -> list[dict]:
+        """`pm2 jlist` of the spec's PM2 home, or [] when no daemon runs there (a read never spawns one)."""
+        home = self.home(spec)
+        if _pm2_daemon_pid(home, spec.identity) is None:
             return []
         lines: list[str] = []
+        size = 0
+
+        def keep(stream: str, line: str) -> None:
+            nonlocal size
+            size += len(line)
+            if stream == "stdout" and size <= JLIST_MAX_BYTES:
+                lines.append(line)
+
         # Straight through proc.run, not the caller's runner: jlist prints every app's whole
         # environment, secrets included, which must not end up in a run log.
-        result = proc.run([self.binary, "jlist"], env=self._env(), timeout=self.timeout,
-                          on_line=lambda stream, line: stream == "stdout" and lines.append(line))
-        for line in reversed(lines):
-            if line.startswith("["):
-                try:
-                    return json.loads(line)
-                except ValueError:
-                    continue
-        raise ProcessError(f"pm2 jlist gave no process list (PM2_HOME {self.pm2_home}): {result.last_error_line()}",
-                           argv=result.argv)
+        try:
+            result = proc.run([self.binary, "jlist"], env=self._env(spec), cwd=self._cwd(spec),
+                              timeout=self.timeout, on_line=keep, identity=spec.identity)
+        except (proc.CommandNotFound, proc.CommandTimeout, runas.RunAsError) as exc:
+            raise _fail("check", spec, self.label, detail=str(exc)) from None
+        apps = parse_jlist(lines)
+        if apps is None:
+            raise ProcessError(f"pm2 jlist gave no process list (PM2_HOME {home}): {result.last_error_line()}",
+                               argv=result.argv)
+        return apps
 
     def app(self, spec: ServiceSpec) -> dict | None:
-        return next((a for a in self.apps() if a.get("name") == spec.app_name), None)
+        return next((a for a in self.apps(spec) if a.get("name") == spec.app_name), None)
 
     def is_running(self, spec: ServiceSpec) -> bool:
         app = self.app(spec)
-        return bool(app) and app.get("pm2_env", {}).get("status") == "online"
+        return bool(app) and app["pm2_env"].get("status") == "online"
 
     def describe(self, spec: ServiceSpec) -> str:
         eco = find_ecosystem(spec) if spec.app_name else None
         how = f"from {eco}" if eco else f"with {shlex.join(spec.start_command)}"
-        return f"PM2 app {spec.app_name!r} {how} (PM2_HOME {self.pm2_home})"
+        home = os.path.abspath(spec.pm2_home) if spec.pm2_home else self.pm2_home
+        who = f", as {spec.identity}" if spec.identity else ""
+        return f"PM2 app {spec.app_name!r} {how} (PM2_HOME {home}{who})"
 
     def stop(self, spec: ServiceSpec) -> None:
         self._need_app(spec, "stop")
@@ -237,8 +345,8 @@ class Pm2Manager(_Base):
             raise _fail("stop", spec, self.label, result)
 
     def _delete(self, spec: ServiceSpec) -> proc.CommandResult:
-        return self._run([self.binary, "delete", spec.app_name, "--no-color"], spec, "stop", env=self._env(),
-                         check=False)
+        return self._run([self.binary, "delete", spec.app_name, "--no-color"], spec, "stop", env=self._env(spec),
+                         cwd=self._cwd(spec), check=False, identity=spec.identity)
 
     def start(self, spec: ServiceSpec) -> None:
         self._need_app(spec, "start")
@@ -262,7 +370,7 @@ class Pm2Manager(_Base):
             raise ProcessError(f"could not start service {spec.name!r} with PM2: it has neither an ecosystem file "
                                f"naming app {spec.app_name!r} nor a start command; nothing was started",
                                service=spec.name)
-        result = self._run(argv, spec, "start", env=self._env(spec), cwd=cwd)
+        result = self._run(argv, spec, "start", env=self._env(spec, own=True), cwd=cwd, identity=spec.identity)
         self._await_online(spec, result)
 
     def _await_online(self, spec: ServiceSpec, result: proc.CommandResult) -> None:
@@ -273,19 +381,22 @@ class Pm2Manager(_Base):
             if app is None:
                 raise _fail("start", spec, self.label, result, f"PM2 lists no app {spec.app_name!r} after the start "
                             "(is it named so in the ecosystem file?)")
-            env = app.get("pm2_env", {})
-            if env.get("status") in ("errored", "stopped") or env.get("restart_time", 0) > 0:
-                last = _last_line(env.get("pm_err_log_path")) or _last_line(env.get("pm_out_log_path"))
+            env = app["pm2_env"]
+            restarts = _int(env.get("restart_time"))
+            if env.get("status") in ("errored", "stopped") or restarts > 0:
+                last = (_last_line(env.get("pm_err_log_path"), spec.identity)
+                        or _last_line(env.get("pm_out_log_path"), spec.identity))
                 code = env.get("exit_code")
+                code = code if isinstance(code, int) and not isinstance(code, bool) else None
                 self._delete(spec)
                 detail = (f"it exited{f' with code {code}' if code is not None else ''} at once and PM2 "
-                          f"restarted it {env.get('restart_time', 0)} times; it was removed from PM2 again; "
+                          f"restarted it {restarts} times; it was removed from PM2 again; "
                           f"last error: {last or 'none logged'}")
                 raise _fail("start", spec, self.label, result, detail)
             if time.monotonic() >= deadline and env.get("status") == "online":
                 return
             if time.monotonic() >= deadline + 10:  # e.g. stuck "launching"
-                raise _fail("start", spec, self.label, result, f"PM2 still shows it {env.get('status')!r}")
+                raise _fail("start", spec, self.label, result, f"PM2 still shows it {str(env.get('status'))[:40]!r}")
             time.sleep(0.3)
 
     @staticmethod
@@ -295,21 +406,28 @@ class Pm2Manager(_Base):
                                "nothing was run", service=spec.name)
 
 
-def _last_line(path: str | None, limit: int = 8192) -> str:
-    if not path:
+def _last_line(path, identity: runas.Identity | None, limit: int = 8192) -> str:
+    """The last line of an app's log, whose path PM2 (the customer's side) reported: only a regular file of the
+    customer's user is read, never one of Kasa's through a path or link the customer chose."""
+    if not isinstance(path, str) or not path:
         return ""
     try:
-        with open(path, "rb") as fh:
-            fh.seek(max(0, os.fstat(fh.fileno()).st_size - limit))
-            text = fh.read().decode("utf-8", "replace")
+        text = runas.read_owned(path, identity, limit=limit, tail=True).decode("utf-8", "replace")
     except OSError:
         return ""
-    return next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    # A Node crash ends with its stack and error object ("}"): the line that names the error says more.
+    named = [line for line in lines[-40:] if _ERROR_LINE.search(line) and not line.startswith("at ")]
+    return (named or lines or [""])[-1][:500]
 
 
 # --- systemd --------------------------------------------------------------------------------
 class SystemdManager(_Base):
-    """systemctl stop/start/is-active; --no-ask-password so a missing permission fails instead of prompting."""
+    """systemctl stop/start/is-active; --no-ask-password so a missing permission fails instead of prompting.
+
+    systemctl is Kasa's own call, not customer code: it runs as Kasa with Kasa's clean service_env() and asks
+    systemd to start a unit, which runs as its unit file says (User=). The unit name is a runtime field that
+    only superusers and holders of customers.change_runtime may set."""
 
     kind, label = "systemd", "systemd"
 
@@ -375,7 +493,11 @@ class CommandManager(_Base):
         self.settle, self.stop_timeout = settle, stop_timeout
 
     def _file(self, spec: ServiceSpec, ext: str) -> str:
+        """<log_dir>/<name>.log and <pid_dir>/<name>.pid, or both in the spec's own state_dir (one per customer:
+        two customers' services of one name never share a pid file)."""
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", spec.name)
+        if spec.state_dir:
+            return os.path.join(spec.state_dir, safe + ext)
         return os.path.join(self.log_dir if ext == ".log" else self.pid_dir, safe + ext)
 
     def _tracked(self, spec: ServiceSpec) -> list[int]:
@@ -401,21 +523,24 @@ class CommandManager(_Base):
                                service=spec.name)
         if self.is_running(spec):  # a fresh start, as with PM2: never a second copy beside the first
             self.stop(spec)
-        os.makedirs(self.log_dir, exist_ok=True)
-        os.makedirs(self.pid_dir, exist_ok=True)
-        # A launcher (this module, run by the same Python) starts the command in a new session and
+        for path in (self._file(spec, ".log"), self._file(spec, ".pid")):
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)  # Kasa's: the user gets only the fd
+        # A launcher (this module, run by the same Python, as Kasa) starts the command in a new session and
         # exits: the service is then nobody's child here (no zombie in Kasa), and the launch itself
-        # is one ordinary command for the runner to record.
+        # is one ordinary command for the runner to record. The command itself runs as spec.identity.
+        who = ["--uid", str(spec.identity.uid), "--gid", str(spec.identity.gid)] if spec.identity else []
+        if spec.identity:
+            runas.popen_kwargs(spec.identity)  # a worker that cannot switch users says so before the launch
         argv = [sys.executable, "-E", "-m", "engines.procman", "launch", "--log", self._file(spec, ".log"),
-                "--pidfile", self._file(spec, ".pid"), "--cwd", folder, "--settle", f"{self.settle:g}",
+                "--pidfile", self._file(spec, ".pid"), "--cwd", folder, "--settle", f"{self.settle:g}", *who,
                 "--", *spec.start_command]
-        self._run(argv, spec, "start", env=service_env(spec.env), cwd=str(REPO_ROOT),
+        self._run(argv, spec, "start", env=spec_env(spec), cwd=str(REPO_ROOT),
                   timeout=self.settle + self.timeout, shown=spec.start_command)
 
     def stop(self, spec: ServiceSpec) -> None:
         if spec.stop_command:
-            self._run(list(spec.stop_command), spec, "stop", env=service_env(spec.env),
-                      cwd=self._folder(spec, "stop"))
+            self._run(list(spec.stop_command), spec, "stop", env=spec_env(spec), cwd=self._folder(spec, "stop"),
+                      identity=spec.identity)
             self._wait_gone(spec, self.stop_timeout)  # stop commands may return before the service is gone
         for sig, wait in ((signal.SIGTERM, self.stop_timeout), (signal.SIGKILL, 5.0)):
             pids = self._tracked(spec)
@@ -450,9 +575,13 @@ def _launch(args: list[str]) -> int:
     log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} kasa starts: {shlex.join(argv)}\n".encode())
     log.flush()
     start = log.tell()
+    as_user = {}
+    if "--uid" in o:  # the customer's user, no supplementary group, umask 027 (engines.runas)
+        who = runas.Identity(user=f"uid {o['--uid']}", uid=int(o["--uid"]), gid=int(o["--gid"]), home="")
+        as_user = runas.popen_kwargs(who)
     try:
         child = subprocess.Popen(argv, cwd=o["--cwd"], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                 start_new_session=True, close_fds=True)
+                                 start_new_session=True, close_fds=True, **as_user)
     except OSError as exc:
         print(f"cannot run {argv[0]}: {exc.strerror or exc}", file=sys.stderr)
         return 127
@@ -496,9 +625,10 @@ class NoManager:
 
 
 # --- all of a customer's services -------------------------------------------------------------
-def managers(*, pm2_home: str, state_dir: str, runner: Runner | None = None, timeout: float = 60.0,
+def managers(*, state_dir: str, pm2_home: str = "", runner: Runner | None = None, timeout: float = 60.0,
              secrets: Iterable[str] = ()) -> dict[str, object]:
-    """One manager per kind: PM2 in `pm2_home`, command logs and pidfiles in `state_dir`."""
+    """One manager per kind: command logs and pidfiles in `state_dir`, PM2 in `pm2_home`; a spec's own
+    state_dir and pm2_home (a customer's) win."""
     kw = dict(runner=runner, timeout=timeout, secrets=list(secrets))
     return {"pm2": Pm2Manager(pm2_home, **kw), "systemd": SystemdManager(**kw),
             "command": CommandManager(state_dir, **kw), "none": NoManager()}

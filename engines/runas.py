@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import stat
 from dataclasses import dataclass
 
 CUSTOMER_UMASK = 0o027  # files a customer's code creates: group may read, others nothing
@@ -85,3 +86,82 @@ def give(path: str | os.PathLike, identity: Identity | None, *, recursive: bool 
                 os.chown(name, identity.uid, identity.gid, dir_fd=dirfd, follow_symlinks=False)
             except FileNotFoundError:  # removed meanwhile by the customer's own code: nothing to give
                 pass
+
+
+
+def give_fd(fd: int, identity: Identity | None) -> None:
+    """give() for a file Kasa holds open (before it is renamed into a folder the customer's user can write)."""
+    if identity is not None and os.geteuid() == 0:
+        os.fchown(fd, identity.uid, identity.gid)
+
+
+def may_access(path: str | os.PathLike, identity: Identity, mode: int = os.X_OK) -> bool:
+    """Whether `identity` (its own uid and primary group: customer code runs without supplementary groups) may
+    pass through every folder above `path` and has `mode` (os.R_OK | os.W_OK | os.X_OK) on `path` itself,
+    symlinks resolved. From the permission bits, whoever we are (os.access answers for Kasa, not the user)."""
+    path = os.path.realpath(path)
+    for i, p in enumerate((path, *_parents(path))):
+        try:
+            st = os.stat(p)
+        except OSError:
+            return False
+        want = mode if i == 0 else os.X_OK
+        if identity.uid == 0:
+            continue
+        if st.st_uid == identity.uid:
+            bits = (st.st_mode >> 6) & 7
+        elif st.st_gid == identity.gid:
+            bits = (st.st_mode >> 3) & 7
+        else:
+            bits = st.st_mode & 7
+        if bits & want != want:
+            return False
+    return True
+
+
+def _parents(path: str) -> list[str]:
+    out = []
+    while True:
+        parent = os.path.dirname(path)
+        if parent == path:
+            return out
+        out.append(parent)
+        path = parent
+
+
+class NotOwned(OSError):
+    """A file in a customer's folder that Kasa refuses to read for it (not a regular file of the customer's)."""
+
+
+def read_owned(path: str | os.PathLike, identity: Identity | None, *, limit: int = 1 << 20,
+               tail: bool = False) -> bytes:
+    """At most `limit` bytes (the last ones with tail=True) of a regular file that `identity` owns.
+
+    For files named by the customer's side (a PM2 log path from `pm2 jlist`, a pid file in its PM2 home, an
+    ecosystem file in its root): Kasa reads as root, and a symlink, a FIFO, or a folder swapped for a link to
+    Kasa's own files would make it read (or hang on) what the customer may not. A file the customer's user owns
+    holds nothing it could not read itself. For None (development's fallback, everything is Kasa's) only the
+    regular-file check."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise NotOwned(exc.errno, f"cannot read {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotOwned(f"{path} is not a regular file")
+        if identity is not None and os.geteuid() == 0 and st.st_uid != identity.uid:
+            raise NotOwned(f"{path} does not belong to {identity.user}")
+        if tail and st.st_size > limit:
+            os.lseek(fd, st.st_size - limit, os.SEEK_SET)
+        chunks, left = [], limit
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 16))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)

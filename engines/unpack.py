@@ -34,8 +34,8 @@ from . import tarcheck as tc
 from .plainread import CHILD_ENV, Progress, drain, grow_pipe, last_line, open_plain, write_all
 from .tarcheck import ArchiveRefused, ArtifactError, Limits, Listing, TarScanner, show
 
-__all__ = ["ArchiveRefused", "ArtifactError", "Limits", "Listing", "check_tree", "extract_artifact", "files_owner",
-           "open_plain", "setid_warnings", "verify_artifact"]
+__all__ = ["ArchiveRefused", "ArtifactError", "Limits", "Listing", "check_tree", "extract_artifact", "open_plain",
+           "setid_warnings", "verify_artifact"]
 
 def verify_artifact(store, name: str, *, sha256: str, size: int, encrypted: bool, keyring, compression: str,
                     tar: bool, limits: Limits | None = None, on_progress: Progress | None = None) -> Listing | None:
@@ -157,14 +157,6 @@ def _prepare_dest(dest: str, label: str, owner: runas.Identity | None) -> None:
             os.fchown(fd, owner.uid, owner.gid)
     finally:
         os.close(fd)
-
-
-def files_owner(run_as: str) -> runas.Identity | None:
-    """Who unpacked files belong to: the customer's run_as user; None (the worker's own: development) when empty."""
-    try:
-        return runas.lookup(run_as) if run_as else None
-    except runas.RunAsError as exc:
-        raise ArtifactError(f"cannot unpack files for the customer: {exc}; nothing was unpacked") from None
 
 
 # Enough to name every set-id member of a real backup or package; thousands (a hostile archive) get a count.

@@ -19,7 +19,7 @@ from django.db import close_old_connections, connection
 from django.db.models import Max
 from django.utils import timezone
 
-from engines import proc
+from engines import proc, runas
 
 from . import live
 from .models import Run, RunCommand, RunLogLine
@@ -148,10 +148,11 @@ class RunContext:
     def command(
         self, argv: Sequence[str], *, cwd: str | None = None, env: dict[str, str] | None = None,
         timeout: float | None = None, secrets: Iterable[str] = (), check: bool = False,
-        on_start=None, raise_proc_errors: bool = False,
+        on_start=None, raise_proc_errors: bool = False, identity: runas.Identity | None = None,
     ) -> proc.CommandResult:
         """Run argv, storing the command row and each output line as it comes.
 
+        identity: the OS user customer code runs as (engines.runas); None is Kasa itself.
         raise_proc_errors: a missing program or a timeout re-raises the engine's own exception (logged first)
         instead of OperationError, for engines that handle it themselves (procman puts services back).
         """
@@ -168,8 +169,8 @@ class RunContext:
 
         try:
             res = proc.run(argv, cwd=cwd, env=env, timeout=timeout, secrets=self._secrets,
-                           on_line=on_line, on_start=on_start)
-        except (proc.CommandNotFound, proc.CommandTimeout) as exc:
+                           on_line=on_line, on_start=on_start, identity=identity)
+        except (proc.CommandNotFound, proc.CommandTimeout, runas.RunAsError) as exc:
             RunCommand.objects.filter(pk=row.pk).update(finished_at=timezone.now(), error=str(exc))
             self.error(str(exc))
             if raise_proc_errors:
@@ -187,9 +188,9 @@ class RunContext:
     def runner(self):
         """An engines.proc.run-compatible callable that records through this run."""
 
-        def _run(argv, *, env=None, cwd=None, timeout=None, secrets=(), on_start=None, **_):
+        def _run(argv, *, env=None, cwd=None, timeout=None, secrets=(), on_start=None, identity=None, **_):
             return self.command(argv, env=env, cwd=cwd, timeout=timeout, secrets=secrets, on_start=on_start,
-                                raise_proc_errors=True)
+                                raise_proc_errors=True, identity=identity)
 
         return _run
 

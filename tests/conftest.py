@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import select
 import shutil
 import signal
@@ -141,6 +142,7 @@ def customer_root():
     root = Path(settings.KASA_CUSTOMERS_ROOT) / f"c-{uuid.uuid4().hex[:8]}"
     root.mkdir(parents=True)
     yield root
+    kill_pm2_under(root)  # each customer's PM2 daemon lives in its root
     shutil.rmtree(root, ignore_errors=True)
 
 
@@ -254,6 +256,7 @@ def make_customer(db, customer_root, team):
     yield make
     for root in used[1:]:
         if root.parent == customer_root.parent and root.name.startswith(customer_root.name):
+            kill_pm2_under(root)
             shutil.rmtree(root, ignore_errors=True)
 
 
@@ -387,36 +390,59 @@ def wait_for_run(run_id: int, timeout: float = 60, statuses=("succeeded", "faile
 
 
 # --- PM2: the services Kasa starts in tests must not outlive them ----------------------------
-def _kill_pm2_of(home: str) -> None:
-    """Stop the PM2 daemon of `home` and its apps: `pm2 kill` when it still has its files, else (its home was
-    deleted under it, e.g. by `make test-pg` emptying the test var dir) by its process title."""
-    from engines import procman
-
-    try:
-        procman.pm2_kill(home)
-    except Exception:  # noqa: BLE001 — fall through to the process table
-        pass
-    title = f"God Daemon ({home})"
+def _pm2_daemons() -> dict[int, str]:
+    """pid -> PM2 home of every PM2 daemon on this machine. Its process title names its home but is cut to the
+    length of its original command line; its environment's PM2_HOME is whole (we are root: we may read it)."""
+    found = {}
     for proc_dir in Path("/proc").glob("[0-9]*"):
         try:
             cmdline = (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if "God Daemon (" not in cmdline:
+                continue
+            environ = (proc_dir / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if title in cmdline:
-            daemon = int(proc_dir.name)
-            subprocess.run(["pkill", "-KILL", "-P", str(daemon)], check=False)  # its apps
-            try:
-                os.kill(daemon, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        home = next((v[len(b"PM2_HOME="):].decode(errors="replace") for v in environ if v.startswith(b"PM2_HOME=")),
+                    cmdline.split("God Daemon (", 1)[1].rsplit(")", 1)[0])
+        found[int(proc_dir.name)] = home
+    return found
+
+
+def _kill_pm2_daemon(daemon: int) -> None:
+    subprocess.run(["pkill", "-KILL", "-P", str(daemon)], check=False)  # its apps
+    try:
+        os.kill(daemon, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def kill_pm2_under(folder) -> None:
+    """Stop every PM2 daemon whose home lies in `folder` (a customer's root: its own PM2 home, run as its user),
+    and their apps: `pm2 kill` as the home's owner while it still has its files, else (its home was deleted
+    under it) by its process title."""
+    from engines import procman, runas
+
+    folder = os.path.abspath(folder)
+    for daemon, home in _pm2_daemons().items():
+        if home != folder and not home.startswith(folder + "/"):
+            continue
+        try:
+            owner = Path(home).stat().st_uid
+            identity = None if owner in (0, os.geteuid()) else runas.lookup(pwd.getpwuid(owner).pw_name)
+            procman.pm2_kill(home, identity=identity)
+        except Exception:  # noqa: BLE001 — fall through to the process table
+            pass
+        if daemon in _pm2_daemons():
+            _kill_pm2_daemon(daemon)
 
 
 @pytest.fixture(scope="session", autouse=True)
 def no_leftover_pm2():
-    home = str(settings.KASA_PM2_HOME)
-    _kill_pm2_of(home)  # left by an earlier, interrupted run
+    """Every customer's PM2 daemon lives in its root's .kasa-pm2: those under this run's customers folder (left by an
+    earlier, interrupted run, or by a test that did not stop them) are stopped before and after the session."""
+    kill_pm2_under(settings.KASA_CUSTOMERS_ROOT)
     yield
-    _kill_pm2_of(home)
+    kill_pm2_under(settings.KASA_CUSTOMERS_ROOT)
 
 
 # Fixtures of a real moto S3 server (imported last: tests/s3.py uses the helpers above).

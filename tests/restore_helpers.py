@@ -16,10 +16,11 @@ from django.core.management import call_command
 from tests.conftest import MY_ADMIN, MY_HOST, MY_PORT, mysql_admin
 
 
-def tree_state(root: Path, *, skip=(".kasa-restore-", ".kasa-trash-")) -> dict:
+def tree_state(root: Path, *, skip=(".kasa-restore-", ".kasa-trash-", ".kasa-pm2")) -> dict:
     """path -> (type, mode, content sha256 | link target) for every entry, empty folders included.
 
     SQLite files are compared by their rows (sqlite_state): an online copy holds the same data in other bytes.
+    The customer's PM2 home (.kasa-pm2: its daemon's sockets, pid files and logs) is runtime state, not files.
     """
     state = {}
     for dirpath, dirnames, filenames in os.walk(root):

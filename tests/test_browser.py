@@ -19,7 +19,7 @@ from django.conf import settings
 
 from customers.demo import DEMO_DOMAIN, demo_seed
 from customers.services import customer_check_start
-from tests.conftest import require, wait_for_run
+from tests.conftest import kill_pm2_under, require, wait_for_run
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -58,6 +58,7 @@ def demo_customer(transactional_db):
         assert created
         yield customer
     finally:
+        kill_pm2_under(folder)  # a restore starts the demo's services, under its own PM2 daemon
         shutil.rmtree(folder, ignore_errors=True)
 
 

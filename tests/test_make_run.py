@@ -14,9 +14,11 @@ import http.cookiejar
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -72,10 +74,14 @@ def run_env(tmp_path):
     if not (VENV_BIN / "daphne").exists():
         pytest.fail("scripts/run.sh needs .venv (make install)")
     var = tmp_path / "var"
+    # The customers' folders where the demo's own user (kasa-demo, as root) can reach them: pytest's tmp_path
+    # lies under a folder only root may enter.
+    customers = Path(tempfile.mkdtemp(prefix="kasa-make-run-", dir="/tmp"))
+    customers.chmod(0o711)
     env = {k: v for k, v in os.environ.items() if k not in SCRUBBED}
     env.update(
         KASA_VAR_DIR=str(var / "kasa"),
-        KASA_CUSTOMERS_ROOT=str(var / "customers"),
+        KASA_CUSTOMERS_ROOT=str(customers / "customers"),
         KASA_HOST="127.0.0.1",
         KASA_PORT=str(free_port()),
         KASA_ADMIN_PASSWORD=ADMIN_PASSWORD,
@@ -84,7 +90,8 @@ def run_env(tmp_path):
         KASA_WORKERS="1",
         PYTHONUNBUFFERED="1",
     )
-    return env
+    yield env
+    shutil.rmtree(customers, ignore_errors=True)
 
 
 def test_make_run_serves_the_admin_with_the_demo_customer_and_ctrl_c_stops_everything(run_env, tmp_path):
@@ -103,6 +110,15 @@ def test_make_run_serves_the_admin_with_the_demo_customer_and_ctrl_c_stops_every
     assert (var / "kasa.sqlite3").is_file()
     assert doc["demo"]["database"].startswith("sqlite:")
     assert (Path(run_env["KASA_CUSTOMERS_ROOT"]) / "demo.localhost" / "ecosystem.config.js").is_file()
+    if os.geteuid() == 0:  # as root, the demo's code runs as its own user, who owns its folder
+        import pwd
+
+        assert doc["demo"]["run_as"] == "kasa-demo", doc["demo"]
+        demo = Path(run_env["KASA_CUSTOMERS_ROOT"]) / "demo.localhost"
+        assert demo.stat().st_uid == pwd.getpwnam("kasa-demo").pw_uid
+        assert (var / "kasa_backup_keys").stat().st_mode & 0o777 == 0o600 and var.stat().st_mode & 0o777 == 0o700
+    else:
+        assert doc["demo"]["run_as"] is None
 
     port = int(run_env["KASA_PORT"])
     base = f"http://127.0.0.1:{port}"

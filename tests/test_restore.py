@@ -228,7 +228,7 @@ def test_a_worker_killed_mid_restore_is_undone_by_the_reaper(restorable, pg_data
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Failing)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     from customers import runtime
-    from engines import health, procman
+    from engines import health
     from tests.conftest import free_port
 
     customer, doc, _ = restorable
@@ -238,7 +238,7 @@ def test_a_worker_killed_mid_restore_is_undone_by_the_reaper(restorable, pg_data
     web.start_command = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
     web.health_url = f"http://127.0.0.1:{port}/"
     web.save()
-    managers = procman.managers(pm2_home=str(settings.KASA_PM2_HOME), state_dir=str(settings.KASA_VAR_DIR / "services"))
+    managers = runtime.managers()
     admin_spec = next(s for s in runtime.service_specs(customer) if s.name == "admin")
     managers["command"].start(admin_spec)
     try:

@@ -20,8 +20,6 @@ import uuid
 import zipfile
 from pathlib import Path
 
-from django.conf import settings
-
 from engines import ecosystem, procman
 
 VERSIONS = ("2.4.0", "2.5.0", "2.6.0")
@@ -192,18 +190,15 @@ def start_as_installed(customer) -> None:
     ecosystem.write(eco, [ecosystem.app(svc.app_name, cwd=root / "backend", folder=root / "backend",
                                         env=_env(root / "backend" / ".env"))])
     spec = procman.ServiceSpec(name="backend", folder=str(root / "backend"), manager="pm2", app_name=svc.app_name,
-                               ecosystem=str(eco), root=str(root))
-    procman.Pm2Manager(str(settings.KASA_PM2_HOME), settle=0.5).start(spec)
+                               ecosystem=str(eco), root=str(root), pm2_home=procman.pm2_home_for(root))
+    procman.Pm2Manager(settle=0.5).start(spec)
 
 
 def stop_app(customer) -> None:
-    """Delete the customer's PM2 app (test teardown)."""
-    pm2 = procman.Pm2Manager(str(settings.KASA_PM2_HOME), settle=0.5)
-    spec = procman.ServiceSpec(name="backend", folder="/", manager="pm2", app_name=customer.app)
-    try:
-        pm2.stop(spec)
-    except procman.ProcessError:
-        pass
+    """Stop the customer's PM2 daemon and its apps (test teardown)."""
+    from tests.conftest import kill_pm2_under
+
+    kill_pm2_under(customer.root)
 
 
 def _env(path: Path) -> dict[str, str]:
@@ -224,3 +219,18 @@ def seed_database(pg: dict) -> None:
     with psycopg.connect(pg["url"], autocommit=True) as con:
         con.execute("CREATE TABLE orders (id serial PRIMARY KEY, note text)")
         con.execute("INSERT INTO orders (note) SELECT 'order ' || g FROM generate_series(1, 50) g")
+
+
+def one_component_release(folder: Path, component: str, files: dict[str, str], *, version: str = "1.0.0",
+                          release: str = "1.0", hooks: dict | None = None):
+    """Build and import a release `release` of one component (its zip holds `files`); the Release."""
+    from releases.models import Release
+    from releases.services import release_sync
+
+    folder.mkdir(parents=True, exist_ok=True)
+    write_zip(folder / f"{component}-{version}.zip", component, files)
+    entry = {"version": version, "file": f"{component}-{version}.zip", **({"hooks": hooks} if hooks else {})}
+    (folder / "releases.json").write_text(json.dumps({component: [entry],
+                                                      "compatMatrix": [{"release": release, component: version}]}))
+    release_sync(folder)
+    return Release.objects.get(name=release)

@@ -46,11 +46,13 @@ class StepLog:
         self._keep(f"warning: {text}")
         self.ctx.warning(text)
 
-    def command(self, argv, *, cwd=None, env=None, timeout=None, secrets=(), check=True):
-        """ctx.command (every line to the run log as it comes); the step keeps the command and its tail."""
+    def command(self, argv, *, cwd=None, env=None, timeout=None, secrets=(), check=True, identity=None):
+        """ctx.command (every line to the run log as it comes, run as `identity`); the step keeps the command
+        and its tail."""
         shown = " ".join(argv)
         try:
-            res = self.ctx.command(argv, cwd=cwd, env=env, timeout=timeout, secrets=secrets, check=check)
+            res = self.ctx.command(argv, cwd=cwd, env=env, timeout=timeout, secrets=secrets, check=check,
+                                   identity=identity)
         except Exception as exc:
             self._keep(f"$ {shown}\n{exc}")
             raise

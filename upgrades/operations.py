@@ -17,6 +17,7 @@ stays on the upgraded release); if that fails, it is quarantined.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -147,6 +148,8 @@ def _upgrade(job: Job) -> None:
 
 def _preflight(job: Job, slog, *, zips_dir: str | None) -> preflight.Report:
     up = job.upgrade
+    _run_as(job, hooks=any(rc.component_version.hooks for rc in up.to_release.rows.select_related(
+        "component_version")))
     report = preflight.check(job.customer, up.to_release, force=up.force, own_run=job.ctx.run, zips_dir=zips_dir)
     Upgrade.objects.filter(pk=up.pk).update(preflight=report.as_dict(), kind=report.kind,
                                             from_versions=report.from_versions, to_versions=report.to_versions)
@@ -164,6 +167,65 @@ def _preflight(job: Job, slog, *, zips_dir: str | None) -> preflight.Report:
     if not report.ok:
         raise Refused(f"preflight failed: {'; '.join(report.problems())}; nothing was touched")
     return report
+
+
+def _run_as(job: Job, *, hooks: bool) -> runas.Identity | None:
+    """Who the release's hooks and the services run as, before anything is touched (runtime.check_run_as)."""
+    try:
+        return runtime.check_run_as(job.ctx, job.customer, hooks=hooks)
+    except OperationError as exc:
+        raise Refused(str(exc)) from None
+
+
+def _identity(job: Job) -> runas.Identity | None:
+    """The customer's user now (looked up again: it may have been removed since the preflight)."""
+    return runtime.run_identity(job.customer)
+
+
+def _read_env(path: Path, identity: runas.Identity | None) -> dict[str, str]:
+    """A .env in the customer's folders, which its user may have replaced: only a regular file of that user's is
+    read (never a link to Kasa's files or another customer's), since its values go to the user's processes."""
+    try:
+        return envfile.read(path, owner=identity)
+    except runas.NotOwned as exc:
+        raise OperationError(f"{path} was not read: {exc}") from None
+
+
+def _read_env_text(path: Path, identity: runas.Identity) -> str | None:
+    try:
+        return runas.read_owned(path, identity, limit=16 << 20).decode("utf-8", "replace")
+    except runas.NotOwned as exc:
+        if exc.errno == errno.ENOENT:
+            return None
+        raise OperationError(f"{path} was not read: {exc}") from None
+
+
+def _open_releases(job: Job) -> None:
+    """releases/ and releases/<version>/ stay Kasa's (the customer's user cannot swap what Kasa later switches,
+    prunes or moves there) but must let that user pass through to its services: 0755. Kasa's umask makes the
+    folders it creates 0700. What is inside is given to the user where it is made."""
+    if _identity(job) is None:
+        return
+    # Through descriptors opened without following links: the customer's user may swap `releases` for a link
+    # (to /root, say) at any moment, and a chmod by path would follow it.
+    nofollow = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        top = os.open(job.root / layout.RELEASES, nofollow)
+    except OSError:
+        return  # none yet, or not a folder of ours: nothing to open
+    try:
+        os.fchmod(top, 0o755)
+        for entry in os.scandir(top):
+            try:
+                fd = os.open(entry.name, nofollow, dir_fd=top)
+            except OSError:
+                continue
+            try:
+                os.fchmod(fd, 0o755)
+            finally:
+                os.close(fd)
+    finally:
+        os.close(top)
 
 
 def _backup(job: Job, slog, *, pin: str, kind: str | None = None) -> None:
@@ -199,10 +261,7 @@ def _stage(job: Job, slog) -> None:
     root, tag = job.root, f"r{job.ctx.run.pk}"
     for path in layout.sweep(root):
         slog.info(f"removed {path}, left by an interrupted run")
-    try:
-        owner = unpack.files_owner(job.customer.run_as)  # hooks and services run as that user: it owns the folder
-    except unpack.ArtifactError as exc:
-        raise OperationError(str(exc)) from None
+    owner = _identity(job)  # hooks and services run as that user: it owns the release folders' contents
     job.journal.add({"type": "env_before", "files": env_fingerprints([ch.live for ch in job.changes])})
     for ch in job.changes:
         dest = Path(ch.dest)
@@ -227,15 +286,21 @@ def _stage(job: Job, slog) -> None:
             slog.warning(line)
         slog.info(f"{ch.component} {ch.version} staged in {dest.relative_to(root)}"
                   + (f", owned by {owner.user}" if owner else ""))
+    _open_releases(job)
 
 
 def _env(job: Job, slog) -> None:
     """Per component: the live .env copied into the staged folder and merged there (see layout.merge_env)."""
     diff = {}
     services = {s.name: s for s in job.customer.services.all()}
-    owner = unpack.files_owner(job.customer.run_as)  # checked by _stage already
+    identity = _identity(job)
     for ch in job.changes:
         live_text, example = preflight.change_env_text(ch)
+        live_env = Path(ch.live) / ".env"
+        if identity is not None:
+            # The merged file goes to the customer's user: the live one is read only when it is that user's own
+            # regular file, never through a link to Kasa's files or another customer's.
+            live_text = _read_env_text(live_env, identity)
         merged = layout.merge_env(live_text, example)
         if merged.missing_required:
             raise OperationError(f"{ch.component} {ch.version} requires {', '.join(merged.missing_required)}, "
@@ -244,12 +309,11 @@ def _env(job: Job, slog) -> None:
         if target.exists():
             slog.warning(f"{ch.component}: the release ships a .env; the customer's own replaces it")
             target.unlink()
-        live_env = Path(ch.live) / ".env"
-        if live_env.is_file():
+        if live_env.is_file() and identity is None:
             shutil.copy2(live_env, target)  # keeps the live file's mode (a .env is usually 0600)
-        if live_env.is_file() or merged.text:
-            envfile.write_atomic(target, merged.text)
-            runas.give(target, owner)  # the staged folder is the customer's user's: its .env too
+        if live_text is not None or merged.text:
+            envfile.write_atomic(target, merged.text)  # 0600 unless a copy above gave it the live file's mode
+            runas.give(target, identity)  # the services read it as the customer's user
         old, new = envfile.parse(live_text or ""), envfile.parse(merged.text)
         changes = [c.__dict__ for c in envfile.diff(old, new)]
         diff[ch.component] = {"added": list(merged.added), "removed_from_example": merged.removed,
@@ -268,20 +332,25 @@ def _env(job: Job, slog) -> None:
 
 
 def _hooks(job: Job, phase: str, slog) -> None:
+    """The release's hooks: customer code, run as the customer's user with a clean environment (PATH, locale,
+    HOME, USER, and the component's .env), in the staged folder, umask 027, none of Kasa's descriptors."""
     if not job.journal.has("hooks"):
         job.journal.add({"type": "hooks"})  # from here the databases may have changed: a rollback restores them
     timeout = settings.KASA_HOOK_TIMEOUT
+    identity = runtime.run_identity(job.customer)
     for ch in job.changes:
         argv = ch.hooks.get(phase)
         if not argv:
             continue
-        values = envfile.read(Path(ch.dest) / ".env")
+        values = _read_env(Path(ch.dest) / ".env", identity)
         secrets = [v for k, v in values.items() if envfile.is_secret(k, v)] + procman.env_secrets(values)
         secrets += [_url_password(v) for v in values.values() if "://" in v]
-        slog.info(f"{ch.component} {ch.version}: {phase} hook in {ch.dest}")
+        slog.info(f"{ch.component} {ch.version}: {phase} hook in {ch.dest}"
+                  + (f" as {identity}" if identity else ""))
         try:
-            slog.command(list(argv), cwd=ch.dest, env=procman.service_env(values), timeout=timeout,
-                         secrets=secrets, check=True)
+            env = procman.service_env(values, identity=identity, home=str(job.root))
+            slog.command(list(argv), cwd=ch.dest, env=env, timeout=timeout, secrets=secrets, check=True,
+                         identity=identity)
         except OperationError as exc:
             raise OperationError(f"the {phase} hook of {ch.component} {ch.version} failed: {exc}") from None
 
@@ -301,6 +370,7 @@ def _switch(job: Job, slog) -> None:
         layout.apply_switch(step)
         before = step["before"]
         if before["kind"] == "dir":
+            _open_releases(job)  # the original folder moved into a releases/<version>/ Kasa created
             before_dir, before_version = before["moved_to"], ch.previous or layout.UNVERSIONED
         elif before["kind"] == "link":
             before_dir = os.path.normpath(os.path.join(os.path.dirname(ch.live), before["target"]))
@@ -319,6 +389,7 @@ def _switch(job: Job, slog) -> None:
 def _start(job: Job, slog, folders: dict[str, str | None], *, strict: set[str]) -> None:
     """Regenerate the customer's PM2 ecosystem file (journalled: the previous one is kept), then start."""
     root, ctx = job.root, job.ctx
+    identity = runtime.run_identity(job.customer)
     apps, included = [], set()
     for svc in job.customer.services.all().order_by("name"):
         if svc.process_manager != svc.ProcessManager.PM2:
@@ -329,7 +400,7 @@ def _start(job: Job, slog, folders: dict[str, str | None], *, strict: set[str]) 
             continue
         try:
             apps.append(ecosystem.app(svc.app_name, cwd=live, folder=folder, start_command=svc.start_command,
-                                      env=envfile.read(Path(folder) / ".env")))
+                                      env=_read_env(Path(folder) / ".env", identity)))
             included.add(svc.name)
         except ecosystem.EcosystemError as exc:
             if svc.name in strict:
@@ -338,11 +409,14 @@ def _start(job: Job, slog, folders: dict[str, str | None], *, strict: set[str]) 
     path = root / ecosystem.FILE_NAME
     if apps:
         saved = None
-        if path.exists():
+        if os.path.lexists(path):
             saved = f"{path}.kasa-prev-r{ctx.run.pk}"
-            shutil.copy2(path, saved)
+            # A link the customer's user put there is kept as a link, never followed by Kasa's copy; the copy
+            # is the user's again (a rollback renames it back for PM2, which runs as that user).
+            shutil.copy2(path, saved, follow_symlinks=False)
+            runas.give(saved, identity)
         job.journal.add({"type": "ecosystem", "path": str(path), "saved": saved, "written": True})
-        ecosystem.write(path, apps)
+        ecosystem.write(path, apps, owner=identity)
         slog.info(f"{path.name} written for {', '.join(sorted(included))}")
     specs = [s for s in job.specs() if os.path.isdir(s.folder)]
     for spec in specs:
@@ -485,6 +559,7 @@ def _rollback(job: Job) -> None:
 
 
 def _rollback_preflight(job: Job, target: Upgrade, slog) -> None:
+    _run_as(job, hooks=False)
     problems = []
     if rollback_target(job.customer) != target:
         problems.append(f"upgrade #{target.pk} is no longer the customer's last successful upgrade")

@@ -31,7 +31,8 @@ class Command(KasaCommand):
 
             customer, created = demo_seed(prefer_postgres=not o["sqlite_demo"])
             doc["demo"] = {"domain": customer.domain, "created": created,
-                           "database": customer.databases.first().display_url()}
+                           "database": customer.databases.first().display_url(), "run_as": customer.run_as or None,
+                           "note": getattr(customer, "demo_note", "")}
         doc["backup_schedules"] = schedules_sync(strict=False)  # after the demo customer exists
         if self.json_output:
             self.emit(doc)
@@ -43,7 +44,8 @@ class Command(KasaCommand):
         else:
             self.stdout.write(f"admin login: {admin['username']} ({admin['note']})")
         if "demo" in doc:
-            self.stdout.write(f"demo customer: {doc['demo']['domain']} with database {doc['demo']['database']}")
+            self.stdout.write(f"demo customer: {doc['demo']['domain']} with database {doc['demo']['database']}"
+                              + (f"; {doc['demo']['note']}" if doc["demo"]["note"] else ""))
 
     def _admin(self) -> dict:
         User = get_user_model()
