@@ -13,11 +13,20 @@ import sys
 
 import pytest
 
+from engines import dbrestore_mytables as mytables
 from engines import dbrestore_pginplace as inplace
 from engines.dbrestore import DbTarget, RestoreError
-from tests.test_dbrestore import (
+from tests.conftest import MY_ADMIN, mysql_admin
+from tests.test_dbrestore import (  # noqa: F401
+    MY_CHANGE,
     PG_CHANGE,
     REPO,
+    my_admin_rows,
+    my_as_user,
+    my_databases,
+    my_dump,
+    my_live,
+    my_state,
     pg_admin,
     pg_connect,
     pg_dump,
@@ -209,3 +218,169 @@ def test_pg_transaction_of_a_killed_worker_is_aborted_and_the_database_is_as_it_
     xid = (tmp_path / "xid").read_text()
     assert inplace.pg_transaction_status(live, xid, application_name="kasa-restore r1") == "aborted"
     assert pg_schema(live) == drifted
+
+
+# --- MariaDB: prefixed tables of the same database -----------------------------------------------------------
+MY_EXTRA = r"""
+CREATE TABLE shelves (id INT PRIMARY KEY, label VARCHAR(20) CHECK (label <> ''), item_id INT,
+                      CONSTRAINT shelf_item FOREIGN KEY (item_id) REFERENCES items (id) ON DELETE SET NULL);
+INSERT INTO shelves VALUES (1, 'top', 1), (2, 'x;\n''y', 2);
+CREATE SEQUENCE ticket START WITH 100;
+SELECT NEXTVAL(ticket);
+"""
+MY_DRIFT = r"""
+ALTER TABLE items ADD COLUMN exported TINYINT NOT NULL DEFAULT 0;
+CREATE TABLE exports (id INT PRIMARY KEY, item_id INT, CONSTRAINT export_item FOREIGN KEY (item_id)
+                      REFERENCES items (id));
+INSERT INTO exports VALUES (1, 3);
+CREATE VIEW recent AS SELECT id FROM items WHERE id > 290;
+DROP TRIGGER items_audit;
+CREATE TRIGGER items_audit BEFORE UPDATE ON items FOR EACH ROW SET NEW.price = NEW.price + 1;
+SELECT NEXTVAL(ticket);
+"""
+
+
+@pytest.fixture
+def my_owner(my_live):  # noqa: F811
+    """A MariaDB user with ALL on its database and nothing else, with foreign keys, views, triggers, routines,
+    an event and a sequence."""
+    my_as_user(my_live, MY_EXTRA)
+    grants = " ".join(my_admin_rows(f"SHOW GRANTS FOR '{my_live.user}'@'%'"))
+    assert "__kasa" not in grants and "*.*" not in grants.replace("USAGE ON *.*", "")
+    return my_live
+
+
+def my_full_state(db: str, *, ours: bool = True) -> dict:
+    """my_state plus the sequence and the table list; ours=False leaves Kasa's prefixed tables out."""
+    state = my_state(db)
+    state["sequence"] = my_admin_rows("SELECT next_not_cached_value FROM ticket", db)
+    state["tables"] = my_admin_rows("SHOW FULL TABLES", db)
+    if not ours:
+        state = {k: v for k, v in state.items() if "__kasa_" not in k}
+        state["tables"] = [t for t in state["tables"] if not t.startswith("__kasa_")]
+    return state
+
+
+def test_mysql_restore_through_prefixed_tables_swaps_in_exactly_and_finish_drops_the_old_ones(my_owner):
+    live = my_owner
+    backup_state = my_full_state(live.dbname)
+    dump, manifest = my_dump(live)
+    my_as_user(live, MY_CHANGE + MY_DRIFT)
+    drifted = my_full_state(live.dbname)
+    assert drifted != backup_state
+    databases = my_databases()
+
+    counts = mytables.load(live, "r7", pieces(dump))
+    assert counts == manifest
+    assert my_full_state(live.dbname, ours=False) == drifted
+    mytables.prepare_swap(live, "r7")
+    mytables.swap(live, "r7")
+    assert my_full_state(live.dbname, ours=False) == backup_state
+    kept = [t for t in my_admin_rows("SHOW TABLES", live.dbname) if t.startswith("__kasa_")]
+    assert kept and all(t.startswith(("__kasa_old_r7_", "__kasa_meta_r7")) for t in kept)
+    # The restored objects work on the restored tables, and the foreign keys hold under their own names.
+    my_as_user(live, "CALL add_item('post-swap', 60);")
+    assert my_admin_rows("SELECT msg FROM audit ORDER BY id DESC LIMIT 1", live.dbname) == ["new item\\tpost-swap"]
+    with pytest.raises(subprocess.CalledProcessError):
+        my_as_user(live, "INSERT INTO order_lines (item_id, qty) VALUES (99999, 1);")
+    assert sorted(my_admin_rows("SELECT CONSTRAINT_NAME FROM information_schema.REFERENTIAL_CONSTRAINTS "
+                                f"WHERE CONSTRAINT_SCHEMA = '{live.dbname}'")) == \
+        sorted(["order_lines_ibfk_1", "shelf_item"])
+    mytables.finish(live, "r7")
+    assert not mytables.exists(live, "r7")
+    assert my_full_state(live.dbname)["tables"] == backup_state["tables"]
+    assert my_databases() == databases  # nothing outside the user's own database, ever
+
+
+def test_mysql_unswap_puts_the_live_tables_back_after_the_swap(my_owner):
+    live = my_owner
+    dump, _ = my_dump(live)
+    my_as_user(live, MY_CHANGE + MY_DRIFT)
+    drifted = my_full_state(live.dbname)
+    mytables.load(live, "r8", pieces(dump))
+    mytables.prepare_swap(live, "r8")
+    mytables.swap(live, "r8")
+    assert "unswap" and mytables.unswap(live, "r8").startswith("the restored tables had gone live")
+    mytables.drop_new(live, "r8")
+    assert my_full_state(live.dbname) == drifted
+    assert not mytables.exists(live, "r8")
+
+
+def test_mysql_swap_failing_half_way_puts_the_live_tables_back(my_owner):
+    """The dump's view is defined by another account: creating it after the tables moved fails."""
+    live = my_owner
+    mysql_admin(f"CREATE DEFINER=`{MY_ADMIN}`@`localhost` VIEW `{live.dbname}`.`zz_admin_view` AS SELECT 1 AS x")
+    dump, _ = my_dump(live)
+    mysql_admin(f"DROP VIEW `{live.dbname}`.`zz_admin_view`")
+    my_as_user(live, MY_CHANGE + MY_DRIFT)
+    drifted = my_full_state(live.dbname)
+    mytables.load(live, "r9", pieces(dump))
+    mytables.prepare_swap(live, "r9")
+    with pytest.raises(RestoreError, match="put back as they were"):
+        mytables.swap(live, "r9")
+    mytables.drop_new(live, "r9")
+    assert my_full_state(live.dbname) == drifted
+
+
+@pytest.mark.parametrize("damage", ["mid-statement", "statement-boundary", "garbage"])
+def test_mysql_prefixed_load_of_a_broken_dump_leaves_nothing_and_touches_no_live_table(my_owner, damage):
+    live = my_owner
+    dump, _ = my_dump(live)
+    boundary = dump.index(b"\nINSERT INTO `order_lines`")
+    bad = {"mid-statement": dump[: len(dump) // 2], "statement-boundary": dump[: boundary + 1],
+           "garbage": b"this is not SQL;\n" + os.urandom(200)}[damage]
+    before = my_full_state(live.dbname)
+    with pytest.raises(RestoreError) as err:
+        mytables.load(live, "r10", pieces(bad))
+    assert "live tables" in str(err.value) and live.password not in str(err.value)
+    assert my_full_state(live.dbname) == before
+
+
+@pytest.mark.parametrize("point", ["drop_objects", "rename", "add_fks", "held"])
+def test_mysql_swap_of_a_killed_worker_is_put_back_by_unswap(my_owner, tmp_path, point):
+    live = my_owner
+    dump, _ = my_dump(live)
+    my_as_user(live, MY_CHANGE + MY_DRIFT)
+    drifted = my_full_state(live.dbname)
+    mytables.load(live, "r11", pieces(dump))
+    mytables.prepare_swap(live, "r11")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "KASA_TEST_TARGET": json.dumps(live.__dict__)}
+    res = subprocess.run([sys.executable, "-c", KILLED_MY_SWAP, point], cwd=REPO, env=env, capture_output=True,
+                         timeout=120)
+    assert res.returncode == -signal.SIGKILL, res.stderr.decode()
+    mytables.unswap(live, "r11")
+    mytables.drop_new(live, "r11")
+    assert my_full_state(live.dbname) == drifted
+
+
+KILLED_MY_SWAP = """
+import json, os, signal, sys
+from engines import dbrestore, dbrestore_mytables as mytables
+
+point = sys.argv[1]
+def after(real):
+    def call(*args, **kwargs):
+        real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGKILL)  # the worker dies right after this step: nothing else runs
+    return call
+calls = {"drop_objects": "_my_drop_objects", "rename": "_rename", "add_fks": "_alter_fks", "held": "_my_run"}
+name = calls[point]
+if point == "add_fks":  # the second call (the first drops the live foreign keys)
+    real, seen = mytables._alter_fks, []
+    def second(*args, **kwargs):
+        real(*args, **kwargs)
+        seen.append(1)
+        if len(seen) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+    mytables._alter_fks = second
+elif point == "held":
+    real = mytables._my_run
+    def held(cnf, script, **kwargs):
+        real(cnf, script, **kwargs)
+        if "restored views" in kwargs.get("what", ""):
+            os.kill(os.getpid(), signal.SIGKILL)
+    mytables._my_run = held
+else:
+    setattr(mytables, name, after(getattr(mytables, name)))
+mytables.swap(dbrestore.DbTarget(**json.loads(os.environ["KASA_TEST_TARGET"])), "r11")
+"""
