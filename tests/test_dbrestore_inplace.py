@@ -5,6 +5,7 @@ their schema)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -13,10 +14,11 @@ import sys
 
 import pytest
 
+from engines import dbrestore, dbrestore_mysql
 from engines import dbrestore_mytables as mytables
 from engines import dbrestore_pginplace as inplace
 from engines.dbrestore import DbTarget, RestoreError
-from tests.conftest import MY_ADMIN, mysql_admin
+from tests.conftest import MY_ADMIN, MY_HOST, MY_PORT, PG_ADMIN, PG_HOST, PG_PORT, mysql_admin
 from tests.test_dbrestore import (  # noqa: F401
     MY_CHANGE,
     PG_CHANGE,
@@ -384,3 +386,45 @@ else:
     setattr(mytables, name, after(getattr(mytables, name)))
 mytables.swap(dbrestore.DbTarget(**json.loads(os.environ["KASA_TEST_TARGET"])), "r11")
 """
+
+
+# --- a maintenance connection: fresh database, swap, with the role still loading the dump ---------------------
+def test_pg_maintenance_connection_creates_renames_and_drops_while_the_role_loads_and_owns(pg_owner):
+    live = dataclasses.replace(pg_owner, maint=DbTarget("postgresql", PG_HOST, PG_PORT, PG_ADMIN, "", "postgres"))
+    backup_state = pg_schema(live)
+    dump, manifest = pg_dump(live)
+    with pg_connect(live) as con:
+        con.execute(DRIFT)
+    assert not dbrestore.pg_role(live).can_swap
+    new = dbrestore.side_name(live.dbname, "new", "r5")
+    assert dbrestore.pg_restore_fresh(live, new, pieces(dump)) == manifest
+    old = dbrestore.pg_swap(live, new, tag="r5")
+    assert pg_schema(live) == backup_state
+    with pg_admin() as con:
+        owner = con.execute("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s",
+                            [live.dbname]).fetchone()[0]
+    assert owner == live.user  # the application's role owns its database, as before
+    dbrestore.drop_database(live, old)
+    assert not dbrestore.database_exists(live, old)
+
+
+def test_mysql_maintenance_connection_creates_and_drops_and_the_grant_goes_away(my_owner):
+    live = dataclasses.replace(my_owner, maint=DbTarget("mysql", MY_HOST, MY_PORT, MY_ADMIN, "", ""))
+    backup_state = my_full_state(live.dbname)
+    dump, manifest = my_dump(live)
+    my_as_user(live, MY_CHANGE + MY_DRIFT)
+    grants = my_admin_rows(f"SHOW GRANTS FOR '{live.user}'@'%'")
+    new = dbrestore.side_name(live.dbname, "new", "r5", engine="mysql")
+    assert dbrestore.mysql_restore_fresh(live, new, pieces(dump)) == manifest
+    old = dbrestore.mysql_swap(live, new, tag="r5")
+    assert my_full_state(live.dbname) == backup_state
+    dbrestore.drop_database(live, old)
+    assert my_admin_rows(f"SHOW GRANTS FOR '{live.user}'@'%'") == grants
+    assert not [d for d in my_databases() if d.startswith(live.dbname + "__kasa_")]
+
+
+def test_mysql_without_rights_outside_its_database_is_told_apart_from_other_failures(my_owner):
+    dump, _ = my_dump(my_owner)
+    with pytest.raises(dbrestore_mysql.CannotCreateDatabase, match="nothing was changed"):
+        dbrestore.mysql_restore_fresh(my_owner, dbrestore.side_name(my_owner.dbname, "new", engine="mysql"),
+                                      pieces(dump))
