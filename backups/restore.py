@@ -87,12 +87,15 @@ def restore(ctx: RunContext) -> dict:
         # (archives) checked member by member, or (databases) restored into a fresh database and its rows
         # counted — all beside the live customer, which keeps running untouched.
         staging = _stage(ctx, plan, store, keyring, journal)
-        if not plan.clone and p.get("safety_backup", True):
+        # A database restored in place keeps no copy aside: its way back is a backup taken once the services
+        # are stopped (nothing written before the stop is lost), so the safety backup waits until then.
+        late = not plan.clone and dbswap.in_place(journal)
+        if not plan.clone and p.get("safety_backup", True) and not late:
             safety = _safety_backup(ctx, plan)
         if plan.clone:
             _clone_in(ctx, plan, staging, journal)
         else:
-            _swap_in(ctx, plan, staging, journal)
+            safety = _swap_in(ctx, plan, staging, journal, way_back=late) or safety
     except BaseException as exc:
         touched = journal.touched_live()  # before the undo empties the journal
         undone = _undo(ctx, journal, plan)
@@ -405,7 +408,7 @@ def _relink(ctx: RunContext, plan: Plan, journal: Journal) -> None:
         ctx.info(f"{rel} points at {target} again")
 
 
-def _swap_in(ctx: RunContext, plan: Plan, staging: Path | None, journal: Journal) -> None:
+def _swap_in(ctx: RunContext, plan: Plan, staging: Path | None, journal: Journal, way_back=False) -> int | None:
     specs = runtime.service_specs(plan.customer)
     # Which services answer now: after a rollback those must answer again (one that was down before the
     # restore is not the restore's fault); after a successful restore every health URL must answer.
@@ -413,6 +416,7 @@ def _swap_in(ctx: RunContext, plan: Plan, staging: Path | None, journal: Journal
     ctx.info(f"stopping {len(specs)} service(s)")
     journal.add({"type": "services_stopped", "healthy_before": healthy_before})
     runtime.stop_all(ctx, specs)
+    way_back = dbswap.way_back(ctx, plan, _safety_backup) if way_back else None  # with the services stopped
     if staging is not None:
         excludes = (plan.backup.manifest or {}).get("excludes", list(sources.DEFAULT_EXCLUDES))
         for kind in ("service", "config"):
@@ -427,10 +431,11 @@ def _swap_in(ctx: RunContext, plan: Plan, staging: Path | None, journal: Journal
             if kind == "service":
                 _relink(ctx, plan, journal)
     _restore_file_databases(ctx, plan, journal)
-    dbswap.swap_all(ctx, plan, journal)
+    dbswap.swap_all(ctx, plan, journal, way_back=way_back)
     ctx.info(f"starting {len(specs)} service(s)")
     runtime.start_all(ctx, specs)
     runtime.check_health(ctx, specs)
+    return way_back
 
 
 def _record_versions(ctx: RunContext, plan: Plan) -> None:
