@@ -33,6 +33,8 @@ from engines.slots import acquire_slot
 from operations.context import OperationError, RunContext
 
 from .models import Backup, BackupArtifact, BackupPolicy
+from .operations import make_backup
+from .services import BackupInputError, backup_params, backup_pin
 
 # Journal steps this module writes (and undoes / finishes).
 STEPS = ("db_fresh", "db_swap", "db_verified", "db_inplace", "db_tables_new", "db_tables_swap")
@@ -287,15 +289,16 @@ def way_back(ctx: RunContext, plan, safety_backup) -> int:
     if ctx.run.params.get("safety_backup", True):
         return safety_backup(ctx, plan)
     return way_back_backup(ctx, plan.customer, trigger=Backup.Trigger.RESTORE,
-                           pin=f"way back of restore run #{ctx.run.pk}")
+                           pin=f"{WAY_BACK}restore run #{ctx.run.pk}")
+
+
+WAY_BACK = "way back of "  # the pin reason of a backup taken only as an in-place restore's way back
 
 
 def way_back_backup(ctx: RunContext, customer: Customer, *, trigger: str, pin: str) -> int:
     """A pinned backup of the customer's databases, taken now (the services stopped): the only way back for a
-    database restored in place, which keeps no copy aside."""
-    from .operations import make_backup
-    from .services import BackupInputError, backup_params
-
+    database restored in place, which keeps no copy aside. `pin` starts with WAY_BACK: once the run holds,
+    finish() unpins it and retention decides (a restore's own safety backup stays pinned)."""
     try:
         params = backup_params(customer, scope=BackupPolicy.Scope.DATABASE, trigger=trigger)
     except BackupInputError as exc:
@@ -395,11 +398,16 @@ def _undo_swap(ctx: RunContext, step: dict, target) -> None:
 
 
 def finish(ctx: RunContext, step: dict) -> None:
-    """The restore holds: drop what was kept for the way back (the previous database, or the previous tables)."""
+    """The restore holds: drop what was kept for the way back (the previous database, or the previous tables),
+    and hand a backup taken only as a way back to retention."""
     if step["type"] == "db_swap" and step.get("old"):
         dbrestore.drop_database(_target_of_step(ctx, step), step["old"])
     elif step["type"] == "db_tables_swap":
         dbrestore_mytables.finish(_target_of_step(ctx, step), step["tag"])
+    elif step["type"] == "db_inplace" and step.get("way_back"):
+        bk = Backup.objects.filter(pk=step["way_back"], pinned=True, pin_reason__startswith=WAY_BACK).first()
+        if bk is not None:
+            backup_pin(bk, pinned=False, via="worker")
 
 
 # --- drills ------------------------------------------------------------------------------------------------------

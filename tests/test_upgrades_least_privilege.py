@@ -55,6 +55,9 @@ def test_a_failed_migration_without_createdb_is_rolled_back_with_the_column_gone
 
 def test_a_manual_rollback_without_createdb_puts_the_database_back(customer_factory, releases,  # noqa: F811
                                                                    pg_database):
+    from backups.models import Backup
+    from upgrades.models import Upgrade
+
     customer = customer_factory(createdb=False)
     before = _snapshot(customer, pg_database)
     code, doc = _cli("upgrade", customer.domain, "--to", "2.5")
@@ -64,6 +67,10 @@ def test_a_manual_rollback_without_createdb_puts_the_database_back(customer_fact
     assert code == 0 and rb["status"] == "succeeded", rb
     assert pg_state(pg_database) == before["pg"]
     assert _get(f"http://127.0.0.1:{customer.port}/version") == "2.4.0"
+    # The backup taken as the in-place restore's way back goes to retention once the rollback holds.
+    way_back = Backup.objects.get(customer=customer, trigger="upgrade", created_at__gt=Upgrade.objects.get(
+        pk=rb["id"]).created_at, scope="database")
+    assert way_back.status == "succeeded" and not way_back.pinned
 
 
 def test_a_manual_rollback_failing_after_its_in_place_restore_is_undone_from_its_way_back(

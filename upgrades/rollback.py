@@ -185,7 +185,7 @@ def restore_databases(job: Job, slog, *, backup_id: int, journal: Journal) -> No
     way_back = None
     if journal is job.journal and dbswap.in_place(journal):
         way_back = dbswap.way_back_backup(job.ctx, job.customer, trigger=Backup.Trigger.UPGRADE,
-                                          pin=f"way back of rollback run #{job.ctx.run.pk}")
+                                          pin=f"{dbswap.WAY_BACK}rollback run #{job.ctx.run.pk}")
         slog.info(f"backup #{way_back} of the databases taken with the services stopped: the way back")
     dbswap.swap_all(job.ctx, plan, journal, way_back=way_back)
     slog.info(f"databases {', '.join(a.source for a in arts)} restored from backup #{bk.pk}; the changed ones are "
