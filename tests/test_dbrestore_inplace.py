@@ -428,3 +428,21 @@ def test_mysql_without_rights_outside_its_database_is_told_apart_from_other_fail
     with pytest.raises(dbrestore_mysql.CannotCreateDatabase, match="nothing was changed"):
         dbrestore.mysql_restore_fresh(my_owner, dbrestore.side_name(my_owner.dbname, "new", engine="mysql"),
                                       pieces(dump))
+
+
+def test_pg_transaction_still_running_is_ended_and_counts_as_aborted(pg_owner):
+    """A dead worker's transaction the server has not noticed yet: its backend is found by application_name,
+    terminated, and nothing it wrote stays."""
+    import psycopg
+
+    live = pg_owner
+    before = pg_schema(live)
+    con = psycopg.connect(host=live.host, port=live.port, user=live.user, password=live.password,
+                          dbname=live.dbname, application_name="kasa-restore r42")
+    xid = con.execute("SELECT txid_current()::text").fetchone()[0]
+    con.execute("DROP TABLE orders CASCADE; CREATE TABLE half_done (x int)")
+    assert inplace.pg_transaction_status(live, xid, application_name="kasa-restore r42") == "aborted"
+    assert pg_schema(live) == before
+    with pytest.raises(psycopg.OperationalError):
+        con.execute("SELECT 1")
+    con.close()
