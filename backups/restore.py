@@ -7,7 +7,8 @@ In place, the order is what keeps the customer safe:
    they unpack into a folder beside the live one, dumps load into fresh
    databases whose row counts must match the manifest. Two lanes at once; the
    live customer keeps running untouched, and a bad backup is refused here;
-2. take a pinned safety backup of the current state;
+2. take a pinned safety backup of the current state (after step 3's stop when a database is restored in
+   place: backups.dbswap);
 3. stop the services, swap the staged folders and databases in, start the
    services, check their health;
 4. only then throw the previous folders and databases away.
@@ -95,7 +96,7 @@ def restore(ctx: RunContext) -> dict:
         if plan.clone:
             _clone_in(ctx, plan, staging, journal)
         else:
-            safety = _swap_in(ctx, plan, staging, journal, way_back=late) or safety
+            safety = _swap_in(ctx, plan, staging, journal, in_place=late) or safety
     except BaseException as exc:
         touched = journal.touched_live()  # before the undo empties the journal
         undone = _undo(ctx, journal, plan)
@@ -408,7 +409,7 @@ def _relink(ctx: RunContext, plan: Plan, journal: Journal) -> None:
         ctx.info(f"{rel} points at {target} again")
 
 
-def _swap_in(ctx: RunContext, plan: Plan, staging: Path | None, journal: Journal, way_back=False) -> int | None:
+def _swap_in(ctx: RunContext, plan: Plan, staging: Path | None, journal: Journal, in_place=False) -> int | None:
     specs = runtime.service_specs(plan.customer)
     # Which services answer now: after a rollback those must answer again (one that was down before the
     # restore is not the restore's fault); after a successful restore every health URL must answer.
@@ -416,7 +417,7 @@ def _swap_in(ctx: RunContext, plan: Plan, staging: Path | None, journal: Journal
     ctx.info(f"stopping {len(specs)} service(s)")
     journal.add({"type": "services_stopped", "healthy_before": healthy_before})
     runtime.stop_all(ctx, specs)
-    way_back = dbswap.way_back(ctx, plan, _safety_backup) if way_back else None  # with the services stopped
+    way_back = dbswap.way_back(ctx, plan, _safety_backup) if in_place else None  # with the services stopped
     if staging is not None:
         excludes = (plan.backup.manifest or {}).get("excludes", list(sources.DEFAULT_EXCLUDES))
         for kind in ("service", "config"):

@@ -4,9 +4,9 @@
 databases from the pre-upgrade backup (fresh databases swapped in, or — for a role that may not create
 databases — in place in one transaction or through prefixed tables: backups.dbswap), check that each .env
 is back byte for byte, start, health-check — and only once all of that holds does it throw away what the
-failed attempt left (staged folders, the migrated databases or tables kept aside). The first step that fails stops
-it: the upgrade is QUARANTINED, nothing more is changed or deleted, and an alert goes out; the journal
-left on the run says exactly what was and was not put back.
+failed attempt left (staged folders, the migrated databases or tables kept aside). The first step that
+fails stops it: the upgrade is QUARANTINED, nothing more is changed or deleted, and an alert goes out; the
+journal left on the run says exactly what was and was not put back.
 """
 
 from __future__ import annotations
