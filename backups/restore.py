@@ -7,7 +7,8 @@ In place, the order is what keeps the customer safe:
    they unpack into a folder beside the live one, dumps load into fresh
    databases whose row counts must match the manifest. Two lanes at once; the
    live customer keeps running untouched, and a bad backup is refused here;
-2. take a pinned safety backup of the current state;
+2. take a pinned safety backup of the current state (after step 3's stop when a database is restored in
+   place: backups.dbswap);
 3. stop the services, swap the staged folders and databases in, start the
    services, check their health;
 4. only then throw the previous folders and databases away.
@@ -94,12 +95,15 @@ def restore(ctx: RunContext) -> dict:
         # (archives) checked member by member, or (databases) restored into a fresh database and its rows
         # counted — all beside the live customer, which keeps running untouched.
         staging = _stage(ctx, plan, store, keyring, journal)
-        if not plan.clone and p.get("safety_backup", True):
+        # A database restored in place keeps no copy aside: its way back is a backup taken once the services
+        # are stopped (nothing written before the stop is lost), so the safety backup waits until then.
+        late = not plan.clone and dbswap.in_place(journal)
+        if not plan.clone and p.get("safety_backup", True) and not late:
             safety = _safety_backup(ctx, plan)
         if plan.clone:
             _clone_in(ctx, plan, staging, journal)
         else:
-            _swap_in(ctx, plan, staging, journal)
+            safety = _swap_in(ctx, plan, staging, journal, in_place=late) or safety
     except BaseException as exc:
         touched = journal.touched_live()  # before the undo empties the journal
         undone = _undo(ctx, journal, plan)
@@ -416,7 +420,7 @@ def _relink(ctx: RunContext, plan: Plan, journal: Journal) -> None:
         ctx.info(f"{rel} points at {target} again")
 
 
-def _swap_in(ctx: RunContext, plan: Plan, staging: Path | None, journal: Journal) -> None:
+def _swap_in(ctx: RunContext, plan: Plan, staging: Path | None, journal: Journal, in_place=False) -> int | None:
     specs = runtime.service_specs(plan.customer)
     # Which services answer now: after a rollback those must answer again (one that was down before the
     # restore is not the restore's fault); after a successful restore every health URL must answer.
@@ -424,6 +428,7 @@ def _swap_in(ctx: RunContext, plan: Plan, staging: Path | None, journal: Journal
     ctx.info(f"stopping {len(specs)} service(s)")
     journal.add({"type": "services_stopped", "healthy_before": healthy_before})
     runtime.stop_all(ctx, specs)
+    way_back = dbswap.way_back(ctx, plan, _safety_backup) if in_place else None  # with the services stopped
     if staging is not None:
         excludes = (plan.backup.manifest or {}).get("excludes", list(sources.DEFAULT_EXCLUDES))
         for kind in ("service", "config"):
@@ -438,10 +443,11 @@ def _swap_in(ctx: RunContext, plan: Plan, staging: Path | None, journal: Journal
             if kind == "service":
                 _relink(ctx, plan, journal)
     _restore_file_databases(ctx, plan, journal)
-    dbswap.swap_all(ctx, plan, journal)
+    dbswap.swap_all(ctx, plan, journal, way_back=way_back)
     ctx.info(f"starting {len(specs)} service(s)")
     runtime.start_all(ctx, specs)
     runtime.check_health(ctx, specs)
+    return way_back
 
 
 def _record_versions(ctx: RunContext, plan: Plan) -> None:

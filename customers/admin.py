@@ -243,3 +243,4 @@ class CustomerAdmin(TeamScopedAdminMixin, AuditedAdminMixin, admin.ModelAdmin):
 
         backup_now_many(self, request, customers)
         return None
+from . import maintenance_admin  # noqa: E402,F401 (MaintenanceConnection's admin, superusers only)

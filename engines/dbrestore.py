@@ -14,6 +14,13 @@ Privileges needed (nothing here asks for more):
   databases, RENAME TABLE into and out of them) besides ALL on the live one, e.g.
   GRANT ALL ON `shop\\_\\_kasa\\_%`.* TO 'shop'@'%'. Live names longer than 33
   characters are shortened in side names, so the grant must match that prefix.
+- Or a maintenance connection (DbTarget.maint, a superuser or root login to the
+  same server): it creates, renames and drops the databases, and the customer's
+  role only loads the dump into a fresh database it owns (PostgreSQL: OWNER;
+  MySQL: ALL on that one database, granted for the restore and revoked after).
+Roles with none of this restore through engines.dbrestore_pginplace (one
+transaction in the live database) or engines.dbrestore_mytables (prefixed tables
+of the live database).
 - SQLite: write access to the folder of the live file.
 The application must be stopped while swapping: open sessions are ended
 (PostgreSQL) or waited for (MySQL metadata locks), and a SQLite file must not be
@@ -53,6 +60,9 @@ class DbTarget:
     password: str = dataclasses.field(default="", repr=False)  # never in a repr, hence never in a log
     dbname: str = ""
     sqlite_path: str = ""
+    # An administrative login to the same server (a maintenance connection), or None: when set, databases are
+    # created, renamed and dropped through it, while the dump still loads as `user` into a database it owns.
+    maint: DbTarget | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_url(cls, url) -> DbTarget:
@@ -138,19 +148,22 @@ def _pg_connect(target: DbTarget, dbname: str):
 
 @contextlib.contextmanager
 def _pg_admin(target: DbTarget, *busy: str | None) -> Iterator:
-    """A connection to a maintenance database other than `busy`: one cannot rename or drop the database one is in."""
+    """A connection to a maintenance database other than `busy`: one cannot rename or drop the database one is in.
+    Through the maintenance connection when the target has one."""
     import psycopg
 
+    admin = target.maint or target
     error = None
-    for name in [n for n in PG_MAINTENANCE_DBS if n not in busy]:
+    names = ([admin.dbname] if target.maint and admin.dbname else []) + list(PG_MAINTENANCE_DBS)
+    for name in [n for n in dict.fromkeys(names) if n not in busy]:
         try:
-            con = _pg_connect(target, name)
+            con = _pg_connect(admin, name)
             break
         except psycopg.Error as exc:
             error = exc
     else:
         raise RestoreError(f"cannot connect to PostgreSQL at {target.host}:{target.port} (database postgres or "
-                           f"template1) as {target.user}: {_oneline(error)}; nothing was changed")
+                           f"template1) as {admin.user}: {_oneline(error)}; nothing was changed")
     try:
         yield con
     finally:
@@ -237,7 +250,8 @@ def pg_restore_fresh(target: DbTarget, new_dbname: str, chunks: Iterable[bytes],
     mends what a newer pg_restore writes that the server refuses.
     Returns row counts keyed "schema.table" like the manifest. `--no-owner`:
     objects belong to the restoring role (or `owner`, through --role), as the
-    original owner may not exist here. Privileges (GRANTs) are restored by default:
+    original owner may not exist here. Through a maintenance connection the new
+    database is created OWNER the target's role, which then loads the dump. Privileges (GRANTs) are restored by default:
     in place the roles exist, and an app that loses its grants after a swap fails
     later and worse than a restore that fails now (live untouched) naming the
     missing role. Pass privileges=False (--no-privileges) for a clone to another
@@ -266,8 +280,8 @@ def pg_restore_fresh(target: DbTarget, new_dbname: str, chunks: Iterable[bytes],
             raise RestoreError(f"{exc}; nothing was changed") from None
         create = psycopg.sql.SQL("CREATE DATABASE {} {}").format(_pg_ident(new_dbname),
                                                                  _pg_create_options(con, live))
-        if owner:
-            create = psycopg.sql.SQL("{} OWNER {}").format(create, _pg_ident(owner))
+        if owner or target.maint:
+            create = psycopg.sql.SQL("{} OWNER {}").format(create, _pg_ident(owner or target.user))
         try:
             con.execute(create)
         except psycopg.Error as exc:
@@ -299,6 +313,39 @@ def _drop_after_failure(drop, exc: BaseException, new_dbname: str, live: str) ->
         return  # KeyboardInterrupt and friends: the caller re-raises them as they are
     why = str(exc) if isinstance(exc, RestoreError) else f"reading the backup failed: {_oneline(exc)}"
     raise RestoreError(f"{why}; {left} and {live or 'the live database'} was not touched") from exc
+
+
+@dataclasses.dataclass
+class PgRole:
+    """What the target's own role may do on its server (engines.dbrestore's fresh path, or in place)."""
+
+    user: str
+    superuser: bool
+    createdb: bool
+    live_exists: bool
+    owns_live: bool
+
+    @property
+    def can_swap(self) -> bool:
+        """Create a fresh database and rename it over the live one (CREATEDB and ownership, or superuser)."""
+        return self.superuser or (self.createdb and (self.owns_live or not self.live_exists))
+
+
+def pg_role(target: DbTarget) -> PgRole:
+    """The target role's attributes, read through its own live database (or a maintenance database when the
+    live one does not exist yet)."""
+    import psycopg
+
+    query = ("SELECT current_user::text, r.rolsuper, r.rolcreatedb, d.datname IS NOT NULL, "
+             "COALESCE(pg_has_role(d.datdba, 'USAGE'), false) FROM pg_roles r LEFT JOIN pg_database d "
+             "ON d.datname = %s WHERE r.rolname = current_user")
+    try:
+        with _pg_connect(target, target.dbname) as con:
+            row = con.execute(query, [target.dbname]).fetchone()
+    except psycopg.Error:
+        with _pg_admin(dataclasses.replace(target, maint=None)) as con:
+            row = con.execute(query, [target.dbname]).fetchone()
+    return PgRole(*row)
 
 
 def pg_row_counts(target: DbTarget, dbname: str) -> dict[str, int]:

@@ -59,6 +59,41 @@ def _my_cnf(target: DbTarget) -> Iterator[str]:
         yield cnf
 
 
+def _my_admin_cnf(target: DbTarget):
+    """The login that creates, renames and drops databases: the maintenance connection when there is one."""
+    return _my_cnf(target.maint or target)
+
+
+class CannotCreateDatabase(RestoreError):
+    """The user may not create the side database (no grant outside its own): nothing was changed."""
+
+
+def _grant_pattern(name: str) -> str:
+    """A database name as a GRANT pattern matching it alone (`_` and `%` are wildcards there)."""
+    return _q(name.replace("\\", "\\\\").replace("_", "\\_").replace("%", "\\%"))
+
+
+def _my_account(cnf: str) -> str:
+    """'user'@'host' of the account the server matched for this login (CURRENT_USER())."""
+    who = _my_run(cnf, "SELECT CURRENT_USER();").strip()
+    user, _, host = who.rpartition("@")
+
+    def quoted(v: str) -> str:  # an account name must be a quoted string; our sessions keep backslash escapes
+        return "'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return f"{quoted(user)}@{quoted(host)}"
+
+
+def _my_grant(target: DbTarget, admin: str, name: str, *, revoke: bool = False) -> None:
+    """Let the customer's own user into side database `name` (or take that right back)."""
+    with _my_cnf(target) as cnf:
+        account = _my_account(cnf)
+    if revoke:
+        with contextlib.suppress(RestoreError):  # nothing was granted, or already revoked
+            _my_run(admin, f"REVOKE ALL PRIVILEGES ON {_grant_pattern(name)}.* FROM {account}", what="REVOKE")
+    else:
+        _my_run(admin, f"GRANT ALL PRIVILEGES ON {_grant_pattern(name)}.* TO {account}", what="GRANT")
+
+
 def _my_argv(cnf: str, *extra: str) -> list[str]:
     try:
         client = sources.mysql_client_program()
@@ -264,17 +299,23 @@ def mysql_restore_fresh(target: DbTarget, new_dbname: str, chunks: Iterable[byte
     live = target.dbname
     if new_dbname == live:
         raise RestoreError(f"refusing to restore into the live database {live}; nothing was changed")
-    with _my_cnf(target) as cnf:
-        if _my_db_options(cnf, new_dbname) is not None:
+    with _my_admin_cnf(target) as admin, _my_cnf(target) as cnf:
+        if _my_db_options(admin, new_dbname) is not None:
             raise RestoreError(f"database {new_dbname} already exists: refusing to restore over it; "
                                "nothing was changed")
         try:
-            _my_run(cnf, f"CREATE DATABASE {_q(new_dbname)} {_my_db_options(cnf, live) or ''}",
+            _my_run(admin, f"CREATE DATABASE {_q(new_dbname)} {_my_db_options(admin, live) or ''}",
                     what="CREATE DATABASE")
         except RestoreError as exc:
             grant = f"`{live}__kasa_%`.*" if live and new_dbname.startswith(f"{live}__kasa_") else f"`{new_dbname}`.*"
-            raise RestoreError(f"cannot create database {new_dbname} ({exc}): user {target.user} needs ALL on "
-                               f"{grant}; nothing was changed") from None
+            error = CannotCreateDatabase if "denied" in str(exc).lower() and not target.maint else RestoreError
+            raise error(f"cannot create database {new_dbname} ({exc}): user {(target.maint or target).user} needs "
+                        f"ALL on {grant}; nothing was changed") from None
+        if target.maint:
+            try:
+                _my_grant(target, admin, new_dbname)
+            except RestoreError as exc:
+                _drop_after_failure(lambda: mysql_drop_database(target, new_dbname), exc, new_dbname, live)
         # The client obeys the dump's first line (/*M!999999\- enable the sandbox mode */): no shell escapes.
         trailer = _Trailer(chunks)
         try:
@@ -297,7 +338,7 @@ def mysql_swap(target: DbTarget, new_dbname: str, *, tag: str | None = None) -> 
     database (it is created: a clone to a new name).
     """
     live = target.dbname
-    with _my_cnf(target) as cnf:
+    with _my_admin_cnf(target) as cnf:
         options = _my_db_options(cnf, new_dbname)
         if options is None:
             raise RestoreError(f"database {new_dbname} does not exist: nothing to swap in; {live} was not touched")
@@ -314,13 +355,15 @@ def mysql_swap(target: DbTarget, new_dbname: str, *, tag: str | None = None) -> 
         if _my_db_options(cnf, old) is not None:
             raise RestoreError(f"database {old} already exists; {live} was not touched")
         _my_exchange(cnf, live, new_dbname, old)
+        if target.maint:  # new_dbname is gone: so is the user's right to it
+            _my_grant(target, cnf, new_dbname, revoke=True)
         return old
 
 
 def mysql_unswap(target: DbTarget, old_dbname: str | None, new_dbname: str) -> None:
     """Undo mysql_swap: the restored tables and objects go back to new_dbname, old_dbname's return to live."""
     live = target.dbname
-    with _my_cnf(target) as cnf:
+    with _my_admin_cnf(target) as cnf:
         if _my_db_options(cnf, new_dbname) is not None:
             raise RestoreError(f"database {new_dbname} already exists; {live} was not touched")
         if old_dbname and _my_db_options(cnf, old_dbname) is None:
@@ -331,11 +374,13 @@ def mysql_unswap(target: DbTarget, old_dbname: str | None, new_dbname: str) -> N
 
 
 def mysql_drop_database(target: DbTarget, name: str) -> None:
-    with _my_cnf(target) as cnf:
+    with _my_admin_cnf(target) as cnf:
         _my_run(cnf, f"DROP DATABASE IF EXISTS {_q(name)}", what=f"dropping database {name}")
+        if target.maint:
+            _my_grant(target, cnf, name, revoke=True)
 
 
 def mysql_database_exists(target: DbTarget, name: str) -> bool:
     """Whether database `name` exists (and this user may see it: SCHEMATA lists only those it has rights on)."""
-    with _my_cnf(target) as cnf:
+    with _my_admin_cnf(target) as cnf:
         return _my_db_options(cnf, name) is not None

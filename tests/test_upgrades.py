@@ -410,21 +410,30 @@ def test_manual_rollback_puts_back_the_previous_release_and_the_database(custome
 
 
 def test_when_the_rollback_fails_the_upgrade_is_quarantined_nothing_is_deleted_and_an_alert_goes_out(
-        customer_factory, releases, pg_database, settings, mailoutbox):
+        customer_factory, releases, pg_database, settings, mailoutbox, monkeypatch):
+    import psycopg
+
     from backups.models import Backup
+    from engines import dbrestore_pginplace
     from upgrades.models import Upgrade
     from upgrades.services import quarantine_resolve, upgrade_preflight
 
     settings.EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
     settings.ADMINS = [("Ops", "ops@example.com")]
-    # The role cannot create databases: the backup works, the migration runs, the build fails, and the
-    # rollback cannot restore the database into a fresh one. The preflight warned about it.
+    # The role cannot create databases, so the rollback restores in place, in one transaction; another
+    # role's session holds a lock on one of its tables all along: the backup works (it only reads), the
+    # migration runs, the build fails, and the rollback's transaction gives up on the lock and rolls back.
     customer = customer_factory("BREAK=build@2.5.0\n", createdb=False)
     root = customer.root_path()
-    code, doc = _cli("upgrade", customer.domain, "--to", "2.5")
+    pg_exec(pg_database, "CREATE TABLE side (x int)", as_owner=True)
+    monkeypatch.setattr(dbrestore_pginplace, "LOCK_TIMEOUT_SECONDS", 1)
+    with psycopg.connect(host=pg_database["host"], port=pg_database["port"], user="postgres",
+                         dbname=pg_database["name"]) as holder:
+        holder.execute("LOCK TABLE side IN ACCESS SHARE MODE")
+        code, doc = _cli("upgrade", customer.domain, "--to", "2.5")
     assert code == 1 and doc["status"] == "quarantined", doc
-    warning = [c for c in doc["preflight"]["checks"] if c["name"] == "rollback of database main"]
-    assert warning and not warning[0]["ok"] and not warning[0]["blocking"]
+    check = [c for c in doc["preflight"]["checks"] if c["name"] == "rollback of database main"]
+    assert check and check[0]["ok"] and "in one transaction" in check[0]["detail"]
     statuses = {s["name"]: s["status"] for s in doc["steps"]}
     assert statuses["build"] == "failed" and statuses["rollback: database"] == "failed"
     assert "rollback: start" not in statuses and "rollback: cleanup" not in statuses  # it stopped there

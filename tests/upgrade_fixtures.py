@@ -41,22 +41,38 @@ http.createServer((req, res) => {
 }).listen(Number(process.env.PORT), "127.0.0.1");
 """
 
-# Each version's migration (run by the venv's Python). 2.5.0 adds a column and a table and changes rows.
+# Each version's migration (run by the venv's Python), on PostgreSQL (psycopg) or MariaDB (the mariadb client).
+# 2.5.0 adds a column and a table and changes rows.
 MIGRATE_PY = r"""
-import os, sys
-import psycopg
+import os, shutil, subprocess, sys, tempfile
+from urllib.parse import unquote, urlsplit
 version = open("VERSION").read().strip()
+url = os.environ["DATABASE_URL"]
 steps = {
     "2.5.0": ["ALTER TABLE orders ADD COLUMN exported boolean NOT NULL DEFAULT false",
               "CREATE TABLE exports (id serial PRIMARY KEY, note text)",
               "INSERT INTO exports (note) VALUES ('first export')",
-              "UPDATE orders SET note = note || ' (2.5)'"],
+              "UPDATE orders SET note = CONCAT(note, ' (2.5)')"],
     "2.6.0": ["CREATE TABLE IF NOT EXISTS audit26 (id int)"],
 }
-with psycopg.connect(os.environ["DATABASE_URL"], autocommit=True) as con:
-    for sql in steps.get(version, []):
-        con.execute(sql)
-        print("applied:", sql, flush=True)
+if url.startswith("mysql://"):
+    u = urlsplit(url)
+    quoted = lambda v: '"' + unquote(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    with tempfile.NamedTemporaryFile("w", suffix=".cnf") as cnf:
+        cnf.write(f"[client]\nhost={u.hostname}\nport={u.port}\nuser={quoted(u.username)}\n"
+                  f"password={quoted(u.password)}\nprotocol=TCP\n")
+        cnf.flush()
+        client = shutil.which("mariadb") or "/usr/bin/mariadb"
+        for sql in steps.get(version, []):
+            subprocess.run([client, f"--defaults-extra-file={cnf.name}", "--database", u.path[1:], "-e", sql],
+                           check=True)
+            print("applied:", sql, flush=True)
+else:
+    import psycopg
+    with psycopg.connect(url, autocommit=True) as con:
+        for sql in steps.get(version, []):
+            con.execute(sql)
+            print("applied:", sql, flush=True)
 if os.environ.get("BREAK") == "migrate@" + version:
     print("migration half done, then failing", file=sys.stderr)
     sys.exit(1)
@@ -234,3 +250,13 @@ def one_component_release(folder: Path, component: str, files: dict[str, str], *
                                                       "compatMatrix": [{"release": release, component: version}]}))
     release_sync(folder)
     return Release.objects.get(name=release)
+def seed_mysql(m: dict) -> dict:
+    """The same orders table in a MariaDB database; returns the database as make_running_customer takes it."""
+    from urllib.parse import quote
+
+    from tests.conftest import mysql_admin
+
+    mysql_admin(f"CREATE TABLE `{m['name']}`.orders (id INT AUTO_INCREMENT PRIMARY KEY, note TEXT); "
+                f"INSERT INTO `{m['name']}`.orders (note) WITH RECURSIVE s(n) AS (SELECT 1 UNION ALL "
+                "SELECT n + 1 FROM s WHERE n < 50) SELECT CONCAT('order ', n) FROM s;")
+    return {**m, "url": f"mysql://{m['user']}:{quote(m['password'], safe='')}@{m['host']}:{m['port']}/{m['name']}"}

@@ -542,7 +542,7 @@ def _rollback(job: Job) -> None:
     ctx.info(f"upgrade #{target.pk} rolled back by hand")
     with uninterruptible(ctx), job.steps.step("cleanup") as slog:
         for step in reversed(job.journal.steps):
-            if step["type"] == "db_swap":
+            if step["type"] in ("db_swap", "db_tables_swap", "db_inplace"):
                 try:
                     from backups import dbswap
 

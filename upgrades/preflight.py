@@ -321,29 +321,29 @@ def backup_scope(customer, kind: str) -> tuple[str | None, str]:
 
 
 def _database_rollback(customer) -> list[Check]:
-    """Warns when a rollback could not put a PostgreSQL database back (the role cannot create databases):
-    such an upgrade would end quarantined if it failed after its hooks."""
-    from core.secrets import reveal
+    """How a rollback would put each database back (it no longer needs CREATEDB: see backups.dbswap). Reported,
+    never blocking; a problem here (the database unreachable) shows again, for real, at the backup."""
+    from backups import dbswap
 
     out = []
-    for db in customer.databases.all():
-        if db.engine != DatabaseConnection.Engine.POSTGRESQL:
-            continue
+    for db in customer.databases.exclude(engine=DatabaseConnection.Engine.SQLITE):
+        name = f"rollback of database {db.name}"
         try:
-            import psycopg
-
-            with psycopg.connect(host=db.host, port=db.port, user=db.user, password=reveal(db.password),
-                                 dbname=db.database, connect_timeout=5) as con:
-                can = con.execute("SELECT rolcreatedb OR rolsuper FROM pg_roles WHERE rolname = current_user"
-                                  ).fetchone()[0]
-        except Exception as exc:  # noqa: BLE001 (reported, never fatal: the backup step connects for real)
-            out.append(Check(f"rollback of database {db.name}", False, f"could not check: {type(exc).__name__}",
-                             blocking=False))
+            target = dbswap.target_for(customer, db.name)
+            method, why = dbswap.choose(target)
+        except Exception as exc:  # noqa: BLE001 (reported, never fatal)
+            out.append(Check(name, False, f"could not check: {exc}", blocking=False))
             continue
-        if not can:
-            out.append(Check(f"rollback of database {db.name}", False,
-                             f"role {db.user} cannot create databases (CREATEDB): a rollback could not restore "
-                             f"{db.database}, so a failure after the hooks would end quarantined", blocking=False))
+        if method == dbswap.IN_PLACE:
+            detail = why
+        elif target.maint is not None:
+            detail = f"into a fresh database, swapped in, {why}"
+        elif target.engine == "mysql":
+            detail = ("into a fresh database beside it when the user may create one, else into prefixed tables "
+                      "of the database itself, swapped in with one RENAME TABLE")
+        else:
+            detail = "into a fresh database, swapped in"
+        out.append(Check(name, True, detail, blocking=False))
     return out
 
 

@@ -1,11 +1,12 @@
 """Putting a customer back after a failed upgrade (or a failed manual rollback): the way back, proven.
 
 `put_back` undoes the run's journal in the issue's order — stop, switch the symlinks back, restore the
-databases from the pre-upgrade backup (into fresh databases, then swapped in), check that each .env is
-back byte for byte, start, health-check — and only once all of that holds does it throw away what the
-failed attempt left (staged folders, the migrated databases kept aside). The first step that fails stops
-it: the upgrade is QUARANTINED, nothing more is changed or deleted, and an alert goes out; the journal
-left on the run says exactly what was and was not put back.
+databases from the pre-upgrade backup (fresh databases swapped in, or — for a role that may not create
+databases — in place in one transaction or through prefixed tables: backups.dbswap), check that each .env
+is back byte for byte, start, health-check — and only once all of that holds does it throw away what the
+failed attempt left (staged folders, the migrated databases or tables kept aside). The first step that
+fails stops it: the upgrade is QUARANTINED, nothing more is changed or deleted, and an alert goes out; the
+journal left on the run says exactly what was and was not put back.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def put_back(job: Job) -> bool:
     ctx, j = job.ctx, job.journal
     job.mark(rolling_back=True)
     restore_db = j.has("hooks") and job.upgrade.backup_id is not None and job.upgrade.kind != Upgrade.Kind.ROLLBACK
-    unswap_db = j.has("db_fresh") or j.has("db_swap")
+    unswap_db = any(dbswap.is_step(s) for s in j.steps)
     live_touched = j.has("services_stopped") or j.has("switch") or restore_db or unswap_db
     stopped = j.of("services_stopped")
     healthy_before = (stopped[0]["healthy_before"] if stopped else job.doc.get("healthy_before")) or []
@@ -93,7 +94,7 @@ def put_back(job: Job) -> bool:
             elif unswap_db:
                 with job.steps.step("rollback: database") as slog:
                     for step in reversed(j.steps):
-                        if step["type"] in ("db_swap", "db_fresh"):
+                        if dbswap.is_step(step):
                             dbswap.undo(ctx, step)
                     slog.info("the databases as they were before this run are live again")
             else:
@@ -157,8 +158,11 @@ def _undo_ecosystem(step: dict) -> None:
 
 
 def restore_databases(job: Job, slog, *, backup_id: int, journal: Journal) -> None:
-    """Every database of the backup into a fresh database, then swapped in (backups.dbswap, as a restore does;
-    the previous databases are kept aside, journalled, until the caller's finish or undo)."""
+    """Every database of the backup put back the way its role allows (backups.dbswap, as a restore does: a
+    fresh database swapped in, prefixed tables, or in place in one transaction; what is kept aside stays,
+    journalled, until the caller's finish or undo). A manual rollback writes into its forward journal, which
+    a later failure undoes: a database restored in place then needs a backup of its state from before, taken
+    here with the services stopped. The automatic rollback is the way back itself: a failure quarantines."""
     bk = Backup.objects.select_related("target").get(pk=backup_id)
     if not bk.restorable:
         raise OperationError(f"the pre-upgrade backup #{bk.pk} is {bk.status}: the databases cannot be put back")
@@ -178,7 +182,12 @@ def restore_databases(job: Job, slog, *, backup_id: int, journal: Journal) -> No
     store = bk.target.store()
     for art in arts:
         dbswap.restore_fresh(job.ctx, plan, store, keyring, art, journal)
-    dbswap.swap_all(job.ctx, plan, journal)
+    way_back = None
+    if journal is job.journal and dbswap.in_place(journal):
+        way_back = dbswap.way_back_backup(job.ctx, job.customer, trigger=Backup.Trigger.UPGRADE,
+                                          pin=f"{dbswap.WAY_BACK}rollback run #{job.ctx.run.pk}")
+        slog.info(f"backup #{way_back} of the databases taken with the services stopped: the way back")
+    dbswap.swap_all(job.ctx, plan, journal, way_back=way_back)
     slog.info(f"databases {', '.join(a.source for a in arts)} restored from backup #{bk.pk}; the changed ones are "
               "kept aside until the rollback holds")
 
