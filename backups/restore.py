@@ -76,6 +76,8 @@ def restore(ctx: RunContext) -> dict:
     p = ctx.run.params
     started = time.monotonic()
     plan = _plan(ctx, p)
+    # The credentials an undo needs, held in memory from now on: an undo goes on without the control database.
+    dbswap.hold_targets(ctx, plan.customer, plan.to_databases, plan.root if plan.clone and p.get("to_root") else None)
     keyring = _keyring(plan.backup)
     store = plan.backup.target.store()
     _sweep_trash(plan.root)
@@ -106,7 +108,8 @@ def restore(ctx: RunContext) -> dict:
             raise OperationError(f"restore failed: {exc}; ROLLBACK INCOMPLETE, an operator must look at "
                                  f"{plan.root}: nothing further was deleted") from None
         raise OperationError(f"restore failed: {_short(exc)}; {what}", result={"safety_backup": safety}) from None
-    _cleanup(ctx, journal)
+    with ctx.uninterruptible():  # the restore holds: dropping what was kept aside runs to its end, database or not
+        _cleanup(ctx, journal)
     if not plan.clone:
         _record_versions(ctx, plan)
     seconds = time.monotonic() - started
