@@ -11,9 +11,12 @@ must end failed, with the undo's outcome in its error, every log line in order a
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -122,23 +125,29 @@ def _the_run(env: dict) -> int:
     return found[0] if found else 0
 
 
-@pytest.mark.parametrize("who", ["worker", "reaper"])
+@pytest.mark.parametrize("who", ["qcluster", "command", "reaper"])
 def test_a_restore_undone_while_the_control_database_is_down_completes_and_is_reconciled(control_db, tmp_path, who,
                                                                                         new_root):
-    """who: the restoring process records the run itself once the database is back (it waits for it), or it gave
-    up waiting and exited, and the reaper's next pass reconciles the local journal it left."""
+    """who records the run once the database is back: the worker (`qcluster`) that executed it, which waits for
+    the database; `manage.py restore --yes` executing it in the foreground, which does the same; or, when that
+    process gave up waiting and exited, the reaper's next pass, from the local journal it left."""
     cluster, env = control_db
     c = _customer(env, tmp_path, new_root)
     before = _state(c)
-    patience = 300 if who == "worker" else 1
-    restore = subprocess.Popen(
-        [sys.executable, "manage.py", "restore", str(c["backup"]), "--yes", "--no-safety-backup", "--json"],
-        cwd=REPO, env={**env, "KASA_HEALTH_TIMEOUT": "1", "KASA_RECONCILE_PATIENCE": str(patience)},
-        stdout=subprocess.PIPE, stderr=open(tmp_path / "restore.log", "wb"), text=True)
+    env = {**env, "KASA_HEALTH_TIMEOUT": "1", "KASA_RECONCILE_PATIENCE": "1" if who == "reaper" else "300"}
+    argv = [sys.executable, "manage.py", "restore", str(c["backup"]), "--yes", "--no-safety-backup", "--json"]
+    log = open(tmp_path / "kasa.log", "wb")
+    if who == "qcluster":  # django-q2's ORM broker: the queue itself is in the control database
+        proc = subprocess.Popen([sys.executable, "manage.py", "qcluster"], cwd=REPO, env={**env, "KASA_WORKERS": "1"},
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        manage(env, *argv[2:], "--enqueue")
+    else:
+        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=log, text=True,
+                                start_new_session=True)
     try:
-        wait_until(lambda: (c["markers"] / "stop-2").exists() or restore.poll() is not None, 120,
+        wait_until(lambda: (c["markers"] / "stop-2").exists() or proc.poll() is not None, 120,
                    what="the undo to stop the service (the second stop command)")
-        assert restore.poll() is None, (tmp_path / "restore.log").read_text()
+        assert proc.poll() is None, (tmp_path / "kasa.log").read_text()
         assert _state(c) != before  # the backup's files and rows are live: the undo has not put anything back yet
         run_id = _the_run(env)
         assert run_id and _local_journal(env, run_id)["doc"]["journal"]  # the way back, on local disk
@@ -159,23 +168,28 @@ def test_a_restore_undone_while_the_control_database_is_down_completes_and_is_re
         assert [ln["seq"] for ln in body["lines"]] == sorted(ln["seq"] for ln in body["lines"])
         assert "password" not in json.dumps(body).lower()
 
+        journal = localjournal.path_for(Path(env["KASA_VAR_DIR"]) / "journals", run_id)
         if who == "reaper":
-            restore.wait(timeout=120)  # gave up waiting for the database; its journal stays
-            assert localjournal.path_for(Path(env["KASA_VAR_DIR"]) / "journals", run_id).exists()
+            proc.wait(timeout=120)  # gave up waiting for the database; its journal stays
+            assert journal.exists()
         else:
-            assert restore.poll() is None  # waiting for the database, the run's end in hand
+            time.sleep(2)
+            assert proc.poll() is None and journal.exists()  # waiting for the database, the run's end in hand
         cluster.start_server()
         if who == "reaper":
             reaped = json.loads(manage(env, "reap_runs", "--json").stdout)
             assert run_id in reaped["reaped"]
-        else:
-            out, _ = restore.communicate(timeout=120)
-            assert restore.returncode == 1
+        elif who == "command":
+            out, _ = proc.communicate(timeout=120)
+            assert proc.returncode == 1
             assert json.loads(out)["status"] == "failed"
+        else:
+            wait_until(lambda: not journal.exists(), 120, what="the worker to reconcile the run")
     finally:
-        if restore.poll() is None:
-            restore.kill()
-            restore.wait()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
 
     status, error = cluster.query("SELECT status, error FROM operations_run WHERE id = %s", [run_id])[0]
     assert status == "failed"
