@@ -8,3 +8,4 @@ class CustomersConfig(AppConfig):
         from operations import registry
 
         registry.register("check", "customers.operations.check", mutating=False)
+        registry.register_replay("customer_versions", "customers.replays.replay_versions")

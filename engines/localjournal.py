@@ -32,6 +32,7 @@ import json
 import os
 import re
 import stat
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -95,9 +96,9 @@ def write(folder: str | os.PathLike, run_id: int, body: dict, keys: list[tuple[s
     kid, key = keys[0]
     data = _canonical({"format": FORMAT, "key": kid, "hmac": _tag(key, kid, body), "body": body})
     path = path_for(folder, run_id)
-    tmp = folder / f".{path.name}.{os.getpid()}.tmp"
+    tmp = folder / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)  # left by a crash of this very process id: never reused half-written
+        os.unlink(tmp)  # left by a crash of a process with this same id: never reused half-written
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         view = memoryview(data)

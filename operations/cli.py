@@ -54,6 +54,8 @@ def follow_run(run: Run, command=None, *, timeout: float, poll: float = 0.3, don
             with contextlib.suppress(Exception):
                 connection.close()
             if (done is not None and done.is_set()) or time.monotonic() > deadline:
+                sys.stderr.write(f"run #{run.pk} is recorded in its local journal; it is reconciled once the "
+                                 "control database answers again (by the reaper)\n")
                 return run
             time.sleep(poll * 3)
             continue

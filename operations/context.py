@@ -33,7 +33,7 @@ from engines import proc
 
 from . import live
 from .models import Run, RunCommand, RunLogLine
-from .offline import DB_LOST, LocalRecord, PendingCommand
+from .offline import DB_LOST, JournalHeld, LocalRecord, PendingCommand
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,10 @@ class RunContext:
     def keep_local(self) -> LocalRecord:
         """The run's local journal (created, and its lock taken, on first use)."""
         if self.local is None:
-            self.local = LocalRecord(self.run)
+            try:
+                self.local = LocalRecord(self.run)
+            except JournalHeld as exc:
+                raise RunLost(str(exc)) from None
         return self.local
 
     def _may_go_offline(self) -> bool:

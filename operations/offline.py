@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 DB_LOST = (OperationalError, InterfaceError)
 
 
+class JournalHeld(Exception):
+    """Another live process owns the run's local journal (its worker): this one must not write it."""
+
+
 def folder():
     return settings.KASA_VAR_DIR / "journals"
 
@@ -62,9 +66,7 @@ class LocalRecord:
         self.run_id = run.pk
         self.lock = localjournal.Lock(folder(), run.pk)
         if not self.lock.acquire():
-            from .context import RunLost
-
-            raise RunLost(f"run #{run.pk}: its local journal is held by another live process")
+            raise JournalHeld(f"run #{run.pk}: its local journal is held by another live process")
         self._mutex = threading.Lock()
         self.body = {
             "run": run.pk, "kind": run.kind, "customer": run.customer_id, "root": run.root,

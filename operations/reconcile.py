@@ -29,6 +29,8 @@ from django.db.models import Max
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
+from audit.models import AuditEntry
+from audit.services import audit_record
 from engines import localjournal
 
 from . import live, registry
@@ -132,13 +134,11 @@ def _lines(run: Run, lines: list[dict], created: dict[int, int]) -> None:
 
 
 def _end(run: Run, body: dict) -> None:
-    from audit.models import AuditEntry
-    from audit.services import audit_record
-
     out = body["outcome"]
     since = body.get("offline_since")
-    note = ("the control database did not answer during the undo" + (f" (from {since[:19]} UTC)" if since else "")
-            + "; recorded in the local journal and reconciled " + f"{timezone.now():%Y-%m-%d %H:%M:%S} UTC")
+    note = ("the control database did not answer" + (f" from {since[:19].replace('T', ' ')} UTC" if since else "")
+            + f"; recorded in the local journal of {body.get('host') or 'the worker'} and reconciled "
+            + f"{timezone.now():%Y-%m-%d %H:%M:%S} UTC")
     seq = (RunLogLine.objects.filter(run=run).aggregate(m=Max("seq"))["m"] or 0) + 1
     status, error = out.get("status"), str(out.get("error") or "")
     if run.status == Run.Status.RUNNING:
@@ -236,6 +236,8 @@ def sweep() -> list[int]:
         try:
             body = read(run_id)
             if body is None:
+                if not localjournal.path_for(folder(), run_id).exists():  # gone meanwhile, or set aside
+                    localjournal.remove(folder(), run_id)  # (the lock file this pass made)
                 continue
             run = Run.objects.filter(pk=run_id).first()
             if run is None:

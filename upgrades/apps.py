@@ -16,4 +16,3 @@ class UpgradesConfig(AppConfig):
         # What a way back records while the control database does not answer, made at reconciliation.
         registry.register_replay("upgrade_step", "upgrades.journal.replay_step")
         registry.register_replay("upgrade_outcome", "upgrades.rollback.replay_outcome")
-        registry.register_replay("customer_versions", "upgrades.rollback.replay_versions")

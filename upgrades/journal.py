@@ -1,7 +1,9 @@
 """The bookkeeping of an upgrade run: its journal (the way back) and its recorded steps.
 
-The journal lives in the run's `result` and is written BEFORE each change, so a worker killed at any
-point leaves exactly what the reaper's on_abandon hook needs to put the customer back. It never holds
+The journal lives in a local file and the run's `result` (operations.journal) and is written BEFORE each
+change, so a worker killed at any point leaves exactly what the reaper's on_abandon hook needs to put the
+customer back. A step row written while a rollback goes on without the control database is replayed at
+reconciliation (`replay_step`). It never holds
 a secret: databases are named by connection name, .env files by path and sha256.
 """
 
@@ -12,11 +14,12 @@ import hashlib
 import os
 
 from django.utils import timezone
+from django.utils.dateparse import parse_datetime
 
 from operations.context import RunContext
 from operations.journal import RunJournal
 
-from .models import UpgradeStep
+from .models import Upgrade, UpgradeStep
 
 DETAIL_LIMIT = 20000
 
@@ -107,10 +110,6 @@ class Steps:
 
 def replay_step(run, payload: dict) -> None:
     """Reconciliation of a step recorded offline (operations.reconcile): the row of this run's upgrade only."""
-    from django.utils.dateparse import parse_datetime
-
-    from .models import Upgrade
-
     upgrade = Upgrade.objects.get(run=run)
     when = {k: parse_datetime(payload[k]) if payload.get(k) else None for k in ("started_at", "finished_at")}
     UpgradeStep.objects.update_or_create(

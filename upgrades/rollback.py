@@ -302,14 +302,6 @@ def replay_outcome(run, payload: dict) -> None:
     _settle(up, payload["status"], str(payload["message"]), str(payload.get("bad") or ""))
 
 
-def replay_versions(run, payload: dict) -> None:
-    """Reconciliation: the versions the way back put back, on this run's own customer."""
-    versions = payload["versions"]
-    if not (isinstance(versions, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in versions.items())):
-        raise ValueError("recorded versions are not a mapping of component to version")
-    Customer.objects.filter(pk=run.customer_id).update(versions=versions)
-
-
 def alert(upgrade: Upgrade, message: str) -> None:
     """A quarantine needs a human: mail the customer's backup recipients and webhook, else the ADMINS."""
     from backups.notify import post_webhook, recipients, send_email
