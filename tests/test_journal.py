@@ -21,6 +21,8 @@ from django.utils import timezone
 from engines import localjournal
 from tests.conftest import NOBODY, wait_dead
 
+pytestmark = pytest.mark.smoke  # none of it needs PostgreSQL as the control database
+
 KEYS = localjournal.derive_keys(["k" * 40])
 OTHER_KEYS = localjournal.derive_keys(["o" * 40])
 
