@@ -16,11 +16,10 @@ In place, the order is what keeps the customer safe:
 loading the databases before stopping does the same checks with the services
 still up, so the downtime is only the swaps and the restart.)
 
-Every change is written to a journal (a local file, then the run's `result`:
-operations.journal) before it happens. Any failure — or a worker killed mid-way
-(see `abandon`) — undoes the journal in reverse, so the customer ends exactly as
-it was, and the run says so; the undo goes on even when the control database
-stops answering (operations.context, docs/ARCHITECTURE.md).
+Every change is journalled (a local file, then the run's `result`) before it
+happens. Any failure — or a worker killed mid-way (see `abandon`) — undoes the
+journal in reverse, so the customer ends exactly as it was, and the run says so
+(even when the control database stops answering: operations.context).
 """
 
 from __future__ import annotations
@@ -77,8 +76,7 @@ class Journal(RunJournal):
 def restore(ctx: RunContext) -> dict:
     p = ctx.run.params
     started = time.monotonic()
-    plan = _plan(ctx, p)
-    # The credentials an undo needs, held in memory from now on: an undo goes on without the control database.
+    plan = _plan(ctx, p)  # then the credentials an undo needs, held in memory: it goes on without the database
     dbswap.hold_targets(ctx, plan.customer, plan.to_databases, plan.root if plan.clone and p.get("to_root") else None)
     keyring = _keyring(plan.backup)
     store = plan.backup.target.store()
