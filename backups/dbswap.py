@@ -14,9 +14,10 @@ Which way a database comes back depends on what its role may do (the run log say
   database. Staging loads `__kasa_new_<tag>_*` tables beside the live ones (`db_tables_new`), one RENAME
   TABLE swaps them in (`db_tables_swap`).
 
-The journal lives in the run's `result` (shown in the admin), so a step names the database by its connection
-name only; the credentials are looked up again when a step is undone — by this worker, or by the reaper after
-it died. Every step is undoable from what exists at that moment, whatever point the worker died at.
+The journal lives in the run's `result` (shown in the admin) and a local file, so a step names
+the database by its connection name only. The credentials are resolved when the run starts (`hold_targets`)
+and held in the worker's memory (RunContext.held, never on disk), so an undo needs no control database;
+the reaper, undoing for a dead worker, looks them up again.
 """
 
 from __future__ import annotations
@@ -83,13 +84,35 @@ def _secrets(ctx: RunContext, target: dbrestore.DbTarget) -> dbrestore.DbTarget:
     return target
 
 
+def _held(ctx: RunContext, source: str, resolve) -> dbrestore.DbTarget:
+    """The target of database `source`, resolved once per run and then kept in memory (see the module doc)."""
+    target = ctx.held.get(("db", source))
+    if target is None:
+        target = ctx.held[("db", source)] = resolve()
+    return _secrets(ctx, target)
+
+
+def hold_targets(ctx: RunContext, customer: Customer, to_databases: dict[str, str] | None = None,
+                 clone_root=None) -> None:
+    """Resolve every database a run may restore or put back, while the control database answers."""
+    names = [db.name for db in customer.databases.all()] + list(to_databases or {})
+    for name in dict.fromkeys(names):
+        try:
+            _held(ctx, name, lambda n=name: target_for(customer, n, to_databases, clone_root))
+        except Exception:  # noqa: BLE001 — one this run does not touch; resolved (and refused) when it is used
+            continue
+
+
 def _target_of_step(ctx: RunContext, step: dict) -> dbrestore.DbTarget:
-    run = ctx.run
-    customer = Customer.objects.get(pk=run.customer_id)
-    p = run.params or {}
-    to_dbs = {n: box().decrypt(t).reveal() for n, t in (p.get("to_databases") or {}).items()}
-    clone_root = Path(p["to_root"]) if p.get("to_root") else None
-    return _secrets(ctx, target_for(customer, step["db"], to_dbs, clone_root))
+    def resolve() -> dbrestore.DbTarget:
+        run = ctx.run
+        customer = Customer.objects.get(pk=run.customer_id)
+        p = run.params or {}
+        to_dbs = {n: box().decrypt(t).reveal() for n, t in (p.get("to_databases") or {}).items()}
+        clone_root = Path(p["to_root"]) if p.get("to_root") else None
+        return target_for(customer, step["db"], to_dbs, clone_root)
+
+    return _held(ctx, step["db"], resolve)
 
 
 def _server(target: dbrestore.DbTarget) -> str:
@@ -139,7 +162,7 @@ def restore_fresh(ctx: RunContext, plan, store, keyring, art: BackupArtifact, jo
     from .restore import _progress, artifact_kwargs
 
     clone_root = plan.root if plan.clone and ctx.run.params.get("to_root") else None
-    target = _secrets(ctx, target_for(plan.customer, art.source, plan.to_databases, clone_root))
+    target = _held(ctx, art.source, lambda: target_for(plan.customer, art.source, plan.to_databases, clone_root))
     tag = f"r{ctx.run.pk}"
     engine = target.engine
     method, why = choose(target)

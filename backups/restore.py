@@ -17,9 +17,10 @@ In place, the order is what keeps the customer safe:
 loading the databases before stopping does the same checks with the services
 still up, so the downtime is only the swaps and the restart.)
 
-Every change is written to a journal (the run's `result`) before it happens.
-Any failure — or a worker killed mid-way (see `abandon`) — undoes the journal
-in reverse, so the customer ends exactly as it was, and the run says so.
+Every change is journalled (a local file, then the run's `result`) before it
+happens. Any failure — or a worker killed mid-way (see `abandon`) — undoes the
+journal in reverse, so the customer ends exactly as it was, and the run says so
+(even when the control database stops answering: operations.context).
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ class Journal(RunJournal):
 def restore(ctx: RunContext) -> dict:
     p = ctx.run.params
     started = time.monotonic()
-    plan = _plan(ctx, p)
+    plan = _plan(ctx, p)  # then the credentials an undo needs, held in memory: it goes on without the database
+    dbswap.hold_targets(ctx, plan.customer, plan.to_databases, plan.root if plan.clone and p.get("to_root") else None)
     # Restored files belong to the customer's user, and its services are stopped and started as that user:
     # refused now, before anything is touched, if it cannot be (a copy elsewhere starts nothing).
     if plan.clone:
@@ -117,9 +119,10 @@ def restore(ctx: RunContext) -> dict:
             raise OperationError(f"restore failed: {exc}; ROLLBACK INCOMPLETE, an operator must look at "
                                  f"{plan.root}: nothing further was deleted") from None
         raise OperationError(f"restore failed: {_short(exc)}; {what}", result={"safety_backup": safety}) from None
-    _cleanup(ctx, journal)
-    if not plan.clone:
-        _record_versions(ctx, plan)
+    with ctx.uninterruptible():  # the restore holds: its bookkeeping runs to its end, control database or not
+        _cleanup(ctx, journal)
+        if not plan.clone:
+            _record_versions(ctx, plan)
     seconds = time.monotonic() - started
     ctx.info(f"restore of backup #{plan.backup.pk} complete in {seconds:.1f} s"
              + ("" if plan.clone else f" (safety backup #{safety})" if safety else ""))
@@ -458,7 +461,8 @@ def _record_versions(ctx: RunContext, plan: Plan) -> None:
     changed = {c: v for c, v in recorded.items() if c in restored and versions.get(c) != v}
     if changed:
         versions.update(changed)
-        Customer.objects.filter(pk=plan.customer.pk).update(versions=versions)
+        ctx.record(lambda: Customer.objects.filter(pk=plan.customer.pk).update(versions=versions),
+                   replay="customer_versions", versions=versions)
         ctx.info("versions now " + ", ".join(f"{c} {v}" for c, v in sorted(changed.items())))
 
 

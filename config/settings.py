@@ -156,6 +156,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"]["TEST"] = {"NAME": str(KASA_VAR_DIR / "test_kasa.sqlite3")}
 else:
     DATABASES["default"].setdefault("CONN_HEALTH_CHECKS", True)
+    # A control database that does not answer is noticed in seconds, not after the kernel's TCP timeouts: an undo
+    # then goes on without it (operations.offline) instead of hanging.
+    DATABASES["default"].setdefault("OPTIONS", {}).setdefault("connect_timeout", 10)
     DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("KASA_DB_CONN_MAX_AGE", default=60))
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
@@ -287,6 +290,9 @@ KASA_BASE_URL = env.str("KASA_BASE_URL", default="http://127.0.0.1:8000")
 # A running run whose heartbeat is older than this is considered orphaned.
 KASA_RUN_STALE_AFTER = env.int("KASA_RUN_STALE_AFTER", default=120)
 KASA_HEARTBEAT_SECONDS = env.int("KASA_HEARTBEAT_SECONDS", default=10)
+# An undo that went on without the control database (operations.reconcile): how long its worker keeps retrying to
+# record it once done, before leaving its local journal to the reaper's next pass.
+KASA_RECONCILE_PATIENCE = env.int("KASA_RECONCILE_PATIENCE", default=300)
 KASA_LIVE_POLL_SECONDS = env.float("KASA_LIVE_POLL_SECONDS", default=0.4)
 # Bearer token for /metrics and /health/ (Prometheus). Deployed, /metrics needs it or a staff session.
 KASA_METRICS_TOKEN = env.str("KASA_METRICS_TOKEN", default="")

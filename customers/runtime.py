@@ -88,7 +88,9 @@ def service_specs(customer: Customer, *, root=None) -> list[procman.ServiceSpec]
     kasa_ecosystem = base / ecosystem.FILE_NAME
     managed = {a.get("name") for a in ecosystem.read_apps(kasa_ecosystem, owner=identity)}
     specs = []
-    for s in customer.services.all().order_by("name"):
+    # Sorted here, not by the database: a customer loaded with prefetch_related("services") needs no query, so
+    # an undo that runs without the control database still finds its services (operations.context).
+    for s in sorted(customer.services.all(), key=lambda s: s.name):
         specs.append(procman.ServiceSpec(
             ecosystem=str(kasa_ecosystem) if s.process_manager == "pm2" and s.app_name in managed else None,
             name=s.name, folder=str(base / (s.path or ".")), manager=s.process_manager, app_name=s.app_name,

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 
+from django.db import connection
+
 from .models import Run, RunLogLine
+from .offline import DB_LOST
 
 NO_WORKER_HINT_AFTER = 30
 
@@ -35,12 +39,26 @@ def follow_run(run: Run, command=None, *, timeout: float, poll: float = 0.3, don
     deadline = time.monotonic() + timeout
     started = time.monotonic()
     last_seq = 0
-    hinted = False
+    hinted = lost = False
     while True:
-        for line in RunLogLine.objects.filter(run=run, seq__gt=last_seq).order_by("seq"):
-            sys.stderr.write(f"[{line.level}] {line.text}\n")
-            last_seq = line.seq
-        run.refresh_from_db()
+        try:
+            for line in RunLogLine.objects.filter(run=run, seq__gt=last_seq).order_by("seq"):
+                sys.stderr.write(f"[{line.level}] {line.text}\n")
+                last_seq = line.seq
+            run.refresh_from_db()
+        except DB_LOST as exc:
+            # The run itself goes on (an undo records itself locally and is reconciled later): keep waiting.
+            if not lost:
+                sys.stderr.write(f"the control database does not answer ({str(exc).strip()[:200]}); waiting\n")
+                lost = True
+            with contextlib.suppress(Exception):
+                connection.close()
+            if (done is not None and done.is_set()) or time.monotonic() > deadline:
+                sys.stderr.write(f"run #{run.pk} is recorded in its local journal; it is reconciled once the "
+                                 "control database answers again (by the reaper)\n")
+                return run
+            time.sleep(poll * 3)
+            continue
         if run.status in Run.TERMINAL:
             for line in RunLogLine.objects.filter(run=run, seq__gt=last_seq).order_by("seq"):
                 sys.stderr.write(f"[{line.level}] {line.text}\n")

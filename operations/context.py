@@ -5,11 +5,21 @@ page shows it within a second. A background thread keeps `heartbeat_at` fresh
 so the reaper can tell a long quiet step from a dead worker; if the run has
 been taken away from us (failed by the reaper or a redelivery), the next
 heartbeat or log call raises RunLost and the handler stops.
+
+An undo (inside `uninterruptible()`) does not stop for a control database that
+does not answer: a run with a local journal (operations.offline — restores and
+upgrades) then goes *offline* for the rest of its execution: log lines (with
+their seq), commands, bookkeeping writes (`record`) and the run's end go to the
+local journal, and operations.reconcile puts them into the database once it
+answers again. What the undo needs from the database (credentials, the
+customer's services) is read when the run starts and held in memory (`held`),
+never written to disk.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import traceback
 from collections.abc import Iterable, Sequence
@@ -23,6 +33,9 @@ from engines import proc, runas
 
 from . import live
 from .models import Run, RunCommand, RunLogLine
+from .offline import DB_LOST, JournalHeld, LocalRecord, PendingCommand
+
+log = logging.getLogger(__name__)
 
 
 class OperationError(Exception):
@@ -47,10 +60,16 @@ class RunContext:
         self._seq = (RunLogLine.objects.filter(run=run).aggregate(m=Max("seq"))["m"] or 0) + 1
         self._secrets: list[str] = []
         self._stop = threading.Event()
-        self._log_lock = threading.Lock()  # a handler may log from two threads (backup lanes)
+        self._log_lock = threading.RLock()  # a handler may log from two threads (backup lanes)
         self._heartbeat_thread: threading.Thread | None = None
         self.lost = False
         self._undoing = 0  # > 0 inside uninterruptible(): putting things back must not stop half-way
+        self.local: LocalRecord | None = None  # the run's local journal, from its first journal write
+        self.offline = False  # the control database stopped answering during an undo: the local journal records
+        self.ended_offline = False  # the run's end went to the local journal (reconciliation records it)
+        # What an undo needs from the control database, read while it answers and kept in this process's memory
+        # only (never on disk): database targets with their credentials, the customer's services…
+        self.held: dict = {}
 
     # --- lifecycle -----------------------------------------------------------
     def start_heartbeat(self) -> None:
@@ -72,9 +91,15 @@ class RunContext:
             connection.close()  # this thread's own connection
 
     def beat(self) -> bool:
-        return bool(
-            Run.objects.filter(pk=self.run.pk, status=Run.Status.RUNNING).update(heartbeat_at=timezone.now())
-        )
+        try:
+            return bool(
+                Run.objects.filter(pk=self.run.pk, status=Run.Status.RUNNING).update(heartbeat_at=timezone.now())
+            )
+        except DB_LOST:
+            # Not a lost run: nobody can reap it while the database is away either. Beat again as soon as it is
+            # back (a fresh connection each try), before a reaper finds the heartbeat stale.
+            _drop_connection()
+            return True
 
     @contextlib.contextmanager
     def uninterruptible(self):
@@ -86,6 +111,10 @@ class RunContext:
             yield self
         finally:
             self._undoing -= 1
+
+    @property
+    def undoing(self) -> bool:
+        return bool(self._undoing)
 
     def check_alive(self) -> None:
         if self._undoing:
@@ -108,15 +137,69 @@ class RunContext:
     def _mask(self, text: str) -> str:
         return proc.mask(text, self._secrets)
 
+    # --- the local journal and the control database ---------------------------------------------------
+    def keep_local(self) -> LocalRecord:
+        """The run's local journal (created, and its lock taken, on first use)."""
+        if self.local is None:
+            try:
+                self.local = LocalRecord(self.run)
+            except JournalHeld as exc:
+                raise RunLost(str(exc)) from None
+        return self.local
+
+    def _may_go_offline(self) -> bool:
+        return bool(self._undoing and self.local is not None)
+
+    def _go_offline(self, exc: BaseException) -> None:
+        """Latched for the rest of this execution: what follows goes to the local journal, in order, and is
+        reconciled at the end (trying the database on every line would slow the undo down to its timeouts)."""
+        with self._log_lock:
+            if self.offline:
+                return
+            self.offline = True
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log.warning("run %s: the control database does not answer (%s); the undo goes on, recorded in %s",
+                    self.run.pk, why, self.local.path)
+        self.local.go_offline(why)
+        _drop_connection()
+        self.warning(f"the control database does not answer ({why}): the undo goes on and is recorded in the "
+                     "local journal; the run is reconciled when the database answers again")
+
+    def record(self, write, *, replay: str | None = None, **payload):
+        """A write of the run's own bookkeeping (its steps, a row it changes on its way back). While undoing, a
+        control database that does not answer does not stop the undo: the write is kept in the local journal,
+        to be made by reconciliation through the replay function registered as `replay`
+        (operations.registry.register_replay; None when the local journal holds it already). Returns what
+        `write` returned, or None when it was kept for later."""
+        if not self.offline:
+            try:
+                return write()
+            except DB_LOST as exc:
+                if not self._may_go_offline():
+                    raise
+                self._go_offline(exc)
+        if replay:
+            self.local.defer(replay, payload)
+        return None
+
     # --- logging -------------------------------------------------------------
     def log(self, text: str, *, level: str = RunLogLine.Level.INFO, stream: str = "kasa",
-            command: RunCommand | None = None) -> None:
+            command: RunCommand | PendingCommand | None = None) -> None:
         with self._log_lock:
-            RunLogLine.objects.create(
-                run=self.run, seq=self._seq, level=level, stream=stream, command=command, text=self._mask(str(text))
-            )
+            text = self._mask(str(text))
+            if not self.offline:
+                try:
+                    RunLogLine.objects.create(run=self.run, seq=self._seq, level=level, stream=stream,
+                                              command=command, text=text)
+                except DB_LOST as exc:
+                    if not self._may_go_offline():
+                        raise
+                    self._go_offline(exc)  # logs its own line first, under the next seq
+            if self.offline:
+                self.local.add_line(seq=self._seq, level=level, stream=stream, text=text, command=command)
             self._seq += 1
-        live.notify(self.run.pk)
+        if not self.offline:
+            live.notify(self.run.pk)
 
     def info(self, text: str) -> None:
         self.log(text)
@@ -161,7 +244,9 @@ class RunContext:
         for s in secrets:
             self.add_secret(s)
         shown = proc.masked_argv(argv, self._secrets)
-        row = RunCommand.objects.create(run=self.run, argv=shown, cwd=cwd or "")
+        row = self.record(lambda: RunCommand.objects.create(run=self.run, argv=shown, cwd=cwd or ""))
+        if row is None:  # offline: created by reconciliation
+            row = PendingCommand(self.local.add_command(argv=shown, cwd=cwd or ""))
         self.log("$ " + " ".join(shown), stream="kasa", command=row)
 
         def on_line(stream: str, line: str) -> None:
@@ -171,19 +256,23 @@ class RunContext:
             res = proc.run(argv, cwd=cwd, env=env, timeout=timeout, secrets=self._secrets,
                            on_line=on_line, on_start=on_start, identity=identity)
         except (proc.CommandNotFound, proc.CommandTimeout, runas.RunAsError) as exc:
-            RunCommand.objects.filter(pk=row.pk).update(finished_at=timezone.now(), error=str(exc))
+            self._end_command(row, finished_at=timezone.now(), error=str(exc))
             self.error(str(exc))
             if raise_proc_errors:
                 raise
             raise OperationError(str(exc)) from None
-        RunCommand.objects.filter(pk=row.pk).update(
-            finished_at=timezone.now(), exit_code=res.exit_code, duration=res.duration
-        )
+        self._end_command(row, finished_at=timezone.now(), exit_code=res.exit_code, duration=res.duration)
         self.log(f"exit code {res.exit_code} after {res.duration:.2f} s",
                  level=RunLogLine.Level.INFO if res.ok else RunLogLine.Level.WARNING, command=row)
         if check and not res.ok:
             raise OperationError(f"{shown[0]} failed: {res.last_error_line()}")
         return res
+
+    def _end_command(self, row, **fields) -> None:
+        if row.pk is not None:
+            if self.record(lambda: RunCommand.objects.filter(pk=row.pk).update(**fields)) is not None:
+                return
+        self.local.end_command(row, **fields)  # offline: reconciliation completes (or creates) the row
 
     def runner(self):
         """An engines.proc.run-compatible callable that records through this run."""
@@ -193,6 +282,12 @@ class RunContext:
                                 raise_proc_errors=True, identity=identity)
 
         return _run
+
+
+def _drop_connection() -> None:
+    """Forget a connection the database dropped: the next query connects afresh."""
+    with contextlib.suppress(Exception):
+        connection.close()
 
 
 def close_db_after(fn):

@@ -7,12 +7,14 @@ asks the run to cancel and waits for it to stop cleanly.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 from django.db import connection
 
 from .cli import follow_run
 from .models import Run
+from .offline import DB_LOST
 from .services import run_cancel, run_execute
 
 
@@ -36,5 +38,6 @@ def execute_in_foreground(run: Run, *, timeout: float = 24 * 3600) -> Run:
         run.refresh_from_db()
         return run
     thread.join()
-    run.refresh_from_db()
+    with contextlib.suppress(*DB_LOST):  # still away: the run stays as last seen (follow_run said why)
+        run.refresh_from_db()
     return run

@@ -1,5 +1,9 @@
-"""A run's journal: what an operation changed, written to the run's `result` BEFORE each change.
+"""A run's journal: what an operation changed, written BEFORE each change — to a local file first, then to the
+run's `result`.
 
+The local file (operations.offline, engines.localjournal: `$KASA_VAR_DIR/journals/run-<id>.json`, authenticated,
+fsynced) is what makes the way back independent of the control database: an undo that finds the database gone
+goes on from memory and this file, and the reaper prefers the file when the run's `result` lags behind it.
 A worker killed at any point leaves exactly what the reaper's on_abandon hook needs to put the customer
 back. A journal never holds a secret: steps name databases by connection name and files by path.
 Restores and upgrades keep theirs here (and the database steps of both go through backups.dbswap).
@@ -30,7 +34,10 @@ class RunJournal:
 
     def _save(self) -> None:
         self.doc[self.key] = self.steps
-        Run.objects.filter(pk=self.ctx.run.pk).update(result=self.doc)
+        # On local disk and fsynced first: if the control database is gone by the next change, the way back is
+        # still written down. While undoing, a database that does not answer is not an error (ctx.record).
+        self.ctx.keep_local().save_doc(self.doc)
+        self.ctx.record(lambda: Run.objects.filter(pk=self.ctx.run.pk).update(result=self.doc))
 
     def has(self, kind: str) -> bool:
         return any(s["type"] == kind for s in self.steps)

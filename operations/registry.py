@@ -58,3 +58,18 @@ def add_guard(path: str) -> None:
 
 def guards() -> list:
     return [import_string(p) for p in _guards]
+# Bookkeeping writes an undo could not make while the control database did not answer (RunContext.record), by
+# name: operations.reconcile calls `fn(run, payload)` for each, in order. Only registered names are ever called,
+# whatever a local journal says.
+_replays: dict[str, str] = {}
+
+
+def register_replay(name: str, function: str) -> None:
+    _replays[name] = function
+
+
+def replay(name: str):
+    try:
+        return import_string(_replays[name])
+    except KeyError:
+        raise LookupError(f"no replay registered as {name!r}") from None

@@ -18,9 +18,10 @@ from audit.models import AuditEntry
 from audit.services import audit_record
 from core import permissions
 
-from . import live, registry
+from . import live, reconcile, registry
 from .context import OperationError, RunCancelled, RunContext, RunLost
 from .models import Run
+from .offline import DB_LOST
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,9 @@ def run_execute(run_id: int) -> str:
     - running: a previous delivery's worker died mid-way. Mark it failed and
       never execute it again (a half-done restore must not be repeated blindly);
     - anything else: already finished; do nothing.
+
+    An undo that went on without the control database ends offline: its end is in the run's local journal, and
+    this worker records it as soon as the database answers again (operations.reconcile.settle).
     """
     run = Run.objects.select_related("customer").filter(pk=run_id).first()
     if run is None:
@@ -127,10 +131,15 @@ def run_execute(run_id: int) -> str:
         return "missing"
     if not run.start(worker_id()):
         if run.status == Run.Status.RUNNING:
+            if reconcile.held(run.pk):
+                return "still running"  # its worker is alive on this host (perhaps undoing offline)
+            done, doc = reconcile.take_over(run)
+            if done:
+                return "reconciled"
             if run.fail(WORKER_DIED):
                 ctx = RunContext(run)
                 ctx.error(WORKER_DIED)
-                _abandon(run, ctx)
+                _abandon(run, ctx, doc)
                 _notify_end(run)
             return "redelivered"
         return f"already {run.status}"
@@ -143,29 +152,65 @@ def run_execute(run_id: int) -> str:
             guard(ctx)
         handler = registry.handler(run.kind)
         result = handler(ctx) or {}
-        ctx.stop_heartbeat()
-        if run.succeed(result):
-            ctx.info("succeeded")
+        _end(ctx, Run.Status.SUCCEEDED, result=result)
     except RunLost as exc:
         log.warning("run %s: %s", run_id, exc)
     except RunCancelled as exc:
-        if run.cancel(expect=(Run.Status.RUNNING,), error=str(exc)):
-            ctx.warning(f"cancelled: {exc}")
+        _end(ctx, Run.Status.CANCELLED, error=str(exc))
     except OperationError as exc:
-        if run.fail(str(exc), result=exc.result):
-            ctx.error(f"failed: {exc}")
+        _end(ctx, Run.Status.FAILED, error=str(exc), result=exc.result)
     except Exception as exc:  # a bug or an unexpected environment: keep the traceback in the log
         log.exception("run %s crashed", run_id)
-        if run.fail(f"internal error: {type(exc).__name__}: {exc}"):
-            ctx.log_exception(exc)
+        _end(ctx, Run.Status.FAILED, error=f"internal error: {type(exc).__name__}: {exc}", exc=exc)
     finally:
+        if ctx.offline:  # the heartbeat goes on while we wait for the database
+            reconcile.settle(ctx)
         ctx.stop_heartbeat()
-        run.refresh_from_db()
-        audit_record(action=f"run.{run.kind}.finished", source=AuditEntry.Source.WORKER, obj=run,
-                     customer=run.customer, actor_repr=f"worker:{run.worker}",
-                     result=(run.status + (f": {run.error}" if run.error else ""))[:300])
-        _notify_end(run)
-    return run.status
+        reconcile.release(ctx)  # the local journal goes once everything is in the database
+        if not ctx.offline:
+            run.refresh_from_db()
+            if not ctx.ended_offline:  # reconciliation wrote the audit entry
+                audit_record(action=f"run.{run.kind}.finished", source=AuditEntry.Source.WORKER, obj=run,
+                             customer=run.customer, actor_repr=f"worker:{run.worker}",
+                             result=(run.status + (f": {run.error}" if run.error else ""))[:300])
+            _notify_end(run)
+    return "offline" if ctx.offline else run.status
+
+
+def _end(ctx: RunContext, status: str, *, error: str = "", result: dict | None = None,
+         exc: BaseException | None = None) -> None:
+    """Record how the run ended. A run with a local journal whose end cannot reach the control database (its undo
+    went on offline, or the database went away since) keeps the end there, for reconciliation."""
+    run = ctx.run
+    if not ctx.offline:
+        try:
+            if status == Run.Status.SUCCEEDED:
+                if run.succeed(result):
+                    ctx.info("succeeded")
+            elif status == Run.Status.CANCELLED:
+                if run.cancel(expect=(Run.Status.RUNNING,), error=error):
+                    ctx.warning(f"cancelled: {error}")
+            elif run.fail(error, result=result):
+                if exc is not None:
+                    ctx.log_exception(exc)
+                else:
+                    ctx.error(f"failed: {error}")
+            return
+        except DB_LOST:
+            if ctx.local is None:
+                raise
+            ctx.offline = True
+            ctx.local.go_offline("the run's end could not be recorded")
+    ctx.local.set_outcome(status, ctx._mask(error), result)
+    ctx.ended_offline = True
+    if exc is not None:
+        ctx.log_exception(exc)
+    elif status == Run.Status.FAILED:
+        ctx.error(f"failed: {error}")
+    elif status == Run.Status.CANCELLED:
+        ctx.warning(f"cancelled: {error}")
+    else:
+        ctx.info("succeeded")
 
 
 def _notify_end(run: Run) -> None:
@@ -188,18 +233,25 @@ def run_cancel(run: Run, *, requested_by=None, via: str = "admin") -> bool:
 
 
 def runs_reap(*, stale_after: int | None = None) -> list[int]:
-    """Fail running runs whose worker is gone.
+    """Fail running runs whose worker is gone, and reconcile the local journals left on this host.
 
     Gone means: no heartbeat for `stale_after` seconds, or the worker was on
-    this host and its process no longer exists.
+    this host and its process no longer exists, or it left a local journal
+    that nobody holds any more. A run whose local journal a live process of
+    this host still holds (a worker undoing without the control database, or
+    waiting for it to record the end) is never reaped. Returns the runs it
+    failed or reconciled.
     """
     from django.conf import settings
 
     stale_after = stale_after or settings.KASA_RUN_STALE_AFTER
     cutoff = timezone.now() - timezone.timedelta(seconds=stale_after)
-    reaped = []
+    # First the journals whose worker finished its undo offline: their run ends as that worker recorded it.
+    reaped = reconcile.sweep()
     host = socket.gethostname()
     for run in Run.objects.filter(status=Run.Status.RUNNING).select_related("customer"):
+        if reconcile.held(run.pk):
+            continue
         reason = None
         if run.heartbeat_at is None or run.heartbeat_at < cutoff:
             reason = f"worker lost: no heartbeat from {run.worker or 'unknown worker'} for over {stale_after} s"
@@ -207,26 +259,41 @@ def runs_reap(*, stale_after: int | None = None) -> list[int]:
             h, _, pid = run.worker.rpartition(":")
             if h == host and pid.isdigit() and not _pid_alive(int(pid)):
                 reason = f"worker lost: process {run.worker} no longer exists"
-        if reason and run.fail(reason):
+            elif reconcile.orphaned(run.pk):
+                reason = f"worker lost: {run.worker or 'its worker'} left its local journal and no process holds it"
+        if not reason:
+            continue
+        done, doc = reconcile.take_over(run)  # what the dead worker logged offline goes in first
+        if done:
+            reaped.append(run.pk)
+            continue
+        if run.fail(reason):
             ctx = RunContext(run)
             ctx.error(reason)
-            _abandon(run, ctx)
+            _abandon(run, ctx, doc)
             audit_record(action=f"run.{run.kind}.reaped", source=AuditEntry.Source.SYSTEM, obj=run,
                          customer=run.customer, result=reason)
             reaped.append(run.pk)
     return reaped
 
 
-def _abandon(run: Run, ctx: RunContext) -> None:
-    """Let the kind clean up after a handler that died (partial artifacts and the like)."""
+def _abandon(run: Run, ctx: RunContext, local_doc: dict | None = None) -> None:
+    """Let the kind clean up after a handler that died (partial artifacts, a journal to undo). `local_doc`: the
+    dead worker's local journal, written before its copy in `result`, so never behind it."""
     hook = registry.abandon_hook(run.kind)
-    if hook is None:
-        return
     try:
-        hook(run, ctx)
-    except Exception as exc:  # cleanup trouble must not hide the failure itself
-        log.exception("cleanup of abandoned run %s failed", run.pk)
-        ctx.error(f"cleanup after the dead worker failed: {exc}")
+        if hook is None:
+            return
+        if local_doc is not None and local_doc != run.result:
+            ctx.info("the run's journal is taken from its local journal, which is ahead of the control database")
+            run.result = local_doc
+        try:
+            hook(run, ctx)
+        except Exception as exc:  # cleanup trouble must not hide the failure itself
+            log.exception("cleanup of abandoned run %s failed", run.pk)
+            ctx.error(f"cleanup after the dead worker failed: {exc}")
+    finally:
+        reconcile.release(ctx)  # went offline meanwhile: the file stays, the next pass reconciles it
 
 
 def _pid_alive(pid: int) -> bool:

@@ -78,9 +78,20 @@ def processes() -> dict[int, tuple[str, int, int]]:
 
 
 def wait_dead(pid: int, timeout: float = 30) -> None:
-    """Until `pid` is gone or a zombie. A SIGKILL takes effect only once the process leaves an uninterruptible
-    sleep (a write to disk, say), so a killed worker may still look alive for a moment."""
-    wait_until(lambda: processes().get(pid, ("X",))[0] in ("Z", "X"), timeout, what=f"process {pid} to die")
+    """Until `pid` is gone or a zombie with no thread left. A SIGKILL takes effect only once each thread leaves an
+    uninterruptible sleep (a write to disk, say), so a killed worker may still look alive for a moment; and its
+    main thread shows as a zombie while another thread is still dying, holding the open files (and their
+    locks) they share."""
+
+    def dead() -> bool:
+        if processes().get(pid, ("X",))[0] not in ("Z", "X"):
+            return False
+        try:
+            return os.listdir(f"/proc/{pid}/task") in ([], [str(pid)])
+        except OSError:
+            return True  # gone altogether
+
+    wait_until(dead, timeout, what=f"process {pid} and its threads to die")
 
 
 # --- real database servers for customer databases -----------------------------

@@ -13,3 +13,6 @@ class UpgradesConfig(AppConfig):
                           on_abandon="upgrades.operations.abandon")
         registry.register("rollback", "upgrades.operations.rollback", mutating=True,
                           on_abandon="upgrades.operations.abandon")
+        # What a way back records while the control database does not answer, made at reconciliation.
+        registry.register_replay("upgrade_step", "upgrades.journal.replay_step")
+        registry.register_replay("upgrade_outcome", "upgrades.rollback.replay_outcome")

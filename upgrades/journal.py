@@ -1,7 +1,9 @@
 """The bookkeeping of an upgrade run: its journal (the way back) and its recorded steps.
 
-The journal lives in the run's `result` and is written BEFORE each change, so a worker killed at any
-point leaves exactly what the reaper's on_abandon hook needs to put the customer back. It never holds
+The journal lives in a local file and the run's `result` (operations.journal) and is written BEFORE each
+change, so a worker killed at any point leaves exactly what the reaper's on_abandon hook needs to put the
+customer back. A step row written while a rollback goes on without the control database is replayed at
+reconciliation (`replay_step`). It never holds
 a secret: databases are named by connection name, .env files by path and sha256.
 """
 
@@ -12,11 +14,12 @@ import hashlib
 import os
 
 from django.utils import timezone
+from django.utils.dateparse import parse_datetime
 
 from operations.context import RunContext
 from operations.journal import RunJournal
 
-from .models import UpgradeStep
+from .models import Upgrade, UpgradeStep
 
 DETAIL_LIMIT = 20000
 
@@ -69,9 +72,17 @@ class Steps:
         self.position = UpgradeStep.objects.filter(upgrade=upgrade).count()
         self.failed = ""  # the first step that failed
 
-    def _row(self, name: str, status: str) -> UpgradeStep:
+    def _row(self, name: str, status: str, **fields) -> UpgradeStep:
         self.position += 1
-        return UpgradeStep.objects.create(upgrade=self.upgrade, position=self.position, name=name, status=status)
+        row = UpgradeStep(upgrade=self.upgrade, position=self.position, name=name, status=status, **fields)
+        self._record(row, row.save)
+        return row
+
+    def _record(self, row: UpgradeStep, write) -> None:
+        """Now, or — in a rollback that goes on without the control database — at reconciliation (replay_step)."""
+        self.ctx.record(write, replay="upgrade_step", position=row.position, name=row.name, status=row.status,
+                        started_at=row.started_at.isoformat(),
+                        finished_at=row.finished_at.isoformat() if row.finished_at else None, detail=row.detail)
 
     @contextlib.contextmanager
     def step(self, name: str):
@@ -89,13 +100,26 @@ class Steps:
         self._end(row, log, UpgradeStep.Status.SUCCEEDED)
 
     def skip(self, name: str, why: str) -> None:
-        row = self._row(name, UpgradeStep.Status.SKIPPED)
-        UpgradeStep.objects.filter(pk=row.pk).update(finished_at=timezone.now(), detail=why)
+        self._row(name, UpgradeStep.Status.SKIPPED, finished_at=timezone.now(), detail=why)
         self.ctx.info(f"— {name}: skipped ({why})")
 
     def _end(self, row: UpgradeStep, log: StepLog, status: str) -> None:
-        detail = self.ctx._mask("\n".join(log.lines))[-DETAIL_LIMIT:]
-        UpgradeStep.objects.filter(pk=row.pk).update(status=status, finished_at=timezone.now(), detail=detail)
+        row.status, row.finished_at = status, timezone.now()
+        row.detail = self.ctx._mask("\n".join(log.lines))[-DETAIL_LIMIT:]
+        self._record(row, lambda: UpgradeStep.objects.filter(pk=row.pk).update(
+            status=row.status, finished_at=row.finished_at, detail=row.detail) if row.pk else row.save())
+
+
+def replay_step(run, payload: dict) -> None:
+    """Reconciliation of a step recorded offline (operations.reconcile): the row of this run's upgrade only."""
+    upgrade = Upgrade.objects.get(run=run)
+    when = {k: parse_datetime(payload[k]) if payload.get(k) else None for k in ("started_at", "finished_at")}
+    UpgradeStep.objects.update_or_create(
+        upgrade=upgrade, position=int(payload["position"]),
+        defaults={"name": str(payload["name"])[:40],
+                  "status": payload["status"] if payload["status"] in UpgradeStep.Status.values else "failed",
+                  "started_at": when["started_at"] or timezone.now(), "finished_at": when["finished_at"],
+                  "detail": str(payload.get("detail") or "")})
 
 
 def uninterruptible(ctx: RunContext):

@@ -39,9 +39,11 @@ from .rollback import (
     Job,
     discard_running_backups,
     drop_scratch,
+    hold_backup,
     mark_bad,
     put_back,
     quarantine,
+    record_outcome,
     restore_databases,
     scratch_dir,
 )
@@ -253,6 +255,7 @@ def _backup(job: Job, slog, *, pin: str, kind: str | None = None) -> None:
             raise Refused(f"the backup failed ({_short(exc)}); nothing was touched") from None
     Upgrade.objects.filter(pk=up.pk).update(backup=bk)
     up.backup_id = bk.pk
+    hold_backup(ctx, bk.pk)  # the way back restores from it, held in memory: no control database needed then
     job.journal.add({"type": "backup", "id": bk.pk})
     slog.info(f"backup #{bk.pk} taken and pinned ({bk.size / 1e6:.1f} MB)")
 
@@ -593,19 +596,25 @@ def _rollback_preflight(job: Job, target: Upgrade, slog) -> None:
 
 # --- outcomes -----------------------------------------------------------------------------------------
 def _failed(job: Job, exc: BaseException) -> None:
-    """Always raises: OperationError with the outcome (or the cancel, after putting things back)."""
+    """Always raises: OperationError with the outcome (or the cancel, after putting things back). The way back
+    runs to its end even when the control database stops answering (RunContext.uninterruptible, record)."""
+    with uninterruptible(job.ctx):
+        _put_back_and_raise(job, exc)
+
+
+def _put_back_and_raise(job: Job, exc: BaseException) -> None:
     up, ctx = job.upgrade, job.ctx
-    up.refresh_from_db()
+    ctx.record(up.refresh_from_db)  # without the database, this worker's own view of the upgrade holds
     if up.status == Upgrade.Status.SUCCEEDED:  # only its cleanup was cut short: the upgrade stands
         raise exc
     if not job.touched:
         message = str(exc) if isinstance(exc, Refused) else f"failed before anything was touched: {_short(exc)}"
-        up.fail(message)
+        record_outcome(job, Upgrade.Status.FAILED, message)
         if isinstance(exc, (RunCancelled, KeyboardInterrupt)):
             raise exc
         raise OperationError(message, result=job.doc) from None
     ctx.error(f"{job.steps.failed or 'a step'} failed: {_short(exc)}; putting the customer back")
-    target = f"to {up.to_release}" if up.to_release_id else f"of upgrade #{up.rolls_back_id}"
+    target = f"to {job.release_name}" if up.to_release_id else f"of upgrade #{up.rolls_back_id}"
     what = f"{up.get_kind_display().lower()} {target} failed at {job.steps.failed or 'an unknown step'}: {_short(exc)}"
     message = _outcome(job, what, put_back(job))
     if isinstance(exc, (RunCancelled, KeyboardInterrupt)):
@@ -616,13 +625,14 @@ def _failed(job: Job, exc: BaseException) -> None:
 def _outcome(job: Job, what: str, ok: bool) -> str:
     up = job.upgrade
     if ok:
+        bad = ""
         if up.kind == Upgrade.Kind.ROLLBACK:
             message = f"{what}; undone: the customer is on the upgraded release again, as before the rollback"
         else:
             message = (f"{what}; rolled back: the previous release, its .env and the databases are back and the "
                        "services answer")
-            mark_bad(up, f"{what} (run #{up.run_id}, {timezone.now():%Y-%m-%d %H:%M} UTC)")
-        up.rolled_back(message)
+            bad = f"{what} (run #{up.run_id}, {timezone.now():%Y-%m-%d %H:%M} UTC)"
+        record_outcome(job, Upgrade.Status.ROLLED_BACK, message, bad=bad)
         job.ctx.warning(message)
         return message
     message = (f"{what}; ROLLBACK FAILED ({job.doc.get('rollback_error')}): quarantined, an operator must look; "

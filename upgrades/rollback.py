@@ -49,6 +49,9 @@ class Job:
 
         for db in self.customer.databases.all():  # masked in every line a hook or a tool prints
             ctx.add_secret(reveal(db.password))
+        # Held in memory from now on: the way back goes on without the control database (operations.context).
+        dbswap.hold_targets(ctx, self.customer)
+        self.release_name = str(upgrade.to_release) if upgrade.to_release_id else ""
 
     @property
     def root(self) -> Path:
@@ -69,7 +72,13 @@ class Job:
 # --- the way back ----------------------------------------------------------------------------------
 def put_back(job: Job) -> bool:
     """Undo the journal (see the module docstring). True: the customer is back as it was; False: quarantined
-    (job.doc["rollback_error"] says why)."""
+    (job.doc["rollback_error"] says why). Neither a cancel request nor a control database that stops answering
+    stops it: what it records goes to the run's local journal then (operations.context)."""
+    with uninterruptible(job.ctx):
+        return _put_back(job)
+
+
+def _put_back(job: Job) -> bool:
     ctx, j = job.ctx, job.journal
     job.mark(rolling_back=True)
     restore_db = j.has("hooks") and job.upgrade.backup_id is not None and job.upgrade.kind != Upgrade.Kind.ROLLBACK
@@ -135,7 +144,8 @@ def _undo_files(job: Job, slog) -> None:
             _undo_ecosystem(step)
             slog.info(f"{step['path']}: put back")
         elif kind == "versions":
-            Customer.objects.filter(pk=job.customer.pk).update(versions=step["old"])
+            job.ctx.record(lambda v=step["old"]: Customer.objects.filter(pk=job.customer.pk).update(versions=v),
+                           replay="customer_versions", versions=step["old"])
             job.customer.versions = step["old"]
             slog.info(f"recorded versions put back: {_versions(step['old'])}")
     _tidy(job.root)
@@ -163,10 +173,9 @@ def restore_databases(job: Job, slog, *, backup_id: int, journal: Journal) -> No
     journalled, until the caller's finish or undo). A manual rollback writes into its forward journal, which
     a later failure undoes: a database restored in place then needs a backup of its state from before, taken
     here with the services stopped. The automatic rollback is the way back itself: a failure quarantines."""
-    bk = Backup.objects.select_related("target").get(pk=backup_id)
+    bk, arts, store = job.ctx.held.get(("backup", backup_id)) or hold_backup(job.ctx, backup_id)
     if not bk.restorable:
         raise OperationError(f"the pre-upgrade backup #{bk.pk} is {bk.status}: the databases cannot be put back")
-    arts = list(bk.artifacts.filter(kind="database").order_by("pk"))
     if not arts:
         slog.info(f"backup #{bk.pk} holds no database")
         return
@@ -179,7 +188,6 @@ def restore_databases(job: Job, slog, *, backup_id: int, journal: Journal) -> No
         keyring = KeyRing(settings.KASA_BACKUP_KEYS)
     plan = SimpleNamespace(backup=bk, customer=job.customer, clone=False, root=job.root, to_databases={},
                            artifacts=arts)
-    store = bk.target.store()
     for art in arts:
         dbswap.restore_fresh(job.ctx, plan, store, keyring, art, journal)
     way_back = None
@@ -190,6 +198,15 @@ def restore_databases(job: Job, slog, *, backup_id: int, journal: Journal) -> No
     dbswap.swap_all(job.ctx, plan, journal, way_back=way_back)
     slog.info(f"databases {', '.join(a.source for a in arts)} restored from backup #{bk.pk}; the changed ones are "
               "kept aside until the rollback holds")
+
+
+def hold_backup(ctx: RunContext, backup_id: int) -> tuple:
+    """The pre-upgrade backup, its database artifacts and its store, read once and held in memory: the way back
+    restores from it without the control database."""
+    bk = Backup.objects.select_related("target").get(pk=backup_id)
+    held = ctx.held[("backup", backup_id)] = (bk, list(bk.artifacts.filter(kind="database").order_by("pk")),
+                                              bk.target.store())
+    return held
 
 
 def _check_env(job: Job, slog) -> None:
@@ -262,9 +279,36 @@ def mark_bad(upgrade: Upgrade, reason: str) -> None:
 
 
 def quarantine(job: Job, message: str) -> None:
-    job.upgrade.quarantine(message)
+    record_outcome(job, Upgrade.Status.QUARANTINED, message)
     job.ctx.error(message)
-    alert(job.upgrade, message)
+
+
+def record_outcome(job: Job, status: str, message: str, *, bad: str = "") -> None:
+    """The upgrade's end — rolled back (the release marked bad for the customer when `bad` says why), quarantined
+    (with its alert) or failed — now, or at reconciliation when the way back went on without the control database
+    (replay_outcome)."""
+    job.ctx.record(lambda: _settle(job.upgrade, status, message, bad), replay="upgrade_outcome", status=status,
+                   message=message, bad=bad)
+
+
+def _settle(up: Upgrade, status: str, message: str, bad: str) -> None:
+    if status == Upgrade.Status.ROLLED_BACK:
+        up.rolled_back(message)
+        if bad:
+            mark_bad(up, bad)
+    elif status == Upgrade.Status.QUARANTINED:
+        if up.quarantine(message):
+            alert(up, message)
+    else:
+        up.fail(message)
+
+
+def replay_outcome(run, payload: dict) -> None:
+    """Reconciliation (operations.reconcile): the end of this run's own upgrade."""
+    if payload["status"] not in (Upgrade.Status.ROLLED_BACK, Upgrade.Status.QUARANTINED, Upgrade.Status.FAILED):
+        raise ValueError(f"not an upgrade outcome: {payload['status']!r}")
+    up = Upgrade.objects.select_related("customer").get(run=run)
+    _settle(up, payload["status"], str(payload["message"]), str(payload.get("bad") or ""))
 
 
 def alert(upgrade: Upgrade, message: str) -> None:
