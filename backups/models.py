@@ -83,7 +83,7 @@ class StorageTarget(models.Model):
         config = {
             "path": self.path, "bucket": self.bucket, "prefix": self.prefix, "endpoint_url": self.endpoint_url or None,
             "region": self.region or None, "host": self.host, "port": self.port, "username": self.username,
-            "host_key": self.host_key or None,
+            "host_key": self.host_key or None, "owner": settings.KASA_FILES_OWNER,
         }
         secrets = {"access_key": reveal(self.access_key), "secret_key": reveal(self.secret_key),
                    "private_key": reveal(self.private_key)}

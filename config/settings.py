@@ -47,6 +47,12 @@ for _missing in [p for p in (KASA_CUSTOMERS_ROOT, *KASA_CUSTOMERS_ROOT.parents) 
     _missing.mkdir(exist_ok=True)
     _missing.chmod(0o711)
 _private_dir(KASA_VAR_DIR)
+# Who Kasa's own files belong to. A worker runs as root (it starts each customer's code as that customer's
+# user) beside a web process running as Kasa's user, who owns KASA_VAR_DIR: objects the worker writes into
+# local storage targets, which the web process reads back (downloads, the Restore page), are handed to that
+# user. None: every process runs as one user, nothing to hand over.
+_var_stat = KASA_VAR_DIR.stat()
+KASA_FILES_OWNER = (_var_stat.st_uid, _var_stat.st_gid) if os.geteuid() == 0 and _var_stat.st_uid != 0 else None
 
 
 def _dev_generated(name: str, make) -> str:

@@ -39,7 +39,8 @@ def store_from_config(kind: str, config: dict, secrets: dict) -> Store:
     if kind == "local":
         if not config.get("path"):
             raise StoreError("local target: a folder path is required")
-        return LocalStore(config["path"])
+        owner = config.get("owner")
+        return LocalStore(config["path"], owner=tuple(owner) if owner else None)
     if kind == "s3":
         from .s3 import S3Store
 

@@ -21,6 +21,10 @@ from .base import StoreError, StoreNotFound, StoreWriter, clean_name, clean_pref
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
+# Owner = (uid, gid): a worker running as root (to start each customer's code as that customer's user) writes
+# objects that Kasa's web process, running as Kasa's own user, must read back for downloads and the Restore
+# page: they belong to that user, still 0600/0700.
+Owner = tuple[int, int]
 # A full disk and a quota both mean "no room"; EFBIG is a per-file size limit (filesystem or RLIMIT_FSIZE).
 _NO_ROOM = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file size limit reached"}
 
@@ -36,6 +40,8 @@ class LocalWriter(StoreWriter):
             # (engines/directio.py says why and what it saves)
             self._fh = AppendFile(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE,
                                   direct=store.direct)
+            if store.owner is not None:
+                os.fchown(self._fh.fileno(), *store.owner)
         except OSError as exc:
             raise store._error(exc, "creating", name) from None
 
@@ -68,9 +74,10 @@ class LocalWriter(StoreWriter):
 class LocalStore:
     kind = "local"
 
-    def __init__(self, root: str | os.PathLike, *, direct: bool = True):
+    def __init__(self, root: str | os.PathLike, *, direct: bool = True, owner: Owner | None = None):
         self.root = Path(root).resolve()
         self.direct = direct  # O_DIRECT writes where the filesystem allows them
+        self.owner = owner if owner is not None and os.geteuid() == 0 else None
         try:
             self._makedirs(self.root, inside=False)
         except OSError as exc:
@@ -99,6 +106,8 @@ class LocalStore:
             except FileExistsError:
                 continue
             os.chmod(d, DIR_MODE)  # the umask may have taken bits away; make it exact
+            if self.owner is not None:
+                os.chown(d, *self.owner, follow_symlinks=False)
 
     def _error(self, exc: OSError, doing: str, name: str) -> StoreError:
         why = _NO_ROOM.get(exc.errno)

@@ -106,3 +106,50 @@ def test_giving_a_tree_to_a_customer_never_follows_a_link_out_of_it(tmp_path, cu
     for p in (tree, tree / "sub", tree / "sub" / "file", tree / "link", tree / "sub" / "file-link"):
         assert os.lstat(p).st_uid == uid, p
     assert os.lstat(outside).st_uid == 0 and os.lstat(outside / "secret").st_uid == 0
+
+
+def test_artifacts_a_root_worker_writes_are_kasas_users_and_nobody_elses(open_parent):
+    """Deployed with the worker as root (it switches to each customer's user) and the web process as Kasa's own
+    user, who owns KASA_VAR_DIR: what the worker writes into a local storage target belongs to Kasa's user
+    (the web process streams it for downloads), 0600 in 0700 folders, still closed to everybody else."""
+    from tests.conftest import NOBODY, as_unprivileged
+
+    var = open_parent / "var"
+    var.mkdir(mode=0o700)
+    os.chown(var, NOBODY, NOBODY)  # Kasa's user owns its var folder; this worker is root
+    probe = r"""
+import json, os, stat
+import django
+django.setup()
+from django.conf import settings
+from backups.models import StorageTarget
+from engines.artifact import write_bytes
+target = StorageTarget(name="local", kind="local", path=str(settings.KASA_BACKUP_DIR))
+write_bytes(target.store(), "shop/1/db-main.sql.zst.enc", b"artifact")
+found = {}
+for p in [settings.KASA_BACKUP_DIR, settings.KASA_BACKUP_DIR / "shop", settings.KASA_BACKUP_DIR / "shop/1",
+          settings.KASA_BACKUP_DIR / "shop/1/db-main.sql.zst.enc"]:
+    st = os.stat(p)
+    found[str(p)] = [st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)]
+print(json.dumps({"owner": settings.KASA_FILES_OWNER, "found": found}))
+"""
+    env = base_env(var, KASA_CUSTOMERS_ROOT=str(open_parent / "customers"))
+    done = subprocess.run([sys.executable, "-c", probe], cwd=BASE_DIR, env=env, capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    doc = json.loads(done.stdout.strip().splitlines()[-1])
+    assert doc["owner"] == [NOBODY, NOBODY]
+    for path, (uid, gid, mode) in doc["found"].items():
+        assert (uid, gid) == (NOBODY, NOBODY), path
+        assert mode == (0o600 if path.endswith(".enc") else 0o700), (path, oct(mode))
+
+    artifact = var / "backups" / "shop" / "1" / "db-main.sql.zst.enc"
+
+    def read_as_kasas_user():
+        from engines.stores.local import LocalStore
+
+        with LocalStore(str(var / "backups")).open_read("shop/1/db-main.sql.zst.enc") as fh:
+            assert fh.read() == b"artifact"
+
+    as_unprivileged(read_as_kasas_user)
+    assert stat.S_IMODE(os.stat(artifact).st_mode) == 0o600
