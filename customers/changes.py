@@ -1,10 +1,10 @@
 """Saving a customer and its services from the admin: the runtime fields are guarded and audited.
 
-Runtime fields decide what runs, where and as whom: the customer's root folder and run_as, and each service's
-process manager, app name (a PM2 name or systemd unit), start/stop commands and health URL. Only superusers and
-holders of customers.change_runtime (core.permissions.RUNTIME, not in the operators group) may set or change them;
-the admin shows them read-only to everyone else, and these functions refuse a change that reaches them anyway.
-actor None is the shell user (the CLI's customer_add), who already holds Kasa's keys.
+Runtime fields decide what runs, where and as whom: the customer's root folder, run_as and recorded versions, and
+each service's process manager, app name (a PM2 name or systemd unit), start/stop commands and health URL. Only
+superusers and holders of customers.change_runtime (core.permissions.RUNTIME, not in the operators group) may set
+or change them; the admin shows them read-only to everyone else, and these functions refuse a change that reaches
+them anyway. actor None is the shell user (the CLI's customer_add), who already holds Kasa's keys.
 
 Every change of a runtime field is audited ("customer.runtime") with its values before and after: commands are
 shown, because whoever reads the trail must see what will run; a URL's password never is.
@@ -23,7 +23,9 @@ from core import permissions
 
 from .models import Customer, Service
 
-CUSTOMER_RUNTIME = ("root", "run_as")
+# versions too: they decide what an upgrade runs (an install of every component, or the changed ones only) and
+# which permission it needs (upgrades.install_release or upgrades.upgrade_customer).
+CUSTOMER_RUNTIME = ("root", "run_as", "versions")
 SERVICE_RUNTIME = ("process_manager", "app_name", "start_command", "stop_command", "health_url")
 
 

@@ -95,6 +95,7 @@ def test_operator_cannot_set_what_runs_through_the_customer_form_or_its_service_
     data = _change_form_data(client, url, customer)
     data.update({
         "name": "Renamed by the operator", "root": str(elsewhere), "run_as": "kasa-t-beta",
+        "versions": json.dumps({"backend": "9.9.9"}),  # decides install or upgrade, and its permission
         "services-0-process_manager": "command", "services-0-app_name": "evil",
         "services-0-start_command": json.dumps(["sh", "-c", "cat /proc/1/environ > /tmp/keys"]),
         "services-0-stop_command": json.dumps(["sh", "-c", "rm -rf /"]),
@@ -109,7 +110,7 @@ def test_operator_cannot_set_what_runs_through_the_customer_form_or_its_service_
     client.post(url, data)
 
     customer.refresh_from_db()
-    assert customer.root != str(elsewhere) and customer.run_as == ""
+    assert customer.root != str(elsewhere) and customer.run_as == "" and customer.versions == {}
     for svc in customer.services.all():
         assert (svc.process_manager, svc.app_name, svc.start_command, svc.stop_command, svc.health_url) == (
             "none", "", [], [], ""), svc.name
