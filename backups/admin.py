@@ -13,6 +13,7 @@ from django.utils.html import format_html, format_html_join
 from core import permissions
 from core.admin_mixins import (
     AuditedAdminMixin,
+    SuperuserOnlyMixin,
     TeamScopedAdminMixin,
     admin_page,
     change_link,
@@ -43,7 +44,8 @@ def targets_of(request):
 
 
 @admin.register(StorageTarget)
-class StorageTargetAdmin(AuditedAdminMixin, admin.ModelAdmin):
+class StorageTargetAdmin(SuperuserOnlyMixin, AuditedAdminMixin, admin.ModelAdmin):
+    # Storage credentials serve the whole fleet: superusers only.
     formfield_overrides = {models.URLField: {"assume_scheme": "https"}}
     list_display = ("name", "kind", "where", "enabled", "teams_display")
     list_filter = ("kind", "enabled")
@@ -56,21 +58,6 @@ class StorageTargetAdmin(AuditedAdminMixin, admin.ModelAdmin):
         ("Credentials", {"fields": ("secret_key",)}),
     )
 
-    # Storage credentials serve the whole fleet: superusers only.
-    def has_module_permission(self, request):
-        return request.user.is_superuser
-
-    def has_view_permission(self, request, obj=None):
-        return request.user.is_superuser
-
-    def has_add_permission(self, request):
-        return request.user.is_superuser
-
-    def has_change_permission(self, request, obj=None):
-        return request.user.is_superuser
-
-    def has_delete_permission(self, request, obj=None):
-        return request.user.is_superuser
 
     def get_queryset(self, request):
         return super().get_queryset(request).prefetch_related("teams")

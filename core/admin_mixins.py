@@ -73,6 +73,30 @@ def scoped_filter(choices):
     return ScopedRelatedFieldListFilter
 
 
+class SuperuserWritesMixin:
+    """Only superusers add, change or delete (what serves every team: teams, storage targets, maintenance
+    connections); who may see it is the admin's own business."""
+
+    def has_add_permission(self, request, *args):
+        return request.user.is_superuser
+
+    def has_change_permission(self, request, obj=None):
+        return request.user.is_superuser
+
+    def has_delete_permission(self, request, obj=None):
+        return request.user.is_superuser
+
+
+class SuperuserOnlyMixin(SuperuserWritesMixin):
+    """Superusers only, seeing included: credentials that reach the whole fleet."""
+
+    def has_module_permission(self, request):
+        return request.user.is_superuser
+
+    def has_view_permission(self, request, obj=None):
+        return request.user.is_superuser
+
+
 class TeamScopedAdminMixin:
     team_scope_path = "customer"
     team_scope_allow_null: str | bool = False

@@ -14,7 +14,13 @@ from django.urls import path, reverse
 from django.utils.html import format_html
 
 from core import permissions
-from core.admin_mixins import AuditedAdminMixin, TeamScopedAdminMixin, scoped_filter, teams_of
+from core.admin_mixins import (
+    AuditedAdminMixin,
+    SuperuserWritesMixin,
+    TeamScopedAdminMixin,
+    scoped_filter,
+    teams_of,
+)
 from operations.services import OperationRefused
 
 from .changes import CUSTOMER_RUNTIME, SERVICE_RUNTIME, customer_save, runs_something, service_delete, service_save
@@ -23,7 +29,7 @@ from .services import customer_check_start
 
 
 @admin.register(Team)
-class TeamAdmin(AuditedAdminMixin, admin.ModelAdmin):
+class TeamAdmin(SuperuserWritesMixin, AuditedAdminMixin, admin.ModelAdmin):
     list_display = ("name", "member_count")
     ordering = ("name",)  # explicit: the member count's GROUP BY drops Meta.ordering (autocomplete pages)
     filter_horizontal = ("members",)
@@ -39,14 +45,6 @@ class TeamAdmin(AuditedAdminMixin, admin.ModelAdmin):
     def member_count(self, obj):
         return obj.n_members
 
-    def has_add_permission(self, request):
-        return request.user.is_superuser
-
-    def has_change_permission(self, request, obj=None):
-        return request.user.is_superuser
-
-    def has_delete_permission(self, request, obj=None):
-        return request.user.is_superuser
 
 
 class ServiceFormSet(BaseInlineFormSet):

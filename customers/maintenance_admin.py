@@ -10,35 +10,21 @@ from __future__ import annotations
 from django.contrib import admin
 from django.db.models import Q
 
-from core.admin_mixins import AuditedAdminMixin
+from core.admin_mixins import AuditedAdminMixin, SuperuserOnlyMixin
 from engines import dburl
 
 from .models import DatabaseConnection, MaintenanceConnection
 
 
 @admin.register(MaintenanceConnection)
-class MaintenanceConnectionAdmin(AuditedAdminMixin, admin.ModelAdmin):
+class MaintenanceConnectionAdmin(SuperuserOnlyMixin, AuditedAdminMixin, admin.ModelAdmin):
+    # A login that can create and drop any database of a server serves every team on it: superusers only.
     list_display = ("__str__", "engine", "host", "port", "user", "database", "databases_served")
     list_filter = ("engine",)
     search_fields = ("host", "user")
     fields = ("engine", ("host", "port"), ("user", "password"), "database", "created_at")
     readonly_fields = ("created_at",)
 
-    # A login that can create and drop any database of a server serves every team on it: superusers only.
-    def has_module_permission(self, request):
-        return request.user.is_superuser
-
-    def has_view_permission(self, request, obj=None):
-        return request.user.is_superuser
-
-    def has_add_permission(self, request):
-        return request.user.is_superuser
-
-    def has_change_permission(self, request, obj=None):
-        return request.user.is_superuser
-
-    def has_delete_permission(self, request, obj=None):
-        return request.user.is_superuser
 
     @admin.display(description="customer databases on this server")
     def databases_served(self, obj):

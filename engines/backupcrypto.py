@@ -91,6 +91,19 @@ def _hkdf(key: str, info: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(key.encode("utf-8"))
 
 
+def key_id(key: str) -> str:
+    """A key's id (16 hex digits): the same for artifacts and manifests (docs/FORMAT.md)."""
+    return hashlib.sha256(_hkdf(key, KEY_ID_INFO)).hexdigest()[: KEY_ID_BYTES * 2]
+
+
+def derive_by_id(keys: Iterable[str], info: bytes) -> dict[str, bytes]:
+    """{key id: HKDF-SHA256(key, info)} for parsed keys, newest first; a repeated key is one entry."""
+    derived: dict[str, bytes] = {}
+    for key in keys:
+        derived.setdefault(key_id(key), _hkdf(key, info))
+    return derived
+
+
 class KeyRing:
     """The KEKs derived from KASA_BACKUP_KEYS, newest first, addressed by key id.
 
@@ -104,10 +117,7 @@ class KeyRing:
             parsed = parse_keys(keys)
         except SecretKeyError as exc:
             raise BackupKeyError(f"KASA_BACKUP_KEYS: {exc}") from None
-        self._keks: dict[str, bytes] = {}
-        for key in parsed:
-            key_id = hashlib.sha256(_hkdf(key, KEY_ID_INFO)).hexdigest()[: KEY_ID_BYTES * 2]
-            self._keks.setdefault(key_id, _hkdf(key, KEK_INFO))  # a repeated key is one entry
+        self._keks = derive_by_id(parsed, KEK_INFO)
         self.current_id = next(iter(self._keks))
 
     @property

@@ -21,16 +21,12 @@ import json
 import re
 from collections.abc import Iterable
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
+from engines.backupcrypto import derive_by_id
 from engines.secretbox import SecretKeyError, parse_keys
 
 AUTH_FIELD = "auth"
 ALGORITHM = "HMAC-SHA256"
 MAC_INFO = b"kasa manifest mac v1"
-KEY_ID_INFO = b"kasa backup key id v1"  # engines.backupcrypto's: a key has one id for artifacts and manifests
-KEY_ID_BYTES = 8
 _HEX_TAG = re.compile(r"[0-9a-f]{64}")
 
 
@@ -42,10 +38,6 @@ class ManifestUnsigned(ManifestAuthError):
     """The manifest carries no tag at all (made before manifests were signed, or without backup keys)."""
 
 
-def _hkdf(key: str, info: bytes) -> bytes:
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(key.encode("utf-8"))
-
-
 class ManifestKeys:
     """The MAC keys derived from KASA_BACKUP_KEYS, newest first, by key id."""
 
@@ -54,10 +46,7 @@ class ManifestKeys:
             parsed = parse_keys(keys)
         except SecretKeyError as exc:
             raise ManifestAuthError(f"KASA_BACKUP_KEYS: {exc}") from None
-        self._macs: dict[str, bytes] = {}
-        for key in parsed:
-            key_id = hashlib.sha256(_hkdf(key, KEY_ID_INFO)).hexdigest()[: KEY_ID_BYTES * 2]
-            self._macs.setdefault(key_id, _hkdf(key, MAC_INFO))
+        self._macs = derive_by_id(parsed, MAC_INFO)  # the artifacts' key ids: one id per key
         self.current_id = next(iter(self._macs))
 
     @property
