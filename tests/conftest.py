@@ -375,12 +375,12 @@ def worker(start_worker):
     return start_worker()
 
 
-@pytest.fixture
-def asgi_server(subprocess_env, tmp_path):
-    """daphne serving config.asgi on a free port, as in production."""
+@contextlib.contextmanager
+def serving_asgi(env: dict, log_path: Path):
+    """daphne serving config.asgi on a free port with `env`, as in production; `.url` is its address."""
     port = free_port()
     p = Proc([sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "config.asgi:application"],
-             subprocess_env, tmp_path / "daphne.log")
+             env, log_path)
     try:
         wait_until(lambda: port_open("127.0.0.1", port, 0.2) or p.popen.poll() is not None, 30, what="daphne")
         assert p.popen.poll() is None, p.output()
@@ -388,6 +388,13 @@ def asgi_server(subprocess_env, tmp_path):
         yield p
     finally:
         p.stop()
+
+
+@pytest.fixture
+def asgi_server(subprocess_env, tmp_path):
+    """daphne serving config.asgi on a free port, as in production."""
+    with serving_asgi(subprocess_env, tmp_path / "daphne.log") as p:
+        yield p
 
 
 def wait_for_run(run_id: int, timeout: float = 60, statuses=("succeeded", "failed", "cancelled")):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BASE_DIR, Proc, free_port, port_open, wait_until
+from tests.conftest import BASE_DIR, serving_asgi
 from tests.test_settings import manage, production_env
 
 TOKEN = "prometheus-" + uuid.uuid4().hex + uuid.uuid4().hex  # 75 characters
@@ -39,16 +39,8 @@ def production_daphne(subprocess_env, tmp_path):
     env = {**subprocess_env, "KASA_ENV": "production", "ALLOWED_HOSTS": "127.0.0.1"}
     for name in ("KASA_METRICS_TOKEN", "DEBUG", "SECURE_SSL_REDIRECT"):
         env.pop(name, None)
-    port = free_port()
-    p = Proc([sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "config.asgi:application"],
-             env, tmp_path / "daphne.log")
-    try:
-        wait_until(lambda: port_open("127.0.0.1", port, 0.2) or p.popen.poll() is not None, 30, what="daphne")
-        assert p.popen.poll() is None, p.output()
-        p.url = f"http://127.0.0.1:{port}"
+    with serving_asgi(env, tmp_path / "daphne.log") as p:
         yield p
-    finally:
-        p.stop()
 
 
 def test_deployed_metrics_refuse_anonymous_callers_and_name_no_customer(
