@@ -278,6 +278,8 @@ def _tables_swap(ctx: RunContext, art, target, journal, tag: str) -> None:
 def _in_place(ctx: RunContext, plan, art, target, journal, *, way_back: int | None) -> None:
     from .restore import _progress, artifact_kwargs
 
+    if way_back:
+        _way_back_artifact(ctx, way_back, art.source)  # held now: undoing needs no control database
     step = journal.add({"type": "db_inplace", "engine": target.engine, "db": art.source, "xid": None,
                         "way_back": way_back, "copy": bool(plan.clone)})
 
@@ -375,8 +377,7 @@ def _undo_in_place(ctx: RunContext, step: dict, target) -> None:
     if not step.get("way_back"):
         raise OperationError(f"database {step['db']} was restored in place and no backup of its previous state "
                              "exists: it cannot be put back")
-    art = BackupArtifact.objects.select_related("backup", "backup__target").get(
-        backup_id=step["way_back"], kind="database", source=step["db"])
+    art = _way_back_artifact(ctx, step["way_back"], step["db"])
     from .restore import artifact_kwargs
 
     ctx.info(f"database {step['db']}: putting back its state from before the restore (backup #{art.backup_id}), in "
@@ -386,6 +387,17 @@ def _undo_in_place(ctx: RunContext, step: dict, target) -> None:
         dbrestore_pginplace.pg_restore_in_place(target, chunks, expected=(art.details or {}).get("row_counts"),
                                                 application_name=_app_name(ctx) + " undo")
     ctx.info(f"database {step['db']}: the previous database is live again")
+
+
+def _way_back_artifact(ctx: RunContext, backup_id: int, source: str) -> BackupArtifact:
+    """The dump of `source` in the way-back backup, with its backup and target: looked up once, while the control
+    database answers, and held in the worker's memory like the run's credentials (an undo goes on without it;
+    the reaper, undoing for a dead worker, looks it up again)."""
+    key = ("way_back", backup_id, source)
+    if key not in ctx.held:
+        ctx.held[key] = BackupArtifact.objects.select_related("backup", "backup__target").get(
+            backup_id=backup_id, kind="database", source=source)
+    return ctx.held[key]
 
 
 def _undo_swap(ctx: RunContext, step: dict, target) -> None:

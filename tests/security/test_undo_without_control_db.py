@@ -70,8 +70,18 @@ def new_root():
     shutil.rmtree(root, ignore_errors=True)
 
 
-def _customer(env: dict, tmp_path: Path, root: Path) -> dict:
-    """A customer with one service folder (files + a SQLite database inside it), backed up, then changed."""
+def _pg(pg: dict, sql: str, fetch: bool = False):
+    import psycopg
+
+    with psycopg.connect(pg["url"].replace("postgresql://", "postgres://"), autocommit=True) as con:
+        cur = con.execute(sql)
+        return cur.fetchall() if fetch else None
+
+
+def _customer(env: dict, tmp_path: Path, root: Path, pg: dict | None = None) -> dict:
+    """A customer with one service folder (files + a SQLite database inside it), backed up, then changed. With
+    `pg`: also a PostgreSQL database whose role owns it and may not create databases (restored in place, in one
+    transaction, with a backup taken as its way back)."""
     web = root / "web"
     (web / "src").mkdir(parents=True)
     (web / "src" / "app.js").write_text("console.log('v1')\n")
@@ -83,8 +93,12 @@ def _customer(env: dict, tmp_path: Path, root: Path) -> dict:
     con.commit()
     con.close()
     domain = f"undo-{uuid.uuid4().hex[:6]}.example.com"
-    manage(env, "customer_add", domain, "--root", str(root), "--service", "web=web",
-           "--database", f"cache=sqlite:///{db}")
+    databases = ["--database", f"cache=sqlite:///{db}"]
+    if pg:
+        _pg(pg, "CREATE TABLE orders (id int PRIMARY KEY, note text); "
+                "INSERT INTO orders SELECT n, 'order ' || n FROM generate_series(1, 40) n")
+        databases += ["--database", f"main={pg['url']}"]
+    manage(env, "customer_add", domain, "--root", str(root), "--service", "web=web", *databases)
     markers = tmp_path / "markers"
     markers.mkdir()
     markers.chmod(0o1777)
@@ -108,11 +122,19 @@ def _customer(env: dict, tmp_path: Path, root: Path) -> dict:
     con.execute("INSERT INTO hits VALUES (99, '/late')")
     con.commit()
     con.close()
-    return {"root": root, "db": db, "domain": domain, "backup": backup["id"], "markers": markers}
+    if pg:
+        _pg(pg, "DELETE FROM orders WHERE id > 25; ALTER TABLE orders ADD COLUMN paid boolean DEFAULT true; "
+                "CREATE TABLE added_since (x int)")
+    return {"root": root, "db": db, "domain": domain, "backup": backup["id"], "markers": markers, "pg": pg}
 
 
 def _state(c: dict) -> dict:
-    return {"tree": tree_state(c["root"]), "rows": sqlite_state(c["db"])}
+    state = {"tree": tree_state(c["root"]), "rows": sqlite_state(c["db"])}
+    if c["pg"]:
+        state["pg"] = (_pg(c["pg"], "SELECT table_name, column_name FROM information_schema.columns WHERE "
+                                    "table_schema = 'public' ORDER BY 1, 2", fetch=True),
+                       _pg(c["pg"], "SELECT * FROM orders ORDER BY id", fetch=True))
+    return state
 
 
 def _local_journal(env: dict, run_id: int) -> dict | None:
@@ -125,14 +147,18 @@ def _the_run(env: dict) -> int:
     return found[0] if found else 0
 
 
-@pytest.mark.parametrize("who", ["qcluster", "command", "reaper"])
-def test_a_restore_undone_while_the_control_database_is_down_completes_and_is_reconciled(control_db, tmp_path, who,
-                                                                                        new_root):
+@pytest.mark.parametrize("who, databases", [("qcluster", "sqlite"), ("command", "sqlite"), ("reaper", "sqlite"),
+                                            ("command", "sqlite+postgresql in place")])
+def test_a_restore_undone_while_the_control_database_is_down_completes_and_is_reconciled(
+        control_db, tmp_path, who, databases, new_root, request):
     """who records the run once the database is back: the worker (`qcluster`) that executed it, which waits for
     the database; `manage.py restore --yes` executing it in the foreground, which does the same; or, when that
-    process gave up waiting and exited, the reaper's next pass, from the local journal it left."""
+    process gave up waiting and exited, the reaper's next pass, from the local journal it left. With a
+    PostgreSQL role that may not create databases, its database was restored in place: the undo restores it
+    from the way-back backup taken during the run, which the worker holds in memory."""
     cluster, env = control_db
-    c = _customer(env, tmp_path, new_root)
+    pg = request.getfixturevalue("pg_database") if "postgresql" in databases else None
+    c = _customer(env, tmp_path, new_root, pg)
     before = _state(c)
     env = {**env, "KASA_HEALTH_TIMEOUT": "1", "KASA_RECONCILE_PATIENCE": "1" if who == "reaper" else "300"}
     argv = [sys.executable, "manage.py", "restore", str(c["backup"]), "--yes", "--no-safety-backup", "--json"]
