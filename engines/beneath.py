@@ -5,17 +5,26 @@ who may change them at any moment: rename a folder away and put a symbolic link 
 Kasa's check and its use. A rename, chmod, chown or delete by path would then follow that link and act
 outside the customer's tree (a service path `a/log` with `a` swapped for a link to /var: carrying `a/log`
 moves /var/log). So every path below a customer's root is resolved here from the root's own descriptor,
-one component at a time, each opened with O_NOFOLLOW|O_DIRECTORY (a link, wherever it is, is refused with
-LinkRefused, never followed), and the work is done with the *at functions on the last folder's descriptor
-(os.rename/os.unlink/os.mkdir with dir_fd, renameat2, os.fwalk). What a descriptor names cannot be swapped:
-a folder renamed away after it was opened is still the one Kasa works in — the customer's own.
+one component at a time, each opened with O_NOFOLLOW|O_DIRECTORY, and the work is done with the *at
+functions on the last folder's descriptor (os.rename/os.unlink/os.mkdir with dir_fd, renameat2, os.fwalk).
+What a descriptor names cannot be swapped: a folder renamed away after it was opened is still the one Kasa
+works in — the customer's own.
+
+A link on the way is refused (LinkRefused) unless Kasa made it: a link that belongs to the worker's own user
+(the customer's user can neither make one nor change where one points; it can only remove or replace it, and
+a replacement is its own) and that leads below the root — a release symlink (engines.layout), which config
+files are written through. Its text is read from the very link checked (an O_PATH descriptor) and resolved
+the same way from the root, at most MAX_LINKS times. The last component of a path is never followed: a link
+there is renamed, removed or replaced as a link.
 
 Resolution happens before anything changes: a LinkRefused (or NotBeneath) from one of these functions means
 nothing was changed, so a journalled step that fails this way has nothing to undo (`refused`).
 
 Paths are given as Kasa journals them (absolute, or relative to the root) and are taken apart lexically:
 `..` is refused, as is anything outside the root. The root itself is opened with O_NOFOLLOW (it must not be
-a link); the folders above it are Kasa's (KASA_CUSTOMERS_ROOT) and trusted. Plain Python, no Django.
+a link); the folders above it are Kasa's (KASA_CUSTOMERS_ROOT) and trusted. Component by component rather than
+openat2(RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS): it runs on any Linux, and Kasa's own release links must be
+followed, which openat2 cannot tell from the customer's. Plain Python, no Django.
 """
 
 from __future__ import annotations
