@@ -17,6 +17,10 @@ In place, the order is what keeps the customer safe:
 loading the databases before stopping does the same checks with the services
 still up, so the downtime is only the swaps and the restart.)
 
+The files' side — the staging folder, the swaps, the log folders carried over —
+is backups.restore_files: below the root only through descriptors that follow
+no link the customer's user could have made (engines.beneath).
+
 Every change is journalled (a local file, then the run's `result`) before it
 happens. Any failure — or a worker killed mid-way (see `abandon`) — undoes the
 journal in reverse, so the customer ends exactly as it was, and the run says so
@@ -46,7 +50,6 @@ from operations.models import Run
 from . import dbswap, envfiles, restore_files
 from .models import Backup, BackupArtifact
 
-STAGING_PREFIX = restore_files.STAGING_PREFIX
 # Room we want left on the disk after staging: a restore must not fill the disk the customer runs on.
 DISK_MARGIN = 256 * 1024 * 1024
 
@@ -279,9 +282,6 @@ def _safety_backup(ctx: RunContext, plan: Plan) -> int:
 
 
 # --- 3. staging -------------------------------------------------------------------------
-staging_dir = restore_files.staging_dir
-
-
 def _stage(ctx: RunContext, plan: Plan, store, keyring, journal: Journal) -> Path | None:
     """Two lanes at once: archives unpack into the staging folder while the database dumps restore into fresh
     databases (mostly the database server's work). The first failure stops the other lane."""
@@ -290,7 +290,7 @@ def _stage(ctx: RunContext, plan: Plan, store, keyring, journal: Journal) -> Pat
     staging = None
     if files:
         plan.root.mkdir(parents=True, exist_ok=True, mode=0o700)  # a copy's root, under KASA_CUSTOMERS_ROOT
-        staging = staging_dir(plan.root, ctx.run.pk)
+        staging = restore_files.staging_dir(plan.root, ctx.run.pk)
         journal.add({"type": "staging", "path": str(staging)})
         restore_files.make_staging(plan.root, staging)
     stop = threading.Event()

@@ -9,6 +9,9 @@ Before the backup has succeeded, a failure ends the upgrade `failed` with nothin
 every change is journalled before it is made and any failure puts the customer back (rollback.put_back):
 `rolled_back` (and the release is marked bad for the customer), or `quarantined` when that fails too.
 
+The release folders' side (staging, the merged .env, the switch, the ecosystem file, pruning) is
+upgrades.release_files: below the customer's root only through descriptors (engines.beneath).
+
 A manual rollback undoes the customer's last successful upgrade with the same mechanics: a safety
 backup, stop, the symlinks back to the previous releases, the databases from the upgrade's pre-upgrade
 backup (fresh database, then swap), start, health. If it fails, its own journal is undone (the customer
@@ -176,9 +179,6 @@ def _run_as(job: Job, *, hooks: bool) -> runas.Identity | None:
         return runtime.check_run_as(job.ctx, job.customer, hooks=hooks)
     except OperationError as exc:
         raise Refused(str(exc)) from None
-
-
-_identity = release_files.identity
 
 
 def _backup(job: Job, slog, *, pin: str, kind: str | None = None) -> None:
