@@ -34,7 +34,7 @@ from operations.journal import RunJournal
 from tests.restore_helpers import command_json, tree_state
 from tests.upgrade_fixtures import one_component_release
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.smoke, pytest.mark.django_db(transaction=True)]
 
 
 # --- what the attacker does, and what must not change --------------------------------------------------------
