@@ -70,7 +70,8 @@ def target_for(customer: Customer, source: str, to_databases: dict[str, str] | N
             path = db.sqlite_file()
             if clone_root is not None:  # the copy's own SQLite file, at the same place inside its root
                 path = clone_root / path.relative_to(customer.root_path())
-            return dbrestore.DbTarget(engine="sqlite", sqlite_path=str(path))
+            return dbrestore.DbTarget(engine="sqlite", sqlite_path=str(path),
+                                      sqlite_root=str(clone_root if clone_root is not None else customer.root_path()))
         target = dbrestore.DbTarget(engine=db.engine, host=db.host, port=db.port or 0, user=db.user,
                                     password=reveal(db.password), dbname=db.database)
     target.maint = maintenance_for(target)
@@ -196,7 +197,8 @@ def restore_fresh(ctx: RunContext, plan, store, keyring, art: BackupArtifact, jo
             elif engine == "mysql":
                 counts = dbrestore.mysql_restore_fresh(target, new, chunks)
             else:
-                new, counts = dbrestore.sqlite_restore_fresh(target.sqlite_path, chunks, tag=tag)
+                new, counts = dbrestore.sqlite_restore_fresh(target.sqlite_path, chunks, tag=tag,
+                                                                root=target.sqlite_root)
                 step["new"] = new
                 journal._save()
     except CannotCreateDatabase:
@@ -252,7 +254,7 @@ def _fresh_swap(ctx: RunContext, art, target, journal, new: str, tag: str) -> No
         elif target.engine == "mysql":
             old = dbrestore.mysql_swap(target, new, tag=tag)
         else:
-            old = dbrestore.sqlite_swap(target.sqlite_path, new, tag=tag)
+            old = dbrestore.sqlite_swap(target.sqlite_path, new, tag=tag, root=target.sqlite_root)
     except dbrestore.RestoreError as exc:
         raise OperationError(f"database {art.source}: {exc}") from None
     step.update(old=old, done=True)
@@ -403,7 +405,8 @@ def _way_back_artifact(ctx: RunContext, backup_id: int, source: str) -> BackupAr
 def _undo_swap(ctx: RunContext, step: dict, target) -> None:
     if not step.get("done") and target.engine == "sqlite":
         # The worker died inside the swap: what exists tells how far it got (the names come from the tag).
-        old = dbrestore.sqlite_repair(target.sqlite_path, step["new"], tag=f"r{ctx.run.pk}")
+        old = dbrestore.sqlite_repair(target.sqlite_path, step["new"], tag=f"r{ctx.run.pk}",
+                                      root=target.sqlite_root)
         if old is None:
             ctx.info(f"database {step['db']}: the worker died inside the swap, before the restored file went "
                      "live; the previous file is live")
@@ -428,7 +431,7 @@ def _undo_swap(ctx: RunContext, step: dict, target) -> None:
     elif target.engine == "mysql":
         dbrestore.mysql_unswap(target, step["old"], step["new"])
     else:
-        dbrestore.sqlite_unswap(target.sqlite_path, step["old"], step["new"])
+        dbrestore.sqlite_unswap(target.sqlite_path, step["old"], step["new"], root=target.sqlite_root)
     ctx.info(f"database {step['db']}: the previous database is live again")
 
 

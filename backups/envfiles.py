@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from engines import dburl, envfile
+from engines import beneath, dburl, envfile
 
 # Keys apps commonly split a database connection into, by what they hold.
 _SPLIT_KEYS = {
@@ -31,7 +31,14 @@ def rewrite_clone(ctx, plan) -> None:
     """In the copy's .env files, point each database setting of the source at the copy's database."""
     originals = {db.name: db for db in plan.customer.databases.all()}
     for path in env_files(plan.root):
-        text = path.read_text(encoding="utf-8", errors="replace")
+        try:  # read and written through descriptors from the copy's root (the customer's user owns its folders)
+            data = beneath.read_file(plan.root, path)
+        except beneath.BeneathError as exc:
+            ctx.warning(f"{os.path.relpath(path, plan.root)} was left as it is: {exc}")
+            continue
+        if data is None:
+            continue
+        text = data.decode("utf-8", errors="replace")
         values = envfile.parse(text)
         updates: dict[str, str] = {}
         for name, url in plan.to_databases.items():
@@ -54,6 +61,8 @@ def rewrite_clone(ctx, plan) -> None:
                     if key in values and (field == "password" or values[key] == old):
                         updates[key] = new
         if updates:
-            envfile.write_atomic(path, envfile.replace_values(text, updates))
+            st = beneath.lstat(plan.root, path)  # the file keeps its mode and owner (the customer's user)
+            beneath.write_file(plan.root, path, envfile.replace_values(text, updates).encode("utf-8"),
+                               mode=st.st_mode & 0o7777 if st else 0o600, owner=(st.st_uid, st.st_gid) if st else None)
             ctx.info(f"{os.path.relpath(path, plan.root)}: pointed {', '.join(sorted(updates))} at the copy's "
                      "database")

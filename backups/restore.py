@@ -17,6 +17,10 @@ In place, the order is what keeps the customer safe:
 loading the databases before stopping does the same checks with the services
 still up, so the downtime is only the swaps and the restart.)
 
+The files' side — the staging folder, the swaps, the log folders carried over —
+is backups.restore_files: below the root only through descriptors that follow
+no link the customer's user could have made (engines.beneath).
+
 Every change is journalled (a local file, then the run's `result`) before it
 happens. Any failure — or a worker killed mid-way (see `abandon`) — undoes the
 journal in reverse, so the customer ends exactly as it was, and the run says so
@@ -25,7 +29,6 @@ journal in reverse, so the customer ends exactly as it was, and the run says so
 
 from __future__ import annotations
 
-import fnmatch
 import os
 import shutil
 import threading
@@ -38,16 +41,15 @@ from django.conf import settings
 from core.secrets import box
 from customers import runtime
 from customers.models import Customer
-from engines import dburl, paths, runas, sources, swap, trees, unpack
+from engines import dburl, runas, unpack
 from engines.slots import acquire_slot
 from operations.context import OperationError, RunCancelled, RunContext, RunLost
 from operations.journal import RunJournal
 from operations.models import Run
 
-from . import dbswap, envfiles
+from . import dbswap, envfiles, restore_files
 from .models import Backup, BackupArtifact
 
-STAGING_PREFIX = ".kasa-restore-"
 # Room we want left on the disk after staging: a restore must not fill the disk the customer runs on.
 DISK_MARGIN = 256 * 1024 * 1024
 
@@ -88,7 +90,7 @@ def restore(ctx: RunContext) -> dict:
         plan.owner = runtime.check_run_as(ctx, plan.customer)
     keyring = _keyring(plan.backup)
     store = plan.backup.target.store()
-    _sweep_trash(plan.root)
+    restore_files.sweep_trash(plan.root)
     _check_disk(plan)
     journal = Journal(ctx)
     safety = None
@@ -120,7 +122,7 @@ def restore(ctx: RunContext) -> dict:
                                  f"{plan.root}: nothing further was deleted") from None
         raise OperationError(f"restore failed: {_short(exc)}; {what}", result={"safety_backup": safety}) from None
     with ctx.uninterruptible():  # the restore holds: its bookkeeping runs to its end, control database or not
-        _cleanup(ctx, journal)
+        _cleanup(ctx, journal, plan.root)
         if not plan.clone:
             _record_versions(ctx, plan)
     seconds = time.monotonic() - started
@@ -280,10 +282,6 @@ def _safety_backup(ctx: RunContext, plan: Plan) -> int:
 
 
 # --- 3. staging -------------------------------------------------------------------------
-def staging_dir(root: Path, run_id: int) -> Path:
-    return root / f"{STAGING_PREFIX}{run_id}"
-
-
 def _stage(ctx: RunContext, plan: Plan, store, keyring, journal: Journal) -> Path | None:
     """Two lanes at once: archives unpack into the staging folder while the database dumps restore into fresh
     databases (mostly the database server's work). The first failure stops the other lane."""
@@ -291,10 +289,10 @@ def _stage(ctx: RunContext, plan: Plan, store, keyring, journal: Journal) -> Pat
     dbs = [a for a in plan.artifacts if a.kind == "database"]
     staging = None
     if files:
-        plan.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        staging = staging_dir(plan.root, ctx.run.pk)
+        plan.root.mkdir(parents=True, exist_ok=True, mode=0o700)  # a copy's root, under KASA_CUSTOMERS_ROOT
+        staging = restore_files.staging_dir(plan.root, ctx.run.pk)
         journal.add({"type": "staging", "path": str(staging)})
-        staging.mkdir(mode=0o700)
+        restore_files.make_staging(plan.root, staging)
     stop = threading.Event()
 
     def files_lane() -> None:
@@ -304,7 +302,7 @@ def _stage(ctx: RunContext, plan: Plan, store, keyring, journal: Journal) -> Pat
             try:
                 owner = plan.owner  # the customer's user, or the worker's own (development)
                 listing = unpack.extract_artifact(
-                    store, f"{plan.backup.prefix}/{art.name}", dest=str(dest), owner=owner,
+                    store, f"{plan.backup.prefix}/{art.name}", dest=str(dest), owner=owner, root=plan.root,
                     on_progress=_progress(ctx, f"unpacking {art.name}", stop), **artifact_kwargs(plan.backup, art,
                                                                                                 keyring))
             except unpack.ArtifactError as exc:
@@ -382,47 +380,6 @@ def _restore_file_databases(ctx: RunContext, plan: Plan, journal: Journal) -> No
 
 
 # --- 4. swap ---------------------------------------------------------------------------
-def _file_swaps(plan: Plan, staging: Path, *, kind: str) -> list[tuple[str, str]]:
-    """(live path, staged path) pairs: one per service folder (kind "service") or per config file ("config")."""
-    pairs = []
-    for art in plan.artifacts:
-        if art.kind != kind:
-            continue
-        unpacked = staging / art.name.split(".", 1)[0]
-        if art.kind == "service":
-            rel = (art.details or {}).get("path") or art.source
-            paths.relative_inside(rel, what="service path")  # a manifest never places a folder outside the root
-            pairs.append((str(plan.root / rel), str(unpacked / rel)))
-        else:
-            for rel in (art.details or {}).get("files") or []:
-                paths.relative_inside(rel, what="config file")
-                if (unpacked / rel).exists() or (unpacked / rel).is_symlink():
-                    pairs.append((str(plan.root / rel), str(unpacked / rel)))
-    return pairs
-
-
-def _relink(ctx: RunContext, plan: Plan, journal: Journal) -> None:
-    """An upgraded service's path is a symlink to its release folder: point it where it pointed at backup
-    time (a later upgrade may have moved it), journalled like every swap. Before the config files, which
-    are written through the link."""
-    for art in plan.artifacts:
-        link = (art.details or {}).get("link") if art.kind == "service" else None
-        if not link:
-            continue
-        rel, target = paths.relative_inside(link["path"], what="service path"), link["target"]
-        paths.relative_inside(os.path.normpath(os.path.join(os.path.dirname(rel), target)), what="link target")
-        live = plan.root / rel
-        if os.path.islink(live) and os.readlink(live) == target:
-            continue
-        tmp = f"{live}.kasa-link-{ctx.run.pk}"
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        os.symlink(target, tmp)
-        step = journal.add({"type": "files", "beside": True, **swap.plan(str(live), tmp)})
-        swap.apply(step)
-        ctx.info(f"{rel} points at {target} again")
-
-
 def _swap_in(ctx: RunContext, plan: Plan, staging: Path | None, journal: Journal, in_place=False) -> int | None:
     specs = runtime.service_specs(plan.customer)
     # Which services answer now: after a rollback those must answer again (one that was down before the
@@ -433,18 +390,7 @@ def _swap_in(ctx: RunContext, plan: Plan, staging: Path | None, journal: Journal
     runtime.stop_all(ctx, specs)
     way_back = dbswap.way_back(ctx, plan, _safety_backup) if in_place else None  # with the services stopped
     if staging is not None:
-        excludes = (plan.backup.manifest or {}).get("excludes", list(sources.DEFAULT_EXCLUDES))
-        for kind in ("service", "config"):
-            for live, staged in _file_swaps(plan, staging, kind=kind):
-                if not os.path.lexists(os.path.dirname(live)):
-                    os.makedirs(os.path.dirname(live), mode=0o700)
-                if os.path.isdir(live) and not os.path.islink(live) and os.path.isdir(staged):
-                    _carry_excluded(ctx, live, staged, excludes, journal)
-                step = journal.add({"type": "files", **swap.plan(live, staged)})
-                swap.apply(step)
-                ctx.info(f"swapped in {os.path.relpath(live, plan.root)}")
-            if kind == "service":
-                _relink(ctx, plan, journal)
+        restore_files.swap_in(ctx, plan, staging, journal, clone=False)
     _restore_file_databases(ctx, plan, journal)
     dbswap.swap_all(ctx, plan, journal, way_back=way_back)
     ctx.info(f"starting {len(specs)} service(s)")
@@ -466,47 +412,9 @@ def _record_versions(ctx: RunContext, plan: Plan) -> None:
         ctx.info("versions now " + ", ".join(f"{c} {v}" for c, v in sorted(changed.items())))
 
 
-def _carry_excluded(ctx: RunContext, live: str, staged: str, patterns: list[str], journal: Journal) -> None:
-    """What the backup left out on purpose (log folders, excluded patterns) stays: it moves into the staged
-    tree before the swap, so a restore never deletes today's logs. Undone like every other step."""
-    carried = 0
-    for dirpath, dirnames, filenames in os.walk(live):
-        rel_dir = os.path.relpath(dirpath, live)
-        for name in list(dirnames) + filenames:
-            rel = os.path.normpath(os.path.join(rel_dir, name))
-            if not _excluded(rel, name, patterns):
-                continue
-            if name in dirnames:
-                dirnames.remove(name)  # carried whole: do not descend
-            target_parent = os.path.join(staged, os.path.dirname(rel))
-            target = os.path.join(staged, rel)
-            if not os.path.isdir(target_parent) or os.path.lexists(target):
-                continue  # the restored tree has no such folder, or brings its own: leave the live one aside
-            step = journal.add({"type": "carry", "from": os.path.join(live, rel), "to": target})
-            os.rename(step["from"], step["to"])
-            carried += 1
-    if carried:
-        ctx.info(f"kept {carried} excluded path(s) (logs) of {os.path.basename(live)}")
-
-
-def _excluded(rel: str, name: str, patterns: list[str]) -> bool:
-    # GNU tar's --exclude: a pattern without '/' matches any path component; with '/', the path.
-    return any(fnmatch.fnmatch(rel if "/" in p else name, p) for p in patterns)
-
-
 def _clone_in(ctx: RunContext, plan: Plan, staging: Path | None, journal: Journal) -> None:
     if staging is not None:
-        for kind in ("service", "config"):
-            for live, staged in _file_swaps(plan, staging, kind=kind):
-                if os.path.lexists(live) and os.path.isdir(staged):
-                    raise OperationError(f"{live} already exists in the copy's root: a copy is only made into "
-                                         "an empty place")
-                # A config file that a service folder brought already is replaced by the config artifact's copy.
-                os.makedirs(os.path.dirname(live), mode=0o700, exist_ok=True)
-                step = journal.add({"type": "files", **swap.plan(live, staged)})
-                swap.apply(step)
-            if kind == "service":
-                _relink(ctx, plan, journal)
+        restore_files.swap_in(ctx, plan, staging, journal, clone=True)
     _restore_file_databases(ctx, plan, journal)
     dbswap.swap_all(ctx, plan, journal)
     if plan.to_databases and ctx.run.params.get("rewrite_env") and staging is not None:
@@ -514,16 +422,16 @@ def _clone_in(ctx: RunContext, plan: Plan, staging: Path | None, journal: Journa
 
 
 # --- 5. undo and clean up -----------------------------------------------------------------
-def _undo(ctx: RunContext, journal: Journal, plan: Plan | None) -> bool:
+def _undo(ctx: RunContext, journal: Journal, plan: Plan) -> bool:
     """Undo every journalled step in reverse. True when everything was put back."""
     with ctx.uninterruptible():  # also after a cancel, and for the reaper, whose run is already failed
         return _undo_steps(ctx, journal, plan)
 
 
-def _undo_steps(ctx: RunContext, journal: Journal, plan: Plan | None) -> bool:
+def _undo_steps(ctx: RunContext, journal: Journal, plan: Plan) -> bool:
     ok = True
     restart = next((s for s in journal.steps if s["type"] == "services_stopped"), None)
-    if restart and plan is not None:
+    if restart:
         # The restored services may be running (started before a failed health check, or by a worker that
         # died): stop them before their folders and databases are swapped back under them.
         try:
@@ -532,25 +440,14 @@ def _undo_steps(ctx: RunContext, journal: Journal, plan: Plan | None) -> bool:
             ctx.warning(f"could not stop the services before putting the previous state back: {exc}")
     for step in reversed(journal.steps):
         try:
-            kind = step["type"]
-            if kind == "files":
-                if swap.undo(step):
-                    ctx.info(f"put back {step['live']}")
-                if step.get("beside") and os.path.islink(step["staged"]):
-                    os.unlink(step["staged"])  # the link we made
-            elif kind == "carry":
-                if os.path.lexists(step["to"]) and not os.path.lexists(step["from"]):
-                    os.rename(step["to"], step["from"])
-            elif kind == "staging":
-                trees.remove_tree(step["path"], ignore_errors=True)
-            elif kind != "services_stopped":
+            if step["type"] != "services_stopped" and not restore_files.undo(ctx, step, plan.root):
                 dbswap.undo(ctx, step)
         except Exception as exc:
             ok = False
             ctx.error(f"could not undo {step.get('type')} ({step.get('live') or step.get('db') or ''}): {exc}")
     journal.steps = [] if ok else journal.steps
     journal._save()
-    if restart and plan is not None:
+    if restart:
         try:
             specs = runtime.service_specs(plan.customer)
             runtime.start_all(ctx, specs)
@@ -562,24 +459,11 @@ def _undo_steps(ctx: RunContext, journal: Journal, plan: Plan | None) -> bool:
     return ok
 
 
-def _sweep_trash(root: Path) -> None:
-    if root.is_dir():
-        for entry in root.iterdir():
-            if entry.name.startswith(trees.TRASH_PREFIX) and entry.is_dir() and not entry.is_symlink():
-                trees.remove_tree(entry, ignore_errors=True)
-
-
-def _cleanup(ctx: RunContext, journal: Journal) -> None:
+def _cleanup(ctx: RunContext, journal: Journal, root: Path) -> None:
     """The restore holds: drop what was kept for the way back (previous folders, old databases)."""
     for step in reversed(journal.steps):
         try:
-            # Renamed to a trash name at once, removed by a detached `rm -rf`: the caller does not wait for it.
-            # A trash folder left by a crash is swept by the next restore of that root (_sweep_trash).
-            if step["type"] == "staging":
-                trees.discard(step["path"], background=True)  # it holds the previous trees now
-            elif step["type"] == "files" and step.get("beside"):  # the previous link (or folder) set aside
-                trees.discard(step["staged"], background=True)
-            elif step["type"] not in ("files", "services_stopped", "carry"):
+            if step["type"] != "services_stopped" and not restore_files.clean_up(step, root):
                 dbswap.finish(ctx, step)
         except Exception as exc:  # the restore stands; leftovers are reported, not fatal
             ctx.warning(f"could not remove the previous copy ({step.get('path') or step.get('db')}): {exc}")
@@ -601,7 +485,8 @@ def abandon(run: Run, ctx: RunContext) -> None:
         return
     journal = Journal(ctx)
     journal.steps = list(steps)
-    plan = Plan(backup=None, customer=customer, artifacts=[], root=Path(customer.root), clone=False)
+    root = restore_files.journal_root(steps, run.root, customer.root, os.path.realpath(customer.root))
+    plan = Plan(backup=None, customer=customer, artifacts=[], root=root, clone=False)
     if _undo(ctx, journal, plan):
         ctx.info("the worker died mid-restore: the pre-restore state was put back")
     else:

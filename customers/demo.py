@@ -7,7 +7,8 @@ when one is reachable (KASA_DEMO_POSTGRES_URL, default the local server as
 
 As root (`make run` on a bare machine), the demo's code runs as its own OS
 user `kasa-demo` (a system user without login, created here), who owns the
-demo's folder; otherwise it falls back to Kasa's own user, as development may.
+demo's service folders, in a root that stays Kasa's (engines.ownership);
+otherwise it falls back to Kasa's own user, as development may.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from django.conf import settings
 
-from engines import dburl, procman, runas
+from engines import dburl, ownership, procman, runas
 
 from .models import Customer, Team, run_as_identity
 from .services import customer_create
@@ -130,20 +131,21 @@ def demo_user() -> runas.Identity | None:
 
 
 def _hand_over(root: Path) -> tuple[str, str]:
-    """Give the demo's folder to kasa-demo (root only). Returns (run_as to set, "" for Kasa's own user; a note
-    saying why not), after checking that user can reach the folder and PM2 (a checkout under a closed folder
-    such as /root cannot)."""
+    """Give the demo's service folders and ecosystem file to kasa-demo, in a root that stays Kasa's (root, group
+    kasa-demo, 0750: engines.ownership). Returns (run_as to set, "" for Kasa's own user; a note saying why not),
+    after checking that user can reach the folder and PM2 (a checkout under a closed folder such as /root
+    cannot)."""
     identity = demo_user()
     if identity is None:
         return "", "not root: the demo's code runs as Kasa's own user (development fallback)"
-    runas.give(root, identity, recursive=True)
-    root.chmod(0o750)
+    ownership.hand_over(root, identity, service_paths=list(SERVICES), files=["ecosystem.config.js"])
     pm2 = os.path.realpath(procman.pm2_binary())
-    if not runas.may_access(root, identity, os.R_OK | os.W_OK | os.X_OK):
+    if not runas.may_access(root, identity, os.R_OK | os.X_OK):
         return "", f"{identity} cannot reach {root}: the demo's code runs as Kasa's own user"
     if os.path.exists(pm2) and not runas.may_access(pm2, identity, os.R_OK | os.X_OK):
         return "", f"{identity} cannot run {pm2}: the demo's code runs as Kasa's own user"
-    return identity.user, f"the demo's code runs as {identity}, who owns {root}"
+    return identity.user, (f"the demo's code runs as {identity}, who owns its services' folders in {root} (Kasa's, "
+                           f"group {identity.user}, 0750)")
 
 
 def demo_seed(*, prefer_postgres: bool = True) -> tuple[Customer, bool]:

@@ -1,7 +1,8 @@
 """The check operation: can Kasa reach everything a customer is made of?
 
 For the root: it exists inside KASA_CUSTOMERS_ROOT, and the customer's run_as user exists (not root, not Kasa's),
-may enter it, and nobody else may read it.
+may enter it, and nobody else may read it; the root follows the ownership model (engines.ownership: the root and
+the folders Kasa makes there are Kasa's, each service folder the run_as user's).
 For each database: connect with the real client and report the server version.
 For each service: the folder exists inside the root, and the health URL answers.
 Any problem fails the run, with every problem listed in its error and result.
@@ -16,7 +17,7 @@ import urllib.request
 from django.conf import settings
 
 from core.secrets import reveal
-from engines import dbprobe, paths, proc, runas
+from engines import dbprobe, ownership, paths, proc, runas
 from operations.context import OperationError, RunContext
 
 from . import roots
@@ -68,6 +69,7 @@ def check(ctx: RunContext) -> dict:
         problems.append(str(exc))
         ctx.error(str(exc))
     result["run_as"] = _check_run_as(ctx, customer, problems)
+    result["ownership"] = _check_ownership(ctx, customer, services, problems)
     done += 1
 
     for db in databases:
@@ -122,6 +124,29 @@ def _check_run_as(ctx: RunContext, customer: Customer, problems: list[str]) -> d
         return problem(f"the root folder {root} is open to every user (mode {mode:04o}): chmod o-rwx it, so other "
                        "customers' users cannot read it")
     ctx.info(f"run as: {identity}, who may enter {root}; other users may not read it")
+    return entry
+
+
+def _check_ownership(ctx: RunContext, customer: Customer, services, problems: list[str]) -> dict:
+    """Part of the root's item: the root follows the ownership model (engines.ownership), so that the customer's
+    user cannot rename or replace what Kasa's worker makes and changes there."""
+    entry: dict = {"ok": True}
+    try:
+        root = customer.root_path()
+        identity = run_as_identity(customer.run_as) if customer.run_as else None
+    except (runas.RunAsError, paths.PathEscapeError):
+        return entry  # reported by the root's and run_as's own checks
+    if not root.is_dir():
+        return entry
+    found = ownership.problems(root, identity=identity, services=[(s.name, s.path) for s in services])
+    for text in found:
+        problems.append(f"ownership: {text}")
+        ctx.error(f"ownership: {text}")
+    if found:
+        entry.update(ok=False, problems=found)
+    else:
+        ctx.info(f"ownership: {root} and the folders Kasa makes there are Kasa's"
+                 + (f", the services' folders {identity.user}'s" if identity else ""))
     return entry
 
 

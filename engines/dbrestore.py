@@ -60,6 +60,9 @@ class DbTarget:
     password: str = dataclasses.field(default="", repr=False)  # never in a repr, hence never in a log
     dbname: str = ""
     sqlite_path: str = ""
+    # The customer's root (or a copy's) that sqlite_path lies in: its folder is reached from there without
+    # following a link (engines.beneath), since the customer's user may change it meanwhile. "": as it is.
+    sqlite_root: str = ""
     # An administrative login to the same server (a maintenance connection), or None: when set, databases are
     # created, renamed and dropped through it, while the dump still loads as `user` into a database it owns.
     maint: DbTarget | None = dataclasses.field(default=None, repr=False, compare=False)
@@ -130,7 +133,7 @@ def drop_database(target: DbTarget, name: str) -> None:
     elif target.engine == "sqlite":
         from .dbrestore_sqlite import _sqlite_remove  # it imports this module
 
-        _sqlite_remove(name)
+        _sqlite_remove(name, target.sqlite_root)
     else:
         raise RestoreError(f"unknown database engine {target.engine!r}")
 

@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from . import runas
+from . import beneath, runas
 
 FILE_NAME = "ecosystem.kasa.config.js"  # matches procman's ecosystem*.config.js search at the customer's root
 DEFAULT_SCRIPTS = ("server.js", "index.js", "app.js", "main.js")
@@ -82,9 +82,15 @@ def render(apps: Sequence[Mapping]) -> str:
     return HEADER + "module.exports = " + json.dumps({"apps": list(apps)}, indent=2, sort_keys=False) + ";\n"
 
 
-def write(path: str | os.PathLike, apps: Sequence[Mapping], *, owner: runas.Identity | None = None) -> None:
-    """Write atomically, 0600 (it holds .env values), owned by `owner` (the customer's user, who runs PM2)."""
+def write(path: str | os.PathLike, apps: Sequence[Mapping], *, owner: runas.Identity | None = None,
+          root: str | os.PathLike | None = None) -> None:
+    """Write atomically, 0600 (it holds .env values), owned by `owner` (the customer's user, who runs PM2).
+    With `root` (the customer's root, where the file lives), through descriptors (engines.beneath)."""
     path = os.fspath(path)
+    if root is not None:
+        beneath.write_file(root, path, render(apps).encode(), mode=0o600,
+                           owner=(owner.uid, owner.gid) if owner is not None else None)
+        return
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".ecosystem.kasa-")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
@@ -130,24 +129,3 @@ def _quote(value: str) -> str:
     if re.fullmatch(r"[A-Za-z0-9_./:@%+,=?&-]*", value):
         return value
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Replace a file in one step, keeping its mode (a .env is usually 0600)."""
-    path = os.fspath(path)
-    try:
-        mode = os.stat(path).st_mode & 0o7777
-    except FileNotFoundError:
-        mode = 0o600
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".env.kasa-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -14,17 +14,25 @@ no version was recorded — and the symlink takes its place. Undo renames it bac
 
 A switch between two releases is `symlink(new, tmp); rename(tmp, live)`: rename(2) replaces the old link
 in one step, so a reader sees the old release or the new one, never a gap.
+
+Every path here lies below the customer's root, where the customer's user owns the release folders' contents
+(and, in a root that does not follow the ownership model, perhaps more): each is reached from the root's
+descriptor without following a link (engines.beneath), and the renames, links and removals are made on those
+descriptors. A link in the way is refused (beneath.LinkRefused) before anything changes; a switch refused so
+is marked `refused` in its journal step by the caller and has nothing to undo.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import envfile, trees
-from .trees import TRASH_PREFIX, discard
+from . import beneath, envfile, trees
+from .trees import TRASH_PREFIX
 
 RELEASES = "releases"
 UNVERSIONED = "unversioned"  # the version name of a plain folder whose version nobody recorded
@@ -62,8 +70,11 @@ class LiveState:
 def live_state(root: str | os.PathLike, live: str | os.PathLike) -> LiveState:
     """What the service path holds now. A link must lead into <root>/releases/, else kind is "other"."""
     live = os.fspath(live)
-    if os.path.islink(live):
-        target = os.readlink(live)
+    st = beneath.lstat(root, live)
+    if st is None:
+        return LiveState("none")
+    if stat.S_ISLNK(st.st_mode):
+        target = beneath.readlink(root, live) or ""
         resolved = Path(os.path.normpath(os.path.join(os.path.dirname(live), target)))
         releases = Path(root) / RELEASES
         try:
@@ -72,11 +83,9 @@ def live_state(root: str | os.PathLike, live: str | os.PathLike) -> LiveState:
             return LiveState("other", target)
         parts = rel.parts
         return LiveState("link", target, parts[0] if len(parts) == 2 else "")
-    if os.path.isdir(live):
+    if stat.S_ISDIR(st.st_mode):
         return LiveState("dir")
-    if os.path.lexists(live):
-        return LiveState("other")
-    return LiveState("none")
+    return LiveState("other")
 
 
 def link_text(live: str | os.PathLike, target_dir: str | os.PathLike) -> str:
@@ -92,19 +101,26 @@ def staging_path(dest: str | os.PathLike, tag: str) -> Path:
 
 
 # --- the switch ------------------------------------------------------------------------------------
-def point(live: str | os.PathLike, target: str) -> None:
-    """Make `live` a symlink to `target` in one step (replacing a previous link atomically)."""
-    live = os.fspath(live)
-    tmp = f"{live}.kasa-link-{os.getpid()}"
-    if os.path.lexists(tmp):
-        os.unlink(tmp)
-    os.symlink(target, tmp)
+def _point_at(fd: int, name: str, target: str) -> None:
+    """Make `name` in the folder `fd` a symlink to `target` in one step (replacing a previous link atomically)."""
+    tmp = f"{name}.kasa-link-{os.getpid()}"
     try:
-        os.rename(tmp, live)  # EISDIR when live is a real folder: a link never silently replaces one
+        os.unlink(tmp, dir_fd=fd)
+    except FileNotFoundError:
+        pass
+    os.symlink(target, tmp, dir_fd=fd)
+    try:
+        os.rename(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)  # EISDIR when it is a real folder: never replaced
     except BaseException:
-        os.unlink(tmp)
+        os.unlink(tmp, dir_fd=fd)
         raise
-    _fsync_dir(os.path.dirname(live))
+    beneath.fsync(fd)
+
+
+def point(root: str | os.PathLike, live: str | os.PathLike, target: str) -> None:
+    """Make `live` (below `root`) a symlink to `target` in one step (replacing a previous link atomically)."""
+    with beneath.parent(root, live) as (fd, name):
+        _point_at(fd, name, target)
 
 
 def plan_switch(root: str | os.PathLike, live: str | os.PathLike, new_dir: str | os.PathLike | None, *,
@@ -121,65 +137,84 @@ def plan_switch(root: str | os.PathLike, live: str | os.PathLike, new_dir: str |
         raise LayoutError(f"{live} is neither a folder nor a link into {Path(root) / RELEASES}; nothing was switched")
     if state.kind == "dir":
         moved_to = release_dir(root, previous_version or UNVERSIONED, component)
-        if os.path.lexists(moved_to):
+        if beneath.lexists(root, moved_to):
             raise LayoutError(f"cannot keep {live} as the previous release: {moved_to} exists already; "
                               "nothing was switched")
         step["before"]["moved_to"] = str(moved_to)
     return step
 
 
-def apply_switch(step: dict) -> None:
+def apply_switch(step: dict, *, root: str | os.PathLike) -> None:
+    """Make the switch. Both folders are reached first (beneath.LinkRefused then: nothing was changed)."""
     live, before, new = step["live"], step["before"], step["new"]
-    if before["kind"] == "dir":
-        moved_to = before["moved_to"]
-        os.makedirs(os.path.dirname(moved_to), mode=0o755, exist_ok=True)
-        os.rename(live, moved_to)
-        _fsync_dir(os.path.dirname(moved_to))
-    if new is None:
-        if os.path.islink(live):
-            os.unlink(live)
-            _fsync_dir(os.path.dirname(live))
-        return
-    os.makedirs(os.path.dirname(live), mode=0o755, exist_ok=True)
-    point(live, new)
+    with contextlib.ExitStack() as stack:
+        if new is None:
+            try:
+                lfd, lname = stack.enter_context(beneath.parent(root, live))
+            except (FileNotFoundError, NotADirectoryError):
+                return  # nothing there to take away
+        else:
+            lfd, lname = stack.enter_context(beneath.parent(root, live, create=True, mode=0o755))
+        if before["kind"] == "dir":
+            mfd, mname = stack.enter_context(beneath.parent(root, before["moved_to"], create=True, mode=0o755))
+            os.rename(lname, mname, src_dir_fd=lfd, dst_dir_fd=mfd)
+            beneath.fsync(mfd)
+        if new is None:
+            if stat.S_ISLNK(_lmode(lfd, lname)):
+                os.unlink(lname, dir_fd=lfd)
+                beneath.fsync(lfd)
+            return
+        _point_at(lfd, lname, new)
 
 
-def undo_switch(step: dict) -> bool:
+def undo_switch(step: dict, *, root: str | os.PathLike) -> bool:
     """Put the service path back as the step found it. Idempotent; True when something changed."""
+    if step.get("refused"):
+        return False  # refused before anything changed (beneath.LinkRefused)
     live, before = step["live"], step["before"]
-    if before["kind"] == "link":
-        if os.path.islink(live) and os.readlink(live) == before["target"]:
-            return False
-        if os.path.lexists(live) and not os.path.islink(live):
-            raise LayoutError(f"cannot put back the link {live}: something else is there now")
-        point(live, before["target"])
-        return True
-    if before["kind"] == "dir":
-        moved_to = before["moved_to"]
-        if os.path.isdir(live) and not os.path.islink(live):
+    if before["kind"] == "dir" and not beneath.is_dir(root, before["moved_to"]):
+        if beneath.is_dir(root, live):
             return False  # never moved, or already back
-        if not os.path.isdir(moved_to):
-            raise LayoutError(f"cannot put back {live}: the previous folder is not at {moved_to}")
-        if os.path.islink(live):
-            os.unlink(live)
-        os.rename(moved_to, live)
-        _fsync_dir(os.path.dirname(live))
-        return True
-    if before["kind"] == "none" and os.path.islink(live):
-        os.unlink(live)
-        _fsync_dir(os.path.dirname(live))
-        return True
+        raise LayoutError(f"cannot put back {live}: the previous folder is not at {before['moved_to']}")
+    with beneath.parent(root, live) as (lfd, lname):
+        mode = _lmode(lfd, lname)
+        if before["kind"] == "link":
+            if stat.S_ISLNK(mode) and os.readlink(lname, dir_fd=lfd) == before["target"]:
+                return False
+            if mode and not stat.S_ISLNK(mode):
+                raise LayoutError(f"cannot put back the link {live}: something else is there now")
+            _point_at(lfd, lname, before["target"])
+            return True
+        if before["kind"] == "dir":
+            if stat.S_ISDIR(mode):
+                return False  # already back
+            with beneath.parent(root, before["moved_to"]) as (mfd, mname):
+                if stat.S_ISLNK(mode):
+                    os.unlink(lname, dir_fd=lfd)
+                os.rename(mname, lname, src_dir_fd=mfd, dst_dir_fd=lfd)
+                beneath.fsync(lfd)
+            return True
+        if before["kind"] == "none" and stat.S_ISLNK(mode):
+            os.unlink(lname, dir_fd=lfd)
+            beneath.fsync(lfd)
+            return True
     return False
+
+
+def _lmode(fd: int, name: str) -> int:
+    """The entry's st_mode (a link not followed), 0 when there is none."""
+    try:
+        return os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode
+    except FileNotFoundError:
+        return 0
 
 
 # --- keep N ----------------------------------------------------------------------------------------
 def present_versions(root: str | os.PathLike, component: str) -> list[str]:
     """Versions with a release folder of `component` (staging and trash folders are not releases)."""
     base = Path(root) / RELEASES
-    if not base.is_dir():
-        return []
-    return sorted(p.name for p in base.iterdir()
-                  if not p.name.startswith(".") and (p / component).is_dir() and not (p / component).is_symlink())
+    return sorted(v for v in beneath.listdir(root, base)
+                  if not v.startswith(".") and _NAME.match(v) and beneath.is_dir(root, base / v / component))
 
 
 def prune_plan(present: list[str], *, order: list[str], keep: int, protect: set[str]) -> list[str]:
@@ -195,13 +230,10 @@ def prune_plan(present: list[str], *, order: list[str], keep: int, protect: set[
 def remove_release(root: str | os.PathLike, version: str, component: str) -> bool:
     """Delete releases/<version>/<component> (and the version folder once empty)."""
     path = release_dir(root, version, component)
-    if not os.path.lexists(path):
+    if not beneath.lexists(root, path):
         return False
-    discard(path)
-    try:
-        path.parent.rmdir()
-    except OSError:
-        pass  # other components of that version still live there
+    trees.discard(path, root=root)
+    beneath.rmdir(root, path.parent)  # kept while other components of that version live there
     return True
 
 
@@ -209,13 +241,15 @@ def sweep(root: str | os.PathLike) -> list[str]:
     """Remove trash and half-staged folders under <root>/releases left by a crash; returns what was removed."""
     base = Path(root) / RELEASES
     removed = []
-    if not base.is_dir():
+    if not beneath.is_dir(root, base):
         return removed
-    for version in base.iterdir():
-        candidates = [version] + (list(version.iterdir()) if version.is_dir() and not version.is_symlink() else [])
+    for version in beneath.listdir(root, base):
+        candidates = [base / version]
+        if beneath.is_dir(root, base / version):
+            candidates += [base / version / name for name in beneath.listdir(root, base / version)]
         for p in candidates:
-            if (p.name.startswith(TRASH_PREFIX) or STAGE_MARK in p.name) and p.is_dir() and not p.is_symlink():
-                trees.remove_tree(p, ignore_errors=True)
+            if (p.name.startswith(TRASH_PREFIX) or STAGE_MARK in p.name) and beneath.is_dir(root, p):
+                trees.remove_tree(p, ignore_errors=True, root=root)
                 removed.append(str(p))
     return removed
 
@@ -267,11 +301,3 @@ def merge_env(live_text: str | None, example_text: str | None) -> EnvMerge:
     missing = [k for k in required_keys(example_text) if not merged.get(k)]
     removed = [k for k in live if k not in example]
     return EnvMerge(text=text, added=added, removed=removed, missing_required=missing)
-
-
-def _fsync_dir(path: str | os.PathLike) -> None:
-    fd = os.open(os.fspath(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import proc, runas
+from . import beneath, proc, runas
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 Runner = Callable[..., proc.CommandResult]  # proc.run's signature; a caller's runner must call proc.run
@@ -282,9 +282,20 @@ class Pm2Manager(_Base):
         key = (home, spec.identity.uid if spec.identity else None)
         if key not in self._ready:
             _check_home_length(home)
-            if not os.path.lexists(home):
-                os.makedirs(home, mode=0o700)
-            runas.give(home, spec.identity)  # the folder only: what is inside is the user's own doing
+            root = os.path.abspath(spec.root) if spec.root else ""
+            if root and home.startswith(root.rstrip("/") + "/"):
+                # In the customer's root: made and given through descriptors (engines.beneath), never through a
+                # link that the customer's user put there.
+                try:
+                    beneath.makedirs(root, home, mode=0o700)
+                    if spec.identity is not None and os.geteuid() == 0:
+                        beneath.chown(root, home, spec.identity.uid, spec.identity.gid)
+                except beneath.BeneathError as exc:
+                    raise ProcessError(f"service {spec.name!r}: {exc}; nothing was run", service=spec.name) from None
+            else:
+                if not os.path.lexists(home):
+                    os.makedirs(home, mode=0o700)
+                runas.give(home, spec.identity)  # the folder only: what is inside is the user's own doing
             self._ready.add(key)
         return home
 

@@ -1,69 +1,91 @@
-"""Removing a folder tree that may hold read-only folders.
+"""Removing a folder tree: through descriptors (no link followed), read-only folders included.
 
-Kasa's worker runs as an unprivileged user in production (systemd `User=kasa`, the Docker image's uid
-10001). Such a process cannot delete the entries of a folder without write permission (0555, say) or read
-a folder without read permission, although it owns them: `shutil.rmtree` and `rm -rf` then fail, or with
-ignore_errors leave the tree behind for good. Backed-up trees may hold such folders, and restores, drills
-and upgrades unpack them as they were. Root is not bound by those permissions, so nothing is changed there.
+Kasa's worker may run as an unprivileged user (development, or a deployment without customer users). Such a
+process cannot delete the entries of a folder without write permission (0555, say) or read a folder without
+read permission, although it owns them: `shutil.rmtree` and `rm -rf` then fail, or with ignore_errors leave
+the tree behind for good. Backed-up trees may hold such folders, and restores, drills and upgrades unpack them
+as they were. Root is not bound by those permissions, so nothing is chmodded there.
+
+The worker as root removes trees inside customer folders, which the customer's user may change meanwhile: the
+work goes through directory descriptors (engines.beneath). With `root` (the customer's root, or a copy's), the
+path is reached from that root without following any link below it (beneath.LinkRefused otherwise); without,
+the path's parent is Kasa's own (a scratch folder) and opened as it is.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
-import subprocess
+import stat
+from collections.abc import Iterator
+
+from . import beneath
 
 TRASH_PREFIX = ".kasa-trash-"
 
 
-def open_up(top: str | os.PathLike) -> None:
-    """Give the owner rwx on `top` and every folder under it, top-down (a folder is opened before it is
-    entered). Symbolic links are neither followed nor changed. A no-op for root."""
-    if os.geteuid() == 0 or os.path.islink(top) or not os.path.isdir(top):
+@contextlib.contextmanager
+def _parent(path: str, root) -> Iterator[tuple[int, str]]:
+    if root is not None:
+        with beneath.parent(root, path) as found:
+            yield found
         return
-    os.chmod(top, 0o700)
-    for dirpath, dirnames, _ in os.walk(top):
-        for name in dirnames:
-            path = os.path.join(dirpath, name)
-            if not os.path.islink(path):
-                os.chmod(path, 0o700)
+    path = os.path.abspath(path)
+    fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield fd, os.path.basename(path)
+    finally:
+        os.close(fd)
 
 
-def _gone_unless_folder(path: str) -> bool:
-    """True when nothing is left to do: `path` was absent, or a file or link, now unlinked."""
-    if not os.path.lexists(path):
-        return True
-    if os.path.islink(path) or not os.path.isdir(path):
-        os.unlink(path)
-        return True
-    return False
-
-
-def remove_tree(path: str | os.PathLike, *, ignore_errors: bool = False) -> None:
-    """Remove a folder (or a file or link) and all it holds, read-only folders included."""
-    path = os.fspath(path)
-    if _gone_unless_folder(path):
+def open_up(top: str | os.PathLike, *, root: str | os.PathLike | None = None) -> None:
+    """Give the owner rwx on `top` and every folder under it, top-down (a folder is opened before it is
+    entered), through descriptors. Symbolic links are neither followed nor changed. A no-op for root."""
+    if os.geteuid() == 0:
         return
     try:
-        open_up(path)
+        with _parent(os.fspath(top), root) as (fd, name):
+            beneath.open_up_at(fd, name)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+
+
+def remove_tree(path: str | os.PathLike, *, ignore_errors: bool = False,
+                root: str | os.PathLike | None = None) -> None:
+    """Remove a folder (or a file or link) and all it holds, read-only folders included."""
+    try:
+        with _parent(os.fspath(path), root) as (fd, name):
+            beneath.remove_at(fd, name, ignore_errors=ignore_errors)
+    except (FileNotFoundError, NotADirectoryError):
+        return
     except OSError:
         if not ignore_errors:
             raise
-    shutil.rmtree(path, ignore_errors=ignore_errors)
 
 
-def discard(path: str | os.PathLike, *, background: bool = False) -> None:
+def trash_name(name: str) -> str:
+    return f"{TRASH_PREFIX}{name.lstrip('.')}-{os.getpid()}-{os.urandom(3).hex()}"
+
+
+def discard(path: str | os.PathLike, *, background: bool = False, root: str | os.PathLike | None = None) -> None:
     """Remove a tree: renamed to a trash name first (instant, and a crash leaves a name that says what it is),
-    then removed here or, with background, by a detached `rm -rf` the caller does not wait for. Trash left by
-    a crash is swept later (layout.sweep, backups.restore)."""
-    path = os.fspath(path)
-    if _gone_unless_folder(path):
+    then removed here or, with background, by a detached `rm -rf` the caller does not wait for — both in the
+    folder's descriptor, reached once: the rename and the removal act on the same folder whatever is swapped
+    meanwhile. Trash left by a crash is swept later (layout.sweep, backups.restore)."""
+    try:
+        with _parent(os.fspath(path), root) as (fd, name):
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                return
+            if not stat.S_ISDIR(st.st_mode):
+                os.unlink(name, dir_fd=fd)
+                return
+            trash = trash_name(name)
+            os.rename(name, trash, src_dir_fd=fd, dst_dir_fd=fd)
+            if background:
+                beneath.detached_remove_at(fd, trash)
+            else:
+                beneath.remove_at(fd, trash, ignore_errors=True)
+    except (FileNotFoundError, NotADirectoryError):
         return
-    trash = os.path.join(os.path.dirname(path), TRASH_PREFIX + os.path.basename(path).lstrip(".") + f"-{os.getpid()}")
-    os.rename(path, trash)
-    if background:
-        open_up(trash)  # `rm -rf` run by a non-root worker cannot empty read-only folders
-        subprocess.Popen(["rm", "-rf", "--", trash], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,  # noqa: S603
-                         stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
-    else:
-        remove_tree(trash, ignore_errors=True)

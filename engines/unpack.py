@@ -23,13 +23,14 @@ customer could not; without one the files are the worker's own.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import signal
 import stat
 import subprocess
 import threading
 
-from . import runas, trees
+from . import beneath, runas, trees
 from . import tarcheck as tc
 from .plainread import CHILD_ENV, Progress, drain, grow_pipe, last_line, open_plain, write_all
 from .tarcheck import ArchiveRefused, ArtifactError, Limits, Listing, TarScanner, show
@@ -65,19 +66,21 @@ def _tar_argv() -> list[str]:
 class _Tar:
     """GNU tar reading the checked stream from a pipe."""
 
-    def __init__(self, dest: str, label: str, owner: runas.Identity | None = None):
+    def __init__(self, dest: str, label: str, owner: runas.Identity | None = None, cwd: str | None = None):
         self.dest, self.label = dest, label
         self.tail: collections.deque = collections.deque(maxlen=20)
         try:
             # As the owner, tar could not enter dest by its path (the staging folder around it is the worker's,
-            # 0700): the worker's child enters it before it switches user, and tar extracts into ".".
+            # 0700): the worker's child enters it before it switches user, and tar extracts into ".". With `cwd`
+            # (/proc/self/fd/N: the folder Kasa holds open) the child enters exactly that folder, whatever a
+            # customer's user may have swapped on the path since.
             as_owner = runas.popen_kwargs(owner) if owner is not None else {}
         except runas.RunAsError as exc:
             raise ArtifactError(f"{label}: cannot extract as the customer's user: {exc}") from None
         try:
             self.proc = subprocess.Popen(_tar_argv(), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                          stderr=subprocess.PIPE, close_fds=True, start_new_session=True,
-                                         env=CHILD_ENV, bufsize=0, cwd=dest, **as_owner)
+                                         env=CHILD_ENV, bufsize=0, cwd=cwd or dest, **as_owner)
         except FileNotFoundError:
             raise ArtifactError(f"{label}: GNU tar is not installed on this worker") from None
         grow_pipe(self.proc.stdin.fileno())
@@ -130,21 +133,32 @@ class _Tar:
                 pass
 
 
-def _prepare_dest(dest: str, label: str, owner: runas.Identity | None) -> None:
-    """dest absent (created 0700) or an empty folder of ours; given to `owner` when there is one. Through a
-    descriptor opened without following links: a folder or link put there by someone else is refused, not
-    chmod-ed or chown-ed."""
-    try:
-        os.mkdir(dest, 0o700)
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        raise ArtifactError(f"{label}: cannot create the staging folder {dest}: {exc.strerror}") from None
-    try:
-        fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        raise ArtifactError(f"{label}: the staging folder {dest} exists and is not a folder; it was left as it "
-                            "is") from None
+def _prepare_dest(dest: str, label: str, owner: runas.Identity | None, root=None) -> int:
+    """dest absent (created 0700) or an empty folder of ours; given to `owner` when there is one. Returns its
+    descriptor, opened without following links: a folder or link put there by someone else is refused, not
+    chmod-ed or chown-ed. With `root`, dest's folder is reached from it without following any link
+    (engines.beneath): the staging folder lies in a customer's root."""
+    with contextlib.ExitStack() as stack:
+        if root is not None:
+            try:
+                pfd, name = stack.enter_context(beneath.parent(root, dest))
+            except (beneath.BeneathError, FileNotFoundError, NotADirectoryError) as exc:
+                raise ArtifactError(f"{label}: cannot reach the staging folder {dest}: {exc}") from None
+        else:
+            pfd = os.open(os.path.dirname(dest), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            stack.callback(os.close, pfd)
+            name = os.path.basename(dest)
+        try:
+            os.mkdir(name, 0o700, dir_fd=pfd)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise ArtifactError(f"{label}: cannot create the staging folder {dest}: {exc.strerror}") from None
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+        except OSError:
+            raise ArtifactError(f"{label}: the staging folder {dest} exists and is not a folder; it was left as it "
+                                "is") from None
     try:
         st = os.fstat(fd)
         if st.st_uid != os.geteuid() and not (owner is not None and st.st_uid == owner.uid):
@@ -155,8 +169,10 @@ def _prepare_dest(dest: str, label: str, owner: runas.Identity | None) -> None:
         os.fchmod(fd, 0o700)  # exact, whatever the umask
         if owner is not None and os.geteuid() == 0:
             os.fchown(fd, owner.uid, owner.gid)
-    finally:
+    except BaseException:
         os.close(fd)
+        raise
+    return fd
 
 
 # Enough to name every set-id member of a real backup or package; thousands (a hostile archive) get a count.
@@ -185,39 +201,44 @@ def _restate(exc: ArtifactError, suffix: str) -> ArtifactError:
 
 def extract_artifact(store, name: str, *, sha256: str, size: int, encrypted: bool, keyring, compression: str,
                      dest, limits: Limits | None = None, on_progress: Progress | None = None,
-                     owner: runas.Identity | None = None) -> Listing:
+                     owner: runas.Identity | None = None, root: str | os.PathLike | None = None) -> Listing:
     """Extract a tar artifact into `dest` (absent, then created 0700, or an empty folder) in one pass: every
     member header is checked before tar receives that member, and the tree is checked after tar exits.
     With `owner`, dest and everything in it belong to that user (tar runs as it); else to the worker.
     Set-id bits are stripped: `Listing.setid` names each member that had them, for a warning.
-    Any failure removes `dest` entirely and raises ArtifactError/ArchiveRefused. Returns the Listing."""
+    Any failure removes `dest` entirely and raises ArtifactError/ArchiveRefused. Returns the Listing.
+    With `root` (dest lies in a customer's root), dest is reached from it without following a link, tar works in
+    the folder Kasa holds open, and a failure removes it through descriptors (engines.beneath)."""
     dest = os.path.abspath(os.fspath(dest))
     if owner is not None and os.geteuid() != 0 and os.geteuid() != owner.uid:
         raise ArtifactError(f"{name}: the worker runs as uid {os.geteuid()} and cannot give the restored files to "
                             f"{owner}: run the worker as root, or leave run_as empty; nothing was unpacked")
-    _prepare_dest(dest, name, owner)
+    fd = _prepare_dest(dest, name, owner, root)
     try:
         listing = _extract(store, name, sha256=sha256, size=size, encrypted=encrypted, keyring=keyring,
                            compression=compression, dest=dest, limits=limits or Limits(), on_progress=on_progress,
-                           owner=owner)
+                           owner=owner, cwd=beneath.dir_path(fd))
     except ArtifactError as exc:
-        trees.remove_tree(dest)
+        trees.remove_tree(dest, root=root)
         raise _restate(exc, f"the staging folder {dest} was removed and nothing else was touched") from None
     except BaseException:
-        trees.remove_tree(dest)
+        trees.remove_tree(dest, root=root)
         raise
+    finally:
+        os.close(fd)
     listing.paths = None
     return listing
 
 
-def _extract(store, name: str, *, sha256, size, encrypted, keyring, compression, dest, limits, on_progress, owner):
+def _extract(store, name: str, *, sha256, size, encrypted, keyring, compression, dest, limits, on_progress, owner,
+             cwd=None):
     scanner = TarScanner(name, limits)
     stream = open_plain(store, name, sha256=sha256, size=size, encrypted=encrypted, keyring=keyring,
                         compression=compression, on_progress=on_progress)
     tar = None
     try:
         with stream as chunks:
-            tar = _Tar(dest, name, owner)
+            tar = _Tar(dest, name, owner, cwd)
             for chunk in chunks:
                 if scanner.ended:
                     continue  # what follows the end-of-archive block (tar's padding) is read only to be checked

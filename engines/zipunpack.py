@@ -24,7 +24,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import runas, trees
+from . import beneath, runas
 from .layout import LayoutError, staging_path
 from .streams import CHUNK
 from .zipcheck import SETID, ZipRefused, confine, unix_mode
@@ -58,7 +58,7 @@ def stage_zip(zip_path: str | os.PathLike, root: str | os.PathLike, dest: str | 
         if _exists(dest.name, parent):
             raise LayoutError(f"{dest} exists already; nothing was staged")
         if _exists(tmp.name, parent):
-            trees.remove_tree(tmp)
+            beneath.remove_at(parent, tmp.name)
         os.mkdir(tmp.name, 0o700, dir_fd=parent)
         top = os.open(tmp.name, _DIR_FLAGS, dir_fd=parent)
         try:
@@ -71,7 +71,7 @@ def stage_zip(zip_path: str | os.PathLike, root: str | os.PathLike, dest: str | 
                 os.fchmod(top, 0o755)
                 os.rename(tmp.name, dest.name, src_dir_fd=parent, dst_dir_fd=parent)
             except BaseException as exc:
-                trees.remove_tree(tmp, ignore_errors=True)
+                beneath.remove_at(parent, tmp.name, ignore_errors=True)
                 if isinstance(exc, OSError):  # a member that cannot be written (a file where a folder should be)
                     raise LayoutError(f"unpacking {os.path.basename(zip_path)} failed: {exc}; nothing was "
                                       "staged") from None

@@ -39,6 +39,13 @@ class RunJournal:
         self.ctx.keep_local().save_doc(self.doc)
         self.ctx.record(lambda: Run.objects.filter(pk=self.ctx.run.pk).update(result=self.doc))
 
+    def refuse(self, step: dict, reason: BaseException | str) -> None:
+        """The step was refused before it changed anything (a folder below the root turned out to be a link:
+        engines.beneath): its undo has nothing to do, and the journal says why."""
+        with self.lock:
+            step["refused"] = str(reason)[:500]
+            self._save()
+
     def has(self, kind: str) -> bool:
         return any(s["type"] == kind for s in self.steps)
 

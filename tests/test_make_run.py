@@ -110,12 +110,16 @@ def test_make_run_serves_the_admin_with_the_demo_customer_and_ctrl_c_stops_every
     assert (var / "kasa.sqlite3").is_file()
     assert doc["demo"]["database"].startswith("sqlite:")
     assert (Path(run_env["KASA_CUSTOMERS_ROOT"]) / "demo.localhost" / "ecosystem.config.js").is_file()
-    if os.geteuid() == 0:  # as root, the demo's code runs as its own user, who owns its folder
+    if os.geteuid() == 0:  # as root, the demo's code runs as its own user, who owns its services' folders
         import pwd
 
         assert doc["demo"]["run_as"] == "kasa-demo", doc["demo"]
         demo = Path(run_env["KASA_CUSTOMERS_ROOT"]) / "demo.localhost"
-        assert demo.stat().st_uid == pwd.getpwnam("kasa-demo").pw_uid
+        user = pwd.getpwnam("kasa-demo")
+        # The root stays Kasa's (the ownership model: README, "Security model"): group kasa-demo, 0750.
+        assert (demo.stat().st_uid, demo.stat().st_gid, demo.stat().st_mode & 0o777) == (0, user.pw_gid, 0o750)
+        for owned in ("backend", "backend/.env", "backend/data/demo.sqlite3", "store", "ecosystem.config.js"):
+            assert (demo / owned).stat().st_uid == user.pw_uid, owned
         assert (var / "kasa_backup_keys").stat().st_mode & 0o777 == 0o600 and var.stat().st_mode & 0o777 == 0o700
     else:
         assert doc["demo"]["run_as"] is None

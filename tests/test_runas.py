@@ -16,7 +16,7 @@ import pytest
 from django.conf import settings
 from django.core.exceptions import ValidationError
 
-from engines import procman, runas
+from engines import ownership, procman, runas
 from tests.conftest import as_unprivileged, ensure_os_user, free_port, require
 from tests.restore_helpers import command_json, tree_state
 
@@ -54,10 +54,10 @@ def _server_service(customer, *, manager: str = "command", port: int | None = No
 
 
 def _owned_by(customer, user: runas.Identity) -> None:
+    """The root by the ownership model (README, "Security model"): Kasa's, group the user's, 0750; the services'
+    folders the user's."""
     root = Path(customer.root)
-    runas.give(root, user, recursive=True)
-    for path in (root, *[p for p in root.rglob("*") if p.is_dir()]):
-        path.chmod(0o750)
+    ownership.hand_over(root, user, service_paths=[s.path for s in customer.services.all()])
     customer.run_as = user.user
     customer.full_clean()
     customer.save()
@@ -203,15 +203,23 @@ def test_check_reports_a_missing_user_a_root_it_cannot_enter_and_a_root_open_to_
     assert run.status == "failed" and f"run as: {alpha} cannot enter the root folder" in run.error, run.error
     assert run.result["run_as"]["ok"] is False
 
-    runas.give(root, alpha, recursive=True)
+    runas.give(root, alpha, recursive=True)  # the whole root handed over, as before the ownership model
     root.chmod(0o755)
     run = _check(customer)
     assert run.status == "failed" and "is open to every user (mode 0755)" in run.error, run.error
 
     root.chmod(0o750)
     run = _check(customer)
+    assert run.status == "failed" and f"the root folder {root} belongs to uid {alpha.uid}, not to Kasa's worker" \
+        in run.error, run.error
+    assert run.result["run_as"] == {"user": alpha.user, "ok": True, "uid": alpha.uid}
+
+    ownership.hand_over(root, alpha, service_paths=["backend"])
+    run = _check(customer)
     assert run.status == "succeeded", run.error
     assert run.result["run_as"] == {"user": alpha.user, "ok": True, "uid": alpha.uid}
+    assert run.result["ownership"] == {"ok": True}
+    assert (root.stat().st_uid, root.stat().st_gid, root.stat().st_mode & 0o777) == (0, alpha.gid, 0o750)
 
 
 # --- what Kasa writes for the customer's code ------------------------------------------------------------------
@@ -331,8 +339,10 @@ def test_the_demo_runs_under_pm2_as_kasa_demo_on_its_ports(transactional_db):
         customer, created = demo_seed(prefer_postgres=False)
         assert created and customer.run_as == DEMO_USER
         user = runas.lookup(DEMO_USER)
-        assert folder.stat().st_uid == user.uid and folder.stat().st_mode & 0o777 == 0o750
+        # The ownership model: the root Kasa's (group kasa-demo, 0750), the services' folders the user's.
+        assert (folder.stat().st_uid, folder.stat().st_gid, folder.stat().st_mode & 0o777) == (0, user.gid, 0o750)
         assert (folder / "backend" / ".env").stat().st_uid == user.uid
+        assert (folder / "ecosystem.config.js").stat().st_uid == user.uid
         specs = runtime.service_specs(customer)
         assert {s.identity for s in specs} == {user}
         procman.start_all(specs, runtime.managers())

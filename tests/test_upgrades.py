@@ -35,13 +35,13 @@ def test_first_switch_keeps_the_plain_folder_as_the_previous_release_and_undo_pu
     (new / "a.txt").write_text("new")
     before = tree_state(root)
     step = layout.plan_switch(root, root / "backend", new, component="backend", previous_version="2.4.0")
-    layout.apply_switch(step)
+    layout.apply_switch(step, root=root)
     assert os.readlink(root / "backend") == "releases/2.5.0/backend"
     assert (root / "backend" / "a.txt").read_text() == "new"
     assert (root / "releases" / "2.4.0" / "backend" / "a.txt").read_text() == "old"
     assert layout.live_state(root, root / "backend").version == "2.5.0"
     json.dumps(step)  # a journal step is plain JSON
-    assert layout.undo_switch(step) and not layout.undo_switch(step)  # idempotent
+    assert layout.undo_switch(step, root=root) and not layout.undo_switch(step, root=root)  # idempotent
     (root / "releases" / "2.4.0").rmdir()
     assert tree_state(root) == before
 
@@ -52,17 +52,17 @@ def test_switch_between_releases_replaces_the_link_and_undo_restores_it(tmp_path
     a, b = layout.release_dir(root, "1.0.0", "web"), layout.release_dir(root, "1.1.0", "web")
     a.mkdir(parents=True)
     b.mkdir(parents=True)
-    layout.point(root / "web", "releases/1.0.0/web")
+    layout.point(root, root / "web", "releases/1.0.0/web")
     step = layout.plan_switch(root, root / "web", b, component="web", previous_version="1.0.0")
     assert step["before"] == {"kind": "link", "target": "releases/1.0.0/web", "version": "1.0.0"}
-    layout.apply_switch(step)
+    layout.apply_switch(step, root=root)
     assert os.readlink(root / "web") == "releases/1.1.0/web"
-    layout.undo_switch(step)
+    layout.undo_switch(step, root=root)
     assert os.readlink(root / "web") == "releases/1.0.0/web"
     gone = layout.plan_switch(root, root / "web", None, component="web", previous_version="1.0.0")
-    layout.apply_switch(gone)
+    layout.apply_switch(gone, root=root)
     assert not os.path.lexists(root / "web")
-    layout.undo_switch(gone)
+    layout.undo_switch(gone, root=root)
     assert os.readlink(root / "web") == "releases/1.0.0/web"
 
 

@@ -9,6 +9,9 @@ Before the backup has succeeded, a failure ends the upgrade `failed` with nothin
 every change is journalled before it is made and any failure puts the customer back (rollback.put_back):
 `rolled_back` (and the release is marked bad for the customer), or `quarantined` when that fails too.
 
+The release folders' side (staging, the merged .env, the switch, the ecosystem file, pruning) is
+upgrades.release_files: below the customer's root only through descriptors (engines.beneath).
+
 A manual rollback undoes the customer's last successful upgrade with the same mechanics: a safety
 backup, stop, the symlinks back to the previous releases, the databases from the upgrade's pre-upgrade
 backup (fresh database, then swap), start, health. If it fails, its own journal is undone (the customer
@@ -17,9 +20,7 @@ stays on the upgraded release); if that fails, it is quarantined.
 
 from __future__ import annotations
 
-import errno
 import os
-import shutil
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -28,11 +29,11 @@ from django.utils import timezone
 
 from backups.models import Backup
 from customers import runtime
-from engines import ecosystem, envfile, layout, procman, releasepkg, runas, trees, unpack, zipunpack
+from engines import beneath, envfile, layout, procman, releasepkg, runas
 from engines.slots import acquire_slot
 from operations.context import OperationError, RunCancelled, RunContext, RunLost
 
-from . import preflight
+from . import preflight, release_files
 from .journal import env_fingerprints, uninterruptible
 from .models import Upgrade, UpgradeStep
 from .rollback import (
@@ -47,7 +48,7 @@ from .rollback import (
     restore_databases,
     scratch_dir,
 )
-from .selectors import live_order, protected_versions, rollback_target
+from .selectors import rollback_target
 
 HOOK_ORDER = releasepkg.HOOKS  # install, migrate, build: every component's install first, then migrate…
 
@@ -125,9 +126,9 @@ def _upgrade(job: Job) -> None:
         _backup(job, slog, pin=f"before upgrade #{up.pk} to {up.to_release} (run #{ctx.run.pk})")
     job.mark(touched=True)  # from here on, any failure puts the customer back
     with job.steps.step("stage") as slog:
-        _stage(job, slog)
+        release_files.stage(job, slog)
     with job.steps.step("env") as slog:
-        _env(job, slog)
+        release_files.merge_envs(job, slog)
     for phase in HOOK_ORDER:
         if any(phase in ch.hooks for ch in job.changes):
             with job.steps.step(phase) as slog:
@@ -135,9 +136,10 @@ def _upgrade(job: Job) -> None:
     with job.steps.step("stop") as slog:
         _stop(job, slog)
     with job.steps.step("switch") as slog:
-        _switch(job, slog)
+        release_files.switch(job, slog)
     with job.steps.step("start") as slog:
-        _start(job, slog, {ch.service: ch.dest for ch in job.changes}, strict={ch.service for ch in job.changes})
+        release_files.start(job, slog, {ch.service: ch.dest for ch in job.changes},
+                            strict={ch.service for ch in job.changes})
     with job.steps.step("health") as slog:
         _health(job, slog)
     with job.steps.step("record") as slog:
@@ -179,57 +181,6 @@ def _run_as(job: Job, *, hooks: bool) -> runas.Identity | None:
         raise Refused(str(exc)) from None
 
 
-def _identity(job: Job) -> runas.Identity | None:
-    """The customer's user now (looked up again: it may have been removed since the preflight)."""
-    return runtime.run_identity(job.customer)
-
-
-def _read_env(path: Path, identity: runas.Identity | None) -> dict[str, str]:
-    """A .env in the customer's folders, which its user may have replaced: only a regular file of that user's is
-    read (never a link to Kasa's files or another customer's), since its values go to the user's processes."""
-    try:
-        return envfile.read(path, owner=identity)
-    except runas.NotOwned as exc:
-        raise OperationError(f"{path} was not read: {exc}") from None
-
-
-def _read_env_text(path: Path, identity: runas.Identity) -> str | None:
-    try:
-        return runas.read_owned(path, identity, limit=16 << 20).decode("utf-8", "replace")
-    except runas.NotOwned as exc:
-        if exc.errno == errno.ENOENT:
-            return None
-        raise OperationError(f"{path} was not read: {exc}") from None
-
-
-def _open_releases(job: Job) -> None:
-    """releases/ and releases/<version>/ stay Kasa's (the customer's user cannot swap what Kasa later switches,
-    prunes or moves there) but must let that user pass through to its services: 0755. Kasa's umask makes the
-    folders it creates 0700. What is inside is given to the user where it is made."""
-    if _identity(job) is None:
-        return
-    # Through descriptors opened without following links: the customer's user may swap `releases` for a link
-    # (to /root, say) at any moment, and a chmod by path would follow it.
-    nofollow = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        top = os.open(job.root / layout.RELEASES, nofollow)
-    except OSError:
-        return  # none yet, or not a folder of ours: nothing to open
-    try:
-        os.fchmod(top, 0o755)
-        for entry in os.scandir(top):
-            try:
-                fd = os.open(entry.name, nofollow, dir_fd=top)
-            except OSError:
-                continue
-            try:
-                os.fchmod(fd, 0o755)
-            finally:
-                os.close(fd)
-    finally:
-        os.close(top)
-
-
 def _backup(job: Job, slog, *, pin: str, kind: str | None = None) -> None:
     from backups.operations import make_backup
     from backups.services import BackupInputError, backup_params
@@ -260,80 +211,6 @@ def _backup(job: Job, slog, *, pin: str, kind: str | None = None) -> None:
     slog.info(f"backup #{bk.pk} taken and pinned ({bk.size / 1e6:.1f} MB)")
 
 
-def _stage(job: Job, slog) -> None:
-    root, tag = job.root, f"r{job.ctx.run.pk}"
-    for path in layout.sweep(root):
-        slog.info(f"removed {path}, left by an interrupted run")
-    owner = _identity(job)  # hooks and services run as that user: it owns the release folders' contents
-    job.journal.add({"type": "env_before", "files": env_fingerprints([ch.live for ch in job.changes])})
-    for ch in job.changes:
-        dest = Path(ch.dest)
-        if os.path.lexists(dest):
-            # Left by an earlier attempt (e.g. a release rolled back by hand and now forced again): set aside,
-            # never reused: a release folder always starts from its verified zip.
-            aside = dest.parent / f".{dest.name}{layout.ASIDE_MARK}{tag}"
-            job.journal.add({"type": "aside", "from": str(dest), "to": str(aside)})
-            os.rename(dest, aside)
-            slog.info(f"{dest} existed already: set aside as {aside.name}")
-        try:
-            releasepkg.check_zip(ch.zip)  # the import checked it; checked again before anything is unpacked
-        except releasepkg.ZipRefused as exc:
-            raise OperationError(f"{ch.component} {ch.version}: the zip {exc}") from None
-        job.journal.add({"type": "staged", "component": ch.component, "path": str(dest),
-                         "tmp": str(layout.staging_path(dest, tag))})
-        try:
-            staged = zipunpack.stage_zip(ch.zip, root, dest, root_folder=ch.root_folder, tag=tag, owner=owner)
-        except layout.LayoutError as exc:
-            raise OperationError(f"{ch.component} {ch.version}: {exc}") from None
-        for line in unpack.setid_warnings(f"{ch.component} {ch.version}", staged.setid):
-            slog.warning(line)
-        slog.info(f"{ch.component} {ch.version} staged in {dest.relative_to(root)}"
-                  + (f", owned by {owner.user}" if owner else ""))
-    _open_releases(job)
-
-
-def _env(job: Job, slog) -> None:
-    """Per component: the live .env copied into the staged folder and merged there (see layout.merge_env)."""
-    diff = {}
-    services = {s.name: s for s in job.customer.services.all()}
-    identity = _identity(job)
-    for ch in job.changes:
-        live_text, example = preflight.change_env_text(ch)
-        live_env = Path(ch.live) / ".env"
-        if identity is not None:
-            # The merged file goes to the customer's user: the live one is read only when it is that user's own
-            # regular file, never through a link to Kasa's files or another customer's.
-            live_text = _read_env_text(live_env, identity)
-        merged = layout.merge_env(live_text, example)
-        if merged.missing_required:
-            raise OperationError(f"{ch.component} {ch.version} requires {', '.join(merged.missing_required)}, "
-                                 f"which {ch.live}/.env does not set")
-        target = Path(ch.dest) / ".env"
-        if target.exists():
-            slog.warning(f"{ch.component}: the release ships a .env; the customer's own replaces it")
-            target.unlink()
-        if live_env.is_file() and identity is None:
-            shutil.copy2(live_env, target)  # keeps the live file's mode (a .env is usually 0600)
-        if live_text is not None or merged.text:
-            envfile.write_atomic(target, merged.text)  # 0600 unless a copy above gave it the live file's mode
-            runas.give(target, identity)  # the services read it as the customer's user
-        old, new = envfile.parse(live_text or ""), envfile.parse(merged.text)
-        changes = [c.__dict__ for c in envfile.diff(old, new)]
-        diff[ch.component] = {"added": list(merged.added), "removed_from_example": merged.removed,
-                              "changes": changes, "example": example is not None}
-        slog.info(f"{ch.component}: .env merged — "
-                  + (f"added {', '.join(f'{k}={envfile.shown(k, v)}' for k, v in merged.added.items())}"
-                     if merged.added else "no new key")
-                  + (f"; no longer in .env.example (kept): {', '.join(merged.removed)}" if merged.removed else ""))
-        svc = services[ch.service]
-        if svc.process_manager == svc.ProcessManager.PM2:
-            try:
-                ecosystem.script_for(ch.dest, svc.start_command)
-            except ecosystem.EcosystemError as exc:
-                raise OperationError(f"service {svc.name}: {exc}") from None
-    Upgrade.objects.filter(pk=job.upgrade.pk).update(env_diff=diff)
-
-
 def _hooks(job: Job, phase: str, slog) -> None:
     """The release's hooks: customer code, run as the customer's user with a clean environment (PATH, locale,
     HOME, USER, and the component's .env), in the staged folder, umask 027, none of Kasa's descriptors."""
@@ -345,7 +222,7 @@ def _hooks(job: Job, phase: str, slog) -> None:
         argv = ch.hooks.get(phase)
         if not argv:
             continue
-        values = _read_env(Path(ch.dest) / ".env", identity)
+        values = release_files.read_env(Path(ch.dest) / ".env", identity)
         secrets = [v for k, v in values.items() if envfile.is_secret(k, v)] + procman.env_secrets(values)
         secrets += [_url_password(v) for v in values.values() if "://" in v]
         slog.info(f"{ch.component} {ch.version}: {phase} hook in {ch.dest}"
@@ -363,70 +240,6 @@ def _stop(job: Job, slog) -> None:
     job.journal.add({"type": "services_stopped", "healthy_before": job.doc.get("healthy_before") or []})
     slog.info(f"stopping {len(specs)} service(s)")
     runtime.stop_all(job.ctx, specs)
-
-
-def _switch(job: Job, slog) -> None:
-    root, plan = job.root, {}
-    for ch in job.changes:
-        step = layout.plan_switch(root, ch.live, ch.dest, component=ch.component, previous_version=ch.previous)
-        job.journal.add(step)
-        layout.apply_switch(step)
-        before = step["before"]
-        if before["kind"] == "dir":
-            _open_releases(job)  # the original folder moved into a releases/<version>/ Kasa created
-            before_dir, before_version = before["moved_to"], ch.previous or layout.UNVERSIONED
-        elif before["kind"] == "link":
-            before_dir = os.path.normpath(os.path.join(os.path.dirname(ch.live), before["target"]))
-            before_version = before["version"]
-        else:
-            before_dir, before_version = None, ""
-        plan[ch.component] = {"service": ch.service, "live": ch.live, "before": before, "before_dir": before_dir,
-                              "before_version": before_version, "after_dir": ch.dest, "after_version": ch.version}
-        slog.info(f"{os.path.relpath(ch.live, root)} → {step['new']}"
-                  + (f" (the original folder kept as {os.path.relpath(before_dir, root)})"
-                     if before["kind"] == "dir" else ""))
-    Upgrade.objects.filter(pk=job.upgrade.pk).update(layout=plan)
-    job.upgrade.layout = plan
-
-
-def _start(job: Job, slog, folders: dict[str, str | None], *, strict: set[str]) -> None:
-    """Regenerate the customer's PM2 ecosystem file (journalled: the previous one is kept), then start."""
-    root, ctx = job.root, job.ctx
-    identity = runtime.run_identity(job.customer)
-    apps, included = [], set()
-    for svc in job.customer.services.all().order_by("name"):
-        if svc.process_manager != svc.ProcessManager.PM2:
-            continue
-        live = root / (svc.path or svc.name)
-        folder = folders.get(svc.name) or str(live)
-        if not os.path.isdir(folder):
-            continue
-        try:
-            apps.append(ecosystem.app(svc.app_name, cwd=live, folder=folder, start_command=svc.start_command,
-                                      env=_read_env(Path(folder) / ".env", identity)))
-            included.add(svc.name)
-        except ecosystem.EcosystemError as exc:
-            if svc.name in strict:
-                raise OperationError(f"service {svc.name}: {exc}") from None
-            slog.warning(f"service {svc.name} is left out of the ecosystem file: {exc}")
-    path = root / ecosystem.FILE_NAME
-    if apps:
-        saved = None
-        if os.path.lexists(path):
-            saved = f"{path}.kasa-prev-r{ctx.run.pk}"
-            # A link the customer's user put there is kept as a link, never followed by Kasa's copy; the copy
-            # is the user's again (a rollback renames it back for PM2, which runs as that user).
-            shutil.copy2(path, saved, follow_symlinks=False)
-            runas.give(saved, identity)
-        job.journal.add({"type": "ecosystem", "path": str(path), "saved": saved, "written": True})
-        ecosystem.write(path, apps, owner=identity)
-        slog.info(f"{path.name} written for {', '.join(sorted(included))}")
-    specs = [s for s in job.specs() if os.path.isdir(s.folder)]
-    for spec in specs:
-        if spec.name in included:
-            spec.ecosystem = str(path)
-    slog.info(f"starting {len(specs)} service(s)")
-    runtime.start_all(ctx, specs)
 
 
 def _health(job: Job, slog) -> None:
@@ -447,41 +260,12 @@ def _cleanup(job: Job, slog) -> None:
     """The upgrade holds. Remove what was set aside, prune old releases, unpin earlier pre-upgrade backups.
     Nothing here can fail the upgrade: trouble is a warning."""
     try:
-        for step in job.journal.steps:
-            if step["type"] == "aside":
-                trees.discard(step["to"])
-            elif step["type"] == "ecosystem" and step.get("saved"):
-                Path(step["saved"]).unlink(missing_ok=True)
-        prune(job, slog)
+        release_files.cleanup(job, slog)
         _unpin_older(job, slog)
     except Exception as exc:  # noqa: BLE001
         slog.warning(f"cleanup: {exc}")
     job.doc["journal"] = []
     job.journal._save()
-
-
-def prune(job: Job, slog) -> list[str]:
-    """Keep the live release, the rollback target and KASA_KEEP_RELEASES (default 3) others per component."""
-    keep = settings.KASA_KEEP_RELEASES
-    root, removed = job.root, []
-    job.customer.refresh_from_db()
-    components = set(job.upgrade.layout) | set(job.customer.versions or {})
-    for comp in sorted(components):
-        protect = protected_versions(job.customer, comp)
-        info = job.upgrade.layout.get(comp) or {}
-        protect |= {v for v in (info.get("before_version"), info.get("after_version")) if v}
-        svc = job.customer.services.filter(name=comp).first()
-        if svc is not None:  # whatever the service's link points at now is live, recorded or not
-            state = layout.live_state(root, root / (svc.path or comp))
-            if state.version:
-                protect.add(state.version)
-        present = layout.present_versions(root, comp)
-        for version in layout.prune_plan(present, order=live_order(job.customer, comp), keep=keep, protect=protect):
-            layout.remove_release(root, version, comp)
-            removed.append(f"{comp} {version}")
-    if removed:
-        slog.info(f"pruned old releases (keeping {keep} besides the live one and the way back): {', '.join(removed)}")
-    return removed
 
 
 def _unpin_older(job: Job, slog) -> None:
@@ -516,7 +300,7 @@ def _rollback(job: Job) -> None:
             step = layout.plan_switch(job.root, info["live"], info["before_dir"], component=comp,
                                       previous_version=info["after_version"])
             job.journal.add(step)
-            layout.apply_switch(step)
+            release_files.applied(job, step, lambda step=step: layout.apply_switch(step, root=job.root))
             slog.info(f"{info['live']} → {step['new'] or '(no folder: the install is undone)'}")
     target_backup = Backup.objects.filter(pk=target.backup_id).first()
     if target_backup is not None and target_backup.artifacts.filter(kind="database").exists():
@@ -536,7 +320,7 @@ def _rollback(job: Job) -> None:
                       + (f"; keys only the upgraded release had: {', '.join(lost)}" if lost else ""))
         Upgrade.objects.filter(pk=up.pk).update(env_diff=diff)
     with job.steps.step("start") as slog:
-        _start(job, slog, {i["service"]: i["before_dir"] for i in lay.values()}, strict=set())
+        release_files.start(job, slog, {i["service"]: i["before_dir"] for i in lay.values()}, strict=set())
     with job.steps.step("health") as slog:
         _health(job, slog)
     with job.steps.step("record") as slog:
@@ -552,8 +336,8 @@ def _rollback(job: Job) -> None:
                     dbswap.finish(ctx, step)  # the post-upgrade databases: in the safety backup now
                 except Exception as exc:  # noqa: BLE001
                     slog.warning(f"could not drop {step.get('old')}: {exc}")
-            elif step["type"] == "ecosystem" and step.get("saved"):
-                Path(step["saved"]).unlink(missing_ok=True)
+            else:
+                release_files.drop_saved_ecosystem(job, step)
         who = up.run.requested_by.get_username() if up.run.requested_by_id else up.run.requested_via
         mark_bad(target, f"rolled back by hand by {who} (rollback #{up.pk})")
         slog.info(f"release {target.to_release} marked bad for {job.customer}")
@@ -568,10 +352,15 @@ def _rollback_preflight(job: Job, target: Upgrade, slog) -> None:
         problems.append(f"upgrade #{target.pk} is no longer the customer's last successful upgrade")
     root = job.root
     for comp, info in target.layout.items():
-        state = layout.live_state(root, info["live"])
+        try:
+            state = layout.live_state(root, info["live"])
+            before_there = not info["before_dir"] or beneath.is_dir(root, info["before_dir"])
+        except beneath.BeneathError as exc:  # a folder on the way is a link now
+            problems.append(str(exc))
+            continue
         if state.kind != "link" or state.version != info["after_version"]:
             problems.append(f"{info['live']} no longer points at {comp} {info['after_version']}")
-        if info["before_dir"] and not os.path.isdir(info["before_dir"]):
+        if not before_there:
             problems.append(f"the previous release {info['before_dir']} is gone")
         if (job.customer.versions or {}).get(comp) != info["after_version"]:
             problems.append(f"the customer records {comp} {(job.customer.versions or {}).get(comp)}, not "

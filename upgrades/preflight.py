@@ -19,7 +19,7 @@ from django.conf import settings
 from backups.models import Backup, BackupPolicy
 from customers import runtime
 from customers.models import Customer, DatabaseConnection
-from engines import envfile, layout, paths
+from engines import beneath, envfile, layout, paths
 from operations.models import Run
 from releases.models import ComponentVersion, Release
 from releases.services import ReleaseStorageError, component_zip_copy, releases_for
@@ -155,12 +155,16 @@ def _components(customer, root: Path, rows, to_versions, current, services, chan
         except (paths.PathEscapeError, layout.LayoutError) as exc:
             problems.append(f"{comp}: {exc}")
             continue
-        state = layout.live_state(root, live)
+        try:
+            state = layout.live_state(root, live)
+        except beneath.BeneathError as exc:  # a folder on the service path is a link now
+            problems.append(f"{comp}: {exc}")
+            continue
         if state.kind == "other":
             problems.append(f"{comp}: {live} is neither a folder nor a link into {root / layout.RELEASES}")
         elif state.kind == "dir":
             moved = layout.release_dir(root, current.get(comp) or layout.UNVERSIONED, comp)
-            if os.path.lexists(moved):
+            if beneath.lexists(root, moved):
                 problems.append(f"{comp}: the current folder cannot be kept as {moved}: that exists already")
             inside = [str(f) for f in sqlite_files if live.resolve() in f.parents]
             if inside:

@@ -25,7 +25,7 @@ from backups import dbswap
 from backups.models import Backup
 from customers import runtime
 from customers.models import Customer
-from engines import layout, trees
+from engines import beneath, layout, trees
 from operations.context import OperationError, RunContext
 
 from .journal import Journal, Steps, env_fingerprints, uninterruptible
@@ -138,10 +138,10 @@ def _undo_files(job: Job, slog) -> None:
     for step in reversed(job.journal.steps):
         kind = step["type"]
         if kind == "switch":
-            if layout.undo_switch(step):
+            if layout.undo_switch(step, root=job.root):
                 slog.info(f"{step['live']}: put back ({_describe_before(step['before'])})")
         elif kind == "ecosystem":
-            _undo_ecosystem(step)
+            _undo_ecosystem(step, job.root)
             slog.info(f"{step['path']}: put back")
         elif kind == "versions":
             job.ctx.record(lambda v=step["old"]: Customer.objects.filter(pk=job.customer.pk).update(versions=v),
@@ -159,12 +159,12 @@ def _describe_before(before: dict) -> str:
     return "no folder, as before"
 
 
-def _undo_ecosystem(step: dict) -> None:
+def _undo_ecosystem(step: dict, root: Path) -> None:
     saved = step.get("saved")
-    if saved and os.path.exists(saved):
-        os.replace(saved, step["path"])
-    elif not saved and os.path.exists(step["path"]) and step.get("written"):
-        os.unlink(step["path"])
+    if saved and beneath.lexists(root, saved):
+        beneath.rename(root, saved, step["path"])
+    elif not saved and step.get("written"):
+        beneath.unlink(root, step["path"], missing_ok=True)
 
 
 def restore_databases(job: Job, slog, *, backup_id: int, journal: Journal) -> None:
@@ -231,19 +231,20 @@ def _cleanup_after_undo(job: Job, slog) -> None:
             dbswap.finish(job.ctx, step)  # the migrated databases kept aside
         except Exception as exc:  # noqa: BLE001
             slog.warning(f"could not drop {step.get('old') or step.get('db')}: {exc}")
+    root = job.root
     for step in job.journal.steps:
         try:
             if step["type"] == "staged":
-                trees.discard(step["tmp"])
-                trees.discard(step["path"])
+                trees.discard(step["tmp"], root=root)
+                trees.discard(step["path"], root=root)
             elif step["type"] == "ecosystem" and step.get("saved"):
-                Path(step["saved"]).unlink(missing_ok=True)
+                beneath.unlink(root, step["saved"], missing_ok=True)
         except OSError as exc:
             slog.warning(f"could not remove {step.get('path')}: {exc}")
     for step in job.journal.of("aside"):  # a folder set aside before staging takes its place again
-        if os.path.lexists(step["to"]) and not os.path.lexists(step["from"]):
-            os.rename(step["to"], step["from"])
-    _tidy(job.root)
+        if not step.get("refused") and beneath.lexists(root, step["to"]) and not beneath.lexists(root, step["from"]):
+            beneath.rename(root, step["to"], step["from"])
+    _tidy(root)
     job.undo_journal.steps.clear()
     job.journal._save()
     slog.info("staged releases and the databases kept aside removed")
@@ -252,18 +253,14 @@ def _cleanup_after_undo(job: Job, slog) -> None:
 def _tidy(root: Path) -> None:
     """Remove empty version folders (and an empty releases/ folder) that a rollback leaves."""
     base = root / layout.RELEASES
-    if not base.is_dir():
-        return
-    for version in base.iterdir():
-        if version.is_dir() and not version.is_symlink():
-            try:
-                version.rmdir()
-            except OSError:
-                pass
     try:
-        base.rmdir()
-    except OSError:
-        pass
+        if not beneath.is_dir(root, base):
+            return
+        for version in beneath.listdir(root, base):
+            beneath.rmdir(root, base / version)  # only when empty (and a real folder)
+        beneath.rmdir(root, base)
+    except beneath.BeneathError:
+        pass  # a link where Kasa's folders should be: left alone
 
 
 def _versions(versions: dict) -> str:

@@ -27,7 +27,7 @@ import pytest
 from django.conf import settings
 from django.db import connection
 
-from engines import runas
+from engines import ownership, runas
 from tests.conftest import require, wait_for_run, wait_until
 
 pytestmark = [pytest.mark.smoke, pytest.mark.django_db(transaction=True)]
@@ -79,8 +79,9 @@ KASA_SECRETS = ("KASA_BACKUP_KEYS", "KASA_SECRET_KEYS", "SECRET_KEY", "DATABASE_
 
 @pytest.fixture
 def attack(make_customer, customer_users):
-    """Customer A (run as kasa-t-alpha), whose code is the probe; customer B (run as kasa-t-beta), whose folder
-    is its user's own, mode 0750, with a secret in its .env; where the probe reports; what it goes for."""
+    """Customer A (run as kasa-t-alpha), whose code is the probe; customer B (run as kasa-t-beta), whose service
+    folder is its user's own, mode 0750, in a root of Kasa's (group that user's, 0750), with a secret in its .env;
+    where the probe reports; what it goes for."""
     require(os.path.exists(PYTHON), PYTHON)
     alpha, beta = (runas.lookup(n) for n in customer_users)
     a = make_customer(services=("cmd", "app", "web"))
@@ -90,8 +91,9 @@ def attack(make_customer, customer_users):
         (root_a / svc / "probe.py").write_text(PROBE)
     (root_b / "backend" / ".env").write_text("BETA_SECRET=beta-only-secret-value\n")
     for customer, root, user in ((a, root_a, alpha), (b, root_b, beta)):
-        runas.give(root, user, recursive=True)
-        for path in (root, *[p for p in root.rglob("*") if p.is_dir()]):
+        # By the ownership model: the root Kasa's, group the user's, 0750; the services' folders the user's.
+        ownership.hand_over(root, user, service_paths=[s.path for s in customer.services.all()])
+        for path in [p for p in root.rglob("*") if p.is_dir()]:
             path.chmod(0o750)
         customer.run_as = user.user
         customer.full_clean()
