@@ -35,6 +35,7 @@ from operations.context import OperationError, RunContext
 
 from .models import Backup, BackupArtifact, BackupPolicy
 from .operations import make_backup
+from .reading import artifact_kwargs, keyring_for, progress
 from .services import BackupInputError, backup_params, backup_pin
 
 # Journal steps this module writes (and undoes / finishes).
@@ -160,7 +161,6 @@ def in_place(journal) -> bool:
 def restore_fresh(ctx: RunContext, plan, store, keyring, art: BackupArtifact, journal, stop=None) -> None:
     """Stage one dump: beside the live database (fresh database or prefixed tables) with its row counts checked
     against the manifest, or — for an in-place restore — read whole to prove it restorable."""
-    from .restore import _progress, artifact_kwargs
 
     clone_root = plan.root if plan.clone and ctx.run.params.get("to_root") else None
     target = _held(ctx, art.source, lambda: target_for(plan.customer, art.source, plan.to_databases, clone_root))
@@ -170,7 +170,7 @@ def restore_fresh(ctx: RunContext, plan, store, keyring, art: BackupArtifact, jo
     name = f"{plan.backup.prefix}/{art.name}"
 
     def chunks_of(label: str):
-        return unpack.open_plain(store, name, on_progress=_progress(ctx, f"{label} {art.name}", stop),
+        return unpack.open_plain(store, name, on_progress=progress(ctx, f"{label} {art.name}", stop),
                                  **artifact_kwargs(plan.backup, art, keyring))
 
     if method == IN_PLACE:
@@ -278,7 +278,6 @@ def _tables_swap(ctx: RunContext, art, target, journal, tag: str) -> None:
 
 
 def _in_place(ctx: RunContext, plan, art, target, journal, *, way_back: int | None) -> None:
-    from .restore import _progress, artifact_kwargs
 
     if way_back:
         _way_back_artifact(ctx, way_back, art.source)  # held now: undoing needs no control database
@@ -291,9 +290,9 @@ def _in_place(ctx: RunContext, plan, art, target, journal, *, way_back: int | No
 
     ctx.info(f"database {art.source}: restoring into {target.dbname} in one transaction"
              + (f" (backup #{way_back} is the way back)" if way_back else ""))
-    store, keyring = plan.backup.target.store(), _keyring(plan.backup)
+    store, keyring = plan.backup.target.store(), keyring_for(plan.backup)
     try:
-        with unpack.open_plain(store, f"{plan.backup.prefix}/{art.name}", on_progress=_progress(
+        with unpack.open_plain(store, f"{plan.backup.prefix}/{art.name}", on_progress=progress(
                 ctx, f"restoring {art.name}"), **artifact_kwargs(plan.backup, art, keyring)) as chunks:
             counts = dbrestore_pginplace.pg_restore_in_place(
                 target, chunks, expected=(art.details or {}).get("row_counts"), on_begin=on_begin,
@@ -302,12 +301,6 @@ def _in_place(ctx: RunContext, plan, art, target, journal, *, way_back: int | No
         raise OperationError(f"database {art.source}: {exc}") from None
     ctx.info(f"database {art.source}: {len(counts)} tables, {sum(counts.values())} rows restored in place and "
              "committed; row counts matched the manifest before the commit")
-
-
-def _keyring(bk: Backup):
-    from .restore import _keyring as keyring
-
-    return keyring(bk)
 
 
 def way_back(ctx: RunContext, plan, safety_backup) -> int:
@@ -380,12 +373,11 @@ def _undo_in_place(ctx: RunContext, step: dict, target) -> None:
         raise OperationError(f"database {step['db']} was restored in place and no backup of its previous state "
                              "exists: it cannot be put back")
     art = _way_back_artifact(ctx, step["way_back"], step["db"])
-    from .restore import artifact_kwargs
 
     ctx.info(f"database {step['db']}: putting back its state from before the restore (backup #{art.backup_id}), in "
              "one transaction")
     with unpack.open_plain(art.backup.target.store(), f"{art.backup.prefix}/{art.name}",
-                           **artifact_kwargs(art.backup, art, _keyring(art.backup))) as chunks:
+                           **artifact_kwargs(art.backup, art, keyring_for(art.backup))) as chunks:
         dbrestore_pginplace.pg_restore_in_place(target, chunks, expected=(art.details or {}).get("row_counts"),
                                                 application_name=_app_name(ctx) + " undo")
     ctx.info(f"database {step['db']}: the previous database is live again")
@@ -451,7 +443,6 @@ def finish(ctx: RunContext, step: dict) -> None:
 # --- drills ------------------------------------------------------------------------------------------------------
 def restore_to_scratch(ctx: RunContext, bk: Backup, store, keyring, art: BackupArtifact) -> dict[str, int]:
     """A drill: restore one dump into a throwaway database and return its row counts."""
-    from .restore import _progress, artifact_kwargs
 
     engine = (art.details or {}).get("engine")
     scratch = None
@@ -466,7 +457,7 @@ def restore_to_scratch(ctx: RunContext, bk: Backup, store, keyring, art: BackupA
         _secrets(ctx, scratch)
     settings.KASA_SCRATCH_DIR.mkdir(parents=True, exist_ok=True)
     try:
-        with unpack.open_plain(store, f"{bk.prefix}/{art.name}", on_progress=_progress(ctx, f"drill {art.name}"),
+        with unpack.open_plain(store, f"{bk.prefix}/{art.name}", on_progress=progress(ctx, f"drill {art.name}"),
                                **artifact_kwargs(bk, art, keyring)) as chunks:
             # SQLite copies go to Kasa's scratch disk; a scratch PostgreSQL cluster to the system temp folder,
             # which the unprivileged user it runs as can reach (see engines.scratchdb).

@@ -49,6 +49,7 @@ from operations.models import Run
 
 from . import dbswap, envfiles, restore_files
 from .models import Backup, BackupArtifact
+from .reading import Stopped, artifact_kwargs, keyring_for, progress
 
 # Room we want left on the disk after staging: a restore must not fill the disk the customer runs on.
 DISK_MARGIN = 256 * 1024 * 1024
@@ -88,7 +89,7 @@ def restore(ctx: RunContext) -> dict:
         plan.owner = runtime.run_identity(plan.customer, needed=False)
     else:
         plan.owner = runtime.check_run_as(ctx, plan.customer)
-    keyring = _keyring(plan.backup)
+    keyring = keyring_for(plan.backup)
     store = plan.backup.target.store()
     restore_files.sweep_trash(plan.root)
     _check_disk(plan)
@@ -190,27 +191,12 @@ def select_artifacts(bk: Backup, only: list[str]) -> list[BackupArtifact]:
     return sorted(chosen, key=lambda a: a.pk)
 
 
-def _keyring(bk: Backup):
-    if not bk.encrypted:
-        return None
-    from engines.backupcrypto import KeyRing
-
-    if not settings.KASA_BACKUP_KEYS:
-        raise OperationError(f"backup #{bk.pk} is encrypted and KASA_BACKUP_KEYS is not set: nothing was touched")
-    return KeyRing(settings.KASA_BACKUP_KEYS)
-
-
-def artifact_kwargs(bk: Backup, art: BackupArtifact, keyring) -> dict:
-    return {"sha256": art.sha256, "size": art.size, "encrypted": bk.encrypted, "keyring": keyring,
-            "compression": art.compression}
-
-
 def _verify_one(ctx: RunContext, plan: Plan, store, keyring, art: BackupArtifact) -> None:
     """Read one artifact end to end (checksum, decryption, every tar member) without unpacking it."""
     bk = plan.backup
     try:
         listing = unpack.verify_artifact(store, f"{bk.prefix}/{art.name}", tar=art.kind != "database",
-                                         on_progress=_progress(ctx, f"verifying {art.name}"),
+                                         on_progress=progress(ctx, f"verifying {art.name}"),
                                          **artifact_kwargs(bk, art, keyring))
     except unpack.ArtifactError as exc:
         raise OperationError(f"refused: {exc}") from None
@@ -219,19 +205,6 @@ def _verify_one(ctx: RunContext, plan: Plan, store, keyring, art: BackupArtifact
                  f"({listing.files} files, {listing.total_size / 1e6:.1f} MB)")
     else:
         ctx.info(f"{art.name}: checksum and decryption verified")
-
-
-def _progress(ctx: RunContext, label: str, stop: threading.Event | None = None):
-    last = [0.0]
-
-    def update(done: int) -> None:
-        if stop is not None and stop.is_set():
-            raise _Stopped()
-        now = time.monotonic()
-        if now - last[0] > 0.5:
-            last[0] = now
-            ctx.progress(done, None, f"{label}: {done / 1e6:.1f} MB")
-    return update
 
 
 def _check_disk(plan: Plan) -> None:
@@ -303,7 +276,7 @@ def _stage(ctx: RunContext, plan: Plan, store, keyring, journal: Journal) -> Pat
                 owner = plan.owner  # the customer's user, or the worker's own (development)
                 listing = unpack.extract_artifact(
                     store, f"{plan.backup.prefix}/{art.name}", dest=str(dest), owner=owner, root=plan.root,
-                    on_progress=_progress(ctx, f"unpacking {art.name}", stop), **artifact_kwargs(plan.backup, art,
+                    on_progress=progress(ctx, f"unpacking {art.name}", stop), **artifact_kwargs(plan.backup, art,
                                                                                                 keyring))
             except unpack.ArtifactError as exc:
                 raise OperationError(str(exc)) from None
@@ -327,16 +300,12 @@ def _stage(ctx: RunContext, plan: Plan, store, keyring, journal: Journal) -> Pat
 
 def _check_stop(ctx: RunContext, stop: threading.Event) -> None:
     if stop.is_set():
-        raise _Stopped()
+        raise Stopped()
     ctx.check_alive()
 
 
-class _Stopped(Exception):
-    """The other lane failed: this one stops at its next chunk."""
-
-
 def _two_lanes(first, second, stop: threading.Event) -> None:
-    """Run both; the first error (not a _Stopped caused by it) is raised once both have ended."""
+    """Run both; the first error (not a Stopped caused by it) is raised once both have ended."""
     from django.db import connection
 
     errors: list[BaseException] = []
@@ -357,11 +326,11 @@ def _two_lanes(first, second, stop: threading.Event) -> None:
     except BaseException as exc:
         stop.set()
         thread.join()
-        if isinstance(exc, _Stopped) and errors:
+        if isinstance(exc, Stopped) and errors:
             raise errors[0] from None
         raise
     thread.join()
-    if errors and not isinstance(errors[0], _Stopped):
+    if errors and not isinstance(errors[0], Stopped):
         raise errors[0]
 
 
@@ -372,7 +341,7 @@ def _inside_tree(art: BackupArtifact) -> bool:
 
 
 def _restore_file_databases(ctx: RunContext, plan: Plan, journal: Journal) -> None:
-    store, keyring = plan.backup.target.store(), _keyring(plan.backup)
+    store, keyring = plan.backup.target.store(), keyring_for(plan.backup)
     for art in plan.artifacts:
         if art.kind == "database" and _inside_tree(art):
             ctx.check_alive()

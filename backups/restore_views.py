@@ -24,6 +24,7 @@ from engines import envfile, unpack
 from operations.services import OperationRefused
 
 from .models import Backup
+from .reading import artifact_kwargs, keyring_for
 from .selectors import backups_visible_to, human_size
 from .services import BackupInputError, restore_start, verify_start
 
@@ -96,12 +97,11 @@ def verify_view(request, backup_id: int, model_admin):
 
 def env_diff(backup: Backup) -> list[dict]:
     """Per .env file: how the backup's version differs from the live one, values masked."""
-    from .restore import _keyring, artifact_kwargs
 
     config = backup.artifacts.filter(kind="config").first()
     if config is None or backup.status != Backup.Status.SUCCEEDED:
         return []
-    keyring = _keyring(backup) if backup.encrypted and settings.KASA_BACKUP_KEYS else None
+    keyring = keyring_for(backup) if backup.encrypted and settings.KASA_BACKUP_KEYS else None
     if backup.encrypted and keyring is None:
         return []
     store = backup.target.store()

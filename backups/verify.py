@@ -20,7 +20,7 @@ from operations.context import OperationError, RunCancelled, RunContext, RunLost
 
 from . import dbswap
 from .models import Backup
-from .restore import _keyring, _progress, artifact_kwargs
+from .reading import artifact_kwargs, keyring_for, progress
 
 
 def verify(ctx: RunContext) -> dict:
@@ -50,7 +50,7 @@ def verify(ctx: RunContext) -> dict:
 
 
 def _drill(ctx: RunContext, bk: Backup) -> list[dict]:
-    keyring = _keyring(bk)
+    keyring = keyring_for(bk)
     store = bk.target.store()
     scratch = settings.KASA_SCRATCH_DIR / f"verify-{ctx.run.pk}"
     scratch.mkdir(parents=True, mode=0o700)
@@ -74,7 +74,7 @@ def _drill(ctx: RunContext, bk: Backup) -> list[dict]:
                 else:
                     dest = scratch / art.name.split(".", 1)[0]
                     listing = unpack.extract_artifact(store, name, dest=str(dest),
-                                                      on_progress=_progress(ctx, f"test extraction of {art.name}"),
+                                                      on_progress=progress(ctx, f"test extraction of {art.name}"),
                                                       **kwargs)
                     trees.remove_tree(dest, ignore_errors=True)  # one archive's tree at a time on the scratch disk
                     for line in unpack.setid_warnings(art.name, listing.setid):

@@ -1,0 +1,50 @@
+"""How a run reads a backup's artifacts back: the key ring, engines.unpack's arguments, progress in its log.
+
+Shared by restores, drills, the database side of restores (backups.dbswap) and the Restore page.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from django.conf import settings
+
+from operations.context import OperationError, RunContext
+
+from .models import Backup, BackupArtifact
+
+
+class Stopped(Exception):
+    """The other lane failed: this one stops at its next chunk."""
+
+
+def keyring_for(bk: Backup):
+    """The key ring that decrypts the backup's artifacts (None for a plaintext backup)."""
+    if not bk.encrypted:
+        return None
+    from engines.backupcrypto import KeyRing
+
+    if not settings.KASA_BACKUP_KEYS:
+        raise OperationError(f"backup #{bk.pk} is encrypted and KASA_BACKUP_KEYS is not set: nothing was touched")
+    return KeyRing(settings.KASA_BACKUP_KEYS)
+
+
+def artifact_kwargs(bk: Backup, art: BackupArtifact, keyring) -> dict:
+    """What engines.unpack checks an artifact against: its checksum, size, encryption and compression."""
+    return {"sha256": art.sha256, "size": art.size, "encrypted": bk.encrypted, "keyring": keyring,
+            "compression": art.compression}
+
+
+def progress(ctx: RunContext, label: str, stop: threading.Event | None = None):
+    """An on_progress callback: the run's progress bar at most twice a second; Stopped once `stop` is set."""
+    last = [0.0]
+
+    def update(done: int) -> None:
+        if stop is not None and stop.is_set():
+            raise Stopped()
+        now = time.monotonic()
+        if now - last[0] > 0.5:
+            last[0] = now
+            ctx.progress(done, None, f"{label}: {done / 1e6:.1f} MB")
+    return update
