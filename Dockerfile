@@ -35,7 +35,7 @@ WORKDIR /app
 COPY . /app
 # Bytecode at build time: the code is read-only for kasa and PYTHONDONTWRITEBYTECODE is set below, so
 # without it every manage.py command and worker start would compile Kasa's modules again.
-RUN /opt/venv/bin/python -m compileall -q /app/config /app/core /app/customers /app/backups /app/releases /app/upgrades \
+RUN /opt/venv/bin/python -m compileall -q /app/config /app/core /app/customers /app/backups /app/releases /app/upgrades /app/console \
     /app/operations /app/audit /app/engines /app/manage.py
 # PM2 (customer services run under it), at package-lock.json's versions.
 RUN npm ci --omit=dev --no-audit --no-fund --loglevel=error

@@ -113,6 +113,8 @@ INSTALLED_APPS = [
     "backups",
     "releases",
     "upgrades",
+    # Last: composes the apps above (fleet overview, customer page cards, metrics); nothing imports it.
+    "console",
 ]
 
 MIDDLEWARE = [
