@@ -20,10 +20,11 @@ from core.admin_mixins import (
     scoped_filter,
     status_badge,
 )
+from engines.humanize import human_duration, human_size
 from operations.services import OperationRefused
 
 from .models import Backup, BackupArtifact, BackupPolicy, StorageTarget
-from .selectors import MANIFEST, downloadable_names, human_duration, human_size, trigger_label
+from .selectors import MANIFEST, downloadable_names, trigger_label
 from .services import BackupInputError, backup_delete, backup_pin, target_check
 
 

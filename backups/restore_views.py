@@ -21,11 +21,12 @@ from core import permissions
 from core.admin_mixins import admin_page
 from customers.forms import ConfirmForm
 from engines import envfile, unpack
+from engines.humanize import human_size
 from operations.services import OperationRefused
 
 from .models import Backup
 from .reading import artifact_kwargs, keyring_for
-from .selectors import backups_visible_to, human_size
+from .selectors import backups_visible_to
 from .services import BackupInputError, restore_start, verify_start
 
 MAX_ENV_BYTES = 1024 * 1024

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engines.humanize import human_duration, human_size
+
 from .models import Backup, BackupArtifact
 
 MANIFEST = "backup.json"  # the same name backups.operations writes beside the artifacts
@@ -44,26 +46,6 @@ def trigger_label(backup: Backup) -> str:
     if backup.requested_by_id and backup.trigger != Backup.Trigger.SCHEDULE:
         label += f" ({backup.requested_by.get_username()})"
     return label
-
-
-def human_size(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"  # pragma: no cover
-
-
-def human_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "—"
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(int(round(seconds)), 60)
-    if minutes < 60:
-        return f"{minutes} min {secs:02d} s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min"
 
 
 # --- the size/duration chart -----------------------------------------------------------------

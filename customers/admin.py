@@ -196,7 +196,7 @@ class CustomerAdmin(TeamScopedAdminMixin, AuditedAdminMixin, admin.ModelAdmin):
             extra_context["backups"] = customer_backups(customer, 20)
             extra_context["backup_chart"] = backup_chart(customer)
             from backups.recovery import fleet
-            from backups.selectors import human_duration
+            from engines.humanize import human_duration
 
             extra_context["restore_runs"] = list(customer.runs.filter(kind__in=["restore", "verify"])
                                                  .select_related("requested_by").order_by("-created_at")[:20])

@@ -16,9 +16,9 @@ from django.utils.html import format_html, format_html_join
 
 from core import permissions
 from core.admin_mixins import admin_page
+from engines.humanize import human_size
 
 from .models import ComponentVersion, Release
-from .selectors import human_size
 from .services import ReleaseInputError, ReleaseStorageError, release_upload
 
 

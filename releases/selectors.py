@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from django.db.models import Prefetch
 
-from backups.selectors import human_size  # noqa: F401  (one formatting of sizes across the admin)
-
 from .models import ComponentVersion, Release, ReleaseComponent
 
 

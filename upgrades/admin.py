@@ -6,9 +6,9 @@ from __future__ import annotations
 from django.contrib import admin
 from django.urls import path
 
-from backups.selectors import human_duration
 from core import permissions
 from core.admin_mixins import TeamScopedAdminMixin, change_link, status_badge
+from engines.humanize import human_duration
 
 from .admin_selectors import duration_seconds, versions_text
 from .models import BadRelease, Upgrade

@@ -3,8 +3,8 @@
 from django import template
 
 from backups.recovery import fleet, summary
-from backups.selectors import human_duration, human_size
 from customers.models import Customer
+from engines.humanize import human_duration, human_size
 
 register = template.Library()
 

@@ -1,5 +1,6 @@
 from core.cli import KasaCommand
-from releases.selectors import human_size, registry_document
+from engines.humanize import human_size
+from releases.selectors import registry_document
 
 
 class Command(KasaCommand):
