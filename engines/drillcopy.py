@@ -66,14 +66,14 @@ def updates_for(values: dict[str, str], *, ports: dict[int, int], live_root: str
                 skip: set[str] = frozenset()) -> dict[str, str]:
     """The new values of a copy's .env (parsed `values`): a PORT key (PORT, APP_PORT …) holding a moved port gets
     the new one; an http(s) URL on this host at a moved port gets the new port; an absolute path into the live
-    root points into the copy's root. Keys in `skip` (the database settings, already pointed) are left."""
+    root points into the copy's root. Keys in `skip` (the database settings, already pointed) keep their ports."""
     live_root, copy_root = live_root.rstrip("/"), copy_root.rstrip("/")
     out: dict[str, str] = {}
     for key, value in values.items():
-        if key in skip:
-            continue
         new = value
-        if is_port_key(key) and value.strip().isdigit() and int(value) in ports:
+        if key in skip:
+            pass
+        elif is_port_key(key) and value.strip().isdigit() and int(value) in ports:
             new = str(ports[int(value)])
         elif "://" in value:
             try:
