@@ -51,6 +51,7 @@ from engines import (
     unpack,
 )
 from operations.context import OperationError, RunContext
+from operations.models import Run
 
 from . import envfiles
 from .models import Backup
@@ -93,6 +94,7 @@ def deep_drill(ctx: RunContext, bk: Backup) -> dict:
                                  "run an application against yet (the copy would reach the live server)")
     root = copy_root_for(customer, ctx.run.pk)
     live_root = customer.root_path()
+    sweep_stale(ctx, root.parent)
     with ExitStack() as stack:
         if os.path.lexists(root):  # a crash's leftover of this very run id
             trees.remove_tree(root, ignore_errors=True)
@@ -354,6 +356,25 @@ def kill_processes_in(folder: Path) -> list[int]:
                 os.kill(int(entry), signal.SIGKILL)
                 killed.append(int(entry))
     return killed
+
+
+def sweep_stale(ctx: RunContext, parent: Path) -> None:
+    """Copies a killed worker left in `parent` (their run no longer active): their PM2 daemon and processes
+    ended, the folder removed."""
+    for entry in sorted(parent.glob(f"{COPY_PREFIX}*")):
+        run_id = entry.name[len(COPY_PREFIX):]
+        if not run_id.isdigit() or Run.objects.filter(pk=int(run_id), status__in=Run.ACTIVE).exists():
+            continue
+        home = procman.pm2_home_for(entry)
+        try:
+            owner = runas.Identity(user=f"uid {os.lstat(home).st_uid}", uid=os.lstat(home).st_uid,
+                                   gid=os.lstat(home).st_gid, home="")
+            procman.pm2_kill(home, identity=None if owner.uid == os.geteuid() else owner)
+        except Exception:  # noqa: BLE001 — no PM2 home, or a daemon already gone: the processes go below
+            pass
+        kill_processes_in(entry)
+        trees.remove_tree(entry, ignore_errors=True)
+        ctx.warning(f"deep drill: removed {entry}, left by run #{run_id}")
 
 
 def _remove_copy(ctx: RunContext, root: Path) -> None:

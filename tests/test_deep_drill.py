@@ -249,3 +249,26 @@ def test_the_deep_drill_option_is_in_the_policy_admin(client, staff_user, make_c
     outsider = staff_user()
     client.force_login(outsider)
     assert client.get(f"/backups/backuppolicy/{policy.pk}/change/").status_code in (302, 403, 404)
+
+
+def test_a_copy_left_by_a_killed_worker_is_swept_by_the_next_deep_drill(make_customer):
+    import subprocess
+
+    from backups import deepdrill
+
+    customer = make_customer()
+    stale = Path(customer.root).parent / f"{deepdrill.COPY_PREFIX}987654"
+    (stale / "backend").mkdir(parents=True)
+    leftover = subprocess.Popen(["sleep", "300"], cwd=stale / "backend")
+    warnings = []
+
+    class Log:  # the run's log: only what the sweep writes to it
+        def warning(self, text):
+            warnings.append(text)
+
+    try:
+        deepdrill.sweep_stale(Log(), stale.parent)
+        assert leftover.wait(timeout=10) == -9
+    finally:
+        leftover.kill()
+    assert not stale.exists() and "left by run #987654" in warnings[0]
