@@ -142,6 +142,11 @@ class BackupPolicy(models.Model):
         "verification drills", max_length=8, choices=Schedule.choices[:5], default=Schedule.NONE,
         help_text="How often the newest backup is test-restored (checksums, decryption, scratch restore).",
     )
+    deep_drill = models.BooleanField(
+        "deep drills", default=False,
+        help_text="Drills also start the restored copy's services on free ports, as the customer's user, against "
+                  "the scratch databases, and require their health URLs to answer (README, 'Verification drills').",
+    )
     rpo_hours = models.FloatField("RPO target (hours)", null=True, blank=True,
                                   help_text="Most data we accept to lose; empty: KASA_RPO_HOURS.")
     rto_minutes = models.FloatField("RTO target (minutes)", null=True, blank=True,

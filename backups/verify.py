@@ -18,7 +18,7 @@ from django.utils import timezone
 from engines import trees, unpack
 from operations.context import OperationError, RunCancelled, RunContext, RunLost
 
-from . import dbswap
+from . import dbswap, deepdrill
 from .models import Backup
 from .reading import artifact_kwargs, keyring_for, progress
 
@@ -32,6 +32,7 @@ def verify(ctx: RunContext) -> dict:
              f"({bk.finished_at:%Y-%m-%d %H:%M UTC}, {bk.size / 1e6:.1f} MB on {bk.target.name})")
     try:
         checks = _drill(ctx, bk)
+        deep = deepdrill.deep_drill(ctx, bk) if deepdrill.wanted(ctx, bk) else None
     except (RunLost, RunCancelled):
         raise
     except Exception as exc:
@@ -46,7 +47,7 @@ def verify(ctx: RunContext) -> dict:
                                            verify_error="", verify_checked_at=now, verify_seconds=seconds)
     ctx.info(f"backup #{bk.pk} verified in {seconds:.1f} s: {len(checks)} artifact(s) restore")
     return {"backup": bk.pk, "customer": bk.customer.domain, "verified": True, "seconds": seconds,
-            "checks": checks}
+            "checks": checks, **({"deep": deep} if deep is not None else {})}
 
 
 def _drill(ctx: RunContext, bk: Backup) -> list[dict]:

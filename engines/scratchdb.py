@@ -297,3 +297,41 @@ def _into(target: DbTarget, name: str, restore) -> dict[str, int]:
     finally:
         with contextlib.suppress(RestoreError):
             drop_database(target, name)
+
+
+APP_ROLE = "kasa_drill_app"
+
+
+def app_role(server: DbTarget, dbname: str) -> DbTarget:
+    """A login role for an application started against database `dbname` of a scratch server (a deep drill): not
+    a superuser (the server runs as an OS user other drills share: a superuser could read their files through
+    COPY … PROGRAM), with a random password, owning the database and granted everything in its schemas.
+    Returns the app's DbTarget (127.0.0.1, the server's port)."""
+    import psycopg
+    from psycopg import sql
+
+    password = secrets.token_urlsafe(24)
+    conninfo = dict(host=server.host, port=server.port, user=server.user, password=server.password,
+                    connect_timeout=10, autocommit=True)
+    role = sql.Identifier(APP_ROLE)
+    try:
+        with psycopg.connect(**conninfo, dbname=server.dbname or "postgres") as con:
+            exists = con.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (APP_ROLE,)).fetchone()
+            verb = "ALTER" if exists else "CREATE"
+            con.execute(sql.SQL(verb + " ROLE {} LOGIN NOSUPERUSER NOCREATEROLE PASSWORD {}").format(
+                role, sql.Literal(password)))
+            con.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(sql.Identifier(dbname), role))
+        with psycopg.connect(**conninfo, dbname=dbname) as con:
+            schemas = [r[0] for r in con.execute(
+                "SELECT nspname FROM pg_namespace WHERE nspname NOT LIKE 'pg\\_%' AND nspname <> "
+                "'information_schema'").fetchall()]
+            for schema in schemas:
+                s = sql.Identifier(schema)
+                con.execute(sql.SQL("GRANT ALL ON SCHEMA {} TO {}").format(s, role))
+                for what in ("TABLES", "SEQUENCES", "FUNCTIONS"):
+                    con.execute(sql.SQL("GRANT ALL ON ALL " + what + " IN SCHEMA {} TO {}").format(s, role))
+    except psycopg.Error as exc:
+        raise RestoreError(f"could not give the scratch database {dbname} to an application role: "
+                           f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
+    return DbTarget(engine="postgresql", host=server.host, port=server.port, user=APP_ROLE, password=password,
+                    dbname=dbname)
