@@ -109,9 +109,9 @@ class RunLogConsumer(AsyncJsonWebsocketConsumer):
             if _key(state) != _key(self.last_state):  # the ETA alone changes every second: not a change
                 previous, self.last_state = self.last_state or {}, state
                 await self.send_json({"type": "progress", **state["progress"]})
-                await self.send_json({"type": "status", **state["status"]})
                 if state["phase"] and _key(state)["phase"] != _key(previous).get("phase"):
-                    await self.send_json({"type": "phase", **state["phase"]})
+                    await self.send_json({"type": "phase", **state["phase"]})  # the bar first: then the end
+                await self.send_json({"type": "status", **state["status"]})
                 if state["steps"] and state["steps"] != previous.get("steps"):
                     await self.send_json({"type": "steps", **state["steps"]})
             if state["status"]["finished"]:
