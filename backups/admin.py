@@ -21,6 +21,7 @@ from core.admin_mixins import (
     status_badge,
 )
 from engines.humanize import human_duration, human_size
+from operations.selectors import estimate_text
 from operations.services import OperationRefused
 
 from .models import Backup, BackupArtifact, BackupPolicy, StorageTarget
@@ -245,6 +246,9 @@ class BackupAdmin(TeamScopedAdminMixin, admin.ModelAdmin):
 
     def change_view(self, request, object_id, form_url="", extra_context=None):
         extra_context = {**(extra_context or {}), "may": permissions.may(request.user)}
+        obj = self.get_object(request, object_id)
+        if obj is not None:  # how long a drill of this customer's backups usually takes, next to "Verify now"
+            extra_context["estimate"] = estimate_text(obj.customer_id, "verify")
         return super().change_view(request, object_id, form_url, extra_context)
 
     @admin.display(description="size", ordering="size")

@@ -20,6 +20,7 @@ from django.utils import timezone
 from customers.models import Customer
 from engines import manifestauth, streams
 from engines.artifact import write_artifact, write_bytes
+from engines.humanize import human_duration, human_size
 from engines.paths import PathEscapeError
 from engines.slots import acquire_slot
 from operations.context import OperationError, RunCancelled, RunContext, RunLost
@@ -64,9 +65,9 @@ class _Progress:
         if check:
             self.ctx.check_alive()  # a cancel request or a lost run stops the stream within ~2 s
         rate = done / max(now - self.started, 1e-6)
-        msg = f"{label}: {done / 1e6:.1f} MB at {rate / 1e6:.1f} MB/s"
+        msg = f"{label}: {human_size(done)} at {human_size(rate)}/s"
         if self.total and rate > 0 and self.total > done and now - self.started > 3:  # rate settles first
-            msg += f", about {int((self.total - done) / rate)} s left"
+            msg += f", about {human_duration(round((self.total - done) / rate))} left"
         self.ctx.progress(done, max(self.total or 0, done) or None, msg)
 
     def artifact_done(self, lane: str, size: int) -> None:
@@ -78,8 +79,11 @@ class _Progress:
 def backup(ctx: RunContext) -> dict:
     """Wait for a per-host backup slot (flock: released even if this process is killed), then back up."""
 
+    ctx.phases(*BACKUP_PHASES)
+
     def waiting(waited: float) -> None:
         if waited == 0:
+            ctx.phase("wait for a slot")
             ctx.info(f"waiting for a backup slot ({settings.KASA_MAX_BACKUPS_PER_HOST} backups already "
                      "running on this host)")
         ctx.check_alive()  # a cancel request or a lost run ends the wait
@@ -88,7 +92,12 @@ def backup(ctx: RunContext) -> dict:
         return _backup(ctx)
 
 
+# Named phases of a backup run (RunContext.phases); the bytes written give the progress within "write artifacts".
+BACKUP_PHASES = (("wait for a slot", 0), ("write artifacts", 10), ("manifest and replicas", 1))
+
+
 def _backup(ctx: RunContext) -> dict:
+    ctx.phase("write artifacts")
     customer = Customer.objects.prefetch_related("services", "databases").get(pk=ctx.run.customer_id)
     return make_backup(ctx, customer, ctx.run.params, run=ctx.run)[1]
 
@@ -138,6 +147,8 @@ def make_backup(ctx: RunContext, customer: Customer, p: dict, *, run=None, pin_r
                 compression=p["compression"], key_id=res.key_id, details=details,
             ))
 
+        if run is not None:  # a safety backup inside a restore or an upgrade is one phase of that run
+            ctx.phase("manifest and replicas")
         finished = timezone.now()
         manifest = _signed(ctx, _manifest(bk, customer, written, started, finished, keyring,
                                           excludes=plans.excludes_of(p)))
@@ -155,7 +166,7 @@ def make_backup(ctx: RunContext, customer: Customer, p: dict, *, run=None, pin_r
     # objects removed), the primary stays, and the warning reaches the log and the notification.
     for replica in replicas:
         _copy_to_replica(ctx, bk, store, replica, [a.name for a in written] + [MANIFEST], written)
-    ctx.info(f"backup #{bk.pk} complete: {len(written)} artifacts, {bk.size / 1e6:.1f} MB")
+    ctx.info(f"backup #{bk.pk} complete: {len(written)} artifacts, {human_size(bk.size)}")
     _after_success(ctx, bk)
     return bk, {"backup": bk.pk, "location": store.location(bk.prefix), "size": bk.size,
                 "artifacts": [{"name": a.name, "size": a.size, "sha256": a.sha256} for a in written]}

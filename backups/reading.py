@@ -10,6 +10,7 @@ import time
 
 from django.conf import settings
 
+from engines.humanize import human_size
 from operations.context import OperationError, RunContext
 
 from .models import Backup, BackupArtifact
@@ -36,8 +37,10 @@ def artifact_kwargs(bk: Backup, art: BackupArtifact, keyring) -> dict:
             "compression": art.compression}
 
 
-def progress(ctx: RunContext, label: str, stop: threading.Event | None = None):
-    """An on_progress callback: the run's progress bar at most twice a second; Stopped once `stop` is set."""
+def progress(ctx: RunContext, label: str, stop: threading.Event | None = None, *, base: int = 0,
+             total: int | None = None):
+    """An on_progress callback: the run's progress bar at most twice a second; Stopped once `stop` is set.
+    base/total: bytes already done before this artifact, and of the whole phase (its share of the bar)."""
     last = [0.0]
 
     def update(done: int) -> None:
@@ -46,5 +49,5 @@ def progress(ctx: RunContext, label: str, stop: threading.Event | None = None):
         now = time.monotonic()
         if now - last[0] > 0.5:
             last[0] = now
-            ctx.progress(done, None, f"{label}: {done / 1e6:.1f} MB")
+            ctx.progress(base + done, max(total, base + done) if total else None, f"{label}: {human_size(done)}")
     return update

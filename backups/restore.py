@@ -95,6 +95,8 @@ def restore(ctx: RunContext) -> dict:
     _check_disk(plan)
     journal = Journal(ctx)
     safety = None
+    wants_safety = not plan.clone and p.get("safety_backup", True)
+    ctx.phases(*_phases(plan.clone, wants_safety, late=False))
     try:
         # Staging is the verification: every artifact is read to the end, checksummed, authenticated and
         # (archives) checked member by member, or (databases) restored into a fresh database and its rows
@@ -103,6 +105,8 @@ def restore(ctx: RunContext) -> dict:
         # A database restored in place keeps no copy aside: its way back is a backup taken once the services
         # are stopped (nothing written before the stop is lost), so the safety backup waits until then.
         late = not plan.clone and dbswap.in_place(journal)
+        if late:
+            ctx.phases(*_phases(plan.clone, wants_safety, late=True))
         if not plan.clone and p.get("safety_backup", True) and not late:
             safety = _safety_backup(ctx, plan)
         if plan.clone:
@@ -133,6 +137,17 @@ def restore(ctx: RunContext) -> dict:
             "root": str(plan.root), "artifacts": [a.name for a in plan.artifacts], "safety_backup": safety,
             "databases": plan.to_databases and {k: _display(v) for k, v in plan.to_databases.items()},
             "seconds": round(seconds, 2)}
+
+
+# Named phases of a restore (RunContext.phases), weighted by their usual share of the time. A database restored
+# in place takes its safety backup once the services are stopped (late).
+def _phases(clone: bool, safety: bool, *, late: bool) -> list[tuple[str, float]]:
+    if clone:
+        return [("verify and unpack", 6), ("copy in", 1)]
+    way_back = [("safety backup", 3)] if safety else []
+    stop = [("stop", 1)]
+    return [("verify and unpack", 6), *(stop + way_back if late else way_back + stop), ("swap", 1), ("start", 1),
+            ("health", 1)]
 
 
 # --- 1. plan and verify -------------------------------------------------------------
@@ -243,6 +258,7 @@ def _safety_backup(ctx: RunContext, plan: Plan) -> int:
     except BackupInputError as exc:
         raise OperationError(f"cannot take the safety backup: {exc}; nothing was touched") from None
     params["replicas"] = []  # the way back must exist now; copies to replicas can wait for the next backup
+    ctx.phase("safety backup")
     ctx.info(f"safety backup of the current state ({scope}) before anything changes")
     with acquire_slot(settings.KASA_SCRATCH_DIR, settings.KASA_MAX_BACKUPS_PER_HOST, poll=2.0,
                       on_wait=lambda waited: ctx.check_alive()):
@@ -260,6 +276,8 @@ def _stage(ctx: RunContext, plan: Plan, store, keyring, journal: Journal) -> Pat
     databases (mostly the database server's work). The first failure stops the other lane."""
     files = [a for a in plan.artifacts if a.kind != "database"]
     dbs = [a for a in plan.artifacts if a.kind == "database"]
+    ctx.phase("verify and unpack")
+    files_total, files_done = sum(a.size for a in files), [0]  # the archives' bytes give the phase's progress
     staging = None
     if files:
         plan.root.mkdir(parents=True, exist_ok=True, mode=0o700)  # a copy's root, under KASA_CUSTOMERS_ROOT
@@ -276,10 +294,11 @@ def _stage(ctx: RunContext, plan: Plan, store, keyring, journal: Journal) -> Pat
                 owner = plan.owner  # the customer's user, or the worker's own (development)
                 listing = unpack.extract_artifact(
                     store, f"{plan.backup.prefix}/{art.name}", dest=str(dest), owner=owner, root=plan.root,
-                    on_progress=progress(ctx, f"unpacking {art.name}", stop), **artifact_kwargs(plan.backup, art,
-                                                                                                keyring))
+                    on_progress=progress(ctx, f"unpacking {art.name}", stop, base=files_done[0], total=files_total),
+                    **artifact_kwargs(plan.backup, art, keyring))
             except unpack.ArtifactError as exc:
                 raise OperationError(str(exc)) from None
+            files_done[0] += art.size
             for line in unpack.setid_warnings(art.name, listing.setid):
                 ctx.warning(line)
             ctx.info(f"{art.name}: checksum, decryption and {listing.members} members verified, "
@@ -354,16 +373,20 @@ def _swap_in(ctx: RunContext, plan: Plan, staging: Path | None, journal: Journal
     # Which services answer now: after a rollback those must answer again (one that was down before the
     # restore is not the restore's fault); after a successful restore every health URL must answer.
     healthy_before = runtime.healthy_now(specs)
+    ctx.phase("stop")
     ctx.info(f"stopping {len(specs)} service(s)")
     journal.add({"type": "services_stopped", "healthy_before": healthy_before})
     runtime.stop_all(ctx, specs)
     way_back = dbswap.way_back(ctx, plan, _safety_backup) if in_place else None  # with the services stopped
+    ctx.phase("swap")
     if staging is not None:
         restore_files.swap_in(ctx, plan, staging, journal, clone=False)
     _restore_file_databases(ctx, plan, journal)
     dbswap.swap_all(ctx, plan, journal, way_back=way_back)
+    ctx.phase("start")
     ctx.info(f"starting {len(specs)} service(s)")
     runtime.start_all(ctx, specs)
+    ctx.phase("health")
     runtime.check_health(ctx, specs)
     return way_back
 
@@ -382,6 +405,7 @@ def _record_versions(ctx: RunContext, plan: Plan) -> None:
 
 
 def _clone_in(ctx: RunContext, plan: Plan, staging: Path | None, journal: Journal) -> None:
+    ctx.phase("copy in")
     if staging is not None:
         restore_files.swap_in(ctx, plan, staging, journal, clone=True)
     _restore_file_databases(ctx, plan, journal)

@@ -22,6 +22,7 @@ from core.admin_mixins import admin_page
 from customers.forms import ConfirmForm
 from engines import envfile, unpack
 from engines.humanize import human_size
+from operations.selectors import estimate_text
 from operations.services import OperationRefused
 
 from .models import Backup
@@ -80,7 +81,8 @@ def restore_view(request, backup_id: int, model_admin):
                       backup=backup, customer=backup.customer, form=form, env_changes=env_changes,
                       env_error=env_error, root=backup.customer.root,
                       databases=list(backup.customer.databases.all()),
-                      keys_missing=backup.encrypted and not settings.KASA_BACKUP_KEYS)
+                      keys_missing=backup.encrypted and not settings.KASA_BACKUP_KEYS,
+                      estimate=estimate_text(backup.customer_id, "restore"))
 
 
 def verify_view(request, backup_id: int, model_admin):

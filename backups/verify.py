@@ -56,9 +56,12 @@ def _drill(ctx: RunContext, bk: Backup) -> list[dict]:
     scratch = settings.KASA_SCRATCH_DIR / f"verify-{ctx.run.pk}"
     scratch.mkdir(parents=True, mode=0o700)
     checks = []
+    arts = list(bk.artifacts.order_by("pk"))
+    ctx.phases(*[(f"drill {a.name}", max(a.size, 1)) for a in arts])  # one named phase per artifact, by size
     try:
-        for art in bk.artifacts.order_by("pk"):
+        for art in arts:
             ctx.check_alive()
+            ctx.phase(f"drill {art.name}")
             name = f"{bk.prefix}/{art.name}"
             kwargs = artifact_kwargs(bk, art, keyring)
             try:
@@ -75,7 +78,8 @@ def _drill(ctx: RunContext, bk: Backup) -> list[dict]:
                 else:
                     dest = scratch / art.name.split(".", 1)[0]
                     listing = unpack.extract_artifact(store, name, dest=str(dest),
-                                                      on_progress=progress(ctx, f"test extraction of {art.name}"),
+                                                      on_progress=progress(ctx, f"test extraction of {art.name}",
+                                                                           total=art.size),
                                                       **kwargs)
                     trees.remove_tree(dest, ignore_errors=True)  # one archive's tree at a time on the scratch disk
                     for line in unpack.setid_warnings(art.name, listing.setid):

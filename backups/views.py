@@ -21,6 +21,7 @@ from django.utils.http import content_disposition_header
 
 from core import permissions
 from core.admin_mixins import admin_page
+from operations.selectors import estimate_text
 from operations.services import OperationRefused
 
 from .models import BackupPolicy, StorageTarget
@@ -89,7 +90,8 @@ def backup_now_view(request, pk, model_admin):
             return redirect(reverse("admin:operations_run_change", args=[run.pk]))
     return admin_page(request, model_admin, "admin/backups/backup_now.html", title=f"Back up {customer}",
                       obj=customer, status=400 if request.method == "POST" and form.errors else 200,
-                      customer=customer, policy=policy, form=form, keys_missing=not settings.KASA_BACKUP_KEYS)
+                      customer=customer, policy=policy, form=form, keys_missing=not settings.KASA_BACKUP_KEYS,
+                      estimate=estimate_text(customer.pk, "backup"))
 
 
 def backup_now_many(model_admin, request, customers) -> None:

@@ -54,6 +54,8 @@ def check(ctx: RunContext) -> dict:
     problems: list[str] = []
     result: dict = {"root": None, "databases": [], "services": []}
 
+    ctx.phases(("root folder", 1), ("databases", len(databases)), ("services", len(services)))
+    ctx.phase("root folder")
     ctx.progress(done, total, "root folder")
     try:
         root = customer.root_path()
@@ -72,11 +74,13 @@ def check(ctx: RunContext) -> dict:
     result["ownership"] = _check_ownership(ctx, customer, services, problems)
     done += 1
 
+    ctx.phase("databases")
     for db in databases:
         ctx.progress(done, total, f"database {db.name}")
         result["databases"].append(_check_database(ctx, db, problems))
         done += 1
 
+    ctx.phase("services")
     for svc in services:
         ctx.progress(done, total, f"service {svc.name}")
         result["services"].append(_check_service(ctx, svc, problems))

@@ -3,11 +3,16 @@ from django.core.exceptions import PermissionDenied
 from django.http import HttpResponseNotAllowed
 from django.shortcuts import get_object_or_404, redirect
 from django.urls import path, reverse
+from django.utils.html import format_html, format_html_join
 
 from core import permissions
 from core.admin_mixins import TeamScopedAdminMixin, status_badge
+from engines.humanize import human_duration, human_time
 
+from . import registry
 from .models import Run
+from .runview import phase_document
+from .selectors import typical_seconds
 from .services import run_cancel
 
 
@@ -22,8 +27,10 @@ class RunAdmin(TeamScopedAdminMixin, admin.ModelAdmin):
     list_select_related = ("customer", "requested_by")
     date_hierarchy = "created_at"
     actions = ["cancel_action"]
-    fields = ("kind", "customer", "status", "requested_by", "requested_via", "created_at", "started_at",
-              "finished_at", "worker", "progress_message", "error", "result", "params")
+    # Every field the run changes while it runs is rendered with an id that runlog.js keeps current from the
+    # WebSocket's "status" message (operations.runview): no reload needed. The error is shown once, in the live box.
+    fields = ("kind", "customer", "status_display", "requested_by", "requested_via", "created_display",
+              "started_display", "finished_display", "worker_display", "summary_display", "links_display", "params")
     readonly_fields = fields
 
     def has_add_permission(self, request):
@@ -60,6 +67,40 @@ class RunAdmin(TeamScopedAdminMixin, admin.ModelAdmin):
     def status_badge(self, obj):
         return status_badge(obj.status, obj.get_status_display())
 
+    @admin.display(description="status")
+    def status_display(self, obj):
+        # The contract of the live page (and its browser tests): #run-status[data-status] follows the run.
+        return format_html('<span id="run-status" class="kasa-status kasa-status-{}" data-status="{}">{}</span>',
+                           obj.status, obj.status, obj.get_status_display())
+
+    @admin.display(description="created")
+    def created_display(self, obj):
+        return human_time(obj.created_at)
+
+    @admin.display(description="started")
+    def started_display(self, obj):
+        return format_html('<span id="run-started">{}</span>', human_time(obj.started_at) if obj.started_at else "—")
+
+    @admin.display(description="finished")
+    def finished_display(self, obj):
+        text = human_time(obj.finished_at) if obj.finished_at else "—"
+        took = f" (took {human_duration(obj.duration)})" if obj.duration is not None else ""
+        return format_html('<span id="run-finished">{}</span><span id="run-took">{}</span>', text, took)
+
+    @admin.display(description="worker")
+    def worker_display(self, obj):
+        return format_html('<span id="run-worker">{}</span>', obj.worker or "—")
+
+    @admin.display(description="result")
+    def summary_display(self, obj):
+        return format_html('<span id="run-summary">{}</span>', registry.details(obj).get("summary") or "—")
+
+    @admin.display(description="links")
+    def links_display(self, obj):
+        links = registry.details(obj).get("links") or []
+        inner = format_html_join(" · ", '<a href="{}">{}</a>', ((x["url"], x["label"]) for x in links))
+        return format_html('<span id="run-links">{}</span>', inner or "—")
+
     @admin.display(description="requested by")
     def requested(self, obj):
         return obj.requested_by or obj.requested_via
@@ -67,10 +108,12 @@ class RunAdmin(TeamScopedAdminMixin, admin.ModelAdmin):
     @admin.display(description="duration")
     def duration_display(self, obj):
         d = obj.duration
-        return "—" if d is None else f"{d:.1f} s"
+        return "—" if d is None else human_duration(d)
 
     @admin.display(description="progress")
     def progress_display(self, obj):
+        if obj.phase_plan:
+            return f"{obj.phase} ({obj.percent:.0f} %)" if obj.is_active else f"{obj.percent:.0f} %"
         if obj.progress_total:
             return f"{obj.progress_done}/{obj.progress_total}"
         return "—"
@@ -88,7 +131,11 @@ class RunAdmin(TeamScopedAdminMixin, admin.ModelAdmin):
         extra_context = extra_context or {}
         run = self.get_object(request, object_id)
         if run is not None:
-            extra_context["commands"] = run.commands.all()
+            commands = list(run.commands.all())
+            for c in commands:
+                c.took = human_duration(c.duration) if c.duration is not None else ""
+            extra_context["commands"] = commands
             extra_context["cancellable"] = run.status in Run.ACTIVE and self.has_cancel_permission(request)
+            extra_context["phase"] = phase_document(run, typical_seconds(run.customer_id, run.kind))
         return super().change_view(request, object_id, form_url, extra_context)
 

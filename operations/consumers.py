@@ -4,7 +4,8 @@ connect(): only an authenticated, active staff user of the customer's team
 gets in; anyone else is closed with code 4403 (accepted first, then closed, so
 a browser sees 4403 and stops retrying instead of a bare 1006). Then: join the
 run's group, replay the stored lines, and stream typed messages ("line",
-"progress", "status"). Every push reads the database (lines with seq > last
+"progress", "status" — with the times, worker, result summary and links —, "phase" with the overall
+percentage and ETA, and "steps" for a run with a step table). Every push reads the database (lines with seq > last
 sent), so order and completeness never depend on the channel layer: with Redis
 a worker's nudge triggers the read at once; with the in-memory layer (worker in
 another process) a short poll does.
@@ -24,15 +25,15 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 from django.utils import timezone
 
-from . import live
+from . import live, registry
 from .models import Run, RunLogLine
+from .runview import phase_document, status_document
+from .selectors import typical_seconds
 
 BATCH = 500
 SAFETY_POLL_SECONDS = 5.0  # with a shared layer: nudges drive updates; this only catches a lost one
 FINISH_GRACE = 10.0  # seconds after the run ended during which late lines are still read
 CLOSE_FORBIDDEN = 4403
-STATE_FIELDS = ("status", "error", "progress_done", "progress_total", "progress_message", "started_at",
-                "finished_at")
 
 
 class RunLogConsumer(AsyncJsonWebsocketConsumer):
@@ -47,6 +48,7 @@ class RunLogConsumer(AsyncJsonWebsocketConsumer):
             return
         self.last_seq = self._after()
         self.last_state = None
+        self.typical = await self._typical(self.run_id)  # the history estimate, once per connection
         self.settled = False
         self._finished_seen = None
         self._lock = asyncio.Lock()
@@ -104,10 +106,14 @@ class RunLogConsumer(AsyncJsonWebsocketConsumer):
             if state is None:  # the run is gone
                 self.settled = True
                 return
-            if state != self.last_state:
-                self.last_state = state
+            if _key(state) != _key(self.last_state):  # the ETA alone changes every second: not a change
+                previous, self.last_state = self.last_state or {}, state
                 await self.send_json({"type": "progress", **state["progress"]})
+                if state["phase"] and _key(state)["phase"] != _key(previous).get("phase"):
+                    await self.send_json({"type": "phase", **state["phase"]})  # the bar first: then the end
                 await self.send_json({"type": "status", **state["status"]})
+                if state["steps"] and state["steps"] != previous.get("steps"):
+                    await self.send_json({"type": "steps", **state["steps"]})
             if state["status"]["finished"]:
                 now = asyncio.get_running_loop().time()
                 self._finished_seen = self._finished_seen or now
@@ -123,23 +129,39 @@ class RunLogConsumer(AsyncJsonWebsocketConsumer):
 
     @staticmethod
     @database_sync_to_async
-    def _read(run_id: int, after: int):
+    def _typical(run_id: int) -> float | None:
+        run = Run.objects.filter(pk=run_id).values("customer_id", "kind").first()
+        return typical_seconds(run["customer_id"], run["kind"]) if run else None
+
+    def _read(self, run_id: int, after: int):
+        return self._read_db(run_id, after, self.typical)
+
+    @staticmethod
+    @database_sync_to_async
+    def _read_db(run_id: int, after: int, typical: float | None):
         lines = [
             ln.as_message()
             for ln in RunLogLine.objects.filter(run_id=run_id, seq__gt=after).order_by("seq")[:BATCH]
         ]
-        run = Run.objects.only(*STATE_FIELDS).filter(pk=run_id).first()
+        run = Run.objects.filter(pk=run_id).first()
         if run is None:
             return lines, None, None
         finished = run.status in Run.TERMINAL
+        details = registry.details(run)
         state = {
             "progress": {
                 "done": run.progress_done, "total": run.progress_total, "message": run.progress_message,
             },
-            "status": {
-                "status": run.status, "label": run.get_status_display(), "error": run.error,
-                "finished": finished, "duration": run.duration,
-            },
+            "status": status_document(run, details),
+            "phase": phase_document(run, typical),
+            "steps": details.get("steps"),
         }
         ago = (timezone.now() - run.finished_at).total_seconds() if finished and run.finished_at else None
         return lines, state, ago
+
+
+def _key(state: dict | None) -> dict:
+    if not state:
+        return {}
+    phase = state["phase"] and {k: v for k, v in state["phase"].items() if k not in ("eta", "eta_text")}
+    return {**state, "phase": phase}

@@ -70,6 +70,9 @@ class RunContext:
         # What an undo needs from the control database, read while it answers and kept in this process's memory
         # only (never on disk): database targets with their credentials, the customer's services…
         self.held: dict = {}
+        self._plan: list[list] = list(run.phase_plan or [])  # [[name, weight], …] (phases())
+        self._phase = run.phase or ""
+        self._percent = run.percent or 0.0  # never goes down while the run runs
 
     # --- lifecycle -----------------------------------------------------------
     def start_heartbeat(self) -> None:
@@ -214,12 +217,57 @@ class RunContext:
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         self.log(tb.rstrip(), level=RunLogLine.Level.ERROR)
 
+    # --- named phases ---------------------------------------------------------------------------------
+    def phases(self, *plan: tuple[str, float]) -> None:
+        """Declare the run's named phases in order, each with a weight (its expected share of the time). The
+        overall percentage is the weight of the phases passed plus the done share of the current one
+        (progress(done, total) within it); phase() moves on."""
+        self._plan = [[str(name), float(max(weight, 0))] for name, weight in plan]
+        self._save_phase({"phase_plan": self._plan})
+
+    def phase(self, name: str, weight: float = 1.0) -> None:
+        """Enter the named phase (appended to the plan with `weight` when it was not declared): its progress
+        starts at 0 and the page shows its name. A phase already passed does not move the bar back."""
+        if self._undoing:
+            return
+        if not any(n == name for n, _ in self._plan):
+            self._plan.append([name, float(weight)])
+        self._phase = name
+        fields = {"phase": name[:100], "phase_plan": self._plan, "phase_started_at": timezone.now(),
+                  "progress_done": 0, "progress_total": None, "progress_message": ""}
+        fields["percent"] = self._overall(0, None)
+        self._save_phase(fields)
+
+    def _overall(self, done: int, total: int | None) -> float:
+        weights = sum(w for _, w in self._plan)
+        if not weights or not self._phase:  # no phases: the run's own done/total, when it has one
+            if total and not self._plan:
+                self._percent = max(self._percent, min(100.0, 100.0 * done / total))
+            return round(self._percent, 2)
+        before, current = 0.0, 0.0
+        for n, w in self._plan:
+            if n == self._phase:
+                current = w
+                break
+            before += w
+        share = min(1.0, max(0.0, done / total)) if total else 0.0
+        self._percent = max(self._percent, min(100.0, 100.0 * (before + current * share) / weights))
+        return round(self._percent, 2)
+
+    def _save_phase(self, fields: dict) -> None:
+        if not Run.objects.filter(pk=self.run.pk, status=Run.Status.RUNNING).update(**fields):
+            self.lost = True
+            raise RunLost(f"run #{self.run.pk} is no longer running here")
+        live.notify(self.run.pk)
+
     def progress(self, done: int, total: int | None = None, message: str = "") -> None:
+        """Progress within the current phase (or the whole run when it has no phases): done of total."""
         if self._undoing:
             return
         fields = {"progress_done": done, "heartbeat_at": timezone.now()}
         if total is not None:
             fields["progress_total"] = total
+        fields["percent"] = self._overall(done, total)
         if message:
             fields["progress_message"] = self._mask(message)[:300]
         if not Run.objects.filter(pk=self.run.pk, status=Run.Status.RUNNING).update(**fields):

@@ -66,6 +66,12 @@ class Run(models.Model):
     progress_done = models.BigIntegerField(default=0)
     progress_total = models.BigIntegerField(null=True, blank=True)
     progress_message = models.CharField(max_length=300, blank=True)
+    # Named phases (RunContext.phases/phase): the plan [[name, weight], …], the current one, when it began, and
+    # the overall percentage they give (never decreasing while the run runs; 100 once it succeeded).
+    phase_plan = models.JSONField(default=list, blank=True)
+    phase = models.CharField(max_length=100, blank=True)
+    phase_started_at = models.DateTimeField(null=True, blank=True)
+    percent = models.FloatField(default=0.0)
     result = models.JSONField(default=dict, blank=True)
     error = models.TextField(blank=True)
 
@@ -123,7 +129,8 @@ class Run(models.Model):
 
     def succeed(self, result: dict) -> bool:
         return self._transition(
-            self.Status.SUCCEEDED, expect=(self.Status.RUNNING,), result=result, finished_at=timezone.now()
+            self.Status.SUCCEEDED, expect=(self.Status.RUNNING,), result=result, finished_at=timezone.now(),
+            percent=100.0,
         )
 
     def fail(self, error: str, *, result: dict | None = None, expect=(Status.RUNNING,)) -> bool:

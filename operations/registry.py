@@ -73,3 +73,19 @@ def replay(name: str):
         return import_string(_replays[name])
     except KeyError:
         raise LookupError(f"no replay registered as {name!r}") from None
+
+
+# What a run page shows of a run's outcome, per kind (dotted paths to fn(run) -> dict, registered by the app that
+# owns the kind): "summary" (a sentence a person reads, not JSON), "links" ([{"label", "url"}]: the backup a run
+# produced, the upgrade, the safety backup…) and, optionally, "steps" (a step table's document). Read on every
+# change by the live consumer and when the page renders.
+_details: dict[str, str] = {}
+
+
+def register_details(kind: str, function: str) -> None:
+    _details[kind] = function
+
+
+def details(run) -> dict:
+    path = _details.get(run.kind)
+    return import_string(path)(run) if path else {}

@@ -111,20 +111,22 @@ def test_check_from_the_admin_streams_log_and_status_without_reload(
             assert f"service {service}: folder" in log
         assert page.get_attribute("#run-status", "class") == "kasa-status kasa-status-succeeded"
         progress = page.evaluate("(b => [b.value, b.max])(document.getElementById('run-progress'))")
-        assert progress == [5, 5]  # root folder, one database, three services
-        assert page.text_content("#run-progress-text").startswith("5/5")
+        assert progress == [100, 100]  # phases: root folder, one database, three services
+        assert page.text_content("#run-progress-text") == "100 %"
         assert page.is_hidden("#run-error")
-        assert page.text_content(".field-status .readonly") == "Succeeded"  # the fields above follow too
+        assert page.get_attribute("#run-status", "data-status") == "succeeded"
+        # The fields above follow too: times, worker, the result in words.
+        assert page.text_content("#run-finished").endswith(" UTC")
+        assert page.text_content("#run-summary").startswith("everything reachable")
         page.screenshot(path=str(tmp_path / "run.png"), full_page=True)
 
         # Reloading on purpose now: the finished run is rendered and its whole log replayed.
-        with page.expect_navigation():
-            page.click("#run-reload")
+        page.reload()
         page.wait_for_function("document.getElementById('run-connection').textContent.startsWith('finished')")
         assert page.evaluate("window.__marker") is None
         assert page.text_content("#run-status").strip() == "Succeeded"
         assert page.text_content("#run-log") == log
-        assert page.text_content(".field-worker .readonly").strip() not in ("", "-")
+        assert page.text_content("#run-worker").strip() not in ("", "—")
     run = wait_for_run(int(match.group(1)))
     assert run.status == "succeeded"
     assert log.count("\n") == run.log_lines.count()  # every stored line shown once

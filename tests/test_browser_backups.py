@@ -102,9 +102,10 @@ def test_back_up_now_from_the_customer_page_to_a_listed_backup(
         worker = start_worker()
         try:
             # While it runs: bytes, throughput and the ETA, as a percentage and words, not raw byte counts.
-            page.wait_for_function("/[1-9]\\d*\\.\\d MB at \\d+\\.\\d MB\\/s, about \\d+ s left/.test("
-                                   "document.getElementById('run-progress-text').textContent)", timeout=SLOW_MS)
-            seen_progress.append(page.text_content("#run-progress-text"))
+            page.wait_for_function("/[1-9][\\d.]* [kM]?B at [\\d.]+ [kM]?B\\/s, about [\\d.]+ s left/.test("
+                                   "document.getElementById('run-message').textContent)", timeout=SLOW_MS)
+            seen_progress.append(page.text_content("#run-message"))
+            assert page.text_content("#run-phase") == "write artifacts"
             _shot(page, tmp_path, "run-progress.png")
             page.wait_for_function("document.getElementById('run-status').textContent.trim() === 'Succeeded'",
                                    timeout=SLOW_MS)
@@ -120,9 +121,14 @@ def test_back_up_now_from_the_customer_page_to_a_listed_backup(
         assert re.search(r"backup #\d+ complete: 5 artifacts", log), log
         assert page.get_attribute("#run-status", "class") == "kasa-status kasa-status-succeeded"
         done_text = page.text_content("#run-progress-text")
-        assert done_text.startswith("100 % ") and "s left" not in done_text, done_text
-        progress_box = page.locator("#run-progress-text").bounding_box()
+        assert done_text == "100 %" and page.text_content("#run-eta") == "", done_text
+        progress_box = page.locator("#run-message").bounding_box()
         assert progress_box and progress_box["width"] > 100 and progress_box["height"] < 40  # one readable line
+        # Without a reload: the run's times, the link to its backup, the result in words.
+        assert page.get_attribute("#run-status", "data-status") == "succeeded"
+        assert page.text_content("#run-finished").endswith(" UTC")
+        assert page.locator("#run-links a", has_text="backup #").count() == 1
+        assert re.match(r"backup #\d+: 5 artifact\(s\), ", page.text_content("#run-summary"))
         _shot(page, tmp_path, "run-done.png")
         _no_horizontal_overflow(page)
 
@@ -166,4 +172,5 @@ def test_back_up_now_from_the_customer_page_to_a_listed_backup(
     assert run.status == "succeeded"
     bk = Backup.objects.get(run=run)
     assert bk.scope == "full" and bk.encrypted and bk.requested_by == admin and bk.artifacts.count() == 5
-    assert re.search(r"\d+ % \S+: [1-9]\d*\.\d MB at \d+\.\d MB/s, about \d+ s left", seen_progress[0]), seen_progress
+    assert re.search(r"\S+: [1-9][\d.]* [kM]?B at [\d.]+ [kM]?B/s, about [\d.]+ s left", seen_progress[0]), \
+        seen_progress

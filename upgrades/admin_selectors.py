@@ -10,6 +10,7 @@ from pathlib import Path
 from django.conf import settings
 
 from engines import envfile, layout
+from engines.humanize import human_duration
 
 from . import preflight
 from .models import Upgrade
@@ -135,6 +136,6 @@ def steps_document(upgrade: Upgrade) -> dict:
         steps.append({"position": s.position, "name": s.name, "status": s.status,
                       "status_label": s.get_status_display(), "started_at": s.started_at.isoformat(),
                       "finished_at": s.finished_at.isoformat() if s.finished_at else None,
-                      "duration": took})
+                      "duration": took, "duration_text": human_duration(took) if took is not None else ""})
     return {"id": upgrade.pk, "status": upgrade.status, "status_label": upgrade.get_status_display(),
             "active": upgrade.is_active, "steps": steps}

@@ -16,3 +16,5 @@ class UpgradesConfig(AppConfig):
         # What a way back records while the control database does not answer, made at reconciliation.
         registry.register_replay("upgrade_step", "upgrades.journal.replay_step")
         registry.register_replay("upgrade_outcome", "upgrades.rollback.replay_outcome")
+        registry.register_details("upgrade", "upgrades.live.upgrade_details")
+        registry.register_details("rollback", "upgrades.live.upgrade_details")

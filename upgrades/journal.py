@@ -87,6 +87,7 @@ class Steps:
     @contextlib.contextmanager
     def step(self, name: str):
         self.ctx.check_alive()  # a cancel request or a lost run stops the upgrade between steps
+        self.ctx.phase(name)  # each step is a named phase of the run's progress bar
         row = self._row(name, UpgradeStep.Status.RUNNING)
         self.ctx.info(f"— {name}")
         log = StepLog(self.ctx, row)

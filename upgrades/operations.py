@@ -65,6 +65,7 @@ def upgrade(ctx: RunContext) -> dict:
     job = Job(ctx, up)
     try:
         if up.dry_run:
+            ctx.phases(("preflight", 1))
             with job.steps.step("preflight") as slog:
                 report = _preflight(job, slog, zips_dir=None)
             up.succeed()
@@ -116,12 +117,22 @@ def abandon(run, ctx: RunContext) -> None:
     _outcome(job, what, put_back(job))
 
 
+# Named phases of the run (RunContext.phases): each step, weighted by its usual share of the time.
+UPGRADE_PHASES = (("preflight", 1), ("backup", 4), ("stage", 2), ("env", 0.5), ("stop", 1), ("switch", 0.5),
+                  ("start", 2), ("health", 1), ("record", 0.3))
+ROLLBACK_PHASES = (("preflight", 1), ("backup", 4), ("stop", 1), ("switch", 0.5), ("database", 2), ("env", 0.5),
+                   ("start", 2), ("health", 1), ("record", 0.3))
+
+
 # --- the upgrade --------------------------------------------------------------------------------------
 def _upgrade(job: Job) -> None:
     ctx, up = job.ctx, job.upgrade
+    ctx.phases(*UPGRADE_PHASES)
     with job.steps.step("preflight") as slog:
         report = _preflight(job, slog, zips_dir=str(scratch_dir(ctx.run.pk)))
     job.changes = report.changes
+    hooks = [(p, 1) for p in HOOK_ORDER if any(p in ch.hooks for ch in job.changes)]
+    ctx.phases(*UPGRADE_PHASES[:4], *hooks, *UPGRADE_PHASES[4:])  # the release's hooks, in their order
     with job.steps.step("backup") as slog:
         _backup(job, slog, pin=f"before upgrade #{up.pk} to {up.to_release} (run #{ctx.run.pk})")
     job.mark(touched=True)  # from here on, any failure puts the customer back
@@ -285,6 +296,7 @@ def _unpin_older(job: Job, slog) -> None:
 def _rollback(job: Job) -> None:
     ctx, up = job.ctx, job.upgrade
     target = up.rolls_back
+    ctx.phases(*ROLLBACK_PHASES)
     with job.steps.step("preflight") as slog:
         _rollback_preflight(job, target, slog)
     with job.steps.step("backup") as slog:

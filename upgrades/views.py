@@ -21,6 +21,7 @@ from django.urls import reverse
 from core import permissions
 from core.admin_mixins import admin_page
 from customers.forms import ConfirmForm
+from operations.selectors import estimate_text
 from operations.services import OperationRefused
 
 from .admin_selectors import rollback_plan, steps_document, upgrade_plan, versions_card
@@ -89,7 +90,8 @@ def upgrade_view(request, pk: int, model_admin):
                       obj=customer, status=400 if posted or problem else 200,
                       customer=customer, card=card, choices=choices, chosen=chosen, force=force, problem=problem,
                       may=permissions.may(request.user, customer),
-                      bad_hidden=[o for o in card["offered"] if o["bad"] and not force], plan=plan, form=form)
+                      bad_hidden=[o for o in card["offered"] if o["bad"] and not force], plan=plan, form=form,
+                      estimate=estimate_text(customer.pk, "upgrade"))
 
 
 def rollback_view(request, pk: int, model_admin):
@@ -107,7 +109,8 @@ def rollback_view(request, pk: int, model_admin):
             return redirect(reverse("admin:operations_run_change", args=[run.pk]))
     status = 200 if request.method == "GET" and plan is not None else 400 if request.method == "POST" else 404
     return admin_page(request, model_admin, "admin/upgrades/rollback.html", title=f"Roll back {customer}",
-                      obj=customer, status=status, customer=customer, plan=plan, form=form)
+                      obj=customer, status=status, customer=customer, plan=plan, form=form,
+                      estimate=estimate_text(customer.pk, "rollback"))
 
 
 class ResolveForm(forms.Form):

@@ -1,19 +1,24 @@
-// Live log of a run: replays stored lines, then streams new ones, progress and status.
-// Reconnects with ?after=<last seq> so nothing is shown twice or lost.
+// Live run page: replays stored lines, then streams new ones and every field of the run (operations.runview):
+// "status" (status, times, worker, error, result summary, links), "progress" (within the current phase),
+// "phase" (named phase, overall percentage, ETA) and "steps" (an upgrade's step table, rendered by steps.html).
+// Reconnects with ?after=<last seq> so nothing is shown twice or lost; never needs a reload.
 (function () {
   "use strict";
   const box = document.getElementById("run-live");
   if (!box) return;
-  const logEl = document.getElementById("run-log");
-  const statusEl = document.getElementById("run-status");
-  const bar = document.getElementById("run-progress");
-  const barText = document.getElementById("run-progress-text");
-  const connEl = document.getElementById("run-connection");
-  const errEl = document.getElementById("run-error");
-  const loadedActive = box.dataset.status === "pending" || box.dataset.status === "running";
+  const $ = (id) => document.getElementById(id);
+  const logEl = $("run-log");
+  const bar = $("run-progress");
+  const barText = $("run-progress-text");
+  const connEl = $("run-connection");
+  const errEl = $("run-error");
+  const etaEl = $("run-eta");
   let lastSeq = 0;
   let finished = false;
   let retry = 500;
+  let phased = bar.dataset.phased === "1";
+  let eta = null;  // seconds left at etaAt (ms), counted down between messages
+  let etaAt = 0;
 
   function appendLine(m) {
     const span = document.createElement("span");
@@ -27,57 +32,86 @@
     lastSeq = m.seq;
   }
 
-  // Keep the admin's read-only fields above the log in step with it.
-  function setField(name, text) {
-    const el = document.querySelector(".field-" + name + " .readonly");
-    if (el) el.textContent = text || "-";
+  function setText(id, text) {
+    const el = $(id);
+    if (el) el.textContent = text || "—";
   }
 
-  // A byte total estimated from the previous run may end short of it: a succeeded run is 100 %, no ETA.
-  function completeBytes() {
-    if (bar.max <= 10000) return;
-    bar.value = bar.max;
-    barText.textContent = barText.textContent.replace(/^\d+ %/, "100 %").replace(/, about \d+ s left$/, "");
+  function humanDuration(s) {  // engines.humanize.human_duration, for the countdown only
+    if (s < 60) return s.toFixed(1) + " s";
+    const m = Math.floor(Math.round(s) / 60), r = Math.round(s) % 60;
+    if (m < 60) return m + " min " + String(r).padStart(2, "0") + " s";
+    return Math.floor(m / 60) + " h " + String(m % 60).padStart(2, "0") + " min";
+  }
+
+  function showEta() {
+    if (finished || eta === null) { etaEl.textContent = ""; return; }
+    const left = Math.max(0, eta - (Date.now() - etaAt) / 1000);
+    etaEl.textContent = left < 1 ? "almost done" : "about " + humanDuration(left) + " left";
+  }
+  setInterval(showEta, 1000);
+
+  function onStatus(m) {
+    const st = $("run-status");
+    st.textContent = m.label;
+    st.className = "kasa-status kasa-status-" + m.status;
+    st.dataset.status = m.status;
+    box.dataset.status = m.status;
+    errEl.hidden = !m.error;
+    errEl.textContent = m.error || "";
+    setText("run-started", m.started);
+    setText("run-finished", m.finished_text);
+    const took = $("run-took");
+    if (took) took.textContent = m.duration_text ? " (took " + m.duration_text + ")" : "";
+    setText("run-worker", m.worker);
+    setText("run-summary", m.summary);
+    const links = $("run-links");
+    if (links) {
+      links.replaceChildren();
+      (m.links || []).forEach(function (l, i) {
+        if (i) links.append(" · ");
+        const a = document.createElement("a");
+        a.href = l.url;
+        a.textContent = l.label;
+        links.append(a);
+      });
+      if (!links.childNodes.length) links.textContent = "—";
+    }
+    if (m.finished && !finished) {
+      finished = true;
+      if (m.status === "succeeded") { bar.value = bar.max; if (phased) barText.textContent = "100 %"; }
+      showEta();
+      connEl.textContent = m.duration_text ? "finished in " + m.duration_text : "finished";
+    }
+  }
+
+  function onPhase(m) {
+    phased = true;
+    bar.max = 100;
+    bar.value = m.percent;
+    barText.textContent = Math.floor(m.percent) + " %";
+    setText("run-phase", m.phase);
+    $("run-phase-step").textContent = m.index >= 0 ? (m.index + 1) + " of " + m.phases.length : "";
+    eta = m.eta; etaAt = Date.now();
+    showEta();
+  }
+
+  function onProgress(m) {
+    $("run-message").textContent = m.message || "";
+    if (phased) return;  // the phase message carries the overall percentage
+    if (m.total) {
+      bar.max = m.total; bar.value = m.done;
+      barText.textContent = m.total <= 10000 ? m.done + "/" + m.total : Math.floor(100 * m.done / m.total) + " %";
+    }
   }
 
   function onMessage(ev) {
     const m = JSON.parse(ev.data);
-    if (m.type === "line") {
-      if (m.seq > lastSeq) appendLine(m);
-    } else if (m.type === "progress") {
-      if (m.total) {
-        bar.max = m.total; bar.value = m.done;
-        // Steps read as "3/5"; byte counts (a backup) as a percentage: the message carries MB, MB/s and the ETA.
-        const count = m.total <= 10000 ? m.done + "/" + m.total : Math.floor(100 * m.done / m.total) + " %";
-        barText.textContent = count + " " + (m.message || "");
-        if (finished && box.dataset.status === "succeeded") completeBytes();
-      }
-      else { barText.textContent = m.message || ""; }
-      setField("progress_message", m.message);
-    } else if (m.type === "status") {
-      statusEl.textContent = m.label;
-      statusEl.className = "kasa-status kasa-status-" + m.status;
-      box.dataset.status = m.status;
-      errEl.hidden = !m.error;
-      errEl.textContent = m.error || "";
-      setField("status", m.label);
-      setField("error", m.error);
-      if (m.finished && !finished) {
-        finished = true;
-        if (m.status === "succeeded") {
-          bar.value = bar.max;
-          completeBytes();
-        }
-        connEl.textContent = m.duration != null ? "finished in " + m.duration.toFixed(1) + " s" : "finished";
-        if (loadedActive) {  // timestamps and the result are on the server-rendered part: offer a reload
-          const a = document.createElement("a");
-          a.href = location.pathname;
-          a.id = "run-reload";
-          a.textContent = "show the result";
-          connEl.append(" · ", a);
-        }
-      }
-    }
+    if (m.type === "line") { if (m.seq > lastSeq) appendLine(m); }
+    else if (m.type === "progress") onProgress(m);
+    else if (m.type === "phase") onPhase(m);
+    else if (m.type === "status") onStatus(m);
+    else if (m.type === "steps") document.dispatchEvent(new CustomEvent("kasa:steps", {detail: m}));
   }
 
   function connect() {
