@@ -20,6 +20,7 @@ from django.utils import timezone
 from customers.models import Customer
 from engines import manifestauth, streams
 from engines.artifact import write_artifact, write_bytes
+from engines.humanize import human_size
 from engines.paths import PathEscapeError
 from engines.slots import acquire_slot
 from operations.context import OperationError, RunCancelled, RunContext, RunLost
@@ -64,7 +65,7 @@ class _Progress:
         if check:
             self.ctx.check_alive()  # a cancel request or a lost run stops the stream within ~2 s
         rate = done / max(now - self.started, 1e-6)
-        msg = f"{label}: {done / 1e6:.1f} MB at {rate / 1e6:.1f} MB/s"
+        msg = f"{label}: {human_size(done)} at {human_size(rate)}/s"
         if self.total and rate > 0 and self.total > done and now - self.started > 3:  # rate settles first
             msg += f", about {int((self.total - done) / rate)} s left"
         self.ctx.progress(done, max(self.total or 0, done) or None, msg)
@@ -155,7 +156,7 @@ def make_backup(ctx: RunContext, customer: Customer, p: dict, *, run=None, pin_r
     # objects removed), the primary stays, and the warning reaches the log and the notification.
     for replica in replicas:
         _copy_to_replica(ctx, bk, store, replica, [a.name for a in written] + [MANIFEST], written)
-    ctx.info(f"backup #{bk.pk} complete: {len(written)} artifacts, {bk.size / 1e6:.1f} MB")
+    ctx.info(f"backup #{bk.pk} complete: {len(written)} artifacts, {human_size(bk.size)}")
     _after_success(ctx, bk)
     return bk, {"backup": bk.pk, "location": store.location(bk.prefix), "size": bk.size,
                 "artifacts": [{"name": a.name, "size": a.size, "sha256": a.sha256} for a in written]}
@@ -298,7 +299,7 @@ def _write_one(ctx: RunContext, bk: Backup, store, spec, *, lane: str, keyring, 
 
     def verified() -> None:
         _verify_object(store, name, res.sha256, res.size)
-        ctx.info(f"{spec.name}: {res.size / 1e6:.1f} MB stored, sha256 {res.sha256[:16]}…"
+        ctx.info(f"{spec.name}: {human_size(res.size)} stored, sha256 {res.sha256[:16]}…"
                  + (f", {len(rows)} tables" if rows is not None else ""))
 
     finisher.submit(res.writer, verified)

@@ -10,6 +10,7 @@ import time
 
 from django.conf import settings
 
+from engines.humanize import human_size
 from operations.context import OperationError, RunContext
 
 from .models import Backup, BackupArtifact
@@ -46,5 +47,5 @@ def progress(ctx: RunContext, label: str, stop: threading.Event | None = None):
         now = time.monotonic()
         if now - last[0] > 0.5:
             last[0] = now
-            ctx.progress(done, None, f"{label}: {done / 1e6:.1f} MB")
+            ctx.progress(done, None, f"{label}: {human_size(done)}")
     return update

@@ -16,6 +16,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from engines import trees, unpack
+from engines.humanize import human_size, human_time
 from operations.context import OperationError, RunCancelled, RunContext, RunLost
 
 from . import dbswap
@@ -29,7 +30,7 @@ def verify(ctx: RunContext) -> dict:
     if not bk.restorable:
         raise OperationError(f"backup #{bk.pk} is {bk.status}: only a succeeded backup can be verified")
     ctx.info(f"verification drill of backup #{bk.pk} of {bk.customer.domain} "
-             f"({bk.finished_at:%Y-%m-%d %H:%M UTC}, {bk.size / 1e6:.1f} MB on {bk.target.name})")
+             f"({human_time(bk.finished_at)}, {human_size(bk.size)} on {bk.target.name})")
     try:
         checks = _drill(ctx, bk)
     except (RunLost, RunCancelled):
@@ -80,7 +81,7 @@ def _drill(ctx: RunContext, bk: Backup) -> list[dict]:
                     for line in unpack.setid_warnings(art.name, listing.setid):
                         ctx.warning(line)  # a restore would strip them too: the operator should know
                     ctx.info(f"{art.name}: test extraction of {listing.files} files, {listing.dirs} folders, "
-                             f"{listing.total_size / 1e6:.1f} MB: every member checked and in place")
+                             f"{human_size(listing.total_size)}: every member checked and in place")
                     checks.append({"artifact": art.name, "files": listing.files, "dirs": listing.dirs,
                                    "symlinks": listing.symlinks, "bytes": listing.total_size})
             except unpack.ArtifactError as exc:

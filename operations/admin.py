@@ -6,6 +6,7 @@ from django.urls import path, reverse
 
 from core import permissions
 from core.admin_mixins import TeamScopedAdminMixin, status_badge
+from engines.humanize import human_duration
 
 from .models import Run
 from .services import run_cancel
@@ -66,8 +67,7 @@ class RunAdmin(TeamScopedAdminMixin, admin.ModelAdmin):
 
     @admin.display(description="duration")
     def duration_display(self, obj):
-        d = obj.duration
-        return "—" if d is None else f"{d:.1f} s"
+        return human_duration(obj.duration)
 
     @admin.display(description="progress")
     def progress_display(self, obj):
