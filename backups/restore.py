@@ -42,7 +42,7 @@ from core.secrets import box
 from customers import runtime
 from customers.models import Customer
 from engines import dburl, runas, unpack
-from engines.humanize import human_size, human_time
+from engines.humanize import human_duration, human_size, human_time
 from engines.slots import acquire_slot
 from operations.context import OperationError, RunCancelled, RunContext, RunLost
 from operations.journal import RunJournal
@@ -128,7 +128,7 @@ def restore(ctx: RunContext) -> dict:
         if not plan.clone:
             _record_versions(ctx, plan)
     seconds = time.monotonic() - started
-    ctx.info(f"restore of backup #{plan.backup.pk} complete in {seconds:.1f} s"
+    ctx.info(f"restore of backup #{plan.backup.pk} complete in {human_duration(seconds)}"
              + ("" if plan.clone else f" (safety backup #{safety})" if safety else ""))
     return {"backup": plan.backup.pk, "customer": plan.customer.domain, "clone": plan.clone,
             "root": str(plan.root), "artifacts": [a.name for a in plan.artifacts], "safety_backup": safety,

@@ -16,7 +16,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from engines import trees, unpack
-from engines.humanize import human_size, human_time
+from engines.humanize import human_duration, human_size, human_time
 from operations.context import OperationError, RunCancelled, RunContext, RunLost
 
 from . import dbswap
@@ -45,7 +45,7 @@ def verify(ctx: RunContext) -> dict:
     now = timezone.now()
     Backup.objects.filter(pk=bk.pk).update(verified_at=now, verify_status=Backup.VerifyStatus.PASSED,
                                            verify_error="", verify_checked_at=now, verify_seconds=seconds)
-    ctx.info(f"backup #{bk.pk} verified in {seconds:.1f} s: {len(checks)} artifact(s) restore")
+    ctx.info(f"backup #{bk.pk} verified in {human_duration(seconds)}: {len(checks)} artifact(s) restore")
     return {"backup": bk.pk, "customer": bk.customer.domain, "verified": True, "seconds": seconds,
             "checks": checks}
 
