@@ -87,6 +87,7 @@ def test_cli_durations_and_schedule_times_have_no_microseconds(small_customer):
     assert not MICROSECONDS.search(schedules) and "+00:00" not in schedules, schedules
 
 
+@pytest.mark.smoke
 def test_template_filters_use_the_same_helpers():
     text = Template("{% load kasa_humanize %}{{ small|human_size }} | {{ none|human_size }} | "
                     "{{ secs|human_duration }} | {{ delta|human_duration }} | {{ when|human_time }} | "

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
+from django.core.management import call_command
 
 from backups.models import Backup, BackupPolicy
 from backups.services import default_target, prune_customer
@@ -37,3 +40,6 @@ def test_a_backup_restored_from_and_verified_survives_the_upgrade_safety_backup_
     reasons = plan.keep[b]
     assert "newest verified" in reasons and "last 1" in reasons
     assert any(r.startswith("restored from on ") for r in reasons)
+    out = io.StringIO()
+    call_command("prune", customer.domain, "--dry-run", stdout=out)
+    assert f"  keep #{b}: newest verified, restored from on " in out.getvalue()
