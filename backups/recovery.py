@@ -63,7 +63,7 @@ def is_whole_recovery(run: Run) -> bool:
     if run.kind != Run.Kind.RESTORE:
         return False
     p = run.params or {}
-    return not (p.get("only") or p.get("to_root") or p.get("to_databases") or p.get("to_customer"))
+    return not (p.get("only") or p.get("to_root") or p.get("to_databases"))
 
 
 def targets(policy: BackupPolicy | None) -> tuple[timedelta, timedelta]:
