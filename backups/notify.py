@@ -29,6 +29,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from core.secrets import reveal
+from engines.humanize import human_duration, human_size, human_time
 
 from .models import Backup, BackupPolicy, CustomerBackupState, StorageTarget
 
@@ -52,20 +53,6 @@ def _redact(text: str, secrets: list[str]) -> str:
     for s in secrets:
         text = text.replace(s, MASK)
     return _URL_PASSWORD.sub(lambda m: f"{m['head']}:{MASK}@", text)
-
-
-def _size(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "—"
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes} min" if hours else f"{minutes} min {secs} s"
 
 
 def _link(path: str) -> str | None:
@@ -99,9 +86,9 @@ def backup_message(bk: Backup) -> tuple[str, str]:
         lines.append(f"Error: {bk.error or 'unknown error'}")
     for copy in failed_copies:
         lines.append(f"Replica {copy.target.name} failed (the primary copy is kept): {copy.error}")
-    lines += [f"Size: {_size(bk.size)}", f"Duration: {_duration(bk.duration)}"]
+    lines += [f"Size: {human_size(bk.size)}", f"Duration: {human_duration(bk.duration)}"]
     if bk.started_at:
-        lines.append(f"Started: {bk.started_at:%Y-%m-%d %H:%M:%S} UTC")
+        lines.append(f"Started: {human_time(bk.started_at)}")
     link = _link(reverse("admin:backups_backup_change", args=[bk.pk]))
     if link:
         lines.append(f"Details: {link}")
@@ -195,7 +182,7 @@ def verification_failed(backup_id: int) -> dict | None:
         customer = bk.customer
         subject = f"[Kasa] Backup VERIFICATION FAILED: {customer.domain} (backup #{bk.pk})"
         lines = [_customer_line(customer),
-                 f"Backup: #{bk.pk} ({bk.scope}, finished {bk.finished_at:%Y-%m-%d %H:%M} UTC, "
+                 f"Backup: #{bk.pk} ({bk.scope}, finished {human_time(bk.finished_at)}, "
                  f"target {bk.target.name})",
                  f"Error: {bk.verify_error or 'unknown error'}",
                  "This backup is flagged: it did not restore in the drill. Take a new backup and check the storage."]
@@ -274,9 +261,9 @@ def _missed_message(customer, policy: BackupPolicy, last_success, allowed: timed
     subject = f"[Kasa] Missed backup: {customer.domain}"
     lines = [
         _customer_line(customer),
-        "Last successful backup: " + (f"{last_success:%Y-%m-%d %H:%M:%S} UTC" if last_success else "never"),
-        f"Schedule: {schedule} ({policy.scope}); a backup may be at most {_duration(allowed.total_seconds())} old",
-        f"Overdue since: {deadline:%Y-%m-%d %H:%M:%S} UTC",
+        "Last successful backup: " + (human_time(last_success) if last_success else "never"),
+        f"Schedule: {schedule} ({policy.scope}); a backup may be at most {human_duration(allowed.total_seconds())} old",
+        f"Overdue since: {human_time(deadline)}",
     ]
     link = _link(reverse("admin:backups_backup_changelist") + f"?customer__id__exact={customer.pk}")
     if link:

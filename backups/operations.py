@@ -309,7 +309,7 @@ def _write_one(ctx: RunContext, bk: Backup, store, spec, *, lane: str, keyring, 
 
     def verified() -> None:
         _verify_object(store, name, res.sha256, res.size)
-        ctx.info(f"{spec.name}: {res.size / 1e6:.1f} MB stored, sha256 {res.sha256[:16]}…"
+        ctx.info(f"{spec.name}: {human_size(res.size)} stored, sha256 {res.sha256[:16]}…"
                  + (f", {len(rows)} tables" if rows is not None else ""))
 
     finisher.submit(res.writer, verified)

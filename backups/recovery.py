@@ -2,8 +2,12 @@
 
 Current RPO is the age of the newest backup that succeeded AND passed a
 verification drill: an unverified backup is a hope, not a restore point.
-Measured RTO is the duration of the newest successful restore or drill of the
-customer — the closest evidence we have of how long getting it back takes.
+Measured RTO is the duration (started → finished) of the newest successful WHOLE
+recovery of the customer: a restore in place of everything the backup holds, or
+a verification drill (which restores the whole backup into scratch). Partial
+restores (--only), copies elsewhere (--to-root, --to-database), upgrades,
+rollbacks and failed or cancelled runs say nothing about getting the whole
+customer back, so they never change it.
 A handful of grouped queries serve the whole fleet (admin index, metrics).
 """
 
@@ -52,6 +56,16 @@ class Recovery:
         return self.last_status == Backup.Status.FAILED
 
 
+def is_whole_recovery(run: Run) -> bool:
+    """Does this run measure RTO? A drill, or a restore of the whole backup in place (no --only, no copy)."""
+    if run.kind == Run.Kind.VERIFY:
+        return True
+    if run.kind != Run.Kind.RESTORE:
+        return False
+    p = run.params or {}
+    return not (p.get("only") or p.get("to_root") or p.get("to_databases"))
+
+
 def targets(policy: BackupPolicy | None) -> tuple[timedelta, timedelta]:
     rpo = policy.rpo_hours if policy and policy.rpo_hours else settings.KASA_RPO_HOURS
     rto = policy.rto_minutes if policy and policy.rto_minutes else settings.KASA_RTO_MINUTES
@@ -74,10 +88,12 @@ def fleet(customers=None) -> list[Recovery]:
                 .order_by("customer_id", "-finished_at").values("customer_id", "status")):
         last_status.setdefault(row["customer_id"], row["status"])
     rto = {}
-    for run in (Run.objects.filter(customer_id__in=ids, kind__in=[Run.Kind.RESTORE, Run.Kind.VERIFY],
-                                   status=Run.Status.SUCCEEDED, started_at__isnull=False)
-                .order_by("customer_id", "-finished_at").only("customer_id", "started_at", "finished_at")):
-        rto.setdefault(run.customer_id, (run.finished_at - run.started_at).total_seconds())
+    for run in (Run.objects.filter(customer_id__in=ids, status=Run.Status.SUCCEEDED, started_at__isnull=False,
+                                   finished_at__isnull=False, kind__in=[Run.Kind.RESTORE, Run.Kind.VERIFY])
+                .order_by("customer_id", "-finished_at").only("customer_id", "kind", "params", "started_at",
+                                                              "finished_at")):
+        if run.customer_id not in rto and is_whole_recovery(run):
+            rto[run.customer_id] = (run.finished_at - run.started_at).total_seconds()
     out = []
     for c in customers:
         row = per.get(c.pk, {})

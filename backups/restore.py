@@ -42,6 +42,7 @@ from core.secrets import box
 from customers import runtime
 from customers.models import Customer
 from engines import dburl, runas, unpack
+from engines.humanize import human_duration, human_size, human_time
 from engines.slots import acquire_slot
 from operations.context import OperationError, RunCancelled, RunContext, RunLost
 from operations.journal import RunJournal
@@ -131,7 +132,7 @@ def restore(ctx: RunContext) -> dict:
         if not plan.clone:
             _record_versions(ctx, plan)
     seconds = time.monotonic() - started
-    ctx.info(f"restore of backup #{plan.backup.pk} complete in {seconds:.1f} s"
+    ctx.info(f"restore of backup #{plan.backup.pk} complete in {human_duration(seconds)}"
              + ("" if plan.clone else f" (safety backup #{safety})" if safety else ""))
     return {"backup": plan.backup.pk, "customer": plan.customer.domain, "clone": plan.clone,
             "root": str(plan.root), "artifacts": [a.name for a in plan.artifacts], "safety_backup": safety,
@@ -183,7 +184,7 @@ def _plan(ctx: RunContext, p: dict) -> Plan:
         root = customer.root_path()
     if not arts:
         raise OperationError("nothing to restore: no artifact of the backup matches the selection")
-    ctx.info(f"restoring backup #{bk.pk} of {customer.domain} ({bk.finished_at:%Y-%m-%d %H:%M UTC}) "
+    ctx.info(f"restoring backup #{bk.pk} of {customer.domain} ({human_time(bk.finished_at)}) "
              + (f"into a copy at {root}" if clone and p.get("to_root") else "in place" if not clone else "")
              + f": {', '.join(a.name for a in arts)}")
     return Plan(bk, customer, arts, Path(root), clone, to_dbs)
@@ -217,7 +218,7 @@ def _verify_one(ctx: RunContext, plan: Plan, store, keyring, art: BackupArtifact
         raise OperationError(f"refused: {exc}") from None
     if listing is not None:
         ctx.info(f"{art.name}: checksum, decryption and {listing.members} members verified "
-                 f"({listing.files} files, {listing.total_size / 1e6:.1f} MB)")
+                 f"({listing.files} files, {human_size(listing.total_size)})")
     else:
         ctx.info(f"{art.name}: checksum and decryption verified")
 
@@ -233,8 +234,8 @@ def _check_disk(plan: Plan) -> None:
         where = where.parent
     free = shutil.disk_usage(where).free
     if free < need + DISK_MARGIN:
-        raise OperationError(f"not enough free disk on {where}: staging needs at least {need / 1e6:.0f} MB plus "
-                             f"a {DISK_MARGIN // 2**20} MB margin, {free / 1e6:.0f} MB free; nothing was touched")
+        raise OperationError(f"not enough free disk on {where}: staging needs at least {human_size(need)} plus "
+                             f"a {human_size(DISK_MARGIN)} margin, {human_size(free)} free; nothing was touched")
 
 
 # --- 2. safety backup -----------------------------------------------------------------
@@ -302,7 +303,7 @@ def _stage(ctx: RunContext, plan: Plan, store, keyring, journal: Journal) -> Pat
             for line in unpack.setid_warnings(art.name, listing.setid):
                 ctx.warning(line)
             ctx.info(f"{art.name}: checksum, decryption and {listing.members} members verified, "
-                     f"{listing.files} files ({listing.total_size / 1e6:.1f} MB) unpacked into staging"
+                     f"{listing.files} files ({human_size(listing.total_size)}) unpacked into staging"
                      + (f" as {owner.user}" if owner else ""))
 
     def databases_lane() -> None:

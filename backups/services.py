@@ -230,20 +230,39 @@ def retention_policy(policy: BackupPolicy):
 
     return Policy(keep_last=policy.keep_last, keep_daily=policy.keep_daily, keep_weekly=policy.keep_weekly,
                   keep_monthly=policy.keep_monthly, max_age_days=policy.max_age_days,
-                  keep_verified=policy.keep_verified)
+                  keep_verified=policy.keep_verified, keep_restored_days=settings.KASA_KEEP_RESTORED_DAYS)
+
+
+SAFETY_TRIGGERS = (Backup.Trigger.UPGRADE, Backup.Trigger.RESTORE)
+
+
+def restored_from(customer, since) -> dict[int, object]:
+    """Backup id -> when a restore (any outcome, in place or a copy) last started from it, since `since`."""
+    last: dict[int, object] = {}
+    for params, started in (Run.objects.filter(customer=customer, kind=Run.Kind.RESTORE, started_at__gte=since)
+                            .order_by("started_at").values_list("params", "started_at")):
+        if isinstance(params, dict) and isinstance(params.get("backup"), int):
+            last[params["backup"]] = started
+    return last
 
 
 def prune_customer(customer, *, dry_run: bool = False, actor=None, via: str = "cli"):
     """Apply the customer's retention policy; returns the engine's Plan (keep reasons, ids deleted)."""
+    from datetime import timedelta
+
     from django.utils import timezone
 
     from engines.retention import Item, plan
 
+    now = timezone.now()
+    policy = retention_policy(policy_for(customer))
+    restored = restored_from(customer, now - timedelta(days=policy.keep_restored_days))
     finished = Backup.objects.filter(customer=customer, finished_at__isnull=False,
                                      status__in=[Backup.Status.SUCCEEDED, Backup.Status.FAILED])
     items = [Item(id=b.pk, finished_at=b.finished_at, succeeded=b.status == Backup.Status.SUCCEEDED,
-                  pinned=b.pinned, verified=b.verified_at is not None) for b in finished]
-    result = plan(items, retention_policy(policy_for(customer)), timezone.now())
+                  pinned=b.pinned, verified=b.verified_at is not None, safety=b.trigger in SAFETY_TRIGGERS,
+                  restored_at=restored.get(b.pk)) for b in finished]
+    result = plan(items, policy, now)
     if not dry_run:
         for bk in Backup.objects.filter(pk__in=result.delete).select_related("target", "customer"):
             backup_delete(bk, actor=actor, via=via)

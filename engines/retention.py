@@ -12,16 +12,23 @@ tools that lost good backups:
   are UTC days.
 - keep_verified N keeps the newest N successful backups whose restore was
   verified: a backup known to restore is worth more than a newer unknown one.
+  The newest verified backup is kept whatever N is (the verified floor).
 
-Precedence, strongest first:
+Precedence, strongest first (rules 1-4 hold even past max age):
 1. pinned backups are kept (by hand or by an upgrade), whatever their age or outcome;
-2. the newest successful backup is kept, even past max_age, so there is always
-   something to restore from;
-3. max_age_days is a ceiling: a successful, unpinned backup older than that is
-   deleted even if keep_last/daily/weekly/monthly/verified would keep it. (If
-   those rules won instead, max age could never delete anything they had not
-   already dropped; its point is a hard limit, e.g. for data-protection.)
-4. keep_last, keep_daily, keep_weekly, keep_monthly, keep_verified.
+2. the newest successful backup is kept, so there is always something to restore from;
+3. the newest verified backup is kept (the verified floor), whatever keep_verified says: the one
+   backup known to restore is never traded for newer unknown ones;
+4. a backup restored from within the last keep_restored_days days is kept: someone needed it
+   lately and may need it again (e.g. after an upgrade that follows the restore);
+5. max_age_days is a ceiling: a successful backup older than that that no rule above keeps is
+   deleted even if keep_last/daily/weekly/monthly/verified would keep it. (If those rules won
+   instead, max age could never delete anything they had not already dropped; its point is a hard
+   limit, e.g. for data-protection.)
+6. keep_last, keep_daily, keep_weekly, keep_monthly, keep_verified. Safety backups (taken by an
+   upgrade or a restore as the way back) never take a regular backup's place here: the regular
+   backups are counted among themselves, as if no safety backup existed, and a safety backup is
+   kept when it would be among all backups.
 Everything else is deleted.
 
 Failed backups are deleted (their partial artifacts are junk) only when they
@@ -44,6 +51,8 @@ class Item:
     succeeded: bool
     pinned: bool = False
     verified: bool = False
+    safety: bool = False  # taken by an upgrade or a restore as its way back
+    restored_at: datetime | None = None  # when a restore last started from it
 
 
 @dataclass
@@ -54,11 +63,13 @@ class Policy:
     keep_monthly: int = 0
     max_age_days: int | None = None
     keep_verified: int = 0
+    keep_restored_days: int = 7
 
     def __post_init__(self) -> None:
-        counts = (self.keep_last, self.keep_daily, self.keep_weekly, self.keep_monthly, self.keep_verified)
+        counts = (self.keep_last, self.keep_daily, self.keep_weekly, self.keep_monthly, self.keep_verified,
+                  self.keep_restored_days)
         if min(counts) < 0 or (self.max_age_days is not None and self.max_age_days < 0):
-            raise ValueError("retention counts and max_age_days cannot be negative")
+            raise ValueError("retention counts, keep_restored_days and max_age_days cannot be negative")
 
 
 @dataclass
@@ -94,14 +105,9 @@ def _buckets(good: list[Item], n: int, key: Callable[[datetime], str]) -> dict[i
     return chosen
 
 
-def plan(items: list[Item], policy: Policy, now: datetime) -> Plan:
-    """Split finished backups into keep (with reasons) and delete, by the rules above."""
-    ordered = sorted(items, key=lambda i: (i.finished_at, i.id), reverse=True)
-    good = [i for i in ordered if i.succeeded]
-    newest = good[0] if good else None
-    cutoff = now - timedelta(days=policy.max_age_days) if policy.max_age_days is not None else None
-
-    counted: dict[int, list[str]] = {}  # reasons from the counting rules, subject to max age
+def _counted(good: list[Item], policy: Policy) -> dict[int, list[str]]:
+    """Reasons from the counting rules (keep_last, daily, weekly, monthly, verified), good newest first."""
+    counted: dict[int, list[str]] = {}
     for item in good[: policy.keep_last]:
         counted.setdefault(item.id, []).append(f"last {policy.keep_last}")
     for label, n, key in (
@@ -113,15 +119,39 @@ def plan(items: list[Item], policy: Policy, now: datetime) -> Plan:
             counted.setdefault(item_id, []).append(f"{label} {bucket}")
     for item in [i for i in good if i.verified][: policy.keep_verified]:
         counted.setdefault(item.id, []).append(f"verified (newest {policy.keep_verified})")
+    return counted
+
+
+def plan(items: list[Item], policy: Policy, now: datetime) -> Plan:
+    """Split finished backups into keep (with reasons) and delete, by the rules above."""
+    ordered = sorted(items, key=lambda i: (i.finished_at, i.id), reverse=True)
+    good = [i for i in ordered if i.succeeded]
+    newest = good[0] if good else None
+    newest_verified = next((i for i in good if i.verified), None)
+    cutoff = now - timedelta(days=policy.max_age_days) if policy.max_age_days is not None else None
+    restored_since = now - timedelta(days=policy.keep_restored_days)
+
+    # Counting rules, subject to max age. Regular backups are counted as if no safety backup existed.
+    counted = _counted([i for i in good if not i.safety], policy)
+    among_all = _counted(good, policy)
+    for item in good:
+        if item.safety and item.id in among_all:
+            counted[item.id] = among_all[item.id]
 
     result = Plan()
     for item in ordered:
         reasons = []
         expired = cutoff is not None and item.finished_at < cutoff
+        old = " (older than max age)" if expired else ""
         if item.pinned:
             reasons.append("pinned")
         if item is newest:
-            reasons.append("newest successful" + (" (older than max age)" if expired else ""))
+            reasons.append("newest successful" + old)
+        if item is newest_verified:
+            reasons.append("newest verified" + old)
+        if item.succeeded and item.restored_at is not None and item.restored_at >= restored_since:
+            reasons.append(f"restored from on {_day(item.restored_at.astimezone(UTC))} "
+                           f"(within {policy.keep_restored_days} days)")
         if item.succeeded:
             if not expired:  # max age overrides the counting rules
                 reasons += counted.get(item.id, [])

@@ -107,8 +107,7 @@ class RunAdmin(TeamScopedAdminMixin, admin.ModelAdmin):
 
     @admin.display(description="duration")
     def duration_display(self, obj):
-        d = obj.duration
-        return "—" if d is None else human_duration(d)
+        return human_duration(obj.duration)
 
     @admin.display(description="progress")
     def progress_display(self, obj):

@@ -181,3 +181,66 @@ def test_negative_policy_values_are_refused():
         Policy(keep_last=-1)
     with pytest.raises(ValueError):
         Policy(max_age_days=-3)
+
+
+def test_the_newest_verified_backup_is_kept_even_with_keep_verified_zero():
+    items = daily_backups(6)
+    items[1] = Item(2, items[1].finished_at, True, verified=True)
+    items[0] = Item(1, items[0].finished_at, True, verified=True)
+    result = plan(items, Policy(keep_last=1, keep_verified=0), NOW)
+    assert kept(result) == {6, 2}
+    assert result.keep[2] == ["newest verified"]
+
+
+def test_the_verified_floor_holds_past_max_age():
+    items = [Item(1, at(40), True, verified=True), Item(2, at(1), True), Item(3, at(0), True)]
+    result = plan(items, Policy(keep_last=5, max_age_days=30), NOW)
+    assert result.keep[1] == ["newest verified (older than max age)"]
+    assert kept(result) == {1, 2, 3}
+
+
+def test_a_backup_restored_from_lately_is_kept_and_no_longer_after_the_window():
+    items = daily_backups(6)
+    items[0] = Item(1, items[0].finished_at, True, restored_at=at(2))
+    items[1] = Item(2, items[1].finished_at, True, restored_at=at(9))
+    result = plan(items, Policy(keep_last=2, keep_restored_days=7), NOW)
+    assert kept(result) == {1, 5, 6}
+    assert result.keep[1] == [f"restored from on {at(2).date().isoformat()} (within 7 days)"]
+    assert 2 in result.delete
+    assert plan(items, Policy(keep_last=2, keep_restored_days=0), NOW).delete == [4, 3, 2, 1]
+
+
+def test_a_backup_restored_from_lately_survives_max_age():
+    items = [Item(1, at(100), True, restored_at=at(1)), Item(2, at(0), True)]
+    result = plan(items, Policy(keep_last=5, max_age_days=30), NOW)
+    assert kept(result) == {1, 2}
+
+
+def test_safety_backups_never_take_a_regular_backups_place():
+    # Regular daily backups 1..4, then two safety backups (an upgrade's and a restore's), newest of all.
+    items = daily_backups(4) + [Item(5, at(0, hour=2), True, safety=True), Item(6, at(0, hour=3), True, safety=True)]
+    result = plan(items, Policy(keep_last=2), NOW)
+    assert {3, 4} <= kept(result)  # the two newest regular backups, as if no safety backup existed
+    assert result.keep[4] == ["last 2"] and result.keep[3] == ["last 2"]
+    assert result.keep[6] == ["newest successful", "last 2"] and result.keep[5] == ["last 2"]
+    assert result.delete == [2, 1]
+
+
+def test_pinned_safety_backups_do_not_push_a_verified_backup_out():
+    # The sequence of issue 12: B verified and restored from, then pinned safety backups of a restore and
+    # an upgrade; the policy keeps one backup by count.
+    items = [Item(1, at(3), True), Item(2, at(2), True, verified=True, restored_at=at(0, hour=-3)),
+             Item(3, at(0, hour=-3), True, pinned=True, safety=True),
+             Item(4, at(0, hour=-1), True, pinned=True, safety=True)]
+    result = plan(items, Policy(keep_last=1), NOW)
+    assert result.delete == [1]
+    assert result.keep[2][:2] == ["newest verified", f"restored from on {at(0, hour=-3).date().isoformat()} "
+                                                     "(within 7 days)"]
+    assert "last 1" in result.keep[2]  # B is the newest regular backup: counted as if the safety ones were not there
+    result = plan([i if i.id != 2 else Item(2, at(2), True, verified=True) for i in items], Policy(keep_last=1), NOW)
+    assert result.keep[2] == ["newest verified", "last 1"]  # without the restore, still kept twice over
+
+
+def test_keep_restored_days_cannot_be_negative():
+    with pytest.raises(ValueError):
+        Policy(keep_restored_days=-1)

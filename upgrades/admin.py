@@ -8,7 +8,7 @@ from django.urls import path
 
 from core import permissions
 from core.admin_mixins import TeamScopedAdminMixin, change_link, status_badge
-from engines.humanize import human_duration
+from engines.humanize import human_duration, human_time
 
 from .admin_selectors import duration_seconds, versions_text
 from .models import BadRelease, Upgrade
@@ -102,7 +102,7 @@ class UpgradeAdmin(_ReadOnly, TeamScopedAdminMixin, admin.ModelAdmin):
             return "—"
         if obj.resolved_at is None:
             return "no: an operator must look"
-        return f"{obj.resolved_at:%Y-%m-%d %H:%M} by {obj.resolved_by or 'someone'}: {obj.resolution}"
+        return f"{human_time(obj.resolved_at)} by {obj.resolved_by or 'someone'}: {obj.resolution}"
 
     def get_queryset(self, request):
         return super().get_queryset(request).select_related("customer", "to_release", "run", "backup",

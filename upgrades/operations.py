@@ -30,6 +30,7 @@ from django.utils import timezone
 from backups.models import Backup
 from customers import runtime
 from engines import beneath, envfile, layout, procman, releasepkg, runas
+from engines.humanize import human_size, human_time
 from engines.slots import acquire_slot
 from operations.context import OperationError, RunCancelled, RunContext, RunLost
 
@@ -219,7 +220,7 @@ def _backup(job: Job, slog, *, pin: str, kind: str | None = None) -> None:
     up.backup_id = bk.pk
     hold_backup(ctx, bk.pk)  # the way back restores from it, held in memory: no control database needed then
     job.journal.add({"type": "backup", "id": bk.pk})
-    slog.info(f"backup #{bk.pk} taken and pinned ({bk.size / 1e6:.1f} MB)")
+    slog.info(f"backup #{bk.pk} taken and pinned ({human_size(bk.size)})")
 
 
 def _hooks(job: Job, phase: str, slog) -> None:
@@ -432,7 +433,7 @@ def _outcome(job: Job, what: str, ok: bool) -> str:
         else:
             message = (f"{what}; rolled back: the previous release, its .env and the databases are back and the "
                        "services answer")
-            bad = f"{what} (run #{up.run_id}, {timezone.now():%Y-%m-%d %H:%M} UTC)"
+            bad = f"{what} (run #{up.run_id}, {human_time(timezone.now())})"
         record_outcome(job, Upgrade.Status.ROLLED_BACK, message, bad=bad)
         job.ctx.warning(message)
         return message

@@ -20,6 +20,7 @@ from backups.models import Backup, BackupPolicy
 from customers import runtime
 from customers.models import Customer, DatabaseConnection
 from engines import beneath, envfile, layout, paths
+from engines.humanize import human_size
 from operations.models import Run
 from releases.models import ComponentVersion, Release
 from releases.services import ReleaseStorageError, component_zip_copy, releases_for
@@ -239,11 +240,11 @@ def _disk(customer, root: Path, changes: list[Change]) -> Check:
     problems, seen = [], []
     for need, where in needs.values():
         free = shutil.disk_usage(where).free
-        seen.append(f"{where}: {free / MiB:.0f} MiB free, {need / MiB:.0f} MiB needed")
+        seen.append(f"{where}: {human_size(free)} free, {human_size(need)} needed")
         if free < need:
-            problems.append(f"not enough free disk on {where}: {free / MiB:.0f} MiB free, {need / MiB:.0f} MiB "
-                            f"needed (backup {backup_need / MiB:.0f} MiB + release {release_need / MiB:.0f} MiB + "
-                            f"{margin / MiB:.0f} MiB margin)")
+            problems.append(f"not enough free disk on {where}: {human_size(free)} free, {human_size(need)} "
+                            f"needed (backup {human_size(backup_need)} + release {human_size(release_need)} + "
+                            f"{human_size(margin)} margin)")
     return Check("disk", not problems, "; ".join(problems or seen))
 
 

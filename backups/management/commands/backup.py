@@ -2,6 +2,7 @@ from backups.models import Backup
 from backups.services import BackupInputError, backup_document, backup_start
 from core.cli import BadInput, KasaCommand
 from customers.models import Customer
+from engines.humanize import human_duration, human_size, human_time
 from operations.cli import enqueued_or_run_here, follow_run
 from operations.services import OperationRefused
 
@@ -45,4 +46,6 @@ class Command(KasaCommand):
         if self.json_output:
             self.emit(doc)
         else:
-            self.stdout.write(f"backup #{doc['id']} of {customer}: {doc['size'] / 1e6:.1f} MB at {doc['location']}")
+            self.stdout.write(f"backup #{doc['id']} of {customer}: {human_size(doc['size'])} in "
+                              f"{human_duration(doc['duration'])}, finished {human_time(doc['finished_at'])}, "
+                              f"at {doc['location']}")

@@ -2,6 +2,7 @@ from backups.models import Backup
 from backups.services import backup_document
 from core.cli import BadInput, KasaCommand
 from customers.models import Customer
+from engines.humanize import human_size, human_time
 
 
 class Command(KasaCommand):
@@ -27,4 +28,5 @@ class Command(KasaCommand):
             return
         for d in docs:
             self.stdout.write(f"#{d['id']:<6} {d['customer']:<30} {d['status']:<10} {d['scope']:<8} "
-                              f"{d['size'] / 1e6:>10.1f} MB  {d['finished_at'] or d['started_at']}  {d['location']}")
+                              f"{human_size(d['size']):>10}  {human_time(d['finished_at'] or d['started_at'])}  "
+                              f"{d['location']}")

@@ -1,5 +1,6 @@
 from backups.schedules import ScheduleError, schedules_document, schedules_sync
 from core.cli import KasaCommand
+from engines.humanize import human_time
 
 
 class Command(KasaCommand):
@@ -13,7 +14,7 @@ class Command(KasaCommand):
         if not self.json_output:
             for s in doc["schedules"]:
                 when = s["cron"] or f"every {s['minutes']} min"
-                nxt = f"{s['next_run']:%Y-%m-%d %H:%M:%S %Z}" if s["next_run"] else "—"
+                nxt = human_time(s["next_run"])
                 self.stdout.write(f"{s['name']:<45} {when:<18} next {nxt}")
             self.stdout.write(f"{len(result['created'])} created, {len(result['updated'])} updated, "
                               f"{len(result['removed'])} removed, {result['unchanged']} unchanged")

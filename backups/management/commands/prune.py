@@ -28,3 +28,6 @@ class Command(KasaCommand):
             verb = "would delete" if d["dry_run"] else "deleted"
             self.stdout.write(f"{d['customer']}: {verb} {len(d['delete'])} backup(s) "
                               f"{' '.join(f'#{i}' for i in d['delete'])}; keeping {len(d['keep'])}")
+            if d["dry_run"]:
+                for bk_id, reasons in d["keep"].items():
+                    self.stdout.write(f"  keep #{bk_id}: {', '.join(reasons)}")

@@ -1,6 +1,7 @@
 from backups.models import Backup
 from backups.services import BackupInputError, restore_start
 from core.cli import BadInput, KasaCommand
+from engines.humanize import human_duration
 from operations.cli import run_in_command
 from operations.services import OperationRefused
 
@@ -42,6 +43,6 @@ class Command(KasaCommand):
         def done(run) -> str:
             r = run.result
             where = r.get("root") if r.get("clone") else f"{bk.customer.domain} (in place)"
-            return f"restored backup #{bk.pk} into {where} in {r.get('seconds')} s"
+            return f"restored backup #{bk.pk} into {where} in {human_duration(r.get('seconds', run.duration))}"
 
         run_in_command(self, run, enqueue=o["enqueue"], what=f"restore of backup #{bk.pk}", done_text=done)

@@ -1,6 +1,7 @@
 from backups.models import Backup
 from backups.services import BackupInputError, verify_start
 from core.cli import BadInput, KasaCommand
+from engines.humanize import human_duration
 from operations.cli import run_in_command
 from operations.services import OperationRefused
 
@@ -22,4 +23,5 @@ class Command(KasaCommand):
         except (BackupInputError, OperationRefused) as exc:
             raise BadInput(str(exc)) from None
         run_in_command(self, run, enqueue=o["enqueue"], what=f"verification of backup #{bk.pk}",
-                       done_text=lambda run: f"backup #{bk.pk} verified in {run.result.get('seconds')} s")
+                       done_text=lambda run: f"backup #{bk.pk} verified in "
+                                             f"{human_duration(run.result.get('seconds', run.duration))}")

@@ -1,5 +1,6 @@
 from core.cli import BadInput, KasaCommand
 from customers.models import Customer
+from engines.humanize import human_duration, human_time
 from operations.cli import enqueued_or_run_here
 from releases.models import Release
 from upgrades.models import Upgrade
@@ -53,4 +54,5 @@ def report(command: KasaCommand, up: Upgrade, run) -> None:
             command.stdout.write(f"  {'ok' if check['ok'] else 'warning'}  {check['name']}: {check['detail']}")
     else:
         to = ", ".join(f"{c} {v}" for c, v in sorted(up.to_versions.items()))
-        command.stdout.write(f"{up.get_kind_display().lower()} #{up.pk} of {up.customer} succeeded: {to}")
+        command.stdout.write(f"{up.get_kind_display().lower()} #{up.pk} of {up.customer} succeeded: {to} "
+                             f"(in {human_duration(run.duration)}, finished {human_time(run.finished_at)})")
