@@ -219,6 +219,17 @@ class Backup(models.Model):
 
     class Meta:
         ordering = ["-created_at", "-id"]
+        indexes = [
+            # The changelist's order; the fleet's figures per customer (backups.recovery.with_recovery): the
+            # newest finished, the newest verified, and the bytes of succeeded backups (index-only).
+            models.Index(fields=["-created_at", "-id"], name="backup_created"),
+            models.Index(fields=["customer", "-finished_at"], name="backup_customer_finished",
+                         condition=Q(status__in=["succeeded", "failed"])),
+            models.Index(fields=["customer", "-finished_at"], name="backup_customer_verified",
+                         condition=Q(status="succeeded", verify_status="passed")),
+            models.Index(fields=["customer"], include=["size"], name="backup_customer_size",
+                         condition=Q(status="succeeded")),
+        ]
         permissions = [
             ("restore_backup", "Can restore a backup"),
             ("verify_backup", "Can run a verification drill"),

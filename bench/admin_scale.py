@@ -75,7 +75,7 @@ def generation_sql(customers: int, backups: int, seed: float) -> list[str]:
               ON cu.n = i % {customers}""",
         # States: customer n % 50 == 1 → newest backup failed; == 2 → nothing newer than 10 days verified
         # (outside RPO); == 3 → never verified; the rest: every 8th backup passed a drill.
-        f"""ALTER TABLE g ADD COLUMN failed boolean""",
+        """ALTER TABLE g ADD COLUMN failed boolean""",
         f"""UPDATE g SET failed = (i < {customers} AND n % 50 = 1) OR r < 0.03""",
         """INSERT INTO operations_run (id, kind, customer_id, status, mutating, requested_via, params, root,
                                        created_at, started_at, finished_at, heartbeat_at, worker,
@@ -96,12 +96,12 @@ def generation_sql(customers: int, backups: int, seed: float) -> list[str]:
                    'c/' || g.i, (50e6 + g.r * 5e9)::bigint, 'schedule', g.t0, g.t0, g.t0 + g.took,
                    false, '',
                    CASE WHEN g.failed OR g.n % 50 = 3 OR (g.n % 50 = 2 AND g.i < {customers} * 40)
-                        THEN 'never' WHEN g.i % 8 = 0 THEN 'passed' ELSE 'never' END, '',
-                   CASE WHEN NOT g.failed AND g.n % 50 NOT IN (2, 3) AND g.i % 8 = 0
+                        THEN 'never' WHEN (g.i / {customers}) % 8 = 0 THEN 'passed' ELSE 'never' END, '',
+                   CASE WHEN NOT g.failed AND g.n % 50 NOT IN (2, 3) AND (g.i / {customers}) % 8 = 0
                         THEN g.t0 + g.took END, NULL, '{{}}'::jsonb, false,
                    CASE WHEN g.failed THEN 'tar failed' ELSE '' END
             FROM g""",
-        f"""UPDATE backups_backup SET verify_seconds = 40 + (id % 60) WHERE verify_status = 'passed'""",
+        """UPDATE backups_backup SET verify_seconds = 40 + (id % 60) WHERE verify_status = 'passed'""",
         f"""INSERT INTO backups_backupartifact (backup_id, name, kind, source, size, sha256, compression, key_id,
                                                 details)
             SELECT b.id, a.kind || '-' || a.source || '.tar.zst', a.kind, a.source, b.size / 3,
@@ -109,12 +109,12 @@ def generation_sql(customers: int, backups: int, seed: float) -> list[str]:
             FROM backups_backup b CROSS JOIN (VALUES {", ".join(f"('{k}', '{s}')" for k, s in ARTIFACTS)})
                  AS a(kind, source)""",
         # Per customer: 20 drills, 4 restores, 10 checks over the same span (succeeded, a few failed).
-        f"""INSERT INTO operations_run (kind, customer_id, status, mutating, requested_via, params, root,
+        """INSERT INTO operations_run (kind, customer_id, status, mutating, requested_via, params, root,
                                         created_at, started_at, finished_at, heartbeat_at, worker,
                                         progress_done, progress_total, progress_message, result, error)
             SELECT k.kind, c.id, CASE WHEN random() < 0.04 THEN 'failed' ELSE 'succeeded' END,
-                   k.kind <> 'check' AND k.kind <> 'verify', 'admin', '{{}}'::jsonb, '', t.t0, t.t0,
-                   t.t0 + (20 + random() * 400) * interval '1 second', t.t0, 'bench:1', 0, NULL, '', '{{}}'::jsonb, ''
+                   k.kind <> 'check' AND k.kind <> 'verify', 'admin', '{}'::jsonb, '', t.t0, t.t0,
+                   t.t0 + (20 + random() * 400) * interval '1 second', t.t0, 'bench:1', 0, NULL, '', '{}'::jsonb, ''
             FROM customers_customer c
             CROSS JOIN (VALUES ('verify', 20), ('restore', 4), ('check', 10)) AS k(kind, n)
             CROSS JOIN LATERAL (SELECT now() - (s * interval '1 day') - random() * interval '6 hours' AS t0
