@@ -20,7 +20,7 @@ from core.admin_mixins import (
     scoped_filter,
     status_badge,
 )
-from core.paging import EstimatedCountPaginator
+from core.paging import FleetScaleMixin
 from engines.humanize import human_duration, human_size
 from operations.services import OperationRefused
 
@@ -189,7 +189,7 @@ class ArtifactInline(admin.TabularInline):
 
 
 @admin.register(Backup)
-class BackupAdmin(TeamScopedAdminMixin, admin.ModelAdmin):
+class BackupAdmin(FleetScaleMixin, TeamScopedAdminMixin, admin.ModelAdmin):
     list_display = ("id", "customer", "finished_at", "scope", "size_display", "duration_display", "status_badge",
                     "trigger_display", "target", "verification", "verified_at", "pinned", "unsigned")
     list_display_links = ("id", "finished_at")
@@ -197,10 +197,8 @@ class BackupAdmin(TeamScopedAdminMixin, admin.ModelAdmin):
                    ("target", scoped_filter(targets_of)))
     search_fields = ("customer__domain",)
     list_select_related = ("customer", "target", "requested_by")
-    # At fleet scale (docs/PERFORMANCE.md): no COUNT(*) of every backup, no date hierarchy (it reads the dates of
-    # every row); "created_at" is a filter (today, past 7 days, this month…) instead.
-    paginator = EstimatedCountPaginator
-    show_full_result_count = False
+    # At fleet scale (docs/PERFORMANCE.md; FleetScaleMixin): no date hierarchy, it reads the dates of every row;
+    # "created_at" is a filter (today, past 7 days, this month…) instead.
     inlines = [ArtifactInline]
     actions = ["pin", "unpin", "verify_backups", "restore_backup", "delete_backups"]
     fields = ("customer", "status", "scope", "services", "compression", "encrypted", "unsigned", "target", "prefix",

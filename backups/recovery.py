@@ -32,7 +32,7 @@ from django.db.models import (
     Value,
     When,
 )
-from django.db.models.functions import Coalesce, NullIf
+from django.db.models.functions import Cast, Coalesce, NullIf
 from django.utils import timezone
 
 from customers.models import Customer
@@ -136,9 +136,10 @@ def with_recovery(customers, *, storage: bool = False, defaults: tuple[float, fl
         rto_minutes=Coalesce(Case(When(own, then=NullIf(F("backup_policy__rto_minutes"), Value(0.0)))),
                              Value(float(rto_default)), output_field=FloatField()),
     ).annotate(
-        rpo_cutoff=ExpressionWrapper(Value(timezone.now()) - ExpressionWrapper(
+        # Cast: a whole duration on SQLite (microseconds as an integer), where a float one would read as NULL.
+        rpo_cutoff=ExpressionWrapper(Value(timezone.now()) - Cast(
             F("rpo_hours") * Value(timedelta(hours=1)), output_field=DurationField()), output_field=DateTimeField()),
-        rto_limit=ExpressionWrapper(F("rto_minutes") * Value(timedelta(minutes=1)), output_field=DurationField()),
+        rto_limit=Cast(F("rto_minutes") * Value(timedelta(minutes=1)), output_field=DurationField()),
     )
     if storage:
         qs = qs.annotate(storage=Coalesce(Subquery(

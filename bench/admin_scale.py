@@ -10,8 +10,8 @@ Run it as `bench/admin_scale` (the checkout's .venv). It
    upgrading, quarantined). Then VACUUM ANALYZE, as autovacuum would have done on a live install;
 2. measures, in this process with Django's test client, each page as a superuser and as a member of one
    team (100 customers): the admin index (fleet overview), the backups, runs and customers changelists, a
-   customer page and /metrics — median wall time of `--repeat` requests after one warm-up, and the number of
-   SQL queries;
+   customer page and /metrics — median and fastest wall time of `--repeat` requests after one warm-up, the
+   median CPU time of this process (Django's side; the database's is not in it), and the SQL queries;
 3. prints a table against the goal (under 150 ms, and a query count that does not depend on the data).
 
 `--skip-generate` measures an existing database again (after a code change). Exit status: 0 whatever the goal
@@ -156,8 +156,17 @@ def generate(admin_url: str, db_name: str, customers: int, backups: int) -> dict
 
     t0 = time.monotonic()
     with connection.cursor() as cur:
+        # A bulk load: RunTally's trigger (operations 0004) is off while the runs go in, then the tally is
+        # rebuilt in one pass, as the migration does for an existing install.
+        cur.execute("ALTER TABLE operations_run DISABLE TRIGGER USER")
         for stmt in generation_sql(customers, backups, 0.42):
             cur.execute(stmt)
+        cur.execute("ALTER TABLE operations_run ENABLE TRIGGER USER")
+        cur.execute("""INSERT INTO operations_runtally (customer_id, kind, status, runs, timed, seconds)
+                       SELECT customer_id, kind, status, count(*),
+                              count(*) FILTER (WHERE started_at IS NOT NULL AND finished_at IS NOT NULL),
+                              COALESCE(sum(EXTRACT(EPOCH FROM finished_at - started_at)), 0)
+                       FROM operations_run GROUP BY customer_id, kind, status""")
     counts = {}
     with connection.cursor() as cur:
         for table in ("customers_customer", "backups_backup", "backups_backupartifact", "operations_run",
@@ -204,13 +213,16 @@ def measure(repeat: int) -> list[dict]:
                 raise BenchError(f"{url} as {who}: HTTP {response.status_code}")
             queries = len(ctx.captured_queries)
             slowest = max(ctx.captured_queries, key=lambda q: float(q["time"]))
+            cpu = []
             for _ in range(repeat):
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 response = client.get(url)
                 times.append((time.perf_counter() - t) * 1000)
+                cpu.append((time.process_time() - c) * 1000)
             ms = statistics.median(times)
             out.append({"page": name, "user": who, "url": url, "ms": round(ms, 1), "min_ms": round(min(times), 1),
-                        "queries": queries, "slowest_query_ms": round(float(slowest["time"]) * 1000, 1),
+                        "python_cpu_ms": round(statistics.median(cpu), 1), "queries": queries,
+                        "slowest_query_ms": round(float(slowest["time"]) * 1000, 1),
                         "slowest_query": slowest["sql"][:300], "bytes": len(response.content)})
             say(f"{name:24} {who:12} {ms:7.1f} ms  {queries:3} queries")
     return out
@@ -251,10 +263,13 @@ def main(argv=None) -> int:
     except BenchError as exc:
         say(f"FAILED: {exc}")
         return 1
-    print(f"\n{'page':24} {'user':12} {'median':>9} {'queries':>8}  goal < {GOAL_MS:.0f} ms")
+    # Wall time includes waiting for a CPU on a loaded machine: the fastest request and Django's own CPU time
+    # (the database's is not in it) tell how much is the load.
+    print(f"\n{'page':24} {'user':12} {'median':>9} {'fastest':>9} {'cpu':>9} {'queries':>8}  goal < {GOAL_MS:.0f} ms")
     for r in rows:
         verdict = "ok" if r["ms"] < GOAL_MS else "SLOW"
-        print(f"{r['page']:24} {r['user']:12} {r['ms']:7.1f} ms {r['queries']:8}  {verdict}")
+        print(f"{r['page']:24} {r['user']:12} {r['ms']:6.1f} ms {r['min_ms']:6.1f} ms {r['python_cpu_ms']:6.1f} ms "
+              f"{r['queries']:8}  {verdict}")
     load = os.getloadavg()
     print(f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on {os.cpu_count()} CPUs")
     results = args.results or args.workdir / "results-admin-scale.json"

@@ -2,8 +2,8 @@
 and what failed lately — for the customers the user may see (Customer.objects.visible_to).
 
 Every figure is computed in the database (backups.recovery.with_recovery plus the upgrade states below), each
-customer's once: five queries whatever the number of customers, backups or runs (the global policy's targets,
-the counts, the ids needing attention, those customers, the recent failures).
+customer's once: four queries whatever the number of customers, backups or runs (the global policy's targets;
+the counts and the worst customers' ids in one pass; those customers; the recent failures).
 
 States (a customer counts in each one that applies; "healthy" is none of them):
 - outside RPO: no verified backup within the RPO target (never verified included);
@@ -87,14 +87,17 @@ def overview(user) -> Overview:
     visible = Customer.objects.visible_to(user)
     defaults = global_targets()
     states = with_state(visible, defaults)
-    names = ["healthy", *STATES]
-    conditions = [HEALTHY, *STATES.values()]
-    sums = ", ".join(f"COALESCE(SUM(CASE WHEN {c} THEN 1 ELSE 0 END), 0)" for c in [*conditions, NEEDS_ATTENTION])
-    row = _over(states, f"SELECT COUNT(*), {sums} FROM {{f}}")[0]
-    counts = dict(zip(names, row[1:-1], strict=True))
-    ids = [r[0] for r in _over(states, f"SELECT f.id FROM {{f}} WHERE {NEEDS_ATTENTION} ORDER BY {SEVERITY} DESC, "
-                                       "f.last_verified IS NOT NULL, f.last_verified, f.domain LIMIT %s",
-                               (ATTENTION_LIMIT,))]
+    names = ["healthy", *STATES, "attention"]
+    conditions = [HEALTHY, *STATES.values(), NEEDS_ATTENTION]
+    # One pass: the counts are window sums over every visible customer, computed before the ORDER BY and LIMIT
+    # pick the worst; a customer with severity 0 needs nothing (it only fills a short list).
+    sums = ", ".join(f"SUM(CASE WHEN {c} THEN 1 ELSE 0 END) OVER ()" for c in conditions)
+    rows = _over(states, f"SELECT f.id, {SEVERITY}, COUNT(*) OVER (), {sums} FROM {{f}} "
+                         f"ORDER BY {SEVERITY} DESC, f.last_verified IS NOT NULL, f.last_verified, f.domain LIMIT %s",
+                 (ATTENTION_LIMIT,))
+    total = rows[0][2] if rows else 0
+    counts = dict(zip(names, rows[0][3:] if rows else [0] * len(names), strict=True))
+    ids = [r[0] for r in rows if r[1] > 0]
     rank = {pk: i for i, pk in enumerate(ids)}
     attention = sorted(with_state(Customer.objects.filter(pk__in=ids), defaults).select_related("team"),
                        key=lambda c: rank[c.pk])
@@ -119,5 +122,6 @@ def overview(user) -> Overview:
         run.finished_text = human_time(run.finished_at)
         error = (run.error or "").strip()
         run.error_line = error.splitlines()[0][:160] if error else ""
-    return Overview(customers=row[0], counts=counts, attention=attention, attention_total=row[-1],
+    attention_total = counts.pop("attention")
+    return Overview(customers=total, counts=counts, attention=attention, attention_total=attention_total,
                     failures=failures)

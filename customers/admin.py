@@ -21,6 +21,7 @@ from core.admin_mixins import (
     scoped_filter,
     teams_of,
 )
+from core.paging import FleetScaleMixin
 from operations.models import Run
 from operations.services import OperationRefused
 
@@ -92,7 +93,7 @@ class DatabaseInline(admin.StackedInline):
 
 
 @admin.register(Customer)
-class CustomerAdmin(TeamScopedAdminMixin, AuditedAdminMixin, admin.ModelAdmin):
+class CustomerAdmin(FleetScaleMixin, TeamScopedAdminMixin, AuditedAdminMixin, admin.ModelAdmin):
     team_scope_path = ""
     list_display = ("domain", "name", "team", "status", "versions_display", "last_run")
     list_filter = ("status", ("team", scoped_filter(teams_of)))

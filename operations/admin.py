@@ -6,14 +6,14 @@ from django.urls import path, reverse
 
 from core import permissions
 from core.admin_mixins import TeamScopedAdminMixin, status_badge
-from core.paging import EstimatedCountPaginator
+from core.paging import FleetScaleMixin
 
 from .models import Run
 from .services import run_cancel
 
 
 @admin.register(Run)
-class RunAdmin(TeamScopedAdminMixin, admin.ModelAdmin):
+class RunAdmin(FleetScaleMixin, TeamScopedAdminMixin, admin.ModelAdmin):
     """Runs are written by services only: the admin shows them and their live log."""
 
     list_display = ("id", "kind", "customer", "status_badge", "requested", "created_at", "duration_display",
@@ -21,9 +21,7 @@ class RunAdmin(TeamScopedAdminMixin, admin.ModelAdmin):
     list_filter = ("status", "kind", "created_at")
     search_fields = ("customer__domain", "error")
     list_select_related = ("customer", "requested_by")
-    # At fleet scale (docs/PERFORMANCE.md): no COUNT(*) of every run and no date hierarchy (it reads every row).
-    paginator = EstimatedCountPaginator
-    show_full_result_count = False
+    # At fleet scale (docs/PERFORMANCE.md; FleetScaleMixin): no date hierarchy, it reads the dates of every row.
     actions = ["cancel_action"]
     fields = ("kind", "customer", "status", "requested_by", "requested_via", "created_at", "started_at",
               "finished_at", "worker", "progress_message", "error", "result", "params")
