@@ -156,12 +156,17 @@ def generate(admin_url: str, db_name: str, customers: int, backups: int) -> dict
 
     t0 = time.monotonic()
     with connection.cursor() as cur:
-        # A bulk load: RunTally's trigger (operations 0004) is off while the runs go in, then the tally is
-        # rebuilt in one pass, as the migration does for an existing install.
-        cur.execute("ALTER TABLE operations_run DISABLE TRIGGER USER")
+        # A bulk load: the tallies' triggers (operations 0004, backups 0008) are off while the rows go in, then
+        # the tallies are rebuilt in one pass each, as the migrations do for an existing install.
+        for table in ("operations_run", "backups_backup"):
+            cur.execute(f"ALTER TABLE {table} DISABLE TRIGGER USER")
         for stmt in generation_sql(customers, backups, 0.42):
             cur.execute(stmt)
-        cur.execute("ALTER TABLE operations_run ENABLE TRIGGER USER")
+        for table in ("operations_run", "backups_backup"):
+            cur.execute(f"ALTER TABLE {table} ENABLE TRIGGER USER")
+        cur.execute("""INSERT INTO backups_storagetally (customer_id, backups, bytes)
+                       SELECT customer_id, count(*), sum(size) FROM backups_backup WHERE status = 'succeeded'
+                       GROUP BY customer_id""")
         cur.execute("""INSERT INTO operations_runtally (customer_id, kind, status, runs, timed, seconds)
                        SELECT customer_id, kind, status, count(*),
                               count(*) FILTER (WHERE started_at IS NOT NULL AND finished_at IS NOT NULL),

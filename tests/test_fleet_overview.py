@@ -201,3 +201,22 @@ def test_changelists_page_by_an_estimate_above_the_exact_limit(client, make_cust
         response = client.get(url)
         assert response.status_code == 200
         assert len(response.context["cl"].result_list) == 6
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="the tally's trigger is PostgreSQL's")
+def test_the_storage_tally_follows_succeeded_backups(make_customer, team):
+    from backups.models import StorageTally
+    from backups.recovery import fleet
+
+    c = make_customer(team_=team)
+    kept = backup(c, hours_ago=3)
+    gone = backup(c, hours_ago=2)
+    backup(c, hours_ago=1, status="failed")
+    running = Backup.objects.create(customer=c, target=default_target(), status="running", size=0,
+                                    prefix=f"{c.domain}/running")
+    Backup.objects.filter(pk=running.pk).update(status="succeeded", size=4000)
+    Backup.objects.filter(pk=gone.pk).update(status="deleted")
+    Backup.objects.filter(pk=kept.pk).update(size=1500)
+    tally = StorageTally.objects.get(customer=c)
+    assert (tally.backups, tally.bytes) == (2, 5500)
+    assert fleet([c])[0].storage == 5500

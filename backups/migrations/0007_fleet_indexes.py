@@ -26,8 +26,4 @@ class Migration(migrations.Migration):
             model_name='backup',
             index=models.Index(condition=models.Q(('status', 'succeeded'), ('verify_status', 'passed')), fields=['customer', '-finished_at'], name='backup_customer_verified'),
         ),
-        migrations.AddIndex(
-            model_name='backup',
-            index=models.Index(condition=models.Q(('status', 'succeeded')), fields=['customer'], include=('size',), name='backup_customer_size'),
-        ),
     ]
