@@ -2,13 +2,12 @@
 
 Current RPO is the age of the newest backup that succeeded AND passed a
 verification drill: an unverified backup is a hope, not a restore point.
-Measured RTO is the duration (started → finished) of the newest successful WHOLE
-recovery of the customer: a restore in place of everything the backup holds, or
-a verification drill (which restores the whole backup into scratch). Partial
-restores (--only), copies elsewhere (--to-root, --to-database), upgrades,
-rollbacks and failed or cancelled runs say nothing about getting the whole
-customer back, so they never change it.
-A handful of grouped queries serve the whole fleet (admin index, metrics).
+Measured RTO is the duration of the newest successful whole recovery of the
+customer (a drill, or a restore of everything in place: WHOLE_RECOVERY) — the
+closest evidence we have of how long getting it back takes.
+The figures are computed in the database, one query for any number of
+customers (`with_recovery`): the admin index, the customer page and /metrics
+read them the same way.
 """
 
 from __future__ import annotations
@@ -17,13 +16,30 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.db.models import Max, Q, Sum
+from django.db import connections
+from django.db.models import (
+    BigIntegerField,
+    Case,
+    DateTimeField,
+    DurationField,
+    ExpressionWrapper,
+    F,
+    FloatField,
+    OuterRef,
+    Q,
+    QuerySet,
+    Subquery,
+    Sum,
+    Value,
+    When,
+)
+from django.db.models.functions import Cast, Coalesce, NullIf
 from django.utils import timezone
 
 from customers.models import Customer
 from operations.models import Run
 
-from .models import Backup, BackupPolicy
+from .models import Backup, BackupPolicy, StorageTally
 
 
 @dataclass
@@ -72,36 +88,104 @@ def targets(policy: BackupPolicy | None) -> tuple[timedelta, timedelta]:
     return timedelta(hours=rpo), timedelta(minutes=rto)
 
 
-def fleet(customers=None) -> list[Recovery]:
-    from .schedules import effective_policies
+# --- the fleet's figures, computed in the database ------------------------------------------------------------
+# Each figure is a correlated subquery that reads one entry of a partial index per customer (migration
+# backups 0008 and operations 0004): the cost follows the number of customers shown, never the number of
+# backups or runs. Nothing is computed per customer in Python but the dataclass below.
 
-    customers = list(customers if customers is not None else Customer.objects.all())
-    ids = [c.pk for c in customers]
-    policies = effective_policies(customers)
-    done = Backup.objects.filter(customer_id__in=ids, status=Backup.Status.SUCCEEDED).order_by()
-    per = {r["customer_id"]: r for r in done.values("customer_id").annotate(
-        last=Max("finished_at"), size=Sum("size"),
-        verified=Max("finished_at", filter=Q(verify_status=Backup.VerifyStatus.PASSED)))}
-    last_status = {}
-    for row in (Backup.objects.filter(customer_id__in=ids, status__in=[Backup.Status.SUCCEEDED,
-                                                                        Backup.Status.FAILED])
-                .order_by("customer_id", "-finished_at").values("customer_id", "status")):
-        last_status.setdefault(row["customer_id"], row["status"])
-    rto = {}
-    for run in (Run.objects.filter(customer_id__in=ids, status=Run.Status.SUCCEEDED, started_at__isnull=False,
-                                   finished_at__isnull=False, kind__in=[Run.Kind.RESTORE, Run.Kind.VERIFY])
-                .order_by("customer_id", "-finished_at").only("customer_id", "kind", "params", "started_at",
-                                                              "finished_at")):
-        if run.customer_id not in rto and is_whole_recovery(run):
-            rto[run.customer_id] = (run.finished_at - run.started_at).total_seconds()
+def _empty(key: str) -> Q:
+    """params has no `key`, or a JSON null, empty string, list or object there."""
+    return (Q(**{f"params__{key}__isnull": True}) | Q(**{f"params__{key}": None}) | Q(**{f"params__{key}": ""})
+            | Q(**{f"params__{key}": []}) | Q(**{f"params__{key}": {}}))
+
+
+# The runs that measure RTO (issue 12, point 4): a drill, or a restore of the whole backup in place (no --only,
+# no copy to another root, databases or customer).
+WHOLE_RECOVERY = Q(kind=Run.Kind.VERIFY) | (
+    Q(kind=Run.Kind.RESTORE) & _empty("only") & _empty("to_root") & _empty("to_databases") & _empty("to_customer"))
+
+
+def rto_runs():
+    """Successful whole recoveries with both times, any customer (filter it)."""
+    return Run.objects.filter(WHOLE_RECOVERY, status=Run.Status.SUCCEEDED, kind__in=[Run.Kind.RESTORE,
+                              Run.Kind.VERIFY], started_at__isnull=False, finished_at__isnull=False)
+
+
+def _newest(qs, field: str):
+    return Subquery(qs.filter(customer=OuterRef("pk"), finished_at__isnull=False)
+                    .order_by("-finished_at").values(field)[:1])
+
+
+def global_targets() -> tuple[float, float]:
+    """(RPO hours, RTO minutes) of a customer without a policy of its own: the global policy's, else settings.
+    Read only: a missing global policy is not created here."""
+    policy = BackupPolicy.objects.filter(customer__isnull=True).only("rpo_hours", "rto_minutes").first()
+    return (policy.rpo_hours if policy and policy.rpo_hours else settings.KASA_RPO_HOURS,
+            policy.rto_minutes if policy and policy.rto_minutes else settings.KASA_RTO_MINUTES)
+
+
+def with_recovery(customers, *, storage: bool = False, defaults: tuple[float, float] | None = None):
+    """`customers` (a queryset) annotated with the recovery figures, in the database, each computed once per row:
+
+    last_success, last_verified, last_status (of the newest finished backup), rto_measured (a duration),
+    rpo_hours and rto_minutes (the effective targets), rpo_cutoff (now minus the RPO target: outside RPO is
+    last_verified missing or older) and rto_limit (the RTO target as a duration: outside RTO is rto_measured
+    longer); with storage=True also storage (bytes of succeeded backups, an index-only sum per customer).
+    Conditions on them: OUTSIDE_RPO, LAST_FAILED, NEVER_VERIFIED, OUTSIDE_RTO."""
+    rpo_default, rto_default = defaults or global_targets()
+    done = Backup.objects.filter(status__in=[Backup.Status.SUCCEEDED, Backup.Status.FAILED])
+    succeeded = Backup.objects.filter(status=Backup.Status.SUCCEEDED)
+    elapsed = ExpressionWrapper(F("finished_at") - F("started_at"), output_field=DurationField())
+    own = Q(backup_policy__isnull=False)
+    qs = customers.annotate(
+        last_success=_newest(succeeded, "finished_at"),
+        last_verified=_newest(succeeded.filter(verify_status=Backup.VerifyStatus.PASSED), "finished_at"),
+        last_status=_newest(done, "status"),
+        rto_measured=_newest(rto_runs().annotate(elapsed=elapsed), "elapsed"),
+        rpo_hours=Coalesce(Case(When(own, then=NullIf(F("backup_policy__rpo_hours"), Value(0.0)))),
+                           Value(float(rpo_default)), output_field=FloatField()),
+        rto_minutes=Coalesce(Case(When(own, then=NullIf(F("backup_policy__rto_minutes"), Value(0.0)))),
+                             Value(float(rto_default)), output_field=FloatField()),
+    ).annotate(
+        # Cast: a whole duration on SQLite (microseconds as an integer), where a float one would read as NULL.
+        rpo_cutoff=ExpressionWrapper(Value(timezone.now()) - Cast(
+            F("rpo_hours") * Value(timedelta(hours=1)), output_field=DurationField()), output_field=DateTimeField()),
+        rto_limit=Cast(F("rto_minutes") * Value(timedelta(minutes=1)), output_field=DurationField()),
+    )
+    if storage:
+        if connections[customers.db].vendor == "postgresql":  # kept by a trigger: one row per customer
+            total = StorageTally.objects.filter(customer=OuterRef("pk")).values("bytes")[:1]
+        else:
+            total = (succeeded.filter(customer=OuterRef("pk")).order_by().values("customer")
+                     .annotate(total=Sum("size")).values("total"))
+        qs = qs.annotate(storage=Coalesce(Subquery(total), Value(0), output_field=BigIntegerField()))
+    return qs
+
+
+# Conditions on with_recovery()'s figures. Where they filter a query of their own, the figures' subqueries run
+# again: console.overview applies them outside the query that computes the figures.
+NEVER_VERIFIED = Q(last_verified__isnull=True)
+OUTSIDE_RPO = Q(last_verified__isnull=True) | Q(last_verified__lt=F("rpo_cutoff"))
+LAST_FAILED = Q(last_status=Backup.Status.FAILED)
+OUTSIDE_RTO = Q(rto_measured__gt=F("rto_limit"))
+
+
+def fleet(customers=None) -> list[Recovery]:
+    """The figures of `customers` (a queryset or an iterable of customers; None: all), by domain: one query."""
+    if customers is None:
+        qs = Customer.objects.all()
+    elif isinstance(customers, QuerySet):
+        qs = customers
+    else:
+        qs = Customer.objects.filter(pk__in=[c.pk for c in customers])
     out = []
-    for c in customers:
-        row = per.get(c.pk, {})
-        rpo_t, rto_t = targets(policies.get(c.pk))
-        out.append(Recovery(customer=c, rpo_target=rpo_t, rto_target=rto_t, last_success=row.get("last"),
-                            last_verified=row.get("verified"), last_status=last_status.get(c.pk),
-                            never_verified=row.get("verified") is None, rto_measured=rto.get(c.pk),
-                            storage=row.get("size") or 0))
+    for c in with_recovery(qs.order_by("domain"), storage=True):
+        out.append(Recovery(
+            customer=c, rpo_target=timedelta(hours=c.rpo_hours), rto_target=timedelta(minutes=c.rto_minutes),
+            last_success=c.last_success, last_verified=c.last_verified, last_status=c.last_status,
+            never_verified=c.last_verified is None,
+            rto_measured=c.rto_measured.total_seconds() if c.rto_measured is not None else None,
+            storage=c.storage or 0))
     return out
 
 

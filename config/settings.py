@@ -167,6 +167,9 @@ else:
     # A control database that does not answer is noticed in seconds, not after the kernel's TCP timeouts: an undo
     # then goes on without it (operations.offline) instead of hanging.
     DATABASES["default"].setdefault("OPTIONS", {}).setdefault("connect_timeout", 10)
+    # No JIT: the fleet's figures are many cheap index probes that the planner costs high, and compiling them
+    # took longer than running them (docs/PERFORMANCE.md).
+    DATABASES["default"]["OPTIONS"].setdefault("options", "-c jit=off")
     DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("KASA_DB_CONN_MAX_AGE", default=60))
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 

@@ -1,4 +1,5 @@
-"""Probes and metrics: what an anonymous caller may learn, and what needs the metrics token or staff.
+"""Probes, and who may read what: what an anonymous caller may learn, and what needs the metrics token or staff
+(/metrics itself is console.views.metrics, which uses has_token / is_staff / refuse from here).
 
 /health/live/ and /health/ready/ answer anyone, with one word: load balancers and orchestrators need no more,
 and an attacker learns nothing about which part is down. /health/ (which part, how long, versions) needs the
@@ -12,13 +13,11 @@ from django.conf import settings
 from django.http import HttpResponse, JsonResponse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from . import health
-from . import metrics as kasa_metrics
 
 
-def _has_token(request) -> bool:
+def has_token(request) -> bool:
     token = settings.KASA_METRICS_TOKEN
     if not token:
         return False
@@ -29,12 +28,12 @@ def _has_token(request) -> bool:
     return hmac.compare_digest(given.strip().encode(), token.encode())
 
 
-def _is_staff(request) -> bool:
+def is_staff(request) -> bool:
     user = request.user
     return user.is_authenticated and user.is_active and user.is_staff
 
 
-def _refuse(request, what: str) -> HttpResponse:
+def refuse(request, what: str) -> HttpResponse:
     """401 for a caller without credentials (or a wrong token), 403 for a logged-in user who is not staff."""
     if request.user.is_authenticated:
         return HttpResponse(f"{what} needs a staff account or the metrics token\n", status=403,
@@ -66,8 +65,8 @@ def health_ready(request):
 @never_cache
 @require_GET
 def health_detail(request):
-    if not (_has_token(request) or _is_staff(request)):
-        return _refuse(request, "/health/")
+    if not (has_token(request) or is_staff(request)):
+        return refuse(request, "/health/")
     answer = health.cached_checks()
     ok = health.all_ok(answer)
     return JsonResponse(
@@ -75,17 +74,3 @@ def health_detail(request):
          "checked_at": answer["checked_at"], "checks": answer["checks"]},
         status=200 if ok else 503,
     )
-
-
-@never_cache
-@require_GET
-def metrics(request):
-    if _has_token(request):
-        body = kasa_metrics.render()
-    elif _is_staff(request):
-        body = kasa_metrics.render(user=request.user)
-    elif not settings.DEPLOYED and not settings.KASA_METRICS_TOKEN:
-        body = kasa_metrics.render()  # development without a token: open, as documented
-    else:
-        return _refuse(request, "/metrics")
-    return HttpResponse(body, content_type=CONTENT_TYPE_LATEST)

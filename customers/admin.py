@@ -6,7 +6,7 @@ from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import models
-from django.db.models import Max
+from django.db.models import OuterRef, Subquery
 from django.forms.models import BaseInlineFormSet
 from django.http import HttpResponseNotAllowed
 from django.shortcuts import get_object_or_404, redirect
@@ -21,6 +21,8 @@ from core.admin_mixins import (
     scoped_filter,
     teams_of,
 )
+from core.paging import FleetScaleMixin
+from operations.models import Run
 from operations.services import OperationRefused
 
 from .changes import CUSTOMER_RUNTIME, SERVICE_RUNTIME, customer_save, runs_something, service_delete, service_save
@@ -91,7 +93,7 @@ class DatabaseInline(admin.StackedInline):
 
 
 @admin.register(Customer)
-class CustomerAdmin(TeamScopedAdminMixin, AuditedAdminMixin, admin.ModelAdmin):
+class CustomerAdmin(FleetScaleMixin, TeamScopedAdminMixin, AuditedAdminMixin, admin.ModelAdmin):
     team_scope_path = ""
     list_display = ("domain", "name", "team", "status", "versions_display", "last_run")
     list_filter = ("status", ("team", scoped_filter(teams_of)))
@@ -104,7 +106,9 @@ class CustomerAdmin(TeamScopedAdminMixin, AuditedAdminMixin, admin.ModelAdmin):
     fields = ("domain", "name", "team", "root", "run_as", "status", "versions", "created_at", "updated_at")
 
     def get_queryset(self, request):
-        return super().get_queryset(request).annotate(last_run_at=Max("runs__created_at"))
+        # The newest run's time from the index (customer, -created_at), not a GROUP BY over every run.
+        newest = Run.objects.filter(customer=OuterRef("pk")).order_by("-created_at").values("created_at")[:1]
+        return super().get_queryset(request).annotate(last_run_at=Subquery(newest))
 
     def get_readonly_fields(self, request, obj=None):
         readonly = super().get_readonly_fields(request, obj)

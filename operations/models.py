@@ -99,7 +99,16 @@ class Run(models.Model):
             ),
         ]
         permissions = [("cancel_run", "Can cancel a pending or running operation")]
-        indexes = [models.Index(fields=["status", "heartbeat_at"], name="run_status_heartbeat")]
+        indexes = [
+            models.Index(fields=["status", "heartbeat_at"], name="run_status_heartbeat"),
+            # The changelist's order; a customer's runs, newest first (its page, "last operation"); the newest
+            # recovery per customer (RTO, backups.recovery); the fleet overview's recent failures.
+            models.Index(fields=["-created_at", "-id"], name="run_created"),
+            models.Index(fields=["customer", "-created_at"], name="run_customer_created"),
+            models.Index(fields=["customer", "-finished_at"], name="run_customer_recovery",
+                         condition=Q(status="succeeded", kind__in=["restore", "verify"])),
+            models.Index(fields=["-finished_at"], name="run_failed_finished", condition=Q(status="failed")),
+        ]
 
     def __str__(self):
         return f"{self.get_kind_display()} #{self.pk} of {self.customer_id and self.customer}"
@@ -143,6 +152,29 @@ class Run(models.Model):
         return self._transition(
             self.Status.CANCELLED, expect=tuple(expect), finished_at=timezone.now(), error=error
         )
+
+
+class RunTally(models.Model):
+    """How many runs each customer has per kind and status, and their summed duration: /metrics reads these
+    rows instead of counting every run at each scrape (docs/PERFORMANCE.md).
+
+    On PostgreSQL a trigger on operations_run keeps them exact whatever writes a run (services, the reaper,
+    bulk updates, deletes): see migration 0004. Other databases (the SQLite development setup) have no trigger;
+    there console.metrics counts the runs themselves.
+    """
+
+    customer = models.ForeignKey("customers.Customer", on_delete=models.CASCADE, related_name="+")
+    kind = models.CharField(max_length=20)
+    status = models.CharField(max_length=12)
+    runs = models.BigIntegerField(default=0)
+    timed = models.BigIntegerField(default=0, help_text="Runs with both a start and a finish time.")
+    seconds = models.FloatField(default=0.0, help_text="Their summed duration.")
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["customer", "kind", "status"], name="one_tally_per_state")]
+
+    def __str__(self):
+        return f"{self.runs} {self.kind} {self.status} of customer {self.customer_id}"
 
 
 class RunCommand(models.Model):

@@ -1,0 +1,103 @@
+"""Prometheus metrics computed from the control database at scrape time (served at /metrics by console.views).
+
+Reading the database at scrape time (rather than keeping counters in memory) gives
+the same numbers whichever web process answers and survives restarts. At fleet
+scale nothing here reads every run or backup: run counts come from RunTally (kept
+by a trigger as runs change), recovery figures from one indexed query.
+A staff member sees only the customers of their teams (and their runs); the
+metrics token (Prometheus) and superusers see the whole fleet.
+"""
+
+from __future__ import annotations
+
+from django.db import connection
+from django.db.models import Count, DurationField, ExpressionWrapper, F, Q, Sum
+from django.utils import timezone
+from prometheus_client.core import CollectorRegistry, GaugeMetricFamily, SummaryMetricFamily
+from prometheus_client.exposition import generate_latest
+
+from backups.models import Backup
+from backups.recovery import with_recovery
+from customers.models import Customer
+from operations.models import Run, RunTally
+
+
+class KasaCollector:
+    def __init__(self, user=None):
+        self.user = user  # None: the whole fleet
+
+    def collect(self):
+        customers_qs = Customer.objects.all() if self.user is None else Customer.objects.visible_to(self.user)
+        runs = GaugeMetricFamily("kasa_runs", "Runs by kind and status", labels=["kind", "status"])
+        durations = SummaryMetricFamily(
+            "kasa_run_duration_seconds", "Duration of finished runs", labels=["kind", "status"]
+        )
+        for kind, status, n, timed, seconds in run_counts(None if self.user is None else customers_qs):
+            runs.add_metric([kind, status], n)
+            if timed:
+                durations.add_metric([kind, status], count_value=timed, sum_value=seconds)
+        yield runs
+        yield durations
+
+        customers = GaugeMetricFamily("kasa_customers", "Customers by status", labels=["status"])
+        for row in customers_qs.order_by().values("status").annotate(n=Count("id")):
+            customers.add_metric([row["status"]], row["n"])
+        yield customers
+        yield from recovery_metrics(None if self.user is None else customers_qs)
+
+
+def run_counts(customers=None) -> list[tuple[str, str, int, int, float]]:
+    """(kind, status, runs, runs with both times, their summed seconds) of the customers' runs (None: all).
+    On PostgreSQL from RunTally (kept by a trigger: a few rows per customer, whatever the number of runs);
+    elsewhere by counting the runs."""
+    if connection.vendor == "postgresql":
+        tally = RunTally.objects.filter(runs__gt=0)
+        if customers is not None:
+            tally = tally.filter(customer__in=customers)
+        rows = (tally.order_by("kind", "status").values("kind", "status")
+                .annotate(n=Sum("runs"), t=Sum("timed"), s=Sum("seconds")))
+        return [(r["kind"], r["status"], r["n"], r["t"], r["s"] or 0.0) for r in rows]
+    runs = Run.objects.all() if customers is None else Run.objects.filter(customer__in=customers)
+    elapsed = ExpressionWrapper(F("finished_at") - F("started_at"), output_field=DurationField())
+    timed = Q(started_at__isnull=False, finished_at__isnull=False)
+    rows = (runs.order_by("kind", "status").values("kind", "status")
+            .annotate(n=Count("id"), t=Count("id", filter=timed), s=Sum(elapsed, filter=timed)))
+    return [(r["kind"], r["status"], r["n"], r["t"], r["s"].total_seconds() if r["s"] else 0.0) for r in rows]
+
+
+def recovery_metrics(customers=None):
+    """RPO/RTO per customer (all when `customers` is None), the same figures as the admin's fleet overview:
+    one query (backups.recovery.with_recovery), no model instances."""
+    labels = ["customer"]
+    rpo = GaugeMetricFamily("kasa_rpo_seconds", "Age of the newest verified backup (NaN: never verified)",
+                            labels=labels)
+    rpo_target = GaugeMetricFamily("kasa_rpo_target_seconds", "RPO target", labels=labels)
+    rto = GaugeMetricFamily("kasa_rto_seconds", "Duration of the newest successful whole in-place restore or drill",
+                            labels=labels)
+    rto_target = GaugeMetricFamily("kasa_rto_target_seconds", "RTO target", labels=labels)
+    outside = GaugeMetricFamily("kasa_outside_rpo", "1 when the customer is outside its RPO target", labels=labels)
+    failed = GaugeMetricFamily("kasa_last_backup_failed", "1 when the newest finished backup failed", labels=labels)
+    storage = GaugeMetricFamily("kasa_backup_storage_bytes", "Bytes of succeeded backups (primary)", labels=labels)
+    now = timezone.now()
+    qs = with_recovery(Customer.objects.all() if customers is None else customers, storage=True)
+    for r in qs.order_by("domain").values("domain", "last_verified", "last_status", "rto_measured", "rpo_hours",
+                                          "rto_minutes", "storage"):
+        d = [r["domain"]]
+        verified = r["last_verified"]
+        age = (now - verified).total_seconds() if verified is not None else None
+        rpo.add_metric(d, age if age is not None else float("nan"))
+        rpo_target.add_metric(d, r["rpo_hours"] * 3600)
+        if r["rto_measured"] is not None:
+            rto.add_metric(d, r["rto_measured"].total_seconds())
+        rto_target.add_metric(d, r["rto_minutes"] * 60)
+        outside.add_metric(d, 1 if age is None or age > r["rpo_hours"] * 3600 else 0)
+        failed.add_metric(d, 1 if r["last_status"] == Backup.Status.FAILED else 0)
+        storage.add_metric(d, r["storage"] or 0)
+    yield from (rpo, rpo_target, rto, rto_target, outside, failed, storage)
+
+
+def render(user=None) -> bytes:
+    """The fleet's metrics; with `user`, only what that user may see (Customer.objects.visible_to)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(KasaCollector(user))
+    return generate_latest(registry)
