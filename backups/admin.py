@@ -10,16 +10,11 @@ from django.shortcuts import redirect
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 
+from audit.admin_mixins import AuditedAdminMixin
 from core import permissions
-from core.admin_mixins import (
-    AuditedAdminMixin,
-    SuperuserOnlyMixin,
-    TeamScopedAdminMixin,
-    admin_page,
-    change_link,
-    scoped_filter,
-    status_badge,
-)
+from core.admin_mixins import SuperuserOnlyMixin, admin_page, change_link, scoped_filter, status_badge
+from customers.models import Customer
+from customers.scoping import TeamScopedAdminMixin
 from engines.humanize import human_duration, human_size
 from operations.services import OperationRefused
 
@@ -119,8 +114,6 @@ class BackupPolicyAdmin(TeamScopedAdminMixin, AuditedAdminMixin, admin.ModelAdmi
         qs = super(TeamScopedAdminMixin, self).get_queryset(request)
         if request.user.is_superuser:
             return qs
-        from customers.models import Customer
-
         return qs.filter(customer__in=Customer.objects.visible_to(request.user))
 
     def save_related(self, request, form, formsets, change):

@@ -1,14 +1,21 @@
 from django.apps import AppConfig
 
+from core import permissions
+from customers import page
+from operations import registry
+
 
 class BackupsConfig(AppConfig):
     name = "backups"
 
     def ready(self):
-        from operations import registry
-
         registry.register("backup", "backups.operations.backup", mutating=True,
                           on_abandon="backups.operations.abandon")
         registry.register("restore", "backups.restore.restore", mutating=True, on_abandon="backups.restore.abandon")
         # A drill touches no customer file or database: it may run beside a backup (not beside another drill).
         registry.register("verify", "backups.verify.verify", mutating=False)
+        # The customer's page (customers.page): backups, chart, restores and drills, recovery figures, Back up now.
+        page.register_card("backups.customer_page.backups_card")
+        page.register_card("backups.customer_page.recovery_card")
+        page.register_page("backup", "backups.views.backup_now_view")
+        page.register_action("backups.customer_page.backup_action", permission=permissions.BACKUP)

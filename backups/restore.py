@@ -415,7 +415,7 @@ def _undo_steps(ctx: RunContext, journal: Journal, plan: Plan) -> bool:
             ok = False
             ctx.error(f"could not undo {step.get('type')} ({step.get('live') or step.get('db') or ''}): {exc}")
     journal.steps = [] if ok else journal.steps
-    journal._save()
+    journal.save()
     if restart:
         try:
             specs = runtime.service_specs(plan.customer)
@@ -437,7 +437,7 @@ def _cleanup(ctx: RunContext, journal: Journal, root: Path) -> None:
         except Exception as exc:  # the restore stands; leftovers are reported, not fatal
             ctx.warning(f"could not remove the previous copy ({step.get('path') or step.get('db')}): {exc}")
     journal.steps = []
-    journal._save()
+    journal.save()
 
 
 def abandon(run: Run, ctx: RunContext) -> None:

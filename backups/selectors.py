@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from customers.scoping import scope_to_user
 from engines.humanize import human_duration, human_size
 
 from .models import Backup, BackupArtifact
@@ -13,8 +14,6 @@ MANIFEST = "backup.json"  # the same name backups.operations writes beside the a
 
 def backups_visible_to(user):
     """Backups of the customers the user may see (superusers: all)."""
-    from core.admin_mixins import scope_to_user
-
     return scope_to_user(Backup.objects.all(), user, "customer")
 
 

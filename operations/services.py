@@ -201,7 +201,7 @@ def _end(ctx: RunContext, status: str, *, error: str = "", result: dict | None =
                 raise
             ctx.offline = True
             ctx.local.go_offline("the run's end could not be recorded")
-    ctx.local.set_outcome(status, ctx._mask(error), result)
+    ctx.local.set_outcome(status, ctx.mask(error), result)
     ctx.ended_offline = True
     if exc is not None:
         ctx.log_exception(exc)

@@ -7,7 +7,8 @@ from django.contrib import admin
 from django.urls import path
 
 from core import permissions
-from core.admin_mixins import TeamScopedAdminMixin, change_link, status_badge
+from core.admin_mixins import change_link, status_badge
+from customers.scoping import TeamScopedAdminMixin
 from engines.humanize import human_duration
 
 from .admin_selectors import duration_seconds, versions_text

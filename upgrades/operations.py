@@ -265,7 +265,7 @@ def _cleanup(job: Job, slog) -> None:
     except Exception as exc:  # noqa: BLE001
         slog.warning(f"cleanup: {exc}")
     job.doc["journal"] = []
-    job.journal._save()
+    job.journal.save()
 
 
 def _unpin_older(job: Job, slog) -> None:
@@ -342,7 +342,7 @@ def _rollback(job: Job) -> None:
         mark_bad(target, f"rolled back by hand by {who} (rollback #{up.pk})")
         slog.info(f"release {target.to_release} marked bad for {job.customer}")
         job.doc["journal"] = []
-        job.journal._save()
+        job.journal.save()
 
 
 def _rollback_preflight(job: Job, target: Upgrade, slog) -> None:
@@ -370,8 +370,8 @@ def _rollback_preflight(job: Job, target: Upgrade, slog) -> None:
         problems.append(f"the pre-upgrade backup #{target.backup_id} is {bk.status if bk else 'gone'}")
     if job.customer.databases.exists() and bk is None:
         problems.append(f"upgrade #{target.pk} took no backup of the databases: they cannot be put back")
-    health = preflight._healthy(job.customer)
-    exclusive = preflight._exclusive(job.customer, job.ctx.run)
+    health = preflight.healthy_check(job.customer)
+    exclusive = preflight.exclusive_check(job.customer, job.ctx.run)
     problems += [f"{c.name}: {c.detail}" for c in (health, exclusive) if not c.ok]
     Upgrade.objects.filter(pk=job.upgrade.pk).update(preflight={
         "ok": not problems, "problems": problems, "rolls_back": target.pk,

@@ -107,9 +107,9 @@ def check(customer: Customer, release: Release, *, force: bool = False, own_run:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
     checks.append(_disk(customer, root, report.changes))
-    checks.append(_healthy(customer) if report.kind != Upgrade.Kind.INSTALL else
+    checks.append(healthy_check(customer) if report.kind != Upgrade.Kind.INSTALL else
                   Check("health", True, "an install: nothing runs yet (every health URL must answer afterwards)"))
-    checks.append(_exclusive(customer, own_run))
+    checks.append(exclusive_check(customer, own_run))
     checks.append(_backup_possible(customer, report.kind))
     checks.extend(_database_rollback(customer))
     return report
@@ -273,7 +273,7 @@ def _tree_size(root: Path) -> int:
     return total
 
 
-def _healthy(customer) -> Check:
+def healthy_check(customer) -> Check:
     specs = runtime.service_specs(customer)
     checked = [s.name for s in specs if s.health_url]
     if not checked:
@@ -286,7 +286,7 @@ def _healthy(customer) -> Check:
     return Check("health", True, f"healthy now: {', '.join(checked)}")
 
 
-def _exclusive(customer, own_run) -> Check:
+def exclusive_check(customer, own_run) -> Check:
     active = Run.objects.active().filter(customer=customer, mutating=True)
     if own_run is not None:
         active = active.exclude(pk=own_run.pk)

@@ -63,7 +63,7 @@ class Job:
 
     def mark(self, **fields) -> None:
         self.doc.update(fields)
-        self.journal._save()
+        self.journal.save()
 
     def specs(self):
         return runtime.service_specs(self.customer)
@@ -246,7 +246,7 @@ def _cleanup_after_undo(job: Job, slog) -> None:
             beneath.rename(root, step["to"], step["from"])
     _tidy(root)
     job.undo_journal.steps.clear()
-    job.journal._save()
+    job.journal.save()
     slog.info("staged releases and the databases kept aside removed")
 
 
