@@ -7,7 +7,7 @@ from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import models
 from django.shortcuts import redirect
-from django.urls import reverse
+from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 
 from audit.admin_mixins import AuditedAdminMixin
@@ -19,8 +19,10 @@ from engines.humanize import human_duration, human_size
 from operations.services import OperationRefused
 
 from .models import Backup, BackupArtifact, BackupPolicy, StorageTarget
+from .restore_views import restore_view, verify_view
+from .schedules import ScheduleError, schedules_sync
 from .selectors import MANIFEST, downloadable_names, trigger_label
-from .services import BackupInputError, backup_delete, backup_pin, target_check
+from .services import BackupInputError, backup_delete, backup_pin, target_check, verify_start
 
 
 def _may_see_backups(request) -> bool:
@@ -118,7 +120,6 @@ class BackupPolicyAdmin(TeamScopedAdminMixin, AuditedAdminMixin, admin.ModelAdmi
 
     def save_related(self, request, form, formsets, change):
         super().save_related(request, form, formsets, change)
-        from .schedules import ScheduleError, schedules_sync
 
         try:
             schedules_sync()  # the django-q2 schedules follow the saved policy at once
@@ -261,9 +262,7 @@ class BackupAdmin(TeamScopedAdminMixin, admin.ModelAdmin):
         return status_badge(obj.verify_status, obj.get_verify_status_display(), "verify")
 
     def get_urls(self):
-        from django.urls import path
 
-        from .restore_views import restore_view, verify_view
 
         own = [
             path("<int:backup_id>/restore/", self.admin_site.admin_view(lambda r, backup_id: restore_view(
@@ -275,7 +274,6 @@ class BackupAdmin(TeamScopedAdminMixin, admin.ModelAdmin):
 
     @admin.action(description="Verify now (test restore into scratch)", permissions=["verify"])
     def verify_backups(self, request, queryset):
-        from .services import verify_start
 
         for bk in queryset.select_related("customer"):
             try:

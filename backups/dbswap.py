@@ -28,7 +28,7 @@ from django.conf import settings
 
 from core.secrets import box, reveal
 from customers.models import Customer, MaintenanceConnection
-from engines import dbrestore, dbrestore_mytables, dbrestore_pginplace, dburl, unpack
+from engines import dbrestore, dbrestore_mytables, dbrestore_pginplace, dburl, scratchdb, unpack
 from engines.dbrestore_mysql import CannotCreateDatabase
 from engines.slots import acquire_slot
 from operations.context import OperationError, RunContext
@@ -462,7 +462,7 @@ def restore_to_scratch(ctx: RunContext, bk: Backup, store, keyring, art: BackupA
             # SQLite copies go to Kasa's scratch disk; a scratch PostgreSQL cluster to the system temp folder,
             # which the unprivileged user it runs as can reach (see engines.scratchdb).
             base = str(settings.KASA_SCRATCH_DIR) if engine == "sqlite" else None
-            return dbrestore.restore_to_scratch(engine, chunks, scratch=scratch, base_dir=base)
+            return scratchdb.restore_to_scratch(engine, chunks, scratch=scratch, base_dir=base)
     except dbrestore.RestoreError as exc:
         raise OperationError(f"{art.name}: {exc}") from None
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+from django.utils import timezone
 
 from customers.scoping import scope_to_user
 from engines.humanize import human_duration, human_size
@@ -100,7 +103,6 @@ def _nice_max(value: float) -> float:
     """A round axis maximum ≥ value: 1, 2, 2.5, 5 × 10^k."""
     if value <= 0:
         return 1.0
-    import math
 
     exp = 10 ** math.floor(math.log10(value))
     for m in (1, 2, 2.5, 5, 10):
@@ -117,7 +119,6 @@ def backup_chart(customer, limit: int = 60) -> Chart | None:
     rows.reverse()
     if not rows:
         return None
-    from django.utils import timezone
 
     for r in rows:
         r["finished_at"] = timezone.localtime(r["finished_at"])

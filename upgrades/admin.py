@@ -13,6 +13,7 @@ from engines.humanize import human_duration
 
 from .admin_selectors import duration_seconds, versions_text
 from .models import BadRelease, Upgrade
+from .views import resolve_view, steps_view
 
 
 def _may_see_upgrades(request) -> bool:
@@ -110,8 +111,6 @@ class UpgradeAdmin(_ReadOnly, TeamScopedAdminMixin, admin.ModelAdmin):
                                                             "resolved_by")
 
     def get_urls(self):
-        from .views import resolve_view, steps_view
-
         own = [
             path("<int:upgrade_id>/steps/", self.admin_site.admin_view(
                 lambda r, upgrade_id: steps_view(r, upgrade_id, self)), name="upgrades_upgrade_steps"),

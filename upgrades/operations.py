@@ -27,7 +27,10 @@ from urllib.parse import urlsplit
 from django.conf import settings
 from django.utils import timezone
 
+from backups import dbswap
 from backups.models import Backup
+from backups.operations import make_backup
+from backups.services import BackupInputError, backup_params, backup_pin
 from customers import runtime
 from engines import beneath, envfile, layout, procman, releasepkg, runas
 from engines.slots import acquire_slot
@@ -182,9 +185,6 @@ def _run_as(job: Job, *, hooks: bool) -> runas.Identity | None:
 
 
 def _backup(job: Job, slog, *, pin: str, kind: str | None = None) -> None:
-    from backups.operations import make_backup
-    from backups.services import BackupInputError, backup_params
-
     ctx, up = job.ctx, job.upgrade
     scope, note = preflight.backup_scope(job.customer, kind or up.kind)
     if scope is None:
@@ -271,8 +271,6 @@ def _cleanup(job: Job, slog) -> None:
 def _unpin_older(job: Job, slog) -> None:
     """Only the last upgrade can be rolled back by hand: the backups pinned for earlier ones go back to the
     retention policy."""
-    from backups.services import backup_pin
-
     older = (Upgrade.objects.real().filter(customer=job.customer, backup__pinned=True)
              .exclude(pk=job.upgrade.pk).exclude(backup=None)
              .exclude(status=Upgrade.Status.QUARANTINED, resolved_at__isnull=True).select_related("backup"))
@@ -331,8 +329,6 @@ def _rollback(job: Job) -> None:
         for step in reversed(job.journal.steps):
             if step["type"] in ("db_swap", "db_tables_swap", "db_inplace"):
                 try:
-                    from backups import dbswap
-
                     dbswap.finish(ctx, step)  # the post-upgrade databases: in the safety backup now
                 except Exception as exc:  # noqa: BLE001
                     slog.warning(f"could not drop {step.get('old')}: {exc}")

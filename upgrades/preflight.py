@@ -16,7 +16,9 @@ from pathlib import Path
 
 from django.conf import settings
 
+from backups import dbswap
 from backups.models import Backup, BackupPolicy
+from backups.services import BackupInputError, backup_params, policy_for
 from customers import runtime
 from customers.models import Customer, DatabaseConnection
 from engines import beneath, envfile, layout, paths
@@ -255,8 +257,6 @@ def _device(path) -> int:
 
 
 def _backup_folder(customer) -> Path | None:
-    from backups.services import policy_for
-
     target = policy_for(customer).target
     return Path(target.path) if target.kind == target.Kind.LOCAL and target.path else None
 
@@ -301,8 +301,6 @@ def exclusive_check(customer, own_run) -> Check:
 
 
 def _backup_possible(customer, kind: str) -> Check:
-    from backups.services import BackupInputError, backup_params
-
     scope, note = backup_scope(customer, kind)
     if scope is None:
         return Check("backup", True, note)
@@ -327,8 +325,6 @@ def backup_scope(customer, kind: str) -> tuple[str | None, str]:
 def _database_rollback(customer) -> list[Check]:
     """How a rollback would put each database back (it no longer needs CREATEDB: see backups.dbswap). Reported,
     never blocking; a problem here (the database unreachable) shows again, for real, at the backup."""
-    from backups import dbswap
-
     out = []
     for db in customer.databases.exclude(engine=DatabaseConnection.Engine.SQLITE):
         name = f"rollback of database {db.name}"
