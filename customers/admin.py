@@ -201,3 +201,5 @@ class CustomerAdmin(TeamScopedAdminMixin, AuditedAdminMixin, admin.ModelAdmin):
                 func = import_string(action.function)
                 actions[func.__name__] = (func, func.__name__, func.short_description)
         return actions
+
+from . import maintenance_admin  # noqa: E402,F401 (MaintenanceConnection's admin, superusers only)
