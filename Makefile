@@ -69,8 +69,9 @@ system-deps:   ## Debian packages the suite needs (installs only what is missing
 services: system-deps   ## start PostgreSQL, MariaDB and Redis when they are down
 	@scripts/services.sh
 
-lint: install   ## ruff
+lint: install   ## ruff, and the import graph's contracts (pyproject.toml [tool.importlinter])
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 test: system-deps services install lint test-pg test-sqlite   ## everything CI checks
 

@@ -7,27 +7,24 @@ from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import models
 from django.shortcuts import redirect
-from django.urls import reverse
+from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 
+from audit.admin_mixins import AuditedAdminMixin
 from core import permissions
-from core.admin_mixins import (
-    AuditedAdminMixin,
-    SuperuserOnlyMixin,
-    TeamScopedAdminMixin,
-    admin_page,
-    change_link,
-    scoped_filter,
-    status_badge,
-)
+from core.admin_mixins import SuperuserOnlyMixin, admin_page, change_link, scoped_filter, status_badge
 from core.paging import FleetScaleMixin
+from customers.models import Customer
+from customers.scoping import TeamScopedAdminMixin
 from engines.humanize import human_duration, human_size
 from operations.selectors import estimate_text
 from operations.services import OperationRefused
 
 from .models import Backup, BackupArtifact, BackupPolicy, StorageTarget
+from .restore_views import restore_view, verify_view
+from .schedules import ScheduleError, schedules_sync
 from .selectors import MANIFEST, downloadable_names, trigger_label
-from .services import BackupInputError, backup_delete, backup_pin, target_check
+from .services import BackupInputError, backup_delete, backup_pin, target_check, verify_start
 
 
 def _may_see_backups(request) -> bool:
@@ -121,13 +118,10 @@ class BackupPolicyAdmin(TeamScopedAdminMixin, AuditedAdminMixin, admin.ModelAdmi
         qs = super(TeamScopedAdminMixin, self).get_queryset(request)
         if request.user.is_superuser:
             return qs
-        from customers.models import Customer
-
         return qs.filter(customer__in=Customer.objects.visible_to(request.user))
 
     def save_related(self, request, form, formsets, change):
         super().save_related(request, form, formsets, change)
-        from .schedules import ScheduleError, schedules_sync
 
         try:
             schedules_sync()  # the django-q2 schedules follow the saved policy at once
@@ -275,9 +269,7 @@ class BackupAdmin(FleetScaleMixin, TeamScopedAdminMixin, admin.ModelAdmin):
         return status_badge(obj.verify_status, obj.get_verify_status_display(), "verify")
 
     def get_urls(self):
-        from django.urls import path
 
-        from .restore_views import restore_view, verify_view
 
         own = [
             path("<int:backup_id>/restore/", self.admin_site.admin_view(lambda r, backup_id: restore_view(
@@ -289,7 +281,6 @@ class BackupAdmin(FleetScaleMixin, TeamScopedAdminMixin, admin.ModelAdmin):
 
     @admin.action(description="Verify now (test restore into scratch)", permissions=["verify"])
     def verify_backups(self, request, queryset):
-        from .services import verify_start
 
         for bk in queryset.select_related("customer"):
             try:

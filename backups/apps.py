@@ -1,12 +1,14 @@
 from django.apps import AppConfig
 
+from core import permissions
+from customers import page
+from operations import registry
+
 
 class BackupsConfig(AppConfig):
     name = "backups"
 
     def ready(self):
-        from operations import registry
-
         registry.register("backup", "backups.operations.backup", mutating=True,
                           on_abandon="backups.operations.abandon")
         registry.register("restore", "backups.restore.restore", mutating=True, on_abandon="backups.restore.abandon")
@@ -14,3 +16,8 @@ class BackupsConfig(AppConfig):
         registry.register("verify", "backups.verify.verify", mutating=False)
         for kind in ("backup", "restore", "verify"):  # what the run page shows of each
             registry.register_details(kind, f"backups.live.{kind}_details")
+        # The customer's page (customers.page): backups, chart, restores and drills, recovery figures, Back up now.
+        page.register_card("backups.customer_page.backups_card")
+        page.register_card("backups.customer_page.recovery_card")
+        page.register_page("backup", "backups.views.backup_now_view")
+        page.register_action("backups.customer_page.backup_action", permission=permissions.BACKUP)

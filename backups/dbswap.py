@@ -28,7 +28,7 @@ from django.conf import settings
 
 from core.secrets import box, reveal
 from customers.models import Customer, MaintenanceConnection
-from engines import dbrestore, dbrestore_mytables, dbrestore_pginplace, dburl, unpack
+from engines import dbrestore, dbrestore_mytables, dbrestore_pginplace, dburl, scratchdb, unpack
 from engines.dbrestore_mysql import CannotCreateDatabase
 from engines.slots import acquire_slot
 from operations.context import OperationError, RunContext
@@ -200,10 +200,10 @@ def restore_fresh(ctx: RunContext, plan, store, keyring, art: BackupArtifact, jo
                 new, counts = dbrestore.sqlite_restore_fresh(target.sqlite_path, chunks, tag=tag,
                                                                 root=target.sqlite_root)
                 step["new"] = new
-                journal._save()
+                journal.save()
     except CannotCreateDatabase:
         journal.steps.remove(step)  # nothing was created
-        journal._save()
+        journal.save()
         ctx.info(f"{art.name}: user {target.user} may not create databases beside {target.dbname} (creating {new} "
                  f"was denied) and no maintenance connection is set for {_server(target)}: loading into prefixed "
                  f"tables of {target.dbname}, swapped in with one RENAME TABLE")
@@ -258,7 +258,7 @@ def _fresh_swap(ctx: RunContext, art, target, journal, new: str, tag: str) -> No
     except dbrestore.RestoreError as exc:
         raise OperationError(f"database {art.source}: {exc}") from None
     step.update(old=old, done=True)
-    journal._save()
+    journal.save()
     ctx.info(f"database {art.source}: swapped in ({live}"
              + (f"; the previous one kept as {old} until the restore holds)" if old else ")"))
 
@@ -286,7 +286,7 @@ def _in_place(ctx: RunContext, plan, art, target, journal, *, way_back: int | No
 
     def on_begin(xid: str) -> None:  # before the transaction writes anything: the reaper can ask about it
         step["xid"] = xid
-        journal._save()
+        journal.save()
 
     ctx.info(f"database {art.source}: restoring into {target.dbname} in one transaction"
              + (f" (backup #{way_back} is the way back)" if way_back else ""))
@@ -462,7 +462,7 @@ def restore_to_scratch(ctx: RunContext, bk: Backup, store, keyring, art: BackupA
             # SQLite copies go to Kasa's scratch disk; a scratch PostgreSQL cluster to the system temp folder,
             # which the unprivileged user it runs as can reach (see engines.scratchdb).
             base = str(settings.KASA_SCRATCH_DIR) if engine == "sqlite" else None
-            return dbrestore.restore_to_scratch(engine, chunks, scratch=scratch, base_dir=base)
+            return scratchdb.restore_to_scratch(engine, chunks, scratch=scratch, base_dir=base)
     except dbrestore.RestoreError as exc:
         raise OperationError(f"{art.name}: {exc}") from None
 

@@ -14,6 +14,9 @@ from django.db.models import Q
 
 from core.secrets import EncryptedSecretField, reveal
 from customers.models import slug_validator
+from engines.stores import store_from_config
+
+from .cron import ScheduleError, validate_cron
 
 
 class StorageTargetQuerySet(models.QuerySet):
@@ -78,7 +81,6 @@ class StorageTarget(models.Model):
             raise ValidationError({f: f"required for {self.get_kind_display()}" for f in missing})
 
     def store(self):
-        from engines.stores import store_from_config
 
         config = {
             "path": self.path, "bucket": self.bucket, "prefix": self.prefix, "endpoint_url": self.endpoint_url or None,
@@ -166,8 +168,6 @@ class BackupPolicy(models.Model):
         if self.customer_id and self.target_id and not self.target.usable_by(self.customer.team_id):
             raise ValidationError({"target": f"storage target {self.target} is not open to team {self.customer.team}"})
         if self.schedule == self.Schedule.CRON:
-            from .schedules import ScheduleError, validate_cron
-
             try:
                 self.cron = validate_cron(self.cron)
             except ScheduleError as exc:

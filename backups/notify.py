@@ -32,6 +32,8 @@ from core.secrets import reveal
 from engines.humanize import human_duration, human_size, human_time
 
 from .models import Backup, BackupPolicy, CustomerBackupState, StorageTarget
+from .schedules import ScheduleError, allowed_age, effective_policies, scheduled_customers
+from .services import policy_for
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +153,6 @@ def _deliver(policy: BackupPolicy, subject: str, body: str, *, ok: bool, dead: s
 # --- entry points ---------------------------------------------------------------------
 def backup_finished(backup_id: int) -> dict | None:
     """Called after every backup ends (succeeded or failed); sends what the policy asks for. Never raises."""
-    from .services import policy_for
 
     try:
         bk = (Backup.objects.select_related("customer", "target", "requested_by").filter(pk=backup_id).first())
@@ -173,7 +174,6 @@ def backup_finished(backup_id: int) -> dict | None:
 
 def verification_failed(backup_id: int) -> dict | None:
     """A drill found that a backup does not restore: always alerted (a bad restore point is a silent failure)."""
-    from .services import policy_for
 
     try:
         bk = Backup.objects.select_related("customer", "target").filter(pk=backup_id).first()
@@ -204,7 +204,6 @@ def missed_backups_check(now=None) -> dict:
     claimed with a conditional UPDATE so two overlapping checks cannot both
     send) and re-armed as soon as the customer is back within its schedule.
     """
-    from .schedules import ScheduleError, allowed_age, effective_policies, scheduled_customers
 
     now = now or timezone.now()
     customers = list(scheduled_customers())

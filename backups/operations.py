@@ -20,6 +20,7 @@ from django.utils import timezone
 from customers.models import Customer
 from engines import manifestauth, streams
 from engines.artifact import write_artifact, write_bytes
+from engines.backupcrypto import KeyRing
 from engines.humanize import human_duration, human_size
 from engines.paths import PathEscapeError
 from engines.slots import acquire_slot
@@ -27,6 +28,8 @@ from operations.context import OperationError, RunCancelled, RunContext, RunLost
 
 from . import artifacts as plans
 from .models import Backup, BackupArtifact, BackupCopy, StorageTarget
+from .notify import backup_finished
+from .services import prune_customer
 
 FORMAT_VERSION = 1
 MANIFEST = "backup.json"
@@ -159,7 +162,7 @@ def make_backup(ctx: RunContext, customer: Customer, p: dict, *, run=None, pin_r
         bk.manifest = manifest
         bk.save(update_fields=["status", "size", "finished_at", "manifest"])
     except BaseException as exc:
-        _discard(ctx, bk, store, replicas, exc)
+        discard(ctx, bk, store, replicas, exc)
         _notify(ctx, bk)
         raise
     # A replica that fails does not take the restore point away: the copy is marked failed (and its partial
@@ -318,7 +321,6 @@ def _write_one(ctx: RunContext, bk: Backup, store, spec, *, lane: str, keyring, 
 
 
 def _keyring():
-    from engines.backupcrypto import KeyRing
 
     if not settings.KASA_BACKUP_KEYS:
         raise OperationError("KASA_BACKUP_KEYS is not set: refusing to write an unencrypted backup silently")
@@ -377,7 +379,7 @@ def _copy_to_replica(ctx, bk: Backup, store, replica: StorageTarget, names: list
     ctx.info(f"copied to replica {replica.name} ({rstore.location(bk.prefix)}), checksums verified")
 
 
-def _discard(ctx, bk: Backup, store, replicas, exc: BaseException) -> None:
+def discard(ctx, bk: Backup, store, replicas, exc: BaseException) -> None:
     """Delete every partial artifact; the backup is failed and never offered for restore."""
     for s in [store] + [r.store() for r in replicas]:
         try:
@@ -395,7 +397,6 @@ def _discard(ctx, bk: Backup, store, replicas, exc: BaseException) -> None:
 def _notify(ctx: RunContext, bk: Backup) -> None:
     """Email/webhook about the result; a notification problem never changes the backup's outcome."""
     try:
-        from .notify import backup_finished
 
         backup_finished(bk.pk)
     except Exception as exc:
@@ -405,7 +406,6 @@ def _notify(ctx: RunContext, bk: Backup) -> None:
 def _after_success(ctx: RunContext, bk: Backup) -> None:
     _notify(ctx, bk)
     try:
-        from .services import prune_customer
 
         plan = prune_customer(bk.customer, via="worker")
         if plan.delete:
@@ -420,7 +420,7 @@ def abandon(run, ctx: RunContext) -> None:
     if bk is None:
         return
     replicas = list(StorageTarget.objects.filter(name__in=run.params.get("replicas") or []))
-    _discard(ctx, bk, bk.target.store(), replicas, RuntimeError(run.error or "worker died"))
+    discard(ctx, bk, bk.target.store(), replicas, RuntimeError(run.error or "worker died"))
     _notify(ctx, bk)
 
 

@@ -10,6 +10,7 @@ import time
 
 from django.conf import settings
 
+from engines.backupcrypto import KeyRing
 from engines.humanize import human_size
 from operations.context import OperationError, RunContext
 
@@ -24,8 +25,6 @@ def keyring_for(bk: Backup):
     """The key ring that decrypts the backup's artifacts (None for a plaintext backup)."""
     if not bk.encrypted:
         return None
-    from engines.backupcrypto import KeyRing
-
     if not settings.KASA_BACKUP_KEYS:
         raise OperationError(f"backup #{bk.pk} is encrypted and KASA_BACKUP_KEYS is not set: nothing was touched")
     return KeyRing(settings.KASA_BACKUP_KEYS)
@@ -51,3 +50,20 @@ def progress(ctx: RunContext, label: str, stop: threading.Event | None = None, *
             last[0] = now
             ctx.progress(base + done, max(total, base + done) if total else None, f"{label}: {human_size(done)}")
     return update
+
+
+def select_artifacts(bk: Backup, only: list[str]) -> list[BackupArtifact]:
+    """`only` names artifacts by file name, by service/database name, or 'config'."""
+    arts = list(bk.artifacts.order_by("pk"))
+    if not only:
+        return arts
+    chosen, unknown = [], []
+    for want in only:
+        match = [a for a in arts if want in (a.name, a.source, a.name.split(".", 1)[0])]
+        if not match:
+            unknown.append(want)
+        chosen += [a for a in match if a not in chosen]
+    if unknown:
+        raise OperationError(f"backup #{bk.pk} has no artifact {', '.join(map(repr, unknown))} "
+                             f"(it has: {', '.join(a.source if a.kind != 'config' else 'config' for a in arts)})")
+    return sorted(chosen, key=lambda a: a.pk)

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from django.conf import settings
+from django.db import connection
 
 from core.secrets import box
 from customers import runtime
@@ -50,7 +51,9 @@ from operations.models import Run
 
 from . import dbswap, envfiles, restore_files
 from .models import Backup, BackupArtifact
-from .reading import Stopped, artifact_kwargs, keyring_for, progress
+from .operations import discard, make_backup
+from .reading import Stopped, artifact_kwargs, keyring_for, progress, select_artifacts
+from .services import BackupInputError, backup_params
 
 # Room we want left on the disk after staging: a restore must not fill the disk the customer runs on.
 DISK_MARGIN = 256 * 1024 * 1024
@@ -190,23 +193,6 @@ def _plan(ctx: RunContext, p: dict) -> Plan:
     return Plan(bk, customer, arts, Path(root), clone, to_dbs)
 
 
-def select_artifacts(bk: Backup, only: list[str]) -> list[BackupArtifact]:
-    """`only` names artifacts by file name, by service/database name, or 'config'."""
-    arts = list(bk.artifacts.order_by("pk"))
-    if not only:
-        return arts
-    chosen, unknown = [], []
-    for want in only:
-        match = [a for a in arts if want in (a.name, a.source, a.name.split(".", 1)[0])]
-        if not match:
-            unknown.append(want)
-        chosen += [a for a in match if a not in chosen]
-    if unknown:
-        raise OperationError(f"backup #{bk.pk} has no artifact {', '.join(map(repr, unknown))} "
-                             f"(it has: {', '.join(a.source if a.kind != 'config' else 'config' for a in arts)})")
-    return sorted(chosen, key=lambda a: a.pk)
-
-
 def _verify_one(ctx: RunContext, plan: Plan, store, keyring, art: BackupArtifact) -> None:
     """Read one artifact end to end (checksum, decryption, every tar member) without unpacking it."""
     bk = plan.backup
@@ -240,8 +226,6 @@ def _check_disk(plan: Plan) -> None:
 
 # --- 2. safety backup -----------------------------------------------------------------
 def _safety_backup(ctx: RunContext, plan: Plan) -> int:
-    from .operations import make_backup
-    from .services import BackupInputError, backup_params
 
     kinds = {a.kind for a in plan.artifacts}
     if kinds == {"database"}:
@@ -326,7 +310,6 @@ def _check_stop(ctx: RunContext, stop: threading.Event) -> None:
 
 def _two_lanes(first, second, stop: threading.Event) -> None:
     """Run both; the first error (not a Stopped caused by it) is raised once both have ended."""
-    from django.db import connection
 
     errors: list[BaseException] = []
 
@@ -440,7 +423,7 @@ def _undo_steps(ctx: RunContext, journal: Journal, plan: Plan) -> bool:
             ok = False
             ctx.error(f"could not undo {step.get('type')} ({step.get('live') or step.get('db') or ''}): {exc}")
     journal.steps = [] if ok else journal.steps
-    journal._save()
+    journal.save()
     if restart:
         try:
             specs = runtime.service_specs(plan.customer)
@@ -462,19 +445,17 @@ def _cleanup(ctx: RunContext, journal: Journal, root: Path) -> None:
         except Exception as exc:  # the restore stands; leftovers are reported, not fatal
             ctx.warning(f"could not remove the previous copy ({step.get('path') or step.get('db')}): {exc}")
     journal.steps = []
-    journal._save()
+    journal.save()
 
 
 def abandon(run: Run, ctx: RunContext) -> None:
     """The worker died mid-restore: undo its journal so the customer is exactly as it was."""
-    from .operations import _discard
-
     steps = (run.result or {}).get("journal") or []
     customer = Customer.objects.get(pk=run.customer_id)
     # A safety backup the dead worker was still writing: it is nobody's restore point.
     for bk in Backup.objects.filter(customer=customer, run=None, status=Backup.Status.RUNNING,
                                     trigger=Backup.Trigger.RESTORE, created_at__gte=run.created_at):
-        _discard(ctx, bk, bk.target.store(), [], RuntimeError("worker died during the restore"))
+        discard(ctx, bk, bk.target.store(), [], RuntimeError("worker died during the restore"))
     if not steps:
         return
     journal = Journal(ctx)

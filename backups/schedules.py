@@ -30,7 +30,9 @@ from django_q.models import Schedule
 
 from customers.models import Customer
 
+from .cron import ScheduleError, validate_cron  # noqa: F401 (ScheduleError: part of this module's API)
 from .models import BackupPolicy
+from .services import global_policy
 
 log = logging.getLogger(__name__)
 
@@ -54,27 +56,6 @@ PRESET_INTERVALS = {
     BackupPolicy.Schedule.MONTHLY: timedelta(days=31),
 }
 GRACE = timedelta(minutes=15)
-
-
-class ScheduleError(ValueError):
-    """A policy cannot be turned into a schedule (a bad cron expression); the message names it."""
-
-
-def validate_cron(expr: str) -> str:
-    """The expression, stripped, if croniter (and so django-q2) accepts it as a 5-field cron; else ScheduleError."""
-    expr = (expr or "").strip()
-    if not expr:
-        raise ScheduleError("the schedule is 'cron' but no cron expression is set")
-    if len(expr.split()) != 5 and not expr.startswith("@"):  # @daily, @hourly… are fine too
-        raise ScheduleError(f"invalid cron expression {expr!r}: use five fields, "
-                            "minute hour day-of-month month day-of-week (e.g. '30 2 * * *')")
-    if not croniter.is_valid(expr):
-        raise ScheduleError(f"invalid cron expression {expr!r}: e.g. '30 2 * * *' is 02:30 every day")
-    try:
-        croniter(expr, timezone.localtime()).get_next(datetime)
-    except Exception as exc:  # valid syntax that never fires, e.g. '0 0 31 2 *'
-        raise ScheduleError(f"cron expression {expr!r} never fires: {exc}") from None
-    return expr
 
 
 def _spread(domain: str) -> int:
@@ -156,7 +137,6 @@ def _customer_id_of(schedule: Schedule) -> int | None:
 
 def effective_policies(customers) -> dict[int, BackupPolicy]:
     """customer pk → its own policy or the global one, in two queries."""
-    from .services import global_policy
 
     fallback = global_policy()
     own = {p.customer_id: p for p in BackupPolicy.objects.filter(customer__in=customers)}
@@ -179,7 +159,6 @@ def schedules_sync(*, strict: bool = True) -> dict:
     result = {"created": [], "updated": [], "removed": [], "unchanged": 0, "errors": {}}
     now = timezone.now()
     with transaction.atomic():
-        from .services import global_policy
 
         global_policy()
         # One sync at a time: the global policy row is the mutex (a no-op lock on SQLite, whose writers queue).

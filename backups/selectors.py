@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
+from django.utils import timezone
+
+from customers.scoping import scope_to_user
 from engines.humanize import human_duration, human_size
 
 from .models import Backup, BackupArtifact
@@ -13,8 +17,6 @@ MANIFEST = "backup.json"  # the same name backups.operations writes beside the a
 
 def backups_visible_to(user):
     """Backups of the customers the user may see (superusers: all)."""
-    from core.admin_mixins import scope_to_user
-
     return scope_to_user(Backup.objects.all(), user, "customer")
 
 
@@ -101,7 +103,6 @@ def _nice_max(value: float) -> float:
     """A round axis maximum ≥ value: 1, 2, 2.5, 5 × 10^k."""
     if value <= 0:
         return 1.0
-    import math
 
     exp = 10 ** math.floor(math.log10(value))
     for m in (1, 2, 2.5, 5, 10):
@@ -118,7 +119,6 @@ def backup_chart(customer, limit: int = 60) -> Chart | None:
     rows.reverse()
     if not rows:
         return None
-    from django.utils import timezone
 
     for r in rows:
         r["finished_at"] = timezone.localtime(r["finished_at"])

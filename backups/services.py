@@ -7,19 +7,27 @@ actor None is the shell user (CLI, schedules, a run's own safety backup).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
 
 from django.conf import settings
 from django.db import transaction
+from django.utils import timezone
 
 from audit.models import AuditEntry
 from audit.services import audit_record
 from core import permissions
+from core.secrets import box
 from customers import roots
 from customers.models import Customer
+from engines import dburl, paths
+from engines.retention import Item, Policy, plan
+from engines.stores import StoreError, StoreNotFound
 from operations.models import Run
 from operations.services import run_start
 
 from .models import Backup, BackupPolicy, StorageTarget
+from .reading import select_artifacts
 from .selectors import downloadable_names
 
 DEFAULT_TARGET = "local"
@@ -177,7 +185,6 @@ def backup_download(backup: Backup, name: str, *, requested_by=None, via: str = 
                     link_seconds: int = 15 * 60) -> Download:
     """One artifact (or backup.json) of a succeeded backup, for download; audited. Only names from the catalogue:
     anything else (a traversal, another key on the target) is DownloadMissing, and the storage is never asked."""
-    from engines.stores import StoreError, StoreNotFound
 
     permissions.require(requested_by, permissions.DOWNLOAD, backup.customer)
     if name not in downloadable_names(backup):
@@ -202,7 +209,6 @@ def backup_download(backup: Backup, name: str, *, requested_by=None, via: str = 
 
 
 def _size_or_none(store, key: str) -> int | None:
-    from engines.stores import StoreError
 
     try:
         return store.size(key)
@@ -216,7 +222,6 @@ def _source(via: str) -> str:
 
 def target_check(target: StorageTarget, *, actor=None) -> str:
     """Write, read back and delete a probe. Targets serve the whole fleet: superusers only."""
-    from engines.stores import StoreError
 
     permissions.require_superuser(actor, "check a storage target")
     try:
@@ -226,7 +231,6 @@ def target_check(target: StorageTarget, *, actor=None) -> str:
 
 
 def retention_policy(policy: BackupPolicy):
-    from engines.retention import Policy
 
     return Policy(keep_last=policy.keep_last, keep_daily=policy.keep_daily, keep_weekly=policy.keep_weekly,
                   keep_monthly=policy.keep_monthly, max_age_days=policy.max_age_days,
@@ -248,12 +252,6 @@ def restored_from(customer, since) -> dict[int, object]:
 
 def prune_customer(customer, *, dry_run: bool = False, actor=None, via: str = "cli"):
     """Apply the customer's retention policy; returns the engine's Plan (keep reasons, ids deleted)."""
-    from datetime import timedelta
-
-    from django.utils import timezone
-
-    from engines.retention import Item, plan
-
     now = timezone.now()
     policy = retention_policy(policy_for(customer))
     restored = restored_from(customer, now - timedelta(days=policy.keep_restored_days))
@@ -276,12 +274,8 @@ def restore_start(
     safety_backup: bool = True, requested_by=None, via: str = "admin", enqueue: bool = True,
 ) -> Run:
     """Check a restore request completely, then start it. Nothing is touched before the run verifies."""
-    from pathlib import Path
 
-    from core.secrets import box
-    from engines import dburl, paths
 
-    from .restore import select_artifacts
 
     customer = backup.customer
     permissions.require(requested_by, permissions.RESTORE, customer)
@@ -352,7 +346,6 @@ def restore_start(
 def _copy_sqlite_problem(path: str, customer, to_root: str | None) -> str | None:
     """A copy's SQLite file lives inside the copy's own folder (--to-root); without one, in no other customer's
     root and none of Kasa's files."""
-    from engines import paths
 
     if to_root:
         try:

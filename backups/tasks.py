@@ -12,19 +12,20 @@ from __future__ import annotations
 
 import logging
 
+from customers.models import Customer
 from operations.context import close_db_after
+from operations.services import OperationRefused
+
+from .models import Backup, BackupPolicy
+from .notify import missed_backups_check
+from .schedules import schedules_sync
+from .services import BackupInputError, backup_start, policy_for, verify_start
 
 log = logging.getLogger(__name__)
 
 
 @close_db_after
 def scheduled_backup(customer_id: int) -> str:
-    from customers.models import Customer
-    from operations.services import OperationRefused
-
-    from .models import Backup, BackupPolicy
-    from .services import BackupInputError, backup_start, policy_for
-
     customer = Customer.objects.filter(pk=customer_id).first()
     if customer is None:
         log.warning("scheduled backup: customer %s no longer exists (its schedule goes at the next sync)",
@@ -53,9 +54,6 @@ def scheduled_backup(customer_id: int) -> str:
 
 @close_db_after
 def check_missed_backups() -> dict:
-    from .notify import missed_backups_check
-    from .schedules import schedules_sync
-
     try:
         # Reconcile first: customers added or deleted since the last sync get (or lose) their schedule.
         schedules_sync(strict=False)
@@ -67,12 +65,6 @@ def check_missed_backups() -> dict:
 @close_db_after
 def scheduled_verify(customer_id: int) -> str:
     """Drill the customer's newest successful backup (a failure flags that backup and alerts)."""
-    from customers.models import Customer
-    from operations.services import OperationRefused
-
-    from .models import Backup
-    from .services import BackupInputError, verify_start
-
     customer = Customer.objects.filter(pk=customer_id).first()
     if customer is None or customer.status == Customer.Status.DISABLED:
         return "skipped: customer deleted or disabled"

@@ -21,6 +21,7 @@ from operations.context import OperationError, RunCancelled, RunContext, RunLost
 
 from . import dbswap, deepdrill
 from .models import Backup
+from .notify import verification_failed
 from .reading import artifact_kwargs, keyring_for, progress
 
 
@@ -98,7 +99,6 @@ def _drill(ctx: RunContext, bk: Backup) -> list[dict]:
 
 def _alert(ctx: RunContext, backup_id: int) -> None:
     try:
-        from .notify import verification_failed
 
         verification_failed(backup_id)
     except Exception as exc:

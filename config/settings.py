@@ -362,7 +362,7 @@ LOGGING = {
 # --- Sentry (optional) ------------------------------------------------------
 SENTRY_DSN = env.str("SENTRY_DSN", default="")
 if SENTRY_DSN:
-    import sentry_sdk
+    import sentry_sdk  # only with SENTRY_DSN: settings load before anything else, keep them light
 
     sentry_sdk.init(
         dsn=SENTRY_DSN,

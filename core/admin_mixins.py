@@ -1,4 +1,6 @@
-"""Admin building blocks: team scoping, the audit trail for admin changes, links between admin pages."""
+"""Admin building blocks that name no app: links between admin pages, status labels, Kasa's own admin pages,
+scoped changelist filters, superuser-only admins. Team scoping is customers' (customers.scoping), the audit
+trail of admin changes audit's (audit.admin_mixins)."""
 
 from __future__ import annotations
 
@@ -6,9 +8,6 @@ from django.contrib import admin
 from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils.html import format_html
-
-from audit.models import AuditEntry
-from audit.services import audit_record
 
 
 def change_link(viewname: str, pk, text: str):
@@ -30,36 +29,6 @@ def admin_page(request, model_admin, template: str, *, title: str, obj=None, sta
         **model_admin.admin_site.each_context(request), "opts": model_admin.model._meta, "original": obj,
         "title": title, "subtitle": None, **context,
     }, status=status)
-
-
-def scope_to_user(qs, user, path: str, *, allow_null: str | bool = False):
-    """Restrict `qs` to rows whose customer (at `path`) the user may see.
-
-    path "" means the rows are customers themselves. allow_null="superuser"
-    keeps rows without a customer for superusers only (they already see all).
-    """
-    from customers.models import Customer
-
-    if user.is_superuser:
-        return qs
-    visible = Customer.objects.visible_to(user)
-    if not path:
-        return qs.filter(pk__in=visible.values("pk"))
-    return qs.filter(**{f"{path}__in": visible.values("pk")})
-
-
-def teams_of(request):
-    """The teams a user may see named: their own (superusers: all)."""
-    from customers.models import Team
-
-    user = request.user
-    return Team.objects.all() if user.is_superuser else Team.objects.filter(members=user)
-
-
-def customers_of(request):
-    from customers.models import Customer
-
-    return Customer.objects.visible_to(request.user)
 
 
 def scoped_filter(choices):
@@ -95,56 +64,3 @@ class SuperuserOnlyMixin(SuperuserWritesMixin):
 
     def has_view_permission(self, request, obj=None):
         return request.user.is_superuser
-
-
-class TeamScopedAdminMixin:
-    team_scope_path = "customer"
-    team_scope_allow_null: str | bool = False
-
-    def get_queryset(self, request):
-        return scope_to_user(super().get_queryset(request), request.user, self.team_scope_path)
-
-    def formfield_for_foreignkey(self, db_field, request, **kwargs):
-        from customers.models import Customer, Team
-
-        if not request.user.is_superuser:
-            if db_field.related_model is Customer:
-                kwargs["queryset"] = customers_of(request)
-            elif db_field.related_model is Team:
-                kwargs["queryset"] = teams_of(request)
-        return super().formfield_for_foreignkey(db_field, request, **kwargs)
-
-    def formfield_for_manytomany(self, db_field, request, **kwargs):
-        from customers.models import Customer, Team
-
-        if not request.user.is_superuser:
-            if db_field.related_model is Customer:
-                kwargs["queryset"] = customers_of(request)
-            elif db_field.related_model is Team:
-                kwargs["queryset"] = teams_of(request)
-        return super().formfield_for_manytomany(db_field, request, **kwargs)
-
-
-def _changed_fields(message) -> dict:
-    # Django's change message lists field names only, never values: safe for secrets.
-    return {"message": message} if isinstance(message, list) else {"message": str(message)}
-
-
-class AuditedAdminMixin:
-    """Every add, change and delete made in the admin lands in the audit trail."""
-
-    def log_addition(self, request, obj, message):
-        audit_record(action="admin.add", source=AuditEntry.Source.ADMIN, actor=request.user, obj=obj,
-                     changes=_changed_fields(message), result="ok")
-        return super().log_addition(request, obj, message)
-
-    def log_change(self, request, obj, message):
-        audit_record(action="admin.change", source=AuditEntry.Source.ADMIN, actor=request.user, obj=obj,
-                     changes=_changed_fields(message), result="ok")
-        return super().log_change(request, obj, message)
-
-    def log_deletions(self, request, queryset):
-        for obj in queryset:
-            audit_record(action="admin.delete", source=AuditEntry.Source.ADMIN, actor=request.user, obj=obj,
-                         result="ok")
-        return super().log_deletions(request, queryset)

@@ -10,6 +10,8 @@ import json
 
 from django.core.management.base import BaseCommand, CommandError
 
+from core.logging import StdoutHandler
+
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 
@@ -42,8 +44,6 @@ class KasaCommand(BaseCommand):
     def execute(self, *args, **options):
         self.json_output = options.get("json", False)
         if self.json_output:
-            from core.logging import StdoutHandler
-
             StdoutHandler.json_command_running = True  # stdout carries only the JSON document
         try:
             return super().execute(*args, **options)

@@ -38,7 +38,7 @@ def _short(exc: Exception) -> str:
 
 
 def _redis_ping(url: str) -> str:
-    import redis
+    import redis  # only with REDIS_URL set: the ORM broker needs no Redis client loaded
 
     client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
     try:
@@ -58,7 +58,7 @@ def check_database() -> str:
 def check_broker() -> str:
     if settings.REDIS_URL:
         return _redis_ping(settings.REDIS_URL)
-    from django_q.models import OrmQ
+    from django_q.models import OrmQ  # only without Redis (the ORM broker's queue)
 
     queued = OrmQ.objects.count()
     return f"orm broker ok ({queued} queued)"

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import sys
 from datetime import UTC, datetime
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
@@ -33,8 +34,6 @@ class StdoutHandler(logging.StreamHandler):
 
     @property
     def stream(self):
-        import sys
-
         return sys.stderr if StdoutHandler.json_command_running else sys.stdout
 
     @stream.setter

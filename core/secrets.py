@@ -11,8 +11,9 @@ from __future__ import annotations
 from functools import lru_cache
 
 from django import forms
+from django.apps import apps
 from django.conf import settings
-from django.db import models
+from django.db import models, transaction
 
 from engines.secretbox import Secret, SecretBox
 
@@ -112,8 +113,6 @@ def reveal(value) -> str:
 
 def encrypted_fields():
     """(model, field) for every EncryptedSecretField in the project."""
-    from django.apps import apps
-
     for model in apps.get_models():
         for field in model._meta.get_fields():
             if isinstance(field, EncryptedSecretField):
@@ -122,8 +121,6 @@ def encrypted_fields():
 
 def rotate_all() -> dict:
     """Re-encrypt every stored secret under the newest key. Returns counts per model."""
-    from django.db import transaction
-
     b = box()
     counts = {}
     for model, field in encrypted_fields():

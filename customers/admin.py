@@ -1,32 +1,32 @@
 """Customers in the admin: team-scoped. What runs (root, run_as, each service's process manager, app name,
 commands and health URL) is read-only without customers.change_runtime and saved through customers.changes,
-which refuses and audits; every button and action needs its permission (core.permissions)."""
+which refuses and audits; every button and action needs its permission (core.permissions). What other apps add
+to the customer's page (backups, upgrades: cards, pages, actions) comes through customers.page."""
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin.options import IS_POPUP_VAR
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import models
-from django.db.models import OuterRef, Subquery
+from django.db.models import Count, OuterRef, Subquery
 from django.forms.models import BaseInlineFormSet
 from django.http import HttpResponseNotAllowed
 from django.shortcuts import get_object_or_404, redirect
 from django.urls import path, reverse
 from django.utils.html import format_html
+from django.utils.module_loading import import_string
 
+from audit.admin_mixins import AuditedAdminMixin
 from core import permissions
-from core.admin_mixins import (
-    AuditedAdminMixin,
-    SuperuserWritesMixin,
-    TeamScopedAdminMixin,
-    scoped_filter,
-    teams_of,
-)
+from core.admin_mixins import SuperuserWritesMixin, scoped_filter
 from core.paging import FleetScaleMixin
 from operations.models import Run
 from operations.services import OperationRefused
 
+from . import page
 from .changes import CUSTOMER_RUNTIME, SERVICE_RUNTIME, customer_save, runs_something, service_delete, service_save
 from .models import Customer, DatabaseConnection, Service, Team
+from .scoping import TeamScopedAdminMixin, teams_of
 from .services import customer_check_start
 
 
@@ -38,8 +38,6 @@ class TeamAdmin(SuperuserWritesMixin, AuditedAdminMixin, admin.ModelAdmin):
     search_fields = ("name",)
 
     def get_queryset(self, request):
-        from django.db.models import Count
-
         qs = super().get_queryset(request).annotate(n_members=Count("members"))
         return qs if request.user.is_superuser else qs.filter(members=request.user)
 
@@ -101,7 +99,7 @@ class CustomerAdmin(FleetScaleMixin, TeamScopedAdminMixin, AuditedAdminMixin, ad
     search_fields = ("domain", "name")
     list_select_related = ("team",)
     inlines = [ServiceInline, DatabaseInline]
-    actions = ["check_action", "backup_action"]
+    actions = ["check_action"]  # and those of customers.page (get_actions)
     readonly_fields = ("created_at", "updated_at")
     fields = ("domain", "name", "team", "root", "run_as", "status", "versions", "created_at", "updated_at")
 
@@ -122,9 +120,6 @@ class CustomerAdmin(FleetScaleMixin, TeamScopedAdminMixin, AuditedAdminMixin, ad
 
     def has_check_permission(self, request):
         return permissions.has(request.user, permissions.CHECK)
-
-    def has_backup_permission(self, request):
-        return permissions.has(request.user, permissions.BACKUP)
 
     def save_model(self, request, obj, form, change):
         customer_save(obj, actor=request.user, via="admin")
@@ -150,31 +145,16 @@ class CustomerAdmin(FleetScaleMixin, TeamScopedAdminMixin, AuditedAdminMixin, ad
 
     def get_urls(self):
         urls = super().get_urls()
-        own = [path("<int:pk>/check/", self.admin_site.admin_view(self.check_view), name="customers_customer_check"),
-               path("<int:pk>/backup/", self.admin_site.admin_view(self.backup_view), name="customers_customer_backup"),
-               path("<int:pk>/upgrade/", self.admin_site.admin_view(self.upgrade_view),
-                    name="customers_customer_upgrade"),
-               path("<int:pk>/rollback/", self.admin_site.admin_view(self.rollback_view),
-                    name="customers_customer_rollback")]
+        own = [path("<int:pk>/check/", self.admin_site.admin_view(self.check_view), name="customers_customer_check")]
+        own += [path(f"<int:pk>/{p.route}/", self.admin_site.admin_view(self._page_view(p.view)),
+                     name=f"customers_customer_{p.route}") for p in page.pages()]
         return own + urls
 
-    def upgrade_view(self, request, pk):
-        """"Upgrade to…": the release, its preflight, notes and .env diff, then a typed confirmation."""
-        from upgrades.views import upgrade_view
-
-        return upgrade_view(request, pk, self)
-
-    def rollback_view(self, request, pk):
-        """"Roll back": what comes back (and what is lost), then a typed confirmation."""
-        from upgrades.views import rollback_view
-
-        return rollback_view(request, pk, self)
-
-    def backup_view(self, request, pk):
-        """"Back up now": the intermediate page (scope, services, compression, encryption, target)."""
-        from backups.views import backup_now_view
-
-        return backup_now_view(request, pk, self)
+    def _page_view(self, view: str):
+        """A page another app adds under the customer (customers.page): view(request, pk, model_admin)."""
+        def serve(request, pk):
+            return import_string(view)(request, pk, self)
+        return serve
 
     def check_view(self, request, pk):
         """The "Check now" button on the customer page (POST only)."""
@@ -195,28 +175,7 @@ class CustomerAdmin(FleetScaleMixin, TeamScopedAdminMixin, AuditedAdminMixin, ad
         if customer is not None:
             extra_context["may"] = permissions.may(request.user, customer)
             extra_context["recent_runs"] = customer.runs.select_related("requested_by")[:10]
-            from backups.selectors import backup_chart, customer_backups
-
-            extra_context["backups"] = customer_backups(customer, 20)
-            extra_context["backup_chart"] = backup_chart(customer)
-            from backups.recovery import fleet
-            from engines.humanize import human_duration
-
-            extra_context["restore_runs"] = list(customer.runs.filter(kind__in=["restore", "verify"])
-                                                 .select_related("requested_by").order_by("-created_at")[:20])
-            rec = fleet([customer])[0]
-            current = rec.rpo_current
-            extra_context["recovery"] = {
-                "rpo": human_duration(current.total_seconds()) if current is not None else "never verified",
-                "rpo_target": human_duration(rec.rpo_target.total_seconds()), "outside_rpo": rec.outside_rpo,
-                "rto": human_duration(rec.rto_measured) if rec.rto_measured is not None else "—",
-                "rto_target": human_duration(rec.rto_target.total_seconds()), "outside_rto": rec.outside_rto,
-                "last_verified": rec.last_verified,
-            }
-            from upgrades.admin_selectors import upgrade_history, versions_card
-
-            extra_context["versions_card"] = versions_card(customer)
-            extra_context["upgrades"] = upgrade_history(customer)
+            extra_context.update(page.card_context(request, customer))
         return super().change_view(request, object_id, form_url, extra_context)
 
     @admin.action(description="Check databases and services", permissions=["check"])
@@ -235,14 +194,16 @@ class CustomerAdmin(FleetScaleMixin, TeamScopedAdminMixin, AuditedAdminMixin, ad
                                                    run.customer, url, run.pk), messages.SUCCESS)
         return None
 
-    @admin.action(description="Back up now", permissions=["backup"])
-    def backup_action(self, request, queryset):
-        """One customer: the intermediate page to choose what to back up. Several: each with its policy."""
-        customers = list(queryset)
-        if len(customers) == 1:
-            return redirect(reverse("admin:customers_customer_backup", args=[customers[0].pk]))
-        from backups.views import backup_now_many
+    def get_actions(self, request):
+        """Django's and check_action, then those other apps add (customers.page), each for holders of its
+        permission."""
+        actions = super().get_actions(request)
+        if self.actions is None or IS_POPUP_VAR in request.GET:  # as Django's own: no actions there
+            return actions
+        for action in page.actions():
+            if permissions.has(request.user, action.permission):
+                func = import_string(action.function)
+                actions[func.__name__] = (func, func.__name__, func.short_description)
+        return actions
 
-        backup_now_many(self, request, customers)
-        return None
 from . import maintenance_admin  # noqa: E402,F401 (MaintenanceConnection's admin, superusers only)

@@ -73,7 +73,7 @@ def _try_postgres() -> dburl.DatabaseURL | None:
     """Create role and database kasa_demo on a reachable PostgreSQL, or return None."""
     admin_url = os.environ.get("KASA_DEMO_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
     try:
-        import psycopg
+        import psycopg  # here, inside the try: no usable psycopg means the SQLite demo, not a failed setup
         from psycopg import sql
 
         admin = dburl.parse(admin_url)

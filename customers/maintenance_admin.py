@@ -10,7 +10,8 @@ from __future__ import annotations
 from django.contrib import admin
 from django.db.models import Q
 
-from core.admin_mixins import AuditedAdminMixin, SuperuserOnlyMixin
+from audit.admin_mixins import AuditedAdminMixin
+from core.admin_mixins import SuperuserOnlyMixin
 from engines import dburl
 
 from .models import DatabaseConnection, MaintenanceConnection

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .backupcrypto import EncryptingWriter
 from .streams import CHUNK, HashingWriter, ProcessChain, ThrottledWriter
 
 
@@ -32,8 +33,6 @@ def write_artifact(
     """Stream one artifact to the store. With commit=False the writer is returned still open, so the
     caller can make it durable (fsync, complete the upload) in the background while the next artifact
     streams; until it commits, the object is invisible and abort() leaves nothing."""
-    from .backupcrypto import EncryptingWriter
-
     writer = store.open_write(name)
     try:
         sink = ThrottledWriter(writer, bandwidth) if bandwidth else writer

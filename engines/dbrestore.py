@@ -36,87 +36,39 @@ import contextlib
 import dataclasses
 import functools
 import os
-import re
-import secrets
 import shutil
 import time
 from collections.abc import Iterable, Iterator
 
 from . import credentials, sources
+from .dbbase import (  # noqa: F401 (DbTarget, compare_counts, new_tag, side_name: engines.dbrestore's API)
+    PG_ATTVER,
+    DbTarget,
+    compare_counts,
+    drop_after_failure,
+    new_tag,
+    side_name,
+)
 from .dberrors import RestoreError
+from .dbrestore_mysql import (  # noqa: F401 (re-exported: dbrestore.mysql_* is the API callers use)
+    mysql_database_exists,
+    mysql_drop_database,
+    mysql_restore_fresh,
+    mysql_swap,
+    mysql_unswap,
+)
+from .dbrestore_sqlite import (  # noqa: F401 (re-exported: dbrestore.sqlite_* is the API callers use)
+    SQLITE_SIDE_FILES,
+    sqlite_remove,
+    sqlite_repair,
+    sqlite_restore_fresh,
+    sqlite_row_counts,
+    sqlite_swap,
+    sqlite_unswap,
+)
 from .feed import feed_process
 from .feed import oneline as _oneline
 from .streams import CHUNK
-
-
-@dataclasses.dataclass
-class DbTarget:
-    """Where a database lives. engine: postgresql, mysql or sqlite (sqlite uses sqlite_path only)."""
-
-    engine: str
-    host: str = ""
-    port: int = 0
-    user: str = ""
-    password: str = dataclasses.field(default="", repr=False)  # never in a repr, hence never in a log
-    dbname: str = ""
-    sqlite_path: str = ""
-    # The customer's root (or a copy's) that sqlite_path lies in: its folder is reached from there without
-    # following a link (engines.beneath), since the customer's user may change it meanwhile. "": as it is.
-    sqlite_root: str = ""
-    # An administrative login to the same server (a maintenance connection), or None: when set, databases are
-    # created, renamed and dropped through it, while the dump still loads as `user` into a database it owns.
-    maint: DbTarget | None = dataclasses.field(default=None, repr=False, compare=False)
-
-    @classmethod
-    def from_url(cls, url) -> DbTarget:
-        """From an engines.dburl.DatabaseURL."""
-        return cls(engine=url.engine, host=url.host, port=url.port or 0, user=url.user, password=url.password,
-                   dbname=url.name, sqlite_path=url.path)
-
-    def display(self) -> str:
-        if self.engine == "sqlite":
-            return self.sqlite_path
-        return f"{self.engine}://{self.user}@{self.host}:{self.port}/{self.dbname}"
-
-
-# --- names -------------------------------------------------------------------------
-def new_tag() -> str:
-    """UTC time plus 4 hex digits: sorts by time, and two restores in one second still differ."""
-    return time.strftime("%Y%m%d%H%M%S", time.gmtime()) + "_" + secrets.token_hex(2)
-
-
-def side_name(live: str, kind: str, tag: str | None = None, *, engine: str = "postgresql") -> str:
-    """`<live>__kasa_<kind>_<tag>` within the server's name limit (PostgreSQL 63 bytes, MySQL 64 characters).
-
-    The live part is shortened, never the suffix, and never in the middle of a
-    UTF-8 character (PostgreSQL would cut the name itself, and could cut it there).
-    """
-    suffix = f"__kasa_{kind}_{tag or new_tag()}"
-    if engine == "mysql":
-        return live[: 64 - len(suffix)] + suffix
-    room = 63 - len(suffix.encode())
-    return live.encode()[:room].decode("utf-8", "ignore") + suffix
-
-
-def compare_counts(expected: dict[str, int], got: dict[str, int]) -> list[str]:
-    """Human lines for every table whose row count differs; empty when the counts are equal."""
-    lines = []
-    for table in sorted(set(expected) | set(got)):
-        if table not in got:
-            lines.append(f"table {table} is in the backup ({expected[table]} rows) but missing from the restore")
-        elif table not in expected:
-            lines.append(f"table {table} was restored ({got[table]} rows) but is not in the backup's manifest")
-        elif expected[table] != got[table]:
-            lines.append(f"table {table}: the backup has {expected[table]} rows, the restore {got[table]}")
-    return lines
-
-
-def restore_to_scratch(engine: str, chunks: Iterable[bytes], *, scratch: DbTarget | None = None,
-                       base_dir: str | None = None) -> dict[str, int]:
-    """Restore into a throwaway database and return its row counts (see engines.scratchdb)."""
-    from .scratchdb import restore_to_scratch as run  # scratchdb imports this module
-
-    return run(engine, chunks, scratch=scratch, base_dir=base_dir)
 
 
 def drop_database(target: DbTarget, name: str) -> None:
@@ -127,13 +79,9 @@ def drop_database(target: DbTarget, name: str) -> None:
     if target.engine == "postgresql":
         _pg_drop(target, name)
     elif target.engine == "mysql":
-        from .dbrestore_mysql import mysql_drop_database  # it imports this module
-
         mysql_drop_database(target, name)
     elif target.engine == "sqlite":
-        from .dbrestore_sqlite import _sqlite_remove  # it imports this module
-
-        _sqlite_remove(name, target.sqlite_root)
+        sqlite_remove(name, target.sqlite_root)
     else:
         raise RestoreError(f"unknown database engine {target.engine!r}")
 
@@ -209,7 +157,6 @@ def _pg_conninfo_dbname(name: str) -> str:
     return "dbname='" + name.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-_PG_ATTVER = re.compile(rb"(ALTER (?:FOREIGN )?TABLE ONLY .+ ALTER COLUMN .+ SET \()(.*)(\);\n)", re.S)
 
 
 def _pg_script_filter(src, dst, *, drop_transaction_timeout: bool) -> None:
@@ -234,7 +181,7 @@ def _pg_script_filter(src, dst, *, drop_transaction_timeout: bool) -> None:
             header = header and not line.startswith(b"-- Name: ")
             if header and drop_transaction_timeout and line == b"SET transaction_timeout = 0;\n":
                 continue
-            if b"pg_attver=" in line and (m := _PG_ATTVER.fullmatch(line)):
+            if b"pg_attver=" in line and (m := PG_ATTVER.fullmatch(line)):
                 options = [o for o in m.group(2).split(b", ") if not o.startswith(b"pg_attver=")]
                 if not options:
                     continue
@@ -301,21 +248,8 @@ def pg_restore_fresh(target: DbTarget, new_dbname: str, chunks: Iterable[bytes],
                          transform=functools.partial(_pg_script_filter, drop_transaction_timeout=major < 17))
         return pg_row_counts(target, new_dbname)
     except BaseException as exc:
-        _drop_after_failure(lambda: _pg_drop(target, new_dbname), exc, new_dbname, live)
+        drop_after_failure(lambda: _pg_drop(target, new_dbname), exc, new_dbname, live)
         raise
-
-
-def _drop_after_failure(drop, exc: BaseException, new_dbname: str, live: str) -> None:
-    """Drop the half-restored database and raise RestoreError saying so (other BaseExceptions pass through)."""
-    try:
-        drop()
-        left = f"database {new_dbname} was dropped"
-    except Exception as drop_exc:
-        left = f"dropping database {new_dbname} failed too ({_oneline(drop_exc)}): drop it by hand"
-    if not isinstance(exc, Exception):
-        return  # KeyboardInterrupt and friends: the caller re-raises them as they are
-    why = str(exc) if isinstance(exc, RestoreError) else f"reading the backup failed: {_oneline(exc)}"
-    raise RestoreError(f"{why}; {left} and {live or 'the live database'} was not touched") from exc
 
 
 @dataclasses.dataclass
@@ -440,8 +374,6 @@ def database_exists(target: DbTarget, name: str) -> bool:
         with _pg_admin(target) as con:
             return _pg_exists(con, name)
     if target.engine == "mysql":
-        from .dbrestore_mysql import mysql_database_exists  # it imports this module
-
         return mysql_database_exists(target, name)
     if target.engine == "sqlite":
         return os.path.isfile(name)
@@ -539,27 +471,3 @@ def _pg_drop(target: DbTarget, name: str) -> None:
             con.execute(psycopg.sql.SQL("DROP DATABASE IF EXISTS {}" + force).format(_pg_ident(name)))
         except psycopg.Error as exc:
             raise RestoreError(f"cannot drop database {name}: {_oneline(exc)}") from None
-
-
-# --- SQLite: in engines.dbrestore_sqlite; MySQL / MariaDB: in engines.dbrestore_mysql ----
-_SQLITE_NAMES = frozenset({"sqlite_restore_fresh", "sqlite_swap", "sqlite_unswap", "sqlite_repair",
-                           "sqlite_row_counts", "SQLITE_SIDE_FILES"})
-_MYSQL_NAMES = frozenset({"mysql_restore_fresh", "mysql_swap", "mysql_unswap", "mysql_drop_database",
-                          "mysql_database_exists"})
-
-
-def __getattr__(name: str):
-    """dbrestore.sqlite_* / mysql_* (and `from engines.dbrestore import sqlite_*`) still work.
-
-    Looked up on first use rather than imported here: those modules import this one,
-    and a plain import at either end would break whichever is imported first.
-    """
-    if name in _SQLITE_NAMES:
-        from . import dbrestore_sqlite
-
-        return getattr(dbrestore_sqlite, name)
-    if name in _MYSQL_NAMES:
-        from . import dbrestore_mysql
-
-        return getattr(dbrestore_mysql, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,8 +1,8 @@
 """MySQL/MariaDB: restore a dump into a fresh database, swap it in for the live one, swap it back.
 
-The engine-neutral parts (DbTarget, RestoreError, side names, the
-privileges each engine needs) are in engines.dbrestore, which re-exports the
-public functions here; see its docstring for the whole procedure.
+The engine-neutral parts (DbTarget, side names) are in engines.dbbase, RestoreError in engines.dberrors;
+engines.dbrestore re-exports the public functions here, and its docstring tells the whole procedure
+(privileges included).
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Iterator
 
 from . import credentials, sources
-from .dbrestore import DbTarget, RestoreError, _drop_after_failure, side_name
+from .dbbase import DbTarget, drop_after_failure, side_name
+from .dberrors import RestoreError
 from .feed import feed_process
 
 # --- MySQL / MariaDB ---------------------------------------------------------------------
@@ -94,7 +95,7 @@ def _my_grant(target: DbTarget, admin: str, name: str, *, revoke: bool = False) 
         _my_run(admin, f"GRANT ALL PRIVILEGES ON {_grant_pattern(name)}.* TO {account}", what="GRANT")
 
 
-def _my_argv(cnf: str, *extra: str) -> list[str]:
+def my_argv(cnf: str, *extra: str) -> list[str]:
     try:
         client = sources.mysql_client_program()
     except sources.SourceError as exc:
@@ -105,7 +106,7 @@ def _my_argv(cnf: str, *extra: str) -> list[str]:
 def _my_run(cnf: str, script: str | bytes, *, database: str | None = None, xml: bool = False,
             what: str = "query") -> str:
     """Run a script on the client's stdin (never argv: bodies can be long); return its stdout."""
-    argv = _my_argv(cnf, "--xml" if xml else "--skip-column-names",
+    argv = my_argv(cnf, "--xml" if xml else "--skip-column-names",
                     *([f"--database={database}"] if database else []))
     data = script.encode() if isinstance(script, str) else script
     try:
@@ -315,11 +316,11 @@ def mysql_restore_fresh(target: DbTarget, new_dbname: str, chunks: Iterable[byte
             try:
                 _my_grant(target, admin, new_dbname)
             except RestoreError as exc:
-                _drop_after_failure(lambda: mysql_drop_database(target, new_dbname), exc, new_dbname, live)
+                drop_after_failure(lambda: mysql_drop_database(target, new_dbname), exc, new_dbname, live)
         # The client obeys the dump's first line (/*M!999999\- enable the sandbox mode */): no shell escapes.
         trailer = _Trailer(chunks)
         try:
-            feed_process(_my_argv(cnf, f"--database={new_dbname}"), trailer, secrets_=[target.password])
+            feed_process(my_argv(cnf, f"--database={new_dbname}"), trailer, secrets_=[target.password])
             if b"-- Dump completed" not in trailer.tail:
                 raise RestoreError("the dump ends early (no final '-- Dump completed' line): it is truncated")
             try:
@@ -327,7 +328,7 @@ def mysql_restore_fresh(target: DbTarget, new_dbname: str, chunks: Iterable[byte
             except sources.SourceError as exc:
                 raise RestoreError(str(exc)) from None
         except BaseException as exc:
-            _drop_after_failure(lambda: mysql_drop_database(target, new_dbname), exc, new_dbname, live)
+            drop_after_failure(lambda: mysql_drop_database(target, new_dbname), exc, new_dbname, live)
             raise
 
 

@@ -42,6 +42,7 @@ from .dbrestore_mysql import (
     _MyObject,
     _q,
     _Trailer,
+    my_argv,
 )
 from .feed import feed_process
 
@@ -251,9 +252,7 @@ def load(target, tag: str, chunks: Iterable[bytes]) -> dict[str, int]:
 
 
 def _my_argv_db(cnf: str, db: str) -> list[str]:
-    from .dbrestore_mysql import _my_argv
-
-    return _my_argv(cnf, f"--database={db}")
+    return my_argv(cnf, f"--database={db}")
 
 
 def _counts(cnf: str, db: str, tag: str, tables: dict[str, int], kinds: dict[str, str]) -> dict[str, int]:

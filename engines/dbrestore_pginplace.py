@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from . import sources
+from .dbbase import PG_ATTVER, compare_counts
 from .dberrors import RestoreError
 from .feed import feed_process
 from .feed import oneline as _oneline
@@ -181,8 +182,6 @@ def pg_restore_in_place(target, chunks: Iterable[bytes], *, expected: dict[str, 
     """
     import psycopg
 
-    from .dbrestore import compare_counts
-
     live = target.dbname
     con = _connect(target, application_name=application_name)
     committed = False
@@ -321,8 +320,6 @@ def _execute_script(con, out, *, major: int, after_header: Callable[[], None]) -
     \\unrestrict lines; a COPY of a TABLE DATA entry streams its rows through psycopg's COPY. DDL goes in
     batches of statements (simple query protocol). after_header() runs once the leading SETs are in effect.
     """
-    from .dbrestore import _PG_ATTVER
-
     batch = bytearray()
     header, at_start, toc = True, True, b""
     while line := out.readline(CHUNK):
@@ -352,7 +349,7 @@ def _execute_script(con, out, *, major: int, after_header: Callable[[], None]) -
         elif line == b"--\n" and len(batch) > BATCH_LIMIT:
             _exec(con, batch)  # between two TOC entries (a "--" line inside a function body fails: rolled back)
             batch.clear()
-        if b"pg_attver=" in line and (m := _PG_ATTVER.fullmatch(line)):
+        if b"pg_attver=" in line and (m := PG_ATTVER.fullmatch(line)):
             options = [o for o in m.group(2).split(b", ") if not o.startswith(b"pg_attver=")]
             if not options:
                 continue

@@ -1,8 +1,8 @@
 """SQLite: write a database copy beside the live file, swap it in for the live one, swap it back.
 
-The engine-neutral parts (DbTarget, RestoreError, side names, the privileges each
-engine needs) are in engines.dbrestore, which re-exports the public functions
-here; see its docstring for the whole procedure.
+The engine-neutral parts (DbTarget, side names) are in engines.dbbase, RestoreError in engines.dberrors;
+engines.dbrestore re-exports the public functions here, and its docstring tells the whole procedure
+(privileges included).
 
 The live file lives in a customer's folder, which the customer's OS user may change while Kasa's worker (root)
 works there. Every file of a swap (the live file, its side files, the new and old copies) lies in that one
@@ -20,7 +20,8 @@ import stat
 from collections.abc import Iterable, Iterator
 
 from . import beneath
-from .dbrestore import RestoreError, _drop_after_failure, new_tag
+from .dbbase import drop_after_failure, new_tag
+from .dberrors import RestoreError
 from .feed import oneline as _oneline
 
 # --- SQLite ------------------------------------------------------------------------------
@@ -79,7 +80,7 @@ def _remove_at(fd: int, name: str) -> None:
             os.unlink(n, dir_fd=fd)
 
 
-def _sqlite_remove(path: str, root=None) -> None:
+def sqlite_remove(path: str, root=None) -> None:
     try:
         with _folder(path, root) as fd:
             _remove_at(fd, os.path.basename(path))
@@ -151,7 +152,7 @@ def sqlite_restore_fresh(live_path: str, chunks: Iterable[bytes], *, tag: str | 
             _fsync_dir(dfd)
             return new_path, counts
         except BaseException as exc:
-            _drop_after_failure(lambda: _remove_at(dfd, new), exc, new, live_path)
+            drop_after_failure(lambda: _remove_at(dfd, new), exc, new, live_path)
             raise
     finally:
         os.close(dfd)

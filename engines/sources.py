@@ -16,11 +16,14 @@ from __future__ import annotations
 import contextlib
 import glob
 import importlib.util
+import json
 import os
 import re
 import shutil
 import sqlite3
 import subprocess
+import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -213,8 +216,6 @@ def pg_snapshot(*, host: str, port: int, user: str, password: str, dbname: str) 
     streams (both read the same snapshot, so the counts match the dump
     exactly); row_counts is complete when the context exits.
     """
-    import threading
-
     import psycopg
 
     try:
@@ -281,15 +282,11 @@ def mysql_dump_stage(defaults_file: str, dbname: str) -> Stage:
 def mysql_count_stage(counts_path: str) -> Stage:
     """A pass-through stage after the dump that counts each table's rows in it (engines/sqlcount.py says why):
     COUNTS_PATH holds {"table": rows} once the dump ended cleanly."""
-    import sys
-
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sqlcount.py")
     return Stage([sys.executable, "-I", "-S", script, counts_path], name="row count")
 
 
 def read_counts(counts_path: str) -> dict[str, int]:
-    import json
-
     try:
         with open(counts_path) as fh:
             return {str(k): int(v) for k, v in json.load(fh).items()}

@@ -6,7 +6,7 @@ from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 
 from core import permissions
-from core.admin_mixins import TeamScopedAdminMixin, status_badge
+from core.admin_mixins import status_badge
 from core.paging import FleetScaleMixin
 from engines.humanize import human_duration, human_time
 
@@ -18,7 +18,7 @@ from .services import run_cancel
 
 
 @admin.register(Run)
-class RunAdmin(FleetScaleMixin, TeamScopedAdminMixin, admin.ModelAdmin):
+class RunAdmin(FleetScaleMixin, admin.ModelAdmin):
     """Runs are written by services only: the admin shows them and their live log."""
 
     list_display = ("id", "kind", "customer", "status_badge", "requested", "created_at", "duration_display",
@@ -33,6 +33,10 @@ class RunAdmin(FleetScaleMixin, TeamScopedAdminMixin, admin.ModelAdmin):
     fields = ("kind", "customer", "status_display", "requested_by", "requested_via", "created_display",
               "started_display", "finished_display", "worker_display", "summary_display", "links_display", "params")
     readonly_fields = fields
+
+    def get_queryset(self, request):
+        qs = super().get_queryset(request)  # team-scoped (RunQuerySet.visible_to: the customers' rule)
+        return qs if request.user.is_superuser else qs.visible_to(request.user)
 
     def has_add_permission(self, request):
         return False

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 import time
 
 from django.db import connection
 
 from .models import Run, RunLogLine
 from .offline import DB_LOST
+from .services import run_cancel, run_execute
 
 NO_WORKER_HINT_AFTER = 30
 
@@ -75,11 +77,37 @@ def follow_run(run: Run, command=None, *, timeout: float, poll: float = 0.3, don
             time.sleep(poll)
 
 
+# --- a run executed in this process (a management command in the foreground): the run executes in a thread (its
+# own database connection) while the caller follows its stored log, exactly as a worker's run would be followed.
+# Ctrl-C asks the run to cancel and waits for it to stop cleanly.
+def execute_in_foreground(run: Run, *, timeout: float = 24 * 3600) -> Run:
+    finished = threading.Event()
+
+    def target():
+        try:
+            run_execute(run.pk)
+        finally:
+            connection.close()
+            finished.set()
+
+    thread = threading.Thread(target=target, name=f"run-{run.pk}")
+    thread.start()
+    try:
+        run = follow_run(run, None, timeout=timeout, done=finished)
+    except KeyboardInterrupt:
+        run_cancel(Run.objects.get(pk=run.pk), via="cli")
+        thread.join()
+        run.refresh_from_db()
+        return run
+    thread.join()
+    with contextlib.suppress(*DB_LOST):  # still away: the run stays as last seen (follow_run said why)
+        run.refresh_from_db()
+    return run
+
+
 def enqueued_or_run_here(command, run: Run, *, enqueue: bool, what: str) -> Run | None:
     """`--enqueue`: report the queued run (JSON: the run) and return None. Otherwise execute the run here, its log
     on stderr, and return it finished."""
-    from .foreground import execute_in_foreground
-
     if enqueue:
         if command.json_output:
             command.emit(run_document(run))

@@ -137,7 +137,7 @@ class RunContext:
         if value and value not in self._secrets:
             self._secrets.append(value)
 
-    def _mask(self, text: str) -> str:
+    def mask(self, text: str) -> str:
         return proc.mask(text, self._secrets)
 
     # --- the local journal and the control database ---------------------------------------------------
@@ -189,7 +189,7 @@ class RunContext:
     def log(self, text: str, *, level: str = RunLogLine.Level.INFO, stream: str = "kasa",
             command: RunCommand | PendingCommand | None = None) -> None:
         with self._log_lock:
-            text = self._mask(str(text))
+            text = self.mask(str(text))
             if not self.offline:
                 try:
                     RunLogLine.objects.create(run=self.run, seq=self._seq, level=level, stream=stream,
@@ -269,7 +269,7 @@ class RunContext:
             fields["progress_total"] = total
         fields["percent"] = self._overall(done, total)
         if message:
-            fields["progress_message"] = self._mask(message)[:300]
+            fields["progress_message"] = self.mask(message)[:300]
         if not Run.objects.filter(pk=self.run.pk, status=Run.Status.RUNNING).update(**fields):
             self.lost = True
             raise RunLost(f"run #{self.run.pk} is no longer running here")

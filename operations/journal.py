@@ -29,10 +29,12 @@ class RunJournal:
     def add(self, step: dict) -> dict:
         with self.lock:
             self.steps.append(step)
-            self._save()
+            self.save()
         return step
 
-    def _save(self) -> None:
+    def save(self) -> None:
+        """Write the journal as it stands: after `add`, or after a step was changed in place (`step["done"] =
+        True`) or steps were removed. Local file first (fsynced), then the run's `result`."""
         self.doc[self.key] = self.steps
         # On local disk and fsynced first: if the control database is gone by the next change, the way back is
         # still written down. While undoing, a database that does not answer is not an error (ctx.record).
@@ -44,7 +46,7 @@ class RunJournal:
         engines.beneath): its undo has nothing to do, and the journal says why."""
         with self.lock:
             step["refused"] = str(reason)[:500]
-            self._save()
+            self.save()
 
     def has(self, kind: str) -> bool:
         return any(s["type"] == kind for s in self.steps)

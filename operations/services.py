@@ -10,9 +10,11 @@ import logging
 import os
 import socket
 
+from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
+from django_q.tasks import async_task
 
 from audit.models import AuditEntry
 from audit.services import audit_record
@@ -108,8 +110,6 @@ def _source(via: str) -> str:
 
 
 def enqueue_run(run_id: int) -> None:
-    from django_q.tasks import async_task
-
     async_task("operations.tasks.execute_run", run_id, task_name=f"run-{run_id}", group="runs")
 
 
@@ -201,7 +201,7 @@ def _end(ctx: RunContext, status: str, *, error: str = "", result: dict | None =
                 raise
             ctx.offline = True
             ctx.local.go_offline("the run's end could not be recorded")
-    ctx.local.set_outcome(status, ctx._mask(error), result)
+    ctx.local.set_outcome(status, ctx.mask(error), result)
     ctx.ended_offline = True
     if exc is not None:
         ctx.log_exception(exc)
@@ -242,8 +242,6 @@ def runs_reap(*, stale_after: int | None = None) -> list[int]:
     waiting for it to record the end) is never reaped. Returns the runs it
     failed or reconciled.
     """
-    from django.conf import settings
-
     stale_after = stale_after or settings.KASA_RUN_STALE_AFTER
     cutoff = timezone.now() - timezone.timedelta(seconds=stale_after)
     # First the journals whose worker finished its undo offline: their run ends as that worker recorded it.

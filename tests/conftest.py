@@ -276,7 +276,7 @@ def staff_user(db):
     """Factory for staff users in the operators group, members of the given teams."""
     from django.contrib.auth import get_user_model
 
-    from core.setup import ensure_operator_group
+    from console.setup import ensure_operator_group
 
     group = ensure_operator_group()
 

@@ -262,7 +262,7 @@ def test_an_unknown_run_kind_is_for_superusers_only(site, admin_user):
 
 
 def test_operators_group_holds_every_action_but_runtime_and_is_idempotent(db):
-    from core.setup import OPERATORS, ensure_operator_group
+    from console.setup import OPERATORS, ensure_operator_group
 
     group = ensure_operator_group()
     extra = Permission.objects.get(content_type__app_label="customers", codename="change_runtime")

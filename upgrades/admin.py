@@ -7,11 +7,13 @@ from django.contrib import admin
 from django.urls import path
 
 from core import permissions
-from core.admin_mixins import TeamScopedAdminMixin, change_link, status_badge
+from core.admin_mixins import change_link, status_badge
+from customers.scoping import TeamScopedAdminMixin
 from engines.humanize import human_duration, human_time
 
 from .admin_selectors import duration_seconds, versions_text
 from .models import BadRelease, Upgrade
+from .views import resolve_view, steps_view
 
 
 def _may_see_upgrades(request) -> bool:
@@ -109,8 +111,6 @@ class UpgradeAdmin(_ReadOnly, TeamScopedAdminMixin, admin.ModelAdmin):
                                                             "resolved_by")
 
     def get_urls(self):
-        from .views import resolve_view, steps_view
-
         own = [
             path("<int:upgrade_id>/steps/", self.admin_site.admin_view(
                 lambda r, upgrade_id: steps_view(r, upgrade_id, self)), name="upgrades_upgrade_steps"),

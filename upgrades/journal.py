@@ -106,7 +106,7 @@ class Steps:
 
     def _end(self, row: UpgradeStep, log: StepLog, status: str) -> None:
         row.status, row.finished_at = status, timezone.now()
-        row.detail = self.ctx._mask("\n".join(log.lines))[-DETAIL_LIMIT:]
+        row.detail = self.ctx.mask("\n".join(log.lines))[-DETAIL_LIMIT:]
         self._record(row, lambda: UpgradeStep.objects.filter(pk=row.pk).update(
             status=row.status, finished_at=row.finished_at, detail=row.detail) if row.pk else row.save())
 

@@ -27,7 +27,10 @@ from urllib.parse import urlsplit
 from django.conf import settings
 from django.utils import timezone
 
+from backups import dbswap
 from backups.models import Backup
+from backups.operations import make_backup
+from backups.services import BackupInputError, backup_params, backup_pin
 from customers import runtime
 from engines import beneath, envfile, layout, procman, releasepkg, runas
 from engines.humanize import human_size, human_time
@@ -194,9 +197,6 @@ def _run_as(job: Job, *, hooks: bool) -> runas.Identity | None:
 
 
 def _backup(job: Job, slog, *, pin: str, kind: str | None = None) -> None:
-    from backups.operations import make_backup
-    from backups.services import BackupInputError, backup_params
-
     ctx, up = job.ctx, job.upgrade
     scope, note = preflight.backup_scope(job.customer, kind or up.kind)
     if scope is None:
@@ -277,14 +277,12 @@ def _cleanup(job: Job, slog) -> None:
     except Exception as exc:  # noqa: BLE001
         slog.warning(f"cleanup: {exc}")
     job.doc["journal"] = []
-    job.journal._save()
+    job.journal.save()
 
 
 def _unpin_older(job: Job, slog) -> None:
     """Only the last upgrade can be rolled back by hand: the backups pinned for earlier ones go back to the
     retention policy."""
-    from backups.services import backup_pin
-
     older = (Upgrade.objects.real().filter(customer=job.customer, backup__pinned=True)
              .exclude(pk=job.upgrade.pk).exclude(backup=None)
              .exclude(status=Upgrade.Status.QUARANTINED, resolved_at__isnull=True).select_related("backup"))
@@ -344,8 +342,6 @@ def _rollback(job: Job) -> None:
         for step in reversed(job.journal.steps):
             if step["type"] in ("db_swap", "db_tables_swap", "db_inplace"):
                 try:
-                    from backups import dbswap
-
                     dbswap.finish(ctx, step)  # the post-upgrade databases: in the safety backup now
                 except Exception as exc:  # noqa: BLE001
                     slog.warning(f"could not drop {step.get('old')}: {exc}")
@@ -355,7 +351,7 @@ def _rollback(job: Job) -> None:
         mark_bad(target, f"rolled back by hand by {who} (rollback #{up.pk})")
         slog.info(f"release {target.to_release} marked bad for {job.customer}")
         job.doc["journal"] = []
-        job.journal._save()
+        job.journal.save()
 
 
 def _rollback_preflight(job: Job, target: Upgrade, slog) -> None:
@@ -383,8 +379,8 @@ def _rollback_preflight(job: Job, target: Upgrade, slog) -> None:
         problems.append(f"the pre-upgrade backup #{target.backup_id} is {bk.status if bk else 'gone'}")
     if job.customer.databases.exists() and bk is None:
         problems.append(f"upgrade #{target.pk} took no backup of the databases: they cannot be put back")
-    health = preflight._healthy(job.customer)
-    exclusive = preflight._exclusive(job.customer, job.ctx.run)
+    health = preflight.healthy_check(job.customer)
+    exclusive = preflight.exclusive_check(job.customer, job.ctx.run)
     problems += [f"{c.name}: {c.detail}" for c in (health, exclusive) if not c.ok]
     Upgrade.objects.filter(pk=job.upgrade.pk).update(preflight={
         "ok": not problems, "problems": problems, "rolls_back": target.pk,

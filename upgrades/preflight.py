@@ -16,7 +16,9 @@ from pathlib import Path
 
 from django.conf import settings
 
+from backups import dbswap
 from backups.models import Backup, BackupPolicy
+from backups.services import BackupInputError, backup_params, policy_for
 from customers import runtime
 from customers.models import Customer, DatabaseConnection
 from engines import beneath, envfile, layout, paths
@@ -108,9 +110,9 @@ def check(customer: Customer, release: Release, *, force: bool = False, own_run:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
     checks.append(_disk(customer, root, report.changes))
-    checks.append(_healthy(customer) if report.kind != Upgrade.Kind.INSTALL else
+    checks.append(healthy_check(customer) if report.kind != Upgrade.Kind.INSTALL else
                   Check("health", True, "an install: nothing runs yet (every health URL must answer afterwards)"))
-    checks.append(_exclusive(customer, own_run))
+    checks.append(exclusive_check(customer, own_run))
     checks.append(_backup_possible(customer, report.kind))
     checks.extend(_database_rollback(customer))
     return report
@@ -256,8 +258,6 @@ def _device(path) -> int:
 
 
 def _backup_folder(customer) -> Path | None:
-    from backups.services import policy_for
-
     target = policy_for(customer).target
     return Path(target.path) if target.kind == target.Kind.LOCAL and target.path else None
 
@@ -274,7 +274,7 @@ def _tree_size(root: Path) -> int:
     return total
 
 
-def _healthy(customer) -> Check:
+def healthy_check(customer) -> Check:
     specs = runtime.service_specs(customer)
     checked = [s.name for s in specs if s.health_url]
     if not checked:
@@ -287,7 +287,7 @@ def _healthy(customer) -> Check:
     return Check("health", True, f"healthy now: {', '.join(checked)}")
 
 
-def _exclusive(customer, own_run) -> Check:
+def exclusive_check(customer, own_run) -> Check:
     active = Run.objects.active().filter(customer=customer, mutating=True)
     if own_run is not None:
         active = active.exclude(pk=own_run.pk)
@@ -302,8 +302,6 @@ def _exclusive(customer, own_run) -> Check:
 
 
 def _backup_possible(customer, kind: str) -> Check:
-    from backups.services import BackupInputError, backup_params
-
     scope, note = backup_scope(customer, kind)
     if scope is None:
         return Check("backup", True, note)
@@ -328,8 +326,6 @@ def backup_scope(customer, kind: str) -> tuple[str | None, str]:
 def _database_rollback(customer) -> list[Check]:
     """How a rollback would put each database back (it no longer needs CREATEDB: see backups.dbswap). Reported,
     never blocking; a problem here (the database unreachable) shows again, for real, at the backup."""
-    from backups import dbswap
-
     out = []
     for db in customer.databases.exclude(engine=DatabaseConnection.Engine.SQLITE):
         name = f"rollback of database {db.name}"

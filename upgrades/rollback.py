@@ -20,12 +20,17 @@ from types import SimpleNamespace
 from django.conf import settings
 from django.core.mail import mail_admins
 from django.urls import NoReverseMatch, reverse
+from django.utils import timezone
 
 from backups import dbswap
 from backups.models import Backup
+from backups.notify import post_webhook, recipients, send_email
+from backups.services import policy_for
+from core.secrets import reveal
 from customers import runtime
 from customers.models import Customer
 from engines import beneath, layout, trees
+from engines.backupcrypto import KeyRing
 from operations.context import OperationError, RunContext
 
 from .journal import Journal, Steps, env_fingerprints, uninterruptible
@@ -45,8 +50,6 @@ class Job:
         self.undo_journal = Journal(ctx, self.doc, "rollback")
         self.steps = Steps(ctx, upgrade)
         self.changes: list = []
-        from core.secrets import reveal
-
         for db in self.customer.databases.all():  # masked in every line a hook or a tool prints
             ctx.add_secret(reveal(db.password))
         # Held in memory from now on: the way back goes on without the control database (operations.context).
@@ -63,7 +66,7 @@ class Job:
 
     def mark(self, **fields) -> None:
         self.doc.update(fields)
-        self.journal._save()
+        self.journal.save()
 
     def specs(self):
         return runtime.service_specs(self.customer)
@@ -181,8 +184,6 @@ def restore_databases(job: Job, slog, *, backup_id: int, journal: Journal) -> No
         return
     keyring = None
     if bk.encrypted:
-        from engines.backupcrypto import KeyRing
-
         if not settings.KASA_BACKUP_KEYS:
             raise OperationError(f"backup #{bk.pk} is encrypted and KASA_BACKUP_KEYS is not set")
         keyring = KeyRing(settings.KASA_BACKUP_KEYS)
@@ -246,7 +247,7 @@ def _cleanup_after_undo(job: Job, slog) -> None:
             beneath.rename(root, step["to"], step["from"])
     _tidy(root)
     job.undo_journal.steps.clear()
-    job.journal._save()
+    job.journal.save()
     slog.info("staged releases and the databases kept aside removed")
 
 
@@ -310,9 +311,6 @@ def replay_outcome(run, payload: dict) -> None:
 
 def alert(upgrade: Upgrade, message: str) -> None:
     """A quarantine needs a human: mail the customer's backup recipients and webhook, else the ADMINS."""
-    from backups.notify import post_webhook, recipients, send_email
-    from backups.services import policy_for
-
     customer = upgrade.customer
     subject = f"[Kasa] Upgrade QUARANTINED: {customer.domain} (upgrade #{upgrade.pk}) needs an operator"
     lines = [f"Customer: {customer.domain}",
@@ -341,8 +339,6 @@ def alert(upgrade: Upgrade, message: str) -> None:
 
 
 def _redact(customer, text: str) -> str:
-    from core.secrets import reveal
-
     for db in customer.databases.all():
         pw = reveal(db.password)
         if pw and len(pw) >= 4:
@@ -352,8 +348,6 @@ def _redact(customer, text: str) -> str:
 
 def discard_running_backups(upgrade: Upgrade) -> None:
     """A pre-upgrade backup a dead worker was still writing is nobody's restore point: delete its objects."""
-    from django.utils import timezone
-
     for bk in Backup.objects.filter(customer_id=upgrade.customer_id, run=None, status=Backup.Status.RUNNING,
                                     trigger=Backup.Trigger.UPGRADE, created_at__gte=upgrade.created_at):
         try:

@@ -3,6 +3,7 @@ import os
 from django.conf import settings
 
 from core.cli import BadInput, KasaCommand, OperationFailed
+from engines.backupcrypto import BackupDecryptError, KeyRing, decrypt_file
 
 
 class Command(KasaCommand):
@@ -13,8 +14,6 @@ class Command(KasaCommand):
         parser.add_argument("--out", required=True, help="where to write the decrypted artifact")
 
     def handle(self, *args, **o):
-        from engines.backupcrypto import BackupDecryptError, KeyRing, decrypt_file
-
         if not os.path.isfile(o["file"]):
             raise BadInput(f"{o['file']} is not a file")
         if os.path.exists(o["out"]):

@@ -4,7 +4,11 @@ import secrets
 from django.contrib.auth import get_user_model
 from django_q.models import Schedule
 
+from backups.schedules import schedules_sync
+from backups.services import global_policy
+from console.setup import ensure_operator_group
 from core.cli import KasaCommand
+from customers.demo import demo_seed
 
 REAPER = "kasa: reap runs whose worker is gone"
 
@@ -18,17 +22,10 @@ class Command(KasaCommand):
                             help="demo database in SQLite even if PostgreSQL is up")
 
     def handle(self, *args, **o):
-        from core.setup import ensure_operator_group
-
         ensure_operator_group()
-        from backups.schedules import schedules_sync
-        from backups.services import global_policy
-
         doc = {"admin": self._admin(), "reaper_schedule": self._reaper(),
                "backup_target": global_policy().target.name}
         if not o["no_demo"]:
-            from customers.demo import demo_seed
-
             customer, created = demo_seed(prefer_postgres=not o["sqlite_demo"])
             doc["demo"] = {"domain": customer.domain, "created": created,
                            "database": customer.databases.first().display_url(), "run_as": customer.run_as or None,
