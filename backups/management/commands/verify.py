@@ -1,7 +1,7 @@
 from backups.models import Backup
 from backups.services import BackupInputError, verify_start
 from core.cli import BadInput, KasaCommand
-from operations.cli import run_in_command
+from operations.cli import add_run_arguments, run_in_command
 from operations.services import OperationRefused
 
 
@@ -11,7 +11,7 @@ class Command(KasaCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("backup_id", type=int)
-        parser.add_argument("--enqueue", action="store_true", help="hand it to the workers and return at once")
+        add_run_arguments(parser)
 
     def handle(self, *args, **o):
         bk = Backup.objects.select_related("customer").filter(pk=o["backup_id"]).first()
@@ -21,5 +21,5 @@ class Command(KasaCommand):
             run = verify_start(bk, via="cli", enqueue=o["enqueue"])
         except (BackupInputError, OperationRefused) as exc:
             raise BadInput(str(exc)) from None
-        run_in_command(self, run, enqueue=o["enqueue"], what=f"verification of backup #{bk.pk}",
+        run_in_command(self, run, enqueue=o["enqueue"], wait=o["wait"], what=f"verification of backup #{bk.pk}",
                        done_text=lambda run: f"backup #{bk.pk} verified in {run.result.get('seconds')} s")
