@@ -242,3 +242,27 @@ def _check(customer):
     run = customer_check_start(customer, via="cli", enqueue=False)
     run_execute(run.pk)
     return run
+
+
+# --- an upgrade and its rollback: no trash, PM2 summarised, "no health URL" -----------------------------------
+from tests.test_upgrades import customer_factory, fast_health, releases  # noqa: E402, F401  (their fixtures)
+
+
+def test_an_upgrade_and_its_rollback_leave_no_trash_and_log_pm2_as_one_line_per_app(
+        customer_factory, releases):  # noqa: F811
+    from django.core.management import call_command
+
+    from upgrades.models import Upgrade
+
+    customer = customer_factory()
+    root = customer.root_path()
+    for argv in (["upgrade", customer.domain, "--to", "2.5"], ["rollback", customer.domain]):
+        call_command(*argv, stdout=open(os.devnull, "w"), stderr=open(os.devnull, "w"))
+        assert _trash(root) == [], argv
+        up = Upgrade.objects.filter(customer=customer).latest("created_at")
+        assert up.status == "succeeded", up.error
+        lines = _log(up.run)
+        assert not [t for t in lines if PM2_NOISE.search(t)], [t for t in lines if PM2_NOISE.search(t)]
+        pm2 = [t for t in lines if t.startswith(f"PM2 app {customer.app} (backend): ")]
+        assert pm2[-1].startswith(f"PM2 app {customer.app} (backend): online, pid "), pm2
+        assert "store: no health URL, not health-checked" in lines
