@@ -91,23 +91,33 @@ def discard(path: str | os.PathLike, *, background: bool = False, root: str | os
                 os.unlink(name, dir_fd=fd)
                 return
             trash = trash_name(name)
-            if background and trash_dir is not None:
-                tfd = _trash_folder(trash_dir)
-                try:
-                    try:
-                        os.rename(name, trash, src_dir_fd=fd, dst_dir_fd=tfd)
-                    except OSError as exc:
-                        if exc.errno != errno.EXDEV:
-                            raise
-                    else:
-                        beneath.detached_remove_at(tfd, trash)
-                        return
-                finally:
-                    os.close(tfd)
+            if background and trash_dir is not None and _moved_out(fd, name, trash, trash_dir):
+                return
             os.rename(name, trash, src_dir_fd=fd, dst_dir_fd=fd)
             beneath.remove_at(fd, trash, ignore_errors=True)
     except (FileNotFoundError, NotADirectoryError):
         return
+
+
+def _moved_out(fd: int, name: str, trash: str, trash_dir: str | os.PathLike) -> bool:
+    """Move `name` (in `fd`) into Kasa's trash folder as `trash` and start its detached removal there. False when
+    it cannot be moved (another filesystem: EXDEV; a trash folder that cannot be made): it is still where it was,
+    and the caller removes it in place."""
+    try:
+        tfd = _trash_folder(trash_dir)
+    except OSError:
+        return False
+    try:
+        try:
+            os.rename(name, trash, src_dir_fd=fd, dst_dir_fd=tfd)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                raise
+            return False
+        beneath.detached_remove_at(tfd, trash)
+        return True
+    finally:
+        os.close(tfd)
 
 
 def _trash_folder(trash_dir: str | os.PathLike) -> int:
