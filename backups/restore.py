@@ -352,14 +352,23 @@ def _restore_file_databases(ctx: RunContext, plan: Plan, journal: Journal) -> No
 
 
 # --- 4. swap ---------------------------------------------------------------------------
+def touched_specs(plan: Plan, specs: list) -> list:
+    """The services a restore stops and starts: with only service folders restored (`--only backend`), those
+    services; a database or the config may be read by any service, so then all of them."""
+    if plan.artifacts and all(a.kind == BackupArtifact.Kind.SERVICE for a in plan.artifacts):
+        names = {a.source for a in plan.artifacts}
+        return [s for s in specs if s.name in names]
+    return specs
+
+
 def _swap_in(ctx: RunContext, plan: Plan, staging: Path | None, journal: Journal, in_place=False) -> int | None:
-    specs = runtime.service_specs(plan.customer)
+    specs = touched_specs(plan, runtime.service_specs(plan.customer))
     # Which services answer now: after a rollback those must answer again (one that was down before the
     # restore is not the restore's fault); after a successful restore every health URL must answer.
     healthy_before = runtime.healthy_now(specs)
     ctx.phase("stop")
-    ctx.info(f"stopping {len(specs)} service(s)")
-    journal.add({"type": "services_stopped", "healthy_before": healthy_before})
+    ctx.info(f"stopping {len(specs)} service(s): {', '.join(s.name for s in specs) or 'none'}")
+    journal.add({"type": "services_stopped", "healthy_before": healthy_before, "services": [s.name for s in specs]})
     runtime.stop_all(ctx, specs)
     way_back = dbswap.way_back(ctx, plan, _safety_backup) if in_place else None  # with the services stopped
     ctx.phase("swap")
@@ -368,7 +377,7 @@ def _swap_in(ctx: RunContext, plan: Plan, staging: Path | None, journal: Journal
     _restore_file_databases(ctx, plan, journal)
     dbswap.swap_all(ctx, plan, journal, way_back=way_back)
     ctx.phase("start")
-    ctx.info(f"starting {len(specs)} service(s)")
+    ctx.info(f"starting {len(specs)} service(s): {', '.join(s.name for s in specs) or 'none'}")
     runtime.start_all(ctx, specs)
     ctx.phase("health")
     runtime.check_health(ctx, specs)
@@ -412,7 +421,7 @@ def _undo_steps(ctx: RunContext, journal: Journal, plan: Plan) -> bool:
         # The restored services may be running (started before a failed health check, or by a worker that
         # died): stop them before their folders and databases are swapped back under them.
         try:
-            runtime.stop_all(ctx, runtime.service_specs(plan.customer))
+            runtime.stop_all(ctx, _stopped_specs(plan, restart))
         except Exception as exc:
             ctx.warning(f"could not stop the services before putting the previous state back: {exc}")
     for step in reversed(journal.steps):
@@ -426,7 +435,7 @@ def _undo_steps(ctx: RunContext, journal: Journal, plan: Plan) -> bool:
     journal.save()
     if restart:
         try:
-            specs = runtime.service_specs(plan.customer)
+            specs = _stopped_specs(plan, restart)
             runtime.start_all(ctx, specs)
             before = set(restart.get("healthy_before") or [])
             runtime.check_health(ctx, [s for s in specs if s.name in before])
@@ -434,6 +443,13 @@ def _undo_steps(ctx: RunContext, journal: Journal, plan: Plan) -> bool:
             journal.services_down = str(exc)
             ctx.error(f"the previous files and databases are back but the services did not come up: {exc}")
     return ok
+
+
+def _stopped_specs(plan: Plan, step: dict) -> list:
+    """The services a journalled stop stopped (every service for a journal written before it said which)."""
+    specs = runtime.service_specs(plan.customer)
+    names = step.get("services")
+    return specs if names is None else [s for s in specs if s.name in names]
 
 
 def _cleanup(ctx: RunContext, journal: Journal, root: Path) -> None:

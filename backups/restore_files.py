@@ -15,6 +15,7 @@ import fnmatch
 import os
 from pathlib import Path
 
+from customers.roots import trash_dir
 from engines import beneath, paths, sources, swap, trees
 from operations.context import OperationError, RunContext
 
@@ -170,19 +171,23 @@ def undo(ctx: RunContext, step: dict, root: Path) -> bool:
 
 def clean_up(step: dict, root: Path) -> bool:
     """The restore holds: throw away what one file step kept for the way back; False when it is not one.
-    Renamed to a trash name at once, removed by a detached `rm -rf` (the caller does not wait for it) in the
-    trash's own folder. A trash folder left by a crash is swept by the next restore of that root."""
+    Moved at once out of the customer's root into Kasa's trash folder (trash_dir) and removed there by a
+    detached `rm -rf` the restore does not wait for: the restore stays as fast, and no `.kasa-trash-*` is left
+    in the customer's root once it returns (on another filesystem it is removed before returning instead).
+    Trash left by a crash is swept by the next restore."""
     if step["type"] == "staging":
-        trees.discard(step["path"], background=True, root=root)  # it holds the previous trees now
+        # it holds the previous trees now
+        trees.discard(step["path"], background=True, root=root, trash_dir=trash_dir())
     elif step["type"] == "files" and step.get("beside"):  # the previous link (or folder) set aside
-        trees.discard(step["staged"], background=True, root=root)
+        trees.discard(step["staged"], background=True, root=root, trash_dir=trash_dir())
     elif step["type"] not in ("files", "carry"):
         return False
     return True
 
 
 def sweep_trash(root: Path) -> None:
-    """Trash folders a crash left in the root."""
+    """Trash folders a crash left in the root, and old ones in Kasa's trash folder."""
+    trees.sweep_trash(trash_dir())
     try:
         for name in beneath.listdir(root):
             if name.startswith(trees.TRASH_PREFIX) and beneath.is_dir(root, root / name):

@@ -91,7 +91,9 @@ def check(ctx: RunContext) -> dict:
     result["problems"] = problems
     if problems:
         raise OperationError(f"{len(problems)} problem(s): " + "; ".join(problems), result=result)
-    ctx.info(f"all {len(databases)} database(s) and {len(services)} service(s) healthy")
+    unasked = [s.name for s in services if not s.health_url]
+    ctx.info(f"all {len(databases)} database(s) and {len(services)} service(s) ok"
+             + (f"; no health URL: {', '.join(unasked)}" if unasked else ""))
     return result
 
 

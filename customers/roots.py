@@ -39,9 +39,15 @@ def overlap(a: Path, b: Path) -> str | None:
     return None
 
 
+def trash_dir() -> Path:
+    """Kasa's trash folder: beside the customers' roots, on their filesystem (moving a tree there out of a
+    customer's root is one rename; engines.trees.discard), and inside none of them (kasa_own_paths)."""
+    return settings.KASA_CUSTOMERS_ROOT / ".kasa-trash"
+
+
 def kasa_own_paths() -> list[tuple[str, Path]]:
     """Kasa's own folders and files, which no customer folder may be, hold or lie in."""
-    own = [("KASA_VAR_DIR", settings.KASA_VAR_DIR)]
+    own = [("KASA_VAR_DIR", settings.KASA_VAR_DIR), ("Kasa's trash folder", trash_dir())]
     for name in ("KASA_BACKUP_DIR", "KASA_SCRATCH_DIR", "KASA_STORAGE_DIR", "STATIC_ROOT"):
         if getattr(settings, name, None):
             own.append((name, Path(getattr(settings, name))))

@@ -101,15 +101,16 @@ def service_specs(customer: Customer, *, root=None) -> list[procman.ServiceSpec]
     return specs
 
 
-def managers(*, runner=None) -> dict:
-    """The process managers, recording through `runner` (a run's); each spec names its own PM2 home and state."""
+def managers(*, runner=None, log=None) -> dict:
+    """The process managers, recording through `runner` (a run's); each spec names its own PM2 home and state.
+    `log` gets one summary line per PM2 app after each start or stop (instead of PM2's tables)."""
     services = settings.KASA_VAR_DIR / "services"
     services.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return procman.managers(state_dir=str(services), runner=runner, timeout=settings.KASA_SERVICE_TIMEOUT)
+    return procman.managers(state_dir=str(services), runner=runner, timeout=settings.KASA_SERVICE_TIMEOUT, log=log)
 
 
 def _managers(ctx: RunContext) -> dict:
-    return managers(runner=ctx.runner())
+    return managers(runner=ctx.runner(), log=ctx.info)
 
 
 def stop_all(ctx: RunContext, specs) -> None:
@@ -133,8 +134,12 @@ def healthy_now(specs) -> list[str]:
 
 
 def check_health(ctx: RunContext, specs) -> None:
-    """Every service with a health URL must answer 200 KASA_HEALTH_STREAK times in a row."""
+    """Every service with a health URL must answer 200 KASA_HEALTH_STREAK times in a row; the others are logged as
+    having none (never as "healthy": nothing was asked)."""
     checked = [s for s in specs if s.health_url]
+    for spec in specs:
+        if not spec.health_url:
+            ctx.info(f"{spec.name}: no health URL, not health-checked")
     if not checked:
         return
     ctx.info(f"health checks: {', '.join(s.name for s in checked)}")

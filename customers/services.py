@@ -83,8 +83,9 @@ def customer_create(
     return customer
 
 
-def customer_check_start(customer: Customer, *, requested_by=None, via: str = "admin") -> Run:
-    return run_start(customer, kind=Run.Kind.CHECK, requested_by=requested_by, via=via)
+def customer_check_start(customer: Customer, *, requested_by=None, via: str = "admin", enqueue: bool = True) -> Run:
+    """A check run; enqueue=False for a command that executes it in the foreground (operations.cli)."""
+    return run_start(customer, kind=Run.Kind.CHECK, requested_by=requested_by, via=via, enqueue=enqueue)
 
 
 def customer_describe(customer: Customer) -> dict:

@@ -41,13 +41,12 @@ def pg_env(*, host: str, port: int, user: str, password: str, dbname: str = "*")
     }  # an inherited PGPASSWORD would bypass the file
     env.update(PGHOST=host, PGPORT=str(port), PGUSER=user, PGCONNECT_TIMEOUT="10", PGAPPNAME="kasa")
     with private_dir() as d:
-        if password:
-            path = os.path.join(d, "pgpass")
-            line = ":".join(_pgpass_escape(x) for x in ("*", "*", dbname or "*", user or "*", password))
-            _write_0600(path, line + "\n")
-            env["PGPASSFILE"] = path
-        else:
-            env["PGPASSFILE"] = os.devnull
+        # Without a password: an empty file of ours, not /dev/null (libpq warns that /dev/null "is not a plain
+        # file"), and never the default ~/.pgpass, which would hand Kasa's own passwords to a customer's server.
+        path = os.path.join(d, "pgpass")
+        line = ":".join(_pgpass_escape(x) for x in ("*", "*", dbname or "*", user or "*", password))
+        _write_0600(path, line + "\n" if password else "")
+        env["PGPASSFILE"] = path
         yield env
 
 

@@ -76,6 +76,7 @@ def run(
     on_start: Callable[[int], None] | None = None,
     tail: int = 20,
     identity: runas.Identity | None = None,
+    keep_line: Callable[[str, str], bool] | None = None,
 ) -> CommandResult:
     """Run argv, stream its output to on_line, and return the result.
 
@@ -83,6 +84,8 @@ def run(
     Raises CommandNotFound when the program does not exist, CommandTimeout
     (after killing the child) when it outlives `timeout` seconds, and
     runas.RunAsError when this process cannot switch to `identity`.
+    keep_line(stream, line): False keeps a line of noise (a banner, a status table) out of on_line; every line
+    still reaches the tails an error message is taken from.
     """
     if isinstance(argv, str):  # a shell string is a bug, not a convenience
         raise TypeError("argv must be a list of strings, not a shell string")
@@ -122,7 +125,7 @@ def run(
         t.append(line)
         if len(t) > tail:
             del t[0]
-        if on_line:
+        if on_line and (keep_line is None or keep_line(stream, line)):
             on_line(stream, line)
 
     deadline = started + timeout if timeout else None

@@ -20,6 +20,11 @@ is Kasa's own call: it starts a unit that systemd runs as the unit says, and
 the unit name is a runtime field only privileged users may set. What PM2
 prints (`pm2 jlist`) and the files it names are the customer's side and are
 read as untrusted input (runas.read_owned).
+
+Run logs stay readable: PM2's banner, its status tables and its key/value
+listings are kept out of the log (pm2_line_kept; "[PM2] ..." lines and errors
+stay), and after each start or stop one summary line per app, from `pm2 jlist`,
+goes to the managers' `log` (name, status, pid).
 """
 
 from __future__ import annotations
@@ -114,23 +119,39 @@ def _fail(action: str, spec: ServiceSpec, how: str, result: proc.CommandResult |
                         service=spec.name, argv=argv, detail=detail)
 
 
+def pm2_line_kept(stream: str, line: str) -> bool:
+    """Whether a line of PM2's output belongs in a run log: its "[PM2] ..." messages and anything else on stderr
+    that is not decoration; not the ASCII-art banner, the status tables or the per-app key/value listing."""
+    text = line.strip()
+    if text.startswith("[PM2"):
+        return True
+    return stream == "stderr" and bool(text) and text[0] not in _PM2_DECOR
+
+
+_PM2_DECOR = "┌│├└─+|_-\\/"
+
+
 class _Base:
     kind = ""
     label = ""  # how error messages name the manager: "with PM2", "with systemd"
+    keep_line = None  # engines.proc.run's filter of what reaches the run log (None: every line)
 
-    def __init__(self, *, runner: Runner | None = None, timeout: float = 60.0, secrets: Iterable[str] = ()):
+    def __init__(self, *, runner: Runner | None = None, timeout: float = 60.0, secrets: Iterable[str] = (),
+                 log: Callable[[str], None] | None = None):
         self.runner = runner or proc.run
         self.timeout = timeout
         self.secrets = list(secrets)
+        self.log = log or (lambda text: None)  # one line for the run's log (a summary of what a command did)
 
     def _run(self, argv: Sequence[str], spec: ServiceSpec, action: str, *, env: dict[str, str],
              cwd: str | None = None, timeout: float | None = None, check: bool = True,
              shown: Sequence[str] | None = None, identity: runas.Identity | None = None) -> proc.CommandResult:
         """Run through the runner (as `identity`); ProcessError on failure, naming `shown` (default: argv)."""
         secrets = [*self.secrets, *env_secrets(spec.env)]
+        extra = {"keep_line": self.keep_line} if self.keep_line else {}
         try:
             result = self.runner(list(argv), cwd=cwd, env=env, timeout=timeout or self.timeout, secrets=secrets,
-                                 identity=identity)
+                                 identity=identity, **extra)
         except (proc.CommandNotFound, proc.CommandTimeout, runas.RunAsError) as exc:
             raise _fail(action, spec, self.label, detail=str(exc)) from None
         if check and not result.ok:
@@ -193,7 +214,7 @@ def pm2_kill(pm2_home: str, *, runner: Runner | None = None, binary: str | None 
         return
     env = {**service_env(identity=identity, home=os.path.dirname(pm2_home)), "PM2_HOME": pm2_home}
     (runner or proc.run)([binary or pm2_binary(), "kill", "--no-color"], env=env, timeout=timeout,
-                         cwd=os.path.dirname(pm2_home), identity=identity)
+                         cwd=os.path.dirname(pm2_home), identity=identity, keep_line=pm2_line_kept)
     deadline = time.monotonic() + 10
     while _pm2_daemon_pid(pm2_home, identity) == pid and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -264,6 +285,7 @@ class Pm2Manager(_Base):
     """
 
     kind, label = "pm2", "PM2"
+    keep_line = staticmethod(pm2_line_kept)
 
     def __init__(self, pm2_home: str | None = None, *, binary: str | None = None, settle: float = 2.0, **kw):
         super().__init__(**kw)
@@ -352,8 +374,10 @@ class Pm2Manager(_Base):
         if self.app(spec) is None:  # a missing app is already stopped
             return
         result = self._delete(spec)
-        if not result.ok and self.app(spec) is not None:
+        left = self.app(spec)
+        if not result.ok and left is not None:
             raise _fail("stop", spec, self.label, result)
+        self.log(self.summary(spec, left))
 
     def _delete(self, spec: ServiceSpec) -> proc.CommandResult:
         return self._run([self.binary, "delete", spec.app_name, "--no-color"], spec, "stop", env=self._env(spec),
@@ -382,9 +406,19 @@ class Pm2Manager(_Base):
                                f"naming app {spec.app_name!r} nor a start command; nothing was started",
                                service=spec.name)
         result = self._run(argv, spec, "start", env=self._env(spec, own=True), cwd=cwd, identity=spec.identity)
-        self._await_online(spec, result)
+        self.log(self.summary(spec, self._await_online(spec, result)))
 
-    def _await_online(self, spec: ServiceSpec, result: proc.CommandResult) -> None:
+    @staticmethod
+    def summary(spec: ServiceSpec, app: dict | None) -> str:
+        """One line for the run's log in place of PM2's table: the app's name, status and pid (from jlist)."""
+        if app is None:
+            return f"PM2 app {spec.app_name} ({spec.name}): stopped, not listed"
+        env = app["pm2_env"]
+        pid = _int(app.get("pid"))
+        return (f"PM2 app {spec.app_name} ({spec.name}): {str(env.get('status') or 'unknown')[:40]}"
+                + (f", pid {pid}" if pid else ""))
+
+    def _await_online(self, spec: ServiceSpec, result: proc.CommandResult) -> dict:
         """PM2 says "started" even for an app that dies at once; watch it for `settle` seconds."""
         deadline = time.monotonic() + self.settle
         while True:
@@ -405,7 +439,7 @@ class Pm2Manager(_Base):
                           f"last error: {last or 'none logged'}")
                 raise _fail("start", spec, self.label, result, detail)
             if time.monotonic() >= deadline and env.get("status") == "online":
-                return
+                return app
             if time.monotonic() >= deadline + 10:  # e.g. stuck "launching"
                 raise _fail("start", spec, self.label, result, f"PM2 still shows it {str(env.get('status'))[:40]!r}")
             time.sleep(0.3)
@@ -637,10 +671,10 @@ class NoManager:
 
 # --- all of a customer's services -------------------------------------------------------------
 def managers(*, state_dir: str, pm2_home: str = "", runner: Runner | None = None, timeout: float = 60.0,
-             secrets: Iterable[str] = ()) -> dict[str, object]:
+             secrets: Iterable[str] = (), log: Callable[[str], None] | None = None) -> dict[str, object]:
     """One manager per kind: command logs and pidfiles in `state_dir`, PM2 in `pm2_home`; a spec's own
-    state_dir and pm2_home (a customer's) win."""
-    kw = dict(runner=runner, timeout=timeout, secrets=list(secrets))
+    state_dir and pm2_home (a customer's) win. `log` receives one summary line per app after a start or stop."""
+    kw = dict(runner=runner, timeout=timeout, secrets=list(secrets), log=log)
     return {"pm2": Pm2Manager(pm2_home, **kw), "systemd": SystemdManager(**kw),
             "command": CommandManager(state_dir, **kw), "none": NoManager()}
 

@@ -105,9 +105,18 @@ def execute_in_foreground(run: Run, *, timeout: float = 24 * 3600) -> Run:
     return run
 
 
-def enqueued_or_run_here(command, run: Run, *, enqueue: bool, what: str) -> Run | None:
-    """`--enqueue`: report the queued run (JSON: the run) and return None. Otherwise execute the run here, its log
-    on stderr, and return it finished."""
+def add_run_arguments(parser) -> None:
+    """The options of every command that starts an operation: it runs in the foreground (its log on stderr)
+    unless --enqueue hands it to the workers; --wait then follows the worker's run to its end."""
+    parser.add_argument("--enqueue", action="store_true", help="hand it to the workers and return at once")
+    parser.add_argument("--wait", action="store_true", help="with --enqueue: wait for a worker to finish it")
+
+
+def enqueued_or_run_here(command, run: Run, *, enqueue: bool, what: str, wait: bool = False) -> Run | None:
+    """`--enqueue`: report the queued run (JSON: the run) and return None, or with `wait` follow the worker's run
+    and return it finished. Otherwise execute the run here, its log on stderr, and return it finished."""
+    if enqueue and wait:
+        return follow_run(run, command, timeout=24 * 3600)
     if enqueue:
         if command.json_output:
             command.emit(run_document(run))
@@ -117,15 +126,15 @@ def enqueued_or_run_here(command, run: Run, *, enqueue: bool, what: str) -> Run 
     return execute_in_foreground(run)
 
 
-def run_in_command(command, run: Run, *, enqueue: bool, what: str, done_text) -> Run | None:
+def run_in_command(command, run: Run, *, enqueue: bool, what: str, done_text, wait: bool = False) -> Run | None:
     """The end of a command that started a run (see enqueued_or_run_here); a finished run is printed (JSON) or
     `done_text(run)`, exit 1 unless it succeeded."""
-    run = enqueued_or_run_here(command, run, enqueue=enqueue, what=what)
+    run = enqueued_or_run_here(command, run, enqueue=enqueue, what=what, wait=wait)
     if run is None:
         return None
     doc = run_document(run)
     if run.status != Run.Status.SUCCEEDED:
-        command.fail(f"{what} {run.status}: {run.error}", doc)
+        command.fail(f"{what} {run.status}: {run.error or 'it has not finished'}", doc)
     if command.json_output:
         command.emit(doc)
     else:

@@ -280,12 +280,14 @@ class RunContext:
         self, argv: Sequence[str], *, cwd: str | None = None, env: dict[str, str] | None = None,
         timeout: float | None = None, secrets: Iterable[str] = (), check: bool = False,
         on_start=None, raise_proc_errors: bool = False, identity: runas.Identity | None = None,
+        keep_line=None,
     ) -> proc.CommandResult:
         """Run argv, storing the command row and each output line as it comes.
 
         identity: the OS user customer code runs as (engines.runas); None is Kasa itself.
         raise_proc_errors: a missing program or a timeout re-raises the engine's own exception (logged first)
         instead of OperationError, for engines that handle it themselves (procman puts services back).
+        keep_line: engines.proc.run's filter of what reaches the log (PM2's banner and tables do not).
         """
         self.check_alive()
         secrets = [s for s in secrets if s]
@@ -302,7 +304,7 @@ class RunContext:
 
         try:
             res = proc.run(argv, cwd=cwd, env=env, timeout=timeout, secrets=self._secrets,
-                           on_line=on_line, on_start=on_start, identity=identity)
+                           on_line=on_line, on_start=on_start, identity=identity, keep_line=keep_line)
         except (proc.CommandNotFound, proc.CommandTimeout, runas.RunAsError) as exc:
             self._end_command(row, finished_at=timezone.now(), error=str(exc))
             self.error(str(exc))
@@ -325,9 +327,10 @@ class RunContext:
     def runner(self):
         """An engines.proc.run-compatible callable that records through this run."""
 
-        def _run(argv, *, env=None, cwd=None, timeout=None, secrets=(), on_start=None, identity=None, **_):
+        def _run(argv, *, env=None, cwd=None, timeout=None, secrets=(), on_start=None, identity=None,
+                 keep_line=None, **_):
             return self.command(argv, env=env, cwd=cwd, timeout=timeout, secrets=secrets, on_start=on_start,
-                                raise_proc_errors=True, identity=identity)
+                                raise_proc_errors=True, identity=identity, keep_line=keep_line)
 
         return _run
 

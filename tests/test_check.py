@@ -120,11 +120,11 @@ def _manage(env, *args, timeout=120):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_customer_check_cli_waits_for_the_worker_and_prints_one_json_document(
+def test_customer_check_cli_enqueue_wait_follows_the_worker_and_prints_one_json_document(
     make_customer, pg_database, worker
 ):
     customer = make_customer(databases=[("main", pg_database["url"])])
-    out = _manage(worker.env, "customer_check", customer.domain, "--json")
+    out = _manage(worker.env, "customer_check", customer.domain, "--enqueue", "--wait", "--json")
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)  # stdout holds exactly one JSON document
     assert doc["status"] == "succeeded" and doc["customer"] == customer.domain

@@ -160,6 +160,14 @@ def test_pgpass_file_is_private_escaped_and_removed(tmp_path):
     assert not os.path.exists(path)
 
 
+def test_without_a_password_libpq_gets_an_empty_private_file_not_dev_null():
+    """/dev/null makes psql warn that the password file "is not a plain file" (Kasa's fault, not the customer's)."""
+    with credentials.pg_env(host="h", port=5432, user="u", password="") as env:
+        path = env["PGPASSFILE"]
+        assert path != os.devnull and stat.S_IMODE(os.stat(path).st_mode) == 0o600 and open(path).read() == ""
+    assert not os.path.exists(path)
+
+
 def test_mysql_defaults_file_is_private_and_removed():
     with credentials.mysql_defaults_file(host="h", port=3306, user="u", password='p"q') as path:
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600

@@ -257,7 +257,8 @@ def _stop(job: Job, slog) -> None:
 def _health(job: Job, slog) -> None:
     specs = [s for s in job.specs() if os.path.isdir(s.folder)]
     runtime.check_health(job.ctx, specs)
-    slog.info(f"healthy: {', '.join(s.name for s in specs if s.health_url) or 'no service has a health URL'}")
+    checked = [s.name for s in specs if s.health_url]
+    slog.info(f"healthy: {', '.join(checked)}" if checked else "no service has a health URL: none was health-checked")
 
 
 def _record(job: Job, slog, versions: dict) -> None:

@@ -3,7 +3,7 @@ from backups.services import BackupInputError, backup_document, backup_start
 from core.cli import BadInput, KasaCommand
 from customers.models import Customer
 from engines.humanize import human_duration, human_size, human_time
-from operations.cli import enqueued_or_run_here, follow_run
+from operations.cli import add_run_arguments, enqueued_or_run_here
 from operations.services import OperationRefused
 
 
@@ -17,8 +17,7 @@ class Command(KasaCommand):
         parser.add_argument("--no-encrypt", action="store_true", help="store artifacts unencrypted (not advised)")
         parser.add_argument("--compression", choices=["zstd", "gzip", "none"])
         parser.add_argument("--target", help="storage target name (default: the policy's)")
-        parser.add_argument("--enqueue", action="store_true", help="hand it to the workers and return at once")
-        parser.add_argument("--wait", action="store_true", help="with --enqueue: wait for the worker to finish")
+        add_run_arguments(parser)
 
     def handle(self, *args, **o):
         customer = Customer.objects.filter(domain=o["domain"].lower()).first()
@@ -31,12 +30,9 @@ class Command(KasaCommand):
             )
         except (BackupInputError, OperationRefused) as exc:
             raise BadInput(str(exc)) from None
-        if o["enqueue"] and o["wait"]:
-            run = follow_run(run, self, timeout=24 * 3600)
-        else:
-            run = enqueued_or_run_here(self, run, enqueue=o["enqueue"], what="backup")
-            if run is None:
-                return
+        run = enqueued_or_run_here(self, run, enqueue=o["enqueue"], wait=o["wait"], what="backup")
+        if run is None:
+            return
         bk = Backup.objects.filter(run=run).first()
         doc = backup_document(bk) if bk else {"id": None, "customer": customer.domain, "status": run.status,
                                                "error": run.error}

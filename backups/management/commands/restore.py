@@ -2,7 +2,7 @@ from backups.models import Backup
 from backups.services import BackupInputError, restore_start
 from core.cli import BadInput, KasaCommand
 from engines.humanize import human_duration
-from operations.cli import run_in_command
+from operations.cli import add_run_arguments, run_in_command
 from operations.services import OperationRefused
 
 
@@ -22,7 +22,7 @@ class Command(KasaCommand):
         parser.add_argument("--no-safety-backup", action="store_true",
                             help="skip the backup of the current state taken before an in-place restore")
         parser.add_argument("--yes", action="store_true", help="confirm: the restore replaces the current state")
-        parser.add_argument("--enqueue", action="store_true", help="hand it to the workers and return at once")
+        add_run_arguments(parser)
 
     def handle(self, *args, **o):
         bk = Backup.objects.select_related("customer").filter(pk=o["backup_id"]).first()
@@ -45,4 +45,5 @@ class Command(KasaCommand):
             where = r.get("root") if r.get("clone") else f"{bk.customer.domain} (in place)"
             return f"restored backup #{bk.pk} into {where} in {human_duration(r.get('seconds', run.duration))}"
 
-        run_in_command(self, run, enqueue=o["enqueue"], what=f"restore of backup #{bk.pk}", done_text=done)
+        run_in_command(self, run, enqueue=o["enqueue"], wait=o["wait"], what=f"restore of backup #{bk.pk}",
+                       done_text=done)

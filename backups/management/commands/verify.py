@@ -2,7 +2,7 @@ from backups.models import Backup
 from backups.services import BackupInputError, verify_start
 from core.cli import BadInput, KasaCommand
 from engines.humanize import human_duration
-from operations.cli import run_in_command
+from operations.cli import add_run_arguments, run_in_command
 from operations.services import OperationRefused
 
 
@@ -12,7 +12,7 @@ class Command(KasaCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("backup_id", type=int)
-        parser.add_argument("--enqueue", action="store_true", help="hand it to the workers and return at once")
+        add_run_arguments(parser)
 
     def handle(self, *args, **o):
         bk = Backup.objects.select_related("customer").filter(pk=o["backup_id"]).first()
@@ -22,6 +22,6 @@ class Command(KasaCommand):
             run = verify_start(bk, via="cli", enqueue=o["enqueue"])
         except (BackupInputError, OperationRefused) as exc:
             raise BadInput(str(exc)) from None
-        run_in_command(self, run, enqueue=o["enqueue"], what=f"verification of backup #{bk.pk}",
+        run_in_command(self, run, enqueue=o["enqueue"], wait=o["wait"], what=f"verification of backup #{bk.pk}",
                        done_text=lambda run: f"backup #{bk.pk} verified in "
                                              f"{human_duration(run.result.get('seconds', run.duration))}")

@@ -1,6 +1,6 @@
 from core.cli import BadInput, KasaCommand
 from customers.models import Customer
-from operations.cli import enqueued_or_run_here
+from operations.cli import add_run_arguments, enqueued_or_run_here
 from upgrades.management.commands.upgrade import report
 from upgrades.models import Upgrade
 from upgrades.services import UpgradeInputError, rollback_start
@@ -12,7 +12,7 @@ class Command(KasaCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("domain")
-        parser.add_argument("--enqueue", action="store_true", help="hand it to the workers and return at once")
+        add_run_arguments(parser)
 
     def handle(self, *args, **o):
         customer = Customer.objects.filter(domain=o["domain"].lower()).first()
@@ -22,7 +22,7 @@ class Command(KasaCommand):
             run = rollback_start(customer, via="cli", enqueue=o["enqueue"])
         except UpgradeInputError as exc:
             raise BadInput(str(exc)) from None
-        run = enqueued_or_run_here(self, run, enqueue=o["enqueue"], what="rollback")
+        run = enqueued_or_run_here(self, run, enqueue=o["enqueue"], wait=o["wait"], what="rollback")
         if run is None:
             return
         report(self, Upgrade.objects.select_related("customer").get(run=run), run)

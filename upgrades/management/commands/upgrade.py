@@ -1,7 +1,7 @@
 from core.cli import BadInput, KasaCommand
 from customers.models import Customer
 from engines.humanize import human_duration, human_time
-from operations.cli import enqueued_or_run_here
+from operations.cli import add_run_arguments, enqueued_or_run_here
 from releases.models import Release
 from upgrades.models import Upgrade
 from upgrades.services import UpgradeInputError, upgrade_document, upgrade_start
@@ -18,7 +18,7 @@ class Command(KasaCommand):
         parser.add_argument("--dry-run", action="store_true", help="run the preflight only; nothing changes")
         parser.add_argument("--force", action="store_true",
                             help="allow a release that was rolled back for this customer before")
-        parser.add_argument("--enqueue", action="store_true", help="hand it to the workers and return at once")
+        add_run_arguments(parser)
 
     def handle(self, *args, **o):
         customer = Customer.objects.filter(domain=o["domain"].lower()).first()
@@ -33,7 +33,7 @@ class Command(KasaCommand):
                                 enqueue=o["enqueue"])
         except UpgradeInputError as exc:
             raise BadInput(str(exc)) from None
-        run = enqueued_or_run_here(self, run, enqueue=o["enqueue"], what="upgrade")
+        run = enqueued_or_run_here(self, run, enqueue=o["enqueue"], wait=o["wait"], what="upgrade")
         if run is None:
             return
         up = Upgrade.objects.select_related("customer", "to_release").get(run=run)
