@@ -20,7 +20,7 @@ from core.admin_mixins import (
     scoped_filter,
     status_badge,
 )
-from engines.humanize import human_duration, human_size
+from engines.humanize import human_duration, human_size, human_time
 from operations.services import OperationRefused
 
 from .models import Backup, BackupArtifact, BackupPolicy, StorageTarget
@@ -190,7 +190,7 @@ class ArtifactInline(admin.TabularInline):
 @admin.register(Backup)
 class BackupAdmin(TeamScopedAdminMixin, admin.ModelAdmin):
     list_display = ("id", "customer", "finished_at", "scope", "size_display", "duration_display", "status_badge",
-                    "trigger_display", "target", "verification", "verified_at", "pinned", "unsigned")
+                    "trigger_display", "target", "verification", "pinned", "unsigned")  # verified_at: the badge's title
     list_display_links = ("id", "finished_at")
     list_filter = ("status", "verify_status", "scope", "trigger", "pinned", ("target", scoped_filter(targets_of)))
     search_fields = ("customer__domain",)
@@ -265,7 +265,8 @@ class BackupAdmin(TeamScopedAdminMixin, admin.ModelAdmin):
 
     @admin.display(description="verified?", ordering="verify_status")
     def verification(self, obj):
-        return status_badge(obj.verify_status, obj.get_verify_status_display(), "verify")
+        when = f"verified {human_time(obj.verified_at)}" if obj.verified_at else ""
+        return status_badge(obj.verify_status, obj.get_verify_status_display(), "verify", title=when)
 
     def get_urls(self):
         from django.urls import path

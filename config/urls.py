@@ -8,6 +8,9 @@ from core import views
 admin.site.site_header = "Kasa"
 admin.site.site_title = "Kasa"
 admin.site.index_title = "Customer instances"
+# The app list sits on the index and the breadcrumbs lead there: a 275 px sidebar on every page would leave a
+# changelist with its filters too little room for its columns on a 1366 px screen (issue 12, point 8).
+admin.site.enable_nav_sidebar = False
 
 
 class FaviconView(RedirectView):
