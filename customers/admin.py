@@ -66,7 +66,7 @@ class ServiceFormSet(BaseInlineFormSet):
 class ServiceForm(forms.ModelForm):
     class Meta:
         model = Service
-        fields = ("name", "path", "process_manager", "app_name", "start_command", "stop_command", "health_url")
+        fields = ("start_command", "stop_command")  # the inline names the rest (get_fields)
         field_classes = {"start_command": ArgvField, "stop_command": ArgvField}
 
 
@@ -125,7 +125,7 @@ def argv_display(argv) -> str:
 class CustomerForm(forms.ModelForm):
     class Meta:
         model = Customer
-        fields = ("domain", "name", "team", "root", "run_as", "status", "versions")
+        fields = ("versions",)  # the admin names the rest (get_fieldsets)
         field_classes = {"versions": VersionsField}
 
 
