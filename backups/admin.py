@@ -198,8 +198,8 @@ class BackupAdmin(TeamScopedAdminMixin, admin.ModelAdmin):
     date_hierarchy = "created_at"
     inlines = [ArtifactInline]
     actions = ["pin", "unpin", "verify_backups", "restore_backup", "delete_backups"]
-    fields = ("customer", "status", "scope", "services", "compression", "encrypted", "unsigned", "target", "prefix",
-              "size_display", "trigger", "requested_by", "started_at", "finished_at", "pinned", "pin_reason",
+    fields = ("customer", "status_badge", "scope", "services", "compression", "encrypted", "unsigned", "target",
+              "prefix", "size_display", "trigger", "requested_by", "started_at", "finished_at", "pinned", "pin_reason",
               "verification", "verified_at", "verify_error", "error", "run_link", "downloads")
     readonly_fields = fields
 

@@ -21,6 +21,7 @@ from core.admin_mixins import (
     SuperuserWritesMixin,
     TeamScopedAdminMixin,
     scoped_filter,
+    status_badge,
     teams_of,
 )
 from operations.services import OperationRefused
@@ -138,7 +139,7 @@ class DatabaseInline(admin.StackedInline):
 @admin.register(Customer)
 class CustomerAdmin(TeamScopedAdminMixin, AuditedAdminMixin, admin.ModelAdmin):
     team_scope_path = ""
-    list_display = ("domain", "name", "team", "status", "versions_display", "last_run")
+    list_display = ("domain", "name", "team", "status_badge", "versions_display", "last_run")
     list_filter = ("status", ("team", scoped_filter(teams_of)))
     ordering = ("domain",)  # explicit: the last run's GROUP BY drops Meta.ordering (autocomplete pages)
     search_fields = ("domain", "name")
@@ -196,6 +197,10 @@ class CustomerAdmin(TeamScopedAdminMixin, AuditedAdminMixin, admin.ModelAdmin):
             service_save(service, actor=request.user, via="admin")
         formset.save_m2m()
         return None
+
+    @admin.display(description="status", ordering="status")
+    def status_badge(self, obj):
+        return status_badge(obj.status, obj.get_status_display())
 
     @admin.display(description="versions")
     def versions_display(self, obj):
