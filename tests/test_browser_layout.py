@@ -122,7 +122,8 @@ def _admin_pages(user, seeded, customer) -> list[str]:
         reverse("admin:customers_customer_change", args=[customer.pk]),
         reverse("admin:customers_customer_backup", args=[customer.pk]),
         reverse("admin:customers_customer_upgrade", args=[customer.pk]),
-        reverse("admin:customers_customer_upgrade", args=[customer.pk]) + "?release=2.5",
+        reverse("admin:customers_customer_upgrade", args=[customer.pk]) + "?release=2.4",  # its preflight
+        reverse("admin:customers_customer_upgrade", args=[customer.pk]) + "?release=2.5",  # refused
         reverse("admin:customers_customer_rollback", args=[customer.pk]),
         reverse("admin:backups_backup_restore", args=[seeded["backup"].pk]),
         reverse("admin:backups_backup_change", args=[seeded["backup"].pk]),
