@@ -101,7 +101,7 @@ def _seed(customer, other, tmp_path) -> dict:
 
 
 def _admin_pages(user, seeded, customer) -> list[str]:
-    """Every changelist, add and change page the superuser may open, then Kasa's own pages."""
+    """Every changelist, add, change, history and delete page the superuser may open, then Kasa's own pages."""
     request = RequestFactory().get("/")
     request.user = user
     urls = []
@@ -115,6 +115,9 @@ def _admin_pages(user, seeded, customer) -> list[str]:
         obj = model_admin.get_queryset(request).order_by("pk").last()
         if obj is not None:
             urls.append(reverse(f"admin:{opts.app_label}_{opts.model_name}_change", args=[obj.pk]))
+            urls.append(reverse(f"admin:{opts.app_label}_{opts.model_name}_history", args=[obj.pk]))
+            if model_admin.has_delete_permission(request, obj):
+                urls.append(reverse(f"admin:{opts.app_label}_{opts.model_name}_delete", args=[obj.pk]))
     for run in (seeded["check"], seeded["failed"], seeded["upgrade"].run):
         urls.append(reverse("admin:operations_run_change", args=[run.pk]))
     urls += [
