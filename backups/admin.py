@@ -16,7 +16,7 @@ from core.admin_mixins import SuperuserOnlyMixin, admin_page, change_link, scope
 from core.paging import FleetScaleMixin
 from customers.models import Customer
 from customers.scoping import TeamScopedAdminMixin
-from engines.humanize import human_duration, human_size
+from engines.humanize import human_duration, human_size, human_time
 from operations.selectors import estimate_text
 from operations.services import OperationRefused
 
@@ -186,7 +186,7 @@ class ArtifactInline(admin.TabularInline):
 @admin.register(Backup)
 class BackupAdmin(FleetScaleMixin, TeamScopedAdminMixin, admin.ModelAdmin):
     list_display = ("id", "customer", "finished_at", "scope", "size_display", "duration_display", "status_badge",
-                    "trigger_display", "target", "verification", "verified_at", "pinned", "unsigned")
+                    "trigger_display", "target", "verification", "pinned", "unsigned")  # verified_at: the badge's title
     list_display_links = ("id", "finished_at")
     list_filter = ("status", "verify_status", "scope", "trigger", "pinned", "created_at",
                    ("target", scoped_filter(targets_of)))
@@ -196,8 +196,8 @@ class BackupAdmin(FleetScaleMixin, TeamScopedAdminMixin, admin.ModelAdmin):
     # "created_at" is a filter (today, past 7 days, this month…) instead.
     inlines = [ArtifactInline]
     actions = ["pin", "unpin", "verify_backups", "restore_backup", "delete_backups"]
-    fields = ("customer", "status", "scope", "services", "compression", "encrypted", "unsigned", "target", "prefix",
-              "size_display", "trigger", "requested_by", "started_at", "finished_at", "pinned", "pin_reason",
+    fields = ("customer", "status_badge", "scope", "services", "compression", "encrypted", "unsigned", "target",
+              "prefix", "size_display", "trigger", "requested_by", "started_at", "finished_at", "pinned", "pin_reason",
               "verification", "verified_at", "verify_error", "error", "run_link", "downloads")
     readonly_fields = fields
 
@@ -266,7 +266,8 @@ class BackupAdmin(FleetScaleMixin, TeamScopedAdminMixin, admin.ModelAdmin):
 
     @admin.display(description="verified?", ordering="verify_status")
     def verification(self, obj):
-        return status_badge(obj.verify_status, obj.get_verify_status_display(), "verify")
+        when = f"verified {human_time(obj.verified_at)}" if obj.verified_at else ""
+        return status_badge(obj.verify_status, obj.get_verify_status_display(), "verify", title=when)
 
     def get_urls(self):
 

@@ -17,8 +17,10 @@ def change_link(viewname: str, pk, text: str):
     return format_html('<a href="{}">{}</a>', reverse(viewname, args=[pk]), text)
 
 
-def status_badge(value: str, label: str, kind: str = "status"):
-    """A coloured label for a status column (kasa.css styles `kasa-<kind>-<value>`)."""
+def status_badge(value: str, label: str, kind: str = "status", title: str = ""):
+    """A coloured label for a status column (kasa.css styles `kasa-<kind>-<value>`); `title` shows on hover."""
+    if title:
+        return format_html('<span class="kasa-status kasa-{}-{}" title="{}">{}</span>', kind, value, title, label)
     return format_html('<span class="kasa-status kasa-{}-{}">{}</span>', kind, value, label)
 
 

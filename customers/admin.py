@@ -3,6 +3,8 @@ commands and health URL) is read-only without customers.change_runtime and saved
 which refuses and audits; every button and action needs its permission (core.permissions). What other apps add
 to the customer's page (backups, upgrades: cards, pages, actions) comes through customers.page."""
 
+import shlex
+
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.options import IS_POPUP_VAR
@@ -18,13 +20,14 @@ from django.utils.module_loading import import_string
 
 from audit.admin_mixins import AuditedAdminMixin
 from core import permissions
-from core.admin_mixins import SuperuserWritesMixin, scoped_filter
+from core.admin_mixins import SuperuserWritesMixin, scoped_filter, status_badge
 from core.paging import FleetScaleMixin
 from operations.models import Run
 from operations.services import OperationRefused
 
 from . import page
 from .changes import CUSTOMER_RUNTIME, SERVICE_RUNTIME, customer_save, runs_something, service_delete, service_save
+from .forms import ArgvField, VersionsField
 from .models import Customer, DatabaseConnection, Service, Team
 from .scoping import TeamScopedAdminMixin, teams_of
 from .services import customer_check_start
@@ -60,28 +63,70 @@ class ServiceFormSet(BaseInlineFormSet):
                                       f"health URL set): deleting it needs the permission {permissions.RUNTIME}")
 
 
-class ServiceInline(admin.TabularInline):
+class ServiceForm(forms.ModelForm):
+    class Meta:
+        model = Service
+        fields = ("start_command", "stop_command")  # the inline names the rest (get_fields)
+        field_classes = {"start_command": ArgvField, "stop_command": ArgvField}
+
+
+class ServiceInline(admin.StackedInline):
+    """Stacked: one service per block, its commands one argument per line (a table of them is wider than a
+    screen). Without the runtime permission what runs is shown, never a form field (a POST of it is ignored)."""
+
     model = Service
+    form = ServiceForm
     formset = ServiceFormSet
     extra = 0
+    classes = ("kasa-services",)
     # Health URLs are mostly local (http://127.0.0.1:PORT/health): a bare host means http.
-    formfield_overrides = {
-        models.URLField: {"assume_scheme": "http"},
-        # argv lists are short: one line each, not a tall textarea per row.
-        models.JSONField: {"widget": forms.TextInput(attrs={"size": 24})},
-    }
-    fields = ("name", "path", "process_manager", "app_name", "start_command", "stop_command", "health_url")
+    formfield_overrides = {models.URLField: {"assume_scheme": "http"}}
+    fields = (("name", "path"), ("process_manager", "app_name"), ("start_command", "stop_command"), "health_url")
+    # What an operator without the runtime permission sees instead of the commands' form fields.
+    SHOWN = {"start_command": "start_argv", "stop_command": "stop_argv"}
+
+    def _may_change_runtime(self, request) -> bool:
+        return permissions.has(request.user, permissions.RUNTIME)
+
+    def get_fields(self, request, obj=None):
+        if self._may_change_runtime(request):
+            return self.fields
+        return tuple(tuple(self.SHOWN.get(f, f) for f in row) if isinstance(row, tuple) else self.SHOWN.get(row, row)
+                     for row in self.fields)
 
     def get_readonly_fields(self, request, obj=None):
         readonly = super().get_readonly_fields(request, obj)
-        if permissions.has(request.user, permissions.RUNTIME):
+        if self._may_change_runtime(request):
             return readonly
-        return (*readonly, *SERVICE_RUNTIME)  # not form fields at all: a POST of them is ignored
+        # not form fields at all: a POST of them is ignored
+        return (*readonly, *(self.SHOWN.get(f, f) for f in SERVICE_RUNTIME))
 
     def get_formset(self, request, obj=None, **kwargs):
         formset = super().get_formset(request, obj, **kwargs)
-        formset.may_change_runtime = permissions.has(request.user, permissions.RUNTIME)
+        formset.may_change_runtime = self._may_change_runtime(request)
         return formset
+
+    @admin.display(description="start command")
+    def start_argv(self, obj):
+        return argv_display(obj.start_command if obj else [])
+
+    @admin.display(description="stop command")
+    def stop_argv(self, obj):
+        return argv_display(obj.stop_command if obj else [])
+
+
+def argv_display(argv) -> str:
+    """A command for reading: its arguments as a shell would quote them (it never goes through one), or a dash."""
+    if not argv:
+        return "—"
+    return format_html("<code>{}</code>", shlex.join(str(a) for a in argv))
+
+
+class CustomerForm(forms.ModelForm):
+    class Meta:
+        model = Customer
+        fields = ("versions",)  # the admin names the rest (get_fieldsets)
+        field_classes = {"versions": VersionsField}
 
 
 class DatabaseInline(admin.StackedInline):
@@ -93,7 +138,7 @@ class DatabaseInline(admin.StackedInline):
 @admin.register(Customer)
 class CustomerAdmin(FleetScaleMixin, TeamScopedAdminMixin, AuditedAdminMixin, admin.ModelAdmin):
     team_scope_path = ""
-    list_display = ("domain", "name", "team", "status", "versions_display", "last_run")
+    list_display = ("domain", "name", "team", "status_badge", "versions_display", "last_run")
     list_filter = ("status", ("team", scoped_filter(teams_of)))
     ordering = ("domain",)  # explicit: the last run's GROUP BY drops Meta.ordering (autocomplete pages)
     search_fields = ("domain", "name")
@@ -101,7 +146,23 @@ class CustomerAdmin(FleetScaleMixin, TeamScopedAdminMixin, AuditedAdminMixin, ad
     inlines = [ServiceInline, DatabaseInline]
     actions = ["check_action"]  # and those of customers.page (get_actions)
     readonly_fields = ("created_at", "updated_at")
-    fields = ("domain", "name", "team", "root", "run_as", "status", "versions", "created_at", "updated_at")
+    form = CustomerForm
+
+    def get_fieldsets(self, request, obj=None):
+        """Versions appear once: the Versions card shows them on a customer's page; a runtime holder may correct
+        the record in a folded section (an upgrade keeps it), and sets it on a new customer."""
+        runtime = permissions.has(request.user, permissions.RUNTIME)
+        what_runs = ("root", "run_as") if obj is not None or not runtime else ("root", "run_as", "versions")
+        sets = [(None, {"fields": (("domain", "name"), ("team", "status"))}),
+                ("What runs", {"fields": what_runs, "classes": ("kasa-what-runs",)})]
+        if obj is not None:
+            if runtime:
+                sets.append(("Correct the recorded versions", {
+                    "fields": ("versions",), "classes": ("collapse",),
+                    "description": "The Versions section below shows them; upgrades and rollbacks keep them. Change "
+                                   "them here only to correct the record."}))
+            sets.append(("History", {"fields": (("created_at", "updated_at"),)}))
+        return sets
 
     def get_queryset(self, request):
         # The newest run's time from the index (customer, -created_at), not a GROUP BY over every run.
@@ -134,6 +195,10 @@ class CustomerAdmin(FleetScaleMixin, TeamScopedAdminMixin, AuditedAdminMixin, ad
             service_save(service, actor=request.user, via="admin")
         formset.save_m2m()
         return None
+
+    @admin.display(description="status", ordering="status")
+    def status_badge(self, obj):
+        return status_badge(obj.status, obj.get_status_display())
 
     @admin.display(description="versions")
     def versions_display(self, obj):

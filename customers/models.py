@@ -6,15 +6,14 @@ from pathlib import Path
 
 from django.conf import settings
 from django.core.exceptions import ObjectDoesNotExist, ValidationError
-from django.core.validators import DomainNameValidator, RegexValidator
+from django.core.validators import DomainNameValidator
 from django.db import models
 
 from core.secrets import EncryptedSecretField
 from engines import dburl, paths, runas
 
 from . import roots
-
-slug_validator = RegexValidator(r"^[a-z0-9][a-z0-9_-]{0,62}$", "Use lowercase letters, digits, - and _.")
+from .validators import slug_validator, validate_argv, validate_tcp_port, validate_versions
 
 
 class Team(models.Model):
@@ -94,7 +93,8 @@ class Customer(models.Model):
                   "Kasa's own user. Empty: development only, Kasa's user with a warning on every run.",
     )
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.ACTIVE)
-    versions = models.JSONField(default=dict, blank=True, help_text="Current version per component.")
+    versions = models.JSONField(default=dict, blank=True, validators=[validate_versions],
+                                help_text="Current version per component: one COMPONENT=VERSION per line.")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -178,8 +178,10 @@ class Service(models.Model):
     path = models.CharField(max_length=512, help_text="Folder relative to the customer's root.")
     process_manager = models.CharField(max_length=10, choices=ProcessManager.choices, default=ProcessManager.NONE)
     app_name = models.CharField(max_length=200, blank=True, help_text="PM2 app name or systemd unit.")
-    start_command = models.JSONField(default=list, blank=True, help_text='argv list, e.g. ["npm", "start"]')
-    stop_command = models.JSONField(default=list, blank=True, help_text="argv list")
+    start_command = models.JSONField(default=list, blank=True, validators=[validate_argv],
+                                     help_text="One argument per line, e.g. npm, then start (an argv list, no shell).")
+    stop_command = models.JSONField(default=list, blank=True, validators=[validate_argv],
+                                    help_text="One argument per line (an argv list, no shell).")
     health_url = models.URLField(blank=True)
 
     class Meta:
@@ -200,10 +202,6 @@ class Service(models.Model):
                 paths.resolve_inside(self.path or ".", customer.root, what="service path")
             except paths.PathEscapeError as exc:
                 raise ValidationError({"path": str(exc)}) from None
-        for field in ("start_command", "stop_command"):
-            value = getattr(self, field)
-            if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
-                raise ValidationError({field: "must be a list of strings (argv), not a shell string"})
         if self.process_manager == self.ProcessManager.COMMAND and not self.start_command:
             raise ValidationError({"start_command": "required with the 'command' process manager"})
         if self.process_manager in (self.ProcessManager.PM2, self.ProcessManager.SYSTEMD) and not self.app_name:
@@ -223,7 +221,8 @@ class DatabaseConnection(models.Model):
     name = models.CharField(max_length=63, default="main", validators=[slug_validator])
     engine = models.CharField(max_length=12, choices=Engine.choices)
     host = models.CharField(max_length=255, blank=True)
-    port = models.PositiveIntegerField(null=True, blank=True)
+    port = models.PositiveIntegerField(null=True, blank=True, validators=[validate_tcp_port],
+                                       help_text="Empty: the engine's default (5432, 3306).")
     database = models.CharField("database name", max_length=255, blank=True)
     user = models.CharField(max_length=255, blank=True)
     password = EncryptedSecretField()
@@ -256,8 +255,6 @@ class DatabaseConnection(models.Model):
                 raise ValidationError({f: f"required for {self.get_engine_display()}" for f in missing})
             if not self.port:
                 self.port = dburl.DEFAULT_PORTS.get(self.engine)
-            elif not 1 <= self.port <= 65535:
-                raise ValidationError({"port": f"port {self.port} is not a TCP port (1-65535)"})
 
     def sqlite_file(self) -> Path:
         return paths.resolve_strictly_inside(self.sqlite_path, self.customer.root_path(), what="SQLite path")
@@ -276,7 +273,7 @@ class MaintenanceConnection(models.Model):
 
     engine = models.CharField(max_length=12, choices=[c for c in DatabaseConnection.Engine.choices if c[0] != "sqlite"])
     host = models.CharField(max_length=255)
-    port = models.PositiveIntegerField()
+    port = models.PositiveIntegerField(validators=[validate_tcp_port])
     user = models.CharField(max_length=255)
     password = EncryptedSecretField()
     database = models.CharField("maintenance database", max_length=255, blank=True,

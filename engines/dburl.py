@@ -24,6 +24,30 @@ class DatabaseURLError(ValueError):
     pass
 
 
+def port_problem(port) -> str | None:
+    """Why `port` is not a TCP port a server listens on, or None. The one rule for every port Kasa is given (a
+    --database URL here, the admin's and the CLI's fields through customers.validators)."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        return f"port {port} is not a TCP port (1-65535)"
+    return None
+
+
+def _port_of(netloc: str) -> int | None:
+    """The port written in a URL's netloc (urllib refuses to return one out of range: its message is not ours)."""
+    host = netloc.rpartition("@")[2]
+    if host.startswith("["):  # [IPv6]:port
+        host = host.partition("]")[2]
+    _, sep, text = host.rpartition(":")
+    if not sep or not text:
+        return None
+    if not text.isdigit():
+        raise DatabaseURLError("malformed database URL: the port is not a number")
+    port = int(text)
+    if problem := port_problem(port):
+        raise DatabaseURLError(problem)
+    return port
+
+
 @dataclass(frozen=True)
 class DatabaseURL:
     engine: str
@@ -47,7 +71,9 @@ def parse(url: str) -> DatabaseURL:
         raise DatabaseURLError("database URL must look like engine://user:pass@host:port/name")
     try:
         parts = urlsplit(url)
-        port = parts.port
+        port = _port_of(parts.netloc)
+    except DatabaseURLError:
+        raise
     except ValueError as exc:
         # The message of a urllib error can quote the URL; never echo it.
         raise DatabaseURLError(f"malformed database URL ({type(exc).__name__}: invalid port or host)") from None
