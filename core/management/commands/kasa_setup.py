@@ -16,6 +16,8 @@ class Command(KasaCommand):
         parser.add_argument("--no-demo", action="store_true")
         parser.add_argument("--sqlite-demo", action="store_true",
                             help="demo database in SQLite even if PostgreSQL is up")
+        parser.add_argument("--no-start", action="store_true",
+                            help="do not start the demo's services (they are started unless they answer already)")
 
     def handle(self, *args, **o):
         from core.setup import ensure_operator_group
@@ -27,12 +29,13 @@ class Command(KasaCommand):
         doc = {"admin": self._admin(), "reaper_schedule": self._reaper(),
                "backup_target": global_policy().target.name}
         if not o["no_demo"]:
-            from customers.demo import demo_seed
+            from customers.demo import demo_seed, demo_start
 
             customer, created = demo_seed(prefer_postgres=not o["sqlite_demo"])
             doc["demo"] = {"domain": customer.domain, "created": created,
                            "database": customer.databases.first().display_url(), "run_as": customer.run_as or None,
-                           "note": getattr(customer, "demo_note", "")}
+                           "note": getattr(customer, "demo_note", ""),
+                           "services": None if o["no_start"] else demo_start(customer)}
         doc["backup_schedules"] = schedules_sync(strict=False)  # after the demo customer exists
         if self.json_output:
             self.emit(doc)
@@ -45,7 +48,8 @@ class Command(KasaCommand):
             self.stdout.write(f"admin login: {admin['username']} ({admin['note']})")
         if "demo" in doc:
             self.stdout.write(f"demo customer: {doc['demo']['domain']} with database {doc['demo']['database']}"
-                              + (f"; {doc['demo']['note']}" if doc["demo"]["note"] else ""))
+                              + (f"; {doc['demo']['note']}" if doc["demo"]["note"] else "")
+                              + (f"; {doc['demo']['services']}" if doc["demo"]["services"] else ""))
 
     def _admin(self) -> dict:
         User = get_user_model()
