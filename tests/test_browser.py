@@ -19,7 +19,7 @@ from django.conf import settings
 
 from customers.demo import DEMO_DOMAIN, demo_seed
 from customers.services import customer_check_start
-from tests.conftest import kill_pm2_under, require, wait_for_run
+from tests.conftest import free_ports, kill_pm2_under, require, wait_for_run
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -50,7 +50,8 @@ def chromium():
 
 
 @pytest.fixture
-def demo_customer(transactional_db):
+def demo_customer(transactional_db, monkeypatch):
+    monkeypatch.setenv("KASA_DEMO_PORT", str(free_ports()))  # its health URLs: never another demo's ports
     folder = Path(settings.KASA_CUSTOMERS_ROOT) / DEMO_DOMAIN
     shutil.rmtree(folder, ignore_errors=True)  # left over from an interrupted run (the test var dir)
     try:
@@ -111,8 +112,8 @@ def test_check_from_the_admin_streams_log_and_status_without_reload(
             assert f"service {service}: folder" in log
         assert page.get_attribute("#run-status", "class") == "kasa-status kasa-status-succeeded"
         progress = page.evaluate("(b => [b.value, b.max])(document.getElementById('run-progress'))")
-        assert progress == [5, 5]  # root folder, one database, three services
-        assert page.text_content("#run-progress-text").startswith("5/5")
+        assert progress == [6, 6]  # root folder, one database, four services (backend, admin, store, data)
+        assert page.text_content("#run-progress-text").startswith("6/6")
         assert page.is_hidden("#run-error")
         assert page.text_content(".field-status .readonly") == "Succeeded"  # the fields above follow too
         page.screenshot(path=str(tmp_path / "run.png"), full_page=True)

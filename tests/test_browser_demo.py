@@ -12,43 +12,26 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-from pathlib import Path
 
 import pytest
-from django.conf import settings
 
-from tests.conftest import free_ports, kill_pm2_under, require
 from tests.test_browser import PASSWORD, SLOW_MS, chromium, log_in  # noqa: F401 (fixtures)
 from tests.test_browser_backups import _no_horizontal_overflow, _shot
-from tests.test_demo_upgrade import assert_serving, build_example, cli
+from tests.test_demo_upgrade import assert_serving, build_example, make_demo
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 VIEWPORT = {"width": 1366, "height": 768}
 
 
 @pytest.fixture
-def made_demo(transactional_db, monkeypatch, tmp_path):
+def made_demo(transactional_db, monkeypatch, settings, tmp_path):
     """`kasa_setup --sqlite-demo` (the bare machine's demo) on free ports, and the example release synced."""
-    from customers.demo import DEMO_DOMAIN
-    from customers.models import Customer
-    from engines import procman
     from releases.services import release_sync
 
-    require(shutil.which("node") is not None and os.path.exists(procman.pm2_binary()), "Node.js and PM2")
-    monkeypatch.setenv("KASA_DEMO_PORT", str(free_ports()))
     monkeypatch.setenv("KASA_ADMIN_PASSWORD", PASSWORD)
-    folder = Path(settings.KASA_CUSTOMERS_ROOT) / DEMO_DOMAIN
-    kill_pm2_under(folder)
-    shutil.rmtree(folder, ignore_errors=True)
-    try:
-        code, doc = cli("kasa_setup", "--sqlite-demo")
-        assert code == 0 and "run under PM2" in doc["demo"]["services"], doc
+    with make_demo(settings, monkeypatch) as customer:
         release_sync(build_example(tmp_path / "example"))
-        yield Customer.objects.get(domain=DEMO_DOMAIN)
-    finally:
-        kill_pm2_under(folder)
-        shutil.rmtree(folder, ignore_errors=True)
+        yield customer
 
 
 def _load(page, url: str) -> None:

@@ -6,6 +6,7 @@ not know how to start."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 from django.conf import settings
 
-from tests.conftest import free_ports, kill_pm2_under, require
+from tests.conftest import PG_HOST, PG_PORT, free_ports, kill_pm2_under, port_open, require
 from tests.restore_helpers import tree_state
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -56,9 +57,32 @@ def build_example(out: Path) -> Path:
     return out / "releases.json"
 
 
-@pytest.fixture
-def demo(transactional_db, monkeypatch, settings):
-    """The demo customer as `make run` sets it up on a bare machine (SQLite: no PostgreSQL for the demo), on
+@contextlib.contextmanager
+def kasa_demo_database():
+    """The demo's PostgreSQL role and database `kasa_demo` are left as they were found."""
+    import psycopg
+    from psycopg import sql
+
+    require(port_open(PG_HOST, PG_PORT), "PostgreSQL server")
+    admin = dict(host=PG_HOST, port=PG_PORT, user="postgres", dbname="postgres", autocommit=True)
+    with psycopg.connect(**admin) as con:
+        role = con.execute("SELECT rolpassword FROM pg_authid WHERE rolname = 'kasa_demo'").fetchone()
+        had_db = con.execute("SELECT 1 FROM pg_database WHERE datname = 'kasa_demo'").fetchone() is not None
+    try:
+        yield
+    finally:
+        with psycopg.connect(**admin) as con:
+            if not had_db:
+                con.execute("DROP DATABASE IF EXISTS kasa_demo WITH (FORCE)")
+            if role is None:
+                con.execute("DROP ROLE IF EXISTS kasa_demo")
+            elif role[0]:
+                con.execute(sql.SQL("ALTER ROLE kasa_demo PASSWORD {}").format(sql.Literal(role[0])))
+
+
+@contextlib.contextmanager
+def make_demo(settings, monkeypatch, *, sqlite: bool = True):
+    """The demo customer as `make run` sets it up (`kasa_setup`: SQLite on a bare machine, else PostgreSQL), on
     free ports, its services running; its PM2 daemon and folder are removed afterwards."""
     from customers.demo import DEMO_DOMAIN
     from customers.models import Customer
@@ -68,17 +92,35 @@ def demo(transactional_db, monkeypatch, settings):
     settings.KASA_HEALTH_STREAK = 2
     settings.KASA_HEALTH_INTERVAL = 0.2
     monkeypatch.setenv("KASA_DEMO_PORT", str(free_ports()))
+    monkeypatch.delenv("KASA_DEMO_POSTGRES_URL", raising=False)
     folder = Path(settings.KASA_CUSTOMERS_ROOT) / DEMO_DOMAIN
     kill_pm2_under(folder)
     shutil.rmtree(folder, ignore_errors=True)
     try:
-        code, doc = cli("kasa_setup", "--sqlite-demo")
+        code, doc = cli("kasa_setup", *(["--sqlite-demo"] if sqlite else []))
         assert code == 0, doc
         assert doc["demo"]["created"] and "run under PM2" in doc["demo"]["services"], doc["demo"]
+        assert doc["demo"]["database"].startswith("sqlite:" if sqlite else "postgresql:"), doc["demo"]
         yield Customer.objects.get(domain=DEMO_DOMAIN)
     finally:
         kill_pm2_under(folder)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def demo(transactional_db, monkeypatch, settings):
+    """The bare machine's demo (SQLite)."""
+    with make_demo(settings, monkeypatch) as customer:
+        yield customer
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_demo(request, transactional_db, monkeypatch, settings):
+    """The demo on SQLite (a bare machine) and on PostgreSQL (role kasa_demo without CREATEDB)."""
+    with contextlib.ExitStack() as stack:
+        if request.param == "postgresql":
+            stack.enter_context(kasa_demo_database())
+        yield stack.enter_context(make_demo(settings, monkeypatch, sqlite=request.param == "sqlite"))
 
 
 def answers(customer) -> dict[str, tuple[int, str]]:
@@ -97,12 +139,13 @@ def assert_serving(customer, versions: dict[str, str]) -> None:
         assert home[0] == 200 and versions[name] in home[1], (name, home)
 
 
-def test_the_demo_upgrades_through_the_example_releases_and_rolls_back_with_its_services_healthy(demo, tmp_path):
+def test_the_demo_upgrades_through_the_example_releases_and_rolls_back_with_its_services_healthy(any_demo,
+                                                                                                   tmp_path):
     from customers.models import Customer
     from releases.services import release_sync
     from upgrades.models import Upgrade
 
-    customer = demo
+    customer = any_demo
     root = customer.root_path()
     # Started by kasa_setup, under PM2, answering on their health URLs (the demo's own servers, 1.0.0).
     assert_serving(customer, {"backend": "1.0.0", "admin": "1.0.0", "store": "1.0.0"})
@@ -119,7 +162,8 @@ def test_the_demo_upgrades_through_the_example_releases_and_rolls_back_with_its_
     assert doc["from"] == {"backend": "1.0.0", "admin": "1.0.0", "store": "1.0.0"}
     assert_serving(customer, {"backend": "backend 2.4.0", "admin": "admin 2.4.0", "store": "<h1>store</h1>"})
     assert os.readlink(root / "admin") == "releases/2.4.0/admin"
-    assert (root / "data" / "demo.sqlite3").is_file()  # the SQLite database stays beside the services
+    if customer.databases.get().engine == "sqlite":
+        assert (root / "data" / "demo.sqlite3").is_file()  # the SQLite database stays beside the services
 
     code, doc = cli("upgrade", customer.domain, "--to", "2.5 spring")
     assert code == 0 and doc["status"] == "succeeded", doc.get("error") or doc
