@@ -226,3 +226,30 @@ def test_the_preflight_accepts_a_release_started_by_the_services_start_command(d
     code, doc = cli("upgrade", customer.domain, "--to", "3.0", "--dry-run")
     start = next(c for c in doc["preflight"]["checks"] if c["name"] == "start")
     assert start["ok"] and "admin: node -e" in start["detail"], doc
+
+
+@pytest.mark.parametrize("files, expected", [
+    ({"package.json": '{"main": "app/start.js"}', "app/start.js": ""}, "app/start.js"),
+    ({"package.json": '{"main": "missing.js", "scripts": {"start": "node srv.js --x"}}', "srv.js": ""}, "srv.js"),
+    ({"package.json": '{"scripts": {"build": "vite build"}}', "index.js": ""}, "index.js"),
+    ({"main.js": ""}, "main.js"),
+    ({"index.html": "", "package.json": '{"scripts": {"start": "vite"}}'}, None),
+])
+def test_the_zip_is_read_as_the_staged_folder_would_be(tmp_path, files, expected):
+    from engines import ecosystem
+
+    folder = tmp_path / "web"
+    for name, text in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    zipped = {f"web/{name}": text.encode() for name, text in files.items()}
+    if expected is None:
+        with pytest.raises(ecosystem.EcosystemError, match="cannot tell how to start"):
+            ecosystem.script_for(folder)
+        with pytest.raises(ecosystem.EcosystemError, match="cannot tell how to start the app in web 1.0"):
+            ecosystem.script_in_zip(list(zipped), zipped.get, top="web", where="web 1.0")
+        return
+    assert ecosystem.script_for(folder)["script"] == expected
+    assert ecosystem.script_in_zip(list(zipped), zipped.get, top="web")["script"] == expected
+    assert ecosystem.script_in_zip([n[4:] for n in zipped], {n[4:]: v for n, v in zipped.items()}.get)["script"] \
+        == expected
