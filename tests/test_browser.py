@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from django.conf import settings
 
-from customers.demo import DEMO_DOMAIN, demo_seed
+from customers.demo import DEMO_DOMAIN, demo_seed, demo_start
 from customers.services import customer_check_start
 from tests.conftest import free_ports, kill_pm2_under, require, wait_for_run
 
@@ -57,6 +57,7 @@ def demo_customer(transactional_db, monkeypatch):
     try:
         customer, created = demo_seed(prefer_postgres=False)
         assert created
+        assert "run under PM2" in demo_start(customer)  # as kasa_setup does: its health URLs answer
         yield customer
     finally:
         kill_pm2_under(folder)  # a restore starts the demo's services, under its own PM2 daemon
