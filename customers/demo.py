@@ -1,4 +1,4 @@
-"""A demo customer made of real parts, for `make run` and the browser test.
+"""A demo customer made of real parts, for `make run` and the browser tests (README: "The demo, end to end").
 
 A folder with backend/admin/store services (a tiny Node HTTP server each, a
 .env, a logs folder), a PM2 ecosystem file, and a real database: PostgreSQL
@@ -193,7 +193,7 @@ def demo_seed(*, prefer_postgres: bool = True) -> tuple[Customer, bool]:
 
 def demo_start(customer: Customer) -> str:
     """Start the demo's services under PM2 (as its run_as user) unless every health URL answers already; they
-    keep running when Kasa stops (README: "Stopping the demo"). Returns a note for kasa_setup's output."""
+    keep running when Kasa stops (README: "The demo, end to end"). Returns a note for kasa_setup's output."""
     specs = runtime.service_specs(customer)
     checked = [s.name for s in specs if s.health_url]
     if checked and sorted(checked) == runtime.healthy_now(specs):
