@@ -1,4 +1,4 @@
-"""A demo customer made of real parts, for `make run` and the browser test.
+"""A demo customer made of real parts, for `make run` and the browser tests (README: "The demo, end to end").
 
 A folder with backend/admin/store services (a tiny Node HTTP server each, a
 .env, a logs folder), a PM2 ecosystem file, and a real database: PostgreSQL
@@ -25,12 +25,20 @@ from django.conf import settings
 
 from engines import dburl, ownership, procman, runas
 
+from . import runtime
 from .models import Customer, Team, run_as_identity
 from .services import customer_create
 
 DEMO_DOMAIN = "demo.localhost"
 DEMO_USER = "kasa-demo"
-SERVICES = {"backend": 4101, "admin": 4102, "store": 4103}
+SERVICES = {"backend": 4101, "admin": 4102, "store": 4103}  # default ports (KASA_DEMO_PORT moves them)
+DATA = "data"  # the SQLite demo's database folder: a service of its own (no process), which upgrades never replace
+
+
+def service_ports() -> dict[str, int]:
+    """Each demo service's port: KASA_DEMO_PORT (default 4101) for the backend, the next two for admin and store."""
+    base = int(os.environ.get("KASA_DEMO_PORT") or 4101)
+    return {name: base + i for i, name in enumerate(SERVICES)}
 
 SERVER_JS = """// Demo service: answers /health with 200 and / with its name and version.
 const http = require("http");
@@ -51,7 +59,7 @@ def _write(path: Path, text: str, mode: int = 0o644) -> None:
 
 def _make_folder(root: Path, db_env: dict[str, str]) -> None:
     apps = []
-    for name, port in SERVICES.items():
+    for name, port in service_ports().items():
         folder = root / name
         (folder / "logs").mkdir(parents=True, exist_ok=True)
         _write(folder / "server.js", SERVER_JS)
@@ -130,7 +138,7 @@ def demo_user() -> runas.Identity | None:
     return run_as_identity(DEMO_USER)
 
 
-def _hand_over(root: Path) -> tuple[str, str]:
+def _hand_over(root: Path, folders: list[str]) -> tuple[str, str]:
     """Give the demo's service folders and ecosystem file to kasa-demo, in a root that stays Kasa's (root, group
     kasa-demo, 0750: engines.ownership). Returns (run_as to set, "" for Kasa's own user; a note saying why not),
     after checking that user can reach the folder and PM2 (a checkout under a closed folder such as /root
@@ -138,7 +146,7 @@ def _hand_over(root: Path) -> tuple[str, str]:
     identity = demo_user()
     if identity is None:
         return "", "not root: the demo's code runs as Kasa's own user (development fallback)"
-    ownership.hand_over(root, identity, service_paths=list(SERVICES), files=["ecosystem.config.js"])
+    ownership.hand_over(root, identity, service_paths=folders, files=["ecosystem.config.js"])
     pm2 = os.path.realpath(procman.pm2_binary())
     if not runas.may_access(root, identity, os.R_OK | os.X_OK):
         return "", f"{identity} cannot reach {root}: the demo's code runs as Kasa's own user"
@@ -156,23 +164,43 @@ def demo_seed(*, prefer_postgres: bool = True) -> tuple[Customer, bool]:
     root = Path(settings.KASA_CUSTOMERS_ROOT) / DEMO_DOMAIN
     root.mkdir(parents=True, exist_ok=True)
     db = _try_postgres() if prefer_postgres else None
+    folders = list(SERVICES)
     if db is None:
-        db = _make_sqlite(root / "backend" / "data" / "demo.sqlite3")
+        # Beside the services, not inside one: an upgrade replaces a service's folder with the release's.
+        db = _make_sqlite(root / DATA / "demo.sqlite3")
         db_env = {"DATABASE_URL": f"sqlite:///{db.path}"}
+        folders.append(DATA)
     else:
         db_env = {"DATABASE_URL": f"postgresql://{db.user}:{db.password}@{db.host}:{db.port}/{db.name}"}
     _make_folder(root, db_env)
     team, _ = Team.objects.get_or_create(name="Demo")
     customer = customer_create(
         domain=DEMO_DOMAIN, root=str(root), name="Demo shop", team=team,
-        services=[(n, n) for n in SERVICES], databases=[("main", db)],
+        services=[(n, n) for n in folders], databases=[("main", db)],
         versions={n: "1.0.0" for n in SERVICES}, via="system",
     )
-    for svc in customer.services.all():
+    ports = service_ports()
+    for svc in customer.services.filter(name__in=list(SERVICES)):
         svc.process_manager = svc.ProcessManager.PM2
         svc.app_name = f"demo-{svc.name}"
-        svc.save(update_fields=["process_manager", "app_name"])
-    customer.run_as, customer.demo_note = _hand_over(root)
+        svc.health_url = f"http://127.0.0.1:{ports[svc.name]}/health"
+        svc.save(update_fields=["process_manager", "app_name", "health_url"])
+    customer.run_as, customer.demo_note = _hand_over(root, folders)
     if customer.run_as:
         customer.save(update_fields=["run_as", "updated_at"])
     return customer, True
+
+
+def demo_start(customer: Customer) -> str:
+    """Start the demo's services under PM2 (as its run_as user) unless every health URL answers already; they
+    keep running when Kasa stops (README: "The demo, end to end"). Returns a note for kasa_setup's output."""
+    specs = runtime.service_specs(customer)
+    checked = [s.name for s in specs if s.health_url]
+    if checked and sorted(checked) == runtime.healthy_now(specs):
+        return f"its services answer already ({', '.join(checked)})"
+    try:
+        procman.start_all(specs, runtime.managers())
+    except procman.ProcessError as exc:
+        return f"its services could not be started: {exc}"
+    urls = ", ".join(s.health_url for s in specs if s.health_url)
+    return f"its services run under PM2 ({urls})"

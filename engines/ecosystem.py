@@ -19,7 +19,7 @@ import json
 import os
 import shlex
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from . import beneath, runas
@@ -35,29 +35,52 @@ class EcosystemError(ValueError):
 
 def script_for(folder: str | os.PathLike, start_command: Sequence[str] = ()) -> dict:
     """{"script", "args", "interpreter"?} for the app whose files are in `folder` (a staged release)."""
+    folder = Path(folder)
+
+    def read(name: str) -> bytes | None:
+        path = folder / name
+        try:
+            return path.read_bytes() if path.is_file() else None
+        except OSError as exc:
+            raise EcosystemError(f"{path} cannot be read ({exc})") from None
+
+    return _script(read, lambda name: (folder / name).is_file(), start_command, where=str(folder))
+
+
+def script_in_zip(names: Iterable[str], read: Callable[[str], bytes | None], *, top: str = "",
+                  start_command: Sequence[str] = (), where: str = "") -> dict:
+    """The same answer as `script_for`, from a release zip's member names (`top`: the component's folder in the
+    zip, "" when its files are at the top) before anything is unpacked: what an upgrade's preflight asks."""
+    prefix = f"{top}/" if top else ""
+    files = {n[len(prefix):] for n in names if n.startswith(prefix) and not n.endswith("/")}
+    return _script(lambda name: read(prefix + name) if name in files else None,
+                   lambda name: os.path.normpath(name) in files, start_command, where=where or "the release")
+
+
+def _script(read: Callable[[str], bytes | None], is_file: Callable[[str], bool], start_command: Sequence[str],
+            *, where: str) -> dict:
     if start_command:
         return {"script": start_command[0], "args": list(start_command[1:]), "interpreter": "none"}
-    folder = Path(folder)
-    pkg = folder / "package.json"
-    if pkg.is_file():
+    raw = read("package.json")
+    if raw is not None:
         try:
-            data = json.loads(pkg.read_text(encoding="utf-8"))
-        except (ValueError, OSError) as exc:
-            raise EcosystemError(f"{pkg} cannot be read as JSON ({exc})") from None
+            data = json.loads(raw.decode("utf-8"))
+        except ValueError as exc:
+            raise EcosystemError(f"{where}/package.json cannot be read as JSON ({exc})") from None
         main = data.get("main") if isinstance(data, dict) else None
-        if isinstance(main, str) and main.strip() and (folder / main).is_file():
+        if isinstance(main, str) and main.strip() and is_file(main):
             return {"script": main, "args": []}
         start = ((data.get("scripts") or {}).get("start") if isinstance(data, dict) else None) or ""
         try:
             words = shlex.split(start) if isinstance(start, str) else []
         except ValueError:
             words = []
-        if len(words) >= 2 and words[0] == "node" and (folder / words[1]).is_file():
+        if len(words) >= 2 and words[0] == "node" and is_file(words[1]):
             return {"script": words[1], "args": words[2:]}
     for name in DEFAULT_SCRIPTS:
-        if (folder / name).is_file():
+        if is_file(name):
             return {"script": name, "args": []}
-    raise EcosystemError(f"cannot tell how to start the app in {folder}: give the service a start command, or "
+    raise EcosystemError(f"cannot tell how to start the app in {where}: give the service a start command, or "
                          f"ship a package.json with \"main\" (or a \"node FILE\" start script), or one of "
                          f"{', '.join(DEFAULT_SCRIPTS)}")
 

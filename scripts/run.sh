@@ -31,6 +31,7 @@ stop() {
   # Each server's whole process group (the worker's own processes included), in case any is left.
   for pid in "${pids[@]}"; do kill -KILL -- "-$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  echo "Kasa stopped; customers' services keep running (the demo's: README, \"The demo, end to end\")"
 }
 # Ctrl-C or SIGTERM is a requested stop (exit 0); a server exiting on its own is not (its status).
 trap 'stop; exit 0' INT TERM

@@ -53,6 +53,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(count: int = 3) -> int:
+    """A base port with `count` free ports from it (the demo's backend, admin and store: KASA_DEMO_PORT)."""
+    for base in range(20000 + os.getpid() % 20000, 60000, 7):
+        if not any(port_open("127.0.0.1", base + i, 0.05) for i in range(count)):
+            return base
+    raise AssertionError("no free ports")
+
+
 def wait_until(predicate, timeout: float = 30, interval: float = 0.1, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from django.conf import settings
 
-from customers.demo import DEMO_DOMAIN, demo_seed
+from customers.demo import DEMO_DOMAIN, demo_seed, demo_start
 from customers.services import customer_check_start
-from tests.conftest import kill_pm2_under, require, wait_for_run
+from tests.conftest import free_ports, kill_pm2_under, require, wait_for_run
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -50,12 +50,14 @@ def chromium():
 
 
 @pytest.fixture
-def demo_customer(transactional_db):
+def demo_customer(transactional_db, monkeypatch):
+    monkeypatch.setenv("KASA_DEMO_PORT", str(free_ports()))  # its health URLs: never another demo's ports
     folder = Path(settings.KASA_CUSTOMERS_ROOT) / DEMO_DOMAIN
     shutil.rmtree(folder, ignore_errors=True)  # left over from an interrupted run (the test var dir)
     try:
         customer, created = demo_seed(prefer_postgres=False)
         assert created
+        assert "run under PM2" in demo_start(customer)  # as kasa_setup does: its health URLs answer
         yield customer
     finally:
         kill_pm2_under(folder)  # a restore starts the demo's services, under its own PM2 daemon

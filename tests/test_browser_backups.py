@@ -118,7 +118,7 @@ def test_back_up_now_from_the_customer_page_to_a_listed_backup(
         assert page.url == run_url
         log = page.text_content("#run-log")
         assert re.search(r"backup #\d+ \(full, zstd, encrypted with key ", log)
-        assert re.search(r"backup #\d+ complete: 5 artifacts", log), log
+        assert re.search(r"backup #\d+ complete: 6 artifacts", log), log
         assert page.get_attribute("#run-status", "class") == "kasa-status kasa-status-succeeded"
         done_text = page.text_content("#run-progress-text")
         assert done_text == "100 %" and page.text_content("#run-eta") == "", done_text
@@ -128,7 +128,7 @@ def test_back_up_now_from_the_customer_page_to_a_listed_backup(
         assert page.get_attribute("#run-status", "data-status") == "succeeded"
         assert page.text_content("#run-finished").endswith(" UTC")
         assert page.locator("#run-links a", has_text="backup #").count() == 1
-        assert re.match(r"backup #\d+: 5 artifact\(s\), ", page.text_content("#run-summary"))
+        assert re.match(r"backup #\d+: 6 artifact\(s\), ", page.text_content("#run-summary"))
         _shot(page, tmp_path, "run-done.png")
         _no_horizontal_overflow(page)
 
@@ -154,8 +154,8 @@ def test_back_up_now_from_the_customer_page_to_a_listed_backup(
         # The backup's own page: a Download link per artifact.
         with page.expect_navigation():
             first_row.locator("td a").first.click()
-        assert page.locator("#artifacts-group a.kasa-download").count() == 5 or \
-            page.locator("a.kasa-download").count() >= 5
+        assert page.locator("#artifacts-group a.kasa-download").count() == 6 or \
+            page.locator("a.kasa-download").count() >= 6
         _shot(page, tmp_path, "backup-page.png")
         _no_horizontal_overflow(page)
         # Through daphne: the biggest artifact streams in full (async chunks), bytes matching the catalogue.
@@ -171,6 +171,6 @@ def test_back_up_now_from_the_customer_page_to_a_listed_backup(
     run = wait_for_run(int(match.group(1)))
     assert run.status == "succeeded"
     bk = Backup.objects.get(run=run)
-    assert bk.scope == "full" and bk.encrypted and bk.requested_by == admin and bk.artifacts.count() == 5
+    assert bk.scope == "full" and bk.encrypted and bk.requested_by == admin and bk.artifacts.count() == 6
     assert re.search(r"\S+: [1-9][\d.]* [kM]?B at [\d.]+ [kM]?B/s, about [\d.]+ s left", seen_progress[0]), \
         seen_progress

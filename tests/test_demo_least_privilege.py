@@ -13,7 +13,7 @@ import pytest
 from django.conf import settings
 
 from customers.demo import DEMO_DOMAIN, SERVER_JS, demo_seed
-from tests.conftest import PG_HOST, PG_PORT, port_open, require
+from tests.conftest import PG_HOST, PG_PORT, free_ports, port_open, require
 from tests.restore_helpers import command_json
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -33,12 +33,13 @@ def _admin():
 
 
 @pytest.fixture
-def pg_demo():
+def pg_demo(monkeypatch):
     """The demo customer on PostgreSQL; the kasa_demo role and database are left as they were found."""
     from engines import procman
 
     require(port_open(PG_HOST, PG_PORT), "PostgreSQL server")
     require(shutil.which("node") is not None and Path(procman.pm2_binary()).exists(), "Node.js and PM2")
+    monkeypatch.setenv("KASA_DEMO_PORT", str(free_ports()))  # its health URLs: never another demo's ports
     with _admin() as con:
         role = con.execute("SELECT rolpassword FROM pg_authid WHERE rolname = 'kasa_demo'").fetchone()
         had_db = con.execute("SELECT 1 FROM pg_database WHERE datname = 'kasa_demo'").fetchone() is not None

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, port_open, wait_until
+from tests.conftest import free_port, free_ports, kill_pm2_under, port_open, wait_until
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VENV_BIN = BASE_DIR / ".venv" / "bin"
@@ -87,10 +87,12 @@ def run_env(tmp_path):
         KASA_ADMIN_PASSWORD=ADMIN_PASSWORD,
         # Never touch the shared PostgreSQL: the demo database is SQLite here.
         KASA_DEMO_POSTGRES_URL=f"postgresql://postgres@127.0.0.1:{free_port()}/postgres",
+        KASA_DEMO_PORT=str(free_ports()),
         KASA_WORKERS="1",
         PYTHONUNBUFFERED="1",
     )
     yield env
+    kill_pm2_under(customers)  # kasa_setup started the demo's services: they outlive Kasa, as they should
     shutil.rmtree(customers, ignore_errors=True)
 
 
@@ -118,11 +120,17 @@ def test_make_run_serves_the_admin_with_the_demo_customer_and_ctrl_c_stops_every
         user = pwd.getpwnam("kasa-demo")
         # The root stays Kasa's (the ownership model: README, "Security model"): group kasa-demo, 0750.
         assert (demo.stat().st_uid, demo.stat().st_gid, demo.stat().st_mode & 0o777) == (0, user.pw_gid, 0o750)
-        for owned in ("backend", "backend/.env", "backend/data/demo.sqlite3", "store", "ecosystem.config.js"):
+        for owned in ("backend", "backend/.env", "data/demo.sqlite3", "store", "ecosystem.config.js"):
             assert (demo / owned).stat().st_uid == user.pw_uid, owned
         assert (var / "kasa_backup_keys").stat().st_mode & 0o777 == 0o600 and var.stat().st_mode & 0o777 == 0o700
     else:
         assert doc["demo"]["run_as"] is None
+
+    # The demo's services run under PM2 and answer their health URLs.
+    demo_port = int(run_env["KASA_DEMO_PORT"])
+    demo_health = [f"http://127.0.0.1:{demo_port + i}/health" for i in range(3)]
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    assert [_get(direct, url)[::2] for url in demo_health] == [(200, "ok")] * 3
 
     port = int(run_env["KASA_PORT"])
     base = f"http://127.0.0.1:{port}"
@@ -178,6 +186,15 @@ def test_make_run_serves_the_admin_with_the_demo_customer_and_ctrl_c_stops_every
         assert elapsed < 20, elapsed
         assert not port_open("127.0.0.1", port, 0.2)
         assert "stopping Kasa" in output()
+        # The customer's services keep running when Kasa stops; the README's command stops them.
+        assert [_get(direct, url)[::2] for url in demo_health] == [(200, "ok")] * 3
+        home = f"PM2_HOME={run_env['KASA_CUSTOMERS_ROOT']}/demo.localhost/.kasa-pm2"
+        stop = ["env", home, "node_modules/.bin/pm2", "kill"]
+        if doc["demo"]["run_as"]:
+            stop = ["runuser", "-u", doc["demo"]["run_as"], "--", *stop]
+        done = subprocess.run(stop, cwd=BASE_DIR, env=run_env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert not any(port_open("127.0.0.1", demo_port + i, 0.2) for i in range(3))
     finally:
         if proc.poll() is None or _session_processes(sid):
             try:

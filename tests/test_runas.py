@@ -326,12 +326,13 @@ def test_files_the_customer_names_are_read_only_when_they_are_its_users_regular_
 
 
 # --- the demo ----------------------------------------------------------------------------------------------------
-def test_the_demo_runs_under_pm2_as_kasa_demo_on_its_ports(transactional_db):
+def test_the_demo_runs_under_pm2_as_kasa_demo_on_its_ports(transactional_db, monkeypatch):
     from customers import runtime
-    from customers.demo import DEMO_DOMAIN, DEMO_USER, SERVICES, demo_seed
-    from tests.conftest import kill_pm2_under
+    from customers.demo import DEMO_DOMAIN, DEMO_USER, SERVICES, demo_seed, service_ports
+    from tests.conftest import free_ports, kill_pm2_under
 
     require(os.geteuid() == 0, "root (the demo's own user)")
+    monkeypatch.setenv("KASA_DEMO_PORT", str(free_ports()))
     require(os.path.exists(procman.pm2_binary()), "PM2 from npm (make install)")
     folder = Path(settings.KASA_CUSTOMERS_ROOT) / DEMO_DOMAIN
     shutil.rmtree(folder, ignore_errors=True)
@@ -343,10 +344,14 @@ def test_the_demo_runs_under_pm2_as_kasa_demo_on_its_ports(transactional_db):
         assert (folder.stat().st_uid, folder.stat().st_gid, folder.stat().st_mode & 0o777) == (0, user.gid, 0o750)
         assert (folder / "backend" / ".env").stat().st_uid == user.uid
         assert (folder / "ecosystem.config.js").stat().st_uid == user.uid
+        assert (folder / "data" / "demo.sqlite3").stat().st_uid == user.uid  # beside the services, not in one
         specs = runtime.service_specs(customer)
         assert {s.identity for s in specs} == {user}
         procman.start_all(specs, runtime.managers())
-        for port in SERVICES.values():
+        ports = service_ports()
+        assert {s.name: s.health_url for s in specs if s.health_url} == {
+            name: f"http://127.0.0.1:{port}/health" for name, port in ports.items()}
+        for port in ports.values():
             assert _get(f"http://127.0.0.1:{port}/health") == (200, "ok")
         apps = procman.Pm2Manager().apps(specs[0])
         assert sorted(a["name"] for a in apps) == sorted(f"demo-{n}" for n in SERVICES)
@@ -368,7 +373,7 @@ def test_kasa_setup_json_says_who_the_demo_runs_as(transactional_db):
     shutil.rmtree(folder, ignore_errors=True)
     out = StringIO()
     try:
-        call_command("kasa_setup", "--sqlite-demo", "--json", stdout=out)
+        call_command("kasa_setup", "--sqlite-demo", "--no-start", "--json", stdout=out)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     doc = json.loads(out.getvalue())

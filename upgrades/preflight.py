@@ -21,7 +21,7 @@ from backups.models import Backup, BackupPolicy
 from backups.services import BackupInputError, backup_params, policy_for
 from customers import runtime
 from customers.models import Customer, DatabaseConnection
-from engines import beneath, envfile, layout, paths
+from engines import beneath, ecosystem, envfile, layout, paths
 from engines.humanize import human_size
 from operations.models import Run
 from releases.models import ComponentVersion, Release
@@ -105,7 +105,9 @@ def check(customer: Customer, release: Release, *, force: bool = False, own_run:
         settings.KASA_SCRATCH_DIR.mkdir(parents=True, exist_ok=True)
         tmp = zips_dir = tempfile.mkdtemp(prefix="upgrade-preflight-", dir=settings.KASA_SCRATCH_DIR)
     try:
-        checks.append(_env(report.changes, rows, zips_dir, keep=tmp is None))
+        copies: dict[str, str] = {}
+        checks.append(_env(report.changes, rows, zips_dir, keep=tmp is None, copies=copies))
+        checks.append(_startable(report.changes, services, copies))
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -196,9 +198,10 @@ def example_text(zip_path: str, cv_root: str) -> str | None:
             return None
 
 
-def _env(changes: list[Change], rows, zips_dir: str, *, keep: bool) -> Check:
+def _env(changes: list[Change], rows, zips_dir: str, *, keep: bool, copies: dict[str, str]) -> Check:
     """Required keys (empty in the new .env.example) must have a value in the live .env. The zips are copied
-    here (sha256 checked): a missing or altered zip is found before anything is touched."""
+    here (sha256 checked): a missing or altered zip is found before anything is touched. `copies` gets each
+    component's verified copy."""
     problems, notes = [], []
     for ch in changes:
         cv: ComponentVersion = rows[ch.component]
@@ -207,6 +210,7 @@ def _env(changes: list[Change], rows, zips_dir: str, *, keep: bool) -> Check:
         except ReleaseStorageError as exc:
             problems.append(str(exc))
             continue
+        copies[ch.component] = str(path)
         if keep:
             ch.zip = str(path)
         example = example_text(str(path), cv.root)
@@ -223,6 +227,38 @@ def _env(changes: list[Change], rows, zips_dir: str, *, keep: bool) -> Check:
     if problems:
         return Check("env", False, "; ".join(problems))
     return Check("env", True, "; ".join(notes) or "no new keys")
+
+
+def _startable(changes: list[Change], services, copies: dict[str, str]) -> Check:
+    """Each PM2 service the release changes must be startable from the release's files as they come in the
+    zip (engines.ecosystem: the service's start command, package.json's "main" or "node FILE" start script,
+    or server.js/index.js/app.js/main.js), so that an upgrade never stops a customer it cannot start again."""
+    problems, how = [], []
+    for ch in changes:
+        svc = services.get(ch.service)
+        if svc is None or svc.process_manager != svc.ProcessManager.PM2:
+            continue
+        if ch.component not in copies:
+            continue  # the zip is missing or altered: the env check says so
+        try:
+            with zipfile.ZipFile(copies[ch.component]) as zf:
+                names = zf.namelist()
+
+                def read(name: str, zf=zf) -> bytes | None:
+                    try:
+                        return zf.read(name)
+                    except KeyError:
+                        return None
+
+                found = ecosystem.script_in_zip(names, read, top=ch.root_folder, start_command=svc.start_command,
+                                                where=f"{ch.component} {ch.version}")
+        except (ecosystem.EcosystemError, zipfile.BadZipFile, OSError) as exc:
+            problems.append(f"service {svc.name}: {exc}")
+            continue
+        how.append(f"{svc.name}: " + (" ".join(svc.start_command) if svc.start_command else found["script"]))
+    if problems:
+        return Check("start", False, "; ".join(problems))
+    return Check("start", True, "; ".join(how) or "no PM2 service changes")
 
 
 def _disk(customer, root: Path, changes: list[Change]) -> Check:

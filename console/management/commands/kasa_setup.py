@@ -8,7 +8,7 @@ from backups.schedules import schedules_sync
 from backups.services import global_policy
 from console.setup import ensure_operator_group
 from core.cli import KasaCommand
-from customers.demo import demo_seed
+from customers.demo import demo_seed, demo_start
 
 REAPER = "kasa: reap runs whose worker is gone"
 
@@ -20,6 +20,8 @@ class Command(KasaCommand):
         parser.add_argument("--no-demo", action="store_true")
         parser.add_argument("--sqlite-demo", action="store_true",
                             help="demo database in SQLite even if PostgreSQL is up")
+        parser.add_argument("--no-start", action="store_true",
+                            help="do not start the demo's services (they are started unless they answer already)")
 
     def handle(self, *args, **o):
         ensure_operator_group()
@@ -29,7 +31,8 @@ class Command(KasaCommand):
             customer, created = demo_seed(prefer_postgres=not o["sqlite_demo"])
             doc["demo"] = {"domain": customer.domain, "created": created,
                            "database": customer.databases.first().display_url(), "run_as": customer.run_as or None,
-                           "note": getattr(customer, "demo_note", "")}
+                           "note": getattr(customer, "demo_note", ""),
+                           "services": None if o["no_start"] else demo_start(customer)}
         doc["backup_schedules"] = schedules_sync(strict=False)  # after the demo customer exists
         if self.json_output:
             self.emit(doc)
@@ -42,7 +45,8 @@ class Command(KasaCommand):
             self.stdout.write(f"admin login: {admin['username']} ({admin['note']})")
         if "demo" in doc:
             self.stdout.write(f"demo customer: {doc['demo']['domain']} with database {doc['demo']['database']}"
-                              + (f"; {doc['demo']['note']}" if doc["demo"]["note"] else ""))
+                              + (f"; {doc['demo']['note']}" if doc["demo"]["note"] else "")
+                              + (f"; {doc['demo']['services']}" if doc["demo"]["services"] else ""))
 
     def _admin(self) -> dict:
         User = get_user_model()
