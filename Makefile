@@ -17,7 +17,7 @@ VENV := .venv
 KASA_PACKAGES := config core customers backups releases upgrades operations audit engines console
 BIN := $(VENV)/bin
 PG_TEST_URL ?= postgres://postgres@127.0.0.1:5432/kasa
-TEST_VAR ?= $(CURDIR)/var/test
+TEST_VAR ?= $(shell scripts/test-var.sh)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PIP_NO_INPUT := 1
 
