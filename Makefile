@@ -17,11 +17,11 @@ VENV := .venv
 KASA_PACKAGES := config core customers backups releases upgrades operations audit engines console
 BIN := $(VENV)/bin
 PG_TEST_URL ?= postgres://postgres@127.0.0.1:5432/kasa
-TEST_VAR ?= $(shell scripts/test-var.sh)
+TEST_VAR ?= $(CURDIR)/var/test
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PIP_NO_INPUT := 1
 
-.PHONY: help install python run test lint lock system-deps services test-pg test-sqlite clean
+.PHONY: help install python run test lint lock system-deps services reachable test-pg test-sqlite clean
 
 help:   ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
@@ -59,12 +59,16 @@ python:   ## Debian: install python3.11 and python3.11-venv when missing (as roo
 	@scripts/system-deps.sh --python
 
 run: python install   ## migrate, create the admin login and demo customer, run web + worker
+	@scripts/reachable.sh --warn
 	$(BIN)/python manage.py migrate --noinput
 	$(BIN)/python manage.py kasa_setup
 	@exec scripts/run.sh
 
 system-deps:   ## Debian packages the suite needs (installs only what is missing)
 	@scripts/system-deps.sh
+
+reachable:   ## customer users must pass through this checkout (PM2, PostgreSQL, var/): o+x on it
+	@scripts/reachable.sh
 
 services: system-deps   ## start PostgreSQL, MariaDB and Redis when they are down
 	@scripts/services.sh
@@ -75,12 +79,12 @@ lint: install   ## ruff, and the import graph's contracts (pyproject.toml [tool.
 
 test: system-deps services install lint test-pg test-sqlite   ## everything CI checks
 
-test-pg: install   ## the whole suite on PostgreSQL as the control database
+test-pg: install reachable   ## the whole suite on PostgreSQL as the control database
 	@rm -rf $(TEST_VAR) && mkdir -p $(TEST_VAR)
 	KASA_VAR_DIR=$(TEST_VAR)/kasa KASA_CUSTOMERS_ROOT=$(TEST_VAR)/customers DATABASE_URL=$(PG_TEST_URL) \
 		$(BIN)/pytest $(PYTEST_ARGS)
 
-test-sqlite: install   ## the smoke part on the default SQLite control database
+test-sqlite: install reachable   ## the smoke part on the default SQLite control database
 	@rm -rf $(TEST_VAR)-sqlite && mkdir -p $(TEST_VAR)-sqlite
 	env -u DATABASE_URL KASA_VAR_DIR=$(TEST_VAR)-sqlite/kasa KASA_CUSTOMERS_ROOT=$(TEST_VAR)-sqlite/customers \
 		$(BIN)/pytest -m smoke $(PYTEST_ARGS)
