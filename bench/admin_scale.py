@@ -75,6 +75,9 @@ def generation_sql(customers: int, backups: int, seed: float) -> list[str]:
               ON cu.n = i % {customers}""",
         # States: customer n % 50 == 1 → newest backup failed; == 2 → nothing newer than 10 days verified
         # (outside RPO); == 3 → never verified; the rest: every 8th backup passed a drill.
+        # Django keeps column defaults in Python: the raw INSERTs below need them in the table (this database only).
+        """ALTER TABLE operations_run ALTER COLUMN percent SET DEFAULT 0, ALTER COLUMN phase SET DEFAULT '',
+                                      ALTER COLUMN phase_plan SET DEFAULT '[]'::jsonb""",
         """ALTER TABLE g ADD COLUMN failed boolean""",
         f"""UPDATE g SET failed = (i < {customers} AND n % 50 = 1) OR r < 0.03""",
         """INSERT INTO operations_run (id, kind, customer_id, status, mutating, requested_via, params, root,
