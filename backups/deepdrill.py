@@ -31,8 +31,6 @@ from contextlib import ExitStack
 from pathlib import Path
 from urllib.parse import quote
 
-from django.conf import settings
-
 from customers import runtime
 from customers.models import Customer
 from engines import (
@@ -41,7 +39,6 @@ from engines import (
     drillcopy,
     ecosystem,
     envfile,
-    health,
     ownership,
     paths,
     procman,
@@ -304,20 +301,8 @@ def _start_and_check(ctx: RunContext, specs, mgrs, ports: dict[int, int]) -> dic
     except procman.ProcessError as exc:
         raise OperationError(f"deep drill: the copy did not start: {exc}") from None
     checked = [s for s in specs if s.health_url]
-    for s in specs:
-        if not s.health_url:
-            ctx.info(f"deep drill: {s.name} has no health URL: started, not checked")
-    if checked:
-        ctx.info("deep drill: health checks of the copy: " + ", ".join(f"{s.name} {s.health_url}" for s in checked))
-    results = health.check_all(checked, consecutive=settings.KASA_HEALTH_STREAK,
-                               timeout=settings.KASA_HEALTH_TIMEOUT, interval=settings.KASA_HEALTH_INTERVAL)
-    bad = []
-    for name, res in results.items():
-        (ctx.info if res.ok else ctx.error)(f"deep drill: {name}: {res.summary()}")
-        if not res.ok:
-            bad.append(f"{name} at {res.url} ({res.last_error})")
-    if bad:
-        raise OperationError(f"deep drill: the copy's services did not answer their health URLs: {'; '.join(bad)}")
+    runtime.check_health(ctx, specs, label="deep drill: ", what="health checks of the copy",
+                         failure="deep drill: the copy's services did not answer their health URLs")
     return {"services": [s.name for s in specs], "ports": {str(a): b for a, b in ports.items()},
             "checked": [{"service": s.name, "url": s.health_url} for s in checked]}
 

@@ -133,22 +133,24 @@ def healthy_now(specs) -> list[str]:
     return sorted(name for name, res in results.items() if res.ok)
 
 
-def check_health(ctx: RunContext, specs) -> None:
+def check_health(ctx: RunContext, specs, *, label: str = "", what: str = "health checks",
+                 failure: str = "health check failed") -> None:
     """Every service with a health URL must answer 200 KASA_HEALTH_STREAK times in a row; the others are logged as
-    having none (never as "healthy": nothing was asked)."""
+    having none (never as "healthy": nothing was asked). `label` prefixes each log line and `what`/`failure` name
+    the checks (a deep drill's copy); the OperationError reads "<failure>: <service> (<last error>); …"."""
     checked = [s for s in specs if s.health_url]
     for spec in specs:
         if not spec.health_url:
-            ctx.info(f"{spec.name}: no health URL, not health-checked")
+            ctx.info(f"{label}{spec.name}: no health URL, not health-checked")
     if not checked:
         return
-    ctx.info(f"health checks: {', '.join(s.name for s in checked)}")
+    ctx.info(f"{label}{what}: {', '.join(f'{s.name} {s.health_url}' for s in checked)}")
     results = health.check_all(checked, consecutive=settings.KASA_HEALTH_STREAK,
                                timeout=settings.KASA_HEALTH_TIMEOUT, interval=settings.KASA_HEALTH_INTERVAL)
     bad = []
     for name, res in results.items():
-        (ctx.info if res.ok else ctx.error)(f"{name}: {res.summary()}")
+        (ctx.info if res.ok else ctx.error)(f"{label}{name}: {res.summary()}")
         if not res.ok:
             bad.append(f"{name} ({res.last_error})")
     if bad:
-        raise OperationError(f"health check failed: {'; '.join(bad)}")
+        raise OperationError(f"{failure}: {'; '.join(bad)}")
