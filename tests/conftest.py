@@ -53,10 +53,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _bindable(port: int) -> bool:
+    """Whether a listener could bind 127.0.0.1:port now. A connect() probe is not enough: a client socket's
+    local port (a psql or redis connection) refuses a bind with EADDRINUSE although nothing listens there."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def free_ports(count: int = 3) -> int:
-    """A base port with `count` free ports from it (the demo's backend, admin and store: KASA_DEMO_PORT)."""
-    for base in range(20000 + os.getpid() % 20000, 60000, 7):
-        if not any(port_open("127.0.0.1", base + i, 0.05) for i in range(count)):
+    """A base port with `count` free ports from it (the demo's backend, admin and store: KASA_DEMO_PORT).
+
+    Chosen below the kernel's ephemeral range, so no outgoing connection can take one of them between this
+    choice and the services' start (CI once lost the demo's admin port that way)."""
+    try:
+        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    top = max(ephemeral_low, 12000) - count
+    start = 10000 + (os.getpid() * 7) % max(top - 10000, 1)
+    for base in [*range(start, top, 7), *range(10000, start, 7)]:
+        if all(_bindable(base + i) for i in range(count)):
             return base
     raise AssertionError("no free ports")
 
