@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from engines import health, procman
+from engines import health, proc, procman
 from engines.procman import CommandManager, Pm2Manager, ProcessError, ServiceSpec, SystemdManager
 from tests.conftest import free_port, port_open, require, wait_until
 
@@ -185,7 +185,7 @@ def test_command_start_is_detached_and_stop_without_stop_command_terminates_it(r
 
     def runner(argv, **kw):  # what a caller does to write commands into its run log
         logged.append(argv)
-        return procman.proc.run(argv, **kw)
+        return proc.run(argv, **kw)
 
     mgr = CommandManager(str(tmp_path / "logs"), runner=runner, settle=0.5)
     began = time.monotonic()
@@ -350,3 +350,85 @@ def test_check_all_checks_the_services_with_a_health_url_at_once(http_server, ro
     results = health.check_all([up, down, quiet], timeout=1.5, interval=0.1)
     assert set(results) == {"up", "down"} and results["up"].ok and not results["down"].ok
     assert time.monotonic() - began < 3.0  # side by side, not one after the other
+
+
+# --- systemd scopes ----------------------------------------------------------------------------
+SYSTEMD_RUN = r'''#!/usr/bin/env python3
+# A stand-in for systemd-run --scope (no systemd runs here): records its argv, then runs what follows "--"
+# in its own process, as systemd-run --scope does once the scope exists.
+import json, os, sys
+with open(LOG, "a") as fh:
+    fh.write(json.dumps(sys.argv[1:]) + "\n")
+rest = sys.argv[sys.argv.index("--") + 1:]
+os.execvp(rest[0], rest)
+'''
+
+
+@pytest.fixture
+def scopes(tmp_path, monkeypatch):
+    """KASA_SERVICE_SCOPE=systemd with the stand-in systemd-run; returns a function listing the scopes made."""
+    stub, log = tmp_path / "systemd-run", tmp_path / "scopes.jsonl"
+    stub.write_text(SYSTEMD_RUN.replace("LOG", repr(str(log))))  # the stand-in gets a clean env, as systemd-run does
+    stub.chmod(0o755)
+    monkeypatch.setenv("KASA_SERVICE_SCOPE", "systemd")
+    monkeypatch.setenv("KASA_SYSTEMD_RUN", str(stub))
+    return lambda: [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def test_under_systemd_the_pm2_daemon_and_a_start_commands_service_start_in_scopes_of_their_own(
+        root, pm2_home, scopes, tmp_path):
+    port, port2 = free_port(), free_port()
+    pm2 = Pm2Manager(pm2_home, settle=0.5)
+    spec = _server_spec(root, port, "pm2")
+    pm2.start(spec)
+    made = scopes()
+    assert len(made) == 1, made  # `pm2 ping` in a scope spawned the daemon; `pm2 start` found it running
+    opts, rest = made[0][: made[0].index("--")], made[0][made[0].index("--") + 1:]
+    assert {"--scope", "--collect", "--slice=kasa-customers.slice"} <= set(opts)
+    assert any(o.startswith("--unit=kasa-pm2-") for o in opts)
+    assert rest[-2:] == [procman.pm2_binary(), "ping"] and rest[1:5] == ["-E", "-m", "engines.procman", "exec"]
+    assert health.wait_healthy(spec.health_url, timeout=15, interval=0.1).ok
+    pm2.stop(spec)
+    pm2.start(spec)  # the daemon still runs: no second scope
+    assert len(scopes()) == 1
+    pm2.stop(spec)
+
+    cmd = CommandManager(str(tmp_path / "logs"), settle=0.5)
+    spec2 = _server_spec(root, port2, "command")
+    cmd.start(spec2)
+    try:
+        launched = scopes()[-1]
+        assert any(o.startswith("--unit=kasa-command-web-web-") for o in launched)  # no root: the folder names it
+        assert launched[launched.index("--") + 1:][3:5] == ["engines.procman", "launch"]
+        assert health.wait_healthy(spec2.health_url, timeout=15, interval=0.1).ok
+    finally:
+        cmd.stop(spec2)
+
+
+def test_scoped_exec_switches_to_the_customers_user_inside_the_scope(scopes, customer_users, tmp_path):
+    from engines import runas
+    from engines.procbase import scoped_exec_argv
+
+    who = runas.lookup(customer_users[0])
+    argv = scoped_exec_argv("t", ["sh", "-c", "id -u; id -G; umask"], cwd="/", identity=who)
+    out = subprocess.run(argv, cwd=procman.REPO_ROOT, capture_output=True, text=True, check=True,
+                         env={**os.environ}).stdout.split("\n")
+    assert out[:3] == [str(who.uid), str(who.gid), "0027"]
+
+
+@pytest.mark.smoke
+def test_service_scope_is_used_only_under_a_systemd_unit_unless_asked(monkeypatch, tmp_path):
+    from engines.procbase import service_scope
+
+    monkeypatch.setenv("KASA_SYSTEMD_RUN", "/bin/true")
+    monkeypatch.delenv("INVOCATION_ID", raising=False)
+    monkeypatch.delenv("KASA_SERVICE_SCOPE", raising=False)
+    assert service_scope("x") == []  # not started by systemd (make run, tests, a shell)
+    monkeypatch.setenv("KASA_SERVICE_SCOPE", "off")
+    monkeypatch.setenv("INVOCATION_ID", "abc")
+    assert service_scope("x") == []
+    monkeypatch.setenv("KASA_SERVICE_SCOPE", "systemd")
+    assert service_scope("a b/c")[:2] == ["/bin/true", "--scope"]
+    monkeypatch.setenv("KASA_SERVICE_SCOPE", "sometimes")
+    with pytest.raises(ProcessError, match="auto, systemd or off"):
+        service_scope("x")

@@ -322,7 +322,7 @@ def test_files_the_customer_names_are_read_only_when_they_are_its_users_regular_
     for path in (kasa_file, link, fifo):  # Kasa's file, a link to it, a FIFO that would hang a plain read
         with pytest.raises(runas.NotOwned):
             runas.read_owned(path, alpha)
-    assert procman._last_line(str(link), alpha) == "" and procman._last_line(str(own), alpha) == "last line"
+    assert procman.last_log_line(str(link), alpha) == "" and procman.last_log_line(str(own), alpha) == "last line"
 
 
 # --- the demo ----------------------------------------------------------------------------------------------------
