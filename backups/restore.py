@@ -460,8 +460,7 @@ def _cleanup(ctx: RunContext, journal: Journal, root: Path) -> None:
                 dbswap.finish(ctx, step)
         except Exception as exc:  # the restore stands; leftovers are reported, not fatal
             ctx.warning(f"could not remove the previous copy ({step.get('path') or step.get('db')}): {exc}")
-    journal.steps = []
-    journal.save()
+    journal.clear()
 
 
 def abandon(run: Run, ctx: RunContext) -> None:

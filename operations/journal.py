@@ -41,6 +41,12 @@ class RunJournal:
         self.ctx.keep_local().save_doc(self.doc)
         self.ctx.record(lambda: Run.objects.filter(pk=self.ctx.run.pk).update(result=self.doc))
 
+    def clear(self) -> None:
+        """The change holds: nothing is left to undo (a journal the reaper finds empty puts nothing back)."""
+        with self.lock:
+            self.steps = []
+            self.save()
+
     def refuse(self, step: dict, reason: BaseException | str) -> None:
         """The step was refused before it changed anything (a folder below the root turned out to be a link:
         engines.beneath): its undo has nothing to do, and the journal says why."""

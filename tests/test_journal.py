@@ -311,3 +311,29 @@ def test_the_reaper_records_what_a_dead_worker_logged_offline_and_the_end_it_rea
     assert stored[2] == (3, "stopped", ["stop"]) and stored[3][1].startswith("reconciled:")
     assert staging.exists()  # the worker had finished its undo: nothing is undone a second time
     assert not path.exists()
+
+
+@pytest.mark.smoke
+def test_a_cleared_journal_is_written_empty_so_the_reaper_undoes_nothing():
+    # Upgrades once set doc["journal"] = [] and saved: save() wrote the old list back, so a worker killed after
+    # a successful upgrade's cleanup left a way back for the reaper to "undo" a change that holds.
+    from types import SimpleNamespace
+
+    from operations.journal import RunJournal
+
+    written = []
+
+    class Ctx:
+        run = SimpleNamespace(pk=0)
+
+        def keep_local(self):
+            return SimpleNamespace(save_doc=lambda doc: written.append(json.loads(json.dumps(doc))))
+
+        def record(self, fn):
+            pass
+
+    doc: dict = {}
+    journal = RunJournal(Ctx(), doc)
+    journal.add({"type": "switch"})
+    journal.clear()
+    assert written[-1]["journal"] == [] and doc["journal"] == [] and not journal.has("switch")

@@ -277,8 +277,7 @@ def _cleanup(job: Job, slog) -> None:
         _unpin_older(job, slog)
     except Exception as exc:  # noqa: BLE001
         slog.warning(f"cleanup: {exc}")
-    job.doc["journal"] = []
-    job.journal.save()
+    job.journal.clear()
 
 
 def _unpin_older(job: Job, slog) -> None:
@@ -351,8 +350,7 @@ def _rollback(job: Job) -> None:
         who = up.run.requested_by.get_username() if up.run.requested_by_id else up.run.requested_via
         mark_bad(target, f"rolled back by hand by {who} (rollback #{up.pk})")
         slog.info(f"release {target.to_release} marked bad for {job.customer}")
-        job.doc["journal"] = []
-        job.journal.save()
+        job.journal.clear()
 
 
 def _rollback_preflight(job: Job, target: Upgrade, slog) -> None:
