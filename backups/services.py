@@ -11,7 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from audit.models import AuditEntry
@@ -44,10 +44,15 @@ def default_target() -> StorageTarget:
     return target
 
 
-@transaction.atomic
 def global_policy() -> BackupPolicy:
     policy = BackupPolicy.objects.filter(customer__isnull=True).first()
-    return policy or BackupPolicy.objects.create(customer=None, target=default_target())
+    if policy is not None:
+        return policy
+    try:
+        with transaction.atomic():
+            return BackupPolicy.objects.create(customer=None, target=default_target())
+    except IntegrityError:  # two runs made it at once (a rollout's parallel upgrades): the other one's stands
+        return BackupPolicy.objects.get(customer__isnull=True)
 
 
 def policy_for(customer) -> BackupPolicy:

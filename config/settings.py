@@ -113,6 +113,7 @@ INSTALLED_APPS = [
     "backups",
     "releases",
     "upgrades",
+    "rollouts",
     # Last: composes the apps above (fleet overview, customer page cards, metrics); nothing imports it.
     "console",
 ]
@@ -277,6 +278,8 @@ KASA_UPGRADE_DISK_MARGIN = env.int("KASA_UPGRADE_DISK_MARGIN", default=256 << 20
 # Stopping/starting one service may take this long (seconds); a service is healthy after KASA_HEALTH_STREAK
 # answers 200 in a row, within KASA_HEALTH_TIMEOUT seconds, polled every KASA_HEALTH_INTERVAL seconds.
 KASA_SERVICE_TIMEOUT = env.float("KASA_SERVICE_TIMEOUT", default=60.0)
+# PM2 says "started" even for an app that dies at once: a start watches the app this long (seconds) first.
+KASA_PM2_SETTLE = env.float("KASA_PM2_SETTLE", default=2.0)
 KASA_HEALTH_STREAK = env.int("KASA_HEALTH_STREAK", default=3)
 KASA_HEALTH_TIMEOUT = env.float("KASA_HEALTH_TIMEOUT", default=30.0)
 KASA_HEALTH_INTERVAL = env.float("KASA_HEALTH_INTERVAL", default=0.5)
@@ -376,3 +379,13 @@ if SENTRY_DSN:
     )
 
 LOGIN_URL = "admin:login"
+
+# --- fleet rollouts (rollouts/) ---------------------------------------------------------------------------------
+# Gates are sampled this often during a bake (seconds); one health URL may take this long to answer.
+KASA_ROLLOUT_SAMPLE_SECONDS = env.int("KASA_ROLLOUT_SAMPLE_SECONDS", default=60)
+KASA_ROLLOUT_HEALTH_TIMEOUT = env.float("KASA_ROLLOUT_HEALTH_TIMEOUT", default=5.0)
+# The Prometheus server a rollout's PromQL gate asks (http://prometheus:9090); unset: such a gate is an error.
+KASA_PROMETHEUS_URL = env.str("KASA_PROMETHEUS_URL", default="")
+# Who hears when a rollout completes, halts, is aborted or pauses for a person.
+KASA_ROLLOUT_EMAILS = env.list("KASA_ROLLOUT_EMAILS", default=[])
+KASA_ROLLOUT_WEBHOOK = env.str("KASA_ROLLOUT_WEBHOOK", default="")

@@ -33,6 +33,8 @@ CANCEL = "operations.cancel_run"
 # What runs and as whom: root folder, run_as, process manager, app name, start/stop commands, health URLs.
 # Superusers and holders of this permission only; not in the operators group.
 RUNTIME = "customers.change_runtime"
+ROLLOUT = "rollouts.add_rollout"  # start a fleet rollout (each customer's upgrade also needs UPGRADE)
+ROLLOUT_CONTROL = "rollouts.control_rollout"  # pause, resume, promote, abort, retry
 UPLOAD_RELEASES = "releases.add_release"  # releases serve every customer: not in the operators group
 
 DOING = {
@@ -41,7 +43,8 @@ DOING = {
     DELETE: "delete a backup", UPGRADE: "upgrade a customer", INSTALL: "install a release on a new customer",
     ROLLBACK: "roll back an upgrade", RESOLVE: "resolve a quarantine", CANCEL: "cancel a run",
     RUNTIME: "change what runs (root folder, run as, process manager, commands, health URLs)",
-    UPLOAD_RELEASES: "upload releases",
+    UPLOAD_RELEASES: "upload releases", ROLLOUT: "start a fleet rollout",
+    ROLLOUT_CONTROL: "pause, resume, promote, abort or retry a rollout",
 }
 
 # The permission of each kind of run (operations.services.run_start checks it). An upgrade of a customer

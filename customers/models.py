@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from pathlib import Path
 
@@ -13,7 +14,14 @@ from core.secrets import EncryptedSecretField
 from engines import dburl, paths, runas
 
 from . import roots
-from .validators import slug_validator, validate_argv, validate_tcp_port, validate_versions
+from .validators import (
+    normalize_tags,
+    slug_validator,
+    validate_argv,
+    validate_tags,
+    validate_tcp_port,
+    validate_versions,
+)
 
 
 class Team(models.Model):
@@ -36,6 +44,10 @@ class CustomerQuerySet(models.QuerySet):
         if user.is_superuser:
             return self
         return self.filter(team__members=user)
+
+    def tagged(self, tag: str) -> CustomerQuerySet:
+        """Customers carrying `tag` (tags are stored normalized: lower case, comma-separated)."""
+        return self.filter(tags__regex=rf"(^|,){re.escape(normalize_tags(tag))}(,|$)")
 
 
 def validate_customer_root(value: str) -> None:
@@ -95,6 +107,13 @@ class Customer(models.Model):
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.ACTIVE)
     versions = models.JSONField(default=dict, blank=True, validators=[validate_versions],
                                 help_text="Current version per component: one COMPONENT=VERSION per line.")
+    tags = models.CharField(max_length=500, blank=True, validators=[validate_tags],
+                            help_text="Words that group customers for rollouts, e.g. canary, eu-west "
+                                      "(commas or spaces).")
+    version_pin = models.CharField(
+        "pinned to", max_length=100, blank=True,
+        help_text="A release name: fleet rollouts skip this customer while it is pinned (single upgrades do not).")
+    version_pin_reason = models.CharField("why pinned", max_length=300, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -112,10 +131,14 @@ class Customer(models.Model):
 
     def save(self, *args, **kwargs):
         self.domain = self.domain.lower().strip()
+        self.tags = normalize_tags(self.tags)
         super().save(*args, **kwargs)
 
     def clean(self):
         super().clean()
+        self.tags = normalize_tags(self.tags)
+        if self.version_pin.strip() and not self.version_pin_reason.strip():
+            raise ValidationError({"version_pin_reason": "say why the customer is pinned (rollouts list it)"})
         self.run_as = (self.run_as or "").strip()
         if self.run_as:
             try:
@@ -128,6 +151,9 @@ class Customer(models.Model):
             others = Customer.objects.exclude(pk=self.pk).values_list("root", flat=True)
             if problem := roots.root_conflict(self.root, others):
                 raise ValidationError({"root": problem})
+
+    def tag_list(self) -> list[str]:
+        return [t for t in self.tags.split(",") if t]
 
     def root_path(self) -> Path:
         """The root, checked again now: a symlink may have been swapped since it was saved."""

@@ -106,7 +106,8 @@ def managers(*, runner=None, log=None) -> dict:
     `log` gets one summary line per PM2 app after each start or stop (instead of PM2's tables)."""
     services = settings.KASA_VAR_DIR / "services"
     services.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return procman.managers(state_dir=str(services), runner=runner, timeout=settings.KASA_SERVICE_TIMEOUT, log=log)
+    return procman.managers(state_dir=str(services), runner=runner, timeout=settings.KASA_SERVICE_TIMEOUT, log=log,
+                            pm2_settle=settings.KASA_PM2_SETTLE)
 
 
 def _managers(ctx: RunContext) -> dict:

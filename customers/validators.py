@@ -4,6 +4,8 @@ the same message. Rules that need no Django (a TCP port) live in engines and are
 
 from __future__ import annotations
 
+import re
+
 from django.core.exceptions import ValidationError
 from django.core.validators import RegexValidator
 
@@ -52,3 +54,19 @@ def validate_versions(value) -> None:
             raise ValidationError(f"component {component!r}: a version is required", code="versions")
         if any(c.isspace() or c == "=" for c in component) or any(c.isspace() for c in version):
             raise ValidationError(f"{component}={version}: no spaces in a component or version", code="versions")
+
+
+TAG = r"[a-z0-9][a-z0-9_.-]{0,39}"
+
+
+def normalize_tags(value: str) -> str:
+    """`Canary, eu-west  beta` → `beta,canary,eu-west`: lower case, sorted, no repeats (rollouts select by tag)."""
+    parts = [t for t in re.split(r"[\s,]+", (value or "").strip().lower()) if t]
+    return ",".join(sorted(dict.fromkeys(parts)))
+
+
+def validate_tags(value: str) -> None:
+    bad = [t for t in normalize_tags(value).split(",") if t and not re.fullmatch(TAG, t)]
+    if bad:
+        raise ValidationError(f"tags are words of letters, digits, '-', '_' or '.' (at most 40), separated by "
+                              f"commas or spaces; not: {', '.join(bad[:5])}")

@@ -266,11 +266,12 @@ class NoManager:
 
 # --- all of a customer's services -------------------------------------------------------------
 def managers(*, state_dir: str, pm2_home: str = "", runner: Runner | None = None, timeout: float = 60.0,
-             secrets: Iterable[str] = (), log: Callable[[str], None] | None = None) -> dict[str, object]:
+             secrets: Iterable[str] = (), log: Callable[[str], None] | None = None,
+             pm2_settle: float = 2.0) -> dict[str, object]:
     """One manager per kind: command logs and pidfiles in `state_dir`, PM2 in `pm2_home`; a spec's own
     state_dir and pm2_home (a customer's) win. `log` receives one summary line per app after a start or stop."""
     kw = dict(runner=runner, timeout=timeout, secrets=list(secrets), log=log)
-    return {"pm2": Pm2Manager(pm2_home, **kw), "systemd": SystemdManager(**kw),
+    return {"pm2": Pm2Manager(pm2_home, settle=pm2_settle, **kw), "systemd": SystemdManager(**kw),
             "command": CommandManager(state_dir, **kw), "none": NoManager()}
 
 

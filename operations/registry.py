@@ -51,6 +51,20 @@ def abandon_hook(name: str):
     return import_string(spec.on_abandon) if spec and spec.on_abandon else None
 
 
+# Called with every run once it has ended (dotted paths to fn(run), registered by apps above operations that
+# wait for runs: a rollout ticks as soon as one of its upgrades ends, not at the next minute).
+_end_hooks: list[str] = []
+
+
+def add_end_hook(path: str) -> None:
+    if path not in _end_hooks:
+        _end_hooks.append(path)
+
+
+def end_hooks() -> list:
+    return [import_string(p) for p in _end_hooks]
+
+
 def add_guard(path: str) -> None:
     if path not in _guards:
         _guards.append(path)

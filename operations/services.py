@@ -215,6 +215,11 @@ def _end(ctx: RunContext, status: str, *, error: str = "", result: dict | None =
 
 def _notify_end(run: Run) -> None:
     live.notify(run.pk)
+    for hook in registry.end_hooks():  # e.g. a rollout waiting for this upgrade ticks at once (rollouts.tasks)
+        try:
+            hook(run)
+        except Exception:  # noqa: BLE001  (the run has ended whatever a listener does)
+            log.exception("end hook of run %s failed", run.pk)
 
 
 def run_cancel(run: Run, *, requested_by=None, via: str = "admin") -> bool:

@@ -11,6 +11,7 @@ from core.cli import KasaCommand
 from customers.demo import demo_seed, demo_start
 
 REAPER = "kasa: reap runs whose worker is gone"
+ROLLOUTS = "kasa: advance fleet rollouts"
 
 
 class Command(KasaCommand):
@@ -69,6 +70,12 @@ class Command(KasaCommand):
         Schedule.objects.update_or_create(
             name=REAPER,
             defaults={"func": "operations.tasks.reap_stale_runs", "schedule_type": Schedule.MINUTES, "minutes": 1,
+                      "repeats": -1},
+        )
+        # Bakes, gates and windows of every rollout move on this tick (an upgrade that ends ticks its own at once).
+        Schedule.objects.update_or_create(
+            name=ROLLOUTS,
+            defaults={"func": "rollouts.tasks.advance_rollouts", "schedule_type": Schedule.MINUTES, "minutes": 1,
                       "repeats": -1},
         )
         return REAPER

@@ -1,0 +1,134 @@
+"""A small fleet for rollout tests: customers of one component `app` (a Node server under real PM2, a health URL,
+a migrate hook) on SQLite or PostgreSQL, installed at release 1.0; releases 1.1 (good) and 1.2 (its migration
+changes the database, then fails). Light on purpose: a fleet of twelve upgrades in seconds, not minutes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import sys
+import uuid
+from pathlib import Path
+
+from engines import ecosystem, procman
+from tests.upgrade_fixtures import write_zip
+
+APP_JS = r"""
+const http = require("http");
+const fs = require("fs");
+const version = fs.readFileSync(__dirname + "/VERSION", "utf8").trim();
+http.createServer((req, res) => {
+  if (req.url === "/health") return res.end("ok");
+  if (req.url === "/version") return res.end(version);
+  res.statusCode = 404; res.end("no");
+}).listen(Number(process.env.PORT), "127.0.0.1");
+"""
+
+# 1.1.0 adds a table; 1.2.0 adds one too, then fails (so does any version for a customer whose .env sets
+# FAIL_MIGRATE): the upgrade must put the database back.
+MIGRATE_PY = r"""
+import os, sqlite3, sys
+version = open("VERSION").read().strip()
+url = os.environ["DATABASE_URL"]
+sql = {"1.1.0": "CREATE TABLE IF NOT EXISTS v11 (id int)", "1.2.0": "CREATE TABLE IF NOT EXISTS v12 (id int)"}
+if version in sql:
+    if url.startswith("sqlite:///"):
+        con = sqlite3.connect(url[len("sqlite://"):])
+        con.execute(sql[version]); con.execute("UPDATE items SET note = note || ' " + version + "'"); con.commit()
+    else:
+        import psycopg
+        with psycopg.connect(url, autocommit=True) as con:
+            con.execute(sql[version]); con.execute("UPDATE items SET note = note || ' " + version + "'")
+    print("migrated to", version, flush=True)
+if version == "1.2.0" or os.environ.get("FAIL_MIGRATE"):
+    print("migration " + version + " failed half way", file=sys.stderr)
+    sys.exit(1)
+"""
+
+VERSIONS = ("1.0.0", "1.1.0", "1.2.0")
+
+
+def app_files(version: str) -> dict[str, str]:
+    return {"server.js": APP_JS, "migrate.py": MIGRATE_PY, "VERSION": f"{version}\n",
+            "package.json": json.dumps({"name": "app", "version": version, "main": "server.js"}),
+            ".env.example": "PORT=\nDATABASE_URL=\n"}
+
+
+def sync_fleet_releases(folder: Path) -> dict:
+    from releases.models import Release
+    from releases.services import release_sync
+
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for v in VERSIONS:
+        write_zip(folder / f"app-{v}.zip", "app", app_files(v))
+        entries.append({"version": v, "file": f"app-{v}.zip", "hooks": {"migrate": [sys.executable, "migrate.py"]}})
+    matrix = [{"release": v.rsplit(".", 1)[0], "app": v} for v in VERSIONS]
+    (folder / "releases.json").write_text(json.dumps({"app": entries, "compatMatrix": matrix}))
+    release_sync(folder)
+    return {r.name: r for r in Release.objects.all()}
+
+
+def make_fleet_customer(team, root: Path, *, port: int, pg: dict | None = None, tags: str = ""):
+    """A customer at 1.0 with its app running under PM2 (its own PM2 home), SQLite unless `pg` is given."""
+    from customers.models import Customer, Service
+    from customers.services import customer_create
+    from engines import dburl
+
+    app = root / "app"
+    app.mkdir(parents=True)
+    for name, text in app_files("1.0.0").items():
+        (app / name).write_text(text)
+    if pg is None:
+        (root / "data").mkdir()
+        db_path = root / "data" / "app.sqlite3"
+        con = sqlite3.connect(db_path)
+        con.execute("CREATE TABLE items (id integer PRIMARY KEY, note text)")
+        con.executemany("INSERT INTO items (note) VALUES (?)", [(f"item {i}",) for i in range(20)])
+        con.commit()
+        con.close()
+        url = f"sqlite:///{db_path}"
+    else:
+        import psycopg
+
+        with psycopg.connect(pg["url"], autocommit=True) as con:
+            con.execute("CREATE TABLE items (id serial PRIMARY KEY, note text)")
+            con.execute("INSERT INTO items (note) SELECT 'item ' || g FROM generate_series(1, 20) g")
+        url = pg["url"]
+    env = app / ".env"
+    env.write_text(f"PORT={port}\nDATABASE_URL={url}\n")
+    os.chmod(env, 0o600)
+    customer = customer_create(domain=f"f{uuid.uuid4().hex[:8]}.example.com", root=str(root), team=team,
+                               services=[("app", "app")], databases=[("main", dburl.parse(url))],
+                               versions={"app": "1.0.0"})
+    Customer.objects.filter(pk=customer.pk).update(tags=tags)
+    name = f"fl-{uuid.uuid4().hex[:8]}"
+    Service.objects.filter(customer=customer, name="app").update(
+        process_manager="pm2", app_name=name, health_url=f"http://127.0.0.1:{port}/health")
+    eco = root / ecosystem.FILE_NAME
+    ecosystem.write(eco, [ecosystem.app(name, cwd=app, folder=app, env={"PORT": str(port), "DATABASE_URL": url})])
+    spec = procman.ServiceSpec(name="app", folder=str(app), manager="pm2", app_name=name, ecosystem=str(eco),
+                               root=str(root), pm2_home=procman.pm2_home_for(root))
+    procman.Pm2Manager(settle=0.3).start(spec)
+    customer.refresh_from_db()
+    customer.port = port
+    return customer
+
+
+def files_state(root: Path) -> dict[str, str]:
+    """Every file's sha256 (SQLite files too: bytes, not rows) and every link's target; PM2's runtime left out."""
+    state = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d != procman.PM2_HOME_NAME]
+        for name in sorted(dirnames + filenames):
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, root)
+            if os.path.islink(path):
+                state[rel] = "-> " + os.readlink(path)
+            elif os.path.isfile(path):
+                state[rel] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+            else:
+                state[rel] = "dir"
+    return state

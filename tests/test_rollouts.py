@@ -1,0 +1,387 @@
+"""Fleet rollouts (rollouts/): a release taken to a fleet in waves, with gates, bakes, pauses and a safe halt.
+
+The fleet is real: each customer's app runs under PM2 from npm and answers its health URL, its database is SQLite
+or PostgreSQL, and each upgrade is the real per-customer upgrade (backup, hooks, switch, health, rollback).
+Prometheus gates ask Debian's `prometheus` server, which evaluates the PromQL.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import urllib.request
+from datetime import UTC, timedelta
+from pathlib import Path
+
+import pytest
+from django.utils import timezone
+
+from engines import rolloutplan
+from tests.conftest import free_ports, kill_pm2_under, port_open, require, wait_until
+
+
+def _cli(*args) -> tuple[int, dict]:
+    from django.core.management import CommandError, call_command
+
+    out = io.StringIO()
+    try:
+        call_command("rollout", *args, "--json", stdout=out, stderr=io.StringIO())
+        code = 0
+    except CommandError as exc:
+        code = exc.returncode
+    text = out.getvalue().strip()
+    return code, (json.loads(text) if text else {})
+
+
+def _get(url: str) -> str:
+    with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=5) as resp:
+        return resp.read().decode()
+
+
+@pytest.fixture
+def fleet(transactional_db, team, settings, tmp_path):
+    """make(sqlite=N, pg=M, tags={i: "canary"}) -> customers at 1.0, running; `releases` {name: Release}."""
+    from engines import procman
+    from tests.rollout_fixtures import make_fleet_customer, sync_fleet_releases
+
+    require(os.path.exists(procman.pm2_binary()), "PM2 from npm (make install)")
+    settings.KASA_HEALTH_STREAK, settings.KASA_HEALTH_INTERVAL, settings.KASA_HEALTH_TIMEOUT = 1, 0.2, 8
+    settings.KASA_PM2_SETTLE, settings.KASA_ROLLOUT_HEALTH_TIMEOUT = 0.3, 3
+    made, databases = [], []
+
+    class Fleet:
+        releases = sync_fleet_releases(tmp_path / "pkg")
+
+        def make(self, *, sqlite: int = 0, pg: int = 0, tags: dict | None = None):
+            out = []
+            for i in range(sqlite + pg):
+                db = _pg_database(databases) if i >= sqlite else None
+                root = Path(settings.KASA_CUSTOMERS_ROOT) / f"fl-{os.urandom(3).hex()}"
+                c = make_fleet_customer(team, root, port=free_ports(1), pg=db, tags=(tags or {}).get(i, ""))
+                c.pg = db
+                made.append(c)
+                out.append(c)
+            return out
+
+    yield Fleet()
+    for c in made:
+        kill_pm2_under(c.root)
+        shutil.rmtree(c.root, ignore_errors=True)
+    for name in databases:
+        _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        _pg_admin(f'DROP ROLE IF EXISTS "{name}"')
+
+
+def _pg_admin(sql: str) -> None:
+    import psycopg
+
+    from tests.conftest import PG_ADMIN, PG_HOST, PG_PORT
+
+    with psycopg.connect(host=PG_HOST, port=PG_PORT, user=PG_ADMIN, dbname="postgres", autocommit=True) as con:
+        con.execute(sql)
+
+
+def _pg_database(created: list) -> dict:
+    from tests.conftest import PG_HOST, PG_PORT
+
+    name, password = f"kasa_t_{os.urandom(5).hex()}", f"pw-{os.urandom(8).hex()}"
+    _pg_admin(f"CREATE ROLE \"{name}\" LOGIN CREATEDB PASSWORD '{password}'")
+    _pg_admin(f'CREATE DATABASE "{name}" OWNER "{name}"')
+    created.append(name)
+    return {"host": PG_HOST, "port": PG_PORT, "name": name, "user": name, "password": password,
+            "url": f"postgresql://{name}:{password}@{PG_HOST}:{PG_PORT}/{name}"}
+
+
+def _rows(c) -> list:
+    """The customer's items, from its own database."""
+    if c.pg is None:
+        import sqlite3
+
+        con = sqlite3.connect(Path(c.root) / "data" / "app.sqlite3")
+        try:
+            return con.execute("SELECT id, note FROM items ORDER BY id").fetchall()
+        finally:
+            con.close()
+    import psycopg
+
+    with psycopg.connect(c.pg["url"]) as con:
+        return con.execute("SELECT id, note FROM items ORDER BY id").fetchall()
+
+
+# --- the arithmetic (no Django) ---------------------------------------------------------------------------------
+@pytest.mark.smoke
+def test_waves_are_cumulative_percentages_rounded_up_with_at_least_one_customer_each():
+    assert rolloutplan.wave_counts(12, [10, 50, 100]) == [(10, 2), (50, 4), (100, 6)]
+    assert rolloutplan.wave_counts(3, [10, 25, 50, 100]) == [(10, 1), (25, 1), (50, 1)]  # a wave per customer
+    assert rolloutplan.wave_counts(200, [10, 25, 50, 100]) == [(10, 20), (25, 30), (50, 50), (100, 100)]
+    assert rolloutplan.parse_bakes("30m,1h,2h", 4) == [1800, 3600, 7200, 0]
+    assert rolloutplan.parse_bakes("0", 3) == [0, 0, 0]
+    assert rolloutplan.parse_bakes("90s", 3) == [90, 90, 0]
+    for bad in ("10,5,100", "10,50", "0,100", "ten"):
+        with pytest.raises(rolloutplan.PlanError):
+            rolloutplan.parse_percents(bad)
+    members = [(f"c{i}.example.com", i == 7) for i in range(10)]
+    first = rolloutplan.assign_waves(members, [10, 50, 100])
+    assert first == rolloutplan.assign_waves(list(reversed(members)), [10, 50, 100])  # stable, whatever the order
+    assert first[0][1] == ["c7.example.com"]  # the canary first
+
+
+@pytest.mark.smoke
+def test_a_window_spanning_midnight_contains_the_night_and_names_its_next_opening():
+    from datetime import datetime
+
+    win = rolloutplan.parse_window("22:00-04:00", "Europe/Berlin")
+    assert win.contains(datetime(2026, 12, 5, 23, 30, tzinfo=UTC))  # 00:30 in Berlin
+    assert not win.contains(datetime(2026, 12, 5, 12, 0, tzinfo=UTC))
+    opens = win.next_opening(datetime(2026, 12, 5, 12, 0, tzinfo=UTC))
+    assert opens.astimezone(UTC) == datetime(2026, 12, 5, 21, 0, tzinfo=UTC)
+    with pytest.raises(rolloutplan.PlanError, match="time zone"):
+        rolloutplan.parse_window("01:00-05:00", "Mars/Olympus")
+
+
+# --- planning ----------------------------------------------------------------------------------------------------
+def test_the_plan_skips_pinned_bad_installed_and_busy_customers_and_puts_canaries_first(make_customer, tmp_path):
+    from customers.models import Customer
+    from rollouts import planning, services
+    from tests.rollout_fixtures import sync_fleet_releases
+    from upgrades.models import BadRelease
+
+    releases = sync_fleet_releases(tmp_path / "pkg")
+    cs = [make_customer(f"p{i}.example.com") for i in range(8)]
+    Customer.objects.filter(pk__in=[c.pk for c in cs]).update(versions={"app": "1.0.0"})
+    Customer.objects.filter(pk=cs[0].pk).update(version_pin="1.0", version_pin_reason="waits for its audit")
+    BadRelease.objects.create(customer=cs[1], release=releases["1.1"], reason="rolled back on 1 Dec")
+    Customer.objects.filter(pk=cs[2].pk).update(versions={"app": "1.1.0"})
+    Customer.objects.filter(pk=cs[3].pk).update(versions={})
+    Customer.objects.filter(pk=cs[7].pk).update(tags="canary")
+    plan = planning.plan(releases["1.1"], percents="25,100", bakes="0")
+    reasons = {s["domain"]: s["reason"] for s in plan.skipped}
+    assert "pinned to 1.0: waits for its audit" in reasons["p0.example.com"]
+    assert "failed for it before" in reasons["p1.example.com"]
+    assert reasons["p2.example.com"] == "already on 1.1"
+    assert "no release installed" in reasons["p3.example.com"]
+    assert [len(w) for w in plan.waves] == [1, 3] and plan.waves[0][0].domain == "p7.example.com"
+    assert plan.document() == planning.plan(releases["1.1"], percents="25,100", bakes="0").document()
+
+    rollout = services.rollout_create(plan)
+    again = planning.plan(releases["1.1"], domains=["p4.example.com"], percents="100", bakes="0")
+    assert again.skipped == [{"domain": "p4.example.com", "reason": f"in rollout #{rollout.pk}"}]
+    with pytest.raises(services.RolloutError, match="no customer"):
+        services.rollout_create(again)
+    only_tagged = planning.plan(releases["1.1"], tags=["Canary"], percents="100", bakes="0")
+    assert [c.domain for c in only_tagged.members] == [] and only_tagged.skipped[0]["reason"].startswith("in rollout")
+
+
+# --- the fleet ---------------------------------------------------------------------------------------------------
+def test_a_fleet_of_twelve_rolls_to_a_good_release_in_three_waves_and_everyone_ends_on_it(fleet):
+    from customers.models import Customer
+    from rollouts.models import Rollout
+
+    customers = fleet.make(sqlite=9, pg=3, tags={4: "canary"})
+    code, doc = _cli("start", "--to", "1.1", "--waves", "10,50,100", "--bake", "0")
+    assert code == 0, doc
+    assert doc["status"] == "completed" and doc["counts"] == {"upgraded": 12}
+    assert [len(w["customers"]) for w in doc["waves"]] == [2, 4, 6]
+    assert customers[4].domain in [c["customer"] for c in doc["waves"][0]["customers"]]  # the canary goes first
+    for w in doc["waves"]:
+        assert w["state"] == "succeeded"
+        assert {g["gate"]: g["result"] for g in w["gates"]} == {"failures": "successful", "health": "successful"}
+    for c in customers:
+        assert Customer.objects.get(pk=c.pk).versions == {"app": "1.1.0"}
+        assert _get(f"http://127.0.0.1:{c.port}/version") == "1.1.0"
+        assert all(note.endswith(" 1.1.0") for _, note in _rows(c))  # its migration ran against its own database
+    rollout = Rollout.objects.get(pk=doc["id"])
+    assert not rollout.targets.filter(active=True).exists()  # the customers are free for the next rollout
+
+
+def test_a_failing_migration_in_the_first_wave_halts_with_that_customer_rolled_back_and_the_rest_untouched(fleet):
+    from customers.models import Customer
+    from tests.restore_helpers import tree_state
+    from tests.rollout_fixtures import files_state
+    from upgrades.models import Upgrade
+
+    customers = fleet.make(sqlite=3, pg=1)
+    before = {c.pk: (files_state(Path(c.root)), tree_state(Path(c.root)), _rows(c)) for c in customers}
+    code, doc = _cli("start", "--to", "1.2", "--waves", "25,100", "--bake", "0", "--concurrency", "1")
+    assert code == 1 and doc["status"] == "halted", doc
+    assert "wave 1" in doc["reason"] and "failed upgrade" in doc["reason"]
+    first = doc["waves"][0]["customers"][0]
+    assert first["state"] == "failed" and first["upgrade_status"] == Upgrade.Status.ROLLED_BACK
+    assert doc["waves"][1]["state"] == "pending" and {c["state"] for c in doc["waves"][1]["customers"]} == {
+        "not_started"}
+    for c in customers:
+        files, tree, rows = before[c.pk]
+        assert Customer.objects.get(pk=c.pk).versions == {"app": "1.0.0"}
+        assert _get(f"http://127.0.0.1:{c.port}/version") == "1.0.0"
+        assert _rows(c) == rows  # the half-done migration of the failed one was put back
+        if c.domain == first["customer"]:
+            assert tree_state(Path(c.root)) == tree  # rolled back: the same files and modes
+        else:
+            assert files_state(Path(c.root)) == files  # never touched: byte for byte
+
+
+def test_revert_mode_rolls_back_the_earlier_waves_when_a_later_wave_fails(fleet):
+    from customers.models import Customer
+    from rollouts import planning
+
+    customers = fleet.make(sqlite=3)
+    plan = planning.plan(fleet.releases["1.1"], domains=[c.domain for c in customers], percents="33,100",
+                         bakes="0")
+    late = {c.domain for c in plan.waves[1]}
+    for c in customers:
+        if c.domain in late:  # their migration fails: wave 2 fails after wave 1 has upgraded
+            env = Path(c.root) / "app" / ".env"
+            env.write_text(env.read_text() + "FAIL_MIGRATE=1\n")
+    code, doc = _cli("start", "--to", "1.1", "--waves", "33,100", "--bake", "0", "--on-failure", "revert")
+    assert code == 1 and doc["status"] == "aborted", doc
+    early = doc["waves"][0]["customers"][0]
+    assert early["state"] == "reverted" and early["revert"]
+    assert {c["state"] for c in doc["waves"][1]["customers"]} == {"failed"}
+    for c in customers:
+        assert Customer.objects.get(pk=c.pk).versions == {"app": "1.0.0"}
+        assert _get(f"http://127.0.0.1:{c.port}/version") == "1.0.0"
+        assert all(not note.endswith("1.1.0") for _, note in _rows(c))
+
+
+def test_pause_and_resume_during_a_bake_and_a_driver_lost_mid_tick_is_taken_over_once_its_lease_ends(fleet):
+    from operations.services import run_execute
+    from rollouts import driver, services
+    from rollouts.models import Rollout, RolloutWave
+
+    fleet.make(sqlite=2)
+    code, doc = _cli("start", "--to", "1.1", "--waves", "50,100", "--bake", "2s", "--enqueue")
+    assert code == 0 and doc["status"] == "scheduled", doc
+    rollout = Rollout.objects.get(pk=doc["id"])
+
+    def tick():  # what the worker's scheduler does, its runs executed at once
+        return driver.advance(rollout.pk, start_run=lambda run: run_execute(run.pk))
+
+    wait_until(lambda: tick() and rollout.waves.get(position=1).state == RolloutWave.State.BAKING, 60,
+               what="wave 1 baking")
+    services.rollout_pause(Rollout.objects.get(pk=rollout.pk), via="cli")
+    time.sleep(2.2)  # the bake has run out meanwhile: a paused rollout still does not go on
+    tick()
+    rollout.refresh_from_db()
+    assert rollout.status == "paused" and rollout.paused_by == "operator"
+    assert rollout.waves.get(position=2).state == "pending"
+    assert not rollout.targets.filter(wave__position=2).exclude(state="pending").exists()
+
+    # A worker died mid-tick: its lease holds the rollout, then runs out and another tick takes over.
+    services.rollout_resume(rollout, via="cli")
+    Rollout.objects.filter(pk=rollout.pk).update(lease_until=timezone.now() + timedelta(minutes=5))
+    assert tick() is None
+    Rollout.objects.filter(pk=rollout.pk).update(lease_until=timezone.now() - timedelta(seconds=1))
+    wait_until(lambda: (tick() or True) and Rollout.objects.get(pk=rollout.pk).status == "completed", 60,
+               what="the rollout to complete")
+    assert rollout.targets.filter(state="upgraded").count() == 2
+
+
+def test_outside_its_window_a_rollout_starts_nothing_and_goes_on_when_the_window_opens(make_customer, tmp_path,
+                                                                                     monkeypatch):
+    from customers.models import Customer
+    from operations.services import run_cancel
+    from rollouts import driver, planning, services
+    from tests.rollout_fixtures import sync_fleet_releases
+
+    releases = sync_fleet_releases(tmp_path / "pkg")
+    c = make_customer("w1.example.com")
+    Customer.objects.filter(pk=c.pk).update(versions={"app": "1.0.0"})
+    now = timezone.now()
+    start = (now + timedelta(hours=2)).time().replace(second=0, microsecond=0)
+    end = (now + timedelta(hours=3)).time().replace(second=0, microsecond=0)
+    rollout = services.rollout_create(planning.plan(releases["1.1"], percents="100", bakes="0"),
+                                      window=f"{start:%H:%M}-{end:%H:%M}")
+    started = []
+    driver.advance(rollout.pk, start_run=started.append)
+    rollout.refresh_from_db()
+    assert rollout.status == "paused" and rollout.paused_by == "window" and "outside its window" in rollout.reason
+    assert started == [] and rollout.targets.get().upgrade is None
+
+    later = now + timedelta(hours=2, minutes=10)
+    monkeypatch.setattr(driver.timezone, "now", lambda: later)
+    driver.advance(rollout.pk, start_run=started.append)
+    rollout.refresh_from_db()
+    assert rollout.status == "progressing" and len(started) == 1
+    assert rollout.targets.get().state == "upgrading"
+    run_cancel(started[0], via="cli")  # not executed here: the window's part is done
+
+
+# --- gates against a real Prometheus -------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def prometheus():
+    binary = shutil.which("prometheus") or "/usr/bin/prometheus"
+    require(os.path.exists(binary), "Debian's prometheus (make system-deps)")
+    folder = tempfile.mkdtemp(prefix="kasa-prom-")
+    (Path(folder) / "prometheus.yml").write_text("global:\n  scrape_interval: 15s\nscrape_configs: []\n")
+    port = free_ports(1)
+    proc = subprocess.Popen([binary, f"--config.file={folder}/prometheus.yml", f"--storage.tsdb.path={folder}/data",
+                             f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, cwd=folder)
+    try:
+        wait_until(lambda: port_open("127.0.0.1", port, 0.2) and _ready(port), 30, what="prometheus to be ready")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _ready(port: int) -> bool:
+    try:
+        return "Ready" in _get(f"http://127.0.0.1:{port}/-/ready")
+    except OSError:
+        return False
+
+
+def test_prometheus_gates_pass_fail_are_inconclusive_without_data_and_error_when_unreachable(
+        prometheus, settings, make_customer, tmp_path):
+    from rollouts import gates, planning, services
+    from tests.rollout_fixtures import sync_fleet_releases
+
+    releases = sync_fleet_releases(tmp_path / "pkg")
+    c = make_customer("g1.example.com")
+    type(c).objects.filter(pk=c.pk).update(versions={"app": "1.0.0"})
+    rollout = services.rollout_create(planning.plan(releases["1.1"], percents="100", bakes="0"))
+    settings.KASA_PROMETHEUS_URL = prometheus
+
+    def measure(text):
+        return gates.prometheus_gate(rollout, services.parse_prometheus(text))
+
+    assert measure("vector(0.01) < 0.05").result == "successful"
+    failed = measure("vector(1) < 0.5")
+    assert failed.result == "failed" and "break < 0.5" in failed.summary
+    nodata = measure('sum(http_errors_total{customer=~"$customers"}) < 1')
+    assert nodata.result == "inconclusive" and nodata.evidence["samples"] == []
+    assert measure("vector(1) +* 2 < 1").result == "error"  # Prometheus refuses the PromQL: HTTP 400
+    settings.KASA_PROMETHEUS_URL = "http://127.0.0.1:9"
+    assert measure("vector(0) < 1").result == "error"
+
+
+def test_an_inconclusive_prometheus_gate_pauses_the_rollout_until_a_person_promotes_it(fleet, prometheus,
+                                                                                        settings):
+    from rollouts.models import Rollout
+
+    settings.KASA_PROMETHEUS_URL = prometheus
+    fleet.make(sqlite=2)
+    code, doc = _cli("start", "--to", "1.1", "--waves", "50,100", "--bake", "0", "--enqueue", "--prometheus",
+                     'sum(rate(http_requests_total{customer=~"$customers",code=~"5.."}[5m])) < 0.05')
+    assert code == 0
+    from operations.services import run_execute
+    from rollouts import driver
+
+    rid = doc["id"]
+    wait_until(lambda: (driver.advance(rid, start_run=lambda run: run_execute(run.pk)) or True)
+               and Rollout.objects.get(pk=rid).status == "paused", 60, what="the inconclusive pause")
+    code, doc = _cli("show", str(rid))
+    assert doc["paused_by"] == "inconclusive" and "no data" in doc["reason"]
+    assert doc["waves"][1]["state"] == "pending"  # nothing of wave 2 started on missing data
+    code, doc = _cli("promote", str(rid))  # a person accepts wave 1 without the data
+    assert code == 0 and doc["waves"][0]["state"] == "succeeded"
+    wait_until(lambda: (driver.advance(rid, start_run=lambda run: run_execute(run.pk)) or True)
+               and Rollout.objects.get(pk=rid).status == "paused", 60, what="wave 2's gate")
+    assert Rollout.objects.get(pk=rid).targets.filter(state="upgraded").count() == 2
