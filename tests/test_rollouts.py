@@ -199,13 +199,15 @@ def test_a_fleet_of_twelve_rolls_to_a_good_release_in_three_waves_and_everyone_e
     assert not rollout.targets.filter(active=True).exists()  # the customers are free for the next rollout
 
 
-def test_a_failing_migration_in_the_first_wave_halts_with_that_customer_rolled_back_and_the_rest_untouched(fleet):
+def test_a_failing_migration_in_the_first_wave_halts_with_that_customer_rolled_back_and_the_rest_untouched(
+        fleet, settings, mailoutbox):
     from customers.models import Customer
     from tests.restore_helpers import tree_state
     from tests.rollout_fixtures import files_state
     from upgrades.models import Upgrade
 
     customers = fleet.make(sqlite=3, pg=1)
+    settings.KASA_ROLLOUT_EMAILS = ["ops@example.com"]
     before = {c.pk: (files_state(Path(c.root)), tree_state(Path(c.root)), _rows(c)) for c in customers}
     code, doc = _cli("start", "--to", "1.2", "--waves", "25,100", "--bake", "0", "--concurrency", "1")
     assert code == 1 and doc["status"] == "halted", doc
@@ -223,6 +225,8 @@ def test_a_failing_migration_in_the_first_wave_halts_with_that_customer_rolled_b
             assert tree_state(Path(c.root)) == tree  # rolled back: the same files and modes
         else:
             assert files_state(Path(c.root)) == files  # never touched: byte for byte
+    [mail] = mailoutbox
+    assert "halted" in mail.subject and "1 failed" in mail.body and "3 not started" in mail.body
 
 
 def test_revert_mode_rolls_back_the_earlier_waves_when_a_later_wave_fails(fleet):
