@@ -141,7 +141,7 @@ class CustomerAdmin(FleetScaleMixin, TeamScopedAdminMixin, AuditedAdminMixin, ad
     list_display = ("domain", "name", "team", "status_badge", "versions_display", "last_run")
     list_filter = ("status", ("team", scoped_filter(teams_of)))
     ordering = ("domain",)  # explicit: the last run's GROUP BY drops Meta.ordering (autocomplete pages)
-    search_fields = ("domain", "name")
+    search_fields = ("domain", "name", "tags")
     list_select_related = ("team",)
     inlines = [ServiceInline, DatabaseInline]
     actions = ["check_action"]  # and those of customers.page (get_actions)
@@ -153,7 +153,8 @@ class CustomerAdmin(FleetScaleMixin, TeamScopedAdminMixin, AuditedAdminMixin, ad
         the record in a folded section (an upgrade keeps it), and sets it on a new customer."""
         runtime = permissions.has(request.user, permissions.RUNTIME)
         what_runs = ("root", "run_as") if obj is not None or not runtime else ("root", "run_as", "versions")
-        sets = [(None, {"fields": (("domain", "name"), ("team", "status"))}),
+        sets = [(None, {"fields": (("domain", "name"), ("team", "status"), "tags",
+                                   ("version_pin", "version_pin_reason"))}),
                 ("What runs", {"fields": what_runs, "classes": ("kasa-what-runs",)})]
         if obj is not None:
             if runtime:

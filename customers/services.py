@@ -45,7 +45,7 @@ def _validation_message(exc: ValidationError) -> str:
 def customer_create(
     *, domain: str, root: str, team: Team, name: str = "", services: list[tuple[str, str]] = (),
     databases: list[tuple[str, dburl.DatabaseURL]] = (), versions: dict[str, str] | None = None,
-    uuid=None, actor=None, via: str = AuditEntry.Source.CLI,
+    uuid=None, actor=None, via: str = AuditEntry.Source.CLI, tags: str = "",
 ) -> Customer:
     """Create a customer with its services and databases, all validated, or nothing.
 
@@ -55,7 +55,7 @@ def customer_create(
     """
     permissions.require(actor, permissions.RUNTIME)
     customer = Customer(domain=domain.lower().strip(), root=root, name=name or domain, team=team,
-                        versions=versions or {})
+                        versions=versions or {}, tags=tags)
     if uuid is not None:
         customer.uuid = uuid
     try:
@@ -97,6 +97,9 @@ def customer_describe(customer: Customer) -> dict:
         "status": customer.status,
         "root": customer.root,
         "versions": customer.versions,
+        "tags": customer.tag_list(),
+        "pinned_to": {"release": customer.version_pin, "reason": customer.version_pin_reason} if customer.version_pin
+        else None,
         "services": [
             {"name": s.name, "path": s.path, "process_manager": s.process_manager, "health_url": s.health_url}
             for s in customer.services.all()

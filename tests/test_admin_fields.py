@@ -150,3 +150,21 @@ def test_every_admin_page_links_the_favicon_and_favicon_ico_leads_to_it(client, 
     client.logout()
     response = client.get("/favicon.ico")  # browsers ask without a session: it needs none and shows nothing else
     assert response.status_code == 302 and response["Location"] == icon
+
+
+def test_tags_are_normalized_and_checked_alike_by_customer_add_and_the_model_and_a_pin_needs_a_reason(
+        make_customer, customer_root):
+    out = StringIO()
+    call_command("customer_add", "tagged.example.com", "--root", str(customer_root.with_name("tagged-root")),
+                 "--tag", "Canary", "--tag", "eu-west canary", "--json", stdout=out)
+    assert json.loads(out.getvalue())["tags"] == ["canary", "eu-west"]
+    assert list(Customer.objects.tagged("CANARY").values_list("domain", flat=True)) == ["tagged.example.com"]
+    with pytest.raises(CommandError) as refused:
+        call_command("customer_add", "bad-tag.example.com", "--root", str(customer_root.with_name("bt-root")),
+                     "--tag", "a/b", stdout=StringIO())
+    assert refused.value.returncode == 2 and "not: a/b" in str(refused.value)
+    customer = make_customer()
+    customer.version_pin = "2.4"
+    with pytest.raises(ValidationError) as bad:
+        customer.full_clean()
+    assert "say why" in str(bad.value.message_dict["version_pin_reason"])

@@ -25,6 +25,7 @@ class Command(KasaCommand):
         parser.add_argument("--version", dest="versions", action="append", default=[],
                             metavar="COMPONENT=VERSION")
         parser.add_argument("--team", default="", help="team name (created if missing; default: Default)")
+        parser.add_argument("--tag", action="append", default=[], help="a tag for rollouts (repeat), e.g. canary")
 
     def handle(self, *args, **o):
         try:
@@ -41,7 +42,8 @@ class Command(KasaCommand):
         team, _ = Team.objects.get_or_create(name=o["team"] or "Default")
         try:
             customer = customer_create(domain=o["domain"], root=o["root"], name=o["name"], team=team,
-                                       services=services, databases=databases, versions=versions)
+                                       services=services, databases=databases, versions=versions,
+                                       tags=",".join(o["tag"]))
         except CustomerInputError as exc:
             raise BadInput(str(exc)) from None
         if self.json_output:
