@@ -46,7 +46,9 @@ from pathlib import Path
 from engines import paths
 from engines.zipcheck import GiB, Limits, MiB, ZipRefused, ZipReport, check_zip  # noqa: F401 (re-exported)
 
-HOOKS = ("install", "migrate", "build")
+HOOKS = ("install", "migrate", "build")  # run in this order, before the services stop
+SMOKE = "smoke"  # run once the new release answers (blue-green: beside the live one), with KASA_SMOKE_URL
+ALL_HOOKS = (*HOOKS, SMOKE)
 MATRIX = "compatMatrix"
 _RESERVED = {MATRIX, "release", "notes", "from"}  # cannot be component names: they mean something in rows/requires
 _COMPONENT = re.compile(r"[a-z][a-z0-9_-]{0,31}\Z")
@@ -396,12 +398,12 @@ def _parse_hooks(where: str, raw, problems: list[str]) -> dict[str, list[str]]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        problems.append(f"{where}: hooks must be an object of {', '.join(HOOKS)} → argv list")
+        problems.append(f"{where}: hooks must be an object of {', '.join(ALL_HOOKS)} → argv list")
         return {}
     out = {}
     for name, argv in raw.items():
-        if name not in HOOKS:
-            problems.append(f"{where}: unknown hook {name!r} (known: {', '.join(HOOKS)})")
+        if name not in ALL_HOOKS:
+            problems.append(f"{where}: unknown hook {name!r} (known: {', '.join(ALL_HOOKS)})")
         elif (not isinstance(argv, list) or not argv
               or not all(isinstance(a, str) and a and "\x00" not in a for a in argv)):
             problems.append(f"{where}: hook {name} must be a non-empty list of strings (an argv such as "

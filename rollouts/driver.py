@@ -181,7 +181,8 @@ class _Tick:
         try:
             with transaction.atomic():
                 run = upgrade_start(customer, self.rollout.release, requested_by=self.rollout.requested_by,
-                                    via=self.via, force=force, enqueue=self.start_run is None)
+                                    via=self.via, force=force, enqueue=self.start_run is None,
+                                    strategy=self.rollout.strategy)
                 RolloutTarget.objects.filter(pk=t.pk, state=T.PENDING).update(
                     state=T.UPGRADING, upgrade=run.upgrade, attempts=t.attempts + 1, started_at=self.now,
                     finished_at=None, error="", from_versions=dict(customer.versions or {}))

@@ -36,8 +36,9 @@ class Rollout(models.Model):
         HALT = "halt", "Halt (upgraded customers stay on the new release)"
         REVERT = "revert", "Revert (roll back every customer this rollout upgraded)"
 
-    class Strategy(models.TextChoices):
+    class Strategy(models.TextChoices):  # each customer's upgrade (upgrades.Upgrade.Strategy)
         IN_PLACE = "in-place", "In place (stop, switch, start)"
+        BLUE_GREEN = "blue-green", "Blue-green (the new release checked beside the live one first)"
 
     class PausedBy(models.TextChoices):
         NONE = "", "—"

@@ -47,11 +47,25 @@ if version == "1.2.0" or os.environ.get("FAIL_MIGRATE"):
     sys.exit(1)
 """
 
+# Run once the new release answers: it asks the copy under test and the live service for their versions and
+# writes down what it saw (blue-green: the new one beside the old, still live).
+SMOKE_PY = r"""
+import os, urllib.request
+def version(base):
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    return opener.open(base + "version", timeout=5).read().decode()
+seen = f"smoke {version(os.environ['KASA_SMOKE_URL'])} beside live {version(os.environ['KASA_LIVE_URL'])}"
+open("smoke-seen.txt", "a").write(seen + "\n")
+print(seen)
+if os.environ.get("FAIL_SMOKE"):
+    raise SystemExit("smoke test failed: the new release answers wrong")
+"""
+
 VERSIONS = ("1.0.0", "1.1.0", "1.2.0")
 
 
 def app_files(version: str) -> dict[str, str]:
-    return {"server.js": APP_JS, "migrate.py": MIGRATE_PY, "VERSION": f"{version}\n",
+    return {"server.js": APP_JS, "migrate.py": MIGRATE_PY, "smoke.py": SMOKE_PY, "VERSION": f"{version}\n",
             "package.json": json.dumps({"name": "app", "version": version, "main": "server.js"}),
             ".env.example": "PORT=\nDATABASE_URL=\n"}
 
@@ -64,7 +78,8 @@ def sync_fleet_releases(folder: Path) -> dict:
     entries = []
     for v in VERSIONS:
         write_zip(folder / f"app-{v}.zip", "app", app_files(v))
-        entries.append({"version": v, "file": f"app-{v}.zip", "hooks": {"migrate": [sys.executable, "migrate.py"]}})
+        entries.append({"version": v, "file": f"app-{v}.zip", "hooks": {"migrate": [sys.executable, "migrate.py"],
+                                                                        "smoke": [sys.executable, "smoke.py"]}})
     matrix = [{"release": v.rsplit(".", 1)[0], "app": v} for v in VERSIONS]
     (folder / "releases.json").write_text(json.dumps({"app": entries, "compatMatrix": matrix}))
     release_sync(folder)

@@ -389,3 +389,57 @@ def test_an_inconclusive_prometheus_gate_pauses_the_rollout_until_a_person_promo
     wait_until(lambda: (driver.advance(rid, start_run=lambda run: run_execute(run.pk)) or True)
                and Rollout.objects.get(pk=rid).status == "paused", 60, what="wave 2's gate")
     assert Rollout.objects.get(pk=rid).targets.filter(state="upgraded").count() == 2
+
+
+# --- blue-green ---------------------------------------------------------------------------------------------------
+def test_blue_green_checks_the_new_release_beside_the_live_one_which_answers_until_the_switch(fleet):
+    from engines import procman
+    from upgrades.models import Upgrade
+
+    [c] = fleet.make(sqlite=1)
+    code, doc = _cli("start", "--to", "1.1", "--waves", "100", "--bake", "0", "--strategy", "blue-green")
+    assert code == 0 and doc["status"] == "completed", doc
+    up = Upgrade.objects.get(pk=doc["waves"][0]["customers"][0]["upgrade"])
+    assert up.strategy == "blue-green"
+    names = [s.name for s in up.steps.order_by("position")]
+    assert names.index("migrate") < names.index("green") < names.index("stop")  # migrations once, before
+    root = Path(c.root)
+    # The smoke hook ran against the green copy on its own port while the live service still served 1.0.0.
+    assert (root / "app" / "smoke-seen.txt").read_text() == "smoke 1.1.0 beside live 1.0.0\n"
+    assert _get(f"http://127.0.0.1:{c.port}/version") == "1.1.0"
+    svc = c.services.get(name="app")
+    spec = procman.ServiceSpec(name="app", folder=str(root / "app"), manager="pm2", app_name=svc.app_name,
+                               root=str(root), pm2_home=procman.pm2_home_for(root))
+    assert [a["name"] for a in procman.Pm2Manager().apps(spec)] == [svc.app_name]  # the green copy is gone
+    assert not list(root.glob("ecosystem.kasa-green-*"))
+
+
+def test_a_blue_green_upgrade_whose_smoke_test_fails_is_undone_before_any_switch_and_leaves_no_green_copy(fleet):
+    from django.core.management import CommandError, call_command
+
+    from customers.models import Customer
+    from engines import procman
+
+    [c] = fleet.make(sqlite=1)
+    root = Path(c.root)
+    env = root / "app" / ".env"
+    env.write_text(env.read_text() + "FAIL_SMOKE=1\n")
+    svc = c.services.get(name="app")
+    spec = procman.ServiceSpec(name="app", folder=str(root / "app"), manager="pm2", app_name=svc.app_name,
+                               root=str(root), pm2_home=procman.pm2_home_for(root))
+    out = io.StringIO()
+    with pytest.raises(CommandError) as failed:
+        call_command("upgrade", c.domain, "--to", "1.1", "--strategy", "blue-green", "--json", stdout=out,
+                     stderr=io.StringIO())
+    doc = json.loads(out.getvalue())
+    assert failed.value.returncode == 1 and doc["status"] == "rolled_back", doc
+    assert "smoke hook" in doc["error"] and "answers wrong" in doc["error"]
+    assert [a["name"] for a in procman.Pm2Manager().apps(spec)] == [svc.app_name]
+    steps = [(st["name"], st["status"]) for st in doc["steps"]]
+    # It failed beside the live service: nothing had stopped or switched it (the way back then restored the
+    # database the migration had changed, which stops the services for a moment, as any rollback does).
+    assert steps[steps.index(("green", "failed")) - 1] == ("migrate", "succeeded")
+    assert not any(name in ("stop", "switch") for name, _ in steps)
+    assert _get(f"http://127.0.0.1:{c.port}/version") == "1.0.0"
+    assert Customer.objects.get(pk=c.pk).versions == {"app": "1.0.0"}
+    assert not list(root.glob("ecosystem.kasa-green-*")) and not (root / "releases" / "1.1.0").exists()

@@ -28,6 +28,10 @@ class Upgrade(models.Model):
         ROLLBACK = "rollback", "Rollback"
         INSTALL = "install", "Install"
 
+    class Strategy(models.TextChoices):
+        IN_PLACE = "in-place", "In place (stop, switch, start)"
+        BLUE_GREEN = "blue-green", "Blue-green (the new release checked beside the live one first)"
+
     class Status(models.TextChoices):
         PENDING = "pending", "Pending"
         RUNNING = "running", "Running"
@@ -48,6 +52,7 @@ class Upgrade(models.Model):
     status = models.CharField(max_length=12, choices=Status.choices, default=Status.PENDING, db_index=True)
     dry_run = models.BooleanField(default=False, help_text="Preflight only: nothing was changed.")
     force = models.BooleanField(default=False, help_text="Asked for although the release is marked bad.")
+    strategy = models.CharField(max_length=12, choices=Strategy.choices, default=Strategy.IN_PLACE)
     from_versions = models.JSONField(default=dict, blank=True, help_text="The customer's versions before.")
     to_versions = models.JSONField(default=dict, blank=True, help_text="The versions it moves to (changed ones).")
     to_release = models.ForeignKey("releases.Release", null=True, blank=True, on_delete=models.PROTECT,

@@ -37,7 +37,7 @@ from engines.humanize import human_size, human_time
 from engines.slots import acquire_slot
 from operations.context import OperationError, RunCancelled, RunContext, RunLost
 
-from . import preflight, release_files
+from . import bluegreen, preflight, release_files
 from .journal import env_fingerprints, uninterruptible
 from .models import Upgrade, UpgradeStep
 from .rollback import (
@@ -136,6 +136,8 @@ def _upgrade(job: Job) -> None:
         report = _preflight(job, slog, zips_dir=str(scratch_dir(ctx.run.pk)))
     job.changes = report.changes
     hooks = [(p, 1) for p in HOOK_ORDER if any(p in ch.hooks for ch in job.changes)]
+    if up.strategy == Upgrade.Strategy.BLUE_GREEN:
+        hooks.append(("green", 2))
     ctx.phases(*UPGRADE_PHASES[:4], *hooks, *UPGRADE_PHASES[4:])  # the release's hooks, in their order
     with job.steps.step("backup") as slog:
         _backup(job, slog, pin=f"before upgrade #{up.pk} to {up.to_release} (run #{ctx.run.pk})")
@@ -148,6 +150,10 @@ def _upgrade(job: Job) -> None:
         if any(phase in ch.hooks for ch in job.changes):
             with job.steps.step(phase) as slog:
                 _hooks(job, phase, slog)
+    blue_green = up.strategy == Upgrade.Strategy.BLUE_GREEN
+    if blue_green:  # the live services answer with the old release until the new one has proved itself
+        with job.steps.step("green") as slog:
+            bluegreen.verify(job, slog, lambda phase, extra, slog=slog: _hooks(job, phase, slog, extra=extra))
     with job.steps.step("stop") as slog:
         _stop(job, slog)
     with job.steps.step("switch") as slog:
@@ -157,6 +163,9 @@ def _upgrade(job: Job) -> None:
                             strict={ch.service for ch in job.changes})
     with job.steps.step("health") as slog:
         _health(job, slog)
+    if not blue_green and any(releasepkg.SMOKE in ch.hooks for ch in job.changes):
+        with job.steps.step("smoke") as slog:
+            bluegreen.smoke_in_place(job, lambda phase, extra, slog=slog: _hooks(job, phase, slog, extra=extra))
     with job.steps.step("record") as slog:
         _record(job, slog, {**(job.customer.versions or {}), **up.to_versions})
     up.succeed()
@@ -223,9 +232,10 @@ def _backup(job: Job, slog, *, pin: str, kind: str | None = None) -> None:
     slog.info(f"backup #{bk.pk} taken and pinned ({human_size(bk.size)})")
 
 
-def _hooks(job: Job, phase: str, slog) -> None:
+def _hooks(job: Job, phase: str, slog, *, extra: dict[str, dict[str, str]] | None = None) -> None:
     """The release's hooks: customer code, run as the customer's user with a clean environment (PATH, locale,
-    HOME, USER, and the component's .env), in the staged folder, umask 027, none of Kasa's descriptors."""
+    HOME, USER, and the component's .env, plus `extra[component]`: the smoke hook's URLs), in the staged folder,
+    umask 027, none of Kasa's descriptors."""
     if not job.journal.has("hooks"):
         job.journal.add({"type": "hooks"})  # from here the databases may have changed: a rollback restores them
     timeout = settings.KASA_HOOK_TIMEOUT
@@ -240,7 +250,8 @@ def _hooks(job: Job, phase: str, slog) -> None:
         slog.info(f"{ch.component} {ch.version}: {phase} hook in {ch.dest}"
                   + (f" as {identity}" if identity else ""))
         try:
-            env = procman.service_env(values, identity=identity, home=str(job.root))
+            env = procman.service_env({**values, **(extra or {}).get(ch.component, {})}, identity=identity,
+                                      home=str(job.root))
             slog.command(list(argv), cwd=ch.dest, env=env, timeout=timeout, secrets=secrets, check=True,
                          identity=identity)
         except OperationError as exc:

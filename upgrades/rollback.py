@@ -29,7 +29,7 @@ from backups.services import policy_for
 from core.secrets import reveal
 from customers import runtime
 from customers.models import Customer
-from engines import beneath, layout, trees
+from engines import beneath, layout, procman, trees
 from engines.backupcrypto import KeyRing
 from operations.context import OperationError, RunContext
 
@@ -84,6 +84,11 @@ def put_back(job: Job) -> bool:
 def _put_back(job: Job) -> bool:
     ctx, j = job.ctx, job.journal
     job.mark(rolling_back=True)
+    for step in j.of("green"):  # a blue-green copy a dead worker left running beside the live services
+        try:
+            remove_green(job, step)
+        except Exception as exc:  # noqa: BLE001  (never in the way of the way back)
+            ctx.warning(f"could not remove the green copies {', '.join(step['apps'])}: {exc}")
     restore_db = j.has("hooks") and job.upgrade.backup_id is not None and job.upgrade.kind != Upgrade.Kind.ROLLBACK
     unswap_db = any(dbswap.is_step(s) for s in j.steps)
     live_touched = j.has("services_stopped") or j.has("switch") or restore_db or unswap_db
@@ -152,6 +157,25 @@ def _undo_files(job: Job, slog) -> None:
             job.customer.versions = step["old"]
             slog.info(f"recorded versions put back: {_versions(step['old'])}")
     _tidy(job.root)
+
+
+def remove_green(job: Job, step: dict, specs=None) -> None:
+    """Delete a blue-green upgrade's green apps (upgrades.bluegreen) from the customer's PM2 and their ecosystem
+    file; the journal step is then done."""
+    if step.get("done"):
+        return
+    root = job.root
+    if specs is None:
+        specs = [procman.ServiceSpec(name=name, folder=str(root), manager="pm2", app_name=name,
+                                     ecosystem=step["path"], root=str(root),
+                                     identity=runtime.run_identity(job.customer),
+                                     pm2_home=procman.pm2_home_for(root)) for name in step["apps"]]
+    runtime.stop_all(job.ctx, specs)
+    if beneath.lexists(root, step["path"]):
+        beneath.unlink(root, step["path"], missing_ok=True)
+    step["done"] = True
+    job.journal.save()
+    job.ctx.info("green copies stopped and removed")
 
 
 def _describe_before(before: dict) -> str:

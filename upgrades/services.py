@@ -34,7 +34,7 @@ def upgrade_preflight(customer, release: Release, *, force: bool = False) -> pre
 
 
 def upgrade_start(customer, release: Release, *, requested_by=None, via: str = "admin", force: bool = False,
-                  dry_run: bool = False, enqueue: bool = True) -> Run:
+                  dry_run: bool = False, enqueue: bool = True, strategy: str = Upgrade.Strategy.IN_PLACE) -> Run:
     """Start an upgrade run (dry_run: its preflight only). Refused at once for a release that failed for this
     customer before, unless forced; every other check is the run's preflight step, recorded.
 
@@ -46,9 +46,13 @@ def upgrade_start(customer, release: Release, *, requested_by=None, via: str = "
     if mark is not None and not force and not dry_run:
         raise UpgradeInputError(f"release {release.name} failed for {customer} before ({mark.reason}); force it to "
                                 "try again; nothing was started")
+    if strategy not in Upgrade.Strategy.values:
+        raise UpgradeInputError(f"unknown strategy {strategy!r} (known: {', '.join(Upgrade.Strategy.values)})")
     versions = {k: v for k, v in (customer.versions or {}).items() if v}
     kind = Upgrade.Kind.UPGRADE if versions else Upgrade.Kind.INSTALL
-    params = {"release": release.name, "force": bool(force), "dry_run": bool(dry_run)}
+    if kind == Upgrade.Kind.INSTALL:
+        strategy = Upgrade.Strategy.IN_PLACE  # nothing live to keep answering
+    params = {"release": release.name, "force": bool(force), "dry_run": bool(dry_run), "strategy": strategy}
     with transaction.atomic():
         try:
             run = run_start(customer, kind=Run.Kind.UPGRADE, requested_by=requested_by, via=via, params=params,
@@ -56,7 +60,7 @@ def upgrade_start(customer, release: Release, *, requested_by=None, via: str = "
         except OperationRefused as exc:
             raise UpgradeInputError(str(exc)) from None
         Upgrade.objects.create(customer=customer, run=run, kind=kind, to_release=release, force=bool(force),
-                               dry_run=bool(dry_run), from_versions=versions)
+                               dry_run=bool(dry_run), from_versions=versions, strategy=strategy)
     return run
 
 

@@ -75,6 +75,8 @@ class Command(KasaCommand):
         parser.add_argument("--consecutive-errors", type=int, default=4,
                             help="gate measurements that may fail in a row before the rollout stops")
         parser.add_argument("--on-failure", choices=Rollout.OnFailure.values, default=Rollout.OnFailure.HALT)
+        parser.add_argument("--strategy", choices=Rollout.Strategy.values, default=Rollout.Strategy.IN_PLACE,
+                            help="each customer's upgrade: in place, or blue-green (checked beside the live one)")
         parser.add_argument("--no-health-gate", action="store_true", help="do not require health URLs to answer")
         parser.add_argument("--prometheus", default="", metavar="'QUERY OP THRESHOLD'",
                             help="a PromQL gate, e.g. 'sum(rate(http_errors{customer=~\"$customers\"}[5m])) < 0.05'")
@@ -135,7 +137,7 @@ class Command(KasaCommand):
             plan, via="cli", concurrency=o["concurrency"], max_failures=o["max_failures"],
             consecutive_errors=o["consecutive_errors"], on_failure=o["on_failure"],
             health_gate=not o["no_health_gate"], prometheus=services.parse_prometheus(o["prometheus"]),
-            window=o["window"], window_zone=o["window_zone"])
+            window=o["window"], window_zone=o["window_zone"], strategy=o["strategy"])
         if o["enqueue"]:
             if self.json_output:
                 return self.emit(rollout_document(rollout))

@@ -18,6 +18,9 @@ class Command(KasaCommand):
         parser.add_argument("--dry-run", action="store_true", help="run the preflight only; nothing changes")
         parser.add_argument("--force", action="store_true",
                             help="allow a release that was rolled back for this customer before")
+        parser.add_argument("--strategy", choices=Upgrade.Strategy.values, default=Upgrade.Strategy.IN_PLACE,
+                            help="blue-green: start and check the new release beside the live one before the "
+                                 "switch (default: in place)")
         add_run_arguments(parser)
 
     def handle(self, *args, **o):
@@ -30,7 +33,7 @@ class Command(KasaCommand):
             raise BadInput(f"no release named {o['to']!r} (releases: {names})")
         try:
             run = upgrade_start(customer, release, force=o["force"], dry_run=o["dry_run"], via="cli",
-                                enqueue=o["enqueue"])
+                                enqueue=o["enqueue"], strategy=o["strategy"])
         except UpgradeInputError as exc:
             raise BadInput(str(exc)) from None
         run = enqueued_or_run_here(self, run, enqueue=o["enqueue"], wait=o["wait"], what="upgrade")
