@@ -111,3 +111,32 @@ def test_without_add_rollout_the_start_page_and_the_customers_action_are_refused
     response = client.post("/customers/customer/", {"action": "rollout_action",
                                                     "_selected_action": [fleet_ab["a"][0].pk]})
     assert response.status_code in (200, 302) and 'id="rollout-form"' not in response.content.decode()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_team_member_cannot_follow_another_teams_rollout_over_its_websocket(
+        fleet_ab, team, django_user_model):
+    from asgiref.sync import async_to_sync
+    from channels.testing import WebsocketCommunicator
+
+    from config.asgi import application
+    from tests.test_live_logs import SLOW, refusal, session_cookie
+
+    mixed = _rollout(fleet_ab["release"], ["a1.example.com", "b1.example.com"])
+    member = session_cookie(_operator(team, django_user_model, "rollouts.control_rollout"))
+    root = session_cookie(django_user_model.objects.create_superuser("root-rollouts", password="pw-Secret-123"))
+
+    def socket(cookie, pk=mixed.pk):
+        return WebsocketCommunicator(application, f"/ws/rollouts/{pk}/",
+                                     headers=[(b"origin", b"http://localhost"), (b"cookie", cookie.encode())])
+
+    async def scenario():
+        assert await refusal(socket(member)) == 4403  # sees none of it: not even that it exists
+        assert await refusal(socket(member, mixed.pk + 1000)) == 4403  # as an unknown rollout
+        comm = socket(root)  # a superuser sees every team
+        assert (await comm.connect(timeout=SLOW))[0]
+        first = await comm.receive_json_from(timeout=SLOW)
+        assert first["type"] == "rollout" and first["status"] == "scheduled" and "b1.example.com" in first["html"]
+        await comm.disconnect()
+
+    async_to_sync(scenario)()
