@@ -10,8 +10,10 @@ metrics token (Prometheus) and superusers see the whole fleet.
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from django.db import connection
-from django.db.models import Count, DurationField, ExpressionWrapper, F, Q, Sum
+from django.db.models import Count, DurationField, ExpressionWrapper, F, Max, Q, Sum
 from django.utils import timezone
 from prometheus_client.core import CollectorRegistry, GaugeMetricFamily, SummaryMetricFamily
 from prometheus_client.exposition import generate_latest
@@ -20,6 +22,10 @@ from backups.models import Backup
 from backups.recovery import with_recovery
 from customers.models import Customer
 from operations.models import Run, RunTally
+from rollouts.models import GateResult, Rollout
+from rollouts.selectors import visible_rollouts
+
+ROLLOUTS_RECENT = timedelta(days=1)  # an ended rollout is still exposed this long (its last status)
 
 
 class KasaCollector:
@@ -44,6 +50,8 @@ class KasaCollector:
             customers.add_metric([row["status"]], row["n"])
         yield customers
         yield from recovery_metrics(None if self.user is None else customers_qs)
+        yield version_metrics(None if self.user is None else customers_qs)
+        yield from rollout_metrics(self.user)
 
 
 def run_counts(customers=None) -> list[tuple[str, str, int, int, float]]:
@@ -94,6 +102,54 @@ def recovery_metrics(customers=None):
         failed.add_metric(d, 1 if r["last_status"] == Backup.Status.FAILED else 0)
         storage.add_metric(d, r["storage"] or 0)
     yield from (rpo, rpo_target, rto, rto_target, outside, failed, storage)
+
+
+def version_counts(customers=None) -> list[tuple[str, str, int]]:
+    """(component, version, customers on it), counted by the database from each customer's versions (JSON): one
+    query, whatever the number of customers (None: all of them)."""
+    table = Customer._meta.db_table
+    each = "jsonb_each_text(c.versions)" if connection.vendor == "postgresql" else "json_each(c.versions)"
+    where, params = "", ()
+    if customers is not None:
+        inner, params = customers.order_by().values("pk").query.sql_with_params()
+        where = f"AND c.id IN ({inner})"
+    sql = (f"SELECT kv.key, kv.value, COUNT(*) FROM {table} c CROSS JOIN {each} kv "
+           f"WHERE kv.value IS NOT NULL AND kv.value <> '' {where} GROUP BY kv.key, kv.value ORDER BY 1, 2")
+    with connection.cursor() as cur:
+        cur.execute(sql, params)
+        return [(str(k), str(v), int(n)) for k, v, n in cur.fetchall()]
+
+
+def version_metrics(customers=None) -> GaugeMetricFamily:
+    versions = GaugeMetricFamily("kasa_customer_version", "Customers on each version of each component",
+                                 labels=["component", "version"])
+    for component, version, n in version_counts(customers):
+        versions.add_metric([component, version], n)
+    return versions
+
+
+def rollout_metrics(user=None):
+    """Each active or recently ended rollout's status (1 for its current one), and the latest result of each gate of
+    each of its waves (1). Two queries; a staff member sees the rollouts whose every customer is of their teams."""
+    state = GaugeMetricFamily("kasa_rollout_state", "Active and recently ended rollouts: 1 for the current status",
+                              labels=["rollout", "release", "status"])
+    gate = GaugeMetricFamily("kasa_rollout_gate_result", "The latest result of each gate of each wave (1)",
+                             labels=["rollout", "wave", "gate", "result"])
+    shown = Rollout.objects.filter(Q(status__in=Rollout.ACTIVE) | Q(finished_at__gte=timezone.now() - ROLLOUTS_RECENT))
+    shown = visible_rollouts(user, shown) if user is not None else shown
+    ids = []
+    for pk, release, status in shown.order_by("pk").values_list("pk", "release__name", "status"):
+        state.add_metric([str(pk), release, status], 1)
+        ids.append(pk)
+    if ids:
+        latest = (GateResult.objects.filter(rollout_id__in=ids).order_by().values("rollout_id", "wave_id", "gate")
+                  .annotate(last=Max("id")).values("last"))
+        rows = (GateResult.objects.filter(pk__in=latest).order_by("rollout_id", "wave__position", "gate")
+                .values_list("rollout_id", "wave__position", "gate", "result"))
+        for rollout, wave, name, result in rows:
+            gate.add_metric([str(rollout), str(wave), name, result], 1)
+    yield state
+    yield gate
 
 
 def render(user=None) -> bytes:

@@ -3,7 +3,8 @@ and what failed lately — for the customers the user may see (Customer.objects.
 
 Every figure is computed in the database (backups.recovery.with_recovery plus the upgrade states below), each
 customer's once: four queries whatever the number of customers, backups or runs (the global policy's targets;
-the counts and the worst customers' ids in one pass; those customers; the recent failures).
+the counts and the worst customers' ids in one pass; those customers; the recent failures) and one for the
+active rollouts.
 
 States (a customer counts in each one that applies; "healthy" is none of them):
 - outside RPO: no verified backup within the RPO target (never verified included);
@@ -14,11 +15,11 @@ States (a customer counts in each one that applies; "healthy" is none of them):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 from django.db import connections
-from django.db.models import Exists, OuterRef
+from django.db.models import Count, Exists, OuterRef, Q
 from django.utils import timezone
 
 from backups.models import Backup
@@ -26,11 +27,14 @@ from backups.recovery import global_targets, with_recovery
 from customers.models import Customer
 from engines.humanize import human_duration, human_time
 from operations.models import Run
+from rollouts.models import Rollout, RolloutTarget
+from rollouts.selectors import visible_rollouts
 from upgrades.models import Upgrade
 
 ATTENTION_LIMIT = 15  # rows of "needs attention"; the count says how many there are in all
 FAILURES_LIMIT = 10
 FAILURES_DAYS = 7
+ROLLOUTS_LIMIT = 10
 
 # The states, as SQL over the columns of with_state()'s query (portable: PostgreSQL and SQLite). They are applied
 # outside that query, so each customer's figures are computed once (a condition inside it would repeat them).
@@ -60,6 +64,15 @@ class Overview:
     attention_total: int
     failures: list  # failed runs of the last FAILURES_DAYS days, newest first, at most FAILURES_LIMIT
     failures_days: int = FAILURES_DAYS
+    rollouts: list = field(default_factory=list)  # active rollouts the user may see, newest first
+
+
+def active_rollouts(user, limit: int = ROLLOUTS_LIMIT) -> list[Rollout]:
+    """The active rollouts whose every customer the user may see, each with `total` and `upgraded` (one query)."""
+    qs = visible_rollouts(user, Rollout.objects.filter(status__in=Rollout.ACTIVE)).select_related("release")
+    qs = qs.annotate(total=Count("targets"),
+                     upgraded=Count("targets", filter=Q(targets__state=RolloutTarget.State.UPGRADED)))
+    return list(qs.order_by("-created_at", "-id")[:limit])
 
 
 def with_state(customers, defaults=None):
@@ -124,4 +137,4 @@ def overview(user) -> Overview:
         run.error_line = error.splitlines()[0][:160] if error else ""
     attention_total = counts.pop("attention")
     return Overview(customers=total, counts=counts, attention=attention, attention_total=attention_total,
-                    failures=failures)
+                    failures=failures, rollouts=active_rollouts(user))

@@ -16,7 +16,9 @@ from core import permissions
 OPERATORS = "Kasa operators"
 ACTIONS = [permissions.CHECK, permissions.BACKUP, permissions.RESTORE, permissions.VERIFY, permissions.DOWNLOAD,
            permissions.PIN, permissions.DELETE, permissions.UPGRADE, permissions.INSTALL, permissions.ROLLBACK,
-           permissions.RESOLVE, permissions.CANCEL]
+           permissions.RESOLVE, permissions.CANCEL,
+           # Rollouts are team-scoped like single upgrades, which operators may already run one by one.
+           permissions.ROLLOUT, permissions.ROLLOUT_CONTROL]
 VIEW = {
     "customers": ["view_customer", "change_customer", "view_service", "change_service", "add_service",
                   "delete_service", "view_databaseconnection", "change_databaseconnection",
@@ -26,6 +28,7 @@ VIEW = {
     "backups": ["view_backup", "view_backupartifact"],
     "releases": ["view_release", "view_componentversion"],
     "upgrades": ["view_upgrade", "view_upgradestep", "view_badrelease"],
+    "rollouts": ["view_rollout"],
 }
 PERMS: dict[str, list[str]] = {app: list(codes) for app, codes in VIEW.items()}
 for _perm in ACTIONS:

@@ -1,13 +1,17 @@
-"""The Rollouts section of the admin: the list and each rollout's waves, customers and gate results (read-only:
-rollouts change only through rollouts.services, from the CLI or the rollout's own controls)."""
+"""The Rollouts section of the admin: the list, "Roll out…" and each rollout's own page (rollouts.views: the waves,
+customers and gate results, live, and the controls). Rows change only through rollouts.services, from the CLI or
+those pages; the inlines below are kept for the read-only history views."""
 
 from __future__ import annotations
 
 from django.contrib import admin
+from django.urls import path
 
-from customers.models import Customer
+from core import permissions
 
 from .models import GateResult, Rollout, RolloutTarget, RolloutWave
+from .selectors import visible_rollouts
+from .views import control_view, rollout_view, start_view
 
 
 class _ReadOnlyInline(admin.TabularInline):
@@ -50,12 +54,8 @@ class RolloutAdmin(admin.ModelAdmin):
     readonly_fields = [f.name for f in Rollout._meta.fields]
 
     def get_queryset(self, request):
-        qs = super().get_queryset(request)
-        if request.user.is_superuser:
-            return qs
         # The team rule: a rollout is shown only when every customer in it is one the user may see.
-        hidden = RolloutTarget.objects.exclude(customer__in=Customer.objects.visible_to(request.user))
-        return qs.exclude(pk__in=hidden.values("rollout_id"))
+        return visible_rollouts(request.user, super().get_queryset(request))
 
     def has_add_permission(self, request):
         return False
@@ -65,3 +65,19 @@ class RolloutAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return False
+
+    def get_urls(self):
+        view = self.admin_site.admin_view
+        own = [
+            path("start/", view(lambda r: start_view(r, self)), name="rollouts_rollout_start"),
+            path("<int:pk>/control/<str:action>/", view(lambda r, pk, action: control_view(r, pk, action, self)),
+                 name="rollouts_rollout_control"),
+        ]
+        return own + super().get_urls()
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        return rollout_view(request, object_id, self)
+
+    def changelist_view(self, request, extra_context=None):
+        extra_context = {**(extra_context or {}), "may_roll_out": permissions.has(request.user, permissions.ROLLOUT)}
+        return super().changelist_view(request, extra_context)

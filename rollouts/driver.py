@@ -29,7 +29,7 @@ from upgrades.models import Upgrade
 from upgrades.selectors import last_succeeded, rollback_target
 from upgrades.services import UpgradeInputError, rollback_start, upgrade_start
 
-from . import gates, notify
+from . import gates, live, notify
 from .models import GateResult, Rollout, RolloutTarget, RolloutWave
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ def advance(rollout_id: int, *, start_run: StartRun | None = None, via: str = "s
         Q(lease_until__isnull=True) | Q(lease_until__lt=now)).update(lease_until=now + LEASE)
     if not claimed:
         return None
+    before = live.fingerprint(rollout_id)
     try:
         rollout = Rollout.objects.select_related("release", "requested_by").get(pk=rollout_id)
         tick = _Tick(rollout, start_run, via)
@@ -56,6 +57,8 @@ def advance(rollout_id: int, *, start_run: StartRun | None = None, via: str = "s
         return tick.rollout
     finally:
         Rollout.objects.filter(pk=rollout_id).update(lease_until=None)
+        if live.fingerprint(rollout_id) != before:  # the rollout's open pages read it again
+            live.notify(rollout_id)
 
 
 def window_of(rollout: Rollout) -> rolloutplan.Window | None:

@@ -7,6 +7,8 @@ from collections import Counter
 
 from django.utils import timezone
 
+from customers.models import Customer
+
 from .models import GateResult, Rollout, RolloutTarget
 
 
@@ -26,7 +28,8 @@ def rollout_document(rollout: Rollout) -> dict:
             "started_at": w.started_at, "bake_until": w.bake_until, "finished_at": w.finished_at,
             "bake_left_seconds": max(0, int((w.bake_until - now).total_seconds()))
             if w.bake_until and w.state == "baking" else None,
-            "gates": [{"gate": g.gate, "result": g.result, "summary": g.summary, "final": g.final, "at": g.created_at}
+            "gates": [{"id": g.pk, "gate": g.gate, "result": g.result, "summary": g.summary, "final": g.final,
+                       "at": g.created_at}
                       for (wid, _), g in sorted(latest.items(), key=lambda kv: kv[0][1]) if wid == w.pk],
             "customers": [_target(t) for t in members],
         })
@@ -43,8 +46,9 @@ def rollout_document(rollout: Rollout) -> dict:
 
 
 def _target(t: RolloutTarget) -> dict:
-    return {"customer": t.customer.domain, "state": t.state, "versions": t.customer.versions,
-            "from_versions": t.from_versions, "upgrade": t.upgrade_id,
+    return {"customer": t.customer.domain, "customer_id": t.customer_id, "state": t.state,
+            "versions": t.customer.versions, "from_versions": t.from_versions, "upgrade": t.upgrade_id,
+            "run": t.upgrade.run_id if t.upgrade_id else None,
             "upgrade_status": t.upgrade.status if t.upgrade_id else None, "revert": t.revert_id,
             "attempts": t.attempts, "error": t.error}
 
@@ -57,3 +61,13 @@ def _window(rollout: Rollout) -> str:
 
 def active_rollouts():
     return Rollout.objects.filter(status__in=Rollout.ACTIVE).select_related("release").order_by("-created_at")
+
+
+def visible_rollouts(user, qs=None):
+    """The team rule for rollouts: a non-superuser sees a rollout only when every customer in it is one they may
+    see (Customer.objects.visible_to); None is the shell user (everything)."""
+    qs = Rollout.objects.all() if qs is None else qs
+    if user is None or (user.is_superuser and user.is_active and user.is_staff):
+        return qs
+    hidden = RolloutTarget.objects.exclude(customer__in=Customer.objects.visible_to(user))
+    return qs.exclude(pk__in=hidden.values("rollout_id"))

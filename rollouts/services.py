@@ -21,6 +21,7 @@ from customers.models import Customer
 from engines import rolloutplan
 from upgrades.models import Upgrade
 
+from . import live
 from .models import Rollout, RolloutTarget, RolloutWave
 from .planning import Plan
 
@@ -38,6 +39,7 @@ def _source(via: str) -> str:
 def _audit(rollout: Rollout, action: str, *, actor, via: str, result: str = "", changes: dict | None = None):
     audit_record(action=f"rollout.{action}", source=_source(via), actor=actor, obj=rollout, changes=changes,
                  result=result[:300])
+    live.notify(rollout.pk)  # every change of a rollout is audited: its open pages read it again
 
 
 def rollout_create(plan: Plan, *, requested_by=None, via: str = "cli", concurrency: int = 2, max_failures: int = 0,

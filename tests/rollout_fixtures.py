@@ -7,12 +7,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sqlite3
 import sys
 import uuid
 from pathlib import Path
 
+import pytest
+
 from engines import ecosystem, procman
+from tests.conftest import free_ports, kill_pm2_under, require
 from tests.upgrade_fixtures import write_zip
 
 APP_JS = r"""
@@ -147,3 +151,57 @@ def files_state(root: Path) -> dict[str, str]:
             else:
                 state[rel] = "dir"
     return state
+
+
+# --- the `fleet` fixture (tests/test_rollouts.py, tests/test_browser_rollouts.py import it) -------------------
+@pytest.fixture
+def fleet(transactional_db, team, settings, tmp_path):
+    """make(sqlite=N, pg=M, tags={i: "canary"}) -> customers at 1.0, running; `releases` {name: Release}."""
+    from engines import procman
+
+    require(os.path.exists(procman.pm2_binary()), "PM2 from npm (make install)")
+    settings.KASA_HEALTH_STREAK, settings.KASA_HEALTH_INTERVAL, settings.KASA_HEALTH_TIMEOUT = 1, 0.2, 8
+    settings.KASA_PM2_SETTLE, settings.KASA_ROLLOUT_HEALTH_TIMEOUT = 0.3, 3
+    made, databases = [], []
+
+    class Fleet:
+        releases = sync_fleet_releases(tmp_path / "pkg")
+
+        def make(self, *, sqlite: int = 0, pg: int = 0, tags: dict | None = None):
+            out = []
+            for i in range(sqlite + pg):
+                db = _pg_database(databases) if i >= sqlite else None
+                root = Path(settings.KASA_CUSTOMERS_ROOT) / f"fl-{os.urandom(3).hex()}"
+                c = make_fleet_customer(team, root, port=free_ports(1), pg=db, tags=(tags or {}).get(i, ""))
+                c.pg = db
+                made.append(c)
+                out.append(c)
+            return out
+
+    yield Fleet()
+    for c in made:
+        kill_pm2_under(c.root)
+        shutil.rmtree(c.root, ignore_errors=True)
+    for name in databases:
+        _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        _pg_admin(f'DROP ROLE IF EXISTS "{name}"')
+
+
+def _pg_admin(sql: str) -> None:
+    import psycopg
+
+    from tests.conftest import PG_ADMIN, PG_HOST, PG_PORT
+
+    with psycopg.connect(host=PG_HOST, port=PG_PORT, user=PG_ADMIN, dbname="postgres", autocommit=True) as con:
+        con.execute(sql)
+
+
+def _pg_database(created: list) -> dict:
+    from tests.conftest import PG_HOST, PG_PORT
+
+    name, password = f"kasa_t_{os.urandom(5).hex()}", f"pw-{os.urandom(8).hex()}"
+    _pg_admin(f"CREATE ROLE \"{name}\" LOGIN CREATEDB PASSWORD '{password}'")
+    _pg_admin(f'CREATE DATABASE "{name}" OWNER "{name}"')
+    created.append(name)
+    return {"host": PG_HOST, "port": PG_PORT, "name": name, "user": name, "password": password,
+            "url": f"postgresql://{name}:{password}@{PG_HOST}:{PG_PORT}/{name}"}

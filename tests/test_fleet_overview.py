@@ -220,3 +220,34 @@ def test_the_storage_tally_follows_succeeded_backups(make_customer, team):
     tally = StorageTally.objects.get(customer=c)
     assert (tally.backups, tally.bytes) == (2, 5500)
     assert fleet([c])[0].storage == 5500
+
+
+def _rollout_of(release, customers, *, upgraded=0):
+    from customers.models import Customer
+    from rollouts import planning, services
+
+    Customer.objects.filter(pk__in=[c.pk for c in customers]).update(versions={"app": "1.0.0"})
+    rollout = services.rollout_create(planning.plan(release, domains=[c.domain for c in customers], percents="100",
+                                                    bakes="0"))
+    for t in rollout.targets.order_by("pk")[:upgraded]:
+        type(t).objects.filter(pk=t.pk).update(state="upgraded")
+    return rollout
+
+
+def test_the_overview_lists_the_active_rollouts_of_the_users_teams_with_their_progress(
+        client, make_customer, team, staff_user, tmp_path):
+    from rollouts.models import Rollout
+    from tests.rollout_fixtures import sync_fleet_releases
+
+    releases = sync_fleet_releases(tmp_path / "pkg")
+    other = Team.objects.create(name=f"other-{uuid.uuid4().hex[:6]}")
+    mine = _rollout_of(releases["1.1"], [make_customer(team_=team) for _ in range(3)], upgraded=2)
+    theirs = _rollout_of(releases["1.1"], [make_customer(team_=other)])
+    ended = _rollout_of(releases["1.2"], [make_customer(team_=team)])
+    Rollout.objects.filter(pk=ended.pk).update(status="completed")
+    user = staff_user(team)
+    assert [r.pk for r in overview(user).rollouts] == [mine.pk]
+    client.force_login(user)
+    html = client.get("/").content.decode()
+    assert f'href="/rollouts/rollout/{mine.pk}/change/"' in html and "2 of 3 upgraded" in html
+    assert f"/rollouts/rollout/{theirs.pk}/" not in html and f"/rollouts/rollout/{ended.pk}/" not in html

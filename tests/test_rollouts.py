@@ -22,7 +22,10 @@ import pytest
 from django.utils import timezone
 
 from engines import rolloutplan
-from tests.conftest import free_ports, kill_pm2_under, port_open, require, wait_until
+from tests import rollout_fixtures
+from tests.conftest import free_ports, port_open, require, wait_until
+
+fleet = rollout_fixtures.fleet  # the fixture, shared with tests/test_browser_rollouts.py
 
 
 def _cli(*args) -> tuple[int, dict]:
@@ -41,60 +44,6 @@ def _cli(*args) -> tuple[int, dict]:
 def _get(url: str) -> str:
     with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=5) as resp:
         return resp.read().decode()
-
-
-@pytest.fixture
-def fleet(transactional_db, team, settings, tmp_path):
-    """make(sqlite=N, pg=M, tags={i: "canary"}) -> customers at 1.0, running; `releases` {name: Release}."""
-    from engines import procman
-    from tests.rollout_fixtures import make_fleet_customer, sync_fleet_releases
-
-    require(os.path.exists(procman.pm2_binary()), "PM2 from npm (make install)")
-    settings.KASA_HEALTH_STREAK, settings.KASA_HEALTH_INTERVAL, settings.KASA_HEALTH_TIMEOUT = 1, 0.2, 8
-    settings.KASA_PM2_SETTLE, settings.KASA_ROLLOUT_HEALTH_TIMEOUT = 0.3, 3
-    made, databases = [], []
-
-    class Fleet:
-        releases = sync_fleet_releases(tmp_path / "pkg")
-
-        def make(self, *, sqlite: int = 0, pg: int = 0, tags: dict | None = None):
-            out = []
-            for i in range(sqlite + pg):
-                db = _pg_database(databases) if i >= sqlite else None
-                root = Path(settings.KASA_CUSTOMERS_ROOT) / f"fl-{os.urandom(3).hex()}"
-                c = make_fleet_customer(team, root, port=free_ports(1), pg=db, tags=(tags or {}).get(i, ""))
-                c.pg = db
-                made.append(c)
-                out.append(c)
-            return out
-
-    yield Fleet()
-    for c in made:
-        kill_pm2_under(c.root)
-        shutil.rmtree(c.root, ignore_errors=True)
-    for name in databases:
-        _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        _pg_admin(f'DROP ROLE IF EXISTS "{name}"')
-
-
-def _pg_admin(sql: str) -> None:
-    import psycopg
-
-    from tests.conftest import PG_ADMIN, PG_HOST, PG_PORT
-
-    with psycopg.connect(host=PG_HOST, port=PG_PORT, user=PG_ADMIN, dbname="postgres", autocommit=True) as con:
-        con.execute(sql)
-
-
-def _pg_database(created: list) -> dict:
-    from tests.conftest import PG_HOST, PG_PORT
-
-    name, password = f"kasa_t_{os.urandom(5).hex()}", f"pw-{os.urandom(8).hex()}"
-    _pg_admin(f"CREATE ROLE \"{name}\" LOGIN CREATEDB PASSWORD '{password}'")
-    _pg_admin(f'CREATE DATABASE "{name}" OWNER "{name}"')
-    created.append(name)
-    return {"host": PG_HOST, "port": PG_PORT, "name": name, "user": name, "password": password,
-            "url": f"postgresql://{name}:{password}@{PG_HOST}:{PG_PORT}/{name}"}
 
 
 def _rows(c) -> list:
@@ -443,3 +392,58 @@ def test_a_blue_green_upgrade_whose_smoke_test_fails_is_undone_before_any_switch
     assert _get(f"http://127.0.0.1:{c.port}/version") == "1.0.0"
     assert Customer.objects.get(pk=c.pk).versions == {"app": "1.0.0"}
     assert not list(root.glob("ecosystem.kasa-green-*")) and not (root / "releases" / "1.1.0").exists()
+
+
+# --- the admin (the browser half: tests/test_browser_rollouts.py) -------------------------------------------------
+def test_the_admin_previews_the_plan_and_starts_only_with_the_release_typed_then_controls_it(
+        client, make_customer, tmp_path, django_user_model):
+    import re
+
+    from customers.models import Customer
+    from releases.models import Release
+    from rollouts.models import Rollout
+    from tests.rollout_fixtures import sync_fleet_releases
+
+    sync_fleet_releases(tmp_path / "pkg")
+    cs = [make_customer(f"adm{i}.example.com") for i in range(3)]
+    Customer.objects.filter(pk__in=[c.pk for c in cs]).update(versions={"app": "1.0.0"})
+    Customer.objects.filter(pk=cs[2].pk).update(version_pin="1.0", version_pin_reason="frozen")
+    admin = django_user_model.objects.create_superuser("adm-rollouts", password="pw-Secret-123")
+    client.force_login(admin)
+
+    # The customers action opens the form with the selected domains; the release page links to it.
+    page = client.post("/customers/customer/", {"action": "rollout_action",
+                                                "_selected_action": [c.pk for c in cs]}).content.decode()
+    assert 'id="rollout-form"' in page and "adm0.example.com\nadm1.example.com\nadm2.example.com" in page
+    release_page = client.get(f"/releases/release/{Release.objects.get(name='1.1').pk}/change/")
+    assert "/rollouts/rollout/start/?release=1.1" in release_page.content.decode()
+
+    form = {"release": "1.1", "domains": "adm0.example.com\nadm1.example.com\nadm2.example.com", "waves": "50,100",
+            "bakes": "30m", "concurrency": "2", "max_failures": "0", "on_failure": "halt", "health_gate": "on",
+            "prom_op": "<", "window_zone": "UTC"}
+    preview = client.post("/rollouts/rollout/start/", {**form, "_preview": "1"})
+    text = preview.content.decode()
+    assert preview.status_code == 200, text
+    assert 'data-wave="1"' in text and 'data-wave="2"' in text and "pinned to 1.0: frozen" in text
+    digest = re.search(r'name="digest" value="([0-9a-f]+)"', text)[1]
+    wrong = client.post("/rollouts/rollout/start/", {**form, "_confirm": "1", "digest": digest, "confirm": "1.2"})
+    assert wrong.status_code == 400 and "type 1.1 exactly" in wrong.content.decode()
+    changed = client.post("/rollouts/rollout/start/", {**form, "waves": "100", "_confirm": "1", "digest": digest,
+                                                        "confirm": "1.1"})
+    assert changed.status_code == 400 and "changed since the preview" in changed.content.decode()
+    assert not Rollout.objects.exists()
+    started = client.post("/rollouts/rollout/start/", {**form, "_confirm": "1", "digest": digest, "confirm": "1.1"})
+    rollout = Rollout.objects.get()
+    assert started.status_code == 302 and started["Location"] == f"/rollouts/rollout/{rollout.pk}/change/"
+    assert rollout.requested_via == "admin" and rollout.targets.count() == 2 and rollout.skipped[0]["domain"] == \
+        "adm2.example.com"
+
+    page = client.get(started["Location"]).content.decode()
+    assert 'id="rollout-status" data-status="scheduled"' in page and "0 of 2 upgraded" in page
+    assert 'id="rollout-pause"' in page and 'data-ws-path="/ws/rollouts/' in page
+    # A control refused by the service says why and changes nothing; abort applies.
+    after = client.post(f"/rollouts/rollout/{rollout.pk}/control/promote_all/", {"confirm": "promote"}, follow=True)
+    assert "to skip every remaining bake and gate" in after.content.decode(), after.content.decode()[-6000:]
+    client.post(f"/rollouts/rollout/{rollout.pk}/control/abort/", {})
+    rollout.refresh_from_db()
+    assert rollout.status == "aborting" and not rollout.reverting
