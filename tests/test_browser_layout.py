@@ -96,6 +96,19 @@ def _seed(customer, other, tmp_path) -> dict:
                               reason="health check failed: " + LONG * 6)
     MaintenanceConnection.objects.create(engine="postgresql", host="127.0.0.1", port=5432, user="postgres",
                                          password="pw-maint")
+    from rollouts.models import GateResult, Rollout, RolloutTarget, RolloutWave
+
+    rollout = Rollout.objects.create(release=releases["2.5"], percents=[10, 100], status="halted",
+                                     reason="wave 1: 1 failed upgrade(s): " + LONG * 6, started_at=now,
+                                     finished_at=now, skipped=[{"domain": other.domain,
+                                                                "reason": "pinned to 2.4: " + LONG * 3}])
+    wave = RolloutWave.objects.create(rollout=rollout, position=1, percent=10, bake_seconds=1800, state="failed")
+    RolloutWave.objects.create(rollout=rollout, position=2, percent=100)
+    RolloutTarget.objects.create(rollout=rollout, wave=wave, customer=customer, position=0, state="failed",
+                                 upgrade=upgrade, error="health check failed: " + LONG * 5, active=False)
+    GateResult.objects.create(rollout=rollout, wave=wave, gate="health", result="failed", final=True,
+                              summary="1 health URL(s) of upgraded customers do not answer: " + LONG * 2,
+                              evidence={"checked": [{"url": f"http://127.0.0.1:4199/{LONG * 3}", "ok": False}]})
     assert AuditEntry.objects.exists()
     return {"backup": good, "check": check, "failed": failed, "upgrade": upgrade, "quarantined": quarantined}
 
@@ -133,6 +146,7 @@ def _admin_pages(user, seeded, customer) -> list[str]:
         reverse("admin:upgrades_upgrade_change", args=[seeded["quarantined"].pk]),
         reverse("admin:upgrades_upgrade_resolve", args=[seeded["quarantined"].pk]),
         reverse("admin:releases_release_upload"),
+        reverse("admin:rollouts_rollout_start") + f"?domains={customer.domain}",
         reverse("admin:password_change"),
     ]
     return list(dict.fromkeys(urls))
