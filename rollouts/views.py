@@ -50,6 +50,8 @@ class RolloutForm(forms.Form):
                                       help_text="Failed upgrades a wave may have.")
     on_failure = forms.ChoiceField(choices=Rollout.OnFailure.choices, initial=Rollout.OnFailure.HALT,
                                    label="On failure")
+    strategy = forms.ChoiceField(choices=Rollout.Strategy.choices, initial=Rollout.Strategy.IN_PLACE, required=False,
+                                 help_text="Blue-green: each new release answers beside the live one first.")
     health_gate = forms.BooleanField(required=False, initial=True, label="Health gate",
                                      help_text="Every upgraded customer's health URLs must answer.")
     prom_query = forms.CharField(required=False, label="Prometheus query",
@@ -138,7 +140,8 @@ def start_view(request, model_admin, *, initial: dict | None = None, action_post
                         plan, requested_by=request.user, via="admin", concurrency=d["concurrency"],
                         max_failures=d["max_failures"], on_failure=d["on_failure"], health_gate=d["health_gate"],
                         prometheus=form.prometheus(), window=(d.get("window") or "").strip(),
-                        window_zone=(d.get("window_zone") or "UTC").strip())
+                        window_zone=(d.get("window_zone") or "UTC").strip(),
+                        strategy=d.get("strategy") or Rollout.Strategy.IN_PLACE)
                 except REFUSED as exc:
                     problems.append(str(exc))
                 else:
