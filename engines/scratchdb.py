@@ -31,7 +31,7 @@ import tempfile
 import time
 from collections.abc import Iterable
 
-from . import dburl, sources
+from . import dburl, scratchsweep, sources
 from .dbrestore import (
     DbTarget,
     RestoreError,
@@ -105,6 +105,7 @@ class ScratchPostgres:
                 raise RestoreError(f"user {self.run_as} cannot reach {path} ({blocked} lacks o+x): choose a base "
                                    "folder such as /tmp, or set KASA_SCRATCH_PG_URL to an existing server")
         os.makedirs(base, exist_ok=True)
+        scratchsweep.sweep(base, "kasa-scratch-pg-")  # servers a dead worker left running
         self.folder = tempfile.mkdtemp(prefix="kasa-scratch-pg-", dir=base)  # 0700
         self._chown(self.folder)
         self.socket_dir = self.folder
@@ -112,6 +113,7 @@ class ScratchPostgres:
             self.socket_dir = tempfile.mkdtemp(prefix="kasa-pg-", dir="/tmp")
             self._own_socket_dir = True
             self._chown(self.socket_dir)
+        scratchsweep.claim(self.folder, socket_dir=self.socket_dir if self._own_socket_dir else None)
         data = os.path.join(self.folder, "data")
         password = secrets.token_urlsafe(24)
         pwfile = os.path.join(self.folder, "pwfile")
@@ -139,6 +141,7 @@ class ScratchPostgres:
         with open(os.path.join(self.folder, "server.log"), "ab") as log:
             self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                           start_new_session=True, **self._child_kwargs())
+        scratchsweep.note_server(self.folder, self._proc.pid)
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:

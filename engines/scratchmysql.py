@@ -35,7 +35,7 @@ import subprocess
 import tempfile
 import time
 
-from . import credentials, sources
+from . import credentials, scratchsweep, sources
 from .dbbase import DbTarget
 from .dberrors import RestoreError
 from .dbrestore_mysql import my_argv
@@ -133,6 +133,7 @@ class ScratchMariaDB:
                 raise RestoreError(f"user {self.run_as} cannot reach {os.path.dirname(path)} ({blocked} lacks o+x): "
                                    "choose a base folder such as /tmp")
         os.makedirs(base, exist_ok=True)
+        scratchsweep.sweep(base, "kasa-scratch-my-")  # servers a dead worker left running
         self.folder = tempfile.mkdtemp(prefix="kasa-scratch-my-", dir=base)  # 0700
         self._chown(self.folder)
         self.socket_dir = self.folder
@@ -140,6 +141,7 @@ class ScratchMariaDB:
             self.socket_dir = tempfile.mkdtemp(prefix="kasa-my-", dir="/tmp")
             self._own_socket_dir = True
             self._chown(self.socket_dir)
+        scratchsweep.claim(self.folder, socket_dir=self.socket_dir if self._own_socket_dir else None)
         tmp = os.path.join(self.folder, "tmp")
         os.mkdir(tmp, 0o700)
         self._chown(tmp)
@@ -186,6 +188,7 @@ class ScratchMariaDB:
         self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.DEVNULL, cwd=self.folder, start_new_session=True,
                                       **self._child_kwargs())
+        scratchsweep.note_server(self.folder, self._proc.pid)
         deadline = time.monotonic() + self.start_timeout
         with credentials.mysql_defaults_file(host=HOST, port=self.port, user=ADMIN, password=self.password) as cnf:
             while time.monotonic() < deadline:

@@ -12,7 +12,8 @@ import grimp
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-APPS = ["config", "console", "upgrades", "backups", "releases", "customers", "operations", "audit", "core", "engines"]
+APPS = ["config", "console", "rollouts", "upgrades", "backups", "releases", "customers", "operations", "audit", "core",
+        "engines"]
 
 
 def lint_imports() -> str:
@@ -30,7 +31,7 @@ def test_the_import_contracts_hold():
 @pytest.mark.smoke
 def test_customers_imports_neither_backups_nor_upgrades_nor_console():
     graph = grimp.build_graph(*APPS)
-    for above in ("backups", "upgrades", "console", "releases"):
+    for above in ("backups", "upgrades", "console", "releases", "rollouts"):
         chains = graph.find_shortest_chains(importer="customers", imported=above)
         assert not chains, f"customers reaches {above}: {sorted(chains)}"
 
@@ -44,4 +45,5 @@ def test_the_customer_page_gets_cards_pages_and_actions_from_the_apps_above():
                           "upgrades.customer_page.versions"]
     assert [p.route for p in page.pages()] == ["backup", "upgrade", "rollback"]
     assert [(a.function, a.permission) for a in page.actions()] == [
-        ("backups.customer_page.backup_action", "backups.add_backup")]
+        ("backups.customer_page.backup_action", "backups.add_backup"),
+        ("rollouts.views.rollout_action", "rollouts.add_rollout")]

@@ -447,3 +447,25 @@ def test_the_admin_previews_the_plan_and_starts_only_with_the_release_typed_then
     client.post(f"/rollouts/rollout/{rollout.pk}/control/abort/", {})
     rollout.refresh_from_db()
     assert rollout.status == "aborting" and not rollout.reverting
+
+
+def test_a_failure_the_wave_allows_does_not_stop_the_next_wave(make_customer, tmp_path):
+    from customers.models import Customer
+    from rollouts import driver, planning, services
+    from tests.rollout_fixtures import sync_fleet_releases
+    from upgrades.models import Upgrade
+
+    releases = sync_fleet_releases(tmp_path / "pkg")
+    for i in range(2):
+        c = make_customer(f"mf{i}.example.com")
+        Customer.objects.filter(pk=c.pk).update(versions={"app": "1.0.0"})
+    rollout = services.rollout_create(planning.plan(releases["1.1"], percents="50,100", bakes="0"), max_failures=1)
+    started = []
+    driver.advance(rollout.pk, start_run=started.append)  # not executed: its outcome is written below
+    [first] = started
+    Upgrade.objects.filter(run=first).update(status=Upgrade.Status.ROLLED_BACK, error="migration failed")
+    driver.advance(rollout.pk, start_run=started.append)
+    rollout.refresh_from_db()
+    assert rollout.status == "progressing", rollout.reason
+    assert rollout.targets.get(wave__position=1).state == "failed"
+    assert rollout.targets.get(wave__position=2).state == "upgrading" and len(started) == 2
