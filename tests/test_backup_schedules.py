@@ -186,8 +186,8 @@ def test_a_due_schedule_fires_in_a_real_worker_and_a_second_firing_during_the_ba
     name = f"backup: {customer.domain}"
     Schedule.objects.filter(name=name).update(next_run=timezone.now() - timedelta(minutes=1))
 
-    # django-q2's scheduler runs inside qcluster's guard loop, every 30 s (the first time 30 s after start);
-    # it is on by default ("scheduler": True), with the ORM broker as with Redis.
+    # django-q2's scheduler runs inside qcluster's guard loop every 30 s; Kasa's qcluster also fires what is due
+    # right after the start (operations/management/commands/qcluster.py), with the ORM broker as with Redis.
     worker = start_worker()
     try:
         run = wait_until(lambda: Run.objects.filter(customer=customer, kind=Run.Kind.BACKUP,

@@ -31,8 +31,10 @@ import threading
 import time
 
 from django.conf import settings
+from django.db import connections
 from django_q.cluster import Cluster
 from django_q.management.commands.qcluster import Command as DjangoQClusterCommand
+from django_q.scheduler import scheduler
 
 logger = logging.getLogger("kasa.worker")
 
@@ -61,6 +63,8 @@ class KasaCluster(Cluster):
             # The sentinel died during start-up: of a group signal (a stop) or of a real failure.
             if not self.signals:
                 raise
+        else:
+            self._schedule_now()
         while not self.signals and self.sentinel.is_alive():
             time.sleep(_POLL)
         if not self.signals:
@@ -88,6 +92,17 @@ class KasaCluster(Cluster):
             self.sentinel.join(_POLL)
         logger.info("Q Cluster %s has stopped.", self.name)
         return 0
+
+    def _schedule_now(self) -> None:
+        """Fire what fell due while no worker ran (backups, rollout ticks) now: django-q2's guard loop calls its
+        scheduler only every 30 s, the first time 30 s after the start. Schedules are claimed under
+        select_for_update and moved on at once, so the guard's own call never fires them twice."""
+        try:
+            scheduler(broker=self.broker)
+        except Exception:  # noqa: BLE001  (the guard loop tries again in 30 s)
+            logger.exception("Q Cluster %s: the schedules due at start could not be fired", self.name)
+        finally:
+            connections.close_all()  # this process only waits for signals: it holds no database connection
 
     def _terminate_processes(self) -> None:
         # The sentinel, the workers, the monitor and the pusher have SIGTERM at its default: they end at
