@@ -51,7 +51,47 @@ SERVER_SETTINGS = {  # a drill's data is thrown away: durability buys nothing an
 }
 
 
-class ScratchPostgres:
+class ScratchServer:
+    """What the throwaway servers share (ScratchPostgres here, engines.scratchmysql.ScratchMariaDB): a child in its
+    own session, run as an unprivileged user with a clean environment, stopped with `stop_signal` (SIGKILL to its
+    session after 20 s) and its folders removed."""
+
+    stop_signal = signal.SIGTERM
+    _proc: subprocess.Popen | None = None
+    _ids: tuple[int, int] | None = None
+    _own_socket_dir = False
+    folder: str | None = None
+    socket_dir: str | None = None
+
+    def _stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._proc.pid, self.stop_signal)
+            try:
+                self._proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self._proc.pid, signal.SIGKILL)
+                self._proc.wait()
+        self._proc = None
+        for path in (self.folder, self.socket_dir if self._own_socket_dir else None):
+            if path:
+                shutil.rmtree(path, ignore_errors=True)
+        self.folder = self.socket_dir = None
+
+    def _child_kwargs(self) -> dict:
+        # A clean environment: the worker's own (secret keys, database URLs, MYSQL_PWD) must not reach the server.
+        kwargs: dict = {"env": {"PATH": "/usr/bin:/bin", "LC_ALL": "C", "TZ": "UTC"}}
+        if self._ids:
+            kwargs.update(user=self._ids[0], group=self._ids[1], extra_groups=[])
+        return kwargs
+
+    def _chown(self, path: str) -> None:
+        if self._ids:
+            os.chown(path, *self._ids)
+
+
+class ScratchPostgres(ScratchServer):
     """A throwaway PostgreSQL cluster; the context yields a superuser DbTarget on 127.0.0.1:<free port>.
 
     initdb (--no-sync, UTF8, C locale) into a fresh folder under base_dir, start
@@ -65,6 +105,9 @@ class ScratchPostgres:
     If the worker itself is killed the server outlives it: the folder's name
     (kasa-scratch-pg-*) tells what to remove.
     """
+
+    # SIGQUIT to the postmaster is `pg_ctl stop -m immediate`, without running pg_ctl as the server's user.
+    stop_signal = signal.SIGQUIT
 
     def __init__(self, base_dir: str | None = None, *, run_as: str | None = None, start_timeout: float = 60):
         self.base_dir = base_dir
@@ -163,36 +206,6 @@ class ScratchPostgres:
             return True
         except psycopg.Error:
             return False
-
-    # --- stop ------------------------------------------------------------------------
-    def _stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            # SIGQUIT to the postmaster is `pg_ctl stop -m immediate`, without running pg_ctl as the server's user.
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self._proc.pid, signal.SIGQUIT)
-            try:
-                self._proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self._proc.pid, signal.SIGKILL)
-                self._proc.wait()
-        self._proc = None
-        for path in (self.folder, self.socket_dir if self._own_socket_dir else None):
-            if path:
-                shutil.rmtree(path, ignore_errors=True)
-        self.folder = self.socket_dir = None
-
-    # --- helpers -----------------------------------------------------------------------
-    def _child_kwargs(self) -> dict:
-        # A clean environment: the worker's own (secret keys, database URLs) must not reach the server.
-        kwargs: dict = {"env": {"PATH": "/usr/bin:/bin", "LC_ALL": "C", "TZ": "UTC"}}
-        if self._ids:
-            kwargs.update(user=self._ids[0], group=self._ids[1], extra_groups=[])
-        return kwargs
-
-    def _chown(self, path: str) -> None:
-        if self._ids:
-            os.chown(path, *self._ids)
 
     def _run(self, argv: list[str], what: str) -> None:
         res = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,

@@ -23,14 +23,12 @@ the worker itself is killed the server outlives it: the folder's name (kasa-scra
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import pwd
 import secrets
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -39,7 +37,7 @@ from . import credentials, scratchsweep, sources
 from .dbbase import DbTarget
 from .dberrors import RestoreError
 from .dbrestore_mysql import my_argv
-from .scratchdb import SOCKET_PATH_MAX, blocked_for, free_port
+from .scratchdb import SOCKET_PATH_MAX, ScratchServer, blocked_for, free_port
 
 ADMIN = "kasa_admin"
 APP_USER = "kasa_drill_app"
@@ -87,7 +85,7 @@ def native_hash(password: str) -> str:
     return "*" + hashlib.sha1(hashlib.sha1(password.encode()).digest()).hexdigest().upper()
 
 
-class ScratchMariaDB:
+class ScratchMariaDB(ScratchServer):
     """A throwaway MariaDB server; the context yields the admin's DbTarget on 127.0.0.1:<free port>."""
 
     def __init__(self, base_dir: str | None = None, *, run_as: str | None = None, start_timeout: float = 60):
@@ -212,36 +210,11 @@ class ScratchMariaDB:
             return False
         return res.returncode == 0
 
-    # --- stop ------------------------------------------------------------------------
     def stop(self) -> None:
         """Stop the server (SIGTERM, SIGKILL after 20 s) and remove its folder; never raises for a dead server."""
-        if self._proc is not None and self._proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self._proc.pid, signal.SIGTERM)
-            try:
-                self._proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self._proc.pid, signal.SIGKILL)
-                self._proc.wait()
-        self._proc = None
-        for path in (self.folder, self.socket_dir if self._own_socket_dir else None):
-            if path:
-                shutil.rmtree(path, ignore_errors=True)
-        self.folder = self.socket_dir = None
+        self._stop()
 
     # --- helpers -----------------------------------------------------------------------
-    def _child_kwargs(self) -> dict:
-        # A clean environment: the worker's own (secret keys, database URLs, MYSQL_PWD) must not reach the server.
-        kwargs: dict = {"env": {"PATH": "/usr/bin:/bin", "LC_ALL": "C", "TZ": "UTC"}}
-        if self._ids:
-            kwargs.update(user=self._ids[0], group=self._ids[1], extra_groups=[])
-        return kwargs
-
-    def _chown(self, path: str) -> None:
-        if self._ids:
-            os.chown(path, *self._ids)
-
     def _log_tail(self, n: int = 3) -> str:
         try:
             with open(os.path.join(self.folder or "", "server.log"), errors="replace") as fh:
