@@ -57,11 +57,31 @@ class ScratchServer:
     session after 20 s) and its folders removed."""
 
     stop_signal = signal.SIGTERM
-    _proc: subprocess.Popen | None = None
-    _ids: tuple[int, int] | None = None
-    _own_socket_dir = False
-    folder: str | None = None
-    socket_dir: str | None = None
+    user_env = ""  # the variable naming the unprivileged user it runs as when Kasa is root (default: nobody)
+
+    def __init__(self, base_dir: str | None = None, *, run_as: str | None = None, start_timeout: float = 60):
+        self.base_dir = base_dir
+        self.run_as = run_as or os.environ.get(self.user_env) or "nobody"
+        self.start_timeout = start_timeout
+        self.folder: str | None = None
+        self.socket_dir: str | None = None
+        self.port = 0
+        self._own_socket_dir = False
+        self._proc: subprocess.Popen | None = None
+        self._ids: tuple[int, int] | None = None
+
+    def __enter__(self) -> DbTarget:
+        try:
+            return self._start()
+        except BaseException:
+            self._stop()
+            raise
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._stop()
+
+    def _start(self) -> DbTarget:
+        raise NotImplementedError
 
     def _stop(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
@@ -108,27 +128,7 @@ class ScratchPostgres(ScratchServer):
 
     # SIGQUIT to the postmaster is `pg_ctl stop -m immediate`, without running pg_ctl as the server's user.
     stop_signal = signal.SIGQUIT
-
-    def __init__(self, base_dir: str | None = None, *, run_as: str | None = None, start_timeout: float = 60):
-        self.base_dir = base_dir
-        self.run_as = run_as or os.environ.get("KASA_SCRATCH_PG_USER") or "nobody"
-        self.start_timeout = start_timeout
-        self.folder: str | None = None
-        self.socket_dir: str | None = None
-        self.port = 0
-        self._own_socket_dir = False
-        self._proc: subprocess.Popen | None = None
-        self._ids: tuple[int, int] | None = None
-
-    def __enter__(self) -> DbTarget:
-        try:
-            return self._start()
-        except BaseException:
-            self._stop()
-            raise
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self._stop()
+    user_env = "KASA_SCRATCH_PG_USER"
 
     # --- start ---------------------------------------------------------------------
     def _start(self) -> DbTarget:

@@ -88,27 +88,8 @@ def native_hash(password: str) -> str:
 class ScratchMariaDB(ScratchServer):
     """A throwaway MariaDB server; the context yields the admin's DbTarget on 127.0.0.1:<free port>."""
 
-    def __init__(self, base_dir: str | None = None, *, run_as: str | None = None, start_timeout: float = 60):
-        self.base_dir = base_dir
-        self.run_as = run_as or os.environ.get("KASA_SCRATCH_MYSQL_USER") or "nobody"
-        self.start_timeout = start_timeout
-        self.folder: str | None = None
-        self.socket_dir: str | None = None
-        self.port = 0
-        self.password = ""
-        self._own_socket_dir = False
-        self._proc: subprocess.Popen | None = None
-        self._ids: tuple[int, int] | None = None
-
-    def __enter__(self) -> DbTarget:
-        try:
-            return self._start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.stop()
+    user_env = "KASA_SCRATCH_MYSQL_USER"
+    password = ""  # the admin's, made at the start
 
     @property
     def pid(self) -> int | None:
