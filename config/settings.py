@@ -275,6 +275,9 @@ KASA_RELEASE_MAX_UNPACKED_BYTES = env.int("KASA_RELEASE_MAX_UNPACKED_BYTES", def
 KASA_KEEP_RELEASES = env.int("KASA_KEEP_RELEASES", default=3)
 KASA_HOOK_TIMEOUT = env.float("KASA_HOOK_TIMEOUT", default=1800.0)
 KASA_UPGRADE_DISK_MARGIN = env.int("KASA_UPGRADE_DISK_MARGIN", default=256 << 20)
+# Blue-green: the previous release keeps running beside the new one this long after the switch (seconds; 0: not
+# kept), so that `rollback --switch-back` goes back to it in seconds (upgrades.standby).
+KASA_BLUEGREEN_GRACE = env.int("KASA_BLUEGREEN_GRACE", default=600)
 # Stopping/starting one service may take this long (seconds); a service is healthy after KASA_HEALTH_STREAK
 # answers 200 in a row, within KASA_HEALTH_TIMEOUT seconds, polled every KASA_HEALTH_INTERVAL seconds.
 KASA_SERVICE_TIMEOUT = env.float("KASA_SERVICE_TIMEOUT", default=60.0)

@@ -101,6 +101,15 @@ def service_specs(customer: Customer, *, root=None) -> list[procman.ServiceSpec]
     return specs
 
 
+def side_app_specs(customer: Customer, ecosystem_path: str, names) -> list[procman.ServiceSpec]:
+    """Specs of PM2 apps Kasa started beside the customer's own (blue-green's green copies, the standby), by
+    name, enough to stop and delete them from the customer's PM2 home."""
+    root = customer.root_path()
+    who = run_identity(customer)
+    return [procman.ServiceSpec(name=name, folder=str(root), manager="pm2", app_name=name, ecosystem=ecosystem_path,
+                                root=str(root), identity=who, pm2_home=procman.pm2_home_for(root)) for name in names]
+
+
 def managers(*, runner=None, log=None) -> dict:
     """The process managers, recording through `runner` (a run's); each spec names its own PM2 home and state.
     `log` gets one summary line per PM2 app after each start or stop (instead of PM2's tables)."""
@@ -110,20 +119,20 @@ def managers(*, runner=None, log=None) -> dict:
                             pm2_settle=settings.KASA_PM2_SETTLE)
 
 
-def _managers(ctx: RunContext) -> dict:
+def run_managers(ctx: RunContext) -> dict:
     return managers(runner=ctx.runner(), log=ctx.info)
 
 
 def stop_all(ctx: RunContext, specs) -> None:
     try:
-        procman.stop_all(specs, _managers(ctx))
+        procman.stop_all(specs, run_managers(ctx))
     except procman.ProcessError as exc:
         raise OperationError(str(exc)) from None
 
 
 def start_all(ctx: RunContext, specs) -> None:
     try:
-        procman.start_all(specs, _managers(ctx))
+        procman.start_all(specs, run_managers(ctx))
     except procman.ProcessError as exc:
         raise OperationError(str(exc)) from None
 

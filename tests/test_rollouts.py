@@ -341,9 +341,13 @@ def test_an_inconclusive_prometheus_gate_pauses_the_rollout_until_a_person_promo
 
 
 # --- blue-green ---------------------------------------------------------------------------------------------------
-def test_blue_green_checks_the_new_release_beside_the_live_one_which_answers_until_the_switch(fleet):
+def test_blue_green_checks_the_new_release_beside_the_live_one_and_keeps_the_old_one_until_its_grace_ends(fleet):
+    from django.core.management import CommandError, call_command
+    from django.utils import timezone
+
     from engines import procman
     from upgrades.models import Upgrade
+    from upgrades.tasks import end_standbys
 
     [c] = fleet.make(sqlite=1)
     code, doc = _cli("start", "--to", "1.1", "--waves", "100", "--bake", "0", "--strategy", "blue-green")
@@ -359,8 +363,87 @@ def test_blue_green_checks_the_new_release_beside_the_live_one_which_answers_unt
     svc = c.services.get(name="app")
     spec = procman.ServiceSpec(name="app", folder=str(root / "app"), manager="pm2", app_name=svc.app_name,
                                root=str(root), pm2_home=procman.pm2_home_for(root))
-    assert [a["name"] for a in procman.Pm2Manager().apps(spec)] == [svc.app_name]  # the green copy is gone
+    # The green copy is gone; the previous release answers on its side port as the standby, for its grace period.
+    assert sorted(a["name"] for a in procman.Pm2Manager().apps(spec)) == [svc.app_name, f"{svc.app_name}--previous"]
     assert not list(root.glob("ecosystem.kasa-green-*"))
+    assert up.standby_live and names[-1] == "standby"
+    standby_url = up.standby["services"]["app"]["url"]
+    assert up.standby["services"]["app"]["version"] == "1.0.0"
+    assert _get(standby_url.replace("/health", "/version")) == "1.0.0"
+
+    # The grace period ends: the minute schedule stops it, and there is nothing left to switch back to.
+    assert end_standbys() == []  # not due yet
+    Upgrade.objects.filter(pk=up.pk).update(standby_until=timezone.now())
+    assert end_standbys() == [up.pk]
+    up.refresh_from_db()
+    assert not up.standby_live and up.standby["ended_because"] == "its grace period ended"
+    assert [a["name"] for a in procman.Pm2Manager().apps(spec)] == [svc.app_name]
+    assert not list(root.glob("ecosystem.kasa-standby-*"))
+    with pytest.raises(CommandError) as refused:
+        call_command("rollback", c.domain, "--switch-back", stdout=io.StringIO(), stderr=io.StringIO())
+    assert refused.value.returncode == 2 and "no standby to switch back to" in str(refused.value)
+    assert _get(f"http://127.0.0.1:{c.port}/version") == "1.1.0"
+
+
+def test_a_switch_back_within_the_grace_period_returns_to_the_standby_release_with_the_databases_as_they_are(
+        fleet):
+    import sqlite3
+    from datetime import timedelta
+
+    from django.core.management import call_command
+    from django.utils import timezone
+
+    from customers.models import Customer
+    from engines import procman
+    from operations.context import RunContext
+    from operations.models import Run
+    from upgrades import standby
+    from upgrades.models import BadRelease, Upgrade
+
+    [c] = fleet.make(sqlite=1)
+    root = Path(c.root)
+    out = io.StringIO()
+    call_command("upgrade", c.domain, "--to", "1.1", "--strategy", "blue-green", "--json", stdout=out,
+                 stderr=io.StringIO())
+    doc = json.loads(out.getvalue())
+    assert doc["status"] == "succeeded", doc
+    up = Upgrade.objects.get(pk=doc["id"])
+    assert up.standby_live and _get(f"http://127.0.0.1:{c.port}/version") == "1.1.0"
+    # Written by the new release's users after the switch: a switch back keeps it (no database is restored).
+    con = sqlite3.connect(root / "data" / "app.sqlite3")
+    con.execute("INSERT INTO items (note) VALUES ('written on 1.1')")
+    con.commit()
+    con.close()
+    before = _rows(c)
+    # A backup (a run that only reads) leaves the standby running; a restore, an upgrade or a rollback ends it.
+    standby.end_before_run(RunContext(Run.objects.create(customer=c, kind="backup", status="succeeded")))
+    assert Upgrade.objects.get(pk=up.pk).standby_live
+
+    out = io.StringIO()
+    call_command("rollback", c.domain, "--switch-back", "--json", stdout=out, stderr=io.StringIO())
+    doc = json.loads(out.getvalue())
+    assert doc["status"] == "succeeded", doc
+    steps = {st["name"]: st["status"] for st in doc["steps"]}
+    assert steps["backup"] == "skipped" and steps["database"] == "skipped" and steps["switch"] == "succeeded"
+    back = Upgrade.objects.get(pk=doc["id"])
+    assert back.switch_back and back.backup_id is None
+    assert _get(f"http://127.0.0.1:{c.port}/version") == "1.0.0"
+    assert _rows(c) == before  # the row written on 1.1 is there, and 1.1's migration stays
+    assert Customer.objects.get(pk=c.pk).versions == {"app": "1.0.0"}
+    assert BadRelease.objects.filter(customer=c, release__name="1.1").exists()
+    up.refresh_from_db()
+    assert not up.standby_live and up.standby["ended_because"].startswith("switched back to it")
+    svc = c.services.get(name="app")
+    spec = procman.ServiceSpec(name="app", folder=str(root / "app"), manager="pm2", app_name=svc.app_name,
+                               root=str(root), pm2_home=procman.pm2_home_for(root))
+    assert [a["name"] for a in procman.Pm2Manager().apps(spec)] == [svc.app_name]
+
+    # Had a standby still run, a restore (or an upgrade, or a full rollback) would have stopped it first.
+    Upgrade.objects.filter(pk=up.pk).update(standby_until=timezone.now() + timedelta(minutes=5))
+    restore = Run.objects.create(customer=c, kind="restore", status="succeeded")
+    standby.end_before_run(RunContext(restore))
+    up.refresh_from_db()
+    assert not up.standby_live and up.standby["ended_because"] == f"restore run #{restore.pk} started"
 
 
 def test_a_blue_green_upgrade_whose_smoke_test_fails_is_undone_before_any_switch_and_leaves_no_green_copy(fleet):

@@ -234,6 +234,28 @@ def test_rollback_page_shows_what_comes_back_and_needs_the_typed_domain(client, 
     assert response.status_code == 302 and response["Location"] == f"/operations/run/{run.pk}/change/"
     rb = Upgrade.objects.get(run=run)
     assert rb.kind == "rollback" and rb.rolls_back == up and rb.status == "pending"
+    assert not rb.switch_back and 'id="switch-back"' not in html  # no standby: only the full rollback
+
+
+def test_while_a_blue_green_standby_runs_the_rollback_page_offers_to_switch_back_to_it(client, site):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    blue = site["blue"]
+    client.force_login(site["alice"])
+    up = fake_upgrade(blue, release=site["releases"]["2.5"], layout={}, user=site["alice"])
+    url = f"/customers/customer/{blue.pk}/rollback/"
+    assert 'id="switch-back"' not in get(client, url)
+    Upgrade.objects.filter(pk=up.pk).update(standby_until=timezone.now() + timedelta(minutes=9), standby={
+        "services": {"backend": {"url": "http://127.0.0.1:41234/health", "version": "2.4.0"}}})
+    assert "runs beside it as a standby" in get(client, f"/customers/customer/{blue.pk}/change/")
+    html = get(client, url)
+    assert 'id="switch-back"' in html and "backend 2.4.0 on <code>http://127.0.0.1:41234/health</code>" in html
+    response = client.post(url, {"confirm": blue.domain, "switch_back": "1"})
+    assert response.status_code == 302
+    rb = Upgrade.objects.get(run__kind="rollback")
+    assert rb.switch_back and rb.rolls_back == up
 
 
 def test_a_quarantine_shows_a_banner_until_it_is_resolved(client, site):

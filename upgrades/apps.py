@@ -14,6 +14,8 @@ class UpgradesConfig(AppConfig):
                           on_abandon="upgrades.operations.abandon")
         registry.register("rollback", "upgrades.operations.rollback", mutating=True,
                           on_abandon="upgrades.operations.abandon")
+        # A restore, upgrade or rollback first stops the previous release a blue-green upgrade kept running.
+        registry.add_guard("upgrades.standby.end_before_run")
         # What a way back records while the control database does not answer, made at reconciliation.
         registry.register_replay("upgrade_step", "upgrades.journal.replay_step")
         registry.register_replay("upgrade_outcome", "upgrades.rollback.replay_outcome")

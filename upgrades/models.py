@@ -65,6 +65,14 @@ class Upgrade(models.Model):
     env_diff = models.JSONField(default=dict, blank=True, help_text="Per component, values masked.")
     layout = models.JSONField(default=dict, blank=True,
                               help_text="Per component: what the service path was before and where it points now.")
+    # Blue-green: the previous release kept running beside the new one after the switch (upgrades.standby), until
+    # standby_until; then it is stopped and `standby` keeps what it was. A rollback with switch_back uses it.
+    standby = models.JSONField(default=dict, blank=True,
+                               help_text="The previous release kept running after a blue-green switch.")
+    standby_until = models.DateTimeField(null=True, blank=True, db_index=True,
+                                         help_text="Set while the standby runs: its grace period ends then.")
+    switch_back = models.BooleanField(default=False, help_text="A rollback that only switched back to the "
+                                      "standby's release folders (the databases untouched).")
     error = models.TextField(blank=True)
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
     started_at = models.DateTimeField(null=True, blank=True)
@@ -92,6 +100,11 @@ class Upgrade(models.Model):
     @property
     def is_active(self) -> bool:
         return self.status in (self.Status.PENDING, self.Status.RUNNING)
+
+    @property
+    def standby_live(self) -> bool:
+        """The previous release still runs beside this upgrade's (its grace period has not ended)."""
+        return self.standby_until is not None and self.standby_until > timezone.now()
 
     # --- transitions: conditional UPDATEs, as Run's ------------------------------------------------
     def _transition(self, to: str, *, expect: tuple[str, ...], **fields) -> bool:

@@ -37,7 +37,7 @@ from engines.humanize import human_size, human_time
 from engines.slots import acquire_slot
 from operations.context import OperationError, RunCancelled, RunContext, RunLost
 
-from . import bluegreen, preflight, release_files
+from . import bluegreen, preflight, release_files, standby
 from .journal import env_fingerprints, uninterruptible
 from .models import Upgrade, UpgradeStep
 from .rollback import (
@@ -136,9 +136,11 @@ def _upgrade(job: Job) -> None:
         report = _preflight(job, slog, zips_dir=str(scratch_dir(ctx.run.pk)))
     job.changes = report.changes
     hooks = [(p, 1) for p in HOOK_ORDER if any(p in ch.hooks for ch in job.changes)]
+    after = ()
     if up.strategy == Upgrade.Strategy.BLUE_GREEN:
         hooks.append(("green", 2))
-    ctx.phases(*UPGRADE_PHASES[:4], *hooks, *UPGRADE_PHASES[4:])  # the release's hooks, in their order
+        after = (("standby", 1),)
+    ctx.phases(*UPGRADE_PHASES[:4], *hooks, *UPGRADE_PHASES[4:], *after)  # the release's hooks, in their order
     with job.steps.step("backup") as slog:
         _backup(job, slog, pin=f"before upgrade #{up.pk} to {up.to_release} (run #{ctx.run.pk})")
     job.mark(touched=True)  # from here on, any failure puts the customer back
@@ -172,6 +174,9 @@ def _upgrade(job: Job) -> None:
     ctx.info(f"{up.get_kind_display().lower()} to {up.to_release} succeeded")
     with uninterruptible(ctx), job.steps.step("cleanup") as slog:  # it holds now: a cancel comes too late
         _cleanup(job, slog)
+    if blue_green:
+        with uninterruptible(ctx), job.steps.step("standby") as slog:
+            standby.start(job, slog)
 
 
 def _preflight(job: Job, slog, *, zips_dir: str | None) -> preflight.Report:
@@ -306,12 +311,15 @@ def _unpin_older(job: Job, slog) -> None:
 def _rollback(job: Job) -> None:
     ctx, up = job.ctx, job.upgrade
     target = up.rolls_back
-    ctx.phases(*ROLLBACK_PHASES)
+    ctx.phases(*(p for p in ROLLBACK_PHASES if not (up.switch_back and p[0] in ("backup", "database"))))
     with job.steps.step("preflight") as slog:
         _rollback_preflight(job, target, slog)
-    with job.steps.step("backup") as slog:
-        _backup(job, slog, pin=f"before rollback #{up.pk} of upgrade #{target.pk} (run #{ctx.run.pk})",
-                kind=Upgrade.Kind.UPGRADE)
+    if up.switch_back:  # nothing to take a backup of: only links and processes change
+        job.steps.skip("backup", "switch back: the databases are not touched, the release folders stay")
+    else:
+        with job.steps.step("backup") as slog:
+            _backup(job, slog, pin=f"before rollback #{up.pk} of upgrade #{target.pk} (run #{ctx.run.pk})",
+                    kind=Upgrade.Kind.UPGRADE)
     job.mark(touched=True)
     lay = target.layout
     job.journal.add({"type": "env_before", "files": env_fingerprints([i["live"] for i in lay.values()])})
@@ -325,7 +333,10 @@ def _rollback(job: Job) -> None:
             release_files.applied(job, step, lambda step=step: layout.apply_switch(step, root=job.root))
             slog.info(f"{info['live']} → {step['new'] or '(no folder: the install is undone)'}")
     target_backup = Backup.objects.filter(pk=target.backup_id).first()
-    if target_backup is not None and target_backup.artifacts.filter(kind="database").exists():
+    if up.switch_back:
+        job.steps.skip("database", "switch back: the databases stay as they are (the previous release ran against "
+                                   "them as the standby)")
+    elif target_backup is not None and target_backup.artifacts.filter(kind="database").exists():
         with job.steps.step("database") as slog:
             # Into the forward journal: a failure later unswaps them (dbswap.undo), the previous ones kept aside.
             restore_databases(job, slog, backup_id=target.backup_id, journal=job.journal)
@@ -348,8 +359,14 @@ def _rollback(job: Job) -> None:
     with job.steps.step("record") as slog:
         _record(job, slog, dict(target.from_versions))
     up.succeed()
-    ctx.info(f"upgrade #{target.pk} rolled back by hand")
+    ctx.info(f"upgrade #{target.pk} {'switched back' if up.switch_back else 'rolled back'} by hand")
     with uninterruptible(ctx), job.steps.step("cleanup") as slog:
+        if up.switch_back:
+            try:
+                standby.end(target.pk, reason=f"switched back to it (rollback #{up.pk})",
+                            managers=runtime.run_managers(ctx), log=slog.info)
+            except Exception as exc:  # noqa: BLE001  (the schedule ends it in a minute)
+                slog.warning(f"the standby could not be stopped: {exc}")
         for step in reversed(job.journal.steps):
             if step["type"] in ("db_swap", "db_tables_swap", "db_inplace"):
                 try:
@@ -385,9 +402,22 @@ def _rollback_preflight(job: Job, target: Upgrade, slog) -> None:
             problems.append(f"the customer records {comp} {(job.customer.versions or {}).get(comp)}, not "
                             f"{info['after_version']}")
     bk = Backup.objects.filter(pk=target.backup_id).first()
-    if target.backup_id and (bk is None or not bk.restorable):
+    if job.upgrade.switch_back:
+        target.refresh_from_db()
+        if not target.standby_live:
+            problems.append(f"no standby of the previous release runs for upgrade #{target.pk} any more: a full "
+                            "rollback puts files and databases back")
+        else:
+            urls = {name: s["url"] for name, s in target.standby["services"].items()}
+            specs = [procman.ServiceSpec(name=name, folder=str(root), manager="pm2", health_url=url)
+                     for name, url in urls.items()]
+            down = sorted(set(urls) - set(runtime.healthy_now(specs)))
+            if down:
+                problems.append(f"the standby does not answer ({', '.join(down)}): a full rollback puts files and "
+                                "databases back")
+    elif target.backup_id and (bk is None or not bk.restorable):
         problems.append(f"the pre-upgrade backup #{target.backup_id} is {bk.status if bk else 'gone'}")
-    if job.customer.databases.exists() and bk is None:
+    if job.customer.databases.exists() and bk is None and not job.upgrade.switch_back:
         problems.append(f"upgrade #{target.pk} took no backup of the databases: they cannot be put back")
     health = preflight.healthy_check(job.customer)
     exclusive = preflight.exclusive_check(job.customer, job.ctx.run)
@@ -398,7 +428,7 @@ def _rollback_preflight(job: Job, target: Upgrade, slog) -> None:
     job.mark(healthy_before=[s.name for s in job.specs() if s.health_url])
     if problems:
         raise Refused(f"rollback refused: {'; '.join(problems)}; nothing was touched")
-    slog.info(f"rolling back upgrade #{target.pk}: " + ", ".join(
+    slog.info(f"{'switching back' if job.upgrade.switch_back else 'rolling back'} upgrade #{target.pk}: " + ", ".join(
         f"{c} {i['after_version']} → {i['before_version'] or 'nothing'}" for c, i in target.layout.items()))
 
 

@@ -29,7 +29,7 @@ from backups.services import policy_for
 from core.secrets import reveal
 from customers import runtime
 from customers.models import Customer
-from engines import beneath, layout, procman, trees
+from engines import beneath, layout, trees
 from engines.backupcrypto import KeyRing
 from operations.context import OperationError, RunContext
 
@@ -166,10 +166,7 @@ def remove_green(job: Job, step: dict, specs=None) -> None:
         return
     root = job.root
     if specs is None:
-        specs = [procman.ServiceSpec(name=name, folder=str(root), manager="pm2", app_name=name,
-                                     ecosystem=step["path"], root=str(root),
-                                     identity=runtime.run_identity(job.customer),
-                                     pm2_home=procman.pm2_home_for(root)) for name in step["apps"]]
+        specs = runtime.side_app_specs(job.customer, step["path"], step["apps"])
     runtime.stop_all(job.ctx, specs)
     if beneath.lexists(root, step["path"]):
         beneath.unlink(root, step["path"], missing_ok=True)

@@ -64,13 +64,21 @@ def upgrade_start(customer, release: Release, *, requested_by=None, via: str = "
     return run
 
 
-def rollback_start(customer, *, requested_by=None, via: str = "admin", enqueue: bool = True) -> Run:
-    """Roll back the customer's last successful upgrade (refused when there is none to roll back)."""
+def rollback_start(customer, *, requested_by=None, via: str = "admin", enqueue: bool = True,
+                   switch_back: bool = False) -> Run:
+    """Roll back the customer's last successful upgrade (refused when there is none to roll back).
+
+    switch_back: go back to the previous release that a blue-green upgrade keeps running for its grace period
+    (upgrades.standby): links and processes only, the databases and .env files as they are, no backup."""
     permissions.require(requested_by, permissions.ROLLBACK, customer)
     target = rollback_target(customer)
     if target is None:
         raise UpgradeInputError(f"{customer} has no successful upgrade to roll back (the last one may have been "
                                 "rolled back already); nothing was started")
+    if switch_back and not target.standby_live:
+        raise UpgradeInputError(f"upgrade #{target.pk} of {customer} has no standby to switch back to (not a "
+                                "blue-green upgrade, or its grace period has ended); a full rollback puts files "
+                                "and databases back; nothing was started")
     with transaction.atomic():
         try:
             run = run_start(customer, kind=Run.Kind.ROLLBACK, requested_by=requested_by, via=via,
@@ -79,7 +87,8 @@ def rollback_start(customer, *, requested_by=None, via: str = "admin", enqueue: 
             raise UpgradeInputError(str(exc)) from None
         to = {c: target.from_versions.get(c, "") for c in target.to_versions}
         Upgrade.objects.create(customer=customer, run=run, kind=Upgrade.Kind.ROLLBACK, rolls_back=target,
-                               from_versions=dict(customer.versions or {}), to_versions=to)
+                               from_versions=dict(customer.versions or {}), to_versions=to,
+                               switch_back=bool(switch_back))
     return run
 
 

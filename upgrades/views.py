@@ -100,9 +100,10 @@ def rollback_view(request, pk: int, model_admin):
     permissions.require(request.user, permissions.ROLLBACK)
     plan = rollback_plan(customer)
     form = ConfirmForm(request.POST if request.method == "POST" else None, customer=customer)
+    switch_back = request.POST.get("switch_back") == "1"
     if request.method == "POST" and plan is not None and form.is_valid():
         try:
-            run = rollback_start(customer, requested_by=request.user, via="admin")
+            run = rollback_start(customer, requested_by=request.user, via="admin", switch_back=switch_back)
         except STARTED as exc:
             messages.error(request, str(exc))
         else:
@@ -110,7 +111,7 @@ def rollback_view(request, pk: int, model_admin):
     status = 200 if request.method == "GET" and plan is not None else 400 if request.method == "POST" else 404
     return admin_page(request, model_admin, "admin/upgrades/rollback.html", title=f"Roll back {customer}",
                       obj=customer, status=status, customer=customer, plan=plan, form=form,
-                      estimate=estimate_text(customer.pk, "rollback"))
+                      switch_back=switch_back, estimate=estimate_text(customer.pk, "rollback"))
 
 
 class ResolveForm(forms.Form):

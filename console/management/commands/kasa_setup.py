@@ -12,6 +12,7 @@ from customers.demo import demo_seed, demo_start
 
 REAPER = "kasa: reap runs whose worker is gone"
 ROLLOUTS = "kasa: advance fleet rollouts"
+STANDBYS = "kasa: stop blue-green standbys past their grace"
 
 
 class Command(KasaCommand):
@@ -76,6 +77,12 @@ class Command(KasaCommand):
         Schedule.objects.update_or_create(
             name=ROLLOUTS,
             defaults={"func": "rollouts.tasks.advance_rollouts", "schedule_type": Schedule.MINUTES, "minutes": 1,
+                      "repeats": -1},
+        )
+        # The previous release a blue-green upgrade kept running stops when its grace period ends.
+        Schedule.objects.update_or_create(
+            name=STANDBYS,
+            defaults={"func": "upgrades.tasks.end_standbys", "schedule_type": Schedule.MINUTES, "minutes": 1,
                       "repeats": -1},
         )
         return REAPER

@@ -12,6 +12,9 @@ class Command(KasaCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("domain")
+        parser.add_argument("--switch-back", action="store_true",
+                            help="go back to the previous release a blue-green upgrade keeps running for its grace "
+                                 "period: links and processes only, the databases as they are, no backup")
         add_run_arguments(parser)
 
     def handle(self, *args, **o):
@@ -19,7 +22,7 @@ class Command(KasaCommand):
         if customer is None:
             raise BadInput(f"no customer with domain {o['domain']!r}")
         try:
-            run = rollback_start(customer, via="cli", enqueue=o["enqueue"])
+            run = rollback_start(customer, via="cli", enqueue=o["enqueue"], switch_back=o["switch_back"])
         except UpgradeInputError as exc:
             raise BadInput(str(exc)) from None
         run = enqueued_or_run_here(self, run, enqueue=o["enqueue"], wait=o["wait"], what="rollback")
