@@ -108,6 +108,7 @@ INSTALLED_APPS = [
     "operations",
     "django_q",
     "core",
+    "hosts",
     "customers",
     "audit",
     "backups",
@@ -286,6 +287,9 @@ KASA_PM2_SETTLE = env.float("KASA_PM2_SETTLE", default=2.0)
 KASA_HEALTH_STREAK = env.int("KASA_HEALTH_STREAK", default=3)
 KASA_HEALTH_TIMEOUT = env.float("KASA_HEALTH_TIMEOUT", default=30.0)
 KASA_HEALTH_INTERVAL = env.float("KASA_HEALTH_INTERVAL", default=0.5)
+# Seconds an SSH connection to a host may take to be set up (ssh's ConnectTimeout; a host probe waits this long
+# for a host that dropped off the network).
+KASA_SSH_CONNECT_TIMEOUT = env.float("KASA_SSH_CONNECT_TIMEOUT", default=10.0)
 
 # --- Email and links in notifications ------------------------------------------
 # EMAIL_URL: smtp://user:pass@host:25, smtp+tls://…:587 (STARTTLS), smtp+ssl://…:465,

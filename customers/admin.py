@@ -29,7 +29,7 @@ from . import page
 from .changes import CUSTOMER_RUNTIME, SERVICE_RUNTIME, customer_save, runs_something, service_delete, service_save
 from .forms import ArgvField, VersionsField
 from .models import Customer, DatabaseConnection, Service, Team
-from .scoping import TeamScopedAdminMixin, teams_of
+from .scoping import TeamScopedAdminMixin, hosts_of, teams_of
 from .services import customer_check_start
 
 
@@ -138,21 +138,23 @@ class DatabaseInline(admin.StackedInline):
 @admin.register(Customer)
 class CustomerAdmin(FleetScaleMixin, TeamScopedAdminMixin, AuditedAdminMixin, admin.ModelAdmin):
     team_scope_path = ""
-    list_display = ("domain", "name", "team", "status_badge", "versions_display", "last_run")
-    list_filter = ("status", ("team", scoped_filter(teams_of)))
+    list_display = ("domain", "name", "team", "host", "status_badge", "versions_display", "last_run")
+    list_filter = ("status", ("team", scoped_filter(teams_of)), ("host", scoped_filter(hosts_of)))
     ordering = ("domain",)  # explicit: the last run's GROUP BY drops Meta.ordering (autocomplete pages)
     search_fields = ("domain", "name", "tags")
-    list_select_related = ("team",)
+    list_select_related = ("team", "host")
     inlines = [ServiceInline, DatabaseInline]
     actions = ["check_action"]  # and those of customers.page (get_actions)
-    readonly_fields = ("created_at", "updated_at")
+    # The host is set when the customer is added (customer_add --host); moving a customer between hosts is an
+    # operation of its own (issue 14), not a field edit.
+    readonly_fields = ("host", "created_at", "updated_at")
     form = CustomerForm
 
     def get_fieldsets(self, request, obj=None):
         """Versions appear once: the Versions card shows them on a customer's page; a runtime holder may correct
         the record in a folded section (an upgrade keeps it), and sets it on a new customer."""
         runtime = permissions.has(request.user, permissions.RUNTIME)
-        what_runs = ("root", "run_as") if obj is not None or not runtime else ("root", "run_as", "versions")
+        what_runs = ("host", "root", "run_as") if obj is not None or not runtime else ("root", "run_as", "versions")
         sets = [(None, {"fields": (("domain", "name"), ("team", "status"), "tags",
                                    ("version_pin", "version_pin_reason"))}),
                 ("What runs", {"fields": what_runs, "classes": ("kasa-what-runs",)})]

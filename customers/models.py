@@ -12,6 +12,7 @@ from django.db import models
 
 from core.secrets import EncryptedSecretField
 from engines import dburl, paths, runas
+from hosts.models import Host, local_host_pk
 
 from . import roots
 from .validators import (
@@ -95,6 +96,10 @@ class Customer(models.Model):
     # when this matches (a domain alone is easy to forge on a storage target).
     uuid = models.UUIDField("UUID", default=uuid.uuid4, unique=True, editable=False)
     team = models.ForeignKey(Team, on_delete=models.PROTECT, related_name="customers")
+    host = models.ForeignKey(
+        Host, on_delete=models.PROTECT, related_name="customers", default=local_host_pk,
+        help_text="The machine the customer lives on. Operations run on `local` (the worker's own machine) only, "
+                  "for now.")
     root = models.CharField(
         "root folder", max_length=1024, validators=[validate_customer_root],
         help_text="Absolute folder holding the services; must lie inside KASA_CUSTOMERS_ROOT.",

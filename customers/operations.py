@@ -18,6 +18,7 @@ from django.conf import settings
 
 from core.secrets import reveal
 from engines import dbprobe, ownership, paths, proc, runas
+from hosts.models import LOCAL
 from operations.context import OperationError, RunContext
 
 from . import roots
@@ -34,6 +35,12 @@ def guard(ctx: RunContext) -> None:
     swapped for a link since it was validated. Nothing has been touched at that point.
     """
     run = ctx.run
+    # Operations on remote hosts are not built yet: a customer recorded on another machine must never have a
+    # folder of this machine read or changed in its name.
+    host = Customer.objects.filter(pk=run.customer_id).values_list("host__name", flat=True).first()
+    if host is not None and host != LOCAL:
+        raise OperationError(f"refused before touching anything: {run.customer} lives on host {host}, and "
+                             "operations on remote hosts are not built yet (they run on the local host only)")
     if not run.mutating:
         return  # a drill reads no customer file; a check reports these problems itself
     customer = Customer.objects.prefetch_related("services", "databases").get(pk=run.customer_id)

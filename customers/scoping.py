@@ -8,6 +8,8 @@ core.permissions.may_see does, and never import this module.
 
 from __future__ import annotations
 
+from hosts.models import Host
+
 from .models import Customer, Team
 
 
@@ -28,6 +30,13 @@ def teams_of(request):
     """The teams a user may see named: their own (superusers: all)."""
     user = request.user
     return Team.objects.all() if user.is_superuser else Team.objects.filter(members=user)
+
+
+def hosts_of(request):
+    """The hosts a user may see named in a filter: those of their teams' customers (superusers: all)."""
+    if request.user.is_superuser:
+        return Host.objects.all()
+    return Host.objects.filter(customers__in=customers_of(request)).distinct()
 
 
 def customers_of(request):

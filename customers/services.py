@@ -45,17 +45,20 @@ def _validation_message(exc: ValidationError) -> str:
 def customer_create(
     *, domain: str, root: str, team: Team, name: str = "", services: list[tuple[str, str]] = (),
     databases: list[tuple[str, dburl.DatabaseURL]] = (), versions: dict[str, str] | None = None,
-    uuid=None, actor=None, via: str = AuditEntry.Source.CLI, tags: str = "",
+    uuid=None, actor=None, via: str = AuditEntry.Source.CLI, tags: str = "", host=None,
 ) -> Customer:
     """Create a customer with its services and databases, all validated, or nothing.
 
     Services get a name and a folder only: what runs (process manager, commands, health URL, run as) is set
     apart, by whoever may change runtime fields. `uuid` re-creates a customer its backups name (backup_import).
     The root folder is a runtime field: an actor needs customers.change_runtime (None: the CLI's shell user).
+    `host` None: the built-in `local` host (the worker's own machine).
     """
     permissions.require(actor, permissions.RUNTIME)
     customer = Customer(domain=domain.lower().strip(), root=root, name=name or domain, team=team,
                         versions=versions or {}, tags=tags)
+    if host is not None:
+        customer.host = host
     if uuid is not None:
         customer.uuid = uuid
     try:
@@ -77,7 +80,8 @@ def customer_create(
     except ValidationError as exc:
         raise CustomerInputError(_validation_message(exc)) from None
     audit_record(action="customer.add", source=via, actor=actor, obj=customer, result="ok",
-                 changes={"services": [s for s, _ in services], "databases": [d for d, _ in databases],
+                 changes={"host": customer.host.name,
+                          "services": [s for s, _ in services], "databases": [d for d, _ in databases],
                           "runtime": {"root": {"before": None, "after": customer.root},
                                       "run_as": {"before": None, "after": customer.run_as}}})
     return customer
@@ -94,6 +98,7 @@ def customer_describe(customer: Customer) -> dict:
         "domain": customer.domain,
         "name": customer.name,
         "team": customer.team.name,
+        "host": customer.host.name,
         "status": customer.status,
         "root": customer.root,
         "versions": customer.versions,

@@ -13,6 +13,7 @@ from customers.demo import demo_seed, demo_start
 REAPER = "kasa: reap runs whose worker is gone"
 ROLLOUTS = "kasa: advance fleet rollouts"
 STANDBYS = "kasa: stop blue-green standbys past their grace"
+HOST_PROBES = "kasa: probe hosts"
 
 
 class Command(KasaCommand):
@@ -83,6 +84,12 @@ class Command(KasaCommand):
         Schedule.objects.update_or_create(
             name=STANDBYS,
             defaults={"func": "upgrades.tasks.end_standbys", "schedule_type": Schedule.MINUTES, "minutes": 1,
+                      "repeats": -1},
+        )
+        # Reachability, free space and tools of every enabled host (a task per host: hosts.tasks).
+        Schedule.objects.update_or_create(
+            name=HOST_PROBES,
+            defaults={"func": "hosts.tasks.probe_hosts", "schedule_type": Schedule.MINUTES, "minutes": 5,
                       "repeats": -1},
         )
         return REAPER

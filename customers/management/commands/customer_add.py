@@ -10,6 +10,7 @@ from customers.services import (
     parse_service_spec,
 )
 from engines import dburl
+from hosts.models import Host
 
 
 class Command(KasaCommand):
@@ -26,6 +27,7 @@ class Command(KasaCommand):
                             metavar="COMPONENT=VERSION")
         parser.add_argument("--team", default="", help="team name (created if missing; default: Default)")
         parser.add_argument("--tag", action="append", default=[], help="a tag for rollouts (repeat), e.g. canary")
+        parser.add_argument("--host", default="", help="the host the customer lives on (default: local)")
 
     def handle(self, *args, **o):
         try:
@@ -39,11 +41,16 @@ class Command(KasaCommand):
             if not sep or not comp or not ver:
                 raise BadInput(f"--version {spec!r}: use COMPONENT=VERSION")
             versions[comp.strip()] = ver.strip()
+        host = None
+        if o["host"]:
+            host = Host.objects.filter(name=o["host"]).first()
+            if host is None:
+                raise BadInput(f"--host: no host named {o['host']!r} (host_list shows them)")
         team, _ = Team.objects.get_or_create(name=o["team"] or "Default")
         try:
             customer = customer_create(domain=o["domain"], root=o["root"], name=o["name"], team=team,
                                        services=services, databases=databases, versions=versions,
-                                       tags=",".join(o["tag"]))
+                                       tags=",".join(o["tag"]), host=host)
         except CustomerInputError as exc:
             raise BadInput(str(exc)) from None
         if self.json_output:

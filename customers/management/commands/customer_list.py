@@ -7,7 +7,7 @@ class Command(KasaCommand):
     help = "List customers with their services, databases (no passwords) and versions."
 
     def handle(self, *args, **o):
-        customers = Customer.objects.select_related("team").prefetch_related("services", "databases")
+        customers = Customer.objects.select_related("team", "host").prefetch_related("services", "databases")
         docs = [customer_describe(c) for c in customers]
         if self.json_output:
             self.emit(docs)
