@@ -231,3 +231,17 @@ def test_existing_customers_are_on_local_after_the_migration(customer_root, team
     customer = Customer.objects.get(domain="old.example.com")
     assert customer.host.name == LOCAL and customer.host.is_local
     assert os.path.isdir(customer_root)
+
+
+def test_the_customer_changelist_shows_each_customers_host_and_filters_by_the_teams_hosts(
+        client, staff_user, team, make_customer, remote):
+    from customers.models import Team
+
+    mine, theirs = make_customer(), make_customer(team_=Team.objects.create(name="other-team"))
+    Customer.objects.filter(pk=mine.pk).update(host=_host(remote, name="web-mine"))
+    Customer.objects.filter(pk=theirs.pk).update(host=_host(remote, name="web-theirs"))
+    client.force_login(staff_user(team))
+    listing = client.get("/customers/customer/").content.decode()
+    assert "web-mine" in listing and "web-theirs" not in listing  # not even as a filter choice
+    filtered = client.get(f"/customers/customer/?host__id__exact={Host.objects.get(name='web-mine').pk}")
+    assert mine.domain in filtered.content.decode()

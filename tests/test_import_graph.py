@@ -12,8 +12,8 @@ import grimp
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-APPS = ["config", "console", "rollouts", "upgrades", "backups", "releases", "customers", "operations", "audit", "core",
-        "engines"]
+APPS = ["config", "console", "rollouts", "upgrades", "backups", "releases", "customers", "hosts", "operations", "audit",
+        "core", "engines"]
 
 
 def lint_imports() -> str:
