@@ -19,7 +19,7 @@ from audit.admin_mixins import AuditedAdminMixin
 from audit.models import AuditEntry
 from core.admin_mixins import SuperuserWritesMixin, admin_page, status_badge
 from core.secrets import SecretFormField
-from engines import ssh
+from engines import hostprobe, ssh
 from engines.humanize import human_size, human_time
 
 from .models import Host
@@ -40,7 +40,7 @@ class HostForm(forms.ModelForm):
 @admin.register(Host)
 class HostAdmin(SuperuserWritesMixin, AuditedAdminMixin, admin.ModelAdmin):
     form = HostForm
-    list_display = ("name", "ssh", "reachable_badge", "seen", "os", "free", "tool_versions", "customer_count",
+    list_display = ("name", "ssh", "reachable_badge", "seen", "os", "free", "tools_found", "customer_count",
                     "enabled")
     list_filter = ("enabled", "reachable")
     search_fields = ("name", "address")
@@ -108,6 +108,15 @@ class HostAdmin(SuperuserWritesMixin, AuditedAdminMixin, admin.ModelAdmin):
     @admin.display(description="tools")
     def tool_versions(self, obj):
         return obj.tool_summary() or "—"
+
+    @admin.display(description="tools")
+    def tools_found(self, obj):
+        """The list's short form: what is missing (every version on the host's page and on hover)."""
+        if not obj.tools:
+            return "—"
+        missing = [t for t, v in obj.tools.items() if v == hostprobe.MISSING]
+        return format_html('<span title="{}">{}</span>', obj.tool_summary(),
+                           f"missing: {', '.join(missing)}" if missing else "all found")
 
     @admin.display(description="customers", ordering="n_customers")
     def customer_count(self, obj):

@@ -21,6 +21,7 @@ from backups.services import default_target
 from customers.changes import service_save
 from customers.models import MaintenanceConnection, Service
 from customers.services import customer_check_start
+from hosts.models import Host
 from operations.models import Run
 from tests.test_browser import PASSWORD, chromium, demo_customer, log_in  # noqa: F401 (fixtures)
 from upgrades.models import BadRelease, Upgrade
@@ -110,6 +111,16 @@ def _seed(customer, other, tmp_path) -> dict:
                               summary="1 health URL(s) of upgraded customers do not answer: " + LONG * 2,
                               evidence={"checked": [{"url": f"http://127.0.0.1:4199/{LONG * 3}", "ok": False}]})
     assert AuditEntry.objects.exists()
+    # A remote host with the widest probe results: its page lists the customer moved onto it.
+    web = Host.objects.create(
+        name=f"web-with-a-long-name-{LONG}", ssh_user="kasa", address="web-server-07.eu-west.example.com",
+        port=2222, customers_root=f"/srv/kasa/customers/{LONG}", labels={"dc": "fra1", "tier": "gold"},
+        key_file="/etc/kasa/keys/web-server-07", reachable=False, probed_at=now, last_seen=now - timedelta(hours=3),
+        last_error=f"host web-server-07 (kasa@web-server-07.eu-west.example.com:2222) is unreachable: {LONG * 4}",
+        os="Debian GNU/Linux 12 (bookworm)", free_bytes=123_456_789_012,
+        tools={"python3": "3.11.2", "tar": "1.34", "zstd": "missing", "pm2": "5.3.1", "pg_dump": "15.10",
+               "mariadb-dump": "10.11.6-MariaDB"})
+    type(other).objects.filter(pk=other.pk).update(host=web)
     return {"backup": good, "check": check, "failed": failed, "upgrade": upgrade, "quarantined": quarantined}
 
 

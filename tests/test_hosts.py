@@ -233,11 +233,12 @@ def test_existing_customers_are_on_local_after_the_migration(customer_root, team
     assert os.path.isdir(customer_root)
 
 
-def test_the_customer_changelist_shows_each_customers_host_and_filters_by_the_teams_hosts(
+def test_the_customer_changelist_filters_by_the_teams_hosts_and_the_page_shows_the_host(
         client, staff_user, team, make_customer, remote):
     from customers.models import Team
 
     mine, theirs = make_customer(), make_customer(team_=Team.objects.create(name="other-team"))
+    make_customer()  # another of the team's, on local: two hosts to choose from
     Customer.objects.filter(pk=mine.pk).update(host=_host(remote, name="web-mine"))
     Customer.objects.filter(pk=theirs.pk).update(host=_host(remote, name="web-theirs"))
     client.force_login(staff_user(team))
@@ -245,3 +246,5 @@ def test_the_customer_changelist_shows_each_customers_host_and_filters_by_the_te
     assert "web-mine" in listing and "web-theirs" not in listing  # not even as a filter choice
     filtered = client.get(f"/customers/customer/?host__id__exact={Host.objects.get(name='web-mine').pk}")
     assert mine.domain in filtered.content.decode()
+    page = client.get(f"/customers/customer/{mine.pk}/change/").content.decode()
+    assert "web-mine" in page
