@@ -47,8 +47,8 @@ CONTROL_PERSIST = 30  # seconds the master outlives its last command (a session 
 KEY_PREFERENCE = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521", "ssh-rsa")
 _SOCKET_MAX = 100  # sun_path is 108 bytes; ssh appends a random suffix while it sets the socket up
 _UNREACHABLE = re.compile(r"Connection timed out|No route to host|Connection refused|Network is unreachable|"
-                          r"Could not resolve hostname|Connection closed by|Connection reset|timed out|"
-                          r"Host is down|Broken pipe|Control socket connect", re.IGNORECASE)
+                          r"Could not resolve hostname|Connection closed by|closed by remote host|Connection reset|"
+                          r"timed out|Host is down|Broken pipe|Control socket connect|mux_client", re.IGNORECASE)
 
 
 class SSHError(Exception):
@@ -249,8 +249,11 @@ class Session:
                 f"fingerprint and trust it explicitly (host_trust {t.name} --fingerprint …)")
         if "Permission denied" in text or "Too many authentication failures" in text:
             raise AuthFailed(f"{t.where()}: the login was refused (key not accepted for {t.user})")
+        # A session whose connection dies (its sshd child killed, the link gone) ends with 255 and, at LogLevel
+        # ERROR, no message at all. So, as Ansible does, 255 is ssh's own: Kasa's remote commands never exit 255.
         if _UNREACHABLE.search(text) or not text:
-            raise Unreachable(f"{t.where()} is unreachable: {text[-300:] or 'the connection ended'}")
+            raise Unreachable(f"{t.where()} is unreachable: "
+                              f"{text[-300:] or 'the connection ended (ssh exit status 255)'}")
 
     def run(self, remote: Sequence[str], *, input: bytes | None = None, timeout: float = 60) -> Result:
         """Run `remote` (an argv) on the host; rc/stdout/stderr. SSHError when ssh itself failed (exit 255

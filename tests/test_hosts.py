@@ -68,6 +68,20 @@ def test_a_netns_host_answers_over_ssh_and_remote_words_stay_words(remote, tmp_p
     assert list((tmp_path / "rt").iterdir()) == []  # master stopped, key file and known_hosts removed
 
 
+def test_a_session_whose_sshd_child_is_killed_fails_naming_the_host_and_the_next_command_reconnects(remote, tmp_path):
+    target = ssh.Target(name="web1", user="root", address=remote.address, host_key=remote.host_public,
+                        private_key=Secret(remote.client_private))
+    with ssh.Session(target, tmp_path / "rt") as session:
+        proc = session.stream(["sh", "-c", "head -c 50000000 /dev/zero; sleep 30"])
+        assert proc.stdout.read(65536)  # the stream flows
+        assert remote.kill_sessions()
+        proc.stdout.read()
+        rc, err = proc.wait(timeout=10), proc.stderr.read().decode()
+        with pytest.raises(ssh.Unreachable, match=r"host web1 \(root@10\.231\.\d+\.2:22\) is unreachable"):
+            session.check(rc, err)
+        assert session.run(["echo", "again"]).text == "again\n"
+
+
 def test_parse_ssh_spec_reads_user_address_and_port():
     assert parse_ssh_spec("root@10.0.0.5") == ("root", "10.0.0.5", 22)
     assert parse_ssh_spec("kasa@web2.example.com:2222") == ("kasa", "web2.example.com", 2222)
