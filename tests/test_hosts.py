@@ -262,3 +262,21 @@ def test_the_customer_changelist_filters_by_the_teams_hosts_and_the_page_shows_t
     assert mine.domain in filtered.content.decode()
     page = client.get(f"/customers/customer/{mine.pk}/change/").content.decode()
     assert "web-mine" in page
+
+
+def test_check_now_in_the_admin_queues_a_probe_task_by_primary_key(client, admin_user, remote, monkeypatch,
+                                                                   django_capture_on_commit_callbacks):
+    queued = []
+    monkeypatch.setattr("hosts.services.async_task", lambda func, *args: queued.append((func, args)))
+    host = _host(remote, name="web-check")
+    client.force_login(admin_user)
+    with django_capture_on_commit_callbacks(execute=True):
+        response = client.post("/hosts/host/", {"action": "check_now", "_selected_action": [host.pk]})
+    assert response.status_code == 302
+    assert queued == [("hosts.tasks.probe_host", (host.pk,))]
+    from hosts import tasks
+
+    monkeypatch.setattr(tasks, "close_old_connections", lambda: None)  # the test's transaction stays open
+    assert tasks.probe_host(host.pk) == "reachable"
+    page = client.get(f"/hosts/host/{host.pk}/change/").content.decode()
+    assert "reachable" in page and "Debian" in page
