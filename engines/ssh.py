@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import os
 import re
@@ -218,6 +219,9 @@ class Session:
             "ForwardAgent": "no", "ForwardX11": "no", "ControlMaster": "auto", "ControlPath": str(self.control),
             "ControlPersist": str(CONTROL_PERSIST), "ConnectTimeout": str(t.connect_timeout),
             "ServerAliveInterval": "10", "ServerAliveCountMax": "3", "LogLevel": "ERROR",
+            # Database forwards (forward()) listen on a Unix socket in this 0700 folder, created 0600 (OpenSSH's
+            # default bind mask): only Kasa's user can reach the host's database through them.
+            "StreamLocalBindUnlink": "yes", "StreamLocalBindMask": "0177",
             # AES-GCM first (1.6x chacha20's throughput with AES-NI, measured above); the defaults follow.
             "Ciphers": "^aes128-gcm@openssh.com,aes256-gcm@openssh.com",
         }
@@ -272,6 +276,56 @@ class Session:
         """Start `remote` with its stdout as a pipe (tar streams): the caller reads, waits, and calls check()
         with the exit status and stderr."""
         return subprocess.Popen(self.argv(remote), stdin=stdin, stdout=subprocess.PIPE, stderr=stderr)
+
+    def forward(self, remote_host: str, remote_port: int | None, *, name: str) -> str:
+        """A forward on this session's master from a Unix socket in the session's 0700 folder to
+        `remote_host:remote_port` as the host sees it (or to `remote_host` itself when it is a socket path there,
+        `-L local:/path`); returns the local socket's path. Database clients on the worker connect to it.
+
+        Why a Unix socket and not 127.0.0.1:PORT: a loopback port is open to every user of the worker for as long
+        as the dump runs (a customer's code on `local` included); a socket in a 0700 folder only to Kasa's user.
+        It rides on the master (`ssh -O forward`), so no process of its own and no second login; cancel_forward()
+        or close() end it."""
+        parts = name.split("/")
+        if not name or name.startswith("/") or any(p in ("", ".", "..") for p in parts) \
+                or len(str(self.dir / name)) > _SOCKET_MAX:
+            raise SSHError(f"forward socket name {name!r} is not usable under {self.dir}")
+        local = str(self.dir / name)
+        os.makedirs(os.path.dirname(local), mode=0o700, exist_ok=True)
+        if remote_host.startswith("/"):
+            spec = f"{local}:{remote_host}"
+        else:
+            if not remote_port or not 1 <= int(remote_port) <= 65535:
+                raise SSHError(f"{self.target.where()}: forward to {remote_host!r}: no valid port")
+            spec = f"{local}:{remote_host}:{int(remote_port)}"
+        if not self.control.exists():
+            self.run(["true"], timeout=self.target.connect_timeout + 20)  # the master the forward rides on
+        self._mux("forward", spec)
+        return local
+
+    def cancel_forward(self, local: str, remote_host: str, remote_port: int | None) -> None:
+        spec = f"{local}:{remote_host}" if remote_host.startswith("/") else f"{local}:{remote_host}:{int(remote_port)}"
+        try:
+            self._mux("cancel", spec)
+        except SSHError:
+            pass  # the master is gone (the host was lost): its forwards went with it
+        with contextlib.suppress(OSError):
+            os.unlink(local)  # the master leaves its socket file behind; close() removes the folder anyway
+
+    def _mux(self, command: str, spec: str) -> None:
+        t = self.target
+        argv = [SSH, *self.options(), "-O", command, "-L", spec, "-p", str(int(t.port)), "-l", t.user, "--",
+                t.address]
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False,
+                                  stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise Unreachable(f"{t.where()}: ssh -O {command} got no answer within 30 s") from None
+        if done.returncode != 0:
+            text = " ".join(done.stderr.split())[-300:]
+            if "forwarding request failed" not in text:
+                self.check(255, text)  # the master is gone: Unreachable, naming the host
+            raise SSHError(f"{t.where()}: could not {command} a forward ({text or f'exit {done.returncode}'})")
 
     def close(self) -> None:
         """Stop the master (if one runs) and remove the folder with the key file. Idempotent."""
