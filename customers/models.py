@@ -52,12 +52,41 @@ class CustomerQuerySet(models.QuerySet):
 
 
 def validate_customer_root(value: str) -> None:
+    """What holds on every host: an absolute path without '..' or a NUL byte. Which customers root it must lie in
+    depends on the customer's host: Customer.clean() (KASA_CUSTOMERS_ROOT on local, the host's customers_root
+    elsewhere)."""
+    if not value or "\x00" in value:
+        raise ValidationError("root folder is empty or contains a NUL byte")
+    if ".." in Path(value).parts:
+        raise ValidationError(f"root folder {value!r} contains '..'")
+    if not Path(value).is_absolute():
+        raise ValidationError("root folder must be an absolute path")
+
+
+def local_root_problem(value: str) -> str | None:
+    """Why `value` may not be the root of a customer on `local` (the worker's own filesystem, links followed)."""
     try:
         paths.resolve_strictly_inside(value, settings.KASA_CUSTOMERS_ROOT, what="root folder")
     except paths.PathEscapeError as exc:
-        raise ValidationError(f"{exc} (KASA_CUSTOMERS_ROOT)") from None
-    if not Path(value).is_absolute():
-        raise ValidationError("root folder must be an absolute path")
+        return f"{exc} (KASA_CUSTOMERS_ROOT)"
+    return None
+
+
+def remote_root_problem(value: str, host: Host, others) -> str | None:
+    """Why `value` may not be the root of a customer on the remote `host`, as far as the worker can tell: inside
+    the host's customers root and overlapping no other root of that host, compared as written (the worker cannot
+    follow the host's links; a backup checks again on the host with every link followed, engines.hostside)."""
+    mine, base = Path(os.path.normpath(value)), Path(os.path.normpath(host.root() or "/"))
+    if not host.root() or base not in mine.parents:
+        return (f"root folder {value!r} is not inside {str(base)!r} (the customers root of host {host.name})")
+    for other in others:
+        if how := roots.overlap(mine, Path(os.path.normpath(other))):
+            return f"root folder {value} {how} another customer's root folder: each customer's folder is its own"
+    return None
+
+
+def is_remote(customer) -> bool:
+    return customer is not None and customer.host_id is not None and not customer.host.is_local
 
 
 def kasa_uids() -> set[int]:
@@ -150,11 +179,17 @@ class Customer(models.Model):
                 run_as_identity(self.run_as)
             except runas.RunAsError as exc:
                 raise ValidationError({"run_as": str(exc)}) from None
-        # Field validation confined the root to KASA_CUSTOMERS_ROOT; here: no other customer's root and none of
-        # Kasa's files may be it, hold it or lie in it (resolved real paths).
-        if self.root and Path(self.root).is_absolute():
-            others = Customer.objects.exclude(pk=self.pk).values_list("root", flat=True)
-            if problem := roots.root_conflict(self.root, others):
+        # The root lies strictly inside its host's customers root, and no other customer's root of that host (nor,
+        # on local, any of Kasa's files) may be it, hold it or lie in it. On local: resolved real paths, as always;
+        # on a remote host: as written here, then resolved on the host before every backup (backups.remote).
+        shaped = "\x00" not in self.root and ".." not in Path(self.root).parts  # else the field's own error says so
+        if self.root and Path(self.root).is_absolute() and shaped:
+            others = Customer.objects.exclude(pk=self.pk).filter(host_id=self.host_id).values_list("root", flat=True)
+            if is_remote(self):
+                problem = remote_root_problem(self.root, self.host, others)
+            else:
+                problem = local_root_problem(self.root) or roots.root_conflict(self.root, others)
+            if problem:
                 raise ValidationError({"root": problem})
 
     def tag_list(self) -> list[str]:
@@ -228,7 +263,7 @@ class Service(models.Model):
         except paths.PathEscapeError as exc:
             raise ValidationError({"path": str(exc)}) from None
         customer = _customer_of(self)
-        if customer is not None and customer.root:
+        if customer is not None and customer.root and not is_remote(customer):  # remote: checked on the host
             try:  # followed through links: the folder stays inside its own root
                 paths.resolve_inside(self.path or ".", customer.root, what="service path")
             except paths.PathEscapeError as exc:
@@ -273,7 +308,14 @@ class DatabaseConnection(models.Model):
             if not self.sqlite_path:
                 raise ValidationError({"sqlite_path": "required for SQLite"})
             customer = _customer_of(self)
-            if customer is not None and customer.root:
+            if customer is not None and customer.root and is_remote(customer):
+                # The host's path: as written here (inside the root, no '..'), resolved on the host before every
+                # backup (engines.hostside.backup_facts).
+                mine = Path(os.path.normpath(os.path.join(customer.root, self.sqlite_path)))
+                if ".." in Path(self.sqlite_path).parts or Path(os.path.normpath(customer.root)) not in mine.parents:
+                    raise ValidationError({"sqlite_path": f"SQLite path {self.sqlite_path!r} is not inside the "
+                                                          f"customer's root {customer.root!r}"})
+            elif customer is not None and customer.root:
                 try:
                     resolved = paths.resolve_strictly_inside(self.sqlite_path, customer.root, what="SQLite path")
                 except paths.PathEscapeError as exc:

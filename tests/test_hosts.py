@@ -199,8 +199,12 @@ def test_local_is_probed_without_ssh(monkeypatch, settings):
 
 def test_customer_add_host_puts_the_customer_on_that_host(remote, customer_root):
     web = _host(remote, name="web-shop")
-    (customer_root / "backend").mkdir()
+    # The root is the host's: inside the host's customers root, not the worker's KASA_CUSTOMERS_ROOT.
     code, _out, err = _command("customer_add", "shop.example.com", "--root", str(customer_root), "--service",
+                               "backend", "--host", "web-shop")
+    assert code == 2 and "the customers root of host web-shop" in err
+    root = remote.customers_root / "shop"
+    code, _out, err = _command("customer_add", "shop.example.com", "--root", str(root), "--service",
                                "backend", "--host", "web-shop")
     assert code == 0, err
     assert Customer.objects.get(domain="shop.example.com").host == web
