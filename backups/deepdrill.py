@@ -68,7 +68,16 @@ _DB_KEY = re.compile(r"DB|DATABASE|PG|MYSQL|POSTGRES|REDIS", re.I)  # database s
 def wanted(ctx: RunContext, bk: Backup) -> bool:
     """Whether this drill goes deep: the run's `deep` parameter when given, else the customer's policy."""
     deep = (ctx.run.params or {}).get("deep")
-    return bool(policy_for(bk.customer).deep_drill if deep is None else deep)
+    wanted = bool(policy_for(bk.customer).deep_drill if deep is None else deep)
+    if wanted and not bk.customer.host.is_local:
+        # The copy would start the customer's code on this worker, beside a root that is another machine's, as
+        # a run_as user of that machine: not built. The plain drill (every artifact restored) still runs.
+        why = f"{bk.customer} lives on host {bk.customer.host.name}: deep drills run for customers on local only"
+        if deep:
+            raise OperationError(f"deep drill refused: {why}")
+        ctx.warning(f"no deep drill: {why}; every artifact is still restored into scratch and checked")
+        return False
+    return wanted
 
 
 def copy_root_for(customer: Customer, run_id: int) -> Path:

@@ -24,9 +24,11 @@ from engines.backupcrypto import KeyRing
 from engines.humanize import human_duration, human_size
 from engines.paths import PathEscapeError
 from engines.slots import acquire_slot
+from engines.ssh import SSHError
 from operations.context import OperationError, RunCancelled, RunContext, RunLost
 
 from . import artifacts as plans
+from . import remote as remote_plans
 from .models import Backup, BackupArtifact, BackupCopy, StorageTarget
 from .notify import backup_finished
 from .services import prune_customer
@@ -127,10 +129,15 @@ def make_backup(ctx: RunContext, customer: Customer, p: dict, *, run=None, pin_r
     ctx.info(f"backup #{bk.pk} ({p['scope']}, {p['compression']}, "
              f"{'encrypted with key ' + keyring.current_id if keyring else 'NOT encrypted'}) "
              f"to {store.location(bk.prefix)}")
+    remote = None
     try:
         try:
-            specs = plans.plan(customer, p)
-        except (PathEscapeError, plans.sources.SourceError) as exc:
+            if customer.host.is_local:
+                specs = plans.plan(customer, p)
+            else:  # over SSH (backups.remote): one session for the whole backup, closed below in every case
+                remote = _remote_host(ctx, customer)
+                specs = remote_plans.plan(customer, p, remote)
+        except (PathEscapeError, plans.sources.SourceError, SSHError) as exc:
             raise OperationError(str(exc)) from None
         if not specs:
             raise OperationError(f"nothing to back up for scope {p['scope']!r}")
@@ -165,6 +172,9 @@ def make_backup(ctx: RunContext, customer: Customer, p: dict, *, run=None, pin_r
         discard(ctx, bk, store, replicas, exc)
         _notify(ctx, bk)
         raise
+    finally:
+        if remote is not None:
+            remote.close()
     # A replica that fails does not take the restore point away: the copy is marked failed (and its partial
     # objects removed), the primary stays, and the warning reaches the log and the notification.
     for replica in replicas:
@@ -173,6 +183,13 @@ def make_backup(ctx: RunContext, customer: Customer, p: dict, *, run=None, pin_r
     _after_success(ctx, bk)
     return bk, {"backup": bk.pk, "location": store.location(bk.prefix), "size": bk.size,
                 "artifacts": [{"name": a.name, "size": a.size, "sha256": a.sha256} for a in written]}
+
+
+def _remote_host(ctx: RunContext, customer: Customer):
+    remote = remote_plans.RemoteHost(customer.host)
+    ctx.info(f"customer on {remote.where}: files stream from tar there over SSH, databases through forwards of "
+             "that connection; compression and encryption here")
+    return remote
 
 
 def _write_all(ctx: RunContext, bk: Backup, store, specs, *, keyring, bandwidth, progress: _Progress) -> dict:

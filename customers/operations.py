@@ -25,6 +25,7 @@ from . import roots
 from .models import Customer, DatabaseConnection, run_as_identity
 
 HEALTH_TIMEOUT = 5
+REMOTE_KINDS = ("backup", "verify")  # the kinds that run for a customer on a remote host (guard)
 
 
 def guard(ctx: RunContext) -> None:
@@ -35,12 +36,16 @@ def guard(ctx: RunContext) -> None:
     swapped for a link since it was validated. Nothing has been touched at that point.
     """
     run = ctx.run
-    # Operations on remote hosts are not built yet: a customer recorded on another machine must never have a
-    # folder of this machine read or changed in its name.
+    # On a remote host only what is built for it runs: a backup (backups.remote, which checks the customer's
+    # folders on the host itself, with the rules below, before anything streams) and a verification drill (it
+    # reads the storage target only and restores into the worker's scratch). Every other kind would read or
+    # change a folder of *this* machine in the customer's name: refused.
     host = Customer.objects.filter(pk=run.customer_id).values_list("host__name", flat=True).first()
     if host is not None and host != LOCAL:
+        if run.kind in REMOTE_KINDS:
+            return
         raise OperationError(f"refused before touching anything: {run.customer} lives on host {host}, and "
-                             "operations on remote hosts are not built yet (they run on the local host only)")
+                             f"{run.kind} on remote hosts is not built yet (there: {', '.join(REMOTE_KINDS)})")
     if not run.mutating:
         return  # a drill reads no customer file; a check reports these problems itself
     customer = Customer.objects.prefetch_related("services", "databases").get(pk=run.customer_id)

@@ -1,0 +1,313 @@
+"""Backups of a customer on a remote host (issue 14): the same artifacts as backups.artifacts.plan(), read over SSH.
+
+- The connection: one engines.ssh Session (a multiplexed master) for the whole backup, and one engines.hostcall
+  HostSession on it for the host-side checks (engines.hostside.backup_facts, engines.sources.config_members,
+  outward_links, sqlite_online_copy): Kasa's pure engines code, shipped for the session, run by the SSH login
+  user. Nothing of Django, and no key of Kasa's, reaches the host.
+- File trees: GNU tar runs on the host (the local tar_stage's argv, quoted word by word by engines.ssh) and its
+  stdout, through the ssh process, is the first stage of the worker's usual chain (compress, encrypt, hash,
+  store): the backup keys never leave the worker.
+- PostgreSQL: Kasa's own pg_dump (client ≥ server, as for local databases) and the row-count snapshot connect to
+  a forward on the master: a Unix socket in the session's 0700 folder to the database's address as the host sees
+  it (Session.forward says why not a loopback port). So a database only the host can reach is dumped all the same.
+- SQLite: the online copy is made on the host, into a 0700 folder of its own, streamed with `cat` and removed in
+  every case (when the host was lost meanwhile: by a fresh connection right away, else by the next backup there,
+  engines.hostside.sweep_copy_dirs).
+
+What the host answers is untrusted: shapes are checked here, and a host that sends something other than a tar
+stream only spoils its own customer's backup, which the verification drill then refuses (every member is
+checked on the worker before anything lands).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+from core.secrets import reveal
+from customers.models import Customer, DatabaseConnection
+from engines import credentials, hostcall, paths, sources, ssh
+from engines.streams import ChainError, Stage
+from hosts.models import Host
+from hosts.services import runtime_dir
+
+from . import artifacts as local
+
+REMOTE_TAR = "tar"  # on the host's PATH (the probe reports its version); a test swaps in a hostile one
+MAX_LINKS_SHOWN = local.OUTWARD_EXAMPLES
+
+
+class RemoteError(sources.SourceError):
+    """The host was lost, refused, or answered something a backup cannot use: the message names the host."""
+
+
+class RemoteHost:
+    """One SSH session and one host-side helper for the length of a backup; calls are serialised (two lanes
+    stream at once, the helper answers one call at a time)."""
+
+    def __init__(self, host: Host):
+        self.host = host
+        self.target = host.target()
+        self.where = self.target.where()
+        self.session = ssh.Session(self.target, runtime_dir())
+        self._lock = threading.Lock()
+        self._helper: hostcall.HostSession | None = None
+        self._forwards: dict[tuple[str, int | None], str] = {}
+
+    def __enter__(self) -> RemoteHost:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def call(self, function: str, *args, **kwargs):
+        with self._lock:
+            try:
+                if self._helper is None:
+                    self._helper = hostcall.HostSession(self.session.argv(hostcall.HostSession.boot_argv()),
+                                                        where=self.where, timeout=600)
+                return self._helper.call(function, *args, **kwargs)
+            except hostcall.HostLost as exc:
+                self._helper = None
+                raise RemoteError(str(exc)) from None
+            except hostcall.HostCallError as exc:
+                raise RemoteError(str(exc)) from None
+
+    def stage(self, argv: list[str], *, name: str, ok_codes=(0,)) -> Stage:
+        """A chain stage that runs `argv` on the host; its stdout comes through the ssh process."""
+        return Stage(self.session.argv(argv), name=f"{name} on {self.host.name}", ok_codes=ok_codes)
+
+    def lost(self, stage: Stage, code: int | None) -> None:
+        """Raise RemoteError naming the host when a stage's ssh ended with 255 (the connection, not the
+        command: Kasa's remote commands never exit 255)."""
+        if code == 255:
+            try:
+                self.session.check(255, "\n".join(stage.stderr_tail))
+            except ssh.SSHError as exc:
+                raise RemoteError(str(exc)) from None
+
+    def forward(self, db_host: str, db_port: int | None, socket_name: str) -> str:
+        """The local socket of a forward to db_host:db_port as the host sees it (one per server and session)."""
+        key = (db_host, db_port)
+        with self._lock:
+            if key not in self._forwards:
+                try:
+                    self._forwards[key] = self.session.forward(db_host, db_port,
+                                                               name=f"f{len(self._forwards)}/{socket_name}")
+                except ssh.SSHError as exc:
+                    raise RemoteError(str(exc)) from None
+            return self._forwards[key]
+
+    def close(self) -> None:
+        with self._lock:
+            if self._helper is not None:
+                self._helper.close()
+                self._helper = None
+            for (db_host, db_port), local_path in self._forwards.items():
+                self.session.cancel_forward(local_path, db_host, db_port)
+            self._forwards.clear()
+        self.session.close()
+
+
+# --- checking what the host says ----------------------------------------------------------------------------
+def _strings(value, what: str, where: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise RemoteError(f"{where} answered {what} that is not a list of names: not trusted")
+    return value
+
+
+def _relative(value, what: str, where: str) -> str:
+    if not isinstance(value, str):
+        raise RemoteError(f"{where} answered a {what} that is not a path: not trusted")
+    try:
+        return paths.relative_inside(value, what=what) or "."
+    except paths.PathEscapeError as exc:
+        raise RemoteError(f"{where} answered {exc}: not trusted") from None
+
+
+def host_facts(remote: RemoteHost, customer: Customer) -> dict:
+    """The host-side check of the customer's folders (what guard does locally with folder_problems), before
+    anything streams; OperationError-worthy RemoteError listing the problems."""
+    host = remote.host
+    others = list(Customer.objects.filter(host=host).exclude(pk=customer.pk).values_list("root", flat=True))
+    services = [[s.name, s.path] for s in customer.services.all()]
+    sqlite = [[d.name, d.sqlite_path] for d in customer.databases.all()
+              if d.engine == DatabaseConnection.Engine.SQLITE]
+    facts = remote.call("engines.hostside.backup_facts", host.root(), customer.root, others, services, sqlite)
+    where = remote.where
+    if not isinstance(facts, dict) or not isinstance(facts.get("problems"), list):
+        raise RemoteError(f"{where} answered something that is not a folder check: not trusted")
+    if facts["problems"]:
+        raise RemoteError(f"refused before touching anything on {where}: "
+                          + "; ".join(str(p)[:500] for p in facts["problems"][:20]))
+    if facts.get("root") != os.path.normpath(customer.root) and not _inside(facts.get("root"), host.root()):
+        raise RemoteError(f"{where} answered a root folder outside its customers root: not trusted")
+    svc = facts.get("services")
+    if not isinstance(svc, dict) or set(svc) != {name for name, _ in services}:
+        raise RemoteError(f"{where} answered service folders that are not the customer's: not trusted")
+    for name, entry in svc.items():
+        if not isinstance(entry, dict):
+            raise RemoteError(f"{where} answered a service folder that is not one: not trusted")
+        entry["path"] = _relative(entry.get("path"), f"service {name} path", where)
+        link = entry.get("link")
+        if link is not None and not (isinstance(link, dict) and all(isinstance(link.get(k), str)
+                                                                     for k in ("path", "target"))):
+            raise RemoteError(f"{where} answered a service link that is not one: not trusted")
+    db = facts.get("sqlite")
+    if not isinstance(db, dict) or set(db) != {name for name, _ in sqlite} or \
+            not all(_inside(p, facts["root"]) for p in db.values()):
+        raise RemoteError(f"{where} answered SQLite files outside the customer's root: not trusted")
+    return facts
+
+
+def _inside(path, base) -> bool:
+    if not isinstance(path, str) or not isinstance(base, str) or not os.path.isabs(path):
+        return False
+    norm, base = os.path.normpath(path), os.path.normpath(base)
+    return norm != base and norm.startswith(base.rstrip("/") + "/") and ".." not in norm.split("/")
+
+
+# --- the plan -----------------------------------------------------------------------------------------------
+def plan(customer: Customer, params: dict, remote: RemoteHost) -> list[local.ArtifactSpec]:
+    """The same artifacts, names and details as backups.artifacts.plan() makes for a local customer."""
+    scope, compression, encrypted = params["scope"], params["compression"], params["encrypt"]
+    facts = host_facts(remote, customer)
+    root = facts["root"]
+    chosen = params.get("services") or []
+    services = [s for s in customer.services.all() if not chosen or s.name in chosen]
+    excludes = local.excludes_of(params)
+    specs: list[local.ArtifactSpec] = []
+
+    if scope in ("full", "files"):
+        for svc in services:
+            entry = facts["services"][svc.name]
+            rel = entry["path"]
+            details = {"path": rel, **({"link": entry["link"]} if entry["link"] else {})}
+
+            @contextlib.contextmanager
+            def open_service(rel=rel, details=details):
+                # Listed while tar streams (as locally): the helper is idle meanwhile.
+                pool = ThreadPoolExecutor(1, thread_name_prefix="kasa-links")
+                listing = pool.submit(remote.call, "engines.sources.outward_links", root, rel, excludes=excludes)
+                pool.shutdown(wait=False)
+                tar = sources.tar_stage(root, [rel], excludes=excludes)
+                with _streamed(remote, [remote.stage([REMOTE_TAR, *tar.argv[1:]], name="tar", ok_codes=(0, 1)),
+                                        local._compressor(compression)]) as chain:
+                    yield chain, details
+                links = listing.result()
+                if not isinstance(links, list) or not all(isinstance(p, list) and len(p) == 2 and
+                                                          all(isinstance(x, str) for x in p) for p in links):
+                    raise RemoteError(f"{remote.where} answered a list of links that is not one: not trusted")
+                if links:
+                    details["outward_links"] = {"count": len(links), "examples": [
+                        f"{p[:300]} -> {t[:300]}" for p, t in links[:MAX_LINKS_SHOWN]]}
+
+            specs.append(local.ArtifactSpec(local._name(f"{svc.name}.tar", compression, encrypted), "service",
+                                            svc.name, open_service))
+
+    if scope in ("full", "config"):
+        members = [_relative(m, "config file", remote.where) for m in _strings(
+            remote.call("engines.sources.config_members", root, [s.path for s in customer.services.all()]),
+            "config files", remote.where)]
+        if members:
+            @contextlib.contextmanager
+            def open_config(members=members):
+                tar = sources.tar_stage(root, members, no_recursion=True)
+                with _streamed(remote, [remote.stage([REMOTE_TAR, *tar.argv[1:]], name="tar", ok_codes=(0, 1)),
+                                        local._compressor(compression)]) as chain:
+                    yield chain, {"files": members}
+
+            specs.append(local.ArtifactSpec(local._name("config.tar", compression, encrypted), "config", "config",
+                                            open_config))
+
+    if scope in ("full", "database") and not chosen:
+        for db in customer.databases.all():
+            specs.append(_database_spec(remote, db, facts, compression, encrypted))
+    return specs
+
+
+@contextlib.contextmanager
+def _streamed(remote: RemoteHost, stages: list, **kw) -> Iterator:
+    """The chain, with a lost connection (ssh's 255) turned into an error naming the host."""
+    chain = local._chain(stages, **kw)
+    try:
+        yield chain
+    except ChainError:
+        for stage, proc in zip(chain.stages, chain.procs, strict=False):
+            remote.lost(stage, proc.returncode)
+        raise
+
+
+def _database_spec(remote: RemoteHost, db: DatabaseConnection, facts: dict, compression: str,
+                   encrypted: bool) -> local.ArtifactSpec:
+    comp = local._compressor(compression)
+    seen_from = f"{db.host}:{db.port} as {remote.host.name} sees it"
+    if db.engine == DatabaseConnection.Engine.POSTGRESQL:
+        password = reveal(db.password)
+
+        @contextlib.contextmanager
+        def open_pg():
+            port = db.port or 5432
+            # libpq finds a server's socket as <dir>/.s.PGSQL.<port>: the forward's socket is given that name, in
+            # a folder of its own per database server.
+            sockdir = os.path.dirname(remote.forward(db.host, db.port, f".s.PGSQL.{port}"))
+            with contextlib.ExitStack() as stack:
+                try:
+                    snap = stack.enter_context(sources.pg_snapshot(host=sockdir, port=port, user=db.user,
+                                                                   password=password, dbname=db.database))
+                except sources.SourceError as exc:
+                    raise RemoteError(f"cannot reach PostgreSQL {db.database} at {seen_from}, through the forward: "
+                                      f"{str(exc).split(': ', 1)[-1]}") from None
+                pg_dump, client = sources.pg_tool_for(snap.server_major)
+                env = stack.enter_context(credentials.pg_env(host=sockdir, port=port, user=db.user,
+                                                             password=password, dbname=db.database))
+                stage = sources.pg_dump_stage(pg_dump, dbname=db.database, snapshot=snap.snapshot, env=env)
+                yield local._chain([stage, comp]), {
+                    "engine": "postgresql", "database": db.database, "format": "pg_dump custom",
+                    "server_version": snap.server_version, "client_version": client,
+                    "row_counts": snap.row_counts,
+                }
+
+        return local.ArtifactSpec(local._name(f"db-{db.name}.pgdump", compression, encrypted), "database", db.name,
+                                  open_pg, secrets=[password])
+
+    if db.engine == DatabaseConnection.Engine.MYSQL:
+        raise RemoteError(f"database {db.name}: MySQL/MariaDB databases on a remote host ({remote.host.name}) are "
+                          "not backed up yet (PostgreSQL and SQLite are): refused before anything streamed")
+
+    real = facts["sqlite"][db.name]
+
+    @contextlib.contextmanager
+    def open_sqlite():
+        folder = remote.call("engines.hostside.private_copy_dir")
+        if not isinstance(folder, str) or not os.path.isabs(folder):
+            raise RemoteError(f"{remote.where} answered a temporary folder that is not one: not trusted")
+        try:
+            copy = os.path.join(folder, "copy.sqlite3")
+            counts = remote.call("engines.sources.sqlite_online_copy", real, copy)
+            if not isinstance(counts, dict) or not all(isinstance(k, str) and isinstance(v, int)
+                                                       for k, v in counts.items()):
+                raise RemoteError(f"{remote.where} answered row counts that are not: not trusted")
+            version = remote.call("engines.sources.sqlite_version")
+            stages = [remote.stage(["cat", "--", copy], name="cat"), comp]
+            with _streamed(remote, stages) as chain:
+                yield chain, {"engine": "sqlite", "path": db.sqlite_path, "format": "sqlite3 file",
+                              "server_version": str(version)[:100], "row_counts": counts}
+        finally:
+            _remove_copy(remote, folder)
+
+    return local.ArtifactSpec(local._name(f"db-{db.name}.sqlite3", compression, encrypted), "database", db.name,
+                              open_sqlite)
+
+
+def _remove_copy(remote: RemoteHost, folder: str) -> None:
+    """The copy goes in every case: through the helper, or (the helper lost with the connection) through a fresh
+    connection right away; a host still unreachable keeps it until the next backup there sweeps it."""
+    with contextlib.suppress(RemoteError):
+        if remote.call("engines.hostside.remove_copy_dir", folder):
+            return
+    with contextlib.suppress(ssh.SSHError):
+        remote.session.run(["rm", "-rf", "--", folder], timeout=30)

@@ -1,0 +1,191 @@
+"""Issue 14: backups (and verification drills) of customers on remote hosts.
+
+Real parts only: a simulated host is a network namespace with OpenSSH's sshd (tests/hosts.py), its customers'
+files on the shared filesystem but reached only through SSH by the backup; PostgreSQL runs inside the host's
+namespace on its own 127.0.0.1, so the worker reaches it only through the session's forward; the artifacts are
+checked by decrypting them here and by the verification drill (every artifact restored into the worker's
+scratch, row counts compared)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import sqlite3
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+
+from backups.models import Backup
+from engines.backupcrypto import KeyRing, decrypt_stream
+from operations.models import Run
+from tests.conftest import port_open, wait_until
+from tests.remote_fixtures import (
+    copy_dirs,
+    host_only_postgres,
+    in_thread,
+    make_host,
+    remote_customer,
+    run_backup,
+    run_verify,
+)
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture(scope="module")
+def web(netns_hosts):
+    return netns_hosts.make()
+
+
+def _plain(path: Path) -> bytes:
+    out = io.BytesIO()
+    with open(path, "rb") as fh:
+        decrypt_stream(fh, out, KeyRing(settings.KASA_BACKUP_KEYS))
+    return subprocess.run(["zstd", "-d", "-q", "-c"], input=out.getvalue(), capture_output=True,
+                          check=True).stdout
+
+
+def _files(folder: Path) -> dict[str, str]:
+    """relative path → sha256 of each file, the target of each link, "dir" for each folder (logs excluded)."""
+    found = {folder.name: "dir"}
+    for p in sorted(folder.rglob("*")):
+        rel = str(p.relative_to(folder.parent))
+        if "logs" in p.relative_to(folder).parts:
+            continue
+        found[rel] = (f"-> {p.readlink()}" if p.is_symlink() else "dir" if p.is_dir()
+                      else hashlib.sha256(p.read_bytes()).hexdigest())
+    return found
+
+
+def _members(data: bytes) -> dict[str, str]:
+    found = {}
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        for m in tar.getmembers():
+            found[m.name.rstrip("/")] = (f"-> {m.linkname}" if m.issym() else "dir" if m.isdir()
+                                         else hashlib.sha256(tar.extractfile(m).read()).hexdigest())
+    return found
+
+
+def test_a_remote_customers_files_and_sqlite_database_back_up_over_ssh_and_verify(web, team):
+    host = make_host(web, "web-files")
+    customer = remote_customer(web, host, team)
+    root = Path(customer.root)
+    before = copy_dirs()
+
+    run = run_backup(customer)
+    assert run.status == "succeeded", run.error
+    bk = Backup.objects.get(run=run)
+    folder = Path(bk.target.store().location(bk.prefix))
+    assert sorted(p.name for p in folder.iterdir()) == ["backend.tar.zst.enc", "backup.json", "config.tar.zst.enc",
+                                                        "db-cache.sqlite3.zst.enc"]
+    # The files as they are on the host, member for member (logs excluded as locally), the config files, the rows.
+    assert _members(_plain(folder / "backend.tar.zst.enc")) == _files(root / "backend")
+    assert set(_members(_plain(folder / "config.tar.zst.enc"))) == {".env", "backend/.env"}
+    copy = Path(settings.KASA_SCRATCH_DIR) / f"remote-{bk.pk}.sqlite3"
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    copy.write_bytes(_plain(folder / "db-cache.sqlite3.zst.enc"))
+    try:
+        rows = sqlite3.connect(copy).execute("SELECT count(*), max(what) FROM hits").fetchone()
+    finally:
+        copy.unlink()
+    assert rows == (37, "hit 9")
+    manifest = json.loads((folder / "backup.json").read_text())
+    assert manifest["instance"]["root"] == customer.root
+    db = next(a for a in manifest["artifacts"] if a["kind"] == "database")["database"]
+    assert db["row_counts"] == {"hits": 37} and db["engine"] == "sqlite"
+    assert copy_dirs() == before  # the host-side copy went with its stream
+
+    drill = run_verify(bk)
+    assert drill.status == "succeeded", drill.error
+    assert drill.result["verified"] and {c["artifact"] for c in drill.result["checks"]} == {
+        "backend.tar.zst.enc", "config.tar.zst.enc", "db-cache.sqlite3.zst.enc"}
+
+
+def test_a_postgresql_database_only_the_host_can_reach_is_dumped_through_a_forward_with_kasas_own_pg_dump(
+        web, team):
+    host = make_host(web, "web-pg")
+    with host_only_postgres(web.name, rows=123) as pg:
+        # The database's address means the host's own loopback: from the worker nothing answers there.
+        assert not port_open("127.0.0.1", pg["port"], 0.3)
+        customer = remote_customer(web, host, team, databases=[("main", pg["url"])], sqlite=False)
+        run = run_backup(customer, scope="database")
+        assert run.status == "succeeded", run.error
+        bk = Backup.objects.get(run=run)
+        (art,) = bk.manifest["artifacts"]
+        assert art["name"] == "db-main.pgdump.zst.enc"
+        assert art["database"]["row_counts"] == {"public.orders": 123, "shop.items": 0}
+        # Kasa's own client (the worker's newest pg_dump), never the host's: client ≥ server holds.
+        from engines import sources
+
+        assert art["database"]["client_version"] == sources.pg_tools()[0][2]
+        assert _plain(Path(bk.target.store().location(bk.prefix)) / art["name"]).startswith(b"PGDMP")
+
+    drill = run_verify(bk)  # restores into the worker's scratch server: rows as in the manifest
+    assert drill.status == "succeeded", drill.error
+    assert drill.result["checks"] == [{"artifact": "db-main.pgdump.zst.enc", "tables": 2, "rows": 123}]
+
+
+def test_losing_the_host_mid_stream_fails_the_backup_naming_the_host_and_leaves_no_partial_objects(web, team):
+    host = make_host(web, "web-cut")
+    customer = remote_customer(web, host, team, big=24 << 20)
+    before = copy_dirs()
+    # 8 MB/s: the 24 MiB of random data stream for ~3 s, more than the pipes and the SSH window hold, so the cut
+    # lands in the middle of tar's stream.
+    thread, box = in_thread(run_backup, customer, bandwidth=8)
+    wait_until(lambda: Run.objects.filter(customer=customer, progress_done__gt=1 << 20).exists(), 20,
+               interval=0.05, what="the tar stream under way")
+    assert web.kill_sessions()
+    thread.join(60)
+    assert not thread.is_alive() and "error" not in box, box.get("error")
+    run = box["result"]
+    assert run.status == "failed"
+    assert "backend.tar.zst.enc: host web-cut (root@" in run.error and "unreachable" in run.error, run.error
+    bk = Backup.objects.get(run=run)
+    assert bk.status == "failed" and "web-cut" in bk.error
+    location = Path(bk.target.store().location(bk.prefix))
+    assert not location.exists() or not any(location.iterdir())  # every partial object removed
+    assert copy_dirs() == before  # the SQLite copy streamed before the cut and was removed
+    time.sleep(0.2)
+    assert run_backup(customer).status == "succeeded"  # the next backup reconnects
+
+
+@pytest.mark.parametrize("kind", ["restore", "upgrade", "rollback", "check"])
+def test_restore_and_upgrade_still_refuse_a_remote_customer_before_touching_anything(web, team, kind):
+    from operations.services import run_execute, run_start
+
+    host = make_host(web, f"web-{kind}")
+    customer = remote_customer(web, host, team)
+    snapshot = {p: p.stat().st_mtime_ns for p in Path(customer.root).rglob("*")}
+    run = run_start(customer, kind=kind, via="cli", params={"backup": 1}, enqueue=False)
+    run_execute(run.pk)
+    run.refresh_from_db()
+    assert run.status == "failed"
+    assert run.error.startswith("refused before touching anything") and f"lives on host web-{kind}" in run.error
+    assert f"{kind} on remote hosts is not built yet" in run.error
+    assert {p: p.stat().st_mtime_ns for p in Path(customer.root).rglob("*")} == snapshot
+
+
+def test_a_remote_root_must_lie_in_its_hosts_customers_root_and_overlap_no_other_root_of_that_host(
+        web, team, customer_root):
+    from customers.services import CustomerInputError, customer_create
+
+    host = make_host(web, "web-roots")
+    other = make_host(web, "web-roots2")
+    inside = web.customers_root / "alpha"
+    inside.mkdir()
+    customer_create(domain="alpha.example.com", root=str(inside), team=team, host=host)
+    for root, why in [(str(customer_root), "is not inside"), (str(web.customers_root), "is not inside"),
+                      (str(inside / "sub"), "lies inside another customer's root"),
+                      (str(inside), "is another customer's root")]:
+        with pytest.raises(CustomerInputError, match=why):
+            customer_create(domain="beta.example.com", root=root, team=team, host=host)
+    # The same path on another host is another folder.
+    customer_create(domain="gamma.example.com", root=str(inside), team=team, host=other)
+    # And a local customer is held to KASA_CUSTOMERS_ROOT as before.
+    with pytest.raises(CustomerInputError, match="KASA_CUSTOMERS_ROOT"):
+        customer_create(domain="delta.example.com", root=str(web.customers_root / "delta"), team=team)
