@@ -253,7 +253,10 @@ def _database_spec(remote: RemoteHost, db: DatabaseConnection, facts: dict, comp
             port = db.port or 5432
             # libpq finds a server's socket as <dir>/.s.PGSQL.<port>: the forward's socket is given that name, in
             # a folder of its own per database server.
-            sockdir = os.path.dirname(remote.forward(db.host, db.port, f".s.PGSQL.{port}"))
+            # A `host` starting with "/" is a socket folder on the host (libpq's rule): the forward goes to the
+            # server's socket in it.
+            far = os.path.join(db.host, f".s.PGSQL.{port}") if db.host.startswith("/") else db.host
+            sockdir = os.path.dirname(remote.forward(far, db.port, f".s.PGSQL.{port}"))
             with contextlib.ExitStack() as stack:
                 try:
                     snap = stack.enter_context(sources.pg_snapshot(host=sockdir, port=port, user=db.user,

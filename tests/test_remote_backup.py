@@ -21,6 +21,7 @@ import pytest
 from django.conf import settings
 
 from backups.models import Backup
+from customers.models import DatabaseConnection
 from engines.backupcrypto import KeyRing, decrypt_stream
 from operations.models import Run
 from tests.conftest import port_open, wait_until
@@ -113,12 +114,17 @@ def test_a_postgresql_database_only_the_host_can_reach_is_dumped_through_a_forwa
         # The database's address means the host's own loopback: from the worker nothing answers there.
         assert not port_open("127.0.0.1", pg["port"], 0.3)
         customer = remote_customer(web, host, team, databases=[("main", pg["url"])], sqlite=False)
+        # The same server through its Unix socket folder on the host (a `host` starting with "/", as libpq reads it).
+        DatabaseConnection.objects.create(customer=customer, name="sock", engine="postgresql",
+                                          host=pg["server"].socket_dir, port=pg["port"], database="shop", user="shop",
+                                          password=pg["password"])
         run = run_backup(customer, scope="database")
         assert run.status == "succeeded", run.error
         bk = Backup.objects.get(run=run)
-        (art,) = bk.manifest["artifacts"]
-        assert art["name"] == "db-main.pgdump.zst.enc"
-        assert art["database"]["row_counts"] == {"public.orders": 123, "shop.items": 0}
+        art, sock = bk.manifest["artifacts"]
+        assert art["name"] == "db-main.pgdump.zst.enc" and sock["name"] == "db-sock.pgdump.zst.enc"
+        assert art["database"]["row_counts"] == sock["database"]["row_counts"] == {"public.orders": 123,
+                                                                                  "shop.items": 0}
         # Kasa's own client (the worker's newest pg_dump), never the host's: client ≥ server holds.
         from engines import sources
 
@@ -127,7 +133,8 @@ def test_a_postgresql_database_only_the_host_can_reach_is_dumped_through_a_forwa
 
     drill = run_verify(bk)  # restores into the worker's scratch server: rows as in the manifest
     assert drill.status == "succeeded", drill.error
-    assert drill.result["checks"] == [{"artifact": "db-main.pgdump.zst.enc", "tables": 2, "rows": 123}]
+    assert drill.result["checks"] == [{"artifact": "db-main.pgdump.zst.enc", "tables": 2, "rows": 123},
+                                      {"artifact": "db-sock.pgdump.zst.enc", "tables": 2, "rows": 123}]
 
 
 def test_losing_the_host_mid_stream_fails_the_backup_naming_the_host_and_leaves_no_partial_objects(web, team):
