@@ -535,6 +535,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory-only", action="store_true",
                     help="only the memory test: back up one incompressible file with --compression none")
     ap.add_argument("--memory-gb", type=float, default=2.0, help="size of that file (default 2.0)")
+    ap.add_argument("--remote", action="store_true",
+                    help="a customer on a simulated remote host over SSH against ssh host tar | zstd (as root; "
+                         "bench/remote_bench.py)")
     ap.add_argument("--profile", metavar="PY_SPY", nargs="?", const=shutil.which("py-spy") or "py-spy",
                     help="also profile a second Kasa run with py-spy (path to py-spy; default: from PATH)")
     ap.add_argument("--pg-admin-url", default=os.environ.get("KASA_BENCH_PG_ADMIN_URL",
@@ -561,7 +564,13 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     try:
-        if args.memory_only:
+        if args.remote:
+            import remote_bench
+
+            res = remote_bench.run_remote(args, work, Kasa)
+            text = remote_bench.report_remote(res)
+            default_results = work / "results-remote.json"
+        elif args.memory_only:
             res = run_memory(args, work)
             text = report_memory(res)
             default_results = work / "results-memory.json"
