@@ -18,7 +18,9 @@ class Command(KasaCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("domain")
-        parser.add_argument("--root", required=True, help=f"folder inside {settings.KASA_CUSTOMERS_ROOT}")
+        parser.add_argument("--root", required=True,
+                            help=f"folder inside {settings.KASA_CUSTOMERS_ROOT} (with --host: inside that host's "
+                                 "customers root)")
         parser.add_argument("--name", default="")
         parser.add_argument("--service", action="append", default=[], metavar="NAME[=RELPATH]")
         parser.add_argument("--database", action="append", default=[], metavar="[NAME=]URL",
