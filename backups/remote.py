@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from core.secrets import reveal
 from customers.models import Customer, DatabaseConnection
-from engines import credentials, hostcall, paths, sources, ssh
+from engines import credentials, hostcall, hostside, paths, sources, ssh
 from engines.streams import ChainError, Stage
 from hosts.models import Host
 from hosts.services import runtime_dir
@@ -176,6 +176,8 @@ def plan(customer: Customer, params: dict, remote: RemoteHost) -> list[local.Art
     scope, compression, encrypted = params["scope"], params["compression"], params["encrypt"]
     facts = host_facts(remote, customer)
     root = facts["root"]
+    if any(d.engine == DatabaseConnection.Engine.SQLITE for d in customer.databases.all()):
+        remote.call("engines.hostside.sweep_copy_dirs")  # copies an earlier backup could not remove (host lost)
     chosen = params.get("services") or []
     services = [s for s in customer.services.all() if not chosen or s.name in chosen]
     excludes = local.excludes_of(params)
@@ -286,7 +288,8 @@ def _database_spec(remote: RemoteHost, db: DatabaseConnection, facts: dict, comp
     @contextlib.contextmanager
     def open_sqlite():
         folder = remote.call("engines.hostside.private_copy_dir")
-        if not isinstance(folder, str) or not os.path.isabs(folder):
+        if not isinstance(folder, str) or not os.path.isabs(folder) or ".." in folder.split("/") or \
+                not os.path.basename(folder).startswith(hostside.COPY_PREFIX):
             raise RemoteError(f"{remote.where} answered a temporary folder that is not one: not trusted")
         try:
             copy = os.path.join(folder, "copy.sqlite3")

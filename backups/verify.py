@@ -32,9 +32,10 @@ def verify(ctx: RunContext) -> dict:
         raise OperationError(f"backup #{bk.pk} is {bk.status}: only a succeeded backup can be verified")
     ctx.info(f"verification drill of backup #{bk.pk} of {bk.customer.domain} "
              f"({human_time(bk.finished_at)}, {human_size(bk.size)} on {bk.target.name})")
+    go_deep = deepdrill.wanted(ctx, bk)  # before the drill: a deep drill refused (remote host) costs nothing
     try:
         checks = _drill(ctx, bk)
-        deep = deepdrill.deep_drill(ctx, bk) if deepdrill.wanted(ctx, bk) else None
+        deep = deepdrill.deep_drill(ctx, bk) if go_deep else None
     except (RunLost, RunCancelled):
         raise
     except Exception as exc:

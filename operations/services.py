@@ -93,7 +93,10 @@ def _changed_root(customer, spec, params: dict | None) -> str:
     time per folder, whichever customer it belongs to."""
     if not spec.mutating:
         return ""
-    return str((params or {}).get("to_root") or customer.root)
+    root = str((params or {}).get("to_root") or customer.root)
+    # A path names a folder of one machine: the same path on two hosts is two folders, which two runs may change
+    # at once. (local keeps the bare path, as before hosts: its journals record it.)
+    return root if customer.host.is_local else f"{customer.host.name}:{root}"
 
 
 def _refusal(customer, kind: str, other: Run | None) -> str:

@@ -76,3 +76,25 @@ def test_a_host_session_over_ssh_runs_on_the_simulated_host_and_ends_as_lost_whe
             h.kill_sessions()
             with pytest.raises(hostcall.HostLost, match="web9"):
                 host.call("os.getpid")
+
+
+@pytest.mark.smoke
+def test_old_private_sqlite_copies_are_swept_and_fresh_ones_and_others_files_kept(tmp_path, monkeypatch):
+    import time
+
+    from engines import hostside
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the helper's tempfile and /var/tmp: both looked at
+    with _local() as host:
+        old = host.call("engines.hostside.private_copy_dir")
+        fresh = host.call("engines.hostside.private_copy_dir")
+        assert os.path.basename(old).startswith(hostside.COPY_PREFIX) and (os.stat(old).st_mode & 0o777) == 0o700
+        other = tmp_path / "kasa-sqlite-not-a-folder"
+        other.write_text("x")
+        past = time.time() - hostside.COPY_MAX_AGE - 60
+        os.utime(old, (past, past))
+        os.utime(other, (past, past))
+        assert host.call("engines.hostside.sweep_copy_dirs") == [old]
+        assert os.path.isdir(fresh) and other.exists()
+        assert host.call("engines.hostside.remove_copy_dir", fresh) is True and not os.path.exists(fresh)
+        assert host.call("engines.hostside.remove_copy_dir", str(tmp_path)) is False and tmp_path.is_dir()

@@ -21,7 +21,7 @@ import pytest
 from django.conf import settings
 
 from backups.models import Backup
-from customers.models import DatabaseConnection
+from customers.models import Customer, DatabaseConnection
 from engines.backupcrypto import KeyRing, decrypt_stream
 from operations.models import Run
 from tests.conftest import port_open, wait_until
@@ -105,6 +105,16 @@ def test_a_remote_customers_files_and_sqlite_database_back_up_over_ssh_and_verif
     assert drill.status == "succeeded", drill.error
     assert drill.result["verified"] and {c["artifact"] for c in drill.result["checks"]} == {
         "backend.tar.zst.enc", "config.tar.zst.enc", "db-cache.sqlite3.zst.enc"}
+    # A deep drill would start the customer's code on this worker: refused when asked for, before any work, and
+    # the backup's verification stands.
+    from operations.services import run_execute, run_start
+
+    deep = run_start(customer, kind="verify", via="cli", params={"backup": bk.pk, "deep": True}, enqueue=False)
+    run_execute(deep.pk)
+    deep.refresh_from_db()
+    assert deep.status == "failed" and "deep drill refused" in deep.error and "web-files" in deep.error
+    bk.refresh_from_db()
+    assert bk.verify_status == Backup.VerifyStatus.PASSED
 
 
 def test_a_postgresql_database_only_the_host_can_reach_is_dumped_through_a_forward_with_kasas_own_pg_dump(
@@ -191,8 +201,26 @@ def test_a_remote_root_must_lie_in_its_hosts_customers_root_and_overlap_no_other
                       (str(inside), "is another customer's root")]:
         with pytest.raises(CustomerInputError, match=why):
             customer_create(domain="beta.example.com", root=root, team=team, host=host)
-    # The same path on another host is another folder.
-    customer_create(domain="gamma.example.com", root=str(inside), team=team, host=other)
+    # The same path on another host is another folder: saved, and both may be backed up at once.
+    gamma = customer_create(domain="gamma.example.com", root=str(inside), team=team, host=other)
+    from backups.services import backup_start
+
+    first, second = (backup_start(c, via="cli", enqueue=False) for c in (Customer.objects.get(host=host), gamma))
+    assert (first.root, second.root) == (f"web-roots:{inside}", f"web-roots2:{inside}")
     # And a local customer is held to KASA_CUSTOMERS_ROOT as before.
     with pytest.raises(CustomerInputError, match="KASA_CUSTOMERS_ROOT"):
         customer_create(domain="delta.example.com", root=str(web.customers_root / "delta"), team=team)
+
+
+def test_a_sqlite_copy_whose_connection_was_cut_is_removed_through_a_fresh_one(web, team):
+    from backups import remote
+
+    customer = remote_customer(web, make_host(web, "web-copy"), team)
+    with remote.RemoteHost(customer.host) as host:
+        folder = host.call("engines.hostside.private_copy_dir")
+        assert Path(folder).is_dir()
+        web.kill_sessions()  # the helper and the master go with the connection
+        with pytest.raises(remote.RemoteError, match="web-copy"):
+            host.call("os.getpid")
+        remote._remove_copy(host, folder)
+    assert not Path(folder).exists()
