@@ -10,6 +10,9 @@
 - PostgreSQL: Kasa's own pg_dump (client ≥ server, as for local databases) and the row-count snapshot connect to
   a forward on the master: a Unix socket in the session's 0700 folder to the database's address as the host sees
   it (Session.forward says why not a loopback port). So a database only the host can reach is dumped all the same.
+- MySQL/MariaDB: Kasa's own mariadb-dump (rows counted in the dump as it streams, as locally) through the same
+  kind of forward, to host:port as the host sees it or to the server's socket file there (a `host` starting
+  with "/"); the defaults file names the forward's socket.
 - SQLite: the online copy is made on the host, into a 0700 folder of its own, streamed with `cat` and removed in
   every case (when the host was lost meanwhile: by a fresh connection right away, else by the next backup there,
   engines.hostside.sweep_copy_dirs).
@@ -23,9 +26,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+
+from django.conf import settings
 
 from core.secrets import reveal
 from customers.models import Customer, DatabaseConnection
@@ -280,8 +286,30 @@ def _database_spec(remote: RemoteHost, db: DatabaseConnection, facts: dict, comp
                                   open_pg, secrets=[password])
 
     if db.engine == DatabaseConnection.Engine.MYSQL:
-        raise RemoteError(f"database {db.name}: MySQL/MariaDB databases on a remote host ({remote.host.name}) are "
-                          "not backed up yet (PostgreSQL and SQLite are): refused before anything streamed")
+        password = reveal(db.password)
+
+        @contextlib.contextmanager
+        def open_mysql():
+            # A `host` starting with "/" is the server's socket file on the host; else host:port as the host sees it.
+            sock = remote.forward(db.host, db.port, "mysql.sock")
+            settings.KASA_SCRATCH_DIR.mkdir(parents=True, exist_ok=True)
+            with credentials.mysql_defaults_file(host="", port=0, user=db.user, password=password,
+                                                 socket=sock) as cnf, \
+                    tempfile.TemporaryDirectory(dir=settings.KASA_SCRATCH_DIR, prefix="rowcount-") as tmp:
+                try:
+                    version = sources.mysql_query(cnf, db.database, "SELECT VERSION()")[0][0]
+                except sources.SourceError as exc:
+                    raise RemoteError(f"cannot reach MySQL/MariaDB {db.database} at {seen_from}, through the "
+                                      f"forward: {exc}") from None
+                stage = sources.mysql_dump_stage(cnf, db.database)
+                counts_path = os.path.join(tmp, "counts.json")  # rows counted in the dump as it streams (as locally)
+                details = {"engine": "mysql", "database": db.database, "format": "sql", "server_version": version,
+                           "client_version": sources.client_version_of(stage.argv[0]), "row_counts": None}
+                yield local._chain([stage, sources.mysql_count_stage(counts_path), comp]), details
+                details["row_counts"] = sources.read_counts(counts_path)
+
+        return local.ArtifactSpec(local._name(f"db-{db.name}.sql", compression, encrypted), "database", db.name,
+                                  open_mysql, secrets=[password])
 
     real = facts["sqlite"][db.name]
 

@@ -55,15 +55,20 @@ def _mycnf_escape(value: str) -> str:
 
 
 @contextlib.contextmanager
-def mysql_defaults_file(*, host: str, port: int, user: str, password: str) -> Iterator[str]:
-    """Path of a [client] option file; pass it as `--defaults-extra-file=PATH`, first."""
+def mysql_defaults_file(*, host: str, port: int, user: str, password: str, socket: str = "") -> Iterator[str]:
+    """Path of a [client] option file; pass it as `--defaults-extra-file=PATH`, first. With `socket`: through
+    that Unix socket instead of host and port (a remote host's database, through an SSH forward)."""
     with private_dir() as d:
         path = os.path.join(d, "my.cnf")
-        lines = ["[client]", f'host="{_mycnf_escape(host)}"', f"port={int(port)}", f'user="{_mycnf_escape(user)}"']
+        if socket:
+            lines = ["[client]", f'socket="{_mycnf_escape(socket)}"', f'user="{_mycnf_escape(user)}"']
+        else:
+            lines = ["[client]", f'host="{_mycnf_escape(host)}"', f"port={int(port)}",
+                     f'user="{_mycnf_escape(user)}"']
         if password:
             lines.append(f'password="{_mycnf_escape(password)}"')
         # Over TCP even for "localhost": the socket would ignore host/port.
-        lines.append("protocol=TCP")
+        lines.append("protocol=SOCKET" if socket else "protocol=TCP")
         # Only the interactive client knows connect-timeout; in [client] it would make mariadb-dump refuse to start.
         lines += ["[mysql]", "connect-timeout=10"]
         _write_0600(path, "\n".join(lines) + "\n")

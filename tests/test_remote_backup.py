@@ -224,3 +224,23 @@ def test_a_sqlite_copy_whose_connection_was_cut_is_removed_through_a_fresh_one(w
             host.call("os.getpid")
         remote._remove_copy(host, folder)
     assert not Path(folder).exists()
+
+
+def test_a_mariadb_database_behind_a_socket_on_the_host_is_dumped_through_a_forward(web, team, mysql_database):
+    from tests.conftest import mysql_admin, require
+
+    sock = "/run/mysqld/mysqld.sock"  # the host's socket file (the simulated host shares this filesystem)
+    require(Path(sock).is_socket(), f"MariaDB's socket at {sock}")
+    name = mysql_database["name"]
+    mysql_admin(f"CREATE TABLE `{name}`.carts (id INT PRIMARY KEY); "
+                f"INSERT INTO `{name}`.carts VALUES (1), (2), (3), (4), (5), (6), (7);")
+    customer = remote_customer(web, make_host(web, "web-my"), team, sqlite=False)
+    DatabaseConnection.objects.create(customer=customer, name="shop", engine="mysql", host=sock, port=3306,
+                                      database=name, user=mysql_database["user"], password=mysql_database["password"])
+    run = run_backup(customer, scope="database")
+    assert run.status == "succeeded", run.error
+    bk = Backup.objects.get(run=run)
+    (art,) = bk.manifest["artifacts"]
+    assert art["name"] == "db-shop.sql.zst.enc" and art["database"]["row_counts"] == {"carts": 7}
+    sql = _plain(Path(bk.target.store().location(bk.prefix)) / art["name"]).decode()
+    assert "CREATE TABLE `carts`" in sql and "INSERT INTO `carts` VALUES" in sql and "(7)" in sql
