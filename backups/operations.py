@@ -186,6 +186,9 @@ def make_backup(ctx: RunContext, customer: Customer, p: dict, *, run=None, pin_r
 
 
 def _remote_host(ctx: RunContext, customer: Customer):
+    if not customer.host.enabled:  # an operator switched it off (maintenance, being retired): nothing connects
+        raise OperationError(f"host {customer.host.name} is disabled: no backup of {customer} connects to it until "
+                             "it is enabled again")
     remote = remote_plans.RemoteHost(customer.host)
     ctx.info(f"customer on {remote.where}: files stream from tar there over SSH, databases through forwards of "
              "that connection; compression and encryption here")

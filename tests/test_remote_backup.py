@@ -244,3 +244,16 @@ def test_a_mariadb_database_behind_a_socket_on_the_host_is_dumped_through_a_forw
     assert art["name"] == "db-shop.sql.zst.enc" and art["database"]["row_counts"] == {"carts": 7}
     sql = _plain(Path(bk.target.store().location(bk.prefix)) / art["name"]).decode()
     assert "CREATE TABLE `carts`" in sql and "INSERT INTO `carts` VALUES" in sql and "(7)" in sql
+
+
+def test_a_disabled_host_or_one_whose_key_is_not_trusted_refuses_its_customers_backups(web, team):
+    from hosts.models import Host
+
+    customer = remote_customer(web, make_host(web, "web-off"), team, sqlite=False)
+    Host.objects.filter(name="web-off").update(enabled=False)
+    run = run_backup(customer)
+    assert run.status == "failed" and "host web-off is disabled" in run.error
+    Host.objects.filter(name="web-off").update(enabled=True, host_key="")
+    run = run_backup(customer)
+    assert run.status == "failed" and "no host key is trusted yet" in run.error and "web-off" in run.error
+    assert not Backup.objects.filter(customer=customer, status="succeeded").exists()
