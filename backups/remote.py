@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -35,87 +34,15 @@ from django.conf import settings
 
 from core.secrets import reveal
 from customers.models import Customer, DatabaseConnection
-from engines import credentials, hostcall, hostside, paths, sources, ssh
-from engines.streams import ChainError, Stage
-from hosts.models import Host
-from hosts.services import runtime_dir
+from engines import credentials, hostside, paths, sources, ssh
+from engines.streams import ChainError
+from hosts.remote import RemoteError, RemoteHost
 
 from . import artifacts as local
 
 REMOTE_TAR = "tar"  # on the host's PATH (the probe reports its version); a test swaps in a hostile one
 MAX_LINKS_SHOWN = local.OUTWARD_EXAMPLES
-
-
-class RemoteError(sources.SourceError):
-    """The host was lost, refused, or answered something a backup cannot use: the message names the host."""
-
-
-class RemoteHost:
-    """One SSH session and one host-side helper for the length of a backup; calls are serialised (two lanes
-    stream at once, the helper answers one call at a time)."""
-
-    def __init__(self, host: Host):
-        self.host = host
-        self.target = host.target()
-        self.where = self.target.where()
-        self.session = ssh.Session(self.target, runtime_dir())
-        self._lock = threading.Lock()
-        self._helper: hostcall.HostSession | None = None
-        self._forwards: dict[tuple[str, int | None], str] = {}
-
-    def __enter__(self) -> RemoteHost:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def call(self, function: str, *args, **kwargs):
-        with self._lock:
-            try:
-                if self._helper is None:
-                    self._helper = hostcall.HostSession(self.session.argv(hostcall.HostSession.boot_argv()),
-                                                        where=self.where, timeout=600)
-                return self._helper.call(function, *args, **kwargs)
-            except hostcall.HostLost as exc:
-                self._helper = None
-                raise RemoteError(str(exc)) from None
-            except hostcall.HostCallError as exc:
-                raise RemoteError(str(exc)) from None
-
-    def stage(self, argv: list[str], *, name: str, ok_codes=(0,)) -> Stage:
-        """A chain stage that runs `argv` on the host; its stdout comes through the ssh process."""
-        return Stage(self.session.argv(argv), name=f"{name} on {self.host.name}", ok_codes=ok_codes)
-
-    def lost(self, stage: Stage, code: int | None) -> None:
-        """Raise RemoteError naming the host when a stage's ssh ended with 255 (the connection, not the
-        command: Kasa's remote commands never exit 255)."""
-        if code == 255:
-            try:
-                self.session.check(255, "\n".join(stage.stderr_tail))
-            except ssh.SSHError as exc:
-                raise RemoteError(str(exc)) from None
-
-    def forward(self, db_host: str, db_port: int | None, socket_name: str) -> str:
-        """The local socket of a forward to db_host:db_port as the host sees it (one per server and session)."""
-        key = (db_host, db_port)
-        with self._lock:
-            if key not in self._forwards:
-                try:
-                    self._forwards[key] = self.session.forward(db_host, db_port,
-                                                               name=f"f{len(self._forwards)}/{socket_name}")
-                except ssh.SSHError as exc:
-                    raise RemoteError(str(exc)) from None
-            return self._forwards[key]
-
-    def close(self) -> None:
-        with self._lock:
-            if self._helper is not None:
-                self._helper.close()
-                self._helper = None
-            for (db_host, db_port), local_path in self._forwards.items():
-                self.session.cancel_forward(local_path, db_host, db_port)
-            self._forwards.clear()
-        self.session.close()
+__all__ = ["RemoteError", "RemoteHost", "host_facts", "plan"]  # the connection lives in hosts.remote
 
 
 # --- checking what the host says ----------------------------------------------------------------------------

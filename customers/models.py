@@ -174,7 +174,7 @@ class Customer(models.Model):
         if self.version_pin.strip() and not self.version_pin_reason.strip():
             raise ValidationError({"version_pin_reason": "say why the customer is pinned (rollouts list it)"})
         self.run_as = (self.run_as or "").strip()
-        if self.run_as:
+        if self.run_as and not is_remote(self):  # a remote host's user: its check looks it up there
             try:
                 run_as_identity(self.run_as)
             except runas.RunAsError as exc:

@@ -21,11 +21,11 @@ from engines import dbprobe, ownership, paths, proc, runas
 from hosts.models import LOCAL
 from operations.context import OperationError, RunContext
 
-from . import roots
+from . import remote_check, roots
 from .models import Customer, DatabaseConnection, run_as_identity
 
 HEALTH_TIMEOUT = 5
-REMOTE_KINDS = ("backup", "verify")  # the kinds that run for a customer on a remote host (guard)
+REMOTE_KINDS = ("backup", "verify", "check")  # the kinds that run for a customer on a remote host (guard)
 
 
 def guard(ctx: RunContext) -> None:
@@ -37,8 +37,9 @@ def guard(ctx: RunContext) -> None:
     """
     run = ctx.run
     # On a remote host only what is built for it runs: a backup (backups.remote, which checks the customer's
-    # folders on the host itself, with the rules below, before anything streams) and a verification drill (it
-    # reads the storage target only and restores into the worker's scratch). Every other kind would read or
+    # folders on the host itself, with the rules below, before anything streams), a verification drill (it
+    # reads the storage target only and restores into the worker's scratch) and a check (customers.remote_check,
+    # on the host). Every other kind would read or
     # change a folder of *this* machine in the customer's name: refused.
     host = Customer.objects.filter(pk=run.customer_id).values_list("host__name", flat=True).first()
     if host is not None and host != LOCAL:
@@ -59,6 +60,8 @@ def guard(ctx: RunContext) -> None:
 
 def check(ctx: RunContext) -> dict:
     customer = Customer.objects.prefetch_related("services", "databases").get(pk=ctx.run.customer_id)
+    if not customer.host.is_local:  # the same items, looked at on the host (customers.remote_check)
+        return remote_check.check(ctx, customer, check_health=_check_health)
     services = list(customer.services.all())
     databases = list(customer.databases.all())
     total = 1 + len(services) + len(databases)
@@ -203,6 +206,12 @@ def _check_service(ctx: RunContext, svc, problems: list[str]) -> dict:
         entry.update(ok=False, error=str(exc))
         problems.append(f"service {svc.name}: {exc}")
         ctx.error(f"service {svc.name}: {exc}")
+    _check_health(ctx, svc, problems, entry)
+    return entry
+
+
+def _check_health(ctx: RunContext, svc, problems: list[str], entry: dict) -> None:
+    """The service's health URL, asked from the worker (local and remote customers alike)."""
     if svc.health_url:
         status, error = _http_status(svc.health_url)
         entry["health"] = {"url": svc.health_url, "status": status, "ok": status == 200}
@@ -215,7 +224,6 @@ def _check_service(ctx: RunContext, svc, problems: list[str]) -> dict:
             ctx.error(f"service {svc.name}: {msg}")
     else:
         ctx.info(f"service {svc.name}: no health URL configured")
-    return entry
 
 
 def _http_status(url: str) -> tuple[int | None, str]:

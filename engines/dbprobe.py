@@ -45,17 +45,18 @@ def probe_postgresql(
 
 def probe_mysql(
     *, host: str, port: int, user: str, password: str, dbname: str,
-    runner=proc.run, sql: str = "SELECT VERSION()", timeout: float = 30,
+    runner=proc.run, sql: str = "SELECT VERSION()", timeout: float = 30, socket: str = "",
 ) -> ProbeResult:
     client = shutil.which("mariadb") or shutil.which("mysql")
     if not client:
         raise ProbeError("the mysql/mariadb client is not installed on this worker (Debian package mariadb-client)")
-    with credentials.mysql_defaults_file(host=host, port=port, user=user, password=password) as cnf:
+    with credentials.mysql_defaults_file(host=host, port=port, user=user, password=password, socket=socket) as cnf:
         argv = [client, f"--defaults-extra-file={cnf}", "--batch", "--skip-column-names",
                 "--database", dbname, "--execute", sql]
         res = runner(argv, timeout=timeout, secrets=[password])
     if not res.ok:
-        raise ProbeError(f"cannot connect to MySQL/MariaDB at {host}:{port}/{dbname}: {res.last_error_line()}")
+        at = "a forward's socket" if socket else f"{host}:{port}"
+        raise ProbeError(f"cannot connect to MySQL/MariaDB at {at}/{dbname}: {res.last_error_line()}")
     lines = [x for x in res.stdout_tail if x.strip()]
     try:
         dump = sources.client_version_of(sources.mysql_dump_program())

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import paths
+from . import dbprobe, ownership, paths, runas
 
 COPY_PREFIX = "kasa-sqlite-"
 COPY_MAX_AGE = 24 * 3600  # a private copy older than this was left by a backup that lost its host
@@ -76,6 +76,47 @@ def backup_facts(customers_root: str, root: str, others: list[str], services: li
             out["sqlite"][name] = str(paths.resolve_strictly_inside(rel, real_root, what="SQLite path"))
         except paths.PathEscapeError as exc:
             out["problems"].append(str(exc))
+    return out
+
+
+def check_facts(customers_root: str, root: str, others: list[str], services: list[list[str]],
+                sqlite: list[list[str]], run_as: str) -> dict:
+    """A customer check's host-side half (customers.remote_check): backup_facts, then what check() looks at
+    locally, with the host's users and files: each service folder exists; the run_as user exists there (not root,
+    not the SSH login user, which is Kasa's there), may enter the root, and others may not read it; the root
+    follows the ownership model (engines.ownership, Kasa's uid being the login user's); each SQLite file opens
+    read-only. Returns backup_facts' dict plus "missing" (service names), "run_as" (problem or facts),
+    "ownership" (problems) and "sqlite_probe" ({name: version or {"error": …}})."""
+    out = backup_facts(customers_root, root, others, services, sqlite)
+    out.update(missing=[], run_as=None, ownership=[], sqlite_probe={})
+    if out["problems"]:
+        return out
+    real_root = Path(out["root"])
+    out["missing"] = [name for name, entry in out["services"].items()
+                      if not os.path.isdir(os.path.join(real_root, entry["path"]))]
+    identity = None
+    if run_as:
+        try:
+            identity = runas.lookup(run_as)
+        except runas.RunAsError as exc:
+            out["run_as"] = {"error": str(exc)}
+        else:
+            entry: dict = {"uid": identity.uid}
+            mode = real_root.stat().st_mode & 0o777
+            if not runas.may_access(real_root, identity, os.R_OK | os.X_OK):
+                entry["error"] = (f"{identity} cannot enter the root folder {real_root} (each folder above it needs "
+                                  "x for that user, the root itself r and x)")
+            elif mode & 0o006:
+                entry["error"] = (f"the root folder {real_root} is open to every user (mode {mode:04o}): chmod o-rwx "
+                                  "it, so other customers' users cannot read it")
+            out["run_as"] = entry
+    out["ownership"] = ownership.problems(real_root, identity=identity, services=[(n, p) for n, p in services])
+    for name, path in out["sqlite"].items():
+        try:
+            res = dbprobe.probe_sqlite(path)
+            out["sqlite_probe"][name] = {"server_version": res.server_version, "client_version": res.client_version}
+        except dbprobe.ProbeError as exc:
+            out["sqlite_probe"][name] = {"error": str(exc)}
     return out
 
 

@@ -13,6 +13,8 @@ import threading
 import uuid
 from pathlib import Path
 
+import pytest
+
 from engines import scratchdb
 from engines.dbrestore import DbTarget
 
@@ -163,9 +165,20 @@ def host_only_postgres(netns: str, rows: int = 123):
             con.execute("INSERT INTO orders (total) SELECT g * 1.5 FROM generate_series(1, %s) g", (rows,))
             con.execute("CREATE SCHEMA shop")
             con.execute("CREATE TABLE shop.items (id int)")
+        with psycopg.connect(host=server.socket_dir, port=server.port, user="postgres", dbname="postgres") as con:
+            version = con.execute("SHOW server_version").fetchone()[0]
         yield {"url": f"postgresql://shop:{password}@127.0.0.1:{server.port}/shop", "password": password,
-               "port": server.port, "server": server}
+               "port": server.port, "server": server, "server_version": version}
 
 
 def uid_of(user: str) -> int:
     return pwd.getpwnam(user).pw_uid
+
+
+@pytest.fixture(scope="session")
+def host_pg(netns_hosts):
+    """(simulated host, its host-only PostgreSQL as host_only_postgres yields it: 123 rows), one per session: the
+    remote backup, check and security tests share its server (an initdb is 1.5 s)."""
+    h = netns_hosts.make()
+    with host_only_postgres(h.name, rows=123) as pg:
+        yield h, pg

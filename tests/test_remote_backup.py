@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import pwd
 import sqlite3
 import subprocess
 import tarfile
@@ -27,7 +28,6 @@ from operations.models import Run
 from tests.conftest import port_open, wait_until
 from tests.remote_fixtures import (
     copy_dirs,
-    host_only_postgres,
     in_thread,
     make_host,
     remote_customer,
@@ -118,28 +118,28 @@ def test_a_remote_customers_files_and_sqlite_database_back_up_over_ssh_and_verif
 
 
 def test_a_postgresql_database_only_the_host_can_reach_is_dumped_through_a_forward_with_kasas_own_pg_dump(
-        web, team):
+        host_pg, team):
+    web, pg = host_pg
     host = make_host(web, "web-pg")
-    with host_only_postgres(web.name, rows=123) as pg:
-        # The database's address means the host's own loopback: from the worker nothing answers there.
-        assert not port_open("127.0.0.1", pg["port"], 0.3)
-        customer = remote_customer(web, host, team, databases=[("main", pg["url"])], sqlite=False)
-        # The same server through its Unix socket folder on the host (a `host` starting with "/", as libpq reads it).
-        DatabaseConnection.objects.create(customer=customer, name="sock", engine="postgresql",
-                                          host=pg["server"].socket_dir, port=pg["port"], database="shop", user="shop",
-                                          password=pg["password"])
-        run = run_backup(customer, scope="database")
-        assert run.status == "succeeded", run.error
-        bk = Backup.objects.get(run=run)
-        art, sock = bk.manifest["artifacts"]
-        assert art["name"] == "db-main.pgdump.zst.enc" and sock["name"] == "db-sock.pgdump.zst.enc"
-        assert art["database"]["row_counts"] == sock["database"]["row_counts"] == {"public.orders": 123,
-                                                                                  "shop.items": 0}
-        # Kasa's own client (the worker's newest pg_dump), never the host's: client ≥ server holds.
-        from engines import sources
+    # The database's address means the host's own loopback: from the worker nothing answers there.
+    assert not port_open("127.0.0.1", pg["port"], 0.3)
+    customer = remote_customer(web, host, team, databases=[("main", pg["url"])], sqlite=False)
+    # The same server through its Unix socket folder on the host (a `host` starting with "/", as libpq reads it).
+    DatabaseConnection.objects.create(customer=customer, name="sock", engine="postgresql",
+                                      host=pg["server"].socket_dir, port=pg["port"], database="shop", user="shop",
+                                      password=pg["password"])
+    run = run_backup(customer, scope="database")
+    assert run.status == "succeeded", run.error
+    bk = Backup.objects.get(run=run)
+    art, sock = bk.manifest["artifacts"]
+    assert art["name"] == "db-main.pgdump.zst.enc" and sock["name"] == "db-sock.pgdump.zst.enc"
+    assert art["database"]["row_counts"] == sock["database"]["row_counts"] == {"public.orders": 123,
+                                                                              "shop.items": 0}
+    # Kasa's own client (the worker's newest pg_dump), never the host's: client ≥ server holds.
+    from engines import sources
 
-        assert art["database"]["client_version"] == sources.pg_tools()[0][2]
-        assert _plain(Path(bk.target.store().location(bk.prefix)) / art["name"]).startswith(b"PGDMP")
+    assert art["database"]["client_version"] == sources.pg_tools()[0][2]
+    assert _plain(Path(bk.target.store().location(bk.prefix)) / art["name"]).startswith(b"PGDMP")
 
     drill = run_verify(bk)  # restores into the worker's scratch server: rows as in the manifest
     assert drill.status == "succeeded", drill.error
@@ -171,7 +171,7 @@ def test_losing_the_host_mid_stream_fails_the_backup_naming_the_host_and_leaves_
     assert run_backup(customer).status == "succeeded"  # the next backup reconnects
 
 
-@pytest.mark.parametrize("kind", ["restore", "upgrade", "rollback", "check"])
+@pytest.mark.parametrize("kind", ["restore", "upgrade", "rollback"])
 def test_restore_and_upgrade_still_refuse_a_remote_customer_before_touching_anything(web, team, kind):
     from operations.services import run_execute, run_start
 
@@ -257,3 +257,65 @@ def test_a_disabled_host_or_one_whose_key_is_not_trusted_refuses_its_customers_b
     run = run_backup(customer)
     assert run.status == "failed" and "no host key is trusted yet" in run.error and "web-off" in run.error
     assert not Backup.objects.filter(customer=customer, status="succeeded").exists()
+
+
+def test_a_check_of_a_remote_customer_looks_at_its_folders_user_and_databases_on_the_host(
+        host_pg, team, customer_users):
+    import os
+
+    from operations.services import run_execute, run_start
+
+    web, pg = host_pg
+    user = customer_users[0]
+    host = make_host(web, "web-check")
+    customer = remote_customer(web, host, team, databases=[("main", pg["url"])])
+    root = Path(customer.root)
+    uid, gid = pwd.getpwnam(user).pw_uid, pwd.getpwnam(user).pw_gid
+    os.chown(root / "backend", uid, -1)
+    os.chown(root, 0, gid)  # the ownership model: Kasa's (the login user's), the customer's group may enter
+    root.chmod(0o750)
+    Customer.objects.filter(pk=customer.pk).update(run_as=user)
+
+    def check():
+        run = run_start(customer, kind="check", via="cli", enqueue=False)
+        run_execute(run.pk)
+        run.refresh_from_db()
+        return run
+
+    # The user is the host's, looked up there; and it cannot reach the root yet (pytest's folders are 0700).
+    run = check()
+    assert run.status == "failed" and f"run as: {user} (uid {uid}) cannot enter the root folder" in run.error
+    above = [p for p in root.parents if p.stat().st_mode & 0o001 == 0]
+    modes = {p: p.stat().st_mode & 0o7777 for p in above}
+    try:
+        for p in above:
+            p.chmod(modes[p] | 0o001)
+        run = check()
+        assert run.status == "succeeded", run.error
+        assert run.result["host"] == "web-check" and run.result["root"] == {"path": str(root), "ok": True}
+        assert run.result["run_as"] == {"user": user, "ok": True, "uid": uid}
+        assert [(d["name"], d["ok"]) for d in run.result["databases"]] == [("cache", True), ("main", True)]
+        main = next(d for d in run.result["databases"] if d["name"] == "main")
+        assert main["server_version"] == pg["server_version"]  # the host-only server answered
+
+        # What is wrong on the host is found there: a folder open to all, a service folder gone, a server down
+        # (nothing listens on the host's 127.0.0.1:9).
+        root.chmod(0o755)
+        (root / "backend").rename(root / "backend-gone")
+        DatabaseConnection.objects.filter(customer=customer, name="main").update(port=9)
+        run = check()
+    finally:
+        for p, mode in modes.items():
+            p.chmod(mode)
+    assert run.status == "failed"
+    assert "is open to every user (mode 0755)" in run.error and "on host web-check" in run.error
+    assert "service backend: folder backend does not exist on web-check" in run.error
+    assert "database main:" in run.error and "(through web-check)" in run.error
+    assert str(Path(settings.KASA_VAR_DIR)) not in run.error  # no path of the worker's in what the host refused
+
+    # A root swapped for a link out of the host's customers root is found on the host, links followed there.
+    root.rename(root.with_name(root.name + "-moved"))
+    root.symlink_to("/etc")
+    run = check()
+    assert run.status == "failed" and "resolves to '/etc', outside" in run.error and "customers root" in run.error
+    assert run.result["services"][0]["error"] == "not checked: the root folder has problems"

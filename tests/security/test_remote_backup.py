@@ -21,7 +21,7 @@ from backups import remote as remote_backup
 from backups.models import Backup
 from engines import ssh
 from engines.secretbox import Secret
-from tests.remote_fixtures import host_only_postgres, in_thread, make_host, remote_customer, run_backup, run_verify
+from tests.remote_fixtures import in_thread, make_host, remote_customer, run_backup, run_verify
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -121,23 +121,23 @@ def test_the_database_forward_is_a_private_socket_and_opens_no_tcp_port(web, tmp
         assert not os.path.exists(local)
 
 
-def test_no_database_password_or_private_key_is_in_any_processs_argv_during_a_remote_backup(web, team):
+def test_no_database_password_or_private_key_is_in_any_processs_argv_during_a_remote_backup(host_pg, team):
+    web, pg = host_pg
     host = make_host(web, "web-argv")
     key_line = web.client_private.strip().splitlines()[2]
-    with host_only_postgres(web.name, rows=5) as pg:
-        customer = remote_customer(web, host, team, databases=[("main", pg["url"])], big=6 << 20)
-        thread, box = in_thread(run_backup, customer, bandwidth=6)
-        seen, leaks = set(), []
-        while thread.is_alive():
-            for line in _cmdlines():
-                if pg["password"] in line or key_line in line:
-                    leaks.append(line[:200])
-                if line.startswith(ssh.SSH + " ") and "--create" in line:
-                    seen.add("tar over ssh")
-                if "pg_dump" in line and "--format=custom" in line:
-                    seen.add("pg_dump")
-            time.sleep(0.01)
-        thread.join()
-        assert box["result"].status == "succeeded", box["result"].error
-        assert not leaks
-        assert "tar over ssh" in seen  # the sampling did see the backup's processes
+    customer = remote_customer(web, host, team, databases=[("main", pg["url"])], big=6 << 20)
+    thread, box = in_thread(run_backup, customer, bandwidth=6)
+    seen, leaks = set(), []
+    while thread.is_alive():
+        for line in _cmdlines():
+            if pg["password"] in line or key_line in line:
+                leaks.append(line[:200])
+            if line.startswith(ssh.SSH + " ") and "--create" in line:
+                seen.add("tar over ssh")
+            if "pg_dump" in line and "--format=custom" in line:
+                seen.add("pg_dump")
+        time.sleep(0.01)
+    thread.join()
+    assert box["result"].status == "succeeded", box["result"].error
+    assert not leaks
+    assert "tar over ssh" in seen  # the sampling did see the backup's processes

@@ -1,0 +1,90 @@
+"""A connection to a remote host for the length of one operation (issue 14): one engines.ssh Session (a
+multiplexed master), Kasa's pure engines code served on it by one engines.hostcall helper, and database forwards
+on the master. Used by backups (backups.remote) and checks (customers.remote_check); the host's answers are
+untrusted input, checked by the callers.
+
+Failures are RemoteError (a SourceError, so a backup's artifact error wraps it like any source's), each message
+naming the host.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from engines import hostcall, sources, ssh
+from engines.streams import Stage
+
+from .models import Host
+from .services import runtime_dir
+
+
+class RemoteError(sources.SourceError):
+    """The host was lost, refused, or answered something a backup cannot use: the message names the host."""
+
+
+class RemoteHost:
+    """One SSH session and one host-side helper for the length of an operation; calls are serialised (a backup's
+    two lanes stream at once, the helper answers one call at a time)."""
+
+    def __init__(self, host: Host):
+        self.host = host
+        self.target = host.target()
+        self.where = self.target.where()
+        self.session = ssh.Session(self.target, runtime_dir())
+        self._lock = threading.Lock()
+        self._helper: hostcall.HostSession | None = None
+        self._forwards: dict[tuple[str, int | None], str] = {}
+
+    def __enter__(self) -> RemoteHost:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def call(self, function: str, *args, **kwargs):
+        with self._lock:
+            try:
+                if self._helper is None:
+                    self._helper = hostcall.HostSession(self.session.argv(hostcall.HostSession.boot_argv()),
+                                                        where=self.where, timeout=600)
+                return self._helper.call(function, *args, **kwargs)
+            except hostcall.HostLost as exc:
+                self._helper = None
+                raise RemoteError(str(exc)) from None
+            except hostcall.HostCallError as exc:
+                raise RemoteError(str(exc)) from None
+
+    def stage(self, argv: list[str], *, name: str, ok_codes=(0,)) -> Stage:
+        """A chain stage that runs `argv` on the host; its stdout comes through the ssh process."""
+        return Stage(self.session.argv(argv), name=f"{name} on {self.host.name}", ok_codes=ok_codes)
+
+    def lost(self, stage: Stage, code: int | None) -> None:
+        """Raise RemoteError naming the host when a stage's ssh ended with 255 (the connection, not the
+        command: Kasa's remote commands never exit 255)."""
+        if code == 255:
+            try:
+                self.session.check(255, "\n".join(stage.stderr_tail))
+            except ssh.SSHError as exc:
+                raise RemoteError(str(exc)) from None
+
+    def forward(self, db_host: str, db_port: int | None, socket_name: str) -> str:
+        """The local socket of a forward to db_host:db_port as the host sees it (one per server and session)."""
+        key = (db_host, db_port)
+        with self._lock:
+            if key not in self._forwards:
+                try:
+                    self._forwards[key] = self.session.forward(db_host, db_port,
+                                                               name=f"f{len(self._forwards)}/{socket_name}")
+                except ssh.SSHError as exc:
+                    raise RemoteError(str(exc)) from None
+            return self._forwards[key]
+
+    def close(self) -> None:
+        with self._lock:
+            if self._helper is not None:
+                self._helper.close()
+                self._helper = None
+            for (db_host, db_port), local_path in self._forwards.items():
+                self.session.cancel_forward(local_path, db_host, db_port)
+            self._forwards.clear()
+        self.session.close()
