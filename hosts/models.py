@@ -1,8 +1,8 @@
 """Hosts: the machines customers live on. `local` is the worker's own machine (no SSH); any other host is reached
 over SSH (engines.ssh) with a pinned host key and a private key encrypted at rest (or a key file on the workers).
 
-Today every operation still runs on `local`: a customer on another host is recorded, its host probed, nothing more
-(issue 14's remote operations come later)."""
+On another host, backups, verification drills and checks run (hosts.remote holds the connection they use);
+restores, upgrades and rollbacks still run on `local` only (customers.operations.guard refuses them elsewhere)."""
 
 from __future__ import annotations
 
