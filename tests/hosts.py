@@ -4,10 +4,9 @@ A host is `ip netns add kasa-<pid>-<n>` plus a veth pair: the root namespace's e
 namespace's end (renamed eth0) 10.231.N.2/30, and sshd listens on 10.231.N.2:22 inside the namespace with its own
 generated host key, accepting one generated client key for root (and for a `kasa` login user, for later); a host
 made `loopback_only` has its sshd on the namespace's own 127.0.0.1 instead (nothing outside reaches it: a host
-behind NAT, reached through a reverse tunnel, tests/tunnel.py). The
-filesystem is shared by namespaces, so each host gets its own customers root folder. A host can be cut off
-(`cut()`: its veth down) and restored, its sshd restarted with a new host key (`rekey()`), and the sshd children
-serving sessions killed (`kill_sessions()`).
+behind NAT, reached through a reverse tunnel, tests/tunnel.py). The filesystem is shared by namespaces, so each
+host gets its own customers root folder. A host can be cut off (`cut()`: its veth down) and restored, its sshd
+restarted with a new host key (`rekey()`), and the sshd children serving sessions killed (`kill_sessions()`).
 
 Names carry the pytest process's pid, so two runs never clash, and the namespaces of a run that was killed
 (its pid gone) are removed, with the processes left in them, when the next session starts. Everything this

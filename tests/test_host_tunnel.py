@@ -48,9 +48,11 @@ def _command(*args, stdin: str | None = None, monkeypatch=None):
 
 def test_the_shipped_tunnel_unit_passes_systemd_analyze_verify_and_restarts_forever():
     require(bool(shutil.which("systemd-analyze")), "systemd-analyze (systemd), to verify the shipped unit")
-    done = subprocess.run(["systemd-analyze", "verify", str(UNIT)], capture_output=True, text=True, timeout=60,
-                          check=False)
-    assert done.returncode == 0 and UNIT.name not in done.stdout + done.stderr, done.stdout + done.stderr
+    # As tests/test_deploy_files.py does for Kasa's own units: a bad setting is only a warning, hence no output at
+    # all. (systemd is not PID 1 here: the unit's hardening is verified, not exercised; its command is, below.)
+    done = subprocess.run(["systemd-analyze", "verify", "--man=no", str(UNIT)], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0 and not done.stdout.strip() and not done.stderr.strip(), done.stdout + done.stderr
     assert unit_setting(UNIT, "Restart") == ["always"] and unit_setting(UNIT, "StartLimitIntervalSec") == ["0"]
     assert unit_setting(UNIT, "User") == ["kasa-tunnel"] and unit_setting(UNIT, "RestartSec")
     (command,) = unit_setting(UNIT, "ExecStart")
