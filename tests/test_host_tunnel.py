@@ -62,7 +62,7 @@ def test_the_shipped_tunnel_unit_passes_systemd_analyze_verify_and_restarts_fore
 
 
 def test_a_host_behind_nat_is_checked_through_its_tunnel_named_when_the_tunnel_dies_and_back_once_it_restarts(
-        behind_nat, monkeypatch):
+        behind_nat, monkeypatch, client, admin_user):
     host, bastion = behind_nat
     # Nothing reaches the host's sshd from outside: only the tunnel it opens itself.
     assert not port_open(host.address, 22, 1) and not port_open(bastion.tunnel_listen, bastion.tunnel_port, 0.3)
@@ -82,6 +82,8 @@ def test_a_host_behind_nat_is_checked_through_its_tunnel_named_when_the_tunnel_d
     assert doc["reachable"] is True and doc["os"].startswith("Debian") and doc["tools"]["python3"] != "missing"
     code, out, _err = _command("host_list")
     assert "nat1" in out and "via tunnel" in out
+    client.force_login(admin_user)
+    assert f"{spec} (tunnel)" in client.get("/hosts/host/").content.decode()
 
     tunnel.kill()  # the tunnel's ssh dies: the bastion's session ends and its listen goes with it
     wait_until(lambda: not port_open(bastion.tunnel_listen, bastion.tunnel_port, 0.3), 10, interval=0.05,
