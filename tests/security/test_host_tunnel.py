@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -49,18 +51,23 @@ def test_the_tunnel_key_opens_no_shell_runs_no_command_and_no_sftp_on_the_bastio
 def test_the_tunnel_key_listens_only_on_its_own_address_and_port(bastion):
     listen, port = bastion.tunnel_listen, bastion.tunnel_port
     other = free_port()
+    sock = Path(tempfile.gettempdir()) / f"kasa-tunnel-test-{other}.sock"  # a folder the tunnel's user may write
     refused = {
         "another port": f"127.0.0.1:{other}:127.0.0.1:22",
         "every address": f"0.0.0.0:{port}:127.0.0.1:22",
         "every address, another port": f"0.0.0.0:{other}:127.0.0.1:22",
         "the bastion's own address": f"{bastion.address}:{port}:127.0.0.1:22",
         "no address (the default)": f"{port}:127.0.0.1:22",
-        "a Unix socket": f"/tmp/kasa-tunnel-{other}.sock:127.0.0.1:22",
+        "a Unix socket": f"{sock}:127.0.0.1:22",
     }
-    for what, spec in refused.items():
-        done = _run(bastion.client("-N", "-o", "ExitOnForwardFailure=yes", "-R", spec))
-        assert done.returncode == 255 and b"forwarding failed" in done.stderr, (what, done.stderr)
-        assert not port_open("127.0.0.1", other, 0.2) and not port_open(bastion.address, port, 0.2), what
+    try:
+        for what, spec in refused.items():
+            done = _run(bastion.client("-N", "-o", "ExitOnForwardFailure=yes", "-R", spec))
+            assert done.returncode == 255 and b"forwarding failed" in done.stderr, (what, done.stderr)
+            assert not port_open("127.0.0.1", other, 0.2) and not port_open(bastion.address, port, 0.2), what
+            assert not sock.exists(), what
+    finally:
+        sock.unlink(missing_ok=True)  # made by the bastion's sshd if a Unix socket forward ever got through
     # The key does get its own listen (so the refusals above are the restrictions, not a key refused outright).
     mine = f"{listen}:{port}:127.0.0.1:9"
     proc = _background(bastion.client("-N", "-o", "ExitOnForwardFailure=yes", "-R", mine))
