@@ -32,9 +32,12 @@ import time
 
 from django.conf import settings
 from django.db import connections
+from django.utils import timezone
 from django_q.cluster import Cluster
 from django_q.management.commands.qcluster import Command as DjangoQClusterCommand
 from django_q.scheduler import scheduler
+
+from operations.models import WorkerBeat
 
 logger = logging.getLogger("kasa.worker")
 
@@ -42,6 +45,36 @@ logger = logging.getLogger("kasa.worker")
 # stop below would mistake it for a live one and wait on it needlessly.
 _GROUP_SIGNAL_GRACE = 1.0
 _POLL = 0.2
+
+
+class WorkerBeating:
+    """This worker machine's `WorkerBeat`, refreshed every KASA_HEARTBEAT_SECONDS from a thread of the main process
+    while it runs (operations.broker: the reaper finds a task lost with a worker that stopped beating)."""
+
+    def __init__(self):
+        self.name = settings.KASA_WORKER_NAME
+        self.stop = threading.Event()
+
+    def first(self) -> None:
+        now = timezone.now()
+        try:
+            WorkerBeat.objects.update_or_create(name=self.name, defaults={"pid": os.getpid(), "started_at": now,
+                                                                          "seen_at": now})
+        except Exception:  # noqa: BLE001  (the cluster must start: its thread tries again)
+            logger.exception("worker %s: its beat could not be written", self.name)
+        finally:
+            connections.close_all()  # nothing the cluster forks may inherit a connection
+
+    def start(self) -> None:
+        threading.Thread(target=self._loop, name="worker-beat", daemon=True).start()
+
+    def _loop(self) -> None:
+        while not self.stop.wait(settings.KASA_HEARTBEAT_SECONDS):
+            try:
+                WorkerBeat.objects.filter(name=self.name).update(seen_at=timezone.now(), pid=os.getpid())
+            except Exception:  # noqa: BLE001  (the database comes back; the next beat goes through)
+                logger.warning("worker %s: beat not written (control database?)", self.name)
+                connections.close_all()
 
 
 class KasaCluster(Cluster):
@@ -57,6 +90,8 @@ class KasaCluster(Cluster):
 
     def serve(self) -> int:
         """Start, run until a signal or the sentinel's death, stop; the command's exit status."""
+        beat = WorkerBeating()
+        beat.first()  # before the cluster takes any task: a run it takes is never older than its beat's start
         try:
             self.start()
         except RuntimeError:
@@ -65,6 +100,7 @@ class KasaCluster(Cluster):
                 raise
         else:
             self._schedule_now()
+        beat.start()  # after the fork of the sentinel: no process inherits its database connection
         while not self.signals and self.sentinel.is_alive():
             time.sleep(_POLL)
         if not self.signals:
