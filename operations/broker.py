@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 
+from django.db import connection
 from django.utils import timezone
 from django_q.brokers.redis_broker import Redis
 from django_q.signing import BadSignature, SignedPackage
@@ -50,6 +51,7 @@ def mark_taken(payload) -> None:
                                                                         heartbeat_at=timezone.now())
     except Exception:  # noqa: BLE001  (the task goes on; lost, the reaper finds it neither taken nor queued)
         log.exception("could not record that this worker took run %s off the queue", run_id)
+        connection.close()  # the pusher lives long: the next task gets a fresh connection
 
 
 class RedisBroker(Redis):
