@@ -138,9 +138,9 @@ def run_execute(run_id: int) -> str:
         return _not_pending(run)
 
     def waiting(waited: float) -> None:
-        if waited == 0:
-            log.info("run %s waits for a slot of worker %s (%s runs at once)", run_id, slots.worker_name(),
-                     settings.KASA_MAX_RUNS_PER_WORKER)
+        if waited == 0:  # said once, in the run's own log: the admin and a foreground command show why it waits
+            RunContext(run).info(f"waiting for worker {slots.worker_name()}: its "
+                                 f"{settings.KASA_MAX_RUNS_PER_WORKER} run slot(s) are in use")
         if not Run.objects.filter(pk=run_id, status=Run.Status.PENDING).exists():
             raise _NoLongerPending()
 

@@ -174,3 +174,31 @@ def test_a_schedule_slot_that_fires_twice_starts_one_backup(make_customer):
     assert scheduled_backup(customer.pk, slot=slot) == f"skipped: slot {slot} already started run #{run.pk}"
     assert scheduled_backup(customer.pk, slot="2026-12-05T03:17:00+00:00").startswith("queued run #")
     assert Run.objects.filter(customer=customer).count() == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_run_waiting_for_its_workers_slot_says_so_and_a_cancel_ends_the_wait(make_customer, settings):
+    from operations.services import run_cancel, run_execute, run_start
+    from tests.conftest import wait_until
+
+    settings.KASA_MAX_RUNS_PER_WORKER = 1
+    busy = _running(make_customer())
+    SlotLease.objects.create(key=slots.worker_slot(), n=0, run=busy, worker=busy.worker)
+    run = run_start(make_customer(services=()), kind="check", via="cli", enqueue=False)
+    out = {}
+
+    def execute():
+        try:
+            out["result"] = run_execute(run.pk)
+        finally:
+            connection.close()
+
+    t = threading.Thread(target=execute)
+    t.start()
+    wait_until(lambda: run.log_lines.filter(text__startswith=f"waiting for worker {slots.worker_name()}: its 1 run "
+                                                             "slot(s) are in use").exists(), 10, what="the wait")
+    assert Run.objects.get(pk=run.pk).status == "pending"
+    assert run_cancel(Run.objects.get(pk=run.pk), via="cli")
+    t.join(10)
+    assert out["result"] == "already cancelled"
+    assert list(SlotLease.objects.values_list("run_id", flat=True)) == [busy.pk]
