@@ -7,6 +7,7 @@ Run.status.
 from __future__ import annotations
 
 import logging
+import time
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
@@ -26,6 +27,7 @@ from .offline import DB_LOST
 
 log = logging.getLogger(__name__)
 
+LOST_RECHECK_SECONDS = 1.0
 WORKER_DIED = "worker died: the task was delivered again while this run was still running; not repeated"
 
 
@@ -374,8 +376,16 @@ def _lost_tasks(stale_after: int) -> list[int]:
         lost += _fail_lost(run, f"task lost: worker {run.worker} took it off the queue and {why} before it "
                                 f"started; not started")
     queued = _queued_run_ids()
-    if queued is not None:
-        for run in Run.objects.filter(status=Run.Status.PENDING, worker="", created_at__lt=cutoff):
+    if queued is None:
+        return lost
+    gone = [r for r in Run.objects.filter(status=Run.Status.PENDING, worker="", created_at__lt=cutoff)
+            if r.pk not in queued]
+    if gone:
+        # A worker may have popped one an instant before the list was read and be writing its name now: look again
+        # a moment later (the failure's condition on the empty name covers a mark that lands before it, too).
+        time.sleep(LOST_RECHECK_SECONDS)
+        queued = _queued_run_ids()
+        for run in gone:
             if run.pk not in queued:
                 lost += _fail_lost(run, "task lost: no worker took it and it is no longer in the queue; not started")
     return lost

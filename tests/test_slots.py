@@ -202,3 +202,43 @@ def test_a_run_waiting_for_its_workers_slot_says_so_and_a_cancel_ends_the_wait(m
     t.join(10)
     assert out["result"] == "already cancelled"
     assert list(SlotLease.objects.values_list("run_id", flat=True)) == [busy.pk]
+
+
+@pytest.mark.django_db
+def test_the_redis_broker_names_the_worker_that_took_a_runs_task_and_the_reaper_fails_one_neither_taken_nor_queued(
+        make_customer, redis_url, monkeypatch):
+    import redis
+    from django_q.signing import SignedPackage
+
+    from operations import broker as kasa_broker
+    from operations import services
+
+    queue = kasa_broker.RedisBroker.__new__(kasa_broker.RedisBroker)  # on the test Redis, a list of its own
+    queue.connection, queue.list_key = redis.from_url(redis_url), f"django_q:kasa-test-{os.getpid()}:q"
+    queue.delete_queue()
+    old = timezone.now() - timezone.timedelta(minutes=10)
+
+    def pending(customer):
+        run = Run.objects.create(customer=customer, kind="check", mutating=False, created_at=old)
+        queue.enqueue(SignedPackage.dumps({"func": kasa_broker.EXECUTE_RUN, "args": (run.pk,), "kwargs": {}}))
+        return run
+
+    taken, waiting, lost = (pending(make_customer()), pending(make_customer(services=())),
+                            pending(make_customer(services=())))
+    queue.connection.lrem(queue.list_key, 1, queue.connection.lindex(queue.list_key, 2))  # Redis lost this one
+    assert queue.queued_run_ids() == {taken.pk, waiting.pk}
+    assert [kasa_broker.run_of(p) for _, p in queue.dequeue()] == [taken.pk]
+    taken.refresh_from_db()
+    assert taken.worker == slots.worker_name() and taken.status == "pending"
+    WorkerBeat.objects.create(name=slots.worker_name(), started_at=old, seen_at=timezone.now())
+
+    monkeypatch.setattr(services, "get_broker", lambda: queue)
+    monkeypatch.setattr(services, "LOST_RECHECK_SECONDS", 0.01)
+    try:
+        assert runs_reap(stale_after=120) == [lost.pk]
+    finally:
+        queue.delete_queue()
+    lost.refresh_from_db()
+    assert lost.error == "task lost: no worker took it and it is no longer in the queue; not started"
+    assert Run.objects.get(pk=taken.pk).status == Run.Status.PENDING  # in a live worker's hands
+    assert Run.objects.get(pk=waiting.pk).status == Run.Status.PENDING  # still queued
