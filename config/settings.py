@@ -328,6 +328,9 @@ KASA_BASE_URL = env.str("KASA_BASE_URL", default="http://127.0.0.1:8000")
 # A running run whose heartbeat is older than this is considered orphaned.
 KASA_RUN_STALE_AFTER = env.int("KASA_RUN_STALE_AFTER", default=120)
 KASA_HEARTBEAT_SECONDS = env.int("KASA_HEARTBEAT_SECONDS", default=10)
+# Every qcluster also runs the reaper over its own machine this often (its local journals, its own processes, the
+# undos owed to its host): the scheduled reaper task goes to whichever worker takes it.
+KASA_REAP_SECONDS = env.int("KASA_REAP_SECONDS", default=60)
 # An undo that went on without the control database (operations.reconcile): how long its worker keeps retrying to
 # record it once done, before leaving its local journal to the reaper's next pass.
 KASA_RECONCILE_PATIENCE = env.int("KASA_RECONCILE_PATIENCE", default=300)

@@ -354,6 +354,8 @@ def subprocess_env(transactional_db):
         SECRET_KEY=settings.SECRET_KEY,
         KASA_WORKERS="1",
         KASA_HEARTBEAT_SECONDS=str(settings.KASA_HEARTBEAT_SECONDS),
+        # A worker's own reaper pass (qcluster) only where a test asks for it: others make and reap runs themselves.
+        KASA_REAP_SECONDS="3600",
         PYTHONUNBUFFERED="1",
     )
     if settings.REDIS_URL:

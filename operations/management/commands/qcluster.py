@@ -38,6 +38,7 @@ from django_q.management.commands.qcluster import Command as DjangoQClusterComma
 from django_q.scheduler import scheduler
 
 from operations.models import WorkerBeat
+from operations.services import runs_reap
 
 logger = logging.getLogger("kasa.worker")
 
@@ -67,6 +68,22 @@ class WorkerBeating:
 
     def start(self) -> None:
         threading.Thread(target=self._loop, name="worker-beat", daemon=True).start()
+        threading.Thread(target=self._reap_loop, name="worker-reaper", daemon=True).start()
+
+    def _reap_loop(self) -> None:
+        """This machine's own reaper pass, every KASA_REAP_SECONDS. The scheduled reaper task goes to whichever
+        worker of the fleet takes it off the queue; what only a worker on this machine can do — sweep its local
+        journals, judge its own processes, the undos owed to its host (Run.abandon_host) — must not wait for chance
+        to send it here. A thread of its own: a long undo never delays the beat."""
+        while not self.stop.wait(settings.KASA_REAP_SECONDS):
+            try:
+                reaped = runs_reap()
+                if reaped:
+                    logger.warning("worker %s: its reaper pass failed or reconciled runs %s", self.name, reaped)
+            except Exception:  # noqa: BLE001  (the next pass tries again)
+                logger.exception("worker %s: its reaper pass failed", self.name)
+            finally:
+                connections.close_all()
 
     def _loop(self) -> None:
         while not self.stop.wait(settings.KASA_HEARTBEAT_SECONDS):
