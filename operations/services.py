@@ -159,14 +159,10 @@ def _not_pending(run: Run) -> str:
     if run.status == Run.Status.RUNNING:
         if reconcile.held(run.pk):
             return "still running"  # its worker is alive on this host (perhaps undoing offline)
-        done, doc = reconcile.take_over(run)
-        if done:
-            return "reconciled"
-        if run.fail(WORKER_DIED):
-            slots.release_run(run.pk)
-            ctx = RunContext(run)
-            ctx.error(WORKER_DIED)
-            _abandon(run, ctx, doc)
+        outcome = _fail_gone(run, WORKER_DIED)
+        if outcome == "reconciled":
+            return outcome
+        if outcome == "failed":
             _notify_end(run)
         return "redelivered"
     return f"already {run.status}"
@@ -305,33 +301,44 @@ def runs_reap(*, stale_after: int | None = None) -> list[int]:
             reason = f"worker lost: {run.worker or 'its worker'} left its local journal and no process holds it"
         if not reason:
             continue
-        here = _reaches(run)
-        if here:
-            done, doc = reconcile.take_over(run)  # what the dead worker logged offline goes in first
-            if done:
-                slots.release_run(run.pk)
-                reaped.append(run.pk)
-                continue
-        else:
-            doc = None
-        owed = "" if here or registry.abandon_anywhere(run.kind) or registry.abandon_hook(run.kind) is None \
-            else run.host
-        if run.fail(reason, abandon_host=owed):
-            slots.release_run(run.pk)
-            ctx = RunContext(run)
-            ctx.error(reason)
-            if owed:
-                ctx.warning(f"the cleanup of what it changed waits for a worker on {owed}, where its journal is: "
-                            f"this reaper ({me}) does not reach that host")
-            else:
-                _abandon(run, ctx, doc)
+        outcome = _fail_gone(run, reason)
+        if outcome == "failed":
             audit_record(action=f"run.{run.kind}.reaped", source=AuditEntry.Source.SYSTEM, obj=run,
                          customer=run.customer, actor_repr=f"reaper:{me}", result=reason)
             live.notify(run.pk)
+        if outcome:
             reaped.append(run.pk)
     reaped += _lost_tasks(stale_after)
     slots.SlotLease.objects.filter(slots.stale_leases()).delete()  # leases of runs that ended without a finally
     return reaped
+
+
+def _fail_gone(run: Run, reason: str) -> str | None:
+    """A running run whose worker is gone (reaper, redelivery): "reconciled" when that worker had recorded its end
+    in its local journal here, "failed" when this call failed it, None when someone else ended it first.
+
+    The kind's cleanup runs here when this worker reaches the run's host (the dead worker's local journal, read
+    first, is at least as new as the run's `result`) or when the cleanup touches only shared storage; otherwise it
+    is owed to the host (`abandon_host`, set in the same UPDATE as the failure) and done there (_owed_abandons)."""
+    here = _reaches(run)
+    doc = None
+    if here:
+        done, doc = reconcile.take_over(run)  # what the dead worker logged offline goes in first
+        if done:
+            slots.release_run(run.pk)
+            return "reconciled"
+    owed = "" if here or registry.abandon_anywhere(run.kind) or registry.abandon_hook(run.kind) is None else run.host
+    if not run.fail(reason, abandon_host=owed):
+        return None
+    slots.release_run(run.pk)
+    ctx = RunContext(run)
+    ctx.error(reason)
+    if owed:
+        ctx.warning(f"the cleanup of what it changed waits for a worker on {owed}, where its journal is: this worker "
+                    f"({slots.worker_name()}) does not reach that host")
+    else:
+        _abandon(run, ctx, doc)
+    return "failed"
 
 
 def _reaches(run: Run) -> bool:
