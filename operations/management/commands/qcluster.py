@@ -20,6 +20,10 @@ the exit. A stop then behaves as an operator expects:
 - SIGTERM to the whole group: the cluster's processes are already gone. This process says so and exits 0.
 - The sentinel dies when nobody asked for a stop: its orphaned processes get SIGTERM and this one exits 1,
   so a supervisor restarts the worker. Before, the command went on living with no cluster behind it.
+
+Two threads of this process serve a fleet of worker machines (README "Several workers"): the worker's beat
+(`WorkerBeat`, every KASA_HEARTBEAT_SECONDS: a run whose Redis task this worker took is lost once it stops) and
+its own reaper pass over this machine (every KASA_REAP_SECONDS).
 """
 
 from __future__ import annotations
