@@ -52,12 +52,15 @@ def node_name() -> str:
 def host_key(customer) -> str:
     """The host a customer's operations work on, which KASA_MAX_BACKUPS_PER_HOST limits.
 
-    Today every customer is on `local`: "the machine of the worker that serves it" (its root under
-    KASA_CUSTOMERS_ROOT there). So the key is that machine's node name, and two workers on one machine share its
-    slots. With several worker machines, a `local` customer is served wherever its root is reachable (one machine,
-    or a folder they share); see README, "Several workers". The hosts work changes this one function to the
-    customer's own host.
+    A customer on a remote host (hosts.Host) is keyed by that host's name: every worker machine that serves it
+    counts against the same slots. A customer on `local` lives on "the machine of the worker that serves it" (its
+    root under KASA_CUSTOMERS_ROOT there), so the key is that machine's node name and two workers on one machine
+    share its slots. With several worker machines, a `local` customer is served wherever its root is reachable
+    (one machine, or a folder they share); see README, "Several workers".
     """
+    host = getattr(customer, "host", None)  # hosts sits above operations: read, never imported
+    if host is not None and not host.is_local:
+        return f"host:{host.name}"
     return f"local:{node_name()}"
 
 

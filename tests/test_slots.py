@@ -242,3 +242,16 @@ def test_the_redis_broker_names_the_worker_that_took_a_runs_task_and_the_reaper_
     assert lost.error == "task lost: no worker took it and it is no longer in the queue; not started"
     assert Run.objects.get(pk=taken.pk).status == Run.Status.PENDING  # in a live worker's hands
     assert Run.objects.get(pk=waiting.pk).status == Run.Status.PENDING  # still queued
+
+
+@pytest.mark.django_db
+def test_customers_of_one_remote_host_share_its_slots_and_local_ones_count_against_this_machine(make_customer):
+    from hosts.models import Host
+
+    web = Host.objects.create(name="web7", ssh_user="root", address="10.9.9.9", customers_root="/srv/customers")
+    a, b, here = make_customer(), make_customer(), make_customer()
+    Customer = type(a)
+    Customer.objects.filter(pk__in=[a.pk, b.pk]).update(host=web)
+    a, b = Customer.objects.get(pk=a.pk), Customer.objects.get(pk=b.pk)
+    assert slots.host_key(a) == slots.host_key(b) == "host:web7"
+    assert slots.host_key(here) == f"local:{os.uname().nodename}"
