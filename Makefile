@@ -14,7 +14,7 @@ PY ?= $(shell for p in $(PY_CANDIDATES); do \
 	"$$p" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info[:2] != (3, 11)); ' >/dev/null 2>&1 \
 	&& { "$$p" -c 'import sys; print(sys.executable)'; break; }; done)
 VENV := .venv
-KASA_PACKAGES := config core customers backups releases upgrades operations audit engines console
+KASA_PACKAGES := config core customers hosts backups releases upgrades rollouts operations audit engines console
 BIN := $(VENV)/bin
 PG_TEST_URL ?= postgres://postgres@127.0.0.1:5432/kasa
 TEST_VAR ?= $(CURDIR)/var/test

@@ -9,8 +9,9 @@ class BackupsConfig(AppConfig):
     name = "backups"
 
     def ready(self):
+        # A dead backup's partial objects are on its storage target, which every worker reaches.
         registry.register("backup", "backups.operations.backup", mutating=True,
-                          on_abandon="backups.operations.abandon")
+                          on_abandon="backups.operations.abandon", abandon_anywhere=True)
         registry.register("restore", "backups.restore.restore", mutating=True, on_abandon="backups.restore.abandon")
         # A drill touches no customer file or database: it may run beside a backup (not beside another drill).
         registry.register("verify", "backups.verify.verify", mutating=False)

@@ -30,7 +30,7 @@ from core.secrets import box, reveal
 from customers.models import Customer, MaintenanceConnection
 from engines import dbrestore, dbrestore_mytables, dbrestore_pginplace, dburl, scratchdb, unpack
 from engines.dbrestore_mysql import CannotCreateDatabase
-from engines.slots import acquire_slot
+from operations import slots
 from operations.context import OperationError, RunContext
 
 from .models import Backup, BackupArtifact, BackupPolicy
@@ -325,8 +325,8 @@ def way_back_backup(ctx: RunContext, customer: Customer, *, trigger: str, pin: s
         raise OperationError(f"cannot back the databases up before restoring them in place: {exc}") from None
     params["replicas"] = []
     ctx.info("backing the databases up before restoring them in place (their only way back)")
-    with acquire_slot(settings.KASA_SCRATCH_DIR, settings.KASA_MAX_BACKUPS_PER_HOST, poll=2.0,
-                      on_wait=lambda waited: ctx.check_alive()):
+    with slots.hold(slots.host_slot(customer), settings.KASA_MAX_BACKUPS_PER_HOST, ctx.run.pk,
+                    on_wait=lambda waited: ctx.check_alive()):
         try:
             bk, _ = make_backup(ctx, customer, params, pin_reason=pin)
         except OperationError as exc:

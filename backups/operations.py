@@ -23,8 +23,8 @@ from engines.artifact import write_artifact, write_bytes
 from engines.backupcrypto import KeyRing
 from engines.humanize import human_duration, human_size
 from engines.paths import PathEscapeError
-from engines.slots import acquire_slot
 from engines.ssh import SSHError
+from operations import slots
 from operations.context import OperationError, RunCancelled, RunContext, RunLost
 
 from . import artifacts as plans
@@ -82,7 +82,8 @@ class _Progress:
 
 
 def backup(ctx: RunContext) -> dict:
-    """Wait for a per-host backup slot (flock: released even if this process is killed), then back up."""
+    """Wait for a backup slot of the customer's host (operations.slots: in the control database, shared by every
+    worker machine; a killed worker's slot is reclaimed once its run is failed), then back up."""
 
     ctx.phases(*BACKUP_PHASES)
 
@@ -90,10 +91,11 @@ def backup(ctx: RunContext) -> dict:
         if waited == 0:
             ctx.phase("wait for a slot")
             ctx.info(f"waiting for a backup slot ({settings.KASA_MAX_BACKUPS_PER_HOST} backups already "
-                     "running on this host)")
+                     f"running on host {slots.host_key(ctx.run.customer)})")
         ctx.check_alive()  # a cancel request or a lost run ends the wait
 
-    with acquire_slot(settings.KASA_SCRATCH_DIR, settings.KASA_MAX_BACKUPS_PER_HOST, poll=2.0, on_wait=waiting):
+    with slots.hold(slots.host_slot(ctx.run.customer), settings.KASA_MAX_BACKUPS_PER_HOST, ctx.run.pk,
+                    on_wait=waiting):
         return _backup(ctx)
 
 
@@ -112,7 +114,7 @@ def make_backup(ctx: RunContext, customer: Customer, p: dict, *, run=None, pin_r
 
     `run` links the backup to its own backup run; a restore or an upgrade passes None for the safety
     backup it takes within its own run (and pins it with `pin_reason`, so retention keeps the way back).
-    The caller holds the per-host backup slot.
+    The caller holds a backup slot of the customer's host (operations.slots).
     """
     target = StorageTarget.objects.get(name=p["target"])
     keyring = _keyring() if p["encrypt"] else None

@@ -44,7 +44,7 @@ from customers import runtime
 from customers.models import Customer
 from engines import dburl, runas, unpack
 from engines.humanize import human_duration, human_size, human_time
-from engines.slots import acquire_slot
+from operations import slots
 from operations.context import OperationError, RunCancelled, RunContext, RunLost
 from operations.journal import RunJournal
 from operations.models import Run
@@ -245,8 +245,8 @@ def _safety_backup(ctx: RunContext, plan: Plan) -> int:
     params["replicas"] = []  # the way back must exist now; copies to replicas can wait for the next backup
     ctx.phase("safety backup")
     ctx.info(f"safety backup of the current state ({scope}) before anything changes")
-    with acquire_slot(settings.KASA_SCRATCH_DIR, settings.KASA_MAX_BACKUPS_PER_HOST, poll=2.0,
-                      on_wait=lambda waited: ctx.check_alive()):
+    with slots.hold(slots.host_slot(plan.customer), settings.KASA_MAX_BACKUPS_PER_HOST, ctx.run.pk,
+                    on_wait=lambda waited: ctx.check_alive()):
         try:
             bk, _ = make_backup(ctx, plan.customer, params, pin_reason=f"safety backup before restore run #"
                                 f"{ctx.run.pk}")

@@ -202,7 +202,9 @@ def _sync_func(func: str, prefix: str, cron_of, customers, policies, result: dic
             result["removed"].append(s.name)
             s.delete()
         wanted = {"name": f"{prefix}{customer.domain}", "func": func, "args": repr(customer.pk),
-                  "kwargs": None, "schedule_type": Schedule.CRON, "cron": cron, "repeats": -1, "cluster": None}
+                  "kwargs": None, "schedule_type": Schedule.CRON, "cron": cron, "repeats": -1, "cluster": None,
+                  # A backup's due time goes to the task as its idempotency key (backups.tasks.scheduled_backup).
+                  "intended_date_kwarg": "slot" if func == BACKUP_FUNC else None}
         if keep is None:
             Schedule.objects.create(**wanted, next_run=next_fire(cron, now))
             result["created"].append(wanted["name"])

@@ -62,12 +62,15 @@ def policy_for(customer) -> BackupPolicy:
 def backup_start(
     customer, *, scope: str | None = None, services: list[str] | tuple = (), compression: str | None = None,
     encrypt: bool | None = None, target: str | None = None, requested_by=None, via: str = "admin",
-    trigger: str = Backup.Trigger.MANUAL, enqueue: bool = True,
+    trigger: str = Backup.Trigger.MANUAL, enqueue: bool = True, schedule_slot: str = "",
 ) -> Run:
-    """Validate the request against the customer's policy and start a backup run."""
+    """Validate the request against the customer's policy and start a backup run. `schedule_slot`: the due time of
+    the schedule firing that asks (backups.tasks.scheduled_backup), kept in the run's params."""
     permissions.require(requested_by, permissions.BACKUP, customer)
     params = backup_params(customer, scope=scope, services=services, compression=compression, encrypt=encrypt,
                            target=target, trigger=trigger)
+    if schedule_slot:
+        params["schedule_slot"] = schedule_slot
     return run_start(customer, kind=Run.Kind.BACKUP, requested_by=requested_by, via=via, params=params,
                      enqueue=enqueue)
 

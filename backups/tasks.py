@@ -14,6 +14,7 @@ import logging
 
 from customers.models import Customer
 from operations.context import close_db_after
+from operations.models import Run
 from operations.services import OperationRefused
 
 from .models import Backup, BackupPolicy
@@ -25,7 +26,12 @@ log = logging.getLogger(__name__)
 
 
 @close_db_after
-def scheduled_backup(customer_id: int) -> str:
+def scheduled_backup(customer_id: int, slot: str | None = None) -> str:
+    """`slot`: the schedule's due time (django-q2 passes it, `intended_date_kwarg`), the idempotency key of this
+    firing. django-q2's scheduler claims a due schedule under SELECT … FOR UPDATE and moves it on in the same
+    transaction, so several worker clusters fire it once; should it ever fire twice all the same, the second finds
+    the run this slot started (its params) and starts none — while that run is active, the one-active-backup
+    constraint refuses it too."""
     customer = Customer.objects.filter(pk=customer_id).first()
     if customer is None:
         log.warning("scheduled backup: customer %s no longer exists (its schedule goes at the next sync)",
@@ -37,8 +43,16 @@ def scheduled_backup(customer_id: int) -> str:
     if policy_for(customer).schedule == BackupPolicy.Schedule.NONE:
         log.info("scheduled backup of %s skipped: its policy is no longer scheduled", customer)
         return "skipped: not scheduled"
+    if slot:
+        fired = (Run.objects.filter(customer=customer, kind=Run.Kind.BACKUP, params__schedule_slot=slot)
+                 .values_list("pk", flat=True).first())
+        if fired is not None:
+            log.warning("scheduled backup of %s for %s skipped: this slot already started run #%s", customer, slot,
+                        fired)
+            return f"skipped: slot {slot} already started run #{fired}"
     try:
-        run = backup_start(customer, via="schedule", trigger=Backup.Trigger.SCHEDULE, enqueue=True)
+        run = backup_start(customer, via="schedule", trigger=Backup.Trigger.SCHEDULE, enqueue=True,
+                           schedule_slot=slot or "")
     except OperationRefused as exc:
         # A backup that outlasts its schedule (or any other mutating run) is never doubled.
         log.warning("scheduled backup of %s skipped: previous backup still running (%s)", customer, exc)

@@ -6,6 +6,7 @@ alone: DATABASE_URL, REDIS_URL, SENTRY_DSN. See README.md for the full list.
 """
 
 import os
+import socket
 from pathlib import Path
 
 import environ
@@ -178,6 +179,15 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # --- Broker, channel layer, cache -------------------------------------------
 REDIS_URL = env.str("REDIS_URL", default="")
 KASA_WORKERS = env.int("KASA_WORKERS", default=2)
+# This worker machine's name: runs record it (`<name>:<pid>`), its per-worker slots are keyed by it, and a reaper
+# judges only its own name's processes by their PIDs (other machines' runs by their heartbeats alone). Must be unique
+# across the fleet; its var folder (KASA_VAR_DIR: local journals) is this machine's own.
+KASA_WORKER_NAME = env.str("KASA_WORKER_NAME", default="") or socket.gethostname()
+# Runs one worker machine executes at once, its queued runs and the foreground commands run on it together
+# (operations.slots, in the control database). Twice KASA_WORKERS: the machine's own cluster never runs more than
+# KASA_WORKERS, so queued runs are not held back by it alone, and foreground commands (a cron'd `backup`, an
+# operator's restore, a foreground rollout) get as many again before they wait instead of overloading the machine.
+KASA_MAX_RUNS_PER_WORKER = env.int("KASA_MAX_RUNS_PER_WORKER", default=2 * KASA_WORKERS)
 KASA_TASK_TIMEOUT = env.int("KASA_TASK_TIMEOUT", default=6 * 3600)
 
 Q_CLUSTER = {
@@ -196,6 +206,9 @@ Q_CLUSTER = {
 }
 if REDIS_URL:
     Q_CLUSTER["redis"] = REDIS_URL
+    # django-q2's Redis broker, which also writes down which worker took a run's task off the queue: the Redis
+    # broker has no delivery receipts, so a task lost with its worker is found by the reaper (operations.broker).
+    Q_CLUSTER["broker_class"] = "operations.broker.RedisBroker"
     CHANNEL_LAYERS = {
         "default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [REDIS_URL]}}
     }
@@ -251,6 +264,8 @@ if KASA_S3_BUCKET:
 KASA_BACKUP_DIR = Path(env.str("KASA_BACKUP_DIR", default=str(KASA_VAR_DIR / "backups"))).resolve()
 # Private scratch space (SQLite online copies); must be on a disk with room for the largest SQLite database.
 KASA_SCRATCH_DIR = Path(env.str("KASA_SCRATCH_DIR", default=str(KASA_VAR_DIR / "scratch"))).resolve()
+# Backups (a run's own, or a restore's or upgrade's safety backup) at once on one customer host, whichever worker
+# runs them (operations.slots: leases in the control database).
 KASA_MAX_BACKUPS_PER_HOST = env.int("KASA_MAX_BACKUPS_PER_HOST", default=2)
 # Compression levels of backup artifacts (zstd 1-19, gzip 1-9).
 KASA_ZSTD_LEVEL = env.int("KASA_ZSTD_LEVEL", default=3)
@@ -313,6 +328,9 @@ KASA_BASE_URL = env.str("KASA_BASE_URL", default="http://127.0.0.1:8000")
 # A running run whose heartbeat is older than this is considered orphaned.
 KASA_RUN_STALE_AFTER = env.int("KASA_RUN_STALE_AFTER", default=120)
 KASA_HEARTBEAT_SECONDS = env.int("KASA_HEARTBEAT_SECONDS", default=10)
+# Every qcluster also runs the reaper over its own machine this often (its local journals, its own processes, the
+# undos owed to its host): the scheduled reaper task goes to whichever worker takes it.
+KASA_REAP_SECONDS = env.int("KASA_REAP_SECONDS", default=60)
 # An undo that went on without the control database (operations.reconcile): how long its worker keeps retrying to
 # record it once done, before leaving its local journal to the reaper's next pass.
 KASA_RECONCILE_PATIENCE = env.int("KASA_RECONCILE_PATIENCE", default=300)

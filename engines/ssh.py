@@ -95,6 +95,7 @@ class Target:
     private_key: Secret | None = None
     key_file: str = ""
     connect_timeout: int = 10
+    tunnel: bool = False  # address:port is a bastion's end of the host's reverse tunnel (README "Hosts behind NAT")
 
     def where(self) -> str:
         return f"host {self.name} ({self.user}@{self.address}:{self.port})"
@@ -256,7 +257,7 @@ class Session:
         # A session whose connection dies (its sshd child killed, the link gone) ends with 255 and, at LogLevel
         # ERROR, no message at all. So, as Ansible does, 255 is ssh's own: Kasa's remote commands never exit 255.
         if _UNREACHABLE.search(text) or not text:
-            raise Unreachable(f"{t.where()} is unreachable: "
+            raise Unreachable(f"{t.where()} is unreachable: {_tunnel_hint(t, text)}"
                               f"{text[-300:] or 'the connection ended (ssh exit status 255)'}")
 
     def run(self, remote: Sequence[str], *, input: bytes | None = None, timeout: float = 60) -> Result:
@@ -341,6 +342,17 @@ class Session:
             pass
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _tunnel_hint(target: Target, text: str) -> str:
+    """What an unreachable tunnel port means: Kasa sees only the bastion's end, so say which side to look at."""
+    if not target.tunnel:
+        return ""
+    if "Connection refused" in text:
+        return (f"its reverse tunnel is down (nothing listens on {target.address}:{target.port}: check "
+                "kasa-tunnel.service on the host and the bastion's sshd): ")
+    return ("through its reverse tunnel (the tunnel is down, or the host's sshd does not answer behind it: check "
+            "kasa-tunnel.service on the host): ")
 
 
 def run(target: Target, remote: Sequence[str], *, runtime_dir, input: bytes | None = None,

@@ -87,6 +87,8 @@ class HostAdmin(SuperuserWritesMixin, AuditedAdminMixin, admin.ModelAdmin):
     # --- columns ---------------------------------------------------------------------------------------------
     @admin.display(description="SSH", ordering="address")
     def ssh(self, obj):
+        if obj.via_tunnel:
+            return f"{obj.ssh_spec()} (tunnel)"
         return obj.ssh_spec() or "this machine"
 
     @admin.display(description="reachable", ordering="reachable")

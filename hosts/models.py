@@ -16,6 +16,7 @@ from engines import hostprobe, ssh
 from engines.secretbox import Secret
 
 LOCAL = "local"
+TUNNEL_LABEL = ("tunnel", "yes")  # a host behind NAT reached through its reverse tunnel (README "Hosts behind NAT")
 
 slug_validator = RegexValidator(r"^[a-z0-9][a-z0-9_-]{0,62}$", "Use lowercase letters, digits, - and _.")
 # A user name or address that starts with "-" could be read as an option by ssh (argv puts "--" first anyway).
@@ -101,6 +102,13 @@ class Host(models.Model):
     def ssh_spec(self) -> str:
         return "" if self.is_local else f"{self.ssh_user}@{self.address}:{self.port}"
 
+    @property
+    def via_tunnel(self) -> bool:
+        """Whether address:port is a bastion's end of the host's reverse tunnel (the label tunnel=yes): then an
+        unreachable host is named as a tunnel down, not a host down."""
+        key, value = TUNNEL_LABEL
+        return not self.is_local and isinstance(self.labels, dict) and self.labels.get(key) == value
+
     def root(self) -> str:
         """The customers root on this host."""
         return str(settings.KASA_CUSTOMERS_ROOT) if self.is_local else self.customers_root
@@ -115,7 +123,7 @@ class Host(models.Model):
             key = Secret(key) if key else None
         return ssh.Target(name=self.name, user=self.ssh_user, address=self.address, port=self.port,
                           host_key=self.host_key, private_key=key or None, key_file=self.key_file,
-                          connect_timeout=max(1, round(settings.KASA_SSH_CONNECT_TIMEOUT)))
+                          connect_timeout=max(1, round(settings.KASA_SSH_CONNECT_TIMEOUT)), tunnel=self.via_tunnel)
 
     def tool_summary(self) -> str:
         return ", ".join(f"{t} {self.tools.get(t, '?')}" for t in hostprobe.TOOLS) if self.tools else ""

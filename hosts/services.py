@@ -198,7 +198,8 @@ def host_probe_all() -> int:
 def host_describe(host: Host) -> dict:
     """A host as the CLI shows it: never its private key."""
     return {
-        "name": host.name, "ssh": host.ssh_spec() or None, "local": host.is_local, "enabled": host.enabled,
+        "name": host.name, "ssh": host.ssh_spec() or None, "local": host.is_local, "tunnel": host.via_tunnel,
+        "enabled": host.enabled,
         "host_key": host.fingerprint() or None, "key": "stored" if host.private_key else (host.key_file or None),
         "labels": host.labels, "customers_root": host.root(), "reachable": host.reachable,
         "last_seen": host.last_seen, "last_error": host.last_error or None, "os": host.os or None,

@@ -73,6 +73,9 @@ class RunContext:
         self._plan: list[list] = list(run.phase_plan or [])  # [[name, weight], …] (phases())
         self._phase = run.phase or ""
         self._percent = run.percent or 0.0  # never goes down while the run runs
+        # Two backup lanes report progress at once: computing the percentage and writing it happen under one lock,
+        # or an older value computed first could be written last and move the bar back.
+        self._progress_lock = threading.Lock()
 
     # --- lifecycle -----------------------------------------------------------
     def start_heartbeat(self) -> None:
@@ -235,8 +238,9 @@ class RunContext:
         self._phase = name
         fields = {"phase": name[:100], "phase_plan": self._plan, "phase_started_at": timezone.now(),
                   "progress_done": 0, "progress_total": None, "progress_message": ""}
-        fields["percent"] = self._overall(0, None)
-        self._save_phase(fields)
+        with self._progress_lock:
+            fields["percent"] = self._overall(0, None)
+            self._save_phase(fields)
 
     def _overall(self, done: int, total: int | None) -> float:
         weights = sum(w for _, w in self._plan)
@@ -267,12 +271,13 @@ class RunContext:
         fields = {"progress_done": done, "heartbeat_at": timezone.now()}
         if total is not None:
             fields["progress_total"] = total
-        fields["percent"] = self._overall(done, total)
         if message:
             fields["progress_message"] = self.mask(message)[:300]
-        if not Run.objects.filter(pk=self.run.pk, status=Run.Status.RUNNING).update(**fields):
-            self.lost = True
-            raise RunLost(f"run #{self.run.pk} is no longer running here")
+        with self._progress_lock:
+            fields["percent"] = self._overall(done, total)
+            if not Run.objects.filter(pk=self.run.pk, status=Run.Status.RUNNING).update(**fields):
+                self.lost = True
+                raise RunLost(f"run #{self.run.pk} is no longer running here")
         live.notify(self.run.pk)
 
     # --- external commands ---------------------------------------------------

@@ -62,7 +62,16 @@ class Run(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
-    worker = models.CharField(max_length=200, blank=True, help_text="host:pid of the worker that claimed it")
+    worker = models.CharField(
+        max_length=200, blank=True,
+        help_text="name:pid of the worker that claimed it (KASA_WORKER_NAME); while pending, the name of the "
+                  "worker that took its task off the Redis queue, if any")
+    host = models.CharField(max_length=200, blank=True,
+                            help_text="The host the run works on (operations.slots.host_key), set when claimed.")
+    abandon_host = models.CharField(
+        max_length=200, blank=True,
+        help_text="Failed while its worker was gone, its cleanup (the kind's on_abandon) still owed: only a worker "
+                  "that reaches this host does it (operations.services.runs_reap).")
     cancel_requested_at = models.DateTimeField(null=True, blank=True)
     progress_done = models.BigIntegerField(default=0)
     progress_total = models.BigIntegerField(null=True, blank=True)
@@ -131,10 +140,11 @@ class Run(models.Model):
         self.refresh_from_db()
         return updated == 1
 
-    def start(self, worker: str) -> bool:
+    def start(self, worker: str, *, host: str = "") -> bool:
         now = timezone.now()
         return self._transition(
-            self.Status.RUNNING, expect=(self.Status.PENDING,), worker=worker, started_at=now, heartbeat_at=now
+            self.Status.RUNNING, expect=(self.Status.PENDING,), worker=worker, host=host, started_at=now,
+            heartbeat_at=now,
         )
 
     def succeed(self, result: dict) -> bool:
@@ -143,8 +153,8 @@ class Run(models.Model):
             percent=100.0,
         )
 
-    def fail(self, error: str, *, result: dict | None = None, expect=(Status.RUNNING,)) -> bool:
-        fields = {"error": error[:10000], "finished_at": timezone.now()}
+    def fail(self, error: str, *, result: dict | None = None, expect=(Status.RUNNING,), abandon_host: str = "") -> bool:
+        fields = {"error": error[:10000], "finished_at": timezone.now(), "abandon_host": abandon_host}
         if result is not None:
             fields["result"] = result
         return self._transition(self.Status.FAILED, expect=tuple(expect), **fields)
@@ -153,6 +163,41 @@ class Run(models.Model):
         return self._transition(
             self.Status.CANCELLED, expect=tuple(expect), finished_at=timezone.now(), error=error
         )
+
+
+class SlotLease(models.Model):
+    """One of a key's N concurrency slots, held by a run (operations.slots).
+
+    The unique (key, n) with 0 <= n < N is what keeps holders at N or fewer under any concurrency, on PostgreSQL
+    and on SQLite alike: a second INSERT of the same slot fails in the database, whichever machine makes it. A
+    lease goes when its holder releases it, or when its run is no longer running (its worker died): the reaper,
+    or the next acquirer that finds the slots full, removes it.
+    """
+
+    key = models.CharField(max_length=250, help_text='"host:<host key>" or "worker:<worker name>"')
+    n = models.PositiveIntegerField()
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="slot_leases")
+    worker = models.CharField(max_length=200, help_text="name:pid of the process that holds it")
+    acquired_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["key", "n"], name="one_holder_per_slot")]
+
+    def __str__(self):
+        return f"{self.key} slot {self.n}: run #{self.run_id} on {self.worker}"
+
+
+class WorkerBeat(models.Model):
+    """A worker machine's qcluster is alive: refreshed every KASA_HEARTBEAT_SECONDS by Kasa's qcluster. A run whose
+    task a worker took off the Redis queue, and that never started, is lost once that worker's beat is stale."""
+
+    name = models.CharField(max_length=200, unique=True)
+    pid = models.IntegerField(default=0)
+    started_at = models.DateTimeField(default=timezone.now)
+    seen_at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self):
+        return f"worker {self.name} (seen {self.seen_at:%Y-%m-%d %H:%M:%S})"
 
 
 class RunTally(models.Model):

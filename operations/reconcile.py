@@ -14,7 +14,8 @@ Who does it:
 
 All of one file goes in one transaction, so a crash midway changes nothing; a file whose first line is already in
 the database was reconciled before (the process died before removing it) and is only removed. Local journals are
-per host: with workers on several hosts, each host's reaper reconciles its own.
+per host: with workers on several hosts, each host's reaper reconciles its own, and the undo of a run another
+machine's reaper failed is owed to this host (`Run.abandon_host`, operations.services.runs_reap).
 """
 
 from __future__ import annotations
@@ -243,8 +244,8 @@ def sweep() -> list[int]:
             if run is None:
                 localjournal.remove(folder(), run_id)
                 continue
-            if not body.get("outcome") and run.status in Run.ACTIVE:
-                continue
+            if not body.get("outcome") and (run.status in Run.ACTIVE or run.abandon_host):
+                continue  # still running, or failed by another machine's reaper with its undo owed here
             apply(run_id, body, final=True)
             localjournal.remove(folder(), run_id)
             done.append(run_id)

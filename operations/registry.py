@@ -19,6 +19,9 @@ class Kind:
     # Called with the Run when its worker died mid-way (reaper or redelivery):
     # the place to clean up what the dead handler could not (partial artifacts).
     on_abandon: str | None = None
+    # The on_abandon hook touches only what every worker reaches (storage targets): any worker's reaper may run it.
+    # Otherwise (an undo in the customer's root) only a worker on the run's host does (operations.services).
+    abandon_anywhere: bool = False
 
 
 _kinds: dict[str, Kind] = {}
@@ -27,8 +30,9 @@ _kinds: dict[str, Kind] = {}
 _guards: list[str] = []
 
 
-def register(name: str, handler: str, *, mutating: bool, on_abandon: str | None = None) -> None:
-    _kinds[name] = Kind(name, handler, mutating, on_abandon)
+def register(name: str, handler: str, *, mutating: bool, on_abandon: str | None = None,
+             abandon_anywhere: bool = False) -> None:
+    _kinds[name] = Kind(name, handler, mutating, on_abandon, abandon_anywhere)
 
 
 def unregister(name: str) -> None:
@@ -44,6 +48,11 @@ def get(name: str) -> Kind:
 
 def handler(name: str):
     return import_string(get(name).handler)
+
+
+def abandon_anywhere(name: str) -> bool:
+    spec = _kinds.get(name)
+    return bool(spec and spec.abandon_anywhere)
 
 
 def abandon_hook(name: str):

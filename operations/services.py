@@ -7,26 +7,27 @@ Run.status.
 from __future__ import annotations
 
 import logging
-import os
-import socket
+import time
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
+from django_q.brokers import get_broker
 from django_q.tasks import async_task
 
 from audit.models import AuditEntry
 from audit.services import audit_record
 from core import permissions
 
-from . import live, reconcile, registry
+from . import live, reconcile, registry, slots
 from .context import OperationError, RunCancelled, RunContext, RunLost
-from .models import Run
+from .models import Run, WorkerBeat
 from .offline import DB_LOST
 
 log = logging.getLogger(__name__)
 
+LOST_RECHECK_SECONDS = 1.0
 WORKER_DIED = "worker died: the task was delivered again while this run was still running; not repeated"
 
 
@@ -34,8 +35,12 @@ class OperationRefused(Exception):
     """A run could not be started; the message says why, for humans."""
 
 
+class _NoLongerPending(Exception):
+    """A run waiting for a worker slot was cancelled (or failed) meanwhile."""
+
+
 def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    return slots.worker_id()
 
 
 def user_can_operate(user, customer) -> bool:
@@ -120,7 +125,9 @@ def run_execute(run_id: int) -> str:
     """Worker entry point. Claims the run, executes its handler once, records the end.
 
     At-least-once delivery means this may be called again for the same run:
-    - still pending: claim it (conditional UPDATE) and execute;
+    - still pending: take one of this worker's slots (KASA_MAX_RUNS_PER_WORKER, in the control database: a
+      worker's queued runs and the foreground commands on its machine share them), claim the run (conditional
+      UPDATE) and execute;
     - running: a previous delivery's worker died mid-way. Mark it failed and
       never execute it again (a half-done restore must not be repeated blindly);
     - anything else: already finished; do nothing.
@@ -132,20 +139,42 @@ def run_execute(run_id: int) -> str:
     if run is None:
         log.warning("run %s does not exist (deleted?); nothing to do", run_id)
         return "missing"
-    if not run.start(worker_id()):
-        if run.status == Run.Status.RUNNING:
-            if reconcile.held(run.pk):
-                return "still running"  # its worker is alive on this host (perhaps undoing offline)
-            done, doc = reconcile.take_over(run)
-            if done:
-                return "reconciled"
-            if run.fail(WORKER_DIED):
-                ctx = RunContext(run)
-                ctx.error(WORKER_DIED)
-                _abandon(run, ctx, doc)
-                _notify_end(run)
-            return "redelivered"
-        return f"already {run.status}"
+    if run.status != Run.Status.PENDING:
+        return _not_pending(run)
+
+    def waiting(waited: float) -> None:
+        if waited == 0:  # said once, in the run's own log: the admin and a foreground command show why it waits
+            RunContext(run).info(f"waiting for worker {slots.worker_name()}: its "
+                                 f"{settings.KASA_MAX_RUNS_PER_WORKER} run slot(s) are in use")
+        if not Run.objects.filter(pk=run_id, status=Run.Status.PENDING).exists():
+            raise _NoLongerPending()
+
+    try:
+        with slots.hold(slots.worker_slot(), settings.KASA_MAX_RUNS_PER_WORKER, run.pk, on_wait=waiting):
+            return _claim_and_execute(run)
+    except _NoLongerPending:
+        run.refresh_from_db()
+        return _not_pending(run)
+
+
+def _not_pending(run: Run) -> str:
+    """A delivery that found the run already claimed: a dead worker's (fail it, never repeat it) or finished."""
+    if run.status == Run.Status.RUNNING:
+        if reconcile.held(run.pk):
+            return "still running"  # its worker is alive on this host (perhaps undoing offline)
+        outcome = _fail_gone(run, WORKER_DIED)
+        if outcome == "reconciled":
+            return outcome
+        if outcome == "failed":
+            _notify_end(run)
+        return "redelivered"
+    return f"already {run.status}"
+
+
+def _claim_and_execute(run: Run) -> str:
+    run_id = run.pk
+    if not run.start(worker_id(), host=slots.host_key(run.customer)):
+        return _not_pending(run)
 
     ctx = RunContext(run)
     ctx.start_heartbeat()
@@ -241,46 +270,157 @@ def run_cancel(run: Run, *, requested_by=None, via: str = "admin") -> bool:
 
 
 def runs_reap(*, stale_after: int | None = None) -> list[int]:
-    """Fail running runs whose worker is gone, and reconcile the local journals left on this host.
+    """Fail the runs whose worker is gone, on any machine, and reconcile the local journals left on this one.
 
-    Gone means: no heartbeat for `stale_after` seconds, or the worker was on
-    this host and its process no longer exists, or it left a local journal
-    that nobody holds any more. A run whose local journal a live process of
-    this host still holds (a worker undoing without the control database, or
-    waiting for it to record the end) is never reaped. Returns the runs it
-    failed or reconciled.
+    Gone means: no heartbeat for `stale_after` seconds (the only sign a reaper has of another machine's worker:
+    it never judges another worker's runs by PIDs or journals, which mean something only on their own machine);
+    or, for this worker's own runs, its process no longer exists or it left a local journal that nobody holds. A
+    run whose local journal a live process of this machine still holds (a worker undoing without the control
+    database, or waiting for it to record the end) is never reaped.
+
+    A failed run's slots are freed at once. Its cleanup (the kind's on_abandon: a backup's partial objects, a
+    restore's or upgrade's undo) runs here when this worker reaches the run's host, or the kind's cleanup touches
+    only shared storage; otherwise it is owed (`Run.abandon_host`) and done by the next reaper on that host, from
+    the local journal there. Pending runs whose task was lost with a worker (Redis has no delivery receipts) are
+    failed too. Returns the runs it failed or reconciled.
     """
     stale_after = stale_after or settings.KASA_RUN_STALE_AFTER
     cutoff = timezone.now() - timezone.timedelta(seconds=stale_after)
-    # First the journals whose worker finished its undo offline: their run ends as that worker recorded it.
-    reaped = reconcile.sweep()
-    host = socket.gethostname()
+    reaped = _owed_abandons()  # runs failed by another machine's reaper whose undo waits for this host
+    # Then the journals whose worker finished its undo offline: their run ends as that worker recorded it.
+    reaped += reconcile.sweep()
+    me = slots.worker_name()
     for run in Run.objects.filter(status=Run.Status.RUNNING).select_related("customer"):
         if reconcile.held(run.pk):
             continue
+        name, pid = slots.split_worker(run.worker)
+        mine = name == me
         reason = None
         if run.heartbeat_at is None or run.heartbeat_at < cutoff:
             reason = f"worker lost: no heartbeat from {run.worker or 'unknown worker'} for over {stale_after} s"
-        else:
-            h, _, pid = run.worker.rpartition(":")
-            if h == host and pid.isdigit() and not _pid_alive(int(pid)):
-                reason = f"worker lost: process {run.worker} no longer exists"
-            elif reconcile.orphaned(run.pk):
-                reason = f"worker lost: {run.worker or 'its worker'} left its local journal and no process holds it"
+        elif mine and pid is not None and not slots.pid_alive(pid):
+            reason = f"worker lost: process {run.worker} no longer exists"
+        elif mine and reconcile.orphaned(run.pk):
+            reason = f"worker lost: {run.worker or 'its worker'} left its local journal and no process holds it"
         if not reason:
             continue
+        outcome = _fail_gone(run, reason)
+        if outcome == "failed":
+            audit_record(action=f"run.{run.kind}.reaped", source=AuditEntry.Source.SYSTEM, obj=run,
+                         customer=run.customer, actor_repr=f"reaper:{me}", result=reason)
+            live.notify(run.pk)
+        if outcome:
+            reaped.append(run.pk)
+    reaped += _lost_tasks(stale_after)
+    slots.SlotLease.objects.filter(slots.stale_leases()).delete()  # leases of runs that ended without a finally
+    return reaped
+
+
+def _fail_gone(run: Run, reason: str) -> str | None:
+    """A running run whose worker is gone (reaper, redelivery): "reconciled" when that worker had recorded its end
+    in its local journal here, "failed" when this call failed it, None when someone else ended it first.
+
+    The kind's cleanup runs here when this worker reaches the run's host (the dead worker's local journal, read
+    first, is at least as new as the run's `result`) or when the cleanup touches only shared storage; otherwise it
+    is owed to the host (`abandon_host`, set in the same UPDATE as the failure) and done there (_owed_abandons)."""
+    here = _reaches(run)
+    doc = None
+    if here:
         done, doc = reconcile.take_over(run)  # what the dead worker logged offline goes in first
         if done:
-            reaped.append(run.pk)
+            slots.release_run(run.pk)
+            return "reconciled"
+    owed = "" if here or registry.abandon_anywhere(run.kind) or registry.abandon_hook(run.kind) is None else run.host
+    if not run.fail(reason, abandon_host=owed):
+        return None
+    slots.release_run(run.pk)
+    ctx = RunContext(run)
+    ctx.error(reason)
+    if owed:
+        ctx.warning(f"the cleanup of what it changed waits for a worker on {owed}, where its journal is: this worker "
+                    f"({slots.worker_name()}) does not reach that host")
+    else:
+        _abandon(run, ctx, doc)
+    return "failed"
+
+
+def _reaches(run: Run) -> bool:
+    """This worker works on the run's host (today: `local` on the same machine; a run claimed before hosts were
+    recorded is taken to be local)."""
+    return not run.host or run.host == slots.host_key(run.customer)
+
+
+def _owed_abandons() -> list[int]:
+    """Cleanups another machine's reaper could not do (its run's host is this one): claimed one at a time with a
+    conditional UPDATE, then done from the local journal here when there is one."""
+    done = []
+    for run in Run.objects.filter(status=Run.Status.FAILED).exclude(abandon_host="").select_related("customer"):
+        if run.abandon_host != slots.host_key(run.customer):
             continue
-        if run.fail(reason):
-            ctx = RunContext(run)
-            ctx.error(reason)
-            _abandon(run, ctx, doc)
-            audit_record(action=f"run.{run.kind}.reaped", source=AuditEntry.Source.SYSTEM, obj=run,
-                         customer=run.customer, result=reason)
-            reaped.append(run.pk)
-    return reaped
+        if not Run.objects.filter(pk=run.pk, abandon_host=run.abandon_host).update(abandon_host=""):
+            continue  # another reaper of this host took it
+        _taken, doc = reconcile.take_over(run)
+        run.refresh_from_db()
+        ctx = RunContext(run)
+        ctx.info(f"the cleanup owed since the run failed is done now by {slots.worker_name()}, on its host")
+        _abandon(run, ctx, doc)
+        live.notify(run.pk)
+        done.append(run.pk)
+    return done
+
+
+def _lost_tasks(stale_after: int) -> list[int]:
+    """Pending runs whose task no worker holds any more: one a worker took off the Redis queue (operations.broker)
+    and that worker stopped beating or restarted since; or one no worker took that is no longer in the Redis list
+    either. Without this a lost task would leave the run pending for good, refusing the customer's next backup."""
+    now = timezone.now()
+    cutoff = now - timezone.timedelta(seconds=stale_after)
+    beats = {b.name: b for b in WorkerBeat.objects.all()}
+    lost = []
+    for run in Run.objects.filter(status=Run.Status.PENDING, created_at__lt=cutoff).exclude(worker=""):
+        beat = beats.get(run.worker)
+        if beat is not None and beat.seen_at >= cutoff and (run.heartbeat_at is None
+                                                            or beat.started_at <= run.heartbeat_at):
+            continue  # in a live worker's hands (perhaps waiting for one of its slots)
+        why = ("stopped beating" if beat is None or beat.seen_at < cutoff else "restarted since")
+        lost += _fail_lost(run, f"task lost: worker {run.worker} took it off the queue and {why} before it "
+                                f"started; not started")
+    queued = _queued_run_ids()
+    if queued is None:
+        return lost
+    gone = [r for r in Run.objects.filter(status=Run.Status.PENDING, worker="", created_at__lt=cutoff)
+            if r.pk not in queued]
+    if gone:
+        # A worker may have popped one an instant before the list was read and be writing its name now: look again
+        # a moment later (the failure's condition on the empty name covers a mark that lands before it, too).
+        time.sleep(LOST_RECHECK_SECONDS)
+        queued = _queued_run_ids()
+        for run in gone:
+            if run.pk not in queued:
+                lost += _fail_lost(run, "task lost: no worker took it and it is no longer in the queue; not started")
+    return lost
+
+
+def _queued_run_ids() -> set[int] | None:
+    """The runs whose task waits in the broker, when the broker can tell (Redis); None otherwise (the ORM broker
+    keeps every task until acknowledged and delivers it again)."""
+    broker = get_broker()
+    lister = getattr(broker, "queued_run_ids", None)
+    return lister() if lister is not None else None
+
+
+def _fail_lost(run: Run, reason: str) -> list[int]:
+    # The worker's name stays in the condition: a run taken meanwhile by another delivery is not failed.
+    if not Run.objects.filter(pk=run.pk, status=Run.Status.PENDING, worker=run.worker).update(
+            status=Run.Status.FAILED, error=reason, finished_at=timezone.now()):
+        return []
+    run.refresh_from_db()
+    slots.release_run(run.pk)
+    RunContext(run).error(reason)
+    audit_record(action=f"run.{run.kind}.reaped", source=AuditEntry.Source.SYSTEM, obj=run, customer=run.customer,
+                 actor_repr=f"reaper:{slots.worker_name()}", result=reason)
+    _notify_end(run)
+    return [run.pk]
 
 
 def _abandon(run: Run, ctx: RunContext, local_doc: dict | None = None) -> None:
@@ -300,18 +440,3 @@ def _abandon(run: Run, ctx: RunContext, local_doc: dict | None = None) -> None:
             ctx.error(f"cleanup after the dead worker failed: {exc}")
     finally:
         reconcile.release(ctx)  # went offline meanwhile: the file stays, the next pass reconciles it
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A killed worker stays a zombie until its parent (qcluster) reaps it: dead all the same.
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(") ", 1)[1][:1] not in ("Z", "X")
-    except (FileNotFoundError, IndexError):
-        return False

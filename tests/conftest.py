@@ -354,6 +354,8 @@ def subprocess_env(transactional_db):
         SECRET_KEY=settings.SECRET_KEY,
         KASA_WORKERS="1",
         KASA_HEARTBEAT_SECONDS=str(settings.KASA_HEARTBEAT_SECONDS),
+        # A worker's own reaper pass (qcluster) only where a test asks for it: others make and reap runs themselves.
+        KASA_REAP_SECONDS="3600",
         PYTHONUNBUFFERED="1",
     )
     if settings.REDIS_URL:
@@ -435,6 +437,26 @@ def asgi_server(subprocess_env, tmp_path):
     """daphne serving config.asgi on a free port, as in production."""
     with serving_asgi(subprocess_env, tmp_path / "daphne.log") as p:
         yield p
+
+
+@contextlib.contextmanager
+def holding_host_slots(customer, count: int = 1):
+    """Hold `count` backup slots of the customer's host (operations.slots) from the test, as another worker's
+    backups would: a running run of the test's own holds them, released on exit."""
+    from django.utils import timezone
+
+    from operations import slots
+    from operations.models import Run
+
+    holder = Run.objects.create(customer=customer, kind="check", mutating=False, status=Run.Status.RUNNING,
+                                started_at=timezone.now(), heartbeat_at=timezone.now(), worker=slots.worker_id())
+    try:
+        with contextlib.ExitStack() as stack:
+            for _ in range(count):
+                stack.enter_context(slots.hold(slots.host_slot(customer), count, holder.pk, wait=False))
+            yield holder
+    finally:
+        Run.objects.filter(pk=holder.pk).update(status=Run.Status.SUCCEEDED, finished_at=timezone.now())
 
 
 def wait_for_run(run_id: int, timeout: float = 60, statuses=("succeeded", "failed", "cancelled")):

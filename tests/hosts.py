@@ -2,10 +2,11 @@
 
 A host is `ip netns add kasa-<pid>-<n>` plus a veth pair: the root namespace's end holds 10.231.N.1/30, the
 namespace's end (renamed eth0) 10.231.N.2/30, and sshd listens on 10.231.N.2:22 inside the namespace with its own
-generated host key, accepting one generated client key for root (and for a `kasa` login user, for later). The
-filesystem is shared by namespaces, so each host gets its own customers root folder. A host can be cut off
-(`cut()`: its veth down) and restored, its sshd restarted with a new host key (`rekey()`), and the sshd children
-serving sessions killed (`kill_sessions()`).
+generated host key, accepting one generated client key for root (and for a `kasa` login user, for later); a host
+made `loopback_only` has its sshd on the namespace's own 127.0.0.1 instead (nothing outside reaches it: a host
+behind NAT, reached through a reverse tunnel, tests/tunnel.py). The filesystem is shared by namespaces, so each
+host gets its own customers root folder. A host can be cut off (`cut()`: its veth down) and restored, its sshd
+restarted with a new host key (`rekey()`), and the sshd children serving sessions killed (`kill_sessions()`).
 
 Names carry the pytest process's pid, so two runs never clash, and the namespaces of a run that was killed
 (its pid gone) are removed, with the processes left in them, when the next session starts. Everything this
@@ -83,11 +84,29 @@ class NetnsHost:
     host_public: str = ""  # the host key sshd presents now
     popen: subprocess.Popen | None = None
     port: int = 22
+    loopback_only: bool = False  # sshd on the namespace's own 127.0.0.1: unreachable from outside (behind NAT)
     extra: dict = field(default_factory=dict)
 
     @property
     def address(self) -> str:
         return f"{SUBNET}.{self.subnet}.2"
+
+    @property
+    def gateway(self) -> str:
+        """The root namespace's end of the veth: what the host reaches of the outside world (a bastion's address)."""
+        return f"{SUBNET}.{self.subnet}.1"
+
+    @property
+    def listen(self) -> str:
+        return "127.0.0.1" if self.loopback_only else self.address
+
+    def answers(self) -> bool:
+        """Whether sshd accepts connections where it listens (from inside the namespace when only on loopback)."""
+        if not self.loopback_only:
+            return port_open(self.address, self.port, 0.3)
+        done = subprocess.run(["ip", "netns", "exec", self.name, "bash", "-c",
+                               f"exec 3<>/dev/tcp/127.0.0.1/{int(self.port)}"], capture_output=True, timeout=10)
+        return done.returncode == 0
 
     @property
     def veth(self) -> str:  # the root namespace's end (interface names: 15 characters at most)
@@ -97,7 +116,7 @@ class NetnsHost:
     def _write_config(self) -> None:
         d = self.dir
         (d / "sshd_config").write_text(textwrap.dedent(f"""\
-            ListenAddress {self.address}:{self.port}
+            ListenAddress {self.listen}:{self.port}
             HostKey {d}/host_ed25519
             PidFile {d}/sshd.pid
             AuthorizedKeysFile {d}/authorized_keys
@@ -126,7 +145,7 @@ class NetnsHost:
             self.popen = subprocess.Popen(["ip", "netns", "exec", self.name, SSHD, "-D", "-e", "-f",
                                            str(self.dir / "sshd_config")],
                                           stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_until(lambda: port_open(self.address, self.port, 0.3) or self.popen.poll() is not None, 20,
+        wait_until(lambda: self.answers() or self.popen.poll() is not None, 20,
                    interval=0.05, what=f"sshd in {self.name}")
         assert self.popen.poll() is None, f"sshd in {self.name} exited: {log.read_text()}"
 
@@ -185,7 +204,7 @@ class NetnsHosts:
         self.top = top
         self.hosts: list[NetnsHost] = []
 
-    def make(self) -> NetnsHost:
+    def make(self, *, loopback_only: bool = False) -> NetnsHost:
         index = len(self.hosts) + 1
         name = f"{PREFIX}{os.getpid()}-{index}"
         subnet = next(n for n in range(1, 255) if n not in _used_subnets())
@@ -195,7 +214,7 @@ class NetnsHosts:
         customers.mkdir(mode=0o711)
         client_private, client_public = _keypair()
         host = NetnsHost(name=name, index=index, subnet=subnet, dir=d, customers_root=customers,
-                         client_private=client_private, client_public=client_public)
+                         client_private=client_private, client_public=client_public, loopback_only=loopback_only)
         (d / "authorized_keys").write_text(client_public + "\n")
         self.hosts.append(host)  # before anything exists in the system: teardown removes what was made
         inner = f"kn{os.getpid() % 100000}x{index}"

@@ -3,12 +3,14 @@
 import threading
 
 calls: list[int] = []
+abandons: list[int] = []  # runs whose on_abandon ran (abandoned)
 release = threading.Event()
 started = threading.Event()
 
 
 def reset():
     calls.clear()
+    abandons.clear()
     release.clear()
     started.clear()
 
@@ -34,3 +36,7 @@ def cooperative(ctx):
 def crashing(ctx):
     ctx.info("about to crash")
     raise ZeroDivisionError("division by zero in a handler")
+
+
+def abandoned(run, ctx):
+    abandons.append(run.pk)

@@ -1,16 +1,11 @@
 """Backup schedules: policies become django-q2 schedules, and a real worker fires them.
 
-Also the per-host backup cap (engines/slots.py): flock slots held across real processes.
+The per-host backup cap (operations/slots.py) is tested in tests/test_slots.py.
 """
 
 import io
 import json
 import os
-import signal
-import subprocess
-import sys
-import textwrap
-import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -23,9 +18,8 @@ from backups.models import Backup, BackupPolicy
 from backups.schedules import ScheduleError, allowed_age, cron_for, schedules_sync
 from backups.services import default_target, global_policy
 from backups.tasks import scheduled_backup
-from engines.slots import SlotsBusy, acquire_slot, slots_in_use
 from operations.models import Run
-from tests.conftest import BASE_DIR, wait_for_run, wait_until
+from tests.conftest import wait_for_run, wait_until
 
 
 def _policy(customer, schedule, cron="", **extra):
@@ -219,62 +213,6 @@ def test_scheduled_backup_of_a_deleted_or_unscheduled_customer_does_nothing(make
     assert scheduled_backup(customer.pk) == "skipped: not scheduled"
     assert scheduled_backup(10**9) == "skipped: customer deleted"
     assert not Run.objects.filter(customer=customer).exists()
-
-
-# --- per-host cap: flock slots ---------------------------------------------------------
-_HOLDER = textwrap.dedent("""
-    import sys, time
-    from engines.slots import acquire_slot
-    with acquire_slot(sys.argv[1], 2, poll=0.05,
-                      on_wait=lambda waited: print("waiting", flush=True) if waited == 0 else None) as n:
-        print(f"slot {n}", flush=True)
-        time.sleep(600)
-""")
-
-
-def _holder(directory):
-    return subprocess.Popen([sys.executable, "-c", _HOLDER, str(directory)], cwd=BASE_DIR, stdout=subprocess.PIPE,
-                            text=True, start_new_session=True)
-
-
-def _line(proc, timeout=20.0) -> str:
-    """The holder's next output line, or fail (never hang the suite)."""
-    import selectors
-
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        assert sel.select(timeout), f"no output from pid {proc.pid} within {timeout} s"
-    return proc.stdout.readline().strip()
-
-
-def test_two_processes_hold_both_backup_slots_and_a_third_waits_until_one_dies(tmp_path):
-    procs = []
-    try:
-        first, second = _holder(tmp_path), _holder(tmp_path)
-        procs += [first, second]
-        assert {_line(first), _line(second)} == {"slot 0", "slot 1"}
-        assert slots_in_use(tmp_path, 2) == 2
-        with pytest.raises(SlotsBusy), acquire_slot(tmp_path, 2, wait=False):
-            pass
-
-        third = _holder(tmp_path)
-        procs.append(third)
-        assert _line(third) == "waiting"
-        time.sleep(0.5)
-        assert third.poll() is None and slots_in_use(tmp_path, 2) == 2
-
-        os.killpg(first.pid, signal.SIGKILL)  # killed outright: the kernel releases its lock
-        first.wait()
-        assert _line(third) in ("slot 0", "slot 1")
-        assert slots_in_use(tmp_path, 2) == 2
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-    assert slots_in_use(tmp_path, 2) == 0
-    with acquire_slot(tmp_path, 2, wait=False) as n:
-        assert n == 0
 
 
 @pytest.mark.django_db

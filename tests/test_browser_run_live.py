@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import re
+import threading
 import uuid
 
 import pytest
-from django.conf import settings
+from django.db import connection
 
 from backups.models import Backup
 from backups.services import backup_start
-from engines.slots import acquire_slot
 from operations.models import Run
-from tests.conftest import wait_for_run, wait_until
+from tests.conftest import holding_host_slots, wait_for_run, wait_until
 from tests.test_browser import PASSWORD, SLOW_MS, chromium, demo_customer, log_in  # noqa: F401 (fixtures)
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
@@ -30,7 +30,7 @@ def test_a_running_backups_page_reaches_succeeded_finished_and_its_backup_link_w
     admin = django_user_model.objects.create_superuser(f"admin-{uuid.uuid4().hex[:6]}", password=PASSWORD)
     # The host's only backup slot is held here: the backup runs, waiting in its first phase, until we let go.
     held = contextlib.ExitStack()
-    held.enter_context(acquire_slot(settings.KASA_SCRATCH_DIR, 1, wait=False))
+    held.enter_context(holding_host_slots(customer, 1))
     run = backup_start(customer, requested_by=admin, via="admin")
     worker = start_worker(KASA_MAX_BACKUPS_PER_HOST=1)
     wait_until(lambda: Run.objects.filter(pk=run.pk, status="running", phase="wait for a slot").exists(), 60,
@@ -45,7 +45,17 @@ def test_a_running_backups_page_reaches_succeeded_finished_and_its_backup_link_w
         assert page.text_content("#run-phase") == "wait for a slot"
         assert page.text_content("#run-phase-step") == "1 of 3"
         page.evaluate("window.__marker = 1")  # gone if the page reloads
-        held.close()
+        # Let go of the slot (rows in the database) from another thread: Playwright's event loop runs in this one,
+        # and Django's ORM refuses to run under it.
+        def let_go():
+            try:
+                held.close()
+            finally:
+                connection.close()  # this thread's own
+
+        letting_go = threading.Thread(target=let_go)
+        letting_go.start()
+        letting_go.join()
         try:
             page.wait_for_selector("#run-status[data-status=succeeded]", timeout=SLOW_MS)
             page.wait_for_function("document.getElementById('run-finished').textContent.endsWith(' UTC')",

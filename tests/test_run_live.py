@@ -14,7 +14,7 @@ import threading
 from datetime import timedelta
 
 import pytest
-from asgiref.sync import async_to_sync
+from asgiref.sync import async_to_sync, sync_to_async
 from django.db import connection, connections
 from django.test import Client
 from django.urls import reverse
@@ -23,11 +23,11 @@ from django.utils import timezone
 from backups.models import Backup
 from backups.services import backup_start
 from customers.models import Team
-from engines.slots import acquire_slot
 from operations.context import RunContext
 from operations.models import Run
 from operations.selectors import estimate_text, remaining_seconds, typical_seconds
 from operations.services import run_execute
+from tests.conftest import holding_host_slots
 from tests.restore_helpers import command_json
 from tests.test_backups import full_customer  # noqa: F401 (fixture)
 from tests.test_live_logs import SLOW, communicator, receive_until_complete, running_run, session_cookie
@@ -70,7 +70,7 @@ def test_a_backup_runs_status_times_worker_result_and_link_arrive_as_typed_messa
     # The host's only backup slot is taken: the run waits, running, in its first phase until we let it go.
     settings.KASA_MAX_BACKUPS_PER_HOST = 1
     held = contextlib.ExitStack()
-    held.enter_context(acquire_slot(settings.KASA_SCRATCH_DIR, 1, wait=False))
+    held.enter_context(holding_host_slots(customer, 1))
 
     async def scenario():
         comm = communicator(run.pk, cookie)
@@ -82,7 +82,7 @@ def test_a_backup_runs_status_times_worker_result_and_link_arrive_as_typed_messa
         got = []
         while not any(m["type"] == "phase" and m["phase"] == "wait for a slot" for m in got):
             got.append(await comm.receive_json_from(timeout=SLOW))
-        held.close()
+        await sync_to_async(held.close)()  # (the slot is a row: released through the ORM)
         got += await receive_until_complete(comm)
         worker.join(SLOW)
         await comm.disconnect()

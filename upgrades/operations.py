@@ -34,7 +34,7 @@ from backups.services import BackupInputError, backup_params, backup_pin
 from customers import runtime
 from engines import beneath, envfile, layout, procman, releasepkg, runas
 from engines.humanize import human_size, human_time
-from engines.slots import acquire_slot
+from operations import slots
 from operations.context import OperationError, RunCancelled, RunContext, RunLost
 
 from . import bluegreen, preflight, release_files, standby
@@ -222,8 +222,8 @@ def _backup(job: Job, slog, *, pin: str, kind: str | None = None) -> None:
         raise Refused(f"the pre-upgrade backup cannot be taken: {exc}; nothing was touched") from None
     params["replicas"] = []  # the way back must exist now; replicas get the next scheduled backup
     slog.info(f"{note}, to {params['target']}")
-    with acquire_slot(settings.KASA_SCRATCH_DIR, settings.KASA_MAX_BACKUPS_PER_HOST, poll=2.0,
-                      on_wait=lambda waited: ctx.check_alive()):
+    with slots.hold(slots.host_slot(job.customer), settings.KASA_MAX_BACKUPS_PER_HOST, ctx.run.pk,
+                    on_wait=lambda waited: ctx.check_alive()):
         try:
             bk, _ = make_backup(ctx, job.customer, params, pin_reason=pin)
         except (RunLost, RunCancelled):

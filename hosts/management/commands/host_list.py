@@ -19,6 +19,8 @@ class Command(KasaCommand):
             state = {True: "reachable", False: "UNREACHABLE", None: "not probed"}[d["reachable"]]
             if not d["enabled"]:
                 state += ", disabled"
+            if d["tunnel"]:
+                state += ", via tunnel"
             free = size(d["free_bytes"]) if d["free_bytes"] is not None else "-"
             self.stdout.write(f"{h.name:<20} {d['ssh'] or '(this machine)':<32} {state:<24} customers="
                               f"{d['customers']} free={free} os={d['os'] or '-'}")

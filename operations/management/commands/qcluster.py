@@ -20,6 +20,10 @@ the exit. A stop then behaves as an operator expects:
 - SIGTERM to the whole group: the cluster's processes are already gone. This process says so and exits 0.
 - The sentinel dies when nobody asked for a stop: its orphaned processes get SIGTERM and this one exits 1,
   so a supervisor restarts the worker. Before, the command went on living with no cluster behind it.
+
+Two threads of this process serve a fleet of worker machines (README "Several workers"): the worker's beat
+(`WorkerBeat`, every KASA_HEARTBEAT_SECONDS: a run whose Redis task this worker took is lost once it stops) and
+its own reaper pass over this machine (every KASA_REAP_SECONDS).
 """
 
 from __future__ import annotations
@@ -32,9 +36,13 @@ import time
 
 from django.conf import settings
 from django.db import connections
+from django.utils import timezone
 from django_q.cluster import Cluster
 from django_q.management.commands.qcluster import Command as DjangoQClusterCommand
 from django_q.scheduler import scheduler
+
+from operations.models import WorkerBeat
+from operations.services import runs_reap
 
 logger = logging.getLogger("kasa.worker")
 
@@ -42,6 +50,52 @@ logger = logging.getLogger("kasa.worker")
 # stop below would mistake it for a live one and wait on it needlessly.
 _GROUP_SIGNAL_GRACE = 1.0
 _POLL = 0.2
+
+
+class WorkerBeating:
+    """This worker machine's `WorkerBeat`, refreshed every KASA_HEARTBEAT_SECONDS from a thread of the main process
+    while it runs (operations.broker: the reaper finds a task lost with a worker that stopped beating)."""
+
+    def __init__(self):
+        self.name = settings.KASA_WORKER_NAME
+        self.stop = threading.Event()
+
+    def first(self) -> None:
+        now = timezone.now()
+        try:
+            WorkerBeat.objects.update_or_create(name=self.name, defaults={"pid": os.getpid(), "started_at": now,
+                                                                          "seen_at": now})
+        except Exception:  # noqa: BLE001  (the cluster must start: its thread tries again)
+            logger.exception("worker %s: its beat could not be written", self.name)
+        finally:
+            connections.close_all()  # nothing the cluster forks may inherit a connection
+
+    def start(self) -> None:
+        threading.Thread(target=self._loop, name="worker-beat", daemon=True).start()
+        threading.Thread(target=self._reap_loop, name="worker-reaper", daemon=True).start()
+
+    def _reap_loop(self) -> None:
+        """This machine's own reaper pass, every KASA_REAP_SECONDS. The scheduled reaper task goes to whichever
+        worker of the fleet takes it off the queue; what only a worker on this machine can do — sweep its local
+        journals, judge its own processes, the undos owed to its host (Run.abandon_host) — must not wait for chance
+        to send it here. A thread of its own: a long undo never delays the beat."""
+        while not self.stop.wait(settings.KASA_REAP_SECONDS):
+            try:
+                reaped = runs_reap()
+                if reaped:
+                    logger.warning("worker %s: its reaper pass failed or reconciled runs %s", self.name, reaped)
+            except Exception:  # noqa: BLE001  (the next pass tries again)
+                logger.exception("worker %s: its reaper pass failed", self.name)
+            finally:
+                connections.close_all()
+
+    def _loop(self) -> None:
+        while not self.stop.wait(settings.KASA_HEARTBEAT_SECONDS):
+            try:
+                WorkerBeat.objects.filter(name=self.name).update(seen_at=timezone.now(), pid=os.getpid())
+            except Exception:  # noqa: BLE001  (the database comes back; the next beat goes through)
+                logger.warning("worker %s: beat not written (control database?)", self.name)
+                connections.close_all()
 
 
 class KasaCluster(Cluster):
@@ -57,6 +111,8 @@ class KasaCluster(Cluster):
 
     def serve(self) -> int:
         """Start, run until a signal or the sentinel's death, stop; the command's exit status."""
+        beat = WorkerBeating()
+        beat.first()  # before the cluster takes any task: a run it takes is never older than its beat's start
         try:
             self.start()
         except RuntimeError:
@@ -65,6 +121,7 @@ class KasaCluster(Cluster):
                 raise
         else:
             self._schedule_now()
+        beat.start()  # after the fork of the sentinel: no process inherits its database connection
         while not self.signals and self.sentinel.is_alive():
             time.sleep(_POLL)
         if not self.signals:
