@@ -84,10 +84,10 @@ test-pg: install reachable   ## the whole suite on PostgreSQL as the control dat
 	KASA_VAR_DIR=$(TEST_VAR)/kasa KASA_CUSTOMERS_ROOT=$(TEST_VAR)/customers DATABASE_URL=$(PG_TEST_URL) \
 		$(BIN)/pytest $(PYTEST_ARGS)
 
-test-sqlite: install reachable   ## the smoke part on the default SQLite control database
+test-sqlite: install reachable   ## the smoke tests that use a database, on the default SQLite control database
 	@rm -rf $(TEST_VAR)-sqlite && mkdir -p $(TEST_VAR)-sqlite
 	env -u DATABASE_URL KASA_VAR_DIR=$(TEST_VAR)-sqlite/kasa KASA_CUSTOMERS_ROOT=$(TEST_VAR)-sqlite/customers \
-		$(BIN)/pytest -m smoke $(PYTEST_ARGS)
+		KASA_TEST_DATABASE_ONLY=1 $(BIN)/pytest -m smoke $(PYTEST_ARGS)
 
 lock:   ## re-resolve requirements.lock from pyproject.toml (needs network)
 	$(PY) -m venv /tmp/kasa-uv && /tmp/kasa-uv/bin/pip install --quiet uv

@@ -43,6 +43,25 @@ def pytest_configure(config):
         setattr(settings, name, float(os.environ[name]))
 
 
+# `make test-sqlite` passes the smoke tests again on the default SQLite control database; those that never touch a
+# database ran in the PostgreSQL pass already and would only repeat themselves (KASA_TEST_DATABASE_ONLY=1).
+_DB_FIXTURES = {"db", "transactional_db", "django_db_setup", "client", "admin_client",
+                "django_user_model"}
+
+
+def _uses_database(item) -> bool:
+    return bool(item.get_closest_marker("django_db")) or bool(_DB_FIXTURES & set(getattr(item, "fixturenames", ())))
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("KASA_TEST_DATABASE_ONLY") != "1":
+        return
+    kept = [item for item in items if _uses_database(item)]
+    if len(kept) != len(items):
+        config.hook.pytest_deselected(items=[item for item in items if not _uses_database(item)])
+        items[:] = kept
+
+
 def require(ok: bool, what: str) -> None:
     if ok:
         return
