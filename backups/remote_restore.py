@@ -13,8 +13,10 @@ every change made on the host.
   by Kasa's own code through hosts.remote's helper.
 - **Databases** (PostgreSQL) come back through a forward of the session with Kasa's own client tools, exactly as
   backups.dbswap does locally (a fresh database swapped in, or in place in one transaction for a role that may
-  not create databases): dbswap's targets are pointed at the forward for this run. MySQL/MariaDB and SQLite
-  artifacts of a remote customer are refused before anything is touched (not built yet).
+  not create databases): dbswap's targets are pointed at the forward for this run. SQLite files are streamed
+  into a private folder on the host, written beside the live file there (its owner and mode, rows counted) and
+  swapped in on the host (engines.dbrestore_sqlite through the helper). MySQL/MariaDB artifacts of a remote
+  customer are refused before anything is touched (not built yet).
 - **Services**: PM2 on the host (its own `pm2`, Host.tools or KASA_REMOTE_PM2), run by engines.procman there
   (engines.hostrestore.services), every PM2 call as the customer's user; health URLs are asked from the worker,
   as a remote check does (customers.remote_check).
@@ -25,6 +27,9 @@ every change made on the host.
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import dataclasses
 import hashlib
 import hmac
 import os
@@ -37,7 +42,7 @@ from dataclasses import dataclass
 from django.conf import settings
 
 from customers.models import Customer
-from engines import dbrestore, hostrestore, procman, secretbox, ssh, unpack
+from engines import dbrestore, hostrestore, hostside, procman, secretbox, ssh, unpack
 from engines.humanize import human_duration, human_size
 from engines.plainread import drain, last_line, write_all
 from hosts.remote import RemoteError, RemoteHost
@@ -48,6 +53,7 @@ from .reading import artifact_kwargs, keyring_for, progress
 from .remote import host_facts
 
 MANAGERS = ("pm2", "none")  # what a remote restore stops and starts on the host
+DISK_MARGIN = 256 * 1024 * 1024  # as backups.restore's: room left on the host's disk after staging
 
 
 def is_remote(customer: Customer) -> bool:
@@ -161,7 +167,7 @@ def restore(ctx: RunContext, plan, local: Steps) -> dict:
                 ctx.phases(*local.phases(False, wants_safety, late=True))
             if wants_safety and not late:
                 safety = local.safety_backup(ctx, plan)
-            safety = _swap_in(ctx, plan, remote, staging, journal, local, in_place=late) or safety
+            safety = _swap_in(ctx, plan, remote, staging, journal, local, facts, in_place=late) or safety
         except BaseException as exc:
             touched = journal.touched_live()
             undone = _undo(ctx, plan, remote, journal, local)
@@ -197,11 +203,11 @@ def _refuse_unbuilt(customer: Customer, plan) -> None:
                                  f"PM2 services only (not built yet for {s.process_manager})")
     engines = {d.name: d.engine for d in customer.databases.all()}
     for art in plan.artifacts:
-        if art.kind == "database" and engines.get(art.source) != "postgresql":
+        if art.kind == "database" and engines.get(art.source) not in ("postgresql", "sqlite"):
             raise OperationError(f"refused before touching anything: database {art.source} "
                                  f"({engines.get(art.source) or 'unknown'}) of {customer} on host "
-                                 f"{customer.host.name}: a remote restore brings back PostgreSQL databases only "
-                                 "(not built yet for MySQL/MariaDB and SQLite); choose the artifacts with --only")
+                                 f"{customer.host.name}: a remote restore brings back PostgreSQL and SQLite "
+                                 "databases only (not built yet for MySQL/MariaDB); choose the artifacts with --only")
         if art.kind == "service" and (art.details or {}).get("link"):
             raise OperationError(f"refused before touching anything: {art.name} is a service kept behind a "
                                  f"release link; a remote restore does not put release links back yet")
@@ -243,6 +249,12 @@ def _stage(ctx: RunContext, plan, remote: RemoteHost, store, keyring, journal: J
     staging = None
     root = str(plan.root)
     if files:
+        need = sum(a.size for a in files)
+        free = remote.call("engines.hostrestore.free_bytes", root)
+        if not isinstance(free, int) or free < need + DISK_MARGIN:
+            raise OperationError(f"not enough free disk on {remote.host.name} under {root}: staging needs at least "
+                                 f"{human_size(need)} plus a {human_size(DISK_MARGIN)} margin, "
+                                 f"{human_size(free if isinstance(free, int) else 0)} free; nothing was touched")
         staging = str(restore_files.staging_dir(plan.root, ctx.run.pk))
         journal.add({"type": "staging", "path": staging})
         remote.call("engines.hostrestore.make_staging", root, staging)
@@ -256,7 +268,15 @@ def _stage(ctx: RunContext, plan, remote: RemoteHost, store, keyring, journal: J
                      f"{remote.host.name} as {who['user']}")
     for art in dbs:
         ctx.check_alive()
-        dbswap.restore_fresh(ctx, plan, store, keyring, art, journal)
+        if _sqlite(art):  # restored on the host once the folders are in place; read whole now
+            try:
+                unpack.verify_artifact(store, f"{plan.backup.prefix}/{art.name}", tar=False,
+                                       **artifact_kwargs(plan.backup, art, keyring))
+            except unpack.ArtifactError as exc:
+                raise OperationError(f"refused: {exc}") from None
+            ctx.info(f"{art.name}: checksum and decryption verified on the worker")
+        else:
+            dbswap.restore_fresh(ctx, plan, store, keyring, art, journal)
     return staging
 
 
@@ -271,10 +291,7 @@ def _send(ctx: RunContext, plan, remote: RemoteHost, store, keyring, art, dest: 
     scanner = unpack.TarScanner(name, unpack.Limits())
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True, bufsize=0)
-    tail: list = []
-    import collections
-
-    tail = collections.deque(maxlen=20)
+    tail: collections.deque = collections.deque(maxlen=20)
     reader = threading.Thread(target=drain, args=(proc.stderr, tail), daemon=True)
     reader.start()
     try:
@@ -332,6 +349,81 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+# --- SQLite, on the host -----------------------------------------------------------------------------------------
+def _sqlite(art) -> bool:
+    return art.kind == "database" and (art.details or {}).get("engine") == "sqlite"
+
+
+def _sqlite_in(ctx: RunContext, plan, remote: RemoteHost, art, live: str, journal: Journal) -> None:
+    """The file streamed into a private folder on the host (the login user's, 0700), written beside the live one
+    with its owner and mode and its rows counted there, then swapped in (engines.dbrestore_sqlite on the host);
+    journalled as backups.dbswap's db_fresh / db_swap steps, marked `host`."""
+    root, tag = str(plan.root), f"r{ctx.run.pk}"
+    folder = remote.call("engines.hostside.private_copy_dir")
+    if not isinstance(folder, str) or not os.path.isabs(folder) or ".." in folder.split("/") or \
+            not os.path.basename(folder).startswith(hostside.COPY_PREFIX):
+        raise RemoteError(f"{remote.where} answered a temporary folder that is not one: not trusted")
+    try:
+        copy = os.path.join(folder, "restore.sqlite3")
+        argv = remote.session.argv(["dd", f"of={copy}", "conv=excl", "oflag=nofollow", "bs=1M", "status=none"])
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                start_new_session=True, bufsize=0)
+        tail: collections.deque = collections.deque(maxlen=20)
+        reader = threading.Thread(target=drain, args=(proc.stderr, tail), daemon=True)
+        reader.start()
+        try:
+            with unpack.open_plain(plan.backup.target.store(), f"{plan.backup.prefix}/{art.name}",
+                                   on_progress=progress(ctx, f"restoring {art.name}"),
+                                   **artifact_kwargs(plan.backup, art, keyring_for(plan.backup))) as chunks:
+                for chunk in chunks:
+                    write_all(proc.stdin.fileno(), chunk)
+            proc.stdin.close()
+            code = proc.wait(timeout=600)
+            reader.join(timeout=10)
+        except BrokenPipeError:
+            _lost_or_failed(remote, art, copy, proc.wait(timeout=60), tail)
+            raise
+        except unpack.ArtifactError as exc:
+            _kill(proc)
+            raise OperationError(f"{art.name}: {exc}") from None
+        except BaseException:
+            _kill(proc)
+            raise
+        if code != 0:
+            _lost_or_failed(remote, art, copy, code, tail)
+        step = journal.add({"type": "db_fresh", "engine": "sqlite", "db": art.source, "new": None, "live": live,
+                            "host": True})
+        answer = remote.call("engines.hostrestore.sqlite_fresh", live, copy, tag, root)
+    finally:
+        with contextlib.suppress(RemoteError):
+            remote.call("engines.hostside.remove_copy_dir", folder)
+    if not (isinstance(answer, list) and len(answer) == 2 and isinstance(answer[0], str) and
+            isinstance(answer[1], dict)):
+        raise RemoteError(f"{remote.where} answered something that is not a restored SQLite file: not trusted")
+    new, counts = answer
+    if os.path.dirname(new) != os.path.dirname(live):
+        raise RemoteError(f"{remote.where} answered a restored SQLite file outside {os.path.dirname(live)}: not "
+                          "trusted")
+    step["new"] = new
+    journal.save()
+    expected = (art.details or {}).get("row_counts")
+    if expected is not None:
+        diffs = dbrestore.compare_counts(expected, counts)
+        if diffs:
+            raise OperationError(f"{art.name}: the restored database does not match the manifest: "
+                                 + "; ".join(diffs[:10]))
+    swap = journal.add({"type": "db_swap", "engine": "sqlite", "db": art.source, "new": new, "old": None,
+                        "done": False, "live": live, "host": True})
+    old = remote.call("engines.hostrestore.sqlite_swap", live, new, tag, root)
+    if old is not None and (not isinstance(old, str) or os.path.dirname(old) != os.path.dirname(live)):
+        raise RemoteError(f"{remote.where} answered a previous SQLite file outside {os.path.dirname(live)}: not "
+                          "trusted")
+    swap.update(old=old, done=True)
+    journal.save()
+    ctx.info(f"database {art.source}: {len(counts)} tables, {sum(counts.values())} rows, row counts match the "
+             f"manifest; swapped in on {remote.host.name} ({live})")
+
+
 # --- swap ------------------------------------------------------------------------------------------------------
 def _specs(plan, local: Steps) -> list[procman.ServiceSpec]:
     """The touched services as the host runs them (identity resolved there, see engines.hostrestore.services)."""
@@ -363,7 +455,7 @@ def _services(ctx: RunContext, remote: RemoteHost, plan, specs, action: str) -> 
 
 
 def _swap_in(ctx: RunContext, plan, remote: RemoteHost, staging: str | None, journal: Journal, local: Steps,
-             in_place=False) -> int | None:
+             facts: dict, in_place=False) -> int | None:
     from customers import runtime
 
     specs = _specs(plan, local)
@@ -376,7 +468,11 @@ def _swap_in(ctx: RunContext, plan, remote: RemoteHost, staging: str | None, jou
     ctx.phase("swap")
     if staging is not None:
         _swap_files(ctx, plan, remote, staging, journal)
-    dbswap.swap_all(ctx, plan, journal, way_back=way_back)
+    for art in plan.artifacts:  # inside the customer's folders: after they are in place (as locally)
+        if _sqlite(art):
+            _sqlite_in(ctx, plan, remote, art, facts["sqlite"][art.source], journal)
+    dbswap.swap_all(ctx, dataclasses.replace(plan, artifacts=[a for a in plan.artifacts if not _sqlite(a)]), journal,
+                    way_back=way_back)
     ctx.phase("start")
     ctx.info(f"starting {len(specs)} service(s) on {remote.host.name}")
     _services(ctx, remote, plan, specs, "start")
@@ -450,6 +546,10 @@ def _undo(ctx: RunContext, plan, remote: RemoteHost, journal: Journal, local: St
                         "engines.hostrestore.undo_step", str(plan.root), step))
                     if moved and step["type"] == "files":
                         ctx.info(f"put back {step['live']} on {remote.host.name}")
+                elif step.get("host"):
+                    what = on_host(step["type"], lambda step=step: remote.call(
+                        "engines.hostrestore.sqlite_undo", step, step["live"], f"r{ctx.run.pk}", str(plan.root)))
+                    ctx.info(f"database {step['db']} on {remote.host.name}: {what}")
                 elif step["type"] != "services_stopped":
                     dbswap.undo(ctx, step)
             except Exception as exc:
@@ -476,6 +576,9 @@ def _cleanup(ctx: RunContext, remote: RemoteHost, journal: Journal, root: str) -
         try:
             if step["type"] == "staging":
                 remote.call("engines.hostrestore.remove_tree", root, step["path"])
+            elif step.get("host"):
+                if step["type"] == "db_swap" and step.get("old"):
+                    remote.call("engines.hostrestore.sqlite_remove", step["old"], root)
             elif dbswap.is_step(step):
                 dbswap.finish(ctx, step)
         except Exception as exc:

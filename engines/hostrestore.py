@@ -160,6 +160,56 @@ def undo_step(root: str, step: dict) -> bool:
     return False
 
 
+# --- SQLite ---------------------------------------------------------------------------------------------------
+def sqlite_fresh(live_path: str, source: str, tag: str, root: str) -> list:
+    """The streamed copy (`source`, in a private folder of the login user's) written beside the live file under a
+    hidden name, with the live file's owner and mode, and its rows counted (engines.dbrestore_sqlite): [path,
+    counts]."""
+    from . import dbrestore_sqlite
+
+    with open(source, "rb") as fh:
+        new, counts = dbrestore_sqlite.sqlite_restore_fresh(live_path, iter(lambda: fh.read(1 << 20), b""), tag=tag,
+                                                            root=root)
+    return [new, counts]
+
+
+def sqlite_swap(live_path: str, new_path: str, tag: str, root: str) -> str | None:
+    from . import dbrestore_sqlite
+
+    return dbrestore_sqlite.sqlite_swap(live_path, new_path, tag=tag, root=root)
+
+
+def sqlite_undo(step: dict, live_path: str, tag: str, root: str) -> str:
+    """Undo a remote restore's SQLite step (db_fresh: the staged file goes; db_swap: the previous file is live
+    again, also after a swap cut short)."""
+    from . import dbrestore_sqlite
+
+    if step.get("type") == "db_fresh":
+        if step.get("new"):
+            dbrestore_sqlite.sqlite_remove(step["new"], root)
+        return "removed"
+    old, new = step.get("old"), step.get("new")
+    if not step.get("done"):
+        found = dbrestore_sqlite.sqlite_repair(live_path, new, tag=tag, root=root)
+        if found is None:
+            return "never swapped"
+        old = found or None
+    dbrestore_sqlite.sqlite_unswap(live_path, old, new, root=root)
+    return "put back"
+
+
+def sqlite_remove(path: str, root: str) -> None:
+    from . import dbrestore_sqlite
+
+    dbrestore_sqlite.sqlite_remove(path, root)
+
+
+def free_bytes(path: str) -> int:
+    import shutil
+
+    return shutil.disk_usage(path).free
+
+
 # --- services --------------------------------------------------------------------------------------------------
 def services(action: str, specs: list[dict], run_as: str, pm2: str, timeout: float = 60.0,
              settle: float = 2.0) -> dict:

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import pwd
+import sqlite3
 import subprocess
 import tarfile
 import urllib.request
@@ -45,7 +46,7 @@ def fast(settings):
     settings.KASA_REMOTE_PM2 = str(REPO_ROOT / "node_modules" / ".bin" / "pm2")
     settings.KASA_PM2_SETTLE = 0.5
     settings.KASA_HEALTH_STREAK = 1
-    settings.KASA_HEALTH_TIMEOUT = 3
+    settings.KASA_HEALTH_TIMEOUT = 2.5
     settings.KASA_HEALTH_INTERVAL = 0.2
     return settings
 
@@ -69,11 +70,11 @@ def _reset(pg) -> None:
     _sql(pg, "INSERT INTO orders (id, total) SELECT g, g * 1.5 FROM generate_series(1, 123) g ON CONFLICT DO NOTHING")
 
 
-def _customer(h, host, team, user: str, *, databases=(), health: bool = True):
+def _customer(h, host, team, user: str, *, databases=(), health: bool = True, sqlite: bool = False):
     """A remote customer run by PM2 as `user`, its folders owned as Kasa's ownership model says."""
     from customers.models import Customer, Service
 
-    customer = remote_customer(h, host, team, databases=databases, sqlite=False)
+    customer = remote_customer(h, host, team, databases=databases, sqlite=sqlite)
     root = Path(customer.root)
     for up in root.parents:  # pytest's folders are root's alone: the customer's user must reach its root
         if up == Path("/tmp"):
@@ -83,8 +84,8 @@ def _customer(h, host, team, user: str, *, databases=(), health: bool = True):
     (root / "backend" / "server.js").write_text(SERVER_JS)
     (root / "backend" / "health.txt").write_text("ok\n")
     who = pwd.getpwnam(user)
-    subprocess.run(["chown", "-R", f"{who.pw_uid}:{who.pw_gid}", str(root / "backend"), str(root / ".env")],
-                   check=True)
+    subprocess.run(["chown", "-R", f"{who.pw_uid}:{who.pw_gid}", str(root / "backend"), str(root / ".env"),
+                    str(root / "data")], check=True)
     os.chown(root, 0, who.pw_gid)
     root.chmod(0o750)
     Customer.objects.filter(pk=customer.pk).update(run_as=user)
@@ -126,8 +127,9 @@ def test_a_remote_customer_restores_in_place_files_databases_and_services_health
     user = customer_users[0]
     _reset(pg)
     host = make_host(h, "web-restore")
-    customer, url = _customer(h, host, team, user, databases=[("main", pg["url"])])
+    customer, url = _customer(h, host, team, user, databases=[("main", pg["url"])], sqlite=True)
     root = Path(customer.root)
+    cache = root / "data" / "cache.sqlite3"
     try:
         assert _backup_ok(customer)
         bk = Backup.objects.filter(customer=customer, status="succeeded").latest("pk")
@@ -140,6 +142,8 @@ def test_a_remote_customer_restores_in_place_files_databases_and_services_health
         (root / "backend" / "logs" / "today.log").write_text("kept\n")
         _sql(pg, "DELETE FROM orders WHERE id > 100")
         assert _rows(pg) == 100
+        with sqlite3.connect(cache) as con:
+            con.execute("DELETE FROM hits WHERE id > 30")
 
         run = _restore(bk)
         log = "\n".join(line.text for line in run.log_lines.all())
@@ -150,6 +154,10 @@ def test_a_remote_customer_restores_in_place_files_databases_and_services_health
         assert today[0] == "file"
         assert after == before
         assert _rows(pg) == rows == 123
+        with sqlite3.connect(cache) as con:  # put back on the host, through the swap, with its owner
+            assert con.execute("SELECT count(*) FROM hits").fetchone()[0] == 37
+        assert cache.stat().st_uid == pwd.getpwnam(user).pw_uid
+        assert not [n for n in os.listdir(cache.parent) if n.startswith(".cache.sqlite3.kasa-")]
         uid = pwd.getpwnam(user).pw_uid
         for p in (root / "backend").rglob("*"):
             if "logs" in p.parts:
@@ -221,10 +229,12 @@ def test_a_hostile_archive_is_refused_on_the_worker_before_anything_reaches_the_
 def test_a_failure_after_the_swap_on_a_remote_host_is_undone_there_and_the_customer_is_left_as_it_was(
         host_pg, team, customer_users, fast):
     h, pg = host_pg
+    fast.KASA_HEALTH_TIMEOUT = 1.5  # the restored service answers 503 at once: no need to wait longer
     _reset(pg)
     host = make_host(h, "web-undo")
-    customer, url = _customer(h, host, team, customer_users[0], databases=[("main", pg["url"])])
+    customer, url = _customer(h, host, team, customer_users[0], databases=[("main", pg["url"])], sqlite=True)
     root = Path(customer.root)
+    cache = root / "data" / "cache.sqlite3"
     try:
         (root / "backend" / "health.txt").write_text("broken\n")  # the backup holds a service that is unhealthy
         assert _backup_ok(customer)
@@ -232,6 +242,8 @@ def test_a_failure_after_the_swap_on_a_remote_host_is_undone_there_and_the_custo
         (root / "backend" / "health.txt").write_text("ok\n")
         (root / "backend" / "src" / "app.js").write_text("console.log('now')\n")
         _sql(pg, "DELETE FROM orders WHERE id > 120")
+        with sqlite3.connect(cache) as con:
+            con.execute("DELETE FROM hits WHERE id > 20")
         before, rows = tree_state(root), _rows(pg)
         assert rows == 120
 
@@ -240,6 +252,9 @@ def test_a_failure_after_the_swap_on_a_remote_host_is_undone_there_and_the_custo
         assert "health check failed" in run.error and "the pre-restore state was put back" in run.error
         assert tree_state(root) == before
         assert _rows(pg) == 120
+        with sqlite3.connect(cache) as con:  # swapped in on the host, then swapped back there
+            assert con.execute("SELECT count(*) FROM hits").fetchone()[0] == 20
+        assert not [n for n in os.listdir(cache.parent) if n.startswith(".cache.sqlite3.kasa-")]
         assert _answers(url) == 200  # the previous service is running again
         assert not [n for n in os.listdir(root) if n.startswith(".kasa-restore-")]
         assert _journals(h) == []
