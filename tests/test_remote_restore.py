@@ -70,16 +70,13 @@ def _reset(pg) -> None:
     _sql(pg, "INSERT INTO orders (id, total) SELECT g, g * 1.5 FROM generate_series(1, 123) g ON CONFLICT DO NOTHING")
 
 
-def _customer(h, host, team, user: str, *, databases=(), health: bool = True, sqlite: bool = False):
+def _customer(h, host, team, user: str, parents_open, *, databases=(), health: bool = True, sqlite: bool = False):
     """A remote customer run by PM2 as `user`, its folders owned as Kasa's ownership model says."""
     from customers.models import Customer, Service
 
     customer = remote_customer(h, host, team, databases=databases, sqlite=sqlite)
     root = Path(customer.root)
-    for up in root.parents:  # pytest's folders are root's alone: the customer's user must reach its root
-        if up == Path("/tmp"):
-            break
-        up.chmod(up.stat().st_mode | 0o111)
+    parents_open(root)  # pytest's folders are root's alone: the customer's user must reach its root
     port = free_port()
     (root / "backend" / "server.js").write_text(SERVER_JS)
     (root / "backend" / "health.txt").write_text("ok\n")
@@ -121,13 +118,13 @@ def _journals(h) -> list[str]:
     return sorted(os.listdir(folder)) if folder.exists() else []
 
 
-def test_a_remote_customer_restores_in_place_files_databases_and_services_healthy(host_pg, team, customer_users,
-                                                                                  fast):
+def test_a_remote_customer_restores_in_place_files_databases_and_services_healthy(host_pg, team, customer_users, fast,
+                                                                                  parents_open):
     h, pg = host_pg
     user = customer_users[0]
     _reset(pg)
     host = make_host(h, "web-restore")
-    customer, url = _customer(h, host, team, user, databases=[("main", pg["url"])], sqlite=True)
+    customer, url = _customer(h, host, team, user, parents_open, databases=[("main", pg["url"])], sqlite=True)
     root = Path(customer.root)
     cache = root / "data" / "cache.sqlite3"
     try:
@@ -209,10 +206,11 @@ def _hostile(bk: Backup) -> None:
 
 
 def test_a_hostile_archive_is_refused_on_the_worker_before_anything_reaches_the_host(netns_hosts, team,
-                                                                                     customer_users, fast):
+                                                                                     customer_users, fast,
+                                                                                     parents_open):
     h = netns_hosts.make()
     host = make_host(h, "web-hostile")
-    customer, _url = _customer(h, host, team, customer_users[0], health=False)
+    customer, _url = _customer(h, host, team, customer_users[0], parents_open, health=False)
     root = Path(customer.root)
     assert _backup_ok(customer)
     bk = Backup.objects.filter(customer=customer, status="succeeded").latest("pk")
@@ -227,12 +225,13 @@ def test_a_hostile_archive_is_refused_on_the_worker_before_anything_reaches_the_
 
 
 def test_a_failure_after_the_swap_on_a_remote_host_is_undone_there_and_the_customer_is_left_as_it_was(
-        host_pg, team, customer_users, fast):
+        host_pg, team, customer_users, fast, parents_open):
     h, pg = host_pg
     fast.KASA_HEALTH_TIMEOUT = 1.5  # the restored service answers 503 at once: no need to wait longer
     _reset(pg)
     host = make_host(h, "web-undo")
-    customer, url = _customer(h, host, team, customer_users[0], databases=[("main", pg["url"])], sqlite=True)
+    customer, url = _customer(h, host, team, customer_users[0], parents_open, databases=[("main", pg["url"])],
+                              sqlite=True)
     root = Path(customer.root)
     cache = root / "data" / "cache.sqlite3"
     try:
@@ -264,14 +263,14 @@ def test_a_failure_after_the_swap_on_a_remote_host_is_undone_there_and_the_custo
 
 
 def test_losing_the_host_mid_restore_fails_the_run_naming_the_host_and_leaves_the_journal_on_the_host(
-        netns_hosts, team, customer_users, fast, monkeypatch):
+        netns_hosts, team, customer_users, fast, monkeypatch, parents_open):
     from backups import remote_restore
 
     fast.KASA_SSH_CONNECT_TIMEOUT = 2
 
     h = netns_hosts.make()
     host = make_host(h, "web-lost")
-    customer, _url = _customer(h, host, team, customer_users[0], health=False)
+    customer, _url = _customer(h, host, team, customer_users[0], parents_open, health=False)
     root = Path(customer.root)
     try:
         assert _backup_ok(customer)

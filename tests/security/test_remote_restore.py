@@ -23,7 +23,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def test_restored_files_on_a_remote_host_are_the_customers_never_root_or_set_id_and_no_key_reaches_the_host(
-        netns_hosts, team, customer_users, monkeypatch):
+        netns_hosts, team, customer_users, monkeypatch, parents_open):
     from backups.services import restore_start
     from customers.models import Customer
     from operations.services import run_execute
@@ -33,10 +33,7 @@ def test_restored_files_on_a_remote_host_are_the_customers_never_root_or_set_id_
     who = pwd.getpwnam(user)
     customer = remote_customer(h, make_host(h, "web-sec-restore"), team, sqlite=False)
     root = Path(customer.root)
-    for up in root.parents:  # pytest's folders are root's alone: the customer's user must reach its root
-        if up == Path("/tmp"):
-            break
-        up.chmod(up.stat().st_mode | 0o111)
+    parents_open(root)  # pytest's folders are root's alone: the customer's user must reach its root
     (root / "backend" / "suid").write_text("#!/bin/sh\n")
     for p in [root / "backend", *(root / "backend").rglob("*")]:
         os.lchown(p, who.pw_uid, who.pw_gid)
