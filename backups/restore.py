@@ -86,6 +86,12 @@ def restore(ctx: RunContext) -> dict:
     p = ctx.run.params
     started = time.monotonic()
     plan = _plan(ctx, p)  # then the credentials an undo needs, held in memory: it goes on without the database
+    if not plan.customer.host.is_local:  # on another host: every change made there (backups.remote_restore)
+        from . import remote_restore
+
+        return remote_restore.restore(ctx, plan, remote_restore.Steps(
+            journal=Journal, phases=_phases, safety_backup=_safety_backup, short=_short,
+            record_versions=_record_versions, touched_specs=touched_specs))
     dbswap.hold_targets(ctx, plan.customer, plan.to_databases, plan.root if plan.clone and p.get("to_root") else None)
     # Restored files belong to the customer's user, and its services are stopped and started as that user:
     # refused now, before anything is touched, if it cannot be (a copy elsewhere starts nothing).
@@ -159,7 +165,8 @@ def _plan(ctx: RunContext, p: dict) -> Plan:
     bk = Backup.objects.select_related("customer", "target").get(pk=p["backup"])
     if not bk.restorable:
         raise OperationError(f"backup #{bk.pk} is {bk.status}: only a succeeded backup can be restored")
-    customer = Customer.objects.prefetch_related("services", "databases").get(pk=bk.customer_id)
+    customer = Customer.objects.select_related("host").prefetch_related("services", "databases").get(
+        pk=bk.customer_id)
     arts = select_artifacts(bk, p.get("only") or [])
     to_root = p.get("to_root")
     to_dbs = {name: box().decrypt(token).reveal() for name, token in (p.get("to_databases") or {}).items()}
@@ -183,8 +190,8 @@ def _plan(ctx: RunContext, p: dict) -> Plan:
         if root is None:
             arts = [a for a in arts if a.kind == "database"]
             root = customer.root_path()
-    else:
-        root = customer.root_path()
+    else:  # a remote customer's root is the host's: checked there (backups.remote_restore)
+        root = customer.root_path() if customer.host.is_local else Path(customer.root)
     if not arts:
         raise OperationError("nothing to restore: no artifact of the backup matches the selection")
     ctx.info(f"restoring backup #{bk.pk} of {customer.domain} ({human_time(bk.finished_at)}) "
@@ -466,7 +473,15 @@ def _cleanup(ctx: RunContext, journal: Journal, root: Path) -> None:
 def abandon(run: Run, ctx: RunContext) -> None:
     """The worker died mid-restore: undo its journal so the customer is exactly as it was."""
     steps = (run.result or {}).get("journal") or []
-    customer = Customer.objects.get(pk=run.customer_id)
+    customer = Customer.objects.select_related("host").get(pk=run.customer_id)
+    if not customer.host.is_local:
+        # Its paths are the host's: never followed on this machine. The journal stays on the host
+        # (backups.remote_restore); replaying it from there is not built yet.
+        if steps:
+            ctx.error(f"the worker died mid-restore of {customer} on host {customer.host.name}: its journal stays "
+                      f"on that host ({customer.host.root()}/.kasa-journals/run-{run.pk}.json) and is not replayed "
+                      "yet: an operator must look")
+        return
     # A safety backup the dead worker was still writing: it is nobody's restore point.
     for bk in Backup.objects.filter(customer=customer, run=None, status=Backup.Status.RUNNING,
                                     trigger=Backup.Trigger.RESTORE, created_at__gte=run.created_at):

@@ -299,6 +299,8 @@ KASA_BLUEGREEN_GRACE = env.int("KASA_BLUEGREEN_GRACE", default=600)
 KASA_SERVICE_TIMEOUT = env.float("KASA_SERVICE_TIMEOUT", default=60.0)
 # PM2 says "started" even for an app that dies at once: a start watches the app this long (seconds) first.
 KASA_PM2_SETTLE = env.float("KASA_PM2_SETTLE", default=2.0)
+# The `pm2` a restore runs on a remote host (backups.remote_restore): the host's own, on its PATH, or a path there.
+KASA_REMOTE_PM2 = env.str("KASA_REMOTE_PM2", default="pm2")
 KASA_HEALTH_STREAK = env.int("KASA_HEALTH_STREAK", default=3)
 KASA_HEALTH_TIMEOUT = env.float("KASA_HEALTH_TIMEOUT", default=30.0)
 KASA_HEALTH_INTERVAL = env.float("KASA_HEALTH_INTERVAL", default=0.5)

@@ -127,8 +127,9 @@ class Customer(models.Model):
     team = models.ForeignKey(Team, on_delete=models.PROTECT, related_name="customers")
     host = models.ForeignKey(
         Host, on_delete=models.PROTECT, related_name="customers", default=local_host_pk,
-        help_text="The machine the customer lives on (`local`: the worker's own). On another host, checks, backups "
-                  "and drills run over SSH; restores and upgrades are refused there for now.")
+        help_text="The machine the customer lives on (`local`: the worker's own). On another host, checks, backups, "
+                  "drills and restores in place run over SSH; copies, upgrades and rollbacks are refused there for "
+                  "now.")
     root = models.CharField(
         "root folder", max_length=1024, validators=[validate_customer_root],
         help_text="Absolute folder holding the services; must lie inside KASA_CUSTOMERS_ROOT.",

@@ -51,6 +51,7 @@ class Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return None
     def exec_module(self, module):
         file = module.__spec__.loader_state
+        module.__file__ = "/kasa-bundle/" + file
         exec(compile(bundle.read(file), "kasa-bundle/" + file, "exec"), module.__dict__)
 sys.meta_path.insert(0, Finder())
 out = os.fdopen(os.dup(1), "wb")

@@ -546,6 +546,6 @@ def no_leftover_pm2():
 
 # Fixtures of a real moto S3 server (imported last: tests/s3.py uses the helpers above).
 from tests.hosts import netns_hosts  # noqa: E402, F401  (simulated hosts: network namespaces with a real sshd)
-from tests.remote_fixtures import host_pg  # noqa: E402, F401  (a simulated host with a PostgreSQL only it reaches)
+from tests.remote_fixtures import host_pg, parents_open  # noqa: E402, F401  (a host with a PostgreSQL only it reaches)
 from tests.s3 import moto_server, s3_server  # noqa: E402, F401
 from tests.sftp import sshd  # noqa: E402, F401  (a real OpenSSH sftp server)

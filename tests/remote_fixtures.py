@@ -171,6 +171,28 @@ def host_only_postgres(netns: str, rows: int = 123):
                "port": server.port, "server": server, "server_version": version}
 
 
+@pytest.fixture
+def parents_open():
+    """A function that lets every user through the folders above a root (pytest's are root's alone, 0700) so a
+    customer's user reaches its root, as on a real host; their modes are put back when the test ends (the hosts of
+    one session share those folders, and other tests expect them closed)."""
+    changed: dict[Path, int] = {}
+
+    def open_(root: Path) -> None:
+        for up in Path(root).parents:
+            if up == Path("/tmp") or up == Path("/"):
+                break
+            mode = up.stat().st_mode & 0o7777
+            if not mode & 0o001:
+                changed.setdefault(up, mode)
+                up.chmod(mode | 0o001)
+
+    yield open_
+    for path, mode in changed.items():
+        with contextlib.suppress(OSError):
+            path.chmod(mode)
+
+
 def uid_of(user: str) -> int:
     return pwd.getpwnam(user).pw_uid
 

@@ -218,7 +218,7 @@ def test_operations_refuse_a_customer_on_a_remote_host_before_touching_anything(
 
     customer = make_customer()
     Customer.objects.filter(pk=customer.pk).update(host=_host(remote, name="web-far"))
-    run = run_start(customer, kind=Run.Kind.RESTORE, params={"backup": 1}, enqueue=False)
+    run = run_start(customer, kind=Run.Kind.UPGRADE, params={"backup": 1}, enqueue=False)
     run_execute(run.pk)
     run.refresh_from_db()
     assert run.status == "failed" and "lives on host web-far" in run.error

@@ -1,0 +1,321 @@
+"""The host's side of a restore in place on a remote host (backups.remote_restore), run there through
+engines.hostcall by the SSH login user: Kasa's own code, shipped for the run, standard library only.
+
+Everything below a customer's root goes through engines.beneath (descriptors from the root, no link followed), as
+a local restore's does (backups.restore_files): the staging folder, each extraction folder given to the customer's
+user, the swaps (engines.swap, called directly through the helper), the log folders carried over, the undo.
+
+- `identity`: the run_as user as *this host* knows it (uids differ between machines), refused when missing, root or
+  the login user (engines.runas.lookup).
+- `TAR_LAUNCHER`: what the worker runs on the host to receive the checked tar stream: it enters the extraction
+  folder through descriptors opened from the root without following a link, drops to the customer's user (no
+  supplementary groups, umask 027) and executes GNU tar there — the host-side twin of engines.unpack's _Tar.
+- `check_tree`: engines.treecheck on the host, after tar, against the counts the worker's scanner listed.
+- `services`: engines.procman's stop_all/start_all on the host, each PM2 call as the customer's user resolved
+  here, the host's own `pm2` binary.
+- The journal: `journal_write`/`journal_read`/`journal_remove` keep the run's steps in a 0700 folder of the login
+  user's under the host's customers root (`.kasa-journals/run-<id>.json`, 0600, written atomically and fsynced),
+  authenticated with an HMAC-SHA256 under a key the worker derives for this host alone (it never holds a backup
+  key). The format is engines.localjournal's envelope with its own format name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import hashlib
+import hmac
+import json
+import os
+import stat
+
+from . import beneath, proc, procman, runas, swap, treecheck, trees
+from .tarcheck import Listing
+
+JOURNALS = ".kasa-journals"
+# PM2's own switch: no attempt to reach a PM2.io agent's socket (a `pm2 start` that spawns the daemon otherwise pings
+# one, and crashes now and then when that socket cannot be looked at).
+NO_INTERACTION = {"PM2_NO_INTERACTION": "true"}
+FORMAT = "kasa-host-journal/1"
+
+# argv: root, folder (relative to root), uid, gid, then tar's argv. Kept short: it travels in argv.
+TAR_LAUNCHER = r"""
+import os, sys
+root, rel, uid, gid = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+fd = os.open(root, flags)
+for name in rel.split("/"):
+    if name in ("", ".", ".."):
+        sys.exit("kasa: refused folder " + rel)
+    nfd = os.open(name, flags, dir_fd=fd)
+    os.close(fd)
+    fd = nfd
+os.fchdir(fd)
+os.setgroups([])
+os.setgid(gid)
+os.setuid(uid)
+os.umask(0o027)
+os.execvp(sys.argv[5], sys.argv[5:])
+"""
+
+
+def identity(name: str) -> dict:
+    """The customer's user on this host: {"user", "uid", "gid", "home"} (RunAsError when it cannot run code)."""
+    who = runas.lookup(name)
+    return {"user": who.user, "uid": who.uid, "gid": who.gid, "home": who.home}
+
+
+def _identity(who: dict | None) -> runas.Identity | None:
+    return None if not who else runas.Identity(user=who["user"], uid=int(who["uid"]), gid=int(who["gid"]),
+                                               home=who["home"])
+
+
+# --- files -----------------------------------------------------------------------------------------------------
+def make_staging(root: str, staging: str) -> None:
+    beneath.mkdir(root, staging, mode=0o700)
+
+
+def prepare_dest(root: str, dest: str, uid: int, gid: int) -> None:
+    """An empty 0700 extraction folder in the staging folder, given to the customer's user."""
+    beneath.mkdir(root, dest, mode=0o700)
+    with beneath.folder(root, dest) as fd:
+        if os.listdir(fd):
+            raise OSError(f"the extraction folder {dest} is not empty")
+        os.fchmod(fd, 0o700)
+        if os.geteuid() == 0:
+            os.fchown(fd, uid, gid)
+
+
+def check_tree(root: str, dest: str, counts: dict, uid: int) -> None:
+    """engines.treecheck's check of what tar extracted, on this host; the folder is removed when refused."""
+    listing = Listing(**{k: int(counts[k]) for k in ("members", "files", "dirs", "symlinks", "hardlinks",
+                                                      "total_size")})
+    try:
+        with beneath.folder(root, dest):  # reached without following a link before it is walked
+            pass
+        treecheck.check_tree(dest, listing, uid=uid)
+    except BaseException:
+        trees.remove_tree(dest, ignore_errors=True, root=root)
+        raise
+
+
+def remove_tree(root: str, path: str) -> None:
+    trees.remove_tree(path, ignore_errors=True, root=root)
+
+
+def lexists(root: str, path: str) -> bool:
+    return beneath.lexists(root, path)
+
+
+def is_dir(root: str, path: str) -> bool:
+    return beneath.is_dir(root, path)
+
+
+def makedirs(root: str, path: str) -> None:
+    beneath.makedirs(root, path, mode=0o755)
+
+
+def carry_candidates(root: str, live: str, staged: str, patterns: list[str]) -> list[list[str]]:
+    """(from, to) of what the backup left out on purpose (logs) and the staged tree has room for: the worker
+    journals each, then moves it (engines.beneath.rename). As backups.restore_files.carry_excluded walks it."""
+    if not (beneath.is_dir(root, live) and beneath.is_dir(root, staged)):
+        return []
+    found = []
+    with beneath.folder(root, live) as top:
+        for dirpath, dirnames, filenames, _fd in os.fwalk(".", dir_fd=top, follow_symlinks=False):
+            rel_dir = os.path.normpath(dirpath)
+            for name in list(dirnames) + filenames:
+                rel = os.path.normpath(os.path.join(rel_dir, name))
+                if not any(fnmatch.fnmatch(rel if "/" in p else name, p) for p in patterns):
+                    continue
+                if name in dirnames:
+                    dirnames.remove(name)
+                target = os.path.join(staged, rel)
+                if not beneath.is_dir(root, os.path.join(staged, os.path.dirname(rel))) or \
+                        beneath.lexists(root, target):
+                    continue
+                found.append([os.path.join(live, rel), target])
+    return found
+
+
+def rename(root: str, src: str, dst: str) -> None:
+    beneath.rename(root, src, dst)
+
+
+def undo_step(root: str, step: dict) -> bool:
+    """Undo one file step (files, carry, staging) of a remote restore's journal, as restore_files.undo does."""
+    kind = step.get("type")
+    if kind == "files":
+        return swap.undo(step, root=root)
+    if kind == "carry":
+        if step.get("refused"):
+            return False
+        if beneath.lexists(root, step["to"]) and not beneath.lexists(root, step["from"]):
+            beneath.rename(root, step["to"], step["from"])
+            return True
+        return False
+    if kind == "staging":
+        trees.remove_tree(step["path"], ignore_errors=True, root=root)
+        return True
+    return False
+
+
+# --- SQLite ---------------------------------------------------------------------------------------------------
+def sqlite_fresh(live_path: str, source: str, tag: str, root: str) -> list:
+    """The streamed copy (`source`, in a private folder of the login user's) written beside the live file under a
+    hidden name, with the live file's owner and mode, and its rows counted (engines.dbrestore_sqlite): [path,
+    counts]."""
+    from . import dbrestore_sqlite
+
+    with open(source, "rb") as fh:
+        new, counts = dbrestore_sqlite.sqlite_restore_fresh(live_path, iter(lambda: fh.read(1 << 20), b""), tag=tag,
+                                                            root=root)
+    return [new, counts]
+
+
+def sqlite_swap(live_path: str, new_path: str, tag: str, root: str) -> str | None:
+    from . import dbrestore_sqlite
+
+    return dbrestore_sqlite.sqlite_swap(live_path, new_path, tag=tag, root=root)
+
+
+def sqlite_undo(step: dict, live_path: str, tag: str, root: str) -> str:
+    """Undo a remote restore's SQLite step (db_fresh: the staged file goes; db_swap: the previous file is live
+    again, also after a swap cut short)."""
+    from . import dbrestore_sqlite
+
+    if step.get("type") == "db_fresh":
+        if step.get("new"):
+            dbrestore_sqlite.sqlite_remove(step["new"], root)
+        return "removed"
+    old, new = step.get("old"), step.get("new")
+    if not step.get("done"):
+        found = dbrestore_sqlite.sqlite_repair(live_path, new, tag=tag, root=root)
+        if found is None:
+            return "never swapped"
+        old = found or None
+    dbrestore_sqlite.sqlite_unswap(live_path, old, new, root=root)
+    return "put back"
+
+
+def sqlite_remove(path: str, root: str) -> None:
+    from . import dbrestore_sqlite
+
+    dbrestore_sqlite.sqlite_remove(path, root)
+
+
+def free_bytes(path: str) -> int:
+    import shutil
+
+    return shutil.disk_usage(path).free
+
+
+# --- services --------------------------------------------------------------------------------------------------
+def services(action: str, specs: list[dict], run_as: str, pm2: str, timeout: float = 60.0,
+             settle: float = 2.0) -> dict:
+    """Stop ("stop") or start ("start") the customer's PM2 services on this host, each PM2 call as `run_as` (as
+    this host knows it). {"ok", "error", "lines", "running"}; "running": the services that were running (stop)."""
+    who = runas.lookup(run_as) if run_as else None
+    lines: list[str] = []
+    built = [procman.ServiceSpec(name=s["name"], folder=s["folder"], manager=s["manager"], app_name=s["app_name"],
+                                 start_command=tuple(s.get("start_command") or ()), root=s["root"],
+                                 ecosystem=s.get("ecosystem"), identity=who, pm2_home=procman.pm2_home_for(s["root"]),
+                                 env=dict(NO_INTERACTION))
+             for s in specs]
+
+    def runner(argv, **kw):
+        lines.append("$ " + " ".join(argv[:8]))
+        result = proc.run(argv, **kw)  # masked as locally (the manager passes the secrets)
+        if not result.ok:
+            lines.extend(f"  {line}"[:300] for line in (result.stderr_tail or result.stdout_tail)[-8:])
+        return result
+
+    mgrs = {"pm2": procman.Pm2Manager(binary=pm2, timeout=timeout, log=lines.append, runner=runner, settle=settle),
+            "none": procman.NoManager()}
+    try:
+        if action == "stop":
+            running = procman.stop_all(built, mgrs)
+        elif action == "start":
+            running = procman.start_all(built, mgrs)
+        else:
+            raise ValueError(f"unknown action {action!r}")
+    except procman.ProcessError as exc:
+        return {"ok": False, "error": str(exc), "lines": lines, "running": []}
+    return {"ok": True, "error": "", "lines": lines, "running": list(running or [])}
+
+
+# --- the journal -----------------------------------------------------------------------------------------------
+def _folder(customers_root: str) -> str:
+    folder = os.path.join(customers_root, JOURNALS)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(folder, 0o700)
+    st = os.lstat(folder)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise OSError(f"{folder} is not a folder of the login user's: no journal is kept there")
+    if st.st_mode & 0o077:
+        os.chmod(folder, 0o700)
+    return folder
+
+
+def _canonical(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _tag(key: bytes, body: dict) -> str:
+    return hmac.new(key, _canonical({"format": FORMAT, "body": body}), hashlib.sha256).hexdigest()
+
+
+def journal_path(customers_root: str, run_id: int) -> str:
+    return os.path.join(customers_root, JOURNALS, f"run-{int(run_id)}.json")
+
+
+def journal_write(customers_root: str, run_id: int, body: dict, key_hex: str) -> str:
+    """Replace the run's journal on this host, atomically and durably; its path."""
+    folder = _folder(customers_root)
+    path = journal_path(customers_root, run_id)
+    data = _canonical({"format": FORMAT, "hmac": _tag(bytes.fromhex(key_hex), body), "body": body})
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return path
+
+
+def journal_read(customers_root: str, run_id: int, key_hex: str) -> dict | None:
+    """The run's journal body, None when there is none; ValueError when it cannot be trusted."""
+    path = journal_path(customers_root, run_id)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            raise ValueError(f"{path}: not a 0600 file of the login user's")
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            doc = json.loads(fh.read(64 << 20))
+    finally:
+        os.close(fd)
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("body"), dict):
+        raise ValueError(f"{path}: not a Kasa host journal")
+    if not hmac.compare_digest(_tag(bytes.fromhex(key_hex), doc["body"]), str(doc.get("hmac"))):
+        raise ValueError(f"{path}: its authentication tag is wrong")
+    return doc["body"]
+
+
+def journal_remove(customers_root: str, run_id: int) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(journal_path(customers_root, run_id))
