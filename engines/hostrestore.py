@@ -16,27 +16,21 @@ user, the swaps (engines.swap, called directly through the helper), the log fold
 - The journal: `journal_write`/`journal_read`/`journal_remove` keep the run's steps in a 0700 folder of the login
   user's under the host's customers root (`.kasa-journals/run-<id>.json`, 0600, written atomically and fsynced),
   authenticated with an HMAC-SHA256 under a key the worker derives for this host alone (it never holds a backup
-  key). The format is engines.localjournal's envelope with its own format name.
+  key): engines.localjournal's envelope, folder rules and atomic write, on the host.
 """
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
-import hashlib
-import hmac
-import json
 import os
-import stat
 
-from . import beneath, proc, procman, runas, swap, treecheck, trees
+from . import beneath, localjournal, proc, procman, runas, swap, treecheck, trees
 from .tarcheck import Listing
 
 JOURNALS = ".kasa-journals"
 # PM2's own switch: no attempt to reach a PM2.io agent's socket (a `pm2 start` that spawns the daemon otherwise pings
 # one, and crashes now and then when that socket cannot be looked at).
 NO_INTERACTION = {"PM2_NO_INTERACTION": "true"}
-FORMAT = "kasa-host-journal/1"
 
 # argv: root, folder (relative to root), uid, gid, then tar's argv. Kept short: it travels in argv.
 TAR_LAUNCHER = r"""
@@ -245,77 +239,30 @@ def services(action: str, specs: list[dict], run_as: str, pm2: str, timeout: flo
 
 
 # --- the journal -----------------------------------------------------------------------------------------------
+# engines.localjournal's envelope, folder rules and atomic, durable write, kept on the host's disk under a key the
+# worker derives for this host alone (key id "host").
+HOST_KEY_ID = "host"
+
+
 def _folder(customers_root: str) -> str:
-    folder = os.path.join(customers_root, JOURNALS)
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(folder, 0o700)
-    st = os.lstat(folder)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
-        raise OSError(f"{folder} is not a folder of the login user's: no journal is kept there")
-    if st.st_mode & 0o077:
-        os.chmod(folder, 0o700)
-    return folder
-
-
-def _canonical(obj) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def _tag(key: bytes, body: dict) -> str:
-    return hmac.new(key, _canonical({"format": FORMAT, "body": body}), hashlib.sha256).hexdigest()
+    return os.path.join(customers_root, JOURNALS)
 
 
 def journal_path(customers_root: str, run_id: int) -> str:
-    return os.path.join(customers_root, JOURNALS, f"run-{int(run_id)}.json")
+    return str(localjournal.path_for(_folder(customers_root), run_id))
 
 
 def journal_write(customers_root: str, run_id: int, body: dict, key_hex: str) -> str:
     """Replace the run's journal on this host, atomically and durably; its path."""
-    folder = _folder(customers_root)
-    path = journal_path(customers_root, run_id)
-    data = _canonical({"format": FORMAT, "hmac": _tag(bytes.fromhex(key_hex), body), "body": body})
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-    return path
+    localjournal.write(_folder(customers_root), run_id, {**body, "run": int(run_id)},
+                       [(HOST_KEY_ID, bytes.fromhex(key_hex))])
+    return journal_path(customers_root, run_id)
 
 
 def journal_read(customers_root: str, run_id: int, key_hex: str) -> dict | None:
-    """The run's journal body, None when there is none; ValueError when it cannot be trusted."""
-    path = journal_path(customers_root, run_id)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
-            raise ValueError(f"{path}: not a 0600 file of the login user's")
-        with os.fdopen(os.dup(fd), "rb") as fh:
-            doc = json.loads(fh.read(64 << 20))
-    finally:
-        os.close(fd)
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("body"), dict):
-        raise ValueError(f"{path}: not a Kasa host journal")
-    if not hmac.compare_digest(_tag(bytes.fromhex(key_hex), doc["body"]), str(doc.get("hmac"))):
-        raise ValueError(f"{path}: its authentication tag is wrong")
-    return doc["body"]
+    """The run's journal body, None when there is none; localjournal.JournalRefused when it cannot be trusted."""
+    return localjournal.read(_folder(customers_root), run_id, [(HOST_KEY_ID, bytes.fromhex(key_hex))])
 
 
 def journal_remove(customers_root: str, run_id: int) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(journal_path(customers_root, run_id))
+    localjournal.remove(_folder(customers_root), run_id)

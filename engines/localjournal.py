@@ -36,9 +36,6 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
 FORMAT = "kasa-local-journal/1"
 _HKDF_INFO = b"kasa local journal v1"
 MAX_BYTES = 64 * 1024 * 1024  # a journal with every log line of a long undo stays far below this
@@ -51,6 +48,11 @@ class JournalRefused(Exception):
 
 def derive_keys(secret_keys: Iterable[str]) -> list[tuple[str, bytes]]:
     """(key id, HMAC key) per configured secret key, newest first: files are tagged with the first, read with any."""
+    # Imported here: a remote restore ships this module to a host's python3 (engines.hostrestore's journal), which
+    # only writes and reads with a key the worker derived, and may have no `cryptography`.
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
     keys = []
     for raw in secret_keys:
         key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_HKDF_INFO).derive(raw.encode())
