@@ -28,15 +28,7 @@ def real(path: str | os.PathLike) -> Path:
     return Path(os.path.realpath(os.fspath(path)))
 
 
-def overlap(a: Path, b: Path) -> str | None:
-    """How folder `a` overlaps folder `b`: "is", "lies inside", "contains", or None."""
-    if a == b:
-        return "is"
-    if b in a.parents:
-        return "lies inside"
-    if a in b.parents:
-        return "contains"
-    return None
+overlap = paths.overlap  # the same rule on the hosts (engines.hostside)
 
 
 def trash_dir() -> Path:

@@ -26,17 +26,6 @@ COPY_PREFIX = "kasa-sqlite-"
 COPY_MAX_AGE = 24 * 3600  # a private copy older than this was left by a backup that lost its host
 
 
-def _overlap(a: Path, b: Path) -> str | None:
-    # The same words as customers.roots.overlap (which needs Django's settings, so is not shipped).
-    if a == b:
-        return "is"
-    if b in a.parents:
-        return "lies inside"
-    if a in b.parents:
-        return "contains"
-    return None
-
-
 def backup_facts(customers_root: str, root: str, others: list[str], services: list[list[str]],
                  sqlite: list[list[str]]) -> dict:
     """Everything a backup of one customer needs to know of its folders on this host, checked now.
@@ -55,7 +44,7 @@ def backup_facts(customers_root: str, root: str, others: list[str], services: li
         return out
     shown = root if str(real_root) == os.path.normpath(root) else f"{root} (really {real_root})"
     for other in others:
-        if how := _overlap(real_root, Path(os.path.realpath(other))):
+        if how := paths.overlap(real_root, Path(os.path.realpath(other))):
             out["problems"].append(f"root folder {shown} {how} another customer's root folder: each customer's "
                                    "folder is its own")
             return out

@@ -56,3 +56,14 @@ def relative_inside(raw: str, *, what: str = "relative path") -> str:
         raise PathEscapeError(f"{what} {raw!r} contains '..'")
     norm = os.path.normpath(raw)
     return "" if norm == "." else norm
+
+
+def overlap(a: Path, b: Path) -> str | None:
+    """How folder `a` overlaps folder `b`: "is", "lies inside", "contains", or None (customer roots may not)."""
+    if a == b:
+        return "is"
+    if b in a.parents:
+        return "lies inside"
+    if a in b.parents:
+        return "contains"
+    return None
