@@ -289,22 +289,39 @@ def _send(ctx: RunContext, plan, remote: RemoteHost, store, keyring, art, dest: 
     argv = remote.session.argv(["python3", "-I", "-c", hostrestore.TAR_LAUNCHER, root, os.path.relpath(dest, root),
                                 str(who["uid"]), str(who["gid"]), *unpack._tar_argv()])
     scanner = unpack.TarScanner(name, unpack.Limits())
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True, bufsize=0)
-    tail: collections.deque = collections.deque(maxlen=20)
-    reader = threading.Thread(target=drain, args=(proc.stderr, tail), daemon=True)
-    reader.start()
-    try:
+
+    def feed(write, close):
         with unpack.open_plain(store, name, on_progress=progress(ctx, f"unpacking {art.name}"),
                                **artifact_kwargs(plan.backup, art, keyring)) as chunks:
             for chunk in chunks:
                 if scanner.ended:
                     continue
                 for piece in scanner.feed(chunk) or ():
-                    write_all(proc.stdin.fileno(), piece)
+                    write(piece)
                 if scanner.ended:
-                    proc.stdin.close()
-            listing = scanner.finish()
+                    close()
+            return scanner.finish()
+
+    listing = _pipe_to_host(remote, argv, art, dest, feed)
+    counts = {k: getattr(listing, k) for k in ("members", "files", "dirs", "symlinks", "hardlinks", "total_size")}
+    try:
+        remote.call("engines.hostrestore.check_tree", root, dest, counts, who["uid"])
+    except RemoteError as exc:
+        raise OperationError(f"{art.name}: the tree tar made on {remote.host.name} was refused: {exc}") from None
+    return listing
+
+
+def _pipe_to_host(remote: RemoteHost, argv: list[str], art, dest: str, feed):
+    """Run `argv` (through the session) with `feed(write, close)` writing its stdin; feed's result. A connection
+    lost on the way is a RemoteError naming the host, a failing command or a refused artifact an OperationError;
+    the command is killed whatever else ends it early."""
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True, bufsize=0)
+    tail: collections.deque = collections.deque(maxlen=20)
+    reader = threading.Thread(target=drain, args=(proc.stderr, tail), daemon=True)
+    reader.start()
+    try:
+        result = feed(lambda piece: write_all(proc.stdin.fileno(), piece), proc.stdin.close)
         if not proc.stdin.closed:
             proc.stdin.close()
         code = proc.wait(timeout=600)
@@ -322,12 +339,7 @@ def _send(ctx: RunContext, plan, remote: RemoteHost, store, keyring, art, dest: 
         raise
     if code != 0:
         _lost_or_failed(remote, art, dest, code, tail)
-    counts = {k: getattr(listing, k) for k in ("members", "files", "dirs", "symlinks", "hardlinks", "total_size")}
-    try:
-        remote.call("engines.hostrestore.check_tree", root, dest, counts, who["uid"])
-    except RemoteError as exc:
-        raise OperationError(f"{art.name}: the tree tar made on {remote.host.name} was refused: {exc}") from None
-    return listing
+    return result
 
 
 def _lost_or_failed(remote: RemoteHost, art, dest: str, code, tail) -> None:
@@ -366,31 +378,15 @@ def _sqlite_in(ctx: RunContext, plan, remote: RemoteHost, art, live: str, journa
     try:
         copy = os.path.join(folder, "restore.sqlite3")
         argv = remote.session.argv(["dd", f"of={copy}", "conv=excl", "oflag=nofollow", "bs=1M", "status=none"])
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                start_new_session=True, bufsize=0)
-        tail: collections.deque = collections.deque(maxlen=20)
-        reader = threading.Thread(target=drain, args=(proc.stderr, tail), daemon=True)
-        reader.start()
-        try:
+
+        def feed(write, close):
             with unpack.open_plain(plan.backup.target.store(), f"{plan.backup.prefix}/{art.name}",
                                    on_progress=progress(ctx, f"restoring {art.name}"),
                                    **artifact_kwargs(plan.backup, art, keyring_for(plan.backup))) as chunks:
                 for chunk in chunks:
-                    write_all(proc.stdin.fileno(), chunk)
-            proc.stdin.close()
-            code = proc.wait(timeout=600)
-            reader.join(timeout=10)
-        except BrokenPipeError:
-            _lost_or_failed(remote, art, copy, proc.wait(timeout=60), tail)
-            raise
-        except unpack.ArtifactError as exc:
-            _kill(proc)
-            raise OperationError(f"{art.name}: {exc}") from None
-        except BaseException:
-            _kill(proc)
-            raise
-        if code != 0:
-            _lost_or_failed(remote, art, copy, code, tail)
+                    write(chunk)
+
+        _pipe_to_host(remote, argv, art, copy, feed)
         step = journal.add({"type": "db_fresh", "engine": "sqlite", "db": art.source, "new": None, "live": live,
                             "host": True})
         answer = remote.call("engines.hostrestore.sqlite_fresh", live, copy, tag, root)
