@@ -33,14 +33,16 @@ REDIS_TEST_URL = os.environ.get("KASA_TEST_REDIS_URL", "redis://127.0.0.1:6379/1
 # Timing knobs, not behaviour: a PM2 start watches its app 0.8 s instead of 2 s and health URLs are polled every
 # 0.2 s instead of 0.5 s, in this process and in the Kasa processes tests start (make run, workers). Every start
 # and health check still happens; the suite has hundreds of them. Tests of the watching itself set their own.
-TEST_TIMINGS = {"KASA_PM2_SETTLE": "0.4", "KASA_HEALTH_INTERVAL": "0.2", "KASA_SSH_CONNECT_TIMEOUT": "2"}
+TEST_TIMINGS = {"KASA_PM2_SETTLE": "0.4", "KASA_HEALTH_INTERVAL": "0.2", "KASA_HEALTH_STREAK": "2",
+                "KASA_SSH_CONNECT_TIMEOUT": "2"}
 for _name, _value in TEST_TIMINGS.items():
     os.environ.setdefault(_name, _value)
 
 
 def pytest_configure(config):
     for name in TEST_TIMINGS:
-        setattr(settings, name, float(os.environ[name]))
+        value = os.environ[name]
+        setattr(settings, name, int(value) if value.isdigit() else float(value))
 
 
 # `make test-sqlite` passes the smoke tests again on the default SQLite control database; those that never touch a
