@@ -170,6 +170,9 @@ def test_a_worker_killed_mid_backup_leaves_failed_runs_that_the_other_workers_re
     try:
         wait_until(lambda: not Run.objects.filter(pk__in=ours, status__in=Run.ACTIVE).exists(), 30, 0.2,
                    what="machine-2's reaper to fail the dead worker's runs")
+        # A run is failed first, then cleaned up (its partial objects, its backup row), then audited as reaped.
+        wait_until(lambda: AuditEntry.objects.filter(action="run.backup.reaped", object_id=str(running.pk)).exists(),
+                   30, 0.2, what="machine-2's reaper to finish cleaning up after the dead backup")
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n{_logs(survivor)}") from None
 
