@@ -331,6 +331,9 @@ class Pm2Manager(ManagerBase):
                 code = env.get("exit_code")
                 code = code if isinstance(code, int) and not isinstance(code, bool) else None
                 self._delete(spec)
+                if self.app(spec) is not None:  # a restart in flight as PM2 deleted it can list it again
+                    time.sleep(0.3)
+                    self._delete(spec)
                 detail = (f"it exited{f' with code {code}' if code is not None else ''} at once and PM2 "
                           f"restarted it {restarts} times; it was removed from PM2 again; "
                           f"last error: {last or 'none logged'}")
