@@ -45,6 +45,7 @@ from customers.models import Customer
 from engines import dbrestore, hostrestore, hostside, procman, secretbox, ssh, unpack
 from engines.humanize import human_duration, human_size
 from engines.plainread import drain, last_line, write_all
+from engines.proc import kill_group as proc_kill
 from hosts.remote import RemoteError, RemoteHost
 from operations.context import OperationError, RunCancelled, RunContext, RunLost
 
@@ -332,10 +333,10 @@ def _pipe_to_host(remote: RemoteHost, argv: list[str], art, dest: str, feed):
         _lost_or_failed(remote, art, dest, code, tail)
         raise
     except unpack.ArtifactError as exc:
-        _kill(proc)
+        proc_kill(proc)
         raise OperationError(f"{art.name}: {exc}") from None
     except BaseException:
-        _kill(proc)
+        proc_kill(proc)
         raise
     if code != 0:
         _lost_or_failed(remote, art, dest, code, tail)
@@ -350,15 +351,6 @@ def _lost_or_failed(remote: RemoteHost, art, dest: str, code, tail) -> None:
             raise RemoteError(str(exc)) from None
     raise OperationError(f"{art.name}: tar failed extracting into {dest} on {remote.host.name} (exit code {code}"
                          f"{': ' + last_line(tail) if last_line(tail) else ''})")
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, 9)
-        except ProcessLookupError:
-            pass
-    proc.wait()
 
 
 # --- SQLite, on the host -----------------------------------------------------------------------------------------

@@ -153,7 +153,7 @@ def run(
         except subprocess.TimeoutExpired:
             raise CommandTimeout(f"{shown[0]} did not finish within {timeout:g} s and was killed") from None
     except BaseException:
-        _kill(proc)
+        kill_group(proc)
         raise
     finally:
         sel.close()
@@ -168,7 +168,8 @@ def run(
     )
 
 
-def _kill(proc: subprocess.Popen) -> None:
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL a process started in a session of its own, with its group, and reap it."""
     if proc.poll() is None:
         try:
             os.killpg(proc.pid, 9)
