@@ -18,8 +18,8 @@ every change made on the host.
   swapped in on the host (engines.dbrestore_sqlite through the helper). MySQL/MariaDB artifacts of a remote
   customer are refused before anything is touched (not built yet).
 - **Services**: PM2 on the host (its own `pm2`, Host.tools or KASA_REMOTE_PM2), run by engines.procman there
-  (engines.hostrestore.services), every PM2 call as the customer's user; health URLs are asked from the worker,
-  as a remote check does (customers.remote_check).
+  (engines.hostrestore.services), every PM2 call as the customer's user; health URLs are asked on the host (a
+  URL names the service as its host sees it: hosts.remote.RemoteHost.check_health), as a remote check does.
 - **The journal** is the run's (local file, run result: operations.journal) *and* a copy on the host's disk
   (engines.hostrestore.journal_write), written before each change. A failure undoes it through the same
   session; a host lost mid-way fails the run naming the host and leaves its journal there.
@@ -447,7 +447,7 @@ def _swap_in(ctx: RunContext, plan, remote: RemoteHost, staging: str | None, jou
     from customers import runtime
 
     specs = _specs(plan, local)
-    healthy_before = runtime.healthy_now(specs)
+    healthy_before = runtime.healthy_now(specs, checker=remote.check_health)
     ctx.phase("stop")
     ctx.info(f"stopping {len(specs)} service(s) on {remote.host.name}: {', '.join(s.name for s in specs) or 'none'}")
     journal.add({"type": "services_stopped", "healthy_before": healthy_before, "services": [s.name for s in specs]})
@@ -465,7 +465,7 @@ def _swap_in(ctx: RunContext, plan, remote: RemoteHost, staging: str | None, jou
     ctx.info(f"starting {len(specs)} service(s) on {remote.host.name}")
     _services(ctx, remote, plan, specs, "start")
     ctx.phase("health")
-    runtime.check_health(ctx, specs)
+    runtime.check_health(ctx, specs, checker=remote.check_health)
     return way_back
 
 
@@ -552,7 +552,7 @@ def _undo(ctx: RunContext, plan, remote: RemoteHost, journal: Journal, local: St
             try:
                 _services(ctx, remote, plan, specs, "start")
                 before = set(restart.get("healthy_before") or [])
-                runtime.check_health(ctx, [s for s in specs if s.name in before])
+                runtime.check_health(ctx, [s for s in specs if s.name in before], checker=remote.check_health)
             except Exception as exc:
                 journal.services_down = str(exc)
                 ctx.error(f"the previous files and databases are back but the services did not come up: {exc}")
