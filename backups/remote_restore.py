@@ -185,7 +185,8 @@ def restore(ctx: RunContext, plan, local: Steps) -> dict:
                     f"restore failed: {local.short(exc)}; ROLLBACK INCOMPLETE on host {host.name} "
                     f"({remote.where}): the journal of what changed stays there ({journal.path}) for the way "
                     f"back; an operator must look at {root}") from None
-            raise OperationError(f"restore failed: {local.short(exc)}; {what}",
+            # the error names the host: a database's or service's own message names only what it was given
+            raise OperationError(f"restore on host {host.name} failed: {local.short(exc)}; {what}",
                                  result={"safety_backup": safety}) from None
         with ctx.uninterruptible():
             _cleanup(ctx, remote, journal, root)

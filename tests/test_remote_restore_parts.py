@@ -142,6 +142,7 @@ def test_a_failing_remote_restore_puts_back_the_mariadb_database_and_the_later_r
         run = _restore(bk, safety_backup=False)
         log = "\n".join(line.text for line in run.log_lines.all())
         assert run.status == "failed", log
+        assert run.error.startswith("restore on host web-myundo failed:"), run.error
         assert "health check failed" in run.error and "the pre-restore state was put back" in run.error, log
         assert "fresh database" in log and "backend points at releases/1/backend again" in log  # it got that far
         assert os.readlink(root / "backend") == "releases/2/backend"
