@@ -2,6 +2,7 @@ from django.apps import AppConfig
 
 from core import permissions
 from customers import page
+from hosts import services as host_services
 from operations import registry
 
 
@@ -13,6 +14,8 @@ class BackupsConfig(AppConfig):
         registry.register("backup", "backups.operations.backup", mutating=True,
                           on_abandon="backups.operations.abandon", abandon_anywhere=True)
         registry.register("restore", "backups.restore.restore", mutating=True, on_abandon="backups.restore.abandon")
+        # A remote restore's journal that a lost host kept is replayed once the host answers its probe again.
+        host_services.add_journal_hook("backups.host_journals.replay_from_probe")
         # A drill touches no customer file or database: it may run beside a backup (not beside another drill).
         registry.register("verify", "backups.verify.verify", mutating=False)
         for kind in ("backup", "restore", "verify"):  # what the run page shows of each

@@ -32,8 +32,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import hashlib
-import hmac
 import os
 import subprocess
 import threading
@@ -41,17 +39,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from django.conf import settings
-
 from customers.models import Customer
-from engines import dbrestore, hostrestore, hostside, procman, secretbox, ssh, unpack
+from engines import dbrestore, hostrestore, hostside, procman, ssh, unpack
 from engines.humanize import human_duration, human_size
 from engines.plainread import drain, last_line, write_all
 from engines.proc import kill_group as proc_kill
 from hosts.remote import RemoteError, RemoteHost
 from operations.context import OperationError, RunCancelled, RunContext, RunLost
 
-from . import dbswap, remote_parts, restore_files
+from . import dbswap, host_journals, remote_parts, restore_files
+from .host_journals import host_journal_key
 from .reading import artifact_kwargs, keyring_for, progress
 from .remote import host_facts
 
@@ -103,13 +100,6 @@ class Journal:
     @services_down.setter
     def services_down(self, value: str) -> None:
         self.local.services_down = value
-
-
-def host_journal_key(host_name: str) -> str:
-    """The HMAC key of a host's journals: derived from KASA_SECRET_KEYS for that host alone (hex)."""
-    first = secretbox.parse_keys(settings.KASA_SECRET_KEYS)[0]
-    return hmac.new(first.encode(),
-                    b"kasa host journal v1\0" + host_name.encode(), hashlib.sha256).hexdigest()
 
 
 @dataclass
@@ -189,7 +179,7 @@ def restore(ctx: RunContext, plan, local: Steps) -> dict:
             raise OperationError(f"restore on host {host.name} failed: {local.short(exc)}; {what}",
                                  result={"safety_backup": safety}) from None
         with ctx.uninterruptible():
-            _cleanup(ctx, remote, journal, root)
+            host_journals.cleanup(ctx, remote, journal, root)
             local.record_versions(ctx, plan)
     seconds = time.monotonic() - started
     ctx.info(f"restore of backup #{plan.backup.pk} on host {host.name} complete in {human_duration(seconds)}"
@@ -397,31 +387,11 @@ def _sqlite_in(ctx: RunContext, plan, remote: RemoteHost, art, live: str, journa
 # --- swap ------------------------------------------------------------------------------------------------------
 def _specs(plan, local: Steps) -> list[procman.ServiceSpec]:
     """The touched services as the host runs them (identity resolved there, see engines.hostrestore.services)."""
-    root = str(plan.root)
-    specs = [procman.ServiceSpec(name=s.name, folder=os.path.join(root, s.path or "."), manager=s.process_manager,
-                                 app_name=s.app_name, start_command=tuple(s.start_command or ()),
-                                 health_url=s.health_url, root=root)
-             for s in sorted(plan.customer.services.all(), key=lambda s: s.name)]
-    return local.touched_specs(plan, specs)
-
-
-def _pm2(remote: RemoteHost) -> str:
-    return settings.KASA_REMOTE_PM2 or "pm2"
+    return local.touched_specs(plan, host_journals.service_specs(plan.customer, str(plan.root)))
 
 
 def _services(ctx: RunContext, remote: RemoteHost, plan, specs, action: str) -> None:
-    if not specs:
-        return
-    wire = [{"name": s.name, "folder": s.folder, "manager": s.manager, "app_name": s.app_name,
-             "start_command": list(s.start_command), "root": s.root} for s in specs]
-    answer = remote.call("engines.hostrestore.services", action, wire, plan.customer.run_as, _pm2(remote),
-                         timeout=settings.KASA_SERVICE_TIMEOUT, settle=settings.KASA_PM2_SETTLE)
-    if not isinstance(answer, dict) or not isinstance(answer.get("lines"), list):
-        raise OperationError(f"{remote.where} answered something that is not a service report: not trusted")
-    for line in answer["lines"][:50]:
-        ctx.info(f"{remote.host.name}: {str(line)[:300]}")
-    if not answer.get("ok"):
-        raise OperationError(f"on {remote.host.name}: {str(answer.get('error'))[:2000]}")
+    host_journals.services(ctx, remote, plan.customer.run_as, specs, action)
 
 
 def _swap_in(ctx: RunContext, plan, remote: RemoteHost, staging: str | None, journal: Journal, local: Steps,
@@ -484,80 +454,6 @@ def _swap_files(ctx: RunContext, plan, remote: RemoteHost, staging: str, journal
             remote_parts.relink(ctx, plan, remote, journal)
 
 
-# --- undo and clean up -----------------------------------------------------------------------------------------
+# --- undo and clean up (backups.host_journals: shared with the replay of a journal a lost host kept) -------
 def _undo(ctx: RunContext, plan, remote: RemoteHost, journal: Journal, local: Steps) -> bool:
-    """Undo the journal in reverse through the session; True when everything was put back. A host that is gone
-    is not asked again step after step: what is left stays in its journal there."""
-    from customers import runtime
-
-    down: list[str] = []
-
-    def on_host(what: str, fn):
-        if down:
-            raise RemoteError(down[0])
-        try:
-            return fn()
-        except RemoteError as exc:
-            if "session ended" in str(exc) or "unreachable" in str(exc) or "no answer" in str(exc):
-                down.append(str(exc))
-            raise
-
-    with ctx.uninterruptible():
-        ok = True
-        restart = next((s for s in journal.steps if s["type"] == "services_stopped"), None)
-        specs = [s for s in _specs(plan, local) if restart and s.name in (restart.get("services") or [])]
-        if restart:
-            try:
-                on_host("stop", lambda: _services(ctx, remote, plan, specs, "stop"))
-            except Exception as exc:
-                ctx.warning(f"could not stop the services before putting the previous state back: {exc}")
-        for step in reversed(journal.steps):
-            try:
-                if step["type"] in ("files", "carry", "staging"):
-                    moved = on_host(step["type"], lambda step=step: remote.call(
-                        "engines.hostrestore.undo_step", str(plan.root), step))
-                    if moved and step["type"] == "files":
-                        ctx.info(f"put back {step['live']} on {remote.host.name}")
-                elif step.get("host"):
-                    what = on_host(step["type"], lambda step=step: remote.call(
-                        "engines.hostrestore.sqlite_undo", step, step["live"], f"r{ctx.run.pk}", str(plan.root)))
-                    ctx.info(f"database {step['db']} on {remote.host.name}: {what}")
-                elif step["type"] != "services_stopped":
-                    dbswap.undo(ctx, step)
-            except Exception as exc:
-                ok = False
-                ctx.error(f"could not undo {step.get('type')} ({step.get('live') or step.get('db') or ''}): {exc}")
-        if ok:
-            try:
-                journal.clear()
-            except Exception as exc:  # the host went away after the undo: its journal says nothing is left
-                ctx.warning(f"the undo is complete but its journal could not be removed on {remote.host.name}: {exc}")
-        if restart and ok:
-            try:
-                _services(ctx, remote, plan, specs, "start")
-                before = set(restart.get("healthy_before") or [])
-                runtime.check_health(ctx, [s for s in specs if s.name in before], checker=remote.check_health)
-            except Exception as exc:
-                journal.services_down = str(exc)
-                ctx.error(f"the previous files and databases are back but the services did not come up: {exc}")
-        return ok
-
-
-def _cleanup(ctx: RunContext, remote: RemoteHost, journal: Journal, root: str) -> None:
-    for step in reversed(journal.steps):
-        try:
-            if step["type"] == "staging":
-                remote.call("engines.hostrestore.remove_tree", root, step["path"])
-            elif remote_parts.clean_up(remote, root, step):
-                continue
-            elif step.get("host"):
-                if step["type"] == "db_swap" and step.get("old"):
-                    remote.call("engines.hostrestore.sqlite_remove", step["old"], root)
-            elif dbswap.is_step(step):
-                dbswap.finish(ctx, step)
-        except Exception as exc:
-            ctx.warning(f"could not remove the previous copy ({step.get('path') or step.get('db')}): {exc}")
-    try:
-        journal.clear()
-    except Exception as exc:
-        ctx.warning(f"the restore holds but its journal could not be removed on {remote.host.name}: {exc}")
+    return host_journals.undo(ctx, remote, journal, plan.customer, str(plan.root), _specs(plan, local))

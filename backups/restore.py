@@ -474,18 +474,18 @@ def abandon(run: Run, ctx: RunContext) -> None:
     """The worker died mid-restore: undo its journal so the customer is exactly as it was."""
     steps = (run.result or {}).get("journal") or []
     customer = Customer.objects.select_related("host").get(pk=run.customer_id)
-    if not customer.host.is_local:
-        # Its paths are the host's: never followed on this machine. The journal stays on the host
-        # (backups.remote_restore); replaying it from there is not built yet.
-        if steps:
-            ctx.error(f"the worker died mid-restore of {customer} on host {customer.host.name}: its journal stays "
-                      f"on that host ({customer.host.root()}/.kasa-journals/run-{run.pk}.json) and is not replayed "
-                      "yet: an operator must look")
-        return
     # A safety backup the dead worker was still writing: it is nobody's restore point.
     for bk in Backup.objects.filter(customer=customer, run=None, status=Backup.Status.RUNNING,
                                     trigger=Backup.Trigger.RESTORE, created_at__gte=run.created_at):
         discard(ctx, bk, bk.target.store(), [], RuntimeError("worker died during the restore"))
+    if not customer.host.is_local:
+        # Its paths are the host's: never followed on this machine. The journal on the host, written before the
+        # copy in `result`, is the one replayed, there, through a session (any worker reaches the host); a host
+        # that does not answer now keeps it for its probe's pass (backups.host_journals).
+        from . import host_journals
+
+        host_journals.replay_run(run, ctx)
+        return
     if not steps:
         return
     journal = Journal(ctx)

@@ -3,7 +3,8 @@ machine (run locally) and on a remote host (run over engines.ssh), so both are r
 
 The script is a constant; the customers root and the PM2 to look at are its positional arguments ($1, $2), never
 pasted into it. It runs no customer code and starts nothing: `pm2 --version` would spawn a PM2 daemon, so PM2's
-version is read from its package.json instead.
+version is read from its package.json instead. It also counts the restore journals left in the root's
+`.kasa-journals` (a run that lost the host mid-way): the probe task has them replayed (hosts.tasks).
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ if [ -d "$root" ]; then
 else
   printf 'noroot\n'
 fi
+n=0
+for f in "$root"/.kasa-journals/run-*.json; do [ -e "$f" ] && n=$((n+1)); done
+printf 'journals %s\n' "$n"
 for t in python3 tar zstd pg_dump mariadb-dump; do
   if command -v "$t" >/dev/null 2>&1; then
     printf 'tool %s %s\n' "$t" "$("$t" --version 2>&1 </dev/null | head -n 1)"
@@ -48,6 +52,7 @@ class ProbeAnswer:
     free_bytes: int | None = None
     root_exists: bool = True
     tools: dict[str, str] = field(default_factory=dict)
+    journals: int = 0  # restore journals a lost host kept (engines.hostrestore.JOURNALS): to be replayed
 
 
 _VERSION = re.compile(r"v?(\d+\.\d+(?:\.\d+)?(?:[-+~][0-9A-Za-z.]+)?)")
@@ -81,6 +86,8 @@ def parse(text: str) -> ProbeAnswer:
             fields = rest.split()
             if len(fields) >= 4 and fields[3].isdigit():
                 answer.free_bytes = int(fields[3])
+        elif kind == "journals":
+            answer.journals = int(rest) if rest.strip().isdigit() else 0
         elif kind == "tool":
             name, _, line = rest.partition(" ")
             if name in answer.tools:

@@ -18,7 +18,8 @@ user, the swaps (engines.swap, called directly through the helper), the log fold
 - The journal: `journal_write`/`journal_read`/`journal_remove` keep the run's steps in a 0700 folder of the login
   user's under the host's customers root (`.kasa-journals/run-<id>.json`, 0600, written atomically and fsynced),
   authenticated with an HMAC-SHA256 under a key the worker derives for this host alone (it never holds a backup
-  key): engines.localjournal's envelope, folder rules and atomic write, on the host.
+  key): engines.localjournal's envelope, folder rules and atomic write, on the host. `journal_list`,
+  `journal_load` and `journal_claim` serve the replay of journals a lost host kept (backups.host_journals).
 """
 
 from __future__ import annotations
@@ -288,3 +289,42 @@ def journal_read(customers_root: str, run_id: int, key_hex: str) -> dict | None:
 
 def journal_remove(customers_root: str, run_id: int) -> None:
     localjournal.remove(_folder(customers_root), run_id)
+    claim = _CLAIMS.pop(journal_path(customers_root, run_id), None)
+    if claim is not None:
+        claim.release()
+
+
+def journal_list(customers_root: str) -> list[int]:
+    """The runs whose journal is on this host, oldest first."""
+    return localjournal.listed(_folder(customers_root))
+
+
+def journal_load(customers_root: str, run_id: int, key_hex: str) -> dict:
+    """{"body": the journal's body or None} or {"refused": why}: a journal that cannot be trusted is an *answer*
+    here, not an error, so that the worker tells a forged or corrupt journal (left alone, reported) from a
+    connection that failed (tried again later)."""
+    try:
+        return {"body": journal_read(customers_root, run_id, key_hex)}
+    except localjournal.JournalRefused as exc:
+        return {"refused": str(exc)}
+
+
+# Claims held by this helper process: the flock goes with the process, so a replayer whose session dies never
+# leaves a journal claimed for good.
+_CLAIMS: dict[str, localjournal.Lock] = {}
+
+
+def journal_claim(customers_root: str, run_id: int) -> bool | None:
+    """Take the run's journal for one replay (flock on run-<id>.lock, held as long as this helper lives or until
+    journal_remove); False when another session holds it (a replay of that journal already under way), None when
+    there is no journal."""
+    path = journal_path(customers_root, run_id)
+    if path in _CLAIMS:
+        return True
+    if not os.path.lexists(path):
+        return None  # nothing to replay: no lock file is left behind for it
+    lock = localjournal.Lock(_folder(customers_root), run_id)
+    if not lock.acquire():
+        return False
+    _CLAIMS[path] = lock
+    return True

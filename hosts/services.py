@@ -7,6 +7,7 @@ that key at the moment of the trust; nothing here learns a key silently.
 
 from __future__ import annotations
 
+import logging
 import subprocess
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ from django.conf import settings
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
 from django.utils import timezone
+from django.utils.module_loading import import_string
 from django_q.tasks import async_task
 
 from audit.models import AuditEntry
@@ -25,6 +27,7 @@ from engines.secretbox import Secret
 from .models import Host
 
 PROBE_TIMEOUT = 30
+log = logging.getLogger(__name__)
 
 
 class HostInputError(ValueError):
@@ -182,10 +185,30 @@ def host_probe(host: Host) -> Host:
         problem = "; ".join(p for p in (problem, sudo_problem) if p)
         fields.update(reachable=True, last_seen=now, last_error=problem, os=answer.os, free_bytes=answer.free_bytes,
                       tools=answer.tools)
+        host.journals_left = answer.journals  # not stored: the probe task has them replayed (host_journals_left)
     Host.objects.filter(pk=host.pk).update(**fields)
     for key, value in fields.items():
         setattr(host, key, value)
     return host
+
+
+# Called with a remote host that answers and still holds restore journals a lost connection left there (dotted
+# paths to fn(host), registered by the apps above that wrote them: backups.host_journals replays them).
+_journal_hooks: list[str] = []
+
+
+def add_journal_hook(path: str) -> None:
+    if path not in _journal_hooks:
+        _journal_hooks.append(path)
+
+
+def host_journals_left(host: Host) -> None:
+    """The host's probe found journals there: each hook deals with them (it reports on the runs; never raises)."""
+    for path in _journal_hooks:
+        try:
+            import_string(path)(host)
+        except Exception:  # noqa: BLE001  (the probe has recorded the host; a hook's trouble is logged)
+            log.exception("journal hook %s for host %s failed", path, host.name)
 
 
 def host_probe_start(host: Host, *, actor=None, via: str = AuditEntry.Source.ADMIN) -> None:

@@ -19,7 +19,12 @@ def probe_host(host_id: int) -> str:
         if host is None:
             return f"host #{host_id} no longer exists"
         host = services.host_probe(host)
-        return "reachable" if host.reachable else f"unreachable: {host.last_error}"
+        if not host.reachable:
+            return f"unreachable: {host.last_error}"
+        if not host.is_local and getattr(host, "journals_left", 0):  # a run lost this host mid-way: undone now
+            services.host_journals_left(host)
+            return f"reachable; {host.journals_left} journal(s) found there handed over for replay"
+        return "reachable"
     except Exception:  # recorded by host_probe when it is the host's fault; anything else is logged, not raised
         log.exception("probe of host #%s failed", host_id)
         return "probe failed (see the worker's log)"
