@@ -2,7 +2,6 @@ from django.apps import AppConfig
 
 from core import permissions
 from customers import page
-from hosts import services as host_services
 from operations import registry
 
 
@@ -10,6 +9,8 @@ class BackupsConfig(AppConfig):
     name = "backups"
 
     def ready(self):
+        from hosts import services as host_services  # imports models: not before the apps are loaded
+
         # A dead backup's partial objects are on its storage target, which every worker reaches.
         registry.register("backup", "backups.operations.backup", mutating=True,
                           on_abandon="backups.operations.abandon", abandon_anywhere=True)
