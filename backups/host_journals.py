@@ -201,10 +201,7 @@ def replay_host(host: Host) -> list[Outcome]:
     each reported on its run. RemoteError/OperationError when the host cannot be reached at all."""
     outcomes = []
     with _connect(host) as remote:
-        ids = remote.call("engines.hostrestore.journal_list", host.root())
-        if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
-            raise RemoteError(f"{remote.where} answered a list of journals that is not one: not trusted")
-        for run_id in ids:
+        for run_id in _listed(remote):
             try:
                 outcome = _one(remote, run_id, None)
             except RemoteError as exc:
@@ -216,13 +213,35 @@ def replay_host(host: Host) -> list[Outcome]:
     return outcomes
 
 
-def replay_from_probe(host: Host) -> None:
-    """hosts.services' journal hook: the probe found journals on a host that answers."""
+def replay_before(ctx: RunContext, remote: RemoteHost, customer: Customer) -> None:
+    """A new restore of `customer`, holding it, first replays what an earlier run of it left on the host (which
+    a probe has not replayed yet): it never starts from a half-swapped customer. OperationError (nothing touched)
+    when such a journal cannot be replayed."""
+    ids = _listed(remote)
+    for run in Run.objects.filter(pk__in=ids, customer=customer).exclude(pk=ctx.run.pk).order_by("pk"):
+        outcome = _one(remote, run.pk, None, holder=ctx.run)
+        if outcome is None:
+            continue
+        if outcome.what not in ("replayed", "finished"):
+            raise OperationError(f"refused before touching anything: run {run.pk} of {customer} left its journal on "
+                                 f"host {remote.host.name} and it could not be replayed: {outcome.message}")
+        ctx.info(f"run {run.pk} had left its journal on host {remote.host.name}; replayed first: {outcome.message}")
+
+
+def replay_from_probe(host: Host) -> list[str]:
+    """hosts.services' journal hook: the probe found journals on a host that answers. What was done, a line each."""
     try:
-        for o in replay_host(host):
-            log.info("host %s: journal of run %s: %s (%s)", host.name, o.run, o.what, o.message)
+        return [f"run {o.run}: {o.what}: {o.message}" for o in replay_host(host)]
     except (RemoteError, OperationError) as exc:
         log.warning("host %s: its journals could not be replayed now: %s", host.name, exc)
+        return [f"its journals could not be replayed now: {exc}"]
+
+
+def _listed(remote: RemoteHost) -> list[int]:
+    ids = remote.call("engines.hostrestore.journal_list", remote.host.root())
+    if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+        raise RemoteError(f"{remote.where} answered a list of journals that is not one: not trusted")
+    return ids
 
 
 def _connect(host: Host) -> RemoteHost:
@@ -236,11 +255,16 @@ def _connect(host: Host) -> RemoteHost:
         raise OperationError(str(exc)) from None
 
 
-def _one(remote: RemoteHost, run_id: int, ctx: RunContext | None) -> Outcome | None:
+def _one(remote: RemoteHost, run_id: int, ctx: RunContext | None, holder: Run | None = None) -> Outcome | None:
+    """Replay one journal; `holder`: the caller's run, which holds the customer (replay_before)."""
     host = remote.host
     run = Run.objects.filter(pk=run_id).select_related("customer", "customer__host").first()
     if run is not None and run.status in Run.ACTIVE:
         return None  # its worker owns it (or the reaper fails it first, then abandon replays it)
+    if run is not None and holder is None:
+        busy = Run.objects.filter(customer_id=run.customer_id, mutating=True, status__in=Run.ACTIVE).first()
+        if busy is not None:  # never beside another change of the customer; a restore replays it first itself
+            return Outcome(run_id, "skipped", f"run {busy.pk} of the customer is under way")
     claimed = remote.call("engines.hostrestore.journal_claim", host.root(), run_id)
     if claimed is None:
         return None  # none there: the run changed nothing on the host, or its journal is gone already

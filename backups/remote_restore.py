@@ -24,7 +24,9 @@ every change made on the host.
   URL names the service as its host sees it: hosts.remote.RemoteHost.check_health), as a remote check does.
 - **The journal** is the run's (local file, run result: operations.journal) *and* a copy on the host's disk
   (engines.hostrestore.journal_write), written before each change. A failure undoes it through the same
-  session; a host lost mid-way fails the run naming the host and leaves its journal there.
+  session; a host lost mid-way fails the run naming the host and leaves its journal there, replayed once the
+  host answers again (backups.host_journals: its probe, the reaper for a dead worker, or the customer's next
+  restore, which replays it before touching anything).
 """
 
 from __future__ import annotations
@@ -149,6 +151,10 @@ def restore(ctx: RunContext, plan, local: Steps) -> dict:
         ctx.info(f"customer on {remote.where}: the archives are checked here, unpacked there as {customer.run_as} "
                  f"(uid {who['uid']} on {host.name}), swapped there; databases through forwards")
         remote_parts.hold_forwarded_targets(ctx, remote, customer)
+        try:
+            host_journals.replay_before(ctx, remote, customer)
+        except RemoteError as exc:
+            raise OperationError(f"{exc}; nothing was touched") from None
         journal = Journal(local.journal(ctx), remote, ctx.run.pk, root)
         safety = None
         wants_safety = p.get("safety_backup", True)

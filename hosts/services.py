@@ -202,13 +202,17 @@ def add_journal_hook(path: str) -> None:
         _journal_hooks.append(path)
 
 
-def host_journals_left(host: Host) -> None:
-    """The host's probe found journals there: each hook deals with them (it reports on the runs; never raises)."""
+def host_journals_left(host: Host) -> list[str]:
+    """The host's probe found journals there: each hook deals with them (it reports on the runs); what they did,
+    a line each. Never raises."""
+    lines: list[str] = []
     for path in _journal_hooks:
         try:
-            import_string(path)(host)
-        except Exception:  # noqa: BLE001  (the probe has recorded the host; a hook's trouble is logged)
+            lines += import_string(path)(host) or []
+        except Exception as exc:  # noqa: BLE001  (the probe has recorded the host; a hook's trouble is logged)
             log.exception("journal hook %s for host %s failed", path, host.name)
+            lines.append(f"{path} failed: {exc}")
+    return lines
 
 
 def host_probe_start(host: Host, *, actor=None, via: str = AuditEntry.Source.ADMIN) -> None:

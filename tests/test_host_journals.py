@@ -10,11 +10,13 @@ runs for real, then the connection dies), as tests/test_remote_restore.py does."
 
 from __future__ import annotations
 
+import io
 import json
 import sqlite3
 from pathlib import Path
 
 import pytest
+from django.core.management import call_command
 
 from audit.models import AuditEntry
 from backups.models import Backup
@@ -142,8 +144,14 @@ def test_a_host_lost_while_the_restored_services_start_is_put_back_and_restarted
         assert "ROLLBACK INCOMPLETE on host web-startcut" in run.error and "health" in run.error
         assert tree_state(root) != before
 
-        log = _replayed_by_the_probe(h, host, run)
-        assert "the pre-restore state was put back" in log, log
+        # The host answers again; an operator replays its journals at once (`host_check NAME --replay`).
+        h.restore()
+        out = io.StringIO()
+        call_command("host_check", "web-startcut", "--replay", stdout=out)
+        assert "journals: 1 restore journal(s) left there" in out.getvalue()
+        assert f"replay: run {run.pk}: replayed: its journal on host web-startcut was replayed" in out.getvalue()
+        run.refresh_from_db()
+        assert "the pre-restore state was put back" in _log(run)
         assert tree_state(root) == before and _hits(root) == rows
         assert _journals(h) == []
         # stopped for the undo, started again (PM2, as the customer's user) from the tree as it was
@@ -218,6 +226,31 @@ def test_a_worker_that_died_mid_remote_restore_is_failed_by_the_reaper_which_rep
         assert "its journal on host web-deadworker was replayed: the pre-restore state was put back" in log, log
         assert tree_state(root) == before and _hits(root) == rows
         assert _journals(h) == []
+    finally:
+        h.restore() if not h.answers() else None
+        kill_pm2_under(root)
+
+
+def test_the_customers_next_restore_replays_a_journal_left_on_its_host_before_touching_anything(
+        netns_hosts, team, customer_users, fast, monkeypatch, parents_open):
+    h = netns_hosts.make()
+    host = make_host(h, "web-nextrun")
+    customer, _url = _customer(h, host, team, customer_users[0], parents_open, sqlite=True, health=False)
+    root = Path(customer.root)
+    try:
+        bk, _before, _rows = _changed_since_backup(customer)
+        first = _restore_cut(h, bk, monkeypatch, "_swap_files")
+        h.restore()  # back before any probe saw it: the next restore of this customer finds the journal first
+
+        again = _restore(bk, safety_backup=False)
+        first.refresh_from_db()
+        assert again.status == "succeeded", again.error
+        assert f"run {first.pk} had left its journal on host web-nextrun; replayed first" in _log(again)
+        assert "the pre-restore state was put back" in _log(first)
+        assert (root / "backend" / "src" / "app.js").read_text() == "console.log('hi')\n"  # the backup's, whole
+        assert (root / "backend" / "run.sh").exists() and _hits(root) == 37
+        assert _journals(h) == []
+        assert not [n for n in root.iterdir() if n.name.startswith((".kasa-restore-", ".kasa-trash-"))]
     finally:
         h.restore() if not h.answers() else None
         kill_pm2_under(root)
