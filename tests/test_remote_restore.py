@@ -268,7 +268,7 @@ def test_a_failure_after_the_swap_on_a_remote_host_is_undone_there_and_the_custo
 
 def test_losing_the_host_mid_restore_fails_the_run_naming_the_host_and_leaves_the_journal_on_the_host(
         netns_hosts, team, customer_users, fast, monkeypatch, parents_open):
-    from backups import remote_restore
+    from backups import host_journals, remote_restore
 
     fast.KASA_SSH_CONNECT_TIMEOUT = 2
 
@@ -303,14 +303,12 @@ def test_losing_the_host_mid_restore_fails_the_run_naming_the_host_and_leaves_th
         assert {s["type"] for s in doc["body"]["steps"]} >= {"staging", "services_stopped", "files"}
         folder = (h.customers_root / hostrestore.JOURNALS).stat()
         assert folder.st_mode & 0o777 == 0o700 and folder.st_uid == 0
-        # The host is back: its journal is what puts the customer back (here by hand: the reaper does not replay
-        # host journals yet).
+        # The host is back: its journal is what puts the customer back (backups.host_journals; the ways it is
+        # called — probe, reaper, next restore — are tests/test_host_journals.py's).
         h.restore()
-        body = hostrestore.journal_read(str(h.customers_root), run.pk,
-                                        remote_restore.host_journal_key("web-lost"))
-        for step in reversed(body["steps"]):
-            hostrestore.undo_step(body["root"], step)
+        assert [o.what for o in host_journals.replay_host(host)] == ["replayed"]
         assert tree_state(root) == before
+        assert _journals(h) == []
     finally:
         h.restore() if not h.answers() else None
         kill_pm2_under(root)
