@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,15 @@ def _changed_since_backup(customer) -> tuple[Backup, dict, int]:
     return bk, tree_state(root), 25
 
 
+def _lose(h) -> None:
+    """The session's sshd child dies, then the host drops off the network. The moment between lets the connection's
+    end reach the worker's SSH master: cut at once, the master may instead wait out its keepalives (30 s) on a dead
+    link before the run learns the host is gone — the same outcome, later."""
+    h.kill_sessions()
+    time.sleep(0.3)
+    h.cut()
+
+
 def _restore_cut(h, bk, monkeypatch, step: str, when=lambda *a: True):
     """Run a restore of `bk` in which backups.remote_restore.`step` runs for real and then the host is lost (its
     session's sshd child killed, its link down); the run, failed."""
@@ -72,8 +82,7 @@ def _restore_cut(h, bk, monkeypatch, step: str, when=lambda *a: True):
         result = real(*args, **kwargs)
         if not cut and when(*args):
             cut.append(True)
-            h.kill_sessions()
-            h.cut()
+            _lose(h)
         return result
 
     monkeypatch.setattr(remote_restore, step, then_lose_the_host)
@@ -98,6 +107,42 @@ def _replayed_by_the_probe(h, host, run):
     assert "journal(s) found there handed over for replay" in probe_host(host.pk)
     run.refresh_from_db()
     return _log(run)
+
+
+def test_a_host_lost_mid_stream_of_a_restore_leaves_only_its_staging_folder_which_the_replay_removes(
+        netns_hosts, team, customer_users, fast, monkeypatch, parents_open):
+    from backups import remote_restore
+
+    h = netns_hosts.make()
+    host = make_host(h, "web-streamcut")
+    customer, _url = _customer(h, host, team, customer_users[0], parents_open, sqlite=False, health=False)
+    root = Path(customer.root)
+    bk, before, _rows = _changed_since_backup(customer)
+    real, cut = remote_restore._pipe_to_host, []
+
+    def cut_after_the_first_piece(remote, argv, art, dest, feed):
+        def feeding(write, close):
+            def write_then_cut(piece):
+                write(piece)
+                if not cut:  # tar on the host has its first bytes; the rest of the stream never arrives
+                    cut.append(True)
+                    _lose(h)
+            return feed(write_then_cut, close)
+        return real(remote, argv, art, dest, feeding)
+
+    monkeypatch.setattr(remote_restore, "_pipe_to_host", cut_after_the_first_piece)
+    t, box = in_thread(_restore, bk, safety_backup=False)
+    t.join(120)
+    run = box.get("result")
+    assert run is not None and cut and run.status == "failed", box
+    assert "ROLLBACK INCOMPLETE on host web-streamcut" in run.error, run.error
+    assert tree_state(root) == before  # nothing live was touched ...
+    assert [n.name for n in root.iterdir() if n.name.startswith(".kasa-restore-")] == [f".kasa-restore-{run.pk}"]
+
+    log = _replayed_by_the_probe(h, host, run)  # ... and the staging folder goes with the journal
+    assert "its journal on host web-streamcut was replayed: nothing had been touched" in log, log
+    assert not [n for n in root.iterdir() if n.name.startswith(".kasa-restore-")]
+    assert tree_state(root) == before and _journals(h) == []
 
 
 def test_a_host_lost_during_the_swap_keeps_its_journal_and_its_probe_replays_it_once_the_host_answers(
