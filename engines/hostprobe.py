@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 TOOLS = ("python3", "tar", "zstd", "pm2", "pg_dump", "mariadb-dump")
 MISSING = "missing"
+UNKNOWN = -1  # ProbeAnswer.journals when the probe may not look
 
 SCRIPT = r"""
 root=$1; pm2=${2:-pm2}
@@ -23,9 +24,14 @@ if [ -d "$root" ]; then
 else
   printf 'noroot\n'
 fi
-n=0
-for f in "$root"/.kasa-journals/run-*.json; do [ -e "$f" ] && n=$((n+1)); done
-printf 'journals %s\n' "$n"
+j="$root/.kasa-journals"
+if [ -d "$j" ] && ! { [ -r "$j" ] && [ -x "$j" ]; }; then
+  printf 'journals unknown\n'
+else
+  n=0
+  for f in "$j"/run-*.json; do [ -e "$f" ] && n=$((n+1)); done
+  printf 'journals %s\n' "$n"
+fi
 for t in python3 tar zstd pg_dump mariadb-dump; do
   if command -v "$t" >/dev/null 2>&1; then
     printf 'tool %s %s\n' "$t" "$("$t" --version 2>&1 </dev/null | head -n 1)"
@@ -52,7 +58,9 @@ class ProbeAnswer:
     free_bytes: int | None = None
     root_exists: bool = True
     tools: dict[str, str] = field(default_factory=dict)
-    journals: int = 0  # restore journals a lost host kept (engines.hostrestore.JOURNALS): to be replayed
+    # Restore journals a lost host kept (engines.hostrestore.JOURNALS), to be replayed; UNKNOWN when the probe may
+    # not look (a login through sudo: the folder is root's, and the probe runs unprivileged), so a replay looks.
+    journals: int = 0
 
 
 _VERSION = re.compile(r"v?(\d+\.\d+(?:\.\d+)?(?:[-+~][0-9A-Za-z.]+)?)")
@@ -87,7 +95,7 @@ def parse(text: str) -> ProbeAnswer:
             if len(fields) >= 4 and fields[3].isdigit():
                 answer.free_bytes = int(fields[3])
         elif kind == "journals":
-            answer.journals = int(rest) if rest.strip().isdigit() else 0
+            answer.journals = int(rest) if rest.strip().isdigit() else UNKNOWN if rest.strip() == "unknown" else 0
         elif kind == "tool":
             name, _, line = rest.partition(" ")
             if name in answer.tools:

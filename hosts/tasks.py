@@ -23,7 +23,9 @@ def probe_host(host_id: int) -> str:
             return f"unreachable: {host.last_error}"
         if not host.is_local and getattr(host, "journals_left", 0):  # a run lost this host mid-way: undone now
             services.host_journals_left(host)
-            return f"reachable; {host.journals_left} journal(s) found there handed over for replay"
+            found = "journals that the probe may not count" if host.journals_left < 0 else \
+                f"{host.journals_left} journal(s)"
+            return f"reachable; {found} found there handed over for replay"
         return "reachable"
     except Exception:  # recorded by host_probe when it is the host's fault; anything else is logged, not raised
         log.exception("probe of host #%s failed", host_id)

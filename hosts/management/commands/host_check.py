@@ -35,7 +35,8 @@ class Command(KasaCommand):
         if host.last_error:
             self.stdout.write(f"warning: {host.last_error}")
         if doc["journals"]:
-            self.stdout.write(f"journals: {doc['journals']} restore journal(s) left there by runs that lost this host"
+            count = "an unknown number of" if doc["journals"] < 0 else str(doc["journals"])  # sudo: root's folder
+            self.stdout.write(f"journals: {count} restore journal(s) left there by runs that lost this host"
                               + ("" if replayed is not None else " (replayed at its next probe; --replay: now)"))
         for line in replayed or []:
             self.stdout.write(f"replay: {line}")
