@@ -15,6 +15,7 @@ session made is torn down at its end, also when a test failed.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
@@ -207,7 +208,18 @@ class NetnsHosts:
     def make(self, *, loopback_only: bool = False) -> NetnsHost:
         index = len(self.hosts) + 1
         name = f"{PREFIX}{os.getpid()}-{index}"
-        subnet = next(n for n in range(1, 255) if n not in _used_subnets())
+        # Chosen and taken under a machine-wide lock: two test sessions at once (CI runs one; developers and
+        # helpers sometimes more) would otherwise pick the same free subnet and meet each other's sshd.
+        lock = os.open(os.path.join("/run/lock" if os.path.isdir("/run/lock") else "/tmp", "kasa-test-netns.lock"),
+                       os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            subnet = next(n for n in range(1, 255) if n not in _used_subnets())
+            return self._make(index, name, subnet, loopback_only)
+        finally:
+            os.close(lock)
+
+    def _make(self, index: int, name: str, subnet: int, loopback_only: bool) -> NetnsHost:
         d = self.top / name
         d.mkdir(parents=True)
         customers = d / "customers"

@@ -189,6 +189,8 @@ def parents_open():
 
     yield open_
     for path, mode in changed.items():
+        if path.name.startswith("pytest-of-"):
+            continue  # shared by every test session of this user (pytest's own): another one may be inside it now
         with contextlib.suppress(OSError):
             path.chmod(mode)
 

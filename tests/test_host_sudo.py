@@ -59,9 +59,9 @@ def sudo_host(netns_hosts):
     # The probe looks at the customers root as the login user (unprivileged): on a host its parents let others
     # through (/srv/kasa/customers), pytest's are root's alone until the module ends.
     opened = {p: p.stat().st_mode & 0o7777 for p in h.customers_root.parents
-              if p not in (Path("/"), Path("/tmp"))}
-    for p in opened:
-        p.chmod(opened[p] | 0o001)
+              if p not in (Path("/"), Path("/tmp")) and not p.name.startswith("pytest-of-")}
+    for p in [*opened, *(q for q in h.customers_root.parents if q.name.startswith("pytest-of-"))]:
+        p.chmod(p.stat().st_mode & 0o7777 | 0o001)  # pytest-of-<user>: shared by sessions, left open (as above)
     rule = (REPO_ROOT / "deploy" / "sudoers" / "kasa").read_text()
     rule = rule.replace("/srv/kasa/customers", str(h.customers_root))
     rule = rule.replace("Defaults:kasa ", f"Defaults:{LOGIN} ").replace("\nkasa ALL=", f"\n{LOGIN} ALL=")
