@@ -83,8 +83,15 @@ def move_confirm(customer: Customer, *, requested_by=None, via: str = "admin") -
         raise BackupInputError(f"the old copy's host {old.get('host')} is gone: nothing to delete there")
     if source.pk == customer.host_id and root == customer.root:
         raise BackupInputError("the old copy is the customer's live folder: refused")
-    if Customer.objects.filter(host=source, root=root).exclude(pk=customer.pk).exists():
-        raise BackupInputError(f"{root} on {source.name} is another customer's root now: refused")
+    import posixpath
+    from pathlib import PurePosixPath
+
+    from engines import paths
+
+    for other in Customer.objects.filter(host=source).exclude(pk=customer.pk).values_list("root", flat=True):
+        # A customer added there since the move may have been given this folder, or one inside it.
+        if paths.overlap(PurePosixPath(posixpath.normpath(root)), PurePosixPath(posixpath.normpath(other))):
+            raise BackupInputError(f"{root} on {source.name} overlaps another customer's root now: refused")
     if source.is_local:
         from customers import roots
 

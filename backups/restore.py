@@ -208,7 +208,8 @@ def _plan(ctx: RunContext, p: dict) -> Plan:
     if not arts:
         raise OperationError("nothing to restore: no artifact of the backup matches the selection")
     ctx.info(f"restoring backup #{bk.pk} of {customer.domain} ({human_time(bk.finished_at)}) "
-             + (f"into a copy at {root}" if clone and p.get("to_root") else "in place" if not clone else "")
+             + (f"into a copy at {root}" if clone and p.get("to_root") else f"onto host {p['to_host']}"
+                if p.get("to_host") else "in place" if not clone else "")
              + f": {', '.join(a.name for a in arts)}")
     return Plan(bk, customer, arts, Path(root), clone, to_dbs)
 

@@ -185,6 +185,7 @@ def test_a_customer_moves_between_remote_hosts_healthy_there_and_its_old_copy_st
 
 
 def test_a_customer_moves_from_local_to_a_remote_host(netns_hosts, team, customer_users, fast, parents_open):
+    from backups.move_service import move_confirm
     from customers.models import Customer
 
     h = netns_hosts.make()
@@ -209,6 +210,8 @@ def test_a_customer_moves_from_local_to_a_remote_host(netns_hosts, team, custome
         assert _answers(f"http://127.0.0.1:{port}/health") == 0  # stopped here, its folders kept
         assert (old_root / "backend" / "server.js").is_file() and customer.old_copy["host"] == "local"
         assert _rows(new_root / "data" / "cache.sqlite3") == 37
+        move_confirm(customer, via="cli")  # on `local`: its PM2 daemon stopped, its folders deleted
+        assert not old_root.exists()
     finally:
         kill_pm2_under(old_root)
         kill_pm2_under(new_root)
