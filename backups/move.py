@@ -166,8 +166,12 @@ def move(ctx: RunContext, plan, local: remote_restore.Steps) -> dict:
         journal = remote_restore.Journal(local.journal(ctx), remote, ctx.run.pk, root)
         specs = _specs(customer, root, source, target)
         try:
-            journal.add({"type": "move_root", "path": root, "host": True})
-            remote.call("engines.hostmove.make_root", target.root(), root, who["gid"])
+            # Journalled before, marked made after: a root this run did not make (another run's, taken between the
+            # check and now) is never removed by its undo.
+            step = journal.add({"type": "move_root", "path": root, "host": True, "made": None})
+            step["made"] = remote.call("engines.hostmove.make_root", target.root(), root, who["gid"],
+                                       existing_ok=False) is True
+            journal.save()
             staging = remote_restore._stage(ctx, plan, remote, plan.backup.target.store(), keyring_for(plan.backup),
                                             journal, who)
             if staging is not None:
@@ -221,7 +225,7 @@ def _check_target(ctx: RunContext, remote: RemoteHost, customer: Customer, plan,
     try:
         who = remote.call("engines.hostrestore.identity", customer.run_as)
         others = list(Customer.objects.filter(host=host).values_list("root", flat=True))
-        found = remote.call("engines.hostmove.root_check", host.root(), root, others)
+        found = remote.call("engines.hostmove.root_check", host.root(), root, others, existing_ok=False)
         free = remote.call("engines.hostrestore.free_bytes", host.root())
     except RemoteError as exc:
         raise OperationError(f"move refused before touching anything: {exc}") from None
@@ -352,7 +356,7 @@ def _undo(ctx: RunContext, remote: RemoteHost, journal, customer: Customer, root
                     ok = False
                     ctx.error(f"could not undo {step.get('type')} ({step.get('db') or ''}) on {remote.host.name}: "
                               f"{exc}")
-        if any(s["type"] == "move_root" for s in journal.steps):
+        if any(s["type"] == "move_root" and s.get("made") for s in journal.steps):
             try:
                 remote.call("engines.hostmove.remove_root", remote.host.root(), root, customer.run_as,
                             settings.KASA_REMOTE_PM2 or "")

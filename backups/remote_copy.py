@@ -72,8 +72,12 @@ def restore_copy(ctx: RunContext, plan, local: remote_restore.Steps) -> dict:
         journal = remote_restore.Journal(local.journal(ctx), remote, ctx.run.pk, root)
         try:
             if to_root:
-                journal.add({"type": "move_root", "path": to_root, "host": True})
-                remote.call("engines.hostmove.make_root", host.root(), to_root, who["gid"])
+                # Journalled before, marked after: made (the undo removes it) or an empty folder that was there
+                # (emptied again); None when the call failed (nothing of this run's to remove).
+                step = journal.add({"type": "move_root", "path": to_root, "host": True, "made": None,
+                                    "gid": who["gid"]})
+                step["made"] = bool(remote.call("engines.hostmove.make_root", host.root(), to_root, who["gid"]))
+                journal.save()
             staging = remote_restore._stage(ctx, plan, remote, plan.backup.target.store(), keyring_for(plan.backup),
                                             journal, who)
             ctx.phase("copy in")
@@ -151,9 +155,15 @@ def _undo(ctx: RunContext, remote: RemoteHost, journal, customer: Customer, to_r
                 ok = False
                 ctx.error(f"could not undo {step.get('type')} ({step.get('db') or step.get('path') or ''}) on "
                           f"{remote.host.name}: {exc}")
-        if to_root and any(s["type"] == "move_root" for s in journal.steps):
+        made_step = next((s for s in journal.steps if s["type"] == "move_root"), {})
+        made = made_step.get("made")
+        if to_root and made is not None:
             try:
-                remote.call("engines.hostmove.remove_root", remote.host.root(), to_root, customer.run_as)
+                if made:
+                    remote.call("engines.hostmove.remove_root", remote.host.root(), to_root, customer.run_as)
+                else:
+                    remote.call("engines.hostmove.empty_root", remote.host.root(), to_root, made_step["gid"],
+                                customer.run_as)
             except Exception as exc:
                 ok = False
                 ctx.error(f"could not remove the copy on {remote.host.name} ({to_root}): {exc}")

@@ -5,8 +5,9 @@
   no other customer's root of this host, absent or an empty folder); the worker refuses on any problem before
   anything is made.
 - `make_root`: the new root, exactly as Kasa's ownership model wants a customer's root: the login user's (Kasa's),
-  group the customer's user's, 0750, so that user may enter it but not rename what Kasa makes there. An empty
-  folder that was there already is kept (and named so: the undo then leaves it).
+  group the customer's user's, 0750, so that user may enter it but not rename what Kasa makes there. For a copy, an
+  empty folder that was there already is used (and said so: the undo then empties it and leaves it); a move wants
+  a new one.
 - `make_folder`: a folder below the root given to the customer's user (the folder of a SQLite database that no
   restored tree brings: the application writes beside its file, journal and WAL).
 - `remove_root`: the undo of make_root, and a confirmed move's removal of the old copy: the PM2 daemon whose home
@@ -22,8 +23,9 @@ from pathlib import Path
 from . import beneath, paths, pm2, runas, trees
 
 
-def root_check(customers_root: str, root: str, others: list[str]) -> list[str]:
-    """What stops `root` from becoming a customer's root here: [] when it may."""
+def root_check(customers_root: str, root: str, others: list[str], existing_ok: bool = True) -> list[str]:
+    """What stops `root` from becoming a customer's root here: [] when it may. `existing_ok`: an empty folder
+    may be used (a copy, as locally); a move wants none (two moves racing for one path: only one mkdir wins)."""
     try:
         real = paths.resolve_strictly_inside(root, customers_root, what="root folder")
     except paths.PathEscapeError as exc:
@@ -33,6 +35,8 @@ def root_check(customers_root: str, root: str, others: list[str]) -> list[str]:
             return [f"root folder {root} {how} another customer's root folder on this host: each customer's folder "
                     "is its own"]
     if os.path.lexists(root):
+        if not existing_ok:
+            return [f"{root} exists already on this host: a customer moves only into a new folder"]
         if os.path.islink(root) or not os.path.isdir(root):
             return [f"{root} exists and is not a folder"]
         if os.listdir(root):
@@ -40,12 +44,13 @@ def root_check(customers_root: str, root: str, others: list[str]) -> list[str]:
     return []
 
 
-def make_root(customers_root: str, root: str, gid: int, mode: int = 0o750) -> bool:
-    """The root made (True), or an empty folder that was there kept (False); its owner and mode set either way."""
+def make_root(customers_root: str, root: str, gid: int, mode: int = 0o750, existing_ok: bool = True) -> bool:
+    """The root made (True), or an empty folder that was there kept (False, only when `existing_ok`); its owner
+    and mode set either way. FileExistsError when the name is taken meanwhile (mkdir is the arbiter)."""
     rel = os.path.relpath(root, customers_root)
     if rel.startswith("..") or rel == ".":
         raise OSError(f"{root} is not inside {customers_root}")
-    made = not beneath.lexists(customers_root, root)
+    made = not existing_ok or not beneath.lexists(customers_root, root)
     if made:
         parent = os.path.dirname(root)
         if parent != os.path.normpath(customers_root):
@@ -94,3 +99,9 @@ def remove_root(customers_root: str, root: str, run_as: str = "", pm2_binary: st
             pass
     trees.remove_tree(str(real), root=customers_root)
     return True
+
+
+def empty_root(customers_root: str, root: str, gid: int, run_as: str = "", pm2_binary: str = "") -> None:
+    """The undo of make_root on a folder that was there, empty, before: emptied again (as removed, then made)."""
+    remove_root(customers_root, root, run_as, pm2_binary)
+    make_root(customers_root, root, gid)

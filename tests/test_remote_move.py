@@ -23,7 +23,7 @@ from hosts.remote import RemoteHost
 from tests.conftest import free_port, kill_pm2_under
 from tests.remote_fixtures import make_host, run_backup, seed_tree
 from tests.restore_helpers import tree_state
-from tests.test_remote_restore import SERVER_JS, _answers, _customer, _journals
+from tests.test_remote_restore import SERVER_JS, _answers, _customer, _hostile, _journals
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -139,6 +139,31 @@ def test_a_copy_on_a_remote_host_holds_the_backup_and_leaves_the_live_customer_u
     assert _journals(h) == []
 
 
+def test_a_failed_copy_on_a_remote_host_removes_the_folder_it_made_and_empties_the_one_it_was_given(
+        netns_hosts, team, customer_users, fast, parents_open):
+    from backups.services import restore_start
+    from operations.services import run_execute
+
+    h = netns_hosts.make()
+    customer, _url = _customer(h, make_host(h, "web-copy-fail"), team, customer_users[0], parents_open,
+                               health=False)
+    bk = _latest(customer)
+    _hostile(bk)  # refused on the worker once the copy's folder exists on the host
+    before = tree_state(Path(customer.root))
+    new, given = h.customers_root / "copy-new", h.customers_root / "copy-given"
+    given.mkdir()
+    for folder in (new, given):
+        run = restore_start(bk, to_root=str(folder), confirmed=True, via="cli", enqueue=False)
+        run_execute(run.pk)
+        run.refresh_from_db()
+        assert run.status == "failed" and "../../escaped.txt" in run.error, run.error
+        assert "the copy was removed from host web-copy-fail; the live customer was not touched" in run.error
+    assert not new.exists()
+    assert given.is_dir() and os.listdir(given) == []
+    assert tree_state(Path(customer.root)) == before
+    assert _journals(h) == []
+
+
 def test_a_customer_moves_between_remote_hosts_healthy_there_and_its_old_copy_stopped_and_kept(
         netns_hosts, team, customer_users, fast, parents_open):
     from backups.move_service import move_confirm
@@ -235,6 +260,12 @@ def test_a_move_whose_new_copy_is_unhealthy_leaves_the_customer_on_its_host_runn
         (old_root / "backend" / "health.txt").write_text("ok\n")
         _start_remote(customer)
         before = tree_state(old_root)
+        new_root.mkdir()  # the path is taken on the target: refused there before anything is made
+        refused = _move(customer, "web-never", bk)
+        assert refused.status == "failed" and "move refused before touching anything on host web-never" in \
+            refused.error and "exists already on this host" in refused.error
+        assert new_root.is_dir() and os.listdir(new_root) == []
+        new_root.rmdir()
 
         run = _move(customer, "web-never", bk)
         assert run.status == "failed"
