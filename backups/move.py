@@ -174,6 +174,12 @@ def move(ctx: RunContext, plan, local: remote_restore.Steps) -> dict:
             journal.save()
             staging = remote_restore._stage(ctx, plan, remote, plan.backup.target.store(), keyring_for(plan.backup),
                                             journal, who)
+            if dbswap.in_place(journal):
+                # An in-place restore's way back is a backup of what it replaces: on the new host's server that is
+                # nobody's database, and the old host's is not the one being changed. Only fresh databases here.
+                raise OperationError(f"a database would be restored in place on host {target.name}'s server (its "
+                                     "role may not create databases there): give the role CREATEDB there, or set "
+                                     "a maintenance connection for that server")
             if staging is not None:
                 remote_restore._swap_files(ctx, plan, remote, staging, journal)
             _sqlite_in(ctx, plan, remote, journal, who, root)

@@ -21,7 +21,7 @@ from backups.models import Backup
 from engines import hostrestore
 from hosts.remote import RemoteHost
 from tests.conftest import free_port, kill_pm2_under
-from tests.remote_fixtures import make_host, run_backup, seed_tree
+from tests.remote_fixtures import NetnsPostgres, make_host, run_backup, seed_tree
 from tests.restore_helpers import tree_state
 from tests.test_remote_restore import SERVER_JS, _answers, _customer, _hostile, _journals
 
@@ -279,6 +279,55 @@ def test_a_move_whose_new_copy_is_unhealthy_leaves_the_customer_on_its_host_runn
         assert not new_root.exists()  # the copy is gone, its PM2 daemon with it
         assert _answers(url_a.replace(a.address, b.address)) == 0
         assert _journals(b) == []
+    finally:
+        kill_pm2_under(old_root)
+        kill_pm2_under(new_root)
+
+
+
+def _count(server, dbname: str = "shop") -> int:
+    import psycopg
+
+    with psycopg.connect(host=server.socket_dir, port=server.port, user="postgres", dbname=dbname) as con:
+        return con.execute("SELECT count(*) FROM orders").fetchone()[0]
+
+
+def test_a_moved_customers_host_local_postgresql_comes_to_the_new_hosts_server_and_the_old_one_is_left_alone(
+        host_pg, netns_hosts, team, customer_users, fast, parents_open):
+    import psycopg
+
+    from customers.models import Customer
+
+    a, pg = host_pg
+    b = netns_hosts.make()
+    host_a, _ = make_host(a, "web-pg-a"), make_host(b, "web-pg-b")
+
+    class SamePort(NetnsPostgres):  # the new host's own server, at the address the customer's URL names
+        def _launch(self, postgres, data):
+            self.port = pg["port"]
+            return super()._launch(postgres, data)
+
+    customer, _url = _customer(a, host_a, team, customer_users[0], parents_open, health=False,
+                               databases=[("main", pg["url"])])
+    old_root = Path(customer.root)
+    new_root = b.customers_root / old_root.name
+    parents_open(new_root)
+    server_b = SamePort(b.name)
+    try:
+        with server_b:
+            with psycopg.connect(host=server_b.socket_dir, port=server_b.port, user="postgres", dbname="postgres",
+                                 autocommit=True) as con:  # the role exists there (a move creates no role)
+                con.execute(f"CREATE ROLE shop LOGIN CREATEDB PASSWORD '{pg['password']}'")
+            bk = _latest(customer)
+            rows = _count(pg["server"])
+
+            run = _move(customer, "web-pg-b", bk)
+            log = "\n".join(line.text for line in run.log_lines.all())
+            assert run.status == "succeeded", run.error + log
+            assert Customer.objects.get(pk=customer.pk).host.name == "web-pg-b"
+            assert _count(server_b) == rows  # restored into the new host's server, same name
+            assert _count(pg["server"]) == rows  # the old host's server: left as it was
+            assert pg["password"] not in log
     finally:
         kill_pm2_under(old_root)
         kill_pm2_under(new_root)
