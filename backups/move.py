@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import types
 import urllib.parse
 from pathlib import Path
 
@@ -109,6 +110,9 @@ def problems(customer: Customer, target: Host, backup=None) -> list[str]:
     for s in customer.services.all():
         if s.process_manager not in remote_restore.MANAGERS:
             found.append(f"service {s.name} is run by {s.process_manager}: a move starts PM2 services only")
+        elif s.health_url and target.via_tunnel:
+            found.append(f"host {target.name} is reached through a tunnel: its address is the tunnel's end, so service "
+                         f"{s.name}'s health URL could not be pointed at the new copy")
         elif s.health_url and moved_health_url(s.health_url, source, target) is None:
             found.append(f"service {s.name}'s health URL {s.health_url} names neither host {source.name}'s address "
                          "nor a loopback one: the new copy could not be asked (point it at the host's address)")
@@ -268,8 +272,20 @@ def _hold_host_databases(ctx: RunContext, remote: RemoteHost, customer: Customer
             raise OperationError(f"{exc}; nothing was touched") from None
         password = reveal(db.password)
         ctx.add_secret(password)
-        ctx.held[("db", db.name)] = dbrestore.DbTarget(engine="postgresql", host=sockdir, port=port, user=db.user,
-                                                       password=password, dbname=db.database)
+        target = dbrestore.DbTarget(engine="postgresql", host=sockdir, port=port, user=db.user, password=password,
+                                    dbname=db.database)
+        # A database of that name there is not this customer's (it lives on the old host): a fresh swap would set
+        # it aside and drop it. Refused rather than guessed at.
+        try:
+            taken = dbrestore.database_exists(target, db.database)
+        except dbrestore.RestoreError as exc:
+            raise OperationError(f"move refused before touching anything: database {db.name} on host "
+                                 f"{remote.host.name}'s server: {exc}") from None
+        if taken:
+            raise OperationError(f"move refused before touching anything: a database named {db.database} exists "
+                                 f"already on host {remote.host.name}'s server ({db.host}:{port} as that host sees "
+                                 "it); a move creates it there, it never replaces one")
+        ctx.held[("db", db.name)] = target
 
 
 def _sqlite_in(ctx: RunContext, plan, remote: RemoteHost, journal, who: dict, root: str) -> None:
@@ -291,7 +307,7 @@ def _specs(customer: Customer, root: str, source: Host, target: Host) -> list[pr
 
 def _services(ctx: RunContext, remote: RemoteHost, customer: Customer, specs, action: str) -> None:
     """PM2 on `remote`, as the customer's user there (engines.hostrestore.services)."""
-    remote_restore._services(ctx, remote, type("P", (), {"customer": customer})(), specs, action)
+    remote_restore._services(ctx, remote, types.SimpleNamespace(customer=customer), specs, action)
 
 
 def _old_copy(ctx: RunContext, source: Host, old_root: str) -> dict:

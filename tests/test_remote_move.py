@@ -318,8 +318,15 @@ def test_a_moved_customers_host_local_postgresql_comes_to_the_new_hosts_server_a
             with psycopg.connect(host=server_b.socket_dir, port=server_b.port, user="postgres", dbname="postgres",
                                  autocommit=True) as con:  # the role exists there (a move creates no role)
                 con.execute(f"CREATE ROLE shop LOGIN CREATEDB PASSWORD '{pg['password']}'")
+                con.execute("CREATE DATABASE shop")  # someone's, there already: never replaced
             bk = _latest(customer)
             rows = _count(pg["server"])
+            refused = _move(customer, "web-pg-b", bk)
+            assert refused.status == "failed" and "a database named shop exists already on host web-pg-b's" in \
+                refused.error and not new_root.exists()
+            with psycopg.connect(host=server_b.socket_dir, port=server_b.port, user="postgres", dbname="postgres",
+                                 autocommit=True) as con:
+                con.execute("DROP DATABASE shop")
 
             run = _move(customer, "web-pg-b", bk)
             log = "\n".join(line.text for line in run.log_lines.all())
