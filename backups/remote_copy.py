@@ -136,8 +136,17 @@ def _hold_copy_databases(ctx: RunContext, remote: RemoteHost, plan) -> None:
         except RemoteError as exc:
             raise OperationError(f"{exc}; nothing was touched") from None
         ctx.add_secret(parsed.password)
-        ctx.held[("db", name)] = dbrestore.DbTarget(engine="postgresql", host=sockdir, port=port, user=parsed.user,
-                                                    password=parsed.password, dbname=parsed.database)
+        target = dbrestore.DbTarget(engine="postgresql", host=sockdir, port=port, user=parsed.user,
+                                    password=parsed.password, dbname=parsed.name)
+        try:  # "into this new database" (the restore command's words): an existing one is never replaced
+            taken = dbrestore.database_exists(target, parsed.name)
+        except dbrestore.RestoreError as exc:
+            raise OperationError(f"--to-database {name}: {exc}; nothing was touched") from None
+        if taken:
+            raise OperationError(f"refused before touching anything: --to-database {name}: database "
+                                 f"{parsed.name} exists already on {parsed.display()} (as host "
+                                 f"{remote.host.name} reaches it); a copy goes into a new database")
+        ctx.held[("db", name)] = target
 
 
 def _undo(ctx: RunContext, remote: RemoteHost, journal, customer: Customer, to_root: str | None) -> bool:

@@ -338,3 +338,43 @@ def test_a_moved_customers_host_local_postgresql_comes_to_the_new_hosts_server_a
     finally:
         kill_pm2_under(old_root)
         kill_pm2_under(new_root)
+
+
+def test_a_copy_on_a_remote_host_gets_its_postgresql_database_through_the_forward_and_never_replaces_one(
+        host_pg, team, customer_users, fast, parents_open):
+    import psycopg
+
+    from backups.services import restore_start
+    from operations.services import run_execute
+
+    a, pg = host_pg
+    server = pg["server"]
+    customer, _url = _customer(a, make_host(a, "web-copy-pg"), team, customer_users[0], parents_open, health=False,
+                               databases=[("main", pg["url"])])
+    bk = _latest(customer)
+    rows = _count(server)
+    copy = a.customers_root / f"copy-{uuid.uuid4().hex[:6]}"
+
+    def admin(sql: str) -> None:
+        with psycopg.connect(host=server.socket_dir, port=server.port, user="postgres", dbname="postgres",
+                             autocommit=True) as con:
+            con.execute(sql)
+
+    def restore(**kw):
+        run = restore_start(bk, confirmed=True, via="cli", enqueue=False, **kw)
+        run_execute(run.pk)
+        run.refresh_from_db()
+        return run
+
+    admin("ALTER ROLE shop CREATEDB")  # the session's server is shared: put back below
+    try:
+        taken = restore(to_databases={"main": pg["url"]})  # the live database's own URL: never replaced
+        assert taken.status == "failed" and "database shop exists already" in taken.error, taken.error
+        run = restore(to_root=str(copy), to_databases={"main": pg["url"].rsplit("/", 1)[0] + "/shop_copy"})
+        assert run.status == "succeeded", run.error
+        assert _count(server, "shop_copy") == rows and _count(server) == rows
+        assert (copy / "backend" / "src" / "app.js").is_file()
+        assert pg["password"] not in "\n".join(line.text for line in run.log_lines.all())
+    finally:
+        admin("DROP DATABASE IF EXISTS shop_copy")
+        admin("ALTER ROLE shop NOCREATEDB")
