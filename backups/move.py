@@ -16,8 +16,8 @@ The order keeps the customer where it is until the new copy has proved itself:
    SQLite files into their folders there; PostgreSQL databases the old host reached at a loopback address or a
    Unix socket (its own server) into the new host's server, same name, through the session's forward; a database
    on any other address is a shared server both hosts reach: left as it is, the new copy uses it;
-3. the services started there (PM2, as the customer's user on that host) and their health URLs asked, pointed
-   at the new host (a URL naming the old host's address, or a loopback one on `local`);
+3. the services started there (PM2, as the customer's user on that host) and their health URLs asked on that host
+   (a loopback URL as it is; one naming the old host's own address pointed at the new host's);
 4. only then, in one transaction: customer.host, root, SQLite paths and health URLs switched, the old copy
    recorded on the customer (`old_copy`), an audit entry;
 5. the services stopped on the old host, its folders left in place until the move is confirmed
@@ -74,14 +74,17 @@ def host_local(db: DatabaseConnection) -> bool:
 
 
 def moved_health_url(url: str, source: Host, target: Host) -> str | None:
-    """The health URL as the new copy answers it, or None when it names neither the old host's address nor (on
-    `local`) a loopback one: then nothing says where the new copy answers, and a check of that URL would ask the
-    old copy."""
+    """The health URL as the new copy answers it (health URLs are asked on the customer's host: hosts.remote's
+    check_health), or None when it names neither a loopback address (the same on the new host: unchanged) nor the
+    old host's own address (the new host's then): a public name would be asked of whatever it points at — the old
+    copy until DNS changes."""
     if not url:
         return url
     parts = urllib.parse.urlsplit(url)
     name = parts.hostname or ""
-    if not (name == source.address or (source.is_local and is_loopback(name))):
+    if is_loopback(name):
+        return url
+    if source.is_local or name != source.address:
         return None
     address = f"[{target.address}]" if ":" in target.address else target.address
     netloc = address + (f":{parts.port}" if parts.port else "")
@@ -110,12 +113,14 @@ def problems(customer: Customer, target: Host, backup=None) -> list[str]:
     for s in customer.services.all():
         if s.process_manager not in remote_restore.MANAGERS:
             found.append(f"service {s.name} is run by {s.process_manager}: a move starts PM2 services only")
-        elif s.health_url and target.via_tunnel:
+        elif s.health_url and target.via_tunnel and not is_loopback(urllib.parse.urlsplit(s.health_url).hostname
+                                                                   or ""):
             found.append(f"host {target.name} is reached through a tunnel: its address is the tunnel's end, so service "
                          f"{s.name}'s health URL could not be pointed at the new copy")
         elif s.health_url and moved_health_url(s.health_url, source, target) is None:
-            found.append(f"service {s.name}'s health URL {s.health_url} names neither host {source.name}'s address "
-                         "nor a loopback one: the new copy could not be asked (point it at the host's address)")
+            found.append(f"service {s.name}'s health URL {s.health_url} names neither a loopback address nor host "
+                         f"{source.name}'s own: the new copy could not be asked (a health URL names the service as "
+                         "its host sees it: use 127.0.0.1)")
     for d in customer.databases.all():
         if d.engine not in ("postgresql", "sqlite"):
             found.append(f"database {d.name} is {d.engine}: a move brings PostgreSQL and SQLite databases only")
@@ -195,7 +200,7 @@ def move(ctx: RunContext, plan, local: remote_restore.Steps) -> dict:
             ctx.phase("health")
             from customers import runtime
 
-            runtime.check_health(ctx, specs)
+            runtime.check_health(ctx, specs, checker=remote.check_health)  # asked on the new host
             ctx.phase("switch")
             ctx.check_alive()
             _switch(ctx, customer, source, target, old_root, root)

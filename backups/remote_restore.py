@@ -11,15 +11,17 @@ every change made on the host.
   login user's) and the extraction folders (the customer's user's) below the root, the swaps with
   engines.swap (renameat2 on descriptors from the root) and the log folders carried over, all run on the host
   by Kasa's own code through hosts.remote's helper.
-- **Databases** (PostgreSQL) come back through a forward of the session with Kasa's own client tools, exactly as
-  backups.dbswap does locally (a fresh database swapped in, or in place in one transaction for a role that may
-  not create databases): dbswap's targets are pointed at the forward for this run. SQLite files are streamed
-  into a private folder on the host, written beside the live file there (its owner and mode, rows counted) and
-  swapped in on the host (engines.dbrestore_sqlite through the helper). MySQL/MariaDB artifacts of a remote
-  customer are refused before anything is touched (not built yet).
+- **Databases** (PostgreSQL, MySQL/MariaDB) come back through a forward of the session with Kasa's own client
+  tools, exactly as backups.dbswap does locally (a fresh database swapped in; for a user that may not create
+  databases, PostgreSQL in place in one transaction, MySQL/MariaDB through prefixed tables): dbswap's targets
+  are pointed at the forward for this run (backups.remote_parts). SQLite files are streamed into a private
+  folder on the host, written beside the live file there (its owner and mode, rows counted) and swapped in on
+  the host (engines.dbrestore_sqlite through the helper).
+- **Release links**: a service kept behind one (an upgraded service) gets its link back where the backup says,
+  made and exchanged on the host, journalled there like every swap (backups.remote_parts.relink).
 - **Services**: PM2 on the host (its own `pm2`, Host.tools or KASA_REMOTE_PM2), run by engines.procman there
-  (engines.hostrestore.services), every PM2 call as the customer's user; health URLs are asked from the worker,
-  as a remote check does (customers.remote_check).
+  (engines.hostrestore.services), every PM2 call as the customer's user; health URLs are asked on the host (a
+  URL names the service as its host sees it: hosts.remote.RemoteHost.check_health), as a remote check does.
 - **The journal** is the run's (local file, run result: operations.journal) *and* a copy on the host's disk
   (engines.hostrestore.journal_write), written before each change. A failure undoes it through the same
   session; a host lost mid-way fails the run naming the host and leaves its journal there.
@@ -49,7 +51,7 @@ from engines.proc import kill_group as proc_kill
 from hosts.remote import RemoteError, RemoteHost
 from operations.context import OperationError, RunCancelled, RunContext, RunLost
 
-from . import dbswap, restore_files
+from . import dbswap, remote_parts, restore_files
 from .reading import artifact_kwargs, keyring_for, progress
 from .remote import host_facts
 
@@ -156,7 +158,7 @@ def restore(ctx: RunContext, plan, local: Steps) -> dict:
         plan.root = type(plan.root)(root)
         ctx.info(f"customer on {remote.where}: the archives are checked here, unpacked there as {customer.run_as} "
                  f"(uid {who['uid']} on {host.name}), swapped there; databases through forwards")
-        _hold_forwarded_targets(ctx, remote, customer)
+        remote_parts.hold_forwarded_targets(ctx, remote, customer)
         journal = Journal(local.journal(ctx), remote, ctx.run.pk, root)
         safety = None
         wants_safety = p.get("safety_backup", True)
@@ -183,7 +185,8 @@ def restore(ctx: RunContext, plan, local: Steps) -> dict:
                     f"restore failed: {local.short(exc)}; ROLLBACK INCOMPLETE on host {host.name} "
                     f"({remote.where}): the journal of what changed stays there ({journal.path}) for the way "
                     f"back; an operator must look at {root}") from None
-            raise OperationError(f"restore failed: {local.short(exc)}; {what}",
+            # the error names the host: a database's or service's own message names only what it was given
+            raise OperationError(f"restore on host {host.name} failed: {local.short(exc)}; {what}",
                                  result={"safety_backup": safety}) from None
         with ctx.uninterruptible():
             _cleanup(ctx, remote, journal, root)
@@ -204,32 +207,11 @@ def _refuse_unbuilt(customer: Customer, plan) -> None:
                                  f"PM2 services only (not built yet for {s.process_manager})")
     engines = {d.name: d.engine for d in customer.databases.all()}
     for art in plan.artifacts:
-        if art.kind == "database" and engines.get(art.source) not in ("postgresql", "sqlite"):
+        if art.kind == "database" and engines.get(art.source) not in ("postgresql", "mysql", "sqlite"):
             raise OperationError(f"refused before touching anything: database {art.source} "
                                  f"({engines.get(art.source) or 'unknown'}) of {customer} on host "
-                                 f"{customer.host.name}: a remote restore brings back PostgreSQL and SQLite "
-                                 "databases only (not built yet for MySQL/MariaDB); choose the artifacts with --only")
-        if art.kind == "service" and (art.details or {}).get("link"):
-            raise OperationError(f"refused before touching anything: {art.name} is a service kept behind a "
-                                 f"release link; a remote restore does not put release links back yet")
-
-
-def _hold_forwarded_targets(ctx: RunContext, remote: RemoteHost, customer: Customer) -> None:
-    """dbswap's targets for this run: PostgreSQL through a forward of the session to the database's address as
-    the host sees it (as a remote backup dumps it); no maintenance connection (it names the worker's view)."""
-    from core.secrets import reveal
-
-    for db in customer.databases.all():
-        if db.engine != "postgresql":
-            continue
-        port = db.port or 5432
-        far = os.path.join(db.host, f".s.PGSQL.{port}") if db.host.startswith("/") else db.host
-        try:
-            sockdir = os.path.dirname(remote.forward(far, db.port, f".s.PGSQL.{port}"))
-        except RemoteError as exc:
-            raise OperationError(f"{exc}; nothing was touched") from None
-        ctx.held[("db", db.name)] = dbrestore.DbTarget(engine="postgresql", host=sockdir, port=port, user=db.user,
-                                                       password=reveal(db.password), dbname=db.database)
+                                 f"{customer.host.name}: a remote restore brings back PostgreSQL, MySQL/MariaDB "
+                                 "and SQLite databases only; choose the artifacts with --only")
 
 
 # --- staging ---------------------------------------------------------------------------------------------------
@@ -447,7 +429,7 @@ def _swap_in(ctx: RunContext, plan, remote: RemoteHost, staging: str | None, jou
     from customers import runtime
 
     specs = _specs(plan, local)
-    healthy_before = runtime.healthy_now(specs)
+    healthy_before = runtime.healthy_now(specs, checker=remote.check_health)
     ctx.phase("stop")
     ctx.info(f"stopping {len(specs)} service(s) on {remote.host.name}: {', '.join(s.name for s in specs) or 'none'}")
     journal.add({"type": "services_stopped", "healthy_before": healthy_before, "services": [s.name for s in specs]})
@@ -465,7 +447,7 @@ def _swap_in(ctx: RunContext, plan, remote: RemoteHost, staging: str | None, jou
     ctx.info(f"starting {len(specs)} service(s) on {remote.host.name}")
     _services(ctx, remote, plan, specs, "start")
     ctx.phase("health")
-    runtime.check_health(ctx, specs)
+    runtime.check_health(ctx, specs, checker=remote.check_health)
     return way_back
 
 
@@ -498,6 +480,8 @@ def _swap_files(ctx: RunContext, plan, remote: RemoteHost, staging: str, journal
                 step = journal.add({"type": "files", **remote.call("engines.swap.plan", live, staged, root=root)})
                 remote.call("engines.swap.apply", step, root=root)
                 ctx.info(f"swapped in {os.path.relpath(live, root)} on {remote.host.name}")
+        if kind == "service":
+            remote_parts.relink(ctx, plan, remote, journal)
 
 
 # --- undo and clean up -----------------------------------------------------------------------------------------
@@ -552,7 +536,7 @@ def _undo(ctx: RunContext, plan, remote: RemoteHost, journal: Journal, local: St
             try:
                 _services(ctx, remote, plan, specs, "start")
                 before = set(restart.get("healthy_before") or [])
-                runtime.check_health(ctx, [s for s in specs if s.name in before])
+                runtime.check_health(ctx, [s for s in specs if s.name in before], checker=remote.check_health)
             except Exception as exc:
                 journal.services_down = str(exc)
                 ctx.error(f"the previous files and databases are back but the services did not come up: {exc}")
@@ -564,6 +548,8 @@ def _cleanup(ctx: RunContext, remote: RemoteHost, journal: Journal, root: str) -
         try:
             if step["type"] == "staging":
                 remote.call("engines.hostrestore.remove_tree", root, step["path"])
+            elif remote_parts.clean_up(remote, root, step):
+                continue
             elif step.get("host"):
                 if step["type"] == "db_swap" and step.get("old"):
                     remote.call("engines.hostrestore.sqlite_remove", step["old"], root)

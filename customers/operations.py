@@ -216,10 +216,11 @@ def _check_service(ctx: RunContext, svc, problems: list[str]) -> dict:
     return entry
 
 
-def _check_health(ctx: RunContext, svc, problems: list[str], entry: dict) -> None:
-    """The service's health URL, asked from the worker (local and remote customers alike)."""
+def _check_health(ctx: RunContext, svc, problems: list[str], entry: dict, *, status_of=None) -> None:
+    """The service's health URL, asked from the worker (or, for a customer on a remote host, on that host:
+    `status_of`, customers.remote_check)."""
     if svc.health_url:
-        status, error = _http_status(svc.health_url)
+        status, error = (status_of or _http_status)(svc.health_url)
         entry["health"] = {"url": svc.health_url, "status": status, "ok": status == 200}
         if status == 200:
             ctx.info(f"service {svc.name}: {svc.health_url} answered 200")

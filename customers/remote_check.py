@@ -5,7 +5,8 @@ The root, the run_as user, the ownership model, the service folders and SQLite f
 Kasa's own pure code (engines.hostside.check_facts through hosts.remote's helper: the host's users, the host's
 filesystem, its links followed there). PostgreSQL and MySQL/MariaDB are probed with the worker's own clients
 through a forward of the session to the database's address as the host sees it (as a backup dumps them). Health
-URLs are asked from the worker, as for local customers: they are what the outside world sees.
+URLs are asked on the host (hosts.remote.RemoteHost.http_status), as restores and upgrades ask them: a URL names the
+service as its host sees it — usually http://127.0.0.1:<port>/…, which from the worker would be another machine.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from hosts.remote import RemoteError, RemoteHost
 from operations.context import OperationError, RunContext
 
 from .models import Customer, DatabaseConnection
+
+HEALTH_TIMEOUT = 5  # as customers.operations' (one GET, no streak: a check looks, it does not wait)
 
 
 def check(ctx: RunContext, customer: Customer, *, check_health) -> dict:
@@ -71,21 +74,22 @@ def check(ctx: RunContext, customer: Customer, *, check_health) -> dict:
             result["databases"].append(_database(ctx, remote, db, facts, problem))
             done += 1
 
-    ctx.phase("services")
-    for svc in services:
-        ctx.progress(done, total, f"service {svc.name}")
-        entry = {"name": svc.name, "path": svc.path, "process_manager": svc.process_manager, "ok": True}
-        if facts["problems"]:  # the root's item says why; its folders were not looked at
-            entry.update(ok=False, error="not checked: the root folder has problems")
-        elif svc.name in facts["missing"] or svc.name not in facts["services"]:
-            entry.update(ok=False, error=f"folder {svc.path} does not exist on {customer.host.name}")
-            problem(f"service {svc.name}: {entry['error']}")
-        else:
-            entry["folder"] = os.path.join(facts["root"], facts["services"][svc.name]["path"])
-            ctx.info(f"service {svc.name}: folder {entry['folder']} ok")
-            check_health(ctx, svc, problems, entry)
-        result["services"].append(entry)
-        done += 1
+        ctx.phase("services")
+        for svc in services:
+            ctx.progress(done, total, f"service {svc.name}")
+            entry = {"name": svc.name, "path": svc.path, "process_manager": svc.process_manager, "ok": True}
+            if facts["problems"]:  # the root's item says why; its folders were not looked at
+                entry.update(ok=False, error="not checked: the root folder has problems")
+            elif svc.name in facts["missing"] or svc.name not in facts["services"]:
+                entry.update(ok=False, error=f"folder {svc.path} does not exist on {customer.host.name}")
+                problem(f"service {svc.name}: {entry['error']}")
+            else:
+                entry["folder"] = os.path.join(facts["root"], facts["services"][svc.name]["path"])
+                ctx.info(f"service {svc.name}: folder {entry['folder']} ok")
+                # Asked on the host: the URL names the service as its host sees it (127.0.0.1 there is not ours).
+                check_health(ctx, svc, problems, entry, status_of=lambda url: _status_on_host(remote, url))
+            result["services"].append(entry)
+            done += 1
 
     ctx.progress(done, total, "done")
     result["ok"] = not problems
@@ -94,6 +98,13 @@ def check(ctx: RunContext, customer: Customer, *, check_health) -> dict:
         raise OperationError(f"{len(problems)} problem(s): " + "; ".join(problems), result=result)
     ctx.info(f"all {len(databases)} database(s) and {len(services)} service(s) ok on {customer.host.name}")
     return result
+
+
+def _status_on_host(remote: RemoteHost, url: str) -> tuple[int | None, str]:
+    try:
+        return remote.http_status(url, HEALTH_TIMEOUT)
+    except RemoteError as exc:
+        return None, str(exc)
 
 
 def _facts(remote: RemoteHost, customer: Customer) -> dict:

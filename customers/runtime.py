@@ -137,14 +137,16 @@ def start_all(ctx: RunContext, specs) -> None:
         raise OperationError(str(exc)) from None
 
 
-def healthy_now(specs) -> list[str]:
-    """Names of the services whose health URL answers right now (one quick probe each, in parallel)."""
-    results = health.check_all([s for s in specs if s.health_url], consecutive=1, timeout=2.0, interval=0.5)
+def healthy_now(specs, *, checker=None) -> list[str]:
+    """Names of the services whose health URL answers right now (one quick probe each, in parallel). `checker`:
+    engines.health.check_all's stand-in for a customer on a remote host (hosts.remote.RemoteHost.check_health)."""
+    results = (checker or health.check_all)([s for s in specs if s.health_url], consecutive=1, timeout=2.0,
+                                            interval=0.5)
     return sorted(name for name, res in results.items() if res.ok)
 
 
 def check_health(ctx: RunContext, specs, *, label: str = "", what: str = "health checks",
-                 failure: str = "health check failed") -> None:
+                 failure: str = "health check failed", checker=None) -> None:
     """Every service with a health URL must answer 200 KASA_HEALTH_STREAK times in a row; the others are logged as
     having none (never as "healthy": nothing was asked). `label` prefixes each log line and `what`/`failure` name
     the checks (a deep drill's copy); the OperationError reads "<failure>: <service> (<last error>); …"."""
@@ -155,8 +157,9 @@ def check_health(ctx: RunContext, specs, *, label: str = "", what: str = "health
     if not checked:
         return
     ctx.info(f"{label}{what}: {', '.join(f'{s.name} {s.health_url}' for s in checked)}")
-    results = health.check_all(checked, consecutive=settings.KASA_HEALTH_STREAK,
-                               timeout=settings.KASA_HEALTH_TIMEOUT, interval=settings.KASA_HEALTH_INTERVAL)
+    results = (checker or health.check_all)(checked, consecutive=settings.KASA_HEALTH_STREAK,
+                                            timeout=settings.KASA_HEALTH_TIMEOUT,
+                                            interval=settings.KASA_HEALTH_INTERVAL)
     bad = []
     for name, res in results.items():
         (ctx.info if res.ok else ctx.error)(f"{label}{name}: {res.summary()}")

@@ -55,8 +55,11 @@ def _lit(value: str | None) -> str:
 
 @contextlib.contextmanager
 def _my_cnf(target: DbTarget) -> Iterator[str]:
+    # A host starting with "/" is the server's socket file (as a DatabaseConnection's): a remote customer's
+    # database is reached through the SSH session's forward, a socket on the worker (backups.remote_parts).
+    socket = target.host if target.host.startswith("/") else ""
     with credentials.mysql_defaults_file(host=target.host, port=target.port, user=target.user,
-                                         password=target.password) as cnf:
+                                         password=target.password, socket=socket) as cnf:
         yield cnf
 
 

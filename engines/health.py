@@ -1,12 +1,12 @@
 """Health checks of customer services after a restore or an upgrade started them again.
 
-A service counts as healthy after `consecutive` answers with the expected status
-in a row: one lucky 200 from a process that is still crash-looping under its
-manager proves little, so any other answer resets the streak. Plain stdlib
-urllib, with a short timeout per request so a hung service cannot eat the whole
-budget, no proxy (a health URL names a service on this host or its network,
-never something to reach through the operator's HTTP proxy), and redirects
-followed only on the same host (a health URL must not send Kasa elsewhere).
+A service counts as healthy after `consecutive` answers with the expected status in a row: one lucky 200 from a
+process that is still crash-looping under its manager proves little, so any other answer resets the streak. Plain
+stdlib urllib (so the same code runs on a customer's remote host through engines.hostcall: a health URL names the
+service as *its* host sees it, http://127.0.0.1:3000/ included), with a short timeout per request so a hung service
+cannot eat the whole budget, no proxy (a health URL names a service on this host or its network, never something to
+reach through the operator's HTTP proxy), and redirects followed only on the same host (a health URL must not send
+Kasa elsewhere).
 """
 
 from __future__ import annotations
@@ -150,3 +150,29 @@ def check_all(specs: Iterable, *, consecutive: int = 3, timeout: float = 30.0, i
             for s in checked
         }
         return {name: f.result() for name, f in futures.items()}
+
+
+def probe_once(url: str, request_timeout: float = 5.0) -> list:
+    """One GET of `url`: [status or None, error] (JSON-able: what a host's helper answers; no parameter is named
+    `timeout`, which engines.hostcall keeps for the call itself)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return [None, f"{url!r} is not an http(s) URL with a host"]
+    status, error = _probe(_opener(parts.hostname.lower()), url, request_timeout)
+    return [status, error]
+
+
+def check_urls(urls: dict[str, str], *, consecutive: int = 3, budget: float = 30.0, interval: float = 0.5,
+               expect: int = 200, request_timeout: float = 2.0) -> dict[str, dict]:
+    """check_all for {service name: URL} within `budget` seconds, each result as a plain dict (what a host's helper
+    answers)."""
+
+    @dataclass
+    class _Spec:
+        name: str
+        health_url: str
+
+    results = check_all([_Spec(n, u) for n, u in urls.items()], consecutive=consecutive, timeout=budget,
+                        interval=interval, expect=expect, request_timeout=request_timeout)
+    return {name: {"ok": r.ok, "attempts": r.attempts, "last_status": r.last_status, "last_error": r.last_error,
+                   "elapsed": r.elapsed, "url": r.url} for name, r in results.items()}

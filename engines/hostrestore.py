@@ -10,6 +10,8 @@ user, the swaps (engines.swap, called directly through the helper), the log fold
 - `TAR_LAUNCHER`: what the worker runs on the host to receive the checked tar stream: it enters the extraction
   folder through descriptors opened from the root without following a link, drops to the customer's user (no
   supplementary groups, umask 027) and executes GNU tar there — the host-side twin of engines.unpack's _Tar.
+- `link_beside`: the link of a release put back (an upgraded service's path -> releases/<version>/<name>), made
+  beside the live one for engines.swap to exchange; `undo_step` removes it again.
 - `check_tree`: engines.treecheck on the host, after tar, against the counts the worker's scanner listed.
 - `services`: engines.procman's stop_all/start_all on the host, each PM2 call as the customer's user resolved
   here, the host's own `pm2` binary.
@@ -136,11 +138,31 @@ def rename(root: str, src: str, dst: str) -> None:
     beneath.rename(root, src, dst)
 
 
+def link_beside(root: str, live: str, target: str, tmp: str) -> bool:
+    """A release link put back (backups.remote_parts.relink): a new link `tmp` -> `target` beside the live path,
+    made here through the root's descriptors, for engines.swap to exchange with the live one. False when the
+    live path already is that link (nothing made)."""
+    if beneath.readlink(root, live) == target:
+        return False
+    if beneath.lexists(root, tmp):  # left by an earlier run cut short: never live, never journalled
+        beneath.unlink(root, tmp)
+    beneath.symlink(root, target, tmp)
+    return True
+
+
 def undo_step(root: str, step: dict) -> bool:
     """Undo one file step (files, carry, staging) of a remote restore's journal, as restore_files.undo does."""
     kind = step.get("type")
     if kind == "files":
-        return swap.undo(step, root=root)
+        moved = swap.undo(step, root=root)
+        if step.get("beside"):  # a release link put back: the link this run made goes too
+            try:
+                if beneath.is_link(root, step["staged"]):
+                    beneath.unlink(root, step["staged"])
+            except beneath.BeneathError:
+                if not step.get("refused"):
+                    raise
+        return moved
     if kind == "carry":
         if step.get("refused"):
             return False

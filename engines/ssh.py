@@ -96,6 +96,7 @@ class Target:
     key_file: str = ""
     connect_timeout: int = 10
     tunnel: bool = False  # address:port is a bastion's end of the host's reverse tunnel (README "Hosts behind NAT")
+    sudo: bool = False  # a non-root login user: every command goes through `sudo -n` (deploy/sudoers/kasa)
 
     def where(self) -> str:
         return f"host {self.name} ({self.user}@{self.address}:{self.port})"
@@ -231,8 +232,13 @@ class Session:
             argv += ["-o", f"{key}={value}"]
         return argv
 
-    def argv(self, remote: Sequence[str], *, ssh_args: Sequence[str] = ()) -> list[str]:
+    def argv(self, remote: Sequence[str], *, ssh_args: Sequence[str] = (), privileged: bool = True) -> list[str]:
+        """ssh's argv running `remote` on the host. With a sudo login (Target.sudo) a privileged command runs as
+        `sudo -n -- …`: never a password prompt (-n: a missing rule fails at once, with sudo's message on stderr),
+        and the host's sudo rule names exactly these commands (deploy/sudoers/kasa). The probe asks unprivileged."""
         t = self.target
+        if t.sudo and privileged:
+            remote = ["sudo", "-n", "--", *remote]
         return [SSH, *self.options(), "-T", *ssh_args, "-p", str(int(t.port)), "-l", t.user, "--", t.address,
                 quote(remote)]
 
@@ -260,10 +266,11 @@ class Session:
             raise Unreachable(f"{t.where()} is unreachable: {_tunnel_hint(t, text)}"
                               f"{text[-300:] or 'the connection ended (ssh exit status 255)'}")
 
-    def run(self, remote: Sequence[str], *, input: bytes | None = None, timeout: float = 60) -> Result:
+    def run(self, remote: Sequence[str], *, input: bytes | None = None, timeout: float = 60,
+            privileged: bool = True) -> Result:
         """Run `remote` (an argv) on the host; rc/stdout/stderr. SSHError when ssh itself failed (exit 255
         with ssh's own message): unreachable, host key changed, login refused."""
-        argv = self.argv(remote)
+        argv = self.argv(remote, privileged=privileged)
         try:
             done = subprocess.run(argv, input=input, capture_output=True, timeout=timeout, check=False,
                                   stdin=None if input is not None else subprocess.DEVNULL)

@@ -41,8 +41,12 @@ def validate_host_key(value: str) -> None:
 
 def local_host_pk() -> int:
     """The built-in `local` host (created by migration 0001; again here after a test flushed the tables)."""
-    host, _ = Host.objects.get_or_create(name=LOCAL, defaults={"address": "", "ssh_user": ""})
-    return host.pk
+    # Read by primary key only: this is a field default, also called by migrations that run before later columns
+    # of Host exist (customers 0005), where selecting the whole row would fail.
+    pk = Host.objects.filter(name=LOCAL).values_list("pk", flat=True).first()
+    if pk is None:
+        pk = Host.objects.create(name=LOCAL, address="", ssh_user="").pk
+    return pk
 
 
 class Host(models.Model):
@@ -50,6 +54,10 @@ class Host(models.Model):
     ssh_user = models.CharField("SSH user", max_length=32, blank=True, default="root",
                                 validators=[ssh_user_validator],
                                 help_text="root, or a `kasa` user with a sudo rule limited to what Kasa runs.")
+    sudo = models.BooleanField(
+        "through sudo", default=False,
+        help_text="The SSH user is not root: every command Kasa runs on the host goes through `sudo -n`, which the "
+                  "host allows with the rule in deploy/sudoers/kasa.")
     address = models.CharField(max_length=253, blank=True, validators=[address_validator],
                                help_text="Host name or IP address Kasa's workers reach its sshd at.")
     port = models.PositiveIntegerField(default=22)
@@ -124,7 +132,8 @@ class Host(models.Model):
             key = Secret(key) if key else None
         return ssh.Target(name=self.name, user=self.ssh_user, address=self.address, port=self.port,
                           host_key=self.host_key, private_key=key or None, key_file=self.key_file,
-                          connect_timeout=max(1, round(settings.KASA_SSH_CONNECT_TIMEOUT)), tunnel=self.via_tunnel)
+                          connect_timeout=max(1, round(settings.KASA_SSH_CONNECT_TIMEOUT)), tunnel=self.via_tunnel,
+                          sudo=self.sudo and self.ssh_user != "root")
 
     def tool_summary(self) -> str:
         return ", ".join(f"{t} {self.tools.get(t, '?')}" for t in hostprobe.TOOLS) if self.tools else ""

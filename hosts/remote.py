@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 
-from engines import hostcall, sources, ssh
+from engines import health, hostcall, sources, ssh
 from engines.streams import Stage
 
 from .models import Host
@@ -66,6 +66,37 @@ class RemoteHost:
                 self.session.check(255, "\n".join(stage.stderr_tail))
             except ssh.SSHError as exc:
                 raise RemoteError(str(exc)) from None
+
+    def check_health(self, specs, *, consecutive: int, timeout: float, interval: float) -> dict:
+        """engines.health.check_all asked *on the host* (a health URL names the service as its host sees it: a
+        service bound to the host's 127.0.0.1 is reachable there only, and the worker's own 127.0.0.1 is another
+        machine). {name: HealthResult}, the host's answer checked (untrusted input)."""
+        urls = {s.name: s.health_url for s in specs if s.health_url}
+        if not urls:
+            return {}
+        answer = self.call("engines.health.check_urls", urls, consecutive=consecutive, budget=timeout,
+                           interval=interval, timeout=timeout + 60)
+        if not isinstance(answer, dict) or set(answer) != set(urls):
+            raise RemoteError(f"{self.where} answered something that is not a health report: not trusted")
+        results = {}
+        for name, r in answer.items():
+            if not isinstance(r, dict) or not isinstance(r.get("ok"), bool):
+                raise RemoteError(f"{self.where} answered something that is not a health report: not trusted")
+            status = r.get("last_status")
+            results[name] = health.HealthResult(
+                ok=r["ok"], attempts=int(r.get("attempts") or 0) if isinstance(r.get("attempts"), int) else 0,
+                last_status=status if isinstance(status, int) else None,
+                last_error=str(r.get("last_error") or "")[:500],
+                elapsed=float(r["elapsed"]) if isinstance(r.get("elapsed"), (int, float)) else 0.0,
+                url=urls[name])
+        return results
+
+    def http_status(self, url: str, timeout: float) -> tuple[int | None, str]:
+        """One GET of `url` from the host: (status, error)."""
+        answer = self.call("engines.health.probe_once", url, timeout, timeout=timeout + 30)
+        if not (isinstance(answer, list) and len(answer) == 2 and (answer[0] is None or isinstance(answer[0], int))):
+            raise RemoteError(f"{self.where} answered something that is not an HTTP status: not trusted")
+        return answer[0], str(answer[1] or "")[:500]
 
     def forward(self, db_host: str, db_port: int | None, socket_name: str) -> str:
         """The local socket of a forward to db_host:db_port as the host sees it (one per server and session)."""

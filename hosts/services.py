@@ -82,7 +82,8 @@ class Added:
 
 def host_add(*, name: str, user: str, address: str, port: int = 22, private_key: str | Secret = "",
              key_file: str = "", labels: dict | None = None, customers_root: str = "/srv/kasa/customers",
-             trust_host_key: bool = False, actor=None, via: str = AuditEntry.Source.CLI) -> Added:
+             trust_host_key: bool = False, sudo: bool = False, actor=None,
+             via: str = AuditEntry.Source.CLI) -> Added:
     """Register a remote host, scan its host keys (first contact) and pin the preferred one only when
     `trust_host_key`. Without it the host is stored disabled with no pinned key. Re-adding a host that has no
     trusted key yet updates it (so the trust can follow a look at the fingerprint); a trusted one is refused."""
@@ -92,7 +93,7 @@ def host_add(*, name: str, user: str, address: str, port: int = 22, private_key:
         raise HostInputError(f"host {name!r} exists already" + (" and its key is trusted" if existing.host_key else ""))
     host = existing or Host(name=name)
     host.ssh_user, host.address, host.port = user, address, port
-    host.labels, host.customers_root = labels or {}, customers_root
+    host.labels, host.customers_root, host.sudo = labels or {}, customers_root, sudo
     if private_key:
         host.private_key = private_key
     host.key_file = key_file
@@ -113,7 +114,7 @@ def host_add(*, name: str, user: str, address: str, port: int = 22, private_key:
             host.host_key, host.enabled = scanned[0].line, True
         _save(host)
         audit_record(action="host.add", source=via, actor=actor, obj=host, result="ok",
-                     changes={"ssh": host.ssh_spec(), "key_file": host.key_file or None,
+                     changes={"ssh": host.ssh_spec(), "sudo": host.sudo, "key_file": host.key_file or None,
                               "private_key": "set" if host.private_key else None, "labels": host.labels,
                               "scanned": [k.fingerprint for k in scanned],
                               "trusted": host.fingerprint() or None})
@@ -145,17 +146,24 @@ def host_trust(host: Host, fingerprint: str, *, actor=None, via: str = AuditEntr
     return match
 
 
-def _probe_output(host: Host) -> str:
-    """The probe script's stdout, run locally for `local` and over SSH for any other host."""
+def _probe_output(host: Host) -> tuple[str, str]:
+    """The probe script's stdout, run locally for `local` and over SSH for any other host; and a problem with the
+    host's sudo rule when it logs in through sudo (Kasa's helper refused: nothing but the probe would work)."""
     if host.is_local:
         done = subprocess.run(hostprobe.argv(host.root(), pm2.pm2_binary()), capture_output=True, text=True,
                               timeout=PROBE_TIMEOUT, check=False, stdin=subprocess.DEVNULL)
-        return done.stdout
+        return done.stdout, ""
+    problem = ""
     with ssh.Session(host.target(), runtime_dir()) as session:
-        result = session.run(hostprobe.argv(host.root()), timeout=PROBE_TIMEOUT)
+        result = session.run(hostprobe.argv(host.root()), timeout=PROBE_TIMEOUT, privileged=False)
+        if host.sudo:  # what every operation starts with: Kasa's helper, through the host's sudo rule
+            helper = session.run(["python3", "-I", "-c", "pass"], timeout=PROBE_TIMEOUT)
+            if helper.rc != 0:
+                problem = (f"host {host.name}: sudo refused Kasa's helper for {host.ssh_user} (install the rule of "
+                           f"deploy/sudoers/kasa there): {helper.stderr.strip()[-300:]}")
     if result.rc != 0 and not result.stdout:
         raise ssh.SSHError(f"host {host.name}: the probe exited with status {result.rc}: {result.stderr[-300:]}")
-    return result.text
+    return result.text, problem
 
 
 def host_probe(host: Host) -> Host:
@@ -164,12 +172,14 @@ def host_probe(host: Host) -> Host:
     now = timezone.now()
     fields = {"probed_at": now}
     try:
-        answer = hostprobe.parse(_probe_output(host))
+        text, sudo_problem = _probe_output(host)
+        answer = hostprobe.parse(text)
     except (ssh.SSHError, OSError, subprocess.SubprocessError) as exc:
         message = str(exc) if isinstance(exc, ssh.SSHError) else f"host {host.name}: probe failed: {exc}"
         fields.update(reachable=False, last_error=message[:2000])
     else:
         problem = "" if answer.root_exists else f"host {host.name}: the customers root {host.root()} does not exist"
+        problem = "; ".join(p for p in (problem, sudo_problem) if p)
         fields.update(reachable=True, last_seen=now, last_error=problem, os=answer.os, free_bytes=answer.free_bytes,
                       tools=answer.tools)
     Host.objects.filter(pk=host.pk).update(**fields)
@@ -199,7 +209,7 @@ def host_describe(host: Host) -> dict:
     """A host as the CLI shows it: never its private key."""
     return {
         "name": host.name, "ssh": host.ssh_spec() or None, "local": host.is_local, "tunnel": host.via_tunnel,
-        "enabled": host.enabled,
+        "sudo": host.sudo, "enabled": host.enabled,
         "host_key": host.fingerprint() or None, "key": "stored" if host.private_key else (host.key_file or None),
         "labels": host.labels, "customers_root": host.root(), "reachable": host.reachable,
         "last_seen": host.last_seen, "last_error": host.last_error or None, "os": host.os or None,

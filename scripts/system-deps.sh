@@ -34,6 +34,7 @@ if ! $only_python; then
   have zstd          || need+=(zstd)
   have node          || need+=(nodejs)
   [ -x /usr/sbin/sshd ] || need+=(openssh-server)  # a real SFTP server for the storage-target tests
+  [ -x /usr/bin/sudo ] || need+=(sudo)  # a host's non-root login user with Kasa's sudo rule (deploy/sudoers/kasa)
   have prometheus    || need+=(prometheus)  # rollouts' PromQL gates are evaluated by a real Prometheus
   have systemd-analyze || need+=(systemd)  # tests/test_deploy_files.py verifies deploy/systemd/ with it
 fi

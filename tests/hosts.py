@@ -120,7 +120,7 @@ class NetnsHost:
             HostKey {d}/host_ed25519
             PidFile {d}/sshd.pid
             AuthorizedKeysFile {d}/authorized_keys
-            AllowUsers root kasa
+            AllowUsers root kasa kasassh
             StrictModes no
             UsePAM no
             PasswordAuthentication no

@@ -8,6 +8,7 @@ scratch, row counts compared)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -15,6 +16,7 @@ import pwd
 import sqlite3
 import subprocess
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -22,7 +24,7 @@ import pytest
 from django.conf import settings
 
 from backups.models import Backup
-from customers.models import Customer, DatabaseConnection
+from customers.models import Customer, DatabaseConnection, Service
 from engines.backupcrypto import KeyRing, decrypt_stream
 from operations.models import Run
 from tests.conftest import port_open, wait_until
@@ -260,6 +262,28 @@ def test_a_disabled_host_or_one_whose_key_is_not_trusted_refuses_its_customers_b
     assert not Backup.objects.filter(customer=customer, status="succeeded").exists()
 
 
+@contextlib.contextmanager
+def _decoy():
+    """An HTTP server on the worker's 127.0.0.1 answering 200 to everything; its URL."""
+    import http.server
+
+    class Ok(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ok)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/health"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_a_check_of_a_remote_customer_looks_at_its_folders_user_and_databases_on_the_host(
         host_pg, team, customer_users):
     import os
@@ -298,6 +322,14 @@ def test_a_check_of_a_remote_customer_looks_at_its_folders_user_and_databases_on
         assert [(d["name"], d["ok"]) for d in run.result["databases"]] == [("cache", True), ("main", True)]
         main = next(d for d in run.result["databases"] if d["name"] == "main")
         assert main["server_version"] == pg["server_version"]  # the host-only server answered
+
+        # A health URL names the service as its host sees it: asked on the host, where nothing listens on that
+        # port — never on the worker, where a decoy answers 200 at the same address.
+        with _decoy() as decoy_url:
+            Service.objects.filter(customer=customer).update(health_url=decoy_url)
+            run = check()
+            Service.objects.filter(customer=customer).update(health_url="")
+        assert run.status == "failed" and f"health URL {decoy_url} unreachable" in run.error, run.error
 
         # What is wrong on the host is found there: a folder open to all, a service folder gone, a server down
         # (nothing listens on the host's 127.0.0.1:9).

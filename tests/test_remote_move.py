@@ -230,7 +230,7 @@ def test_a_customer_moves_from_local_to_a_remote_host(netns_hosts, team, custome
         assert run.status == "succeeded", run.error
         customer = Customer.objects.get(pk=customer.pk)
         assert customer.host.name == "web-from-local" and customer.root == str(new_root)
-        assert customer.services.get().health_url == f"http://{h.address}:{port}/health"
+        assert customer.services.get().health_url == f"http://127.0.0.1:{port}/health"  # asked on its host
         assert _answers(f"http://{h.address}:{port}/health") == 200
         assert _answers(f"http://127.0.0.1:{port}/health") == 0  # stopped here, its folders kept
         assert (old_root / "backend" / "server.js").is_file() and customer.old_copy["host"] == "local"

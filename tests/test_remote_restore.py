@@ -70,8 +70,10 @@ def _reset(pg) -> None:
     _sql(pg, "INSERT INTO orders (id, total) SELECT g, g * 1.5 FROM generate_series(1, 123) g ON CONFLICT DO NOTHING")
 
 
-def _customer(h, host, team, user: str, parents_open, *, databases=(), health: bool = True, sqlite: bool = False):
-    """A remote customer run by PM2 as `user`, its folders owned as Kasa's ownership model says."""
+def _customer(h, host, team, user: str, parents_open, *, databases=(), health: bool = True, sqlite: bool = False,
+              loopback: bool = False):
+    """A remote customer run by PM2 as `user`, its folders owned as Kasa's ownership model says; `loopback`: its
+    health URL names the host's own 127.0.0.1 (asked there; the URL returned is the one the test reaches)."""
     from customers.models import Customer, Service
 
     customer = remote_customer(h, host, team, databases=databases, sqlite=sqlite)
@@ -88,7 +90,7 @@ def _customer(h, host, team, user: str, parents_open, *, databases=(), health: b
     Customer.objects.filter(pk=customer.pk).update(run_as=user)
     Service.objects.filter(customer=customer, name="backend").update(
         process_manager="pm2", app_name=f"backend-{port}", start_command=["/usr/bin/node", "server.js", str(port)],
-        health_url=f"http://{h.address}:{port}/health" if health else "")
+        health_url=f"http://{'127.0.0.1' if loopback else h.address}:{port}/health" if health else "")
     customer.refresh_from_db()
     return customer, f"http://{h.address}:{port}/health"
 
@@ -124,7 +126,9 @@ def test_a_remote_customer_restores_in_place_files_databases_and_services_health
     user = customer_users[0]
     _reset(pg)
     host = make_host(h, "web-restore")
-    customer, url = _customer(h, host, team, user, parents_open, databases=[("main", pg["url"])], sqlite=True)
+    # Its health URL is the host's 127.0.0.1: asked on the host (nothing listens there on the worker).
+    customer, url = _customer(h, host, team, user, parents_open, databases=[("main", pg["url"])], sqlite=True,
+                              loopback=True)
     root = Path(customer.root)
     cache = root / "data" / "cache.sqlite3"
     try:

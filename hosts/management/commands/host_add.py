@@ -18,6 +18,9 @@ class Command(KasaCommand):
                          help="read the private key from stdin (stored encrypted; never on the command line)")
         parser.add_argument("--trust-host-key", action="store_true",
                             help="pin the host key scanned now (check its fingerprint first)")
+        parser.add_argument("--sudo", action="store_true",
+                            help="the SSH user is not root: run Kasa's commands through `sudo -n` (the host needs "
+                                 "the rule of deploy/sudoers/kasa)")
         parser.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
         parser.add_argument("--customers-root", default="/srv/kasa/customers", metavar="PATH",
                             help="the folder holding the customers' roots on the host")
@@ -36,7 +39,7 @@ class Command(KasaCommand):
             user, address, port = parse_ssh_spec(o["ssh"])
             added = host_add(name=o["name"], user=user, address=address, port=port, private_key=private_key,
                              key_file=o["key_file"], labels=labels, customers_root=o["customers_root"],
-                             trust_host_key=o["trust_host_key"])
+                             trust_host_key=o["trust_host_key"], sudo=o["sudo"])
         except HostInputError as exc:
             raise BadInput(str(exc)) from None
         host = added.host
