@@ -489,13 +489,13 @@ def abandon(run: Run, ctx: RunContext) -> None:
     steps = (run.result or {}).get("journal") or []
     customer = Customer.objects.select_related("host").get(pk=run.customer_id)
     if (run.params or {}).get("to_host"):
-        # A move's steps name the target host's folders (backups.move): never followed on this machine; the
-        # customer was not switched (that is the move's last step), so it is still running where it was.
+        # A move's steps name the target host's folders (backups.move): never followed on this machine. The customer
+        # is switched only once the copy is healthy, so it runs where customer.host says.
         if steps:
             ctx.error(f"the worker died mid-move of {customer} to host {run.params['to_host']}: the customer is "
                       f"on host {customer.host.name} (switched only once the copy is healthy); the half-made copy "
                       f"and its journal stay on {run.params['to_host']} (.kasa-journals/run-{run.pk}.json under its "
-                      "customers root): an ""operator must remove them")
+                      "customers root): an operator must remove them")
         return
     if not customer.host.is_local:
         # Its paths are the host's: never followed on this machine. The journal stays on the host

@@ -306,7 +306,7 @@ def restore_start(
                 "Restore the other artifacts without it (untick it on the Restore page, or name the others with "
                 "--only), and exclude those links in the backup policy")
     remote = not customer.host.is_local
-    if remote and rewrite_env:
+    if remote and rewrite_env and (to_root or to_databases):
         raise BackupInputError(f"--rewrite-env: {customer} lives on host {customer.host.name}, where a copy's .env "
                                "files are not rewritten yet; restore the copy without it and edit them there")
     if to_root and remote:  # a copy on the customer's host: by name here, links resolved there (backups.remote_copy)
