@@ -25,4 +25,7 @@ class BackupsConfig(AppConfig):
         page.register_card("backups.customer_page.backups_card")
         page.register_card("backups.customer_page.recovery_card")
         page.register_page("backup", "backups.views.backup_now_view")
+        # Moving to another host (backups.move): the page, and the confirmation that deletes the old copy.
+        page.register_page("move", "backups.move_views.move_view")
+        page.register_page("move_confirm", "backups.move_views.move_confirm_view")
         page.register_action("backups.customer_page.backup_action", permission=permissions.BACKUP)

@@ -46,7 +46,10 @@ def restore_details(run) -> dict:
     res = run.result or {}
     if run.status == run.Status.SUCCEEDED and res.get("backup"):
         what = ", ".join(res.get("artifacts") or []) or "everything"
-        where = f"copied to {res.get('root')}" if res.get("clone") else "restored in place"
+        where = (f"copied to {res.get('root')}" if res.get("clone") else
+                 f"moved to host {res.get('host')} ({res.get('root')}); the old copy "
+                 f"{'stopped' if res.get('old_stopped') else 'NOT stopped'} on host {res.get('from_host')} at "
+                 f"{res.get('old_root')} until the move is confirmed" if res.get("moved") else "restored in place")
         summary = f"backup #{res['backup']} {where} ({what})"
         if res.get("seconds") is not None:
             summary += f" in {human_duration(res['seconds'])}"

@@ -86,12 +86,18 @@ def restore(ctx: RunContext) -> dict:
     p = ctx.run.params
     started = time.monotonic()
     plan = _plan(ctx, p)  # then the credentials an undo needs, held in memory: it goes on without the database
+    if p.get("to_host"):  # a move: the backup restored on another host, then the customer switched (backups.move)
+        from . import move
+
+        return move.move(ctx, plan, _remote_steps())
     if not plan.customer.host.is_local:  # on another host: every change made there (backups.remote_restore)
         from . import remote_restore
 
-        return remote_restore.restore(ctx, plan, remote_restore.Steps(
-            journal=Journal, phases=_phases, safety_backup=_safety_backup, short=_short,
-            record_versions=_record_versions, touched_specs=touched_specs))
+        if plan.clone:  # a copy beside the customer on its host (backups.remote_copy)
+            from . import remote_copy
+
+            return remote_copy.restore_copy(ctx, plan, _remote_steps())
+        return remote_restore.restore(ctx, plan, _remote_steps())
     dbswap.hold_targets(ctx, plan.customer, plan.to_databases, plan.root if plan.clone and p.get("to_root") else None)
     # Restored files belong to the customer's user, and its services are stopped and started as that user:
     # refused now, before anything is touched, if it cannot be (a copy elsewhere starts nothing).
@@ -149,6 +155,13 @@ def restore(ctx: RunContext) -> dict:
             "seconds": round(seconds, 2)}
 
 
+def _remote_steps():
+    from . import remote_restore
+
+    return remote_restore.Steps(journal=Journal, phases=_phases, safety_backup=_safety_backup, short=_short,
+                                record_versions=_record_versions, touched_specs=touched_specs)
+
+
 # Named phases of a restore (RunContext.phases), weighted by their usual share of the time. A database restored
 # in place takes its safety backup once the services are stopped (late).
 def _phases(clone: bool, safety: bool, *, late: bool) -> list[tuple[str, float]]:
@@ -189,13 +202,14 @@ def _plan(ctx: RunContext, p: dict) -> Plan:
                                      f"for {', '.join(missing)}")
         if root is None:
             arts = [a for a in arts if a.kind == "database"]
-            root = customer.root_path()
+            root = customer.root_path() if customer.host.is_local else Path(customer.root)
     else:  # a remote customer's root is the host's: checked there (backups.remote_restore)
         root = customer.root_path() if customer.host.is_local else Path(customer.root)
     if not arts:
         raise OperationError("nothing to restore: no artifact of the backup matches the selection")
     ctx.info(f"restoring backup #{bk.pk} of {customer.domain} ({human_time(bk.finished_at)}) "
-             + (f"into a copy at {root}" if clone and p.get("to_root") else "in place" if not clone else "")
+             + (f"into a copy at {root}" if clone and p.get("to_root") else f"onto host {p['to_host']}"
+                if p.get("to_host") else "in place" if not clone else "")
              + f": {', '.join(a.name for a in arts)}")
     return Plan(bk, customer, arts, Path(root), clone, to_dbs)
 
@@ -474,6 +488,15 @@ def abandon(run: Run, ctx: RunContext) -> None:
     """The worker died mid-restore: undo its journal so the customer is exactly as it was."""
     steps = (run.result or {}).get("journal") or []
     customer = Customer.objects.select_related("host").get(pk=run.customer_id)
+    if (run.params or {}).get("to_host"):
+        # A move's steps name the target host's folders (backups.move): never followed on this machine. The customer
+        # is switched only once the copy is healthy, so it runs where customer.host says.
+        if steps:
+            ctx.error(f"the worker died mid-move of {customer} to host {run.params['to_host']}: the customer is "
+                      f"on host {customer.host.name} (switched only once the copy is healthy); the half-made copy "
+                      f"and its journal stay on {run.params['to_host']} (.kasa-journals/run-{run.pk}.json under its "
+                      "customers root): an operator must remove them")
+        return
     # A safety backup the dead worker was still writing: it is nobody's restore point.
     for bk in Backup.objects.filter(customer=customer, run=None, status=Backup.Status.RUNNING,
                                     trigger=Backup.Trigger.RESTORE, created_at__gte=run.created_at):

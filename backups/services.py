@@ -305,7 +305,17 @@ def restore_start(
                 f"link(s) pointing outside its folder ({', '.join(links['examples'])}), which a restore refuses. "
                 "Restore the other artifacts without it (untick it on the Restore page, or name the others with "
                 "--only), and exclude those links in the backup policy")
-    if to_root:
+    remote = not customer.host.is_local
+    if remote and rewrite_env and (to_root or to_databases):
+        raise BackupInputError(f"--rewrite-env: {customer} lives on host {customer.host.name}, where a copy's .env "
+                               "files are not rewritten yet; restore the copy without it and edit them there")
+    if to_root and remote:  # a copy on the customer's host: by name here, links resolved there (backups.remote_copy)
+        from .copy_roots import to_root_problem
+
+        to_root, problem = to_root_problem(customer, to_root)
+        if problem:
+            raise BackupInputError(problem)
+    elif to_root:
         try:
             target_root = paths.resolve_strictly_inside(to_root, settings.KASA_CUSTOMERS_ROOT, what="--to-root")
         except paths.PathEscapeError as exc:
@@ -334,6 +344,10 @@ def restore_start(
         engine = (databases[name].details or {}).get("engine")
         if engine and parsed.engine != engine:
             raise BackupInputError(f"--to-database {name}: the dump is {engine}, the URL is {parsed.engine}")
+        if remote and parsed.engine != "postgresql":
+            raise BackupInputError(f"--to-database {name}: {customer} lives on host {customer.host.name}, where a "
+                                   "copy's database is a PostgreSQL one (a SQLite file goes inside the --to-root "
+                                   "copy by itself)")
         if parsed.engine == "sqlite":
             try:
                 paths.resolve_strictly_inside(parsed.path, settings.KASA_CUSTOMERS_ROOT, what="SQLite path")

@@ -149,7 +149,7 @@ class CustomerAdmin(FleetScaleMixin, TeamScopedAdminMixin, AuditedAdminMixin, ad
     actions = ["check_action"]  # and those of customers.page (get_actions)
     # The host is set when the customer is added (customer_add --host); moving a customer between hosts is an
     # operation of its own (issue 14), not a field edit.
-    readonly_fields = ("host", "created_at", "updated_at")
+    readonly_fields = ("host", "old_copy_shown", "created_at", "updated_at")
     form = CustomerForm
 
     def get_fieldsets(self, request, obj=None):
@@ -157,6 +157,8 @@ class CustomerAdmin(FleetScaleMixin, TeamScopedAdminMixin, AuditedAdminMixin, ad
         the record in a folded section (an upgrade keeps it), and sets it on a new customer."""
         runtime = permissions.has(request.user, permissions.RUNTIME)
         what_runs = ("host", "root", "run_as") if obj is not None or not runtime else ("root", "run_as", "versions")
+        if obj is not None and obj.old_copy:  # after a move, until it is confirmed (backups.move)
+            what_runs = (*what_runs, "old_copy_shown")
         sets = [(None, {"fields": (("domain", "name"), ("team", "status"), "tags",
                                    ("version_pin", "version_pin_reason"))}),
                 ("What runs", {"fields": what_runs, "classes": ("kasa-what-runs",)})]
@@ -168,6 +170,14 @@ class CustomerAdmin(FleetScaleMixin, TeamScopedAdminMixin, AuditedAdminMixin, ad
                                    "them here only to correct the record."}))
             sets.append(("History", {"fields": (("created_at", "updated_at"),)}))
         return sets
+
+    @admin.display(description="old copy")
+    def old_copy_shown(self, obj):
+        old = obj.old_copy or {}
+        if not old:
+            return "—"
+        return (f"on host {old.get('host')} at {old.get('root')}, " + ("stopped" if old.get("stopped") else
+                "NOT stopped") + f", left by run #{old.get('run')}: confirm the move (Move to host… page) to delete it")
 
     def get_queryset(self, request):
         # The newest run's time from the index (customer, -created_at), not a GROUP BY over every run.

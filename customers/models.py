@@ -128,8 +128,8 @@ class Customer(models.Model):
     host = models.ForeignKey(
         Host, on_delete=models.PROTECT, related_name="customers", default=local_host_pk,
         help_text="The machine the customer lives on (`local`: the worker's own). On another host, checks, backups, "
-                  "drills and restores in place run over SSH; copies, upgrades and rollbacks are refused there for "
-                  "now.")
+                  "drills, restores (in place or into a copy) and moves run over SSH; upgrades and rollbacks are "
+                  "refused there for now.")
     root = models.CharField(
         "root folder", max_length=1024, validators=[validate_customer_root],
         help_text="Absolute folder holding the services; must lie inside KASA_CUSTOMERS_ROOT.",
@@ -149,6 +149,11 @@ class Customer(models.Model):
         "pinned to", max_length=100, blank=True,
         help_text="A release name: fleet rollouts skip this customer while it is pinned (single upgrades do not).")
     version_pin_reason = models.CharField("why pinned", max_length=300, blank=True)
+    # Set by a move to another host (backups.move): where the previous copy stays, stopped, until the move is
+    # confirmed (backups.move_service.move_confirm deletes it and empties this).
+    old_copy = models.JSONField(
+        "old copy", default=dict, blank=True, editable=False,
+        help_text="After a move: the host and folder of the previous copy, stopped, kept until the move is confirmed.")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

@@ -45,12 +45,14 @@ def guard(ctx: RunContext) -> None:
     if host is not None and host != LOCAL:
         if run.kind in REMOTE_KINDS:
             return
-        p = run.params or {}
-        if run.kind == "restore" and not (p.get("to_root") or p.get("to_databases") or p.get("to_host")):
-            return  # in place: every change made on the host (backups.remote_restore), its folders checked there
+        if run.kind == "restore":
+            # In place (backups.remote_restore), into a copy on the same host (backups.remote_copy: the copy's
+            # folder checked there against every customer root of that host) or a move to another host
+            # (backups.move): every change made on a host, its folders checked there.
+            return
         raise OperationError(f"refused before touching anything: {run.customer} lives on host {host}, and "
                              f"{run.kind} on remote hosts is not built yet (there: {', '.join(REMOTE_KINDS)}, "
-                             "restore in place)")
+                             "restore in place or into a copy, move)")
     if not run.mutating:
         return  # a drill reads no customer file; a check reports these problems itself
     customer = Customer.objects.prefetch_related("services", "databases").get(pk=run.customer_id)

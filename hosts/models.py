@@ -1,8 +1,9 @@
 """Hosts: the machines customers live on. `local` is the worker's own machine (no SSH); any other host is reached
 over SSH (engines.ssh) with a pinned host key and a private key encrypted at rest (or a key file on the workers).
 
-On another host, backups, verification drills and checks run (hosts.remote holds the connection they use);
-restores, upgrades and rollbacks still run on `local` only (customers.operations.guard refuses them elsewhere)."""
+On another host, backups, verification drills, checks, restores (in place or into a copy) and moves to it run
+(hosts.remote holds the connection they use); upgrades and rollbacks still run on `local` only
+(customers.operations.guard refuses them elsewhere)."""
 
 from __future__ import annotations
 

@@ -173,16 +173,15 @@ def test_losing_the_host_mid_stream_fails_the_backup_naming_the_host_and_leaves_
     assert run_backup(customer).status == "succeeded"  # the next backup reconnects
 
 
-@pytest.mark.parametrize("kind", ["restore", "upgrade", "rollback"])
-def test_upgrade_rollback_and_a_restore_copy_still_refuse_a_remote_customer_before_touching_anything(web, team, kind):
+@pytest.mark.parametrize("kind", ["upgrade", "rollback"])
+def test_upgrade_and_rollback_still_refuse_a_remote_customer_before_touching_anything(web, team, kind):
     from operations.services import run_execute, run_start
 
     host = make_host(web, f"web-{kind}")
     customer = remote_customer(web, host, team)
     snapshot = {p: p.stat().st_mtime_ns for p in Path(customer.root).rglob("*")}
-    # A restore in place runs there now (tests/test_remote_restore.py); a copy (--to-root) is still refused.
-    params = {"backup": 1, **({"to_root": str(web.customers_root / "copy")} if kind == "restore" else {})}
-    run = run_start(customer, kind=kind, via="cli", params=params, enqueue=False)
+    # Restores run there now, in place, into a copy and as moves (tests/test_remote_restore.py, test_remote_move.py).
+    run = run_start(customer, kind=kind, via="cli", params={"backup": 1}, enqueue=False)
     run_execute(run.pk)
     run.refresh_from_db()
     assert run.status == "failed"
