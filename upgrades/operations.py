@@ -66,6 +66,10 @@ def upgrade(ctx: RunContext) -> dict:
     up = Upgrade.objects.select_related("customer", "to_release").get(run_id=ctx.run.pk)
     if not up.begin():
         raise OperationError(f"upgrade #{up.pk} is {up.status}, not pending: not started again")
+    if not up.customer.host.is_local:  # on another host: every change made there (upgrades.remote)
+        from . import remote
+
+        return remote.upgrade(ctx, up, _remote_shares())
     job = Job(ctx, up)
     try:
         if up.dry_run:
@@ -89,6 +93,10 @@ def rollback(ctx: RunContext) -> dict:
     up = Upgrade.objects.select_related("customer", "rolls_back").get(run_id=ctx.run.pk)
     if not up.begin():
         raise OperationError(f"rollback #{up.pk} is {up.status}, not pending: not started again")
+    if not up.customer.host.is_local:
+        from . import remote_rollback
+
+        return remote_rollback.rollback(ctx, up, _remote_shares())
     job = Job(ctx, up)
     try:
         _rollback(job)
@@ -108,6 +116,11 @@ def abandon(run, ctx: RunContext) -> None:
     if up.status == Upgrade.Status.PENDING or not (run.result or {}).get("touched"):
         up.fail(f"the worker died ({run.error}); nothing had been touched")
         return
+    if not up.customer.host.is_local:  # its journal is on the host (upgrades.remote)
+        from . import remote
+
+        remote.abandoned(run, ctx, up)
+        return
     job = Job(ctx, up, doc=dict(run.result))
     for step in up.steps.filter(status=UpgradeStep.Status.RUNNING):  # the step the worker died in
         job.steps.failed = job.steps.failed or step.name
@@ -119,6 +132,13 @@ def abandon(run, ctx: RunContext) -> None:
         quarantine(job, f"{what} while putting the customer back; quarantined, nothing was deleted")
         return
     _outcome(job, what, put_back(job))
+
+
+def _remote_shares():
+    from .remote import Local
+
+    return Local(refused=Refused, backup=_backup, record=_record, unpin_older=_unpin_older, outcome=_outcome,
+                 summary=_summary, short=_short)
 
 
 # Named phases of the run (RunContext.phases): each step, weighted by its usual share of the time.
