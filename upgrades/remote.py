@@ -264,6 +264,10 @@ def failed(job: RemoteJob, exc: BaseException, local: Local) -> None:
             message = str(exc) if isinstance(exc, local.refused) else \
                 f"failed before anything was touched: {local.short(exc)}"
             record_outcome(job, Upgrade.Status.FAILED, message)
+            try:
+                job.journal.remove_on_host()  # it holds nothing to undo
+            except RemoteError as gone:
+                ctx.warning(f"the journal could not be removed on {job.host}: {gone}")
             if isinstance(exc, (RunCancelled, KeyboardInterrupt)):
                 raise exc
             raise OperationError(message, result=job.doc) from None
