@@ -42,7 +42,7 @@ http.createServer((req, res) => {
 MIGRATE_PY = r"""
 import os, subprocess, sys
 version = open("VERSION").read().strip()
-if version == "2.0.0":
+if version == "2.0.0" and os.environ["DATABASE_URL"].startswith("postgresql://"):
     for sql in ("ALTER TABLE orders ADD COLUMN exported boolean NOT NULL DEFAULT false",
                 "CREATE TABLE exports (id serial PRIMARY KEY, note text)", "DELETE FROM orders WHERE id > 100"):
         subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", os.environ["DATABASE_URL"], "-c", sql],
@@ -101,17 +101,19 @@ def releases(tmp_path):
 
 
 def _customer(h, host, team, user: str, parents_open, pg, *, extra_env: str = ""):
-    """A remote customer at backend 1.0.0, run by PM2 on the host as `user`, answering its health URL."""
+    """A remote customer at backend 1.0.0, run by PM2 on the host as `user`, answering its health URL; its
+    database host_pg's (None: no database)."""
     from customers.models import Customer, Service
 
-    customer = remote_customer(h, host, team, databases=[("main", pg["url"])], sqlite=False)
+    customer = remote_customer(h, host, team, databases=[("main", pg["url"])] if pg else [], sqlite=False)
     root = Path(customer.root)
     parents_open(root)
     port = free_port()
     for name, text in _files("1.0.0").items():
         (root / "backend" / name).write_text(text)
-    (root / "backend" / ".env").write_text(f"PORT={port}\nDATABASE_URL={pg['url']}\nAPI_SECRET=s3cr3t-"
-                                           f"{uuid.uuid4().hex[:8]}\n{extra_env}")
+    url = pg["url"] if pg else "none"  # without a database the migrate hook changes none
+    (root / "backend" / ".env").write_text(f"PORT={port}\nDATABASE_URL={url}\nAPI_SECRET=s3cr3t-{uuid.uuid4().hex[:8]}\n"
+                                           f"{extra_env}")
     (root / "backend" / ".env").chmod(0o600)
     who = pwd.getpwnam(user)
     subprocess.run(["chown", "-R", f"{who.pw_uid}:{who.pw_gid}", str(root / "backend"), str(root / ".env"),
@@ -327,3 +329,45 @@ def test_a_manual_rollback_of_a_remote_upgrade_puts_the_previous_release_and_dat
     finally:
         kill_pm2_under(root)
         _reset(pg)
+
+
+
+def test_losing_the_host_mid_upgrade_fails_it_naming_the_host_and_leaves_the_journal_there(
+        netns_hosts, team, customer_users, fast, monkeypatch, parents_open, releases):
+    from backups.remote_restore import host_journal_key
+    from engines import hostupgrade
+    from upgrades import remote_files
+    from upgrades.models import Upgrade
+
+    fast.KASA_SSH_CONNECT_TIMEOUT = 2
+    h = netns_hosts.make()  # a host of its own to cut; a customer without a database
+    host = make_host(h, "web-uplost")
+    customer, _base = _customer(h, host, team, customer_users[0], parents_open, None)
+    root = Path(customer.root)
+    real = remote_files.switch
+
+    def cut_after_the_switch(job, slog):
+        real(job, slog)
+        h.kill_sessions()  # the session's sshd child dies, and the host drops off the network
+        h.cut()
+
+    monkeypatch.setattr(remote_files, "switch", cut_after_the_switch)
+    try:
+        before = tree_state(root)
+        run = _upgrade(customer, releases["2.0"])
+        assert run.status == "failed"
+        up = Upgrade.objects.get(run=run)
+        assert up.status == "quarantined", up.error
+        assert "on host web-uplost failed at" in run.error and "the journal stays on host web-uplost" in run.error
+        names = _journals(h)
+        assert names == [f"run-{run.pk}.json"]
+        h.restore()
+        body = hostrestore.journal_read(str(h.customers_root), run.pk, host_journal_key("web-uplost"))
+        assert {s["type"] for s in body["steps"]} >= {"staged", "hooks", "services_stopped", "switch"}
+        # The host is back: its journal is what puts the customer back (here by hand).
+        hostupgrade.undo_files(body["root"], body["steps"])
+        hostupgrade.after_undo(body["root"], body["steps"])
+        assert tree_state(root) == before
+    finally:
+        h.restore() if not h.answers() else None
+        kill_pm2_under(root)
