@@ -112,8 +112,8 @@ def _customer(h, host, team, user: str, parents_open, pg, *, extra_env: str = ""
     for name, text in _files("1.0.0").items():
         (root / "backend" / name).write_text(text)
     url = pg["url"] if pg else "none"  # without a database the migrate hook changes none
-    (root / "backend" / ".env").write_text(f"PORT={port}\nDATABASE_URL={url}\nAPI_SECRET=s3cr3t-{uuid.uuid4().hex[:8]}\n"
-                                           f"{extra_env}")
+    secret = f"s3cr3t-{uuid.uuid4().hex[:8]}"
+    (root / "backend" / ".env").write_text(f"PORT={port}\nDATABASE_URL={url}\nAPI_SECRET={secret}\n{extra_env}")
     (root / "backend" / ".env").chmod(0o600)
     who = pwd.getpwnam(user)
     subprocess.run(["chown", "-R", f"{who.pw_uid}:{who.pw_gid}", str(root / "backend"), str(root / ".env"),
