@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from django.utils import timezone
 
 from engines import hostrestore
 from engines.procbase import REPO_ROOT
@@ -371,3 +372,43 @@ def test_losing_the_host_mid_upgrade_fails_it_naming_the_host_and_leaves_the_jou
     finally:
         h.restore() if not h.answers() else None
         kill_pm2_under(root)
+
+
+def test_a_worker_that_dies_mid_remote_upgrade_is_put_back_by_the_reaper_from_the_journal_on_the_host(
+        host_pg, team, customer_users, fast, monkeypatch, parents_open, releases):
+    from operations.context import RunLost
+    from operations.models import Run
+    from operations.services import runs_reap
+    from upgrades import remote
+    from upgrades.models import Upgrade
+
+    h, pg = host_pg
+    _reset(pg)
+    host = make_host(h, "web-updead")
+    customer, base = _customer(h, host, team, customer_users[0], parents_open, pg)
+    root = Path(customer.root)
+    real = remote._hooks
+
+    def dies_after_the_migration(job, phase, slog):
+        real(job, phase, slog)
+        raise RunLost("the worker was killed (test)")  # run_execute leaves the run `running`, as a dead worker
+
+    monkeypatch.setattr(remote, "_hooks", dies_after_the_migration)
+    try:
+        before, db_before = tree_state(root), _db(pg)
+        run = _upgrade(customer, releases["2.0"])
+        assert run.status == "running" and _db(pg)[0] == 100  # the migration ran before the "kill"
+        assert _journals(h) == [f"run-{run.pk}.json"]
+        Run.objects.filter(pk=run.pk).update(heartbeat_at=run.heartbeat_at - timezone.timedelta(hours=1))
+        assert runs_reap() == [run.pk]
+        up = Upgrade.objects.get(run=run)
+        assert up.status == "rolled_back", up.error
+        assert "the worker died" in up.error and "rolled back" in up.error
+        assert up.steps.get(name="rollback: database").status == "succeeded"
+        assert tree_state(root) == before
+        assert _db(pg) == db_before
+        assert _get(base + "/version") == (200, "1.0.0")
+        assert _journals(h) == []
+    finally:
+        kill_pm2_under(root)
+        _reset(pg)

@@ -116,11 +116,6 @@ def abandon(run, ctx: RunContext) -> None:
     if up.status == Upgrade.Status.PENDING or not (run.result or {}).get("touched"):
         up.fail(f"the worker died ({run.error}); nothing had been touched")
         return
-    if not up.customer.host.is_local:  # its journal is on the host (upgrades.remote)
-        from . import remote
-
-        remote.abandoned(run, ctx, up)
-        return
     job = Job(ctx, up, doc=dict(run.result))
     for step in up.steps.filter(status=UpgradeStep.Status.RUNNING):  # the step the worker died in
         job.steps.failed = job.steps.failed or step.name
@@ -130,6 +125,11 @@ def abandon(run, ctx: RunContext) -> None:
             f"the worker died ({run.error})")
     if job.doc.get("rolling_back"):
         quarantine(job, f"{what} while putting the customer back; quarantined, nothing was deleted")
+        return
+    if not up.customer.host.is_local:  # put back through a session of its own, from the journal on the host
+        from . import remote
+
+        remote.abandoned(run, ctx, up, what, job.steps.failed, _remote_shares())
         return
     _outcome(job, what, put_back(job))
 

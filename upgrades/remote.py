@@ -13,7 +13,9 @@ of backups.remote_restore) and then in the run. A failure after the backup puts 
 same session (`put_back`: the symlinks and the ecosystem file back on the host, the databases restored from the
 pre-upgrade backup through a forward of the session with Kasa's own client tools, as a remote restore does,
 each .env proved unchanged, PM2 started there, health asked): `rolled_back` and the release marked bad; a
-put-back that fails quarantines, the host's journal left there. A host lost mid-way fails the run naming it.
+put-back that fails quarantines, the host's journal left there. A host lost mid-way fails the run naming it. A
+worker that dies mid-way is put back by the reaper through a session of its own, from the host's journal
+(`abandoned`).
 
 Not built on a remote host (refused before anything is touched): blue-green upgrades, smoke hooks, SQLite and
 MySQL/MariaDB databases (the way back restores PostgreSQL only).
@@ -30,7 +32,7 @@ from django.conf import settings
 
 from backups import dbswap
 from backups.remote import host_facts
-from backups.remote_restore import _hold_forwarded_targets
+from backups.remote_restore import _hold_forwarded_targets, host_journal_key
 from customers import runtime
 from customers.models import Customer
 from engines import ecosystem, envfile, hostrestore, procman, releasepkg
@@ -89,18 +91,22 @@ def session(ctx: RunContext, up: Upgrade, local: Local):
         refuse(f"{exc}; nothing was touched")
     try:
         facts = host_facts(remote, customer)
-        who = remote.call("engines.hostrestore.identity", customer.run_as)
-        if not isinstance(who, dict) or not all(isinstance(who.get(k), int) for k in ("uid", "gid")) or \
-                who["uid"] == 0:
-            raise RemoteError(f"{remote.where} answered a user that is not one: not trusted")
-        job = RemoteJob(ctx, up, remote, facts, who)
+        job = RemoteJob(ctx, up, remote, facts, identity(remote, customer))
         _hold_forwarded_targets(ctx, remote, customer)  # the way back's databases: through this session
     except (RemoteError, OperationError) as exc:
         remote.close()
         refuse(f"{exc}; nothing was touched" if "nothing was touched" not in str(exc) else str(exc))
     ctx.info(f"customer on {remote.where}: the release is checked here, unpacked there as {customer.run_as} (uid "
-             f"{who['uid']} on {host.name}), switched there; databases through forwards of the session")
+             f"{job.who['uid']} on {host.name}), switched there; databases through forwards of the session")
     return remote, job
+
+
+def identity(remote: RemoteHost, customer: Customer) -> dict:
+    """The customer's run_as user as the host knows it (uids differ between machines); never root."""
+    who = remote.call("engines.hostrestore.identity", customer.run_as)
+    if not isinstance(who, dict) or not all(isinstance(who.get(k), int) for k in ("uid", "gid")) or who["uid"] == 0:
+        raise RemoteError(f"{remote.where} answered a user that is not one: not trusted")
+    return who
 
 
 def upgrade(ctx: RunContext, up: Upgrade, local: Local) -> dict:
@@ -363,14 +369,41 @@ def put_back(job: RemoteJob) -> bool:
     return True
 
 
-def abandoned(run, ctx: RunContext, up: Upgrade) -> None:
-    """The worker died mid-way (the reaper): the journal is on the host and in the run; putting the customer
-    back from there is not built yet for a remote host: quarantined, naming the host and its journal."""
+def abandoned(run, ctx: RunContext, up: Upgrade, what: str, failed_step: str, local: Local) -> None:
+    """The worker died mid-way (the reaper, on any worker: a remote customer's host is reached from each): a
+    session of its own puts the customer back from the journal on the host (written before the run's copy, so at
+    least as new; the run's for what the host does not hold). A host that does not answer, or a journal that
+    cannot be trusted, quarantines naming the host and the journal."""
+    from engines.localjournal import JournalRefused
+
     from .rollback import quarantine
 
-    job_host = up.customer.host
-    message = (f"{up.get_kind_display().lower()} #{up.pk} on host {job_host.name}: the worker died ({run.error}) "
-               f"with changes made there; quarantined, nothing was deleted: the journal of what changed is on the "
-               f"host ({hostrestore.journal_path(job_host.root(), run.pk)}) and in the run")
-
-    quarantine(SimpleNamespace(ctx=ctx, upgrade=up), message)
+    host = up.customer.host
+    where = f"{host.name} ({hostrestore.journal_path(host.root(), run.pk)})"
+    doc = dict(run.result or {})
+    try:
+        remote = RemoteHost(host)
+    except Exception as exc:  # noqa: BLE001
+        quarantine(SimpleNamespace(ctx=ctx, upgrade=up), f"{what}; the way back could not reach host {host.name} "
+                   f"({exc}): quarantined, nothing was deleted; the journal is on {where} and in the run")
+        return
+    with remote:
+        try:
+            body = remote.call("engines.hostrestore.journal_read", host.root(), run.pk,
+                               host_journal_key(host.name))
+            if isinstance(body, dict) and isinstance(body.get("steps"), list):
+                doc["journal"] = body["steps"]
+                doc["rollback"] = body.get("rollback") if isinstance(body.get("rollback"), list) else []
+            facts = host_facts(remote, up.customer)
+            job = RemoteJob(ctx, up, remote, facts, identity(remote, up.customer), doc=doc)
+            _hold_forwarded_targets(ctx, remote, up.customer)
+        except (RemoteError, OperationError, JournalRefused) as exc:
+            quarantine(SimpleNamespace(ctx=ctx, upgrade=up), f"{what}; the way back failed on host {host.name} "
+                       f"({exc}): quarantined, nothing was deleted; the journal is on {where} and in the run")
+            return
+        job.steps.failed = failed_step
+        ctx.info(f"putting the customer back on {host.name} from the journal there")
+        ok = put_back(job)
+        if not ok:
+            job.doc["rollback_error"] = f"{job.doc.get('rollback_error')}; the journal stays on {where}"
+        local.outcome(job, what, ok)

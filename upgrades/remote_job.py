@@ -61,8 +61,9 @@ class HostJournal(Journal):
 class RemoteJob(Job):
     """A Job whose customer lives on `remote`'s host: `root` is the host's path, `who` the customer's user there."""
 
-    def __init__(self, ctx: RunContext, upgrade: Upgrade, remote: RemoteHost, facts: dict, who: dict):
-        super().__init__(ctx, upgrade)
+    def __init__(self, ctx: RunContext, upgrade: Upgrade, remote: RemoteHost, facts: dict, who: dict,
+                 doc: dict | None = None):
+        super().__init__(ctx, upgrade, doc=doc)
         self.remote, self.facts, self.who = remote, facts, who
         self.host = remote.host.name
         self._root = facts["root"]
