@@ -412,3 +412,23 @@ def test_a_worker_that_dies_mid_remote_upgrade_is_put_back_by_the_reaper_from_th
     finally:
         kill_pm2_under(root)
         _reset(pg)
+
+
+def test_a_blue_green_upgrade_of_a_remote_customer_is_refused_before_anything_is_touched(
+        netns_hosts, team, customer_users, releases):
+    from customers.models import Customer
+    from operations.services import run_execute
+    from upgrades.models import Upgrade
+    from upgrades.services import upgrade_start
+
+    h = netns_hosts.make()
+    customer = remote_customer(h, make_host(h, "web-bluegreen"), team, sqlite=False)
+    Customer.objects.filter(pk=customer.pk).update(run_as=customer_users[0], versions={"backend": "1.0.0"})
+    customer.refresh_from_db()
+    before = tree_state(Path(customer.root))
+    run = upgrade_start(customer, releases["2.0"], via="cli", enqueue=False, strategy=Upgrade.Strategy.BLUE_GREEN)
+    run_execute(run.pk)
+    run.refresh_from_db()
+    assert run.status == "failed" and Upgrade.objects.get(run=run).status == "failed"
+    assert "blue-green upgrade" in run.error and "host web-bluegreen" in run.error and "upgrade in place" in run.error
+    assert tree_state(Path(customer.root)) == before

@@ -45,6 +45,8 @@ def pack(job: RemoteJob, slog) -> None:
 
 def stage(job: RemoteJob, slog) -> None:
     root, tag = str(job.root), f"r{job.ctx.run.pk}"
+    for path in job.call("engines.layout.sweep", root) or []:
+        slog.info(f"removed {path} on {job.host}, left by an interrupted run")
     job.journal.add({"type": "env_before", "host": True,
                      "files": job.call("engines.hostupgrade.env_fingerprints", [ch.live for ch in job.changes])})
     for ch in job.changes:
