@@ -145,11 +145,11 @@ def _start(host, customer) -> None:
     assert answer["ok"], answer
 
 
-def _upgrade(customer, release):
+def _upgrade(customer, release, **kw):
     from operations.services import run_execute
     from upgrades.services import upgrade_start
 
-    run = upgrade_start(customer, release, via="cli", enqueue=False)
+    run = upgrade_start(customer, release, via="cli", enqueue=False, **kw)
     run_execute(run.pk)
     run.refresh_from_db()
     return run
@@ -210,6 +210,12 @@ def test_a_remote_upgrade_serves_the_new_release_after_its_hook_ran_on_the_host_
     root = Path(customer.root)
     try:
         assert _get(base + "/version") == (200, "1.0.0")
+        before = tree_state(root)
+        dry = _upgrade(customer, releases["2.0"], dry_run=True)  # the preflight only, asked from the host
+        assert dry.status == "succeeded", dry.error
+        checks = {c["name"]: c for c in Upgrade.objects.get(run=dry).preflight["checks"]}
+        assert all(c["ok"] for c in checks.values()) and "web-upgrade" in checks["disk"]["detail"]
+        assert tree_state(root) == before and _journals(h) == []
         run = _upgrade(customer, releases["2.0"])
         log = _log(run)
         assert run.status == "succeeded", (run.error, log)

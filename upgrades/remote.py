@@ -117,6 +117,7 @@ def upgrade(ctx: RunContext, up: Upgrade, local: Local) -> dict:
                 ctx.phases(("preflight", 1))
                 with job.steps.step("preflight") as slog:
                     report = _preflight(job, slog, local)
+                job.journal.remove_on_host()  # nothing to undo: a dry run changes nothing
                 up.succeed()
                 ctx.info(f"dry run: the upgrade to {up.to_release} may go ahead on {job.host} ({report.kind})")
                 return {"upgrade": up.pk, "dry_run": True, "preflight": up.preflight, "host": job.host}
