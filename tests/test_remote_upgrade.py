@@ -307,6 +307,7 @@ def test_a_hostile_release_zip_is_refused_on_the_worker_before_anything_reaches_
 def test_a_manual_rollback_of_a_remote_upgrade_puts_the_previous_release_and_database_back(
         host_pg, team, customer_users, fast, parents_open, releases):
     from operations.services import run_execute
+    from upgrades.admin_selectors import rollback_plan
     from upgrades.models import BadRelease, Upgrade
     from upgrades.services import rollback_start
 
@@ -321,6 +322,9 @@ def test_a_manual_rollback_of_a_remote_upgrade_puts_the_previous_release_and_dat
         assert run.status == "succeeded", run.error
         assert _get(base + "/version") == (200, "2.0.0")
         customer.refresh_from_db()
+        plan = rollback_plan(customer)  # the admin's page: nothing of the host's folders read on this machine
+        assert [(c["component"], c["to"], c["env"], c["before_exists"]) for c in plan["components"]] == [
+            ("backend", "1.0.0", [], True)]
         back = rollback_start(customer, via="cli", enqueue=False)
         run_execute(back.pk)
         back.refresh_from_db()
@@ -424,6 +428,7 @@ def test_a_blue_green_upgrade_of_a_remote_customer_is_refused_before_anything_is
         netns_hosts, team, customer_users, releases):
     from customers.models import Customer
     from operations.services import run_execute
+    from upgrades.admin_selectors import upgrade_plan
     from upgrades.models import Upgrade
     from upgrades.services import upgrade_start
 
@@ -432,6 +437,8 @@ def test_a_blue_green_upgrade_of_a_remote_customer_is_refused_before_anything_is
     Customer.objects.filter(pk=customer.pk).update(run_as=customer_users[0], versions={"backend": "1.0.0"})
     customer.refresh_from_db()
     before = tree_state(Path(customer.root))
+    page = upgrade_plan(customer, releases["2.0"])  # the admin's page: the host's folders are checked on the host
+    assert page["ok"] and page["env"] == [] and "web-bluegreen" in {c.name: c for c in page["checks"]}["host"].detail
     run = upgrade_start(customer, releases["2.0"], via="cli", enqueue=False, strategy=Upgrade.Strategy.BLUE_GREEN)
     run_execute(run.pk)
     run.refresh_from_db()
