@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import sqlite3
 import subprocess
 import urllib.request
 import uuid
@@ -49,6 +50,10 @@ if version == "2.0.0" and os.environ["DATABASE_URL"].startswith("postgresql://")
         subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", os.environ["DATABASE_URL"], "-c", sql],
                        check=True)
     print("applied 2.0.0 as uid", os.getuid(), flush=True)
+if version == "2.0.0" and os.environ.get("CACHE_DB"):
+    import sqlite3
+    with sqlite3.connect(os.environ["CACHE_DB"]) as con:
+        con.execute("DELETE FROM hits WHERE id > 30")
 open("migrated-by", "w").write(str(os.getuid()))
 if os.environ.get("BREAK") == "migrate@" + version:
     print("migration half done, then failing", file=sys.stderr, flush=True)
@@ -101,12 +106,12 @@ def releases(tmp_path):
     return {r.name: r for r in Release.objects.all()}
 
 
-def _customer(h, host, team, user: str, parents_open, pg, *, extra_env: str = ""):
+def _customer(h, host, team, user: str, parents_open, pg, *, extra_env: str = "", sqlite: bool = False):
     """A remote customer at backend 1.0.0, run by PM2 on the host as `user`, answering its health URL; its
     database host_pg's (None: no database)."""
     from customers.models import Customer, Service
 
-    customer = remote_customer(h, host, team, databases=[("main", pg["url"])] if pg else [], sqlite=False)
+    customer = remote_customer(h, host, team, databases=[("main", pg["url"])] if pg else [], sqlite=sqlite)
     root = Path(customer.root)
     parents_open(root)
     port = free_port()
@@ -114,6 +119,8 @@ def _customer(h, host, team, user: str, parents_open, pg, *, extra_env: str = ""
         (root / "backend" / name).write_text(text)
     url = pg["url"] if pg else "none"  # without a database the migrate hook changes none
     secret = f"s3cr3t-{uuid.uuid4().hex[:8]}"
+    if sqlite:
+        extra_env += f"CACHE_DB={root / 'data' / 'cache.sqlite3'}\n"
     (root / "backend" / ".env").write_text(f"PORT={port}\nDATABASE_URL={url}\nAPI_SECRET={secret}\n{extra_env}")
     (root / "backend" / ".env").chmod(0o600)
     who = pwd.getpwnam(user)
@@ -248,8 +255,10 @@ def test_a_remote_upgrade_whose_migration_fails_puts_files_database_and_services
     h, pg = host_pg
     _reset(pg)
     host = make_host(h, "web-upfail")
-    customer, base = _customer(h, host, team, customer_users[0], parents_open, pg, extra_env="BREAK=migrate@2.0.0\n")
+    customer, base = _customer(h, host, team, customer_users[0], parents_open, pg, extra_env="BREAK=migrate@2.0.0\n",
+                               sqlite=True)
     root = Path(customer.root)
+    cache = root / "data" / "cache.sqlite3"
     try:
         before, db_before = tree_state(root), _db(pg)
         run = _upgrade(customer, releases["2.0"])
@@ -257,9 +266,14 @@ def test_a_remote_upgrade_whose_migration_fails_puts_files_database_and_services
         up = Upgrade.objects.get(run=run)
         assert up.status == "rolled_back", (up.error, _log(run))
         assert "web-upfail" in run.error and "migrate hook" in run.error and "rolled back" in run.error
-        assert "migration half done" in _log(run)
+        log = _log(run)
+        assert "migration half done" in log and "row counts match the manifest; swapped in on web-upfail" in log
         assert tree_state(root) == before  # the staged release gone, the plain folder back, the .env untouched
         assert _db(pg) == db_before == (123, ["id", "total"], False)  # restored through the session's forward
+        with sqlite3.connect(cache) as con:  # the hook deleted rows; put back on the host, with its owner
+            assert con.execute("SELECT count(*) FROM hits").fetchone()[0] == 37
+        assert cache.stat().st_uid == pwd.getpwnam(customer_users[0]).pw_uid
+        assert not [n for n in os.listdir(cache.parent) if n.startswith(".cache.sqlite3.kasa-")]
         assert _get(base + "/version") == (200, "1.0.0")
         assert BadRelease.objects.filter(customer=customer, release=releases["2.0"]).exists()
         assert _journals(h) == []

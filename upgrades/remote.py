@@ -17,8 +17,8 @@ put-back that fails quarantines, the host's journal left there. A host lost mid-
 worker that dies mid-way is put back by the reaper through a session of its own, from the host's journal
 (`abandoned`).
 
-Not built on a remote host (refused before anything is touched): blue-green upgrades, smoke hooks, SQLite and
-MySQL/MariaDB databases (the way back restores PostgreSQL only).
+Not built on a remote host (refused before anything is touched): blue-green upgrades, smoke hooks, MySQL/MariaDB
+databases (the way back restores PostgreSQL through the forward, and SQLite on the host as a remote restore does).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from django.conf import settings
 
 from backups import dbswap
 from backups.remote import host_facts
-from backups.remote_restore import _hold_forwarded_targets, host_journal_key
+from backups.remote_restore import _hold_forwarded_targets, _sqlite, _sqlite_in, host_journal_key
 from customers import runtime
 from customers.models import Customer
 from engines import ecosystem, envfile, hostrestore, procman, releasepkg
@@ -44,7 +44,7 @@ from .journal import uninterruptible
 from .models import Upgrade
 from .preflight import Check
 from .remote_job import RemoteJob
-from .rollback import drop_scratch, record_outcome, restore_databases, scratch_dir
+from .rollback import drop_scratch, hold_backup, record_outcome, scratch_dir
 
 HOOK_ORDER = releasepkg.HOOKS
 PHASES = (("preflight", 1), ("verify", 1), ("backup", 4), ("stage", 2), ("env", 0.5), ("stop", 1), ("switch", 0.5),
@@ -259,6 +259,64 @@ def started_specs(job: RemoteJob) -> list[procman.ServiceSpec]:
     return specs
 
 
+# --- databases -----------------------------------------------------------------------------------------------
+def restore_databases(job: RemoteJob, slog, *, backup_id: int, journal) -> None:
+    """upgrades.rollback.restore_databases for a remote customer: PostgreSQL through the session's forward
+    (backups.dbswap: a fresh database swapped in, or in place), SQLite on the host as a remote restore does it
+    (streamed into a private folder there, written beside the live file with its owner, rows counted, swapped in;
+    journalled as `host` steps)."""
+    from engines.backupcrypto import KeyRing
+
+    ctx = job.ctx
+    bk, arts, store = ctx.held.get(("backup", backup_id)) or hold_backup(ctx, backup_id)
+    if not bk.restorable:
+        raise OperationError(f"the pre-upgrade backup #{bk.pk} is {bk.status}: the databases cannot be put back")
+    if not arts:
+        slog.info(f"backup #{bk.pk} holds no database")
+        return
+    keyring = None
+    if bk.encrypted:
+        if not settings.KASA_BACKUP_KEYS:
+            raise OperationError(f"backup #{bk.pk} is encrypted and KASA_BACKUP_KEYS is not set")
+        keyring = KeyRing(settings.KASA_BACKUP_KEYS)
+    servers = [a for a in arts if not _sqlite(a)]
+    plan = SimpleNamespace(backup=bk, customer=job.customer, clone=False, root=job.root, to_databases={},
+                           artifacts=servers)
+    for art in servers:
+        dbswap.restore_fresh(ctx, plan, store, keyring, art, journal)
+    way_back = None
+    if journal is job.journal and dbswap.in_place(journal):  # a manual rollback's: its own way back first
+        way_back = dbswap.way_back_backup(ctx, job.customer, trigger="upgrade",
+                                          pin=f"{dbswap.WAY_BACK}rollback run #{ctx.run.pk}")
+        slog.info(f"backup #{way_back} of the databases taken with the services stopped: the way back")
+    dbswap.swap_all(ctx, plan, journal, way_back=way_back)
+    for art in arts:
+        if _sqlite(art):
+            _sqlite_in(ctx, SimpleNamespace(backup=bk, root=job.root), job.remote, art,
+                       job.facts["sqlite"][art.source], journal)
+    slog.info(f"databases {', '.join(a.source for a in arts)} restored from backup #{bk.pk}; the changed ones are "
+              "kept aside until the way back holds")
+
+
+def undo_database(job: RemoteJob, step: dict) -> None:
+    """One database step of a journal undone: on the host for SQLite (engines.hostrestore.sqlite_undo), through
+    the forward otherwise (backups.dbswap.undo)."""
+    if step.get("host"):
+        what = job.call("engines.hostrestore.sqlite_undo", step, step["live"], f"r{job.ctx.run.pk}", str(job.root))
+        job.ctx.info(f"database {step['db']} on {job.host}: {what}")
+    else:
+        dbswap.undo(job.ctx, step)
+
+
+def finish_database(job: RemoteJob, step: dict) -> None:
+    """What a held database step kept aside goes: the previous SQLite file on the host, or dbswap.finish."""
+    if step.get("host"):
+        if step["type"] == "db_swap" and step.get("old"):
+            job.call("engines.hostrestore.sqlite_remove", step["old"], str(job.root))
+    else:
+        dbswap.finish(job.ctx, step)
+
+
 # --- the way back --------------------------------------------------------------------------------------------
 def failed(job: RemoteJob, exc: BaseException, local: Local) -> None:
     """Always raises (operations._failed's remote twin): the outcome, after putting the customer back."""
@@ -327,7 +385,7 @@ def put_back(job: RemoteJob) -> bool:
                 with job.steps.step("rollback: database") as slog:
                     for step in reversed(j.steps):
                         if dbswap.is_step(step):
-                            dbswap.undo(ctx, step)
+                            undo_database(job, step)
                     slog.info("the databases as they were before this run are live again")
             else:
                 job.steps.skip("rollback: database", "no hook ran: the databases were not changed")
@@ -353,7 +411,7 @@ def put_back(job: RemoteJob) -> bool:
         with job.steps.step("rollback: cleanup") as slog:
             for step in reversed(job.undo_journal.steps):
                 try:
-                    dbswap.finish(ctx, step)
+                    finish_database(job, step)
                 except Exception as exc:  # noqa: BLE001
                     slog.warning(f"could not drop {step.get('old') or step.get('db')}: {exc}")
             try:

@@ -44,11 +44,12 @@ def check(job: RemoteJob, release: Release, *, force: bool, zips_dir: str) -> Re
         checks.append(health_check(job))
     checks.append(preflight.exclusive_check(customer, job.ctx.run))
     checks.append(preflight._backup_possible(customer, report.kind))
-    sqlite = [d.name for d in customer.databases.all() if d.engine == "sqlite"]
-    if sqlite:  # a remote restore brings them back; an upgrade's way back does not yet
-        checks.append(Check("databases", False, f"SQLite database(s) {', '.join(sqlite)} of a customer on host "
-                                                f"{job.host}: a remote upgrade's way back does not restore them yet "
-                                                "(not built)"))
+    inside = [f"{name} ({path})" for name, path in (job.facts.get("sqlite") or {}).items()
+              if any(path.startswith(ch.live.rstrip("/") + "/") for ch in report.changes)]
+    if inside:  # as preflight._components: the switch would take the file away with the folder
+        checks.append(Check("databases", False, f"the SQLite database(s) {', '.join(inside)} on {job.host} live "
+                                                "inside a service folder, which an upgrade replaces; move them out "
+                                                "of the folder first"))
     others = sorted({d.engine for d in customer.databases.all()} - {"postgresql", "sqlite"})
     if others:
         checks.append(Check("databases", False, f"{', '.join(others)} databases of a customer on host {job.host}: "

@@ -16,10 +16,10 @@ from operations.context import RunContext, RunLost
 from . import remote_files
 from .journal import uninterruptible
 from .models import Upgrade
-from .remote import Local, failed, finish, health, session, stop
+from .remote import Local, failed, finish, finish_database, health, restore_databases, session, stop
 from .remote_job import RemoteJob
 from .remote_preflight import health_check
-from .rollback import mark_bad, restore_databases
+from .rollback import mark_bad
 from .selectors import rollback_target
 
 PHASES = (("preflight", 1), ("backup", 4), ("stop", 1), ("switch", 0.5), ("database", 2), ("env", 0.5),
@@ -91,7 +91,7 @@ def _rollback(job: RemoteJob, local: Local) -> None:
         for step in reversed(job.journal.steps):
             if dbswap.is_step(step):
                 try:
-                    dbswap.finish(ctx, step)  # the post-upgrade databases: in the safety backup now
+                    finish_database(job, step)  # the post-upgrade databases: in the safety backup now
                 except Exception as exc:  # noqa: BLE001
                     slog.warning(f"could not drop {step.get('old')}: {exc}")
         try:
