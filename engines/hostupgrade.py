@@ -28,16 +28,19 @@ from pathlib import Path
 
 from . import beneath, ecosystem, envfile, hostrestore, layout, runas, trees
 
-# argv: root, folder (relative to root), user, then the hook's argv; stdin: {"env": {...}}\n. Kept short: it
-# travels in argv. HOME is the user's own home when it exists, else the customer's root (as service_env does).
+# argv: root, folder (relative to root), user, timeout (s), then the hook's argv; stdin: {"env": {...}}\n. Kept
+# short: it travels in argv. HOME is the user's own home when it exists, else the customer's root (as service_env
+# does). The hook runs in a session of its own, as the user; this launcher (the login user) waits for it and kills
+# its whole group when the timeout passes, the connection goes (SIGHUP/SIGPIPE/SIGTERM) or the hook has exited
+# (what it left running would hold the connection open): a hook never outlives its run on the host.
 HOOK_LAUNCHER = r"""
-import json, os, pwd, sys
-root, rel, user = sys.argv[1], sys.argv[2], sys.argv[3]
+import json, os, pwd, signal, sys
+root, rel, user, limit = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
 values = json.loads(sys.stdin.buffer.readline() or b"{}").get("env") or {}
 null = os.open(os.devnull, os.O_RDONLY)
 os.dup2(null, 0)
 pw = pwd.getpwnam(user)
-if pw.pw_uid == 0 or pw.pw_uid == os.getuid() and os.getuid() != 0:
+if pw.pw_uid == 0:
     sys.exit("kasa: refused user " + user)
 flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 fd = os.open(root, flags)
@@ -51,13 +54,36 @@ env = {k: v for k, v in os.environ.items() if k in ("LANG", "LANGUAGE", "TZ") or
 env["PATH"] = os.environ.get("PATH") or os.defpath
 env.update(HOME=pw.pw_dir if pw.pw_dir and os.path.isdir(pw.pw_dir) else root, USER=user, LOGNAME=user)
 env.update({str(k): str(v) for k, v in values.items()})
-os.fchdir(fd)
-os.setgroups([])
-os.setgid(pw.pw_gid)
-os.setuid(pw.pw_uid)
-os.umask(0o027)
 sys.stdout.flush()
-os.execvpe(sys.argv[4], sys.argv[4:], env)
+pid = os.fork()
+if pid == 0:
+    try:
+        os.setsid()
+        os.fchdir(fd)
+        os.setgroups([])
+        os.setgid(pw.pw_gid)
+        os.setuid(pw.pw_uid)
+        os.umask(0o027)
+        os.execvpe(sys.argv[5], sys.argv[5:], env)
+    except BaseException as exc:
+        os.write(2, ("kasa: cannot run " + sys.argv[5] + ": " + str(exc) + "\n").encode())
+    os._exit(127)
+expired = []
+def stop(signum, frame):
+    expired.append(signum)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:
+        pass
+for sig in (signal.SIGALRM, signal.SIGHUP, signal.SIGPIPE, signal.SIGTERM):
+    signal.signal(sig, stop)
+signal.setitimer(signal.ITIMER_REAL, limit)
+status = os.waitpid(pid, 0)[1]
+stop(0, None)
+if signal.SIGALRM in expired:
+    os.write(2, ("kasa: the hook did not finish within %g s and was killed\n" % limit).encode())
+    sys.exit(124)
+sys.exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
 """
 
 

@@ -116,12 +116,15 @@ class RemoteJob(Job):
         on stdin, never in argv); every line it prints to the run's log as it comes. OperationError when it fails,
         RemoteError naming the host when the connection is lost."""
         rel = os.path.relpath(folder, self._root)
-        launcher = ["python3", "-I", "-c", hostupgrade.HOOK_LAUNCHER, self._root, rel, self.user, *argv]
+        launcher = ["python3", "-I", "-c", hostupgrade.HOOK_LAUNCHER, self._root, rel, self.user, f"{timeout:g}",
+                    *argv]
         cmd = self.remote.session.argv(launcher)
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         tail: collections.deque[str] = collections.deque(maxlen=20)
-        timer = threading.Timer(timeout, kill_group, args=(proc,))
+        # The launcher kills the hook on the host when `timeout` passes; this is the backstop for a host that
+        # stops answering (the connection then goes, and the launcher kills the hook there too).
+        timer = threading.Timer(timeout + 30, kill_group, args=(proc,))
         timer.daemon = True
         timer.start()
         try:
@@ -147,7 +150,7 @@ class RemoteJob(Job):
             except ssh.SSHError as exc:
                 raise RemoteError(str(exc)) from None
         if code != 0:
-            why = "killed after its timeout" if code < 0 else f"exit code {code}"
+            why = f"killed after {timeout:g} s" if code in (124, -9) else f"exit code {code}"
             raise OperationError(f"{argv[0]} failed on {self.host} ({why}"
                                  f"{': ' + last_line(tail) if last_line(tail) else ''})")
         slog.info(f"exit code 0 on {self.host}")

@@ -17,8 +17,8 @@ PROBE = ("import json, os; print(json.dumps({'uid': os.getuid(), 'gid': os.getgi
          "'cwd': os.getcwd(), 'env': dict(os.environ), 'umask': os.umask(0)}))")
 
 
-def _launch(root, rel, user, env, argv=None):
-    return subprocess.run([sys.executable, "-I", "-c", HOOK_LAUNCHER, str(root), rel, user,
+def _launch(root, rel, user, env, argv=None, limit=30):
+    return subprocess.run([sys.executable, "-I", "-c", HOOK_LAUNCHER, str(root), rel, user, str(limit),
                            *(argv or ["/usr/bin/python3", "-c", PROBE])],
                           input=json.dumps({"env": env}).encode() + b"\n", capture_output=True, timeout=30,
                           env={"PATH": "/usr/bin:/bin", "KASA_SECRET_KEYS": "worker-secret", "LANG": "C.UTF-8"})
@@ -57,3 +57,38 @@ def test_a_hook_folder_reached_through_a_link_or_a_root_user_is_refused_before_a
     assert res.returncode != 0 and b"refused user root" in res.stderr and not marker.exists()
     res = _launch(root, "../etc", customer_users[0], {}, argv)
     assert res.returncode != 0 and b"refused folder" in res.stderr and not marker.exists()
+
+
+def test_a_hook_that_outlives_its_timeout_is_killed_on_the_host_with_its_children(tmp_path, customer_users):
+    import time
+
+    root = tmp_path / "shop"
+    (root / "app").mkdir(parents=True)
+    for p in (tmp_path, root, root / "app"):
+        p.chmod(0o777)
+    marker = root / "app" / "child-pid"
+    # A hook that leaves a child behind and hangs: both go when the launcher's timeout passes.
+    script = "import subprocess, time; p = subprocess.Popen(['sleep', '60']); open('child-pid', 'w').write(" \
+             "str(p.pid)); time.sleep(60)"
+    started = time.monotonic()
+    res = _launch(root, "app", customer_users[0], {}, ["/usr/bin/python3", "-c", script], limit=1)
+    assert res.returncode == 124 and b"did not finish within 1 s" in res.stderr
+    assert time.monotonic() - started < 10
+    child = int(marker.read_text())
+    time.sleep(0.2)
+    assert not os.path.exists(f"/proc/{child}") or "Z" in open(f"/proc/{child}/stat").read().split()[2]
+
+
+def test_what_a_hook_leaves_running_is_killed_when_it_exits(tmp_path, customer_users):
+    import time
+
+    root = tmp_path / "shop"
+    (root / "app").mkdir(parents=True)
+    for p in (tmp_path, root, root / "app"):
+        p.chmod(0o777)
+    script = "import subprocess; p = subprocess.Popen(['sleep', '60']); open('child-pid', 'w').write(str(p.pid))"
+    res = _launch(root, "app", customer_users[0], {}, ["/usr/bin/python3", "-c", script])
+    assert res.returncode == 0, res.stderr
+    child = int((root / "app" / "child-pid").read_text())
+    time.sleep(0.2)
+    assert not os.path.exists(f"/proc/{child}") or "Z" in open(f"/proc/{child}/stat").read().split()[2]
