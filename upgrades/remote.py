@@ -64,10 +64,6 @@ class Local:
     short: Callable
 
 
-def is_remote(customer: Customer) -> bool:
-    return not customer.host.is_local
-
-
 def session(ctx: RunContext, up: Upgrade, local: Local):
     """(RemoteHost, RemoteJob) for the run, the customer's folders and user checked on the host first; a refusal
     ends the upgrade `failed` (nothing touched) and raises."""
