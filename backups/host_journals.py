@@ -222,6 +222,9 @@ def replay_before(ctx: RunContext, remote: RemoteHost, customer: Customer) -> No
         outcome = _one(remote, run.pk, None, holder=ctx.run)
         if outcome is None:
             continue
+        if outcome.what == "foreign":
+            ctx.warning(f"{outcome.message} (this restore goes on)")
+            continue
         if outcome.what not in ("replayed", "finished"):
             raise OperationError(f"refused before touching anything: run {run.pk} of {customer} left its journal on "
                                  f"host {remote.host.name} and it could not be replayed: {outcome.message}")
@@ -261,6 +264,11 @@ def _one(remote: RemoteHost, run_id: int, ctx: RunContext | None, holder: Run | 
     run = Run.objects.filter(pk=run_id).select_related("customer", "customer__host").first()
     if run is not None and run.status in Run.ACTIVE:
         return None  # its worker owns it (or the reaper fails it first, then abandon replays it)
+    if run is not None and not _in_place_restore(run):
+        # An upgrade's, a rollback's, a copy's or a move's journal (same folder, same key): theirs to undo (the
+        # upgrade's reaper path, an operator after a quarantine), never this restore replay's. Left as it is.
+        return Outcome(run_id, "foreign", f"the journal of {run.kind} run {run_id} on host {host.name} is not a "
+                                          "restore in place's: left there for its own way back or an operator")
     if run is not None and holder is None:
         busy = Run.objects.filter(customer_id=run.customer_id, mutating=True, status__in=Run.ACTIVE).first()
         if busy is not None:  # never beside another change of the customer; a restore replays it first itself
@@ -304,6 +312,11 @@ def _one(remote: RemoteHost, run_id: int, ctx: RunContext | None, holder: Run | 
                  customer=customer, actor_repr=f"worker:{slots.worker_name()}",
                  result=f"{outcome.what}: {outcome.message}")
     return outcome
+
+
+def _in_place_restore(run: Run) -> bool:
+    p = run.params or {}
+    return run.kind == "restore" and not (p.get("to_root") or p.get("to_host") or p.get("to_databases"))
 
 
 def _key(host: Host) -> str:

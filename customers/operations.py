@@ -25,7 +25,8 @@ from . import remote_check, roots
 from .models import Customer, DatabaseConnection, run_as_identity
 
 HEALTH_TIMEOUT = 5
-REMOTE_KINDS = ("backup", "verify", "check")  # the kinds that run for a customer on a remote host (guard)
+# The kinds that run for a customer on a remote host (guard).
+REMOTE_KINDS = ("backup", "verify", "check", "upgrade", "rollback")
 
 
 def guard(ctx: RunContext) -> None:
@@ -38,9 +39,10 @@ def guard(ctx: RunContext) -> None:
     run = ctx.run
     # On a remote host only what is built for it runs: a backup (backups.remote, which checks the customer's
     # folders on the host itself, with the rules below, before anything streams), a verification drill (it
-    # reads the storage target only and restores into the worker's scratch) and a check (customers.remote_check,
-    # on the host). Every other kind would read or
-    # change a folder of *this* machine in the customer's name: refused.
+    # reads the storage target only and restores into the worker's scratch), a check (customers.remote_check,
+    # on the host), an upgrade or rollback (upgrades.remote: the folders checked on the host, every change made
+    # there) and a restore in place. Every other kind would read or change a folder of *this* machine in the
+    # customer's name: refused.
     host = Customer.objects.filter(pk=run.customer_id).values_list("host__name", flat=True).first()
     if host is not None and host != LOCAL:
         if run.kind in REMOTE_KINDS:

@@ -206,7 +206,11 @@ class Pm2Manager(ManagerBase):
         return home
 
     def _env(self, spec: ServiceSpec, *, own: bool = False) -> dict[str, str]:
-        return {**spec_env(spec, with_own=own), "PM2_HOME": self.home(spec)}
+        # PM2_NO_INTERACTION for every call, not only a start's (spec.env, engines.hostrestore): without it a pm2
+        # CLI looks for a PM2.io agent's socket, which now and then crashes it. A `jlist` crashing the same way
+        # ("pm2 jlist gave no process list: Node.js v20…") was seen on a loaded machine; this is the likely cause,
+        # not a proven one. Kasa never uses PM2.io.
+        return {**spec_env(spec, with_own=own), "PM2_HOME": self.home(spec), "PM2_NO_INTERACTION": "true"}
 
     @staticmethod
     def _cwd(spec: ServiceSpec) -> str:

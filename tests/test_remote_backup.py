@@ -173,23 +173,6 @@ def test_losing_the_host_mid_stream_fails_the_backup_naming_the_host_and_leaves_
     assert run_backup(customer).status == "succeeded"  # the next backup reconnects
 
 
-@pytest.mark.parametrize("kind", ["upgrade", "rollback"])
-def test_upgrade_and_rollback_still_refuse_a_remote_customer_before_touching_anything(web, team, kind):
-    from operations.services import run_execute, run_start
-
-    host = make_host(web, f"web-{kind}")
-    customer = remote_customer(web, host, team)
-    snapshot = {p: p.stat().st_mtime_ns for p in Path(customer.root).rglob("*")}
-    # Restores run there now, in place, into a copy and as moves (tests/test_remote_restore.py, test_remote_move.py).
-    run = run_start(customer, kind=kind, via="cli", params={"backup": 1}, enqueue=False)
-    run_execute(run.pk)
-    run.refresh_from_db()
-    assert run.status == "failed"
-    assert run.error.startswith("refused before touching anything") and f"lives on host web-{kind}" in run.error
-    assert f"{kind} on remote hosts is not built yet" in run.error
-    assert {p: p.stat().st_mtime_ns for p in Path(customer.root).rglob("*")} == snapshot
-
-
 def test_a_remote_root_must_lie_in_its_hosts_customers_root_and_overlap_no_other_root_of_that_host(
         web, team, customer_root):
     from customers.services import CustomerInputError, customer_create

@@ -115,13 +115,17 @@ def rollback_plan(customer) -> dict | None:
         return None
     target = Upgrade.objects.select_related("to_release", "backup", "run").get(pk=target.pk)
     components = []
+    # A remote customer's folders are on its host, never read on this machine: the rollback's preflight checks them
+    # there (upgrades.remote_rollback), and its env step logs what becomes live again.
+    remote = not customer.host.is_local
     for comp, info in sorted((target.layout or {}).items()):
         after_dir, before_dir = info.get("after_dir"), info.get("before_dir")
-        now = envfile.read(Path(after_dir) / ".env") if after_dir else {}
-        back = envfile.read(Path(before_dir) / ".env") if before_dir else {}
+        now = envfile.read(Path(after_dir) / ".env") if after_dir and not remote else {}
+        back = envfile.read(Path(before_dir) / ".env") if before_dir and not remote else {}
         components.append({
             "component": comp, "from": info.get("after_version", ""), "to": info.get("before_version") or "",
-            "before_dir": before_dir or "", "before_exists": bool(before_dir) and Path(before_dir).is_dir(),
+            "before_dir": before_dir or "",
+            "before_exists": bool(before_dir) and (remote or Path(before_dir).is_dir()),
             "env": [c for c in envfile.diff(now, back)],
         })
     return {"target": target, "components": components, "databases": list(customer.databases.all()),

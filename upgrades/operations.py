@@ -66,6 +66,10 @@ def upgrade(ctx: RunContext) -> dict:
     up = Upgrade.objects.select_related("customer", "to_release").get(run_id=ctx.run.pk)
     if not up.begin():
         raise OperationError(f"upgrade #{up.pk} is {up.status}, not pending: not started again")
+    if not up.customer.host.is_local:  # on another host: every change made there (upgrades.remote)
+        from . import remote
+
+        return remote.upgrade(ctx, up, _remote_shares())
     job = Job(ctx, up)
     try:
         if up.dry_run:
@@ -89,6 +93,10 @@ def rollback(ctx: RunContext) -> dict:
     up = Upgrade.objects.select_related("customer", "rolls_back").get(run_id=ctx.run.pk)
     if not up.begin():
         raise OperationError(f"rollback #{up.pk} is {up.status}, not pending: not started again")
+    if not up.customer.host.is_local:
+        from . import remote_rollback
+
+        return remote_rollback.rollback(ctx, up, _remote_shares())
     job = Job(ctx, up)
     try:
         _rollback(job)
@@ -118,7 +126,19 @@ def abandon(run, ctx: RunContext) -> None:
     if job.doc.get("rolling_back"):
         quarantine(job, f"{what} while putting the customer back; quarantined, nothing was deleted")
         return
+    if not up.customer.host.is_local:  # put back through a session of its own, from the journal on the host
+        from . import remote
+
+        remote.abandoned(run, ctx, up, what, job.steps.failed, _remote_shares())
+        return
     _outcome(job, what, put_back(job))
+
+
+def _remote_shares():
+    from .remote import Local
+
+    return Local(refused=Refused, backup=_backup, record=_record, unpin_older=_unpin_older, outcome=_outcome,
+                 summary=_summary, short=_short)
 
 
 # Named phases of the run (RunContext.phases): each step, weighted by its usual share of the time.

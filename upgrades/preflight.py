@@ -93,6 +93,15 @@ def check(customer: Customer, release: Release, *, force: bool = False, own_run:
                     from_versions=current, to_versions=to_versions, changes=[], checks=[])
     checks = report.checks
     checks.append(_release_allowed(customer, release, current, force))
+    if not customer.host.is_local:
+        # Its folders and .env files are on the host: looked at there, through SSH, as the upgrade's first step
+        # (upgrades.remote_preflight; `upgrade --dry-run` runs only that), never on this machine's disk.
+        checks.append(Check("host", True, f"{customer} lives on host {customer.host.name}: its service paths, .env "
+                                          "files and free disk are checked on the host as the upgrade's first step "
+                                          "(a dry run shows them)", blocking=False))
+        checks.append(exclusive_check(customer, own_run))
+        checks.append(_backup_possible(customer, report.kind))
+        return report
     services = {s.name: s for s in customer.services.all()}
     try:
         root = customer.root_path()
