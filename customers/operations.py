@@ -41,8 +41,8 @@ def guard(ctx: RunContext) -> None:
     # folders on the host itself, with the rules below, before anything streams), a verification drill (it
     # reads the storage target only and restores into the worker's scratch), a check (customers.remote_check,
     # on the host), an upgrade or rollback (upgrades.remote: the folders checked on the host, every change made
-    # there) and a restore in place. Every other kind would read or change a folder of *this* machine in the
-    # customer's name: refused.
+    # there) and every restore (below). A kind not built for remote hosts would read or change a folder of *this*
+    # machine in the customer's name: refused.
     host = Customer.objects.filter(pk=run.customer_id).values_list("host__name", flat=True).first()
     if host is not None and host != LOCAL:
         if run.kind in REMOTE_KINDS:

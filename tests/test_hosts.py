@@ -212,21 +212,6 @@ def test_customer_add_host_puts_the_customer_on_that_host(remote, customer_root)
     assert code == 2 and "no host named 'nope'" in err
 
 
-def test_an_operation_not_built_for_remote_hosts_refuses_a_remote_customer_before_touching_anything(
-        remote, make_customer, tmp_path):
-    from operations.models import Run
-    from operations.services import run_execute, run_start
-
-    customer = make_customer()
-    Customer.objects.filter(pk=customer.pk).update(host=_host(remote, name="web-far"))
-    # A restore into a copy: the one kind not built for a remote customer (an upgrade and a rollback are now).
-    run = run_start(customer, kind=Run.Kind.RESTORE, params={"backup": 1, "to_root": str(tmp_path / "copy")},
-                    enqueue=False)
-    run_execute(run.pk)
-    run.refresh_from_db()
-    assert run.status == "failed" and "lives on host web-far" in run.error
-
-
 def test_kasa_setup_schedules_the_host_probes():
     from django_q.models import Schedule
 
