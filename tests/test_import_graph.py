@@ -43,7 +43,7 @@ def test_the_customer_page_gets_cards_pages_and_actions_from_the_apps_above():
     card_names = [f"{c.__module__}.{c.__name__}" for c in page.cards()]
     assert card_names == ["backups.customer_page.backups_card", "backups.customer_page.recovery_card",
                           "upgrades.customer_page.versions"]
-    assert [p.route for p in page.pages()] == ["backup", "upgrade", "rollback"]
+    assert [p.route for p in page.pages()] == ["backup", "move", "move_confirm", "upgrade", "rollback"]
     assert [(a.function, a.permission) for a in page.actions()] == [
         ("backups.customer_page.backup_action", "backups.add_backup"),
         ("rollouts.views.rollout_action", "rollouts.add_rollout")]
