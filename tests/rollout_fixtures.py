@@ -1,6 +1,6 @@
 """A small fleet for rollout tests: customers of one component `app` (a Node server under real PM2, a health URL,
 a migrate hook) on SQLite or PostgreSQL, installed at release 1.0; releases 1.1 (good) and 1.2 (its migration
-changes the database, then fails). Light on purpose: a fleet of twelve upgrades in seconds, not minutes."""
+changes the database, then fails). Light on purpose: a fleet of customers upgrades in seconds, not minutes."""
 
 from __future__ import annotations
 
