@@ -378,3 +378,72 @@ def test_a_copy_on_a_remote_host_gets_its_postgresql_database_through_the_forwar
     finally:
         admin("DROP DATABASE IF EXISTS shop_copy")
         admin("ALTER ROLE shop NOCREATEDB")
+
+
+def test_a_customer_moves_from_a_remote_host_onto_local_with_its_postgresql_healthy_here_and_its_old_copy_kept(
+        host_pg, team, customer_users, fast, parents_open):
+    """Onto `local`: the files unpacked here as the customer's user, PM2 here, the health URL (the old host's
+    address) asked on 127.0.0.1 here; the host-local PostgreSQL of the old host (its 127.0.0.1:PORT) into the
+    server this machine has at that same address. A role that may not create the database there fails the move
+    after the new root was made: removed, the customer untouched on its host."""
+    import psycopg
+
+    from customers.models import Customer
+    from engines import scratchdb
+
+    a, pg = host_pg
+    host_a = make_host(a, "web-to-local")
+
+    class HereAtTheSamePort(scratchdb.ScratchPostgres):  # this machine's server at the address the URL names
+        def _launch(self, postgres, data):
+            self.port = pg["port"]
+            return super()._launch(postgres, data)
+
+    customer, url_a = _customer(a, host_a, team, customer_users[0], parents_open, sqlite=True,
+                                databases=[("main", pg["url"])])
+    old_root = Path(customer.root)
+    new_root = Path(settings.KASA_CUSTOMERS_ROOT) / old_root.name
+    new_root.parent.mkdir(parents=True, exist_ok=True)
+    parents_open(new_root)
+    here = HereAtTheSamePort()
+    try:
+        with here:
+            def admin(sql: str) -> None:
+                with psycopg.connect(host=here.socket_dir, port=here.port, user="postgres", dbname="postgres",
+                                     autocommit=True) as con:
+                    con.execute(sql)
+
+            admin(f"CREATE ROLE shop LOGIN PASSWORD '{pg['password']}'")  # no CREATEDB yet
+            bk = _latest(customer)
+            _start_remote(customer)
+            before = tree_state(old_root)
+
+            failed = _move(customer, "local", bk)
+            assert failed.status == "failed" and "move to host local failed: " in failed.error, failed.error
+            assert "may not create it" in failed.error
+            assert "still on host web-to-local, running as before; the copy on local was removed" in failed.error
+            assert not new_root.exists() and tree_state(old_root) == before and _answers(url_a) == 200
+            assert Customer.objects.get(pk=customer.pk).host.name == "web-to-local"
+
+            admin("ALTER ROLE shop CREATEDB")
+            run = _move(customer, "local", bk)
+            log = "\n".join(line.text for line in run.log_lines.all())
+            assert run.status == "succeeded", run.error + log
+            customer = Customer.objects.get(pk=customer.pk)
+            assert customer.host.name == "local" and customer.root == str(new_root)
+            url_here = customer.services.get().health_url
+            assert url_here == url_a.replace(a.address, "127.0.0.1")
+            assert _answers(url_here) == 200  # run by PM2 here, as the customer's user
+            assert _answers(url_a) == 0  # the old copy is stopped…
+            assert tree_state(old_root) == before  # …and kept
+            assert customer.old_copy["host"] == "web-to-local" and customer.old_copy["stopped"] is True
+            assert (new_root / "backend").stat().st_uid == pwd.getpwnam(customer_users[0]).pw_uid
+            assert _rows(new_root / "data" / "cache.sqlite3") == 37
+            assert customer.databases.get(name="cache").sqlite_path == str(new_root / "data" / "cache.sqlite3")
+            assert _count(here) == _count(pg["server"])  # the same rows, in this machine's server
+            assert customer.databases.get(name="main").host == "127.0.0.1"  # as written: now read here
+            assert pg["password"] not in log
+    finally:
+        kill_pm2_under(old_root)
+        kill_pm2_under(new_root)
+        subprocess.run(["rm", "-rf", str(new_root)], check=False)
