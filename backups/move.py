@@ -8,15 +8,16 @@ The order keeps the customer where it is until the new copy has proved itself:
 
 1. refused before anything is made (on the worker, then on the target host): a disabled, untrusted or unreachable
    host, the customer's root taken there (overlapping another customer's, or a folder that is not empty), too
-   little disk, no run_as user there, a backup that lacks a service folder, a MySQL database, a health URL that
-   could not be asked of the new copy (a move onto `local`, the worker's machine, is backups.move_local: the same
+   little disk, no run_as user there, a backup that lacks a service folder, a health URL that could not be asked
+   of the new copy (a move onto `local`, the worker's machine, is backups.move_local: the same
    order with the local restore's parts);
 2. the new root made on the target host (the same path relative to its customers root: hosts may keep their
    customers in different folders), then the backup restored into it exactly as a remote restore stages and swaps
    (backups.remote_restore: every archive checked on the worker, unpacked on the host as the customer's user);
-   SQLite files into their folders there; PostgreSQL databases the old host reached at a loopback address or a
-   Unix socket (its own server) into the new host's server, same name, through the session's forward; a database
-   on any other address is a shared server both hosts reach: left as it is, the new copy uses it;
+   SQLite files into their folders there; PostgreSQL and MySQL/MariaDB databases the old host reached at a
+   loopback address or a Unix socket (its own server) into the new host's server, same name, through the
+   session's forward (a fresh database: one of that name there already is refused); a database on any other
+   address is a shared server both hosts reach: left as it is, the new copy uses it;
 3. the services started there (PM2, as the customer's user on that host) and their health URLs asked on that host
    (a loopback URL as it is; one naming the old host's own address pointed at the new host's, 127.0.0.1 on
    `local`);
@@ -55,6 +56,8 @@ from . import dbswap, host_journals, remote_restore
 from .reading import keyring_for
 
 LOOPBACK = ("localhost", "::1")
+SERVERS = ("postgresql", "mysql")  # databases on a server: the old host's own goes with the move, a shared one stays
+DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306}
 
 
 # --- what a move does, decided on the worker ---------------------------------------------------------------------
@@ -129,8 +132,9 @@ def problems(customer: Customer, target: Host, backup=None) -> list[str]:
                          f"{source.name}'s own: the new copy could not be asked (a health URL names the service as "
                          "its host sees it: use 127.0.0.1)")
     for d in customer.databases.all():
-        if d.engine not in ("postgresql", "sqlite"):
-            found.append(f"database {d.name} is {d.engine}: a move brings PostgreSQL and SQLite databases only")
+        if d.engine not in SERVERS + ("sqlite",):
+            found.append(f"database {d.name} is {d.engine}: a move brings PostgreSQL, MySQL/MariaDB and SQLite "
+                         "databases only")
     if backup is not None:
         have = {a.source for a in backup.artifacts.all() if a.kind == "service"}
         missing = sorted(s.name for s in customer.services.all() if s.name not in have)
@@ -168,7 +172,7 @@ def prepare(ctx: RunContext, plan) -> tuple[Host, str, list[str]]:
     if found:
         raise OperationError("move refused before touching anything: " + "; ".join(found))
     root = new_root(customer, target)
-    shared = [d.name for d in customer.databases.all() if d.engine == "postgresql" and not host_local(d)]
+    shared = [d.name for d in customer.databases.all() if d.engine in SERVERS and not host_local(d)]
     plan.artifacts = [a for a in plan.artifacts if not (a.kind == "database" and a.source in shared)]
     plan.root = Path(root)
     for name in shared:
@@ -292,22 +296,26 @@ def _check_target(ctx: RunContext, remote: RemoteHost, customer: Customer, plan,
 
 
 def _hold_host_databases(ctx: RunContext, remote: RemoteHost, customer: Customer) -> None:
-    """dbswap's targets for this run: each PostgreSQL database of the old host's own server, on the new host's
-    server (the same address as the new host sees it, the same name and role) through a forward."""
+    """dbswap's targets for this run: each PostgreSQL and MySQL/MariaDB database of the old host's own server, on
+    the new host's server (the same address or socket as the new host sees it, the same name and user) through a
+    forward of the session, as backups.remote_parts.hold_forwarded_targets points a restore in place at it."""
     from core.secrets import reveal
 
     for db in customer.databases.all():
-        if db.engine != "postgresql" or not host_local(db):
+        if db.engine not in SERVERS or not host_local(db):
             continue
-        port = db.port or 5432
-        far = os.path.join(db.host, f".s.PGSQL.{port}") if db.host.startswith("/") else db.host
+        port = db.port or DEFAULT_PORTS[db.engine]
         try:
-            sockdir = os.path.dirname(remote.forward(far, db.port, f".s.PGSQL.{port}"))
+            if db.engine == "postgresql":
+                far = os.path.join(db.host, f".s.PGSQL.{port}") if db.host.startswith("/") else db.host
+                host = os.path.dirname(remote.forward(far, db.port, f".s.PGSQL.{port}"))
+            else:  # engines.dbrestore_mysql reads a host starting with "/" as a socket file
+                host = remote.forward(db.host, db.port, "mysql.sock")
         except RemoteError as exc:
             raise OperationError(f"{exc}; nothing was touched") from None
         password = reveal(db.password)
         ctx.add_secret(password)
-        target = dbrestore.DbTarget(engine="postgresql", host=sockdir, port=port, user=db.user, password=password,
+        target = dbrestore.DbTarget(engine=db.engine, host=host, port=port, user=db.user, password=password,
                                     dbname=db.database)
         # A database of that name there is not this customer's (it lives on the old host): a fresh swap would set
         # it aside and drop it. Refused rather than guessed at.

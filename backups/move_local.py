@@ -15,10 +15,10 @@ backups.move's order and guarantees, with the parts a restore of a customer on `
 3. PM2 started here as the customer's user (customers.runtime, the local way), health URLs asked here;
 4. the switch (backups.move._switch), then the old copy's services stopped on the old host, its folders kept.
 
-**Databases.** A PostgreSQL database the old host reached at a loopback address or a Unix socket (its own server)
-goes into the server the worker's side reaches at **that same address, read on the worker's machine**: the
-connection is kept exactly as written (host, port or socket folder, name, role, password), and from the switch on
-it means this machine's server — the one every local code path (backups, restores, checks of a customer on
+**Databases.** A PostgreSQL or MySQL/MariaDB database the old host reached at a loopback address or a Unix socket
+(its own server) goes into the server the worker's side reaches at **that same address, read on the worker's
+machine**: the connection is kept exactly as written (host, port or socket, name, role, password), and from the
+switch on it means this machine's server — the one every local code path (backups, restores, checks of a customer on
 `local`) connects to with it. A maintenance connection set for that address is used as by a local restore. The
 database is created fresh there (one of that name already there is refused: a move never replaces a database),
 and a database the role could only restore in place is refused (it would have no way back). A database on any
@@ -122,29 +122,29 @@ def _check_here(ctx: RunContext, customer: Customer, plan, target: Host, root: s
 
 
 def _hold_databases(ctx: RunContext, customer: Customer, root: str) -> None:
-    """dbswap's targets for this run: SQLite files at their place in the new root; each PostgreSQL database of the
-    old host's own server at the same address read on this machine (the connection as written), never one that
-    exists already there."""
+    """dbswap's targets for this run: SQLite files at their place in the new root; each PostgreSQL and MySQL/MariaDB
+    database of the old host's own server at the same address read on this machine (the connection as written),
+    never one that exists already there."""
     for db in customer.databases.all():
         if db.engine == "sqlite":
             live = os.path.join(root, move.sqlite_rel(db, customer.root))
             ctx.held[("db", db.name)] = dbrestore.DbTarget(engine="sqlite", sqlite_path=live, sqlite_root=root)
             continue
-        if db.engine != "postgresql" or not move.host_local(db):
+        if db.engine not in move.SERVERS or not move.host_local(db):
             continue
         target = dbswap.target_for(customer, db.name)  # with the maintenance connection set for that address
         for t in (target, target.maint):
             if t is not None and t.password:
                 ctx.add_secret(t.password)
+        where = f"this machine's server ({db.host}:{db.port or move.DEFAULT_PORTS[db.engine]} as the worker reaches it)"
         try:
             taken = dbrestore.database_exists(target, db.database)
         except dbrestore.RestoreError as exc:
-            raise OperationError(f"move refused before touching anything: database {db.name} on this machine's "
-                                 f"server ({db.host}:{db.port or 5432}): {exc}") from None
+            raise OperationError(f"move refused before touching anything: database {db.name} on {where}: "
+                                 f"{exc}") from None
         if taken:
             raise OperationError(f"move refused before touching anything: a database named {db.database} exists "
-                                 f"already on this machine's server ({db.host}:{db.port or 5432} as the worker "
-                                 "reaches it); a move creates it there, it never replaces one")
+                                 f"already on {where}; a move creates it there, it never replaces one")
         ctx.held[("db", db.name)] = target
 
 

@@ -447,3 +447,50 @@ def test_a_customer_moves_from_a_remote_host_onto_local_with_its_postgresql_heal
         kill_pm2_under(old_root)
         kill_pm2_under(new_root)
         subprocess.run(["rm", "-rf", str(new_root)], check=False)
+
+
+def test_a_moved_customers_host_local_mariadb_comes_to_the_new_hosts_server_with_its_rows(
+        netns_hosts, team, customer_users, fast, parents_open, mysql_database):
+    """From `local`, whose MariaDB listens on 127.0.0.1:3306, to a host with a server of its own at that address
+    (a private one in its namespace: the simulated hosts share this machine's socket files): restored there through
+    the session's forward into a fresh database of the same name; a name already taken there is refused."""
+    from customers.models import Customer, DatabaseConnection
+    from tests.conftest import MY_HOST, MY_PORT, mysql_admin
+    from tests.remote_fixtures import NetnsMariaDB
+
+    b = netns_hosts.make()
+    make_host(b, "web-my-b")
+    customer, _port = _local_customer(team, customer_users[1], parents_open)
+    name, user, password = mysql_database["name"], mysql_database["user"], mysql_database["password"]
+    rows = ",".join(f"({i})" for i in range(1, 42))
+    mysql_admin(f"CREATE TABLE `{name}`.carts (id INT PRIMARY KEY); INSERT INTO `{name}`.carts VALUES {rows};")
+    DatabaseConnection.objects.create(customer=customer, name="shop", engine="mysql", host=MY_HOST, port=MY_PORT,
+                                      database=name, user=user, password=password)
+    old_root = Path(customer.root)
+    new_root = b.customers_root / old_root.name
+    parents_open(new_root)
+    esc = password.replace("\\", "\\\\").replace("'", "\\'")
+    pattern = name.replace("_", "\\_") + "\\_\\_kasa\\_%"
+    try:
+        server_b = NetnsMariaDB(b.name, MY_PORT)  # the new host's own server, at 127.0.0.1:3306 as it sees it
+        with server_b:
+            server_b.sql(f"CREATE USER '{user}'@'127.0.0.1' IDENTIFIED BY '{esc}'; "
+                         f"GRANT ALL ON `{name}`.* TO '{user}'@'127.0.0.1'; "
+                         f"GRANT ALL ON `{pattern}`.* TO '{user}'@'127.0.0.1'; CREATE DATABASE `{name}`;")
+            bk = _latest(customer)
+            refused = _move(customer, "web-my-b", bk)
+            assert refused.status == "failed" and f"a database named {name} exists already on host web-my-b's" in \
+                refused.error, refused.error
+            assert not new_root.exists()
+            server_b.sql(f"DROP DATABASE `{name}`;")
+
+            run = _move(customer, "web-my-b", bk)
+            log = "\n".join(line.text for line in run.log_lines.all())
+            assert run.status == "succeeded", run.error + log
+            assert Customer.objects.get(pk=customer.pk).host.name == "web-my-b"
+            assert server_b.sql(f"SELECT count(*) FROM `{name}`.carts;").stdout.strip() == "41"  # there now
+            assert password not in log
+    finally:
+        kill_pm2_under(old_root)
+        kill_pm2_under(new_root)
+        subprocess.run(["rm", "-rf", str(old_root)], check=False)
