@@ -204,6 +204,17 @@ def restore_fresh(ctx: RunContext, plan, store, keyring, art: BackupArtifact, jo
     except CannotCreateDatabase:
         journal.steps.remove(step)  # nothing was created
         journal.save()
+        # Prefixed tables live inside the live database: with none there (a move's new server, a copy) there is
+        # nowhere to load them, and nothing of theirs to drop on the way back.
+        try:
+            live_exists = dbrestore.database_exists(target, target.dbname)
+        except dbrestore.RestoreError as exc:
+            raise OperationError(f"{art.name}: {exc}") from None
+        if not live_exists:
+            raise OperationError(f"{art.name}: user {target.user} may not create database {target.dbname} nor "
+                                 f"{new} on {_server(target)}: grant it ALL on `{target.dbname}` and "
+                                 f"`{target.dbname}__kasa_%` there, or set a maintenance connection for that "
+                                 "server") from None
         ctx.info(f"{art.name}: user {target.user} may not create databases beside {target.dbname} (creating {new} "
                  f"was denied) and no maintenance connection is set for {_server(target)}: loading into prefixed "
                  f"tables of {target.dbname}, swapped in with one RENAME TABLE")

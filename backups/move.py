@@ -8,16 +8,19 @@ The order keeps the customer where it is until the new copy has proved itself:
 
 1. refused before anything is made (on the worker, then on the target host): a disabled, untrusted or unreachable
    host, the customer's root taken there (overlapping another customer's, or a folder that is not empty), too
-   little disk, no run_as user there, a backup that lacks a service folder, a MySQL database, a health URL that
-   could not be asked of the new copy;
+   little disk, no run_as user there, a backup that lacks a service folder, a health URL that could not be asked
+   of the new copy (a move onto `local`, the worker's machine, is backups.move_local: the same
+   order with the local restore's parts);
 2. the new root made on the target host (the same path relative to its customers root: hosts may keep their
    customers in different folders), then the backup restored into it exactly as a remote restore stages and swaps
    (backups.remote_restore: every archive checked on the worker, unpacked on the host as the customer's user);
-   SQLite files into their folders there; PostgreSQL databases the old host reached at a loopback address or a
-   Unix socket (its own server) into the new host's server, same name, through the session's forward; a database
-   on any other address is a shared server both hosts reach: left as it is, the new copy uses it;
+   SQLite files into their folders there; PostgreSQL and MySQL/MariaDB databases the old host reached at a
+   loopback address or a Unix socket (its own server) into the new host's server, same name, through the
+   session's forward (a fresh database: one of that name there already is refused); a database on any other
+   address is a shared server both hosts reach: left as it is, the new copy uses it;
 3. the services started there (PM2, as the customer's user on that host) and their health URLs asked on that host
-   (a loopback URL as it is; one naming the old host's own address pointed at the new host's);
+   (a loopback URL as it is; one naming the old host's own address pointed at the new host's, 127.0.0.1 on
+   `local`);
 4. only then, in one transaction: customer.host, root, SQLite paths and health URLs switched, the old copy
    recorded on the customer (`old_copy`), an audit entry;
 5. the services stopped on the old host, its folders left in place until the move is confirmed
@@ -41,8 +44,9 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from customers.models import Customer, DatabaseConnection
-from engines import dbrestore, procman
+from customers import roots
+from customers.models import Customer, DatabaseConnection, run_as_identity
+from engines import dbrestore, procman, runas
 from engines.humanize import human_duration, human_size
 from hosts.models import Host
 from hosts.remote import RemoteError, RemoteHost
@@ -52,6 +56,8 @@ from . import dbswap, host_journals, remote_restore
 from .reading import keyring_for
 
 LOOPBACK = ("localhost", "::1")
+SERVERS = ("postgresql", "mysql")  # databases on a server: the old host's own goes with the move, a shared one stays
+DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306}
 
 
 # --- what a move does, decided on the worker ---------------------------------------------------------------------
@@ -86,7 +92,8 @@ def moved_health_url(url: str, source: Host, target: Host) -> str | None:
         return url
     if source.is_local or name != source.address:
         return None
-    address = f"[{target.address}]" if ":" in target.address else target.address
+    # `local` has no address of its own in Kasa: the worker asks its own services on its loopback
+    address = "127.0.0.1" if target.is_local else f"[{target.address}]" if ":" in target.address else target.address
     netloc = address + (f":{parts.port}" if parts.port else "")
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
@@ -102,8 +109,11 @@ def problems(customer: Customer, target: Host, backup=None) -> list[str]:
     source = customer.host
     if target.pk == source.pk:
         found.append(f"{customer} is on host {target.name} already")
-    if target.is_local:
-        found.append("a move onto `local` (the worker's machine) is not built yet: moves go to remote hosts")
+    if target.is_local and customer.run_as:
+        try:  # the worker's own users: looked up here, as Customer.clean does for a customer on `local`
+            run_as_identity(customer.run_as)
+        except runas.RunAsError as exc:
+            found.append(f"on `local` (the worker's machine): {exc}")
     if not target.enabled:
         found.append(f"host {target.name} is disabled")
     if not target.is_local and not target.host_key:
@@ -122,8 +132,9 @@ def problems(customer: Customer, target: Host, backup=None) -> list[str]:
                          f"{source.name}'s own: the new copy could not be asked (a health URL names the service as "
                          "its host sees it: use 127.0.0.1)")
     for d in customer.databases.all():
-        if d.engine not in ("postgresql", "sqlite"):
-            found.append(f"database {d.name} is {d.engine}: a move brings PostgreSQL and SQLite databases only")
+        if d.engine not in SERVERS + ("sqlite",):
+            found.append(f"database {d.name} is {d.engine}: a move brings PostgreSQL, MySQL/MariaDB and SQLite "
+                         "databases only")
     if backup is not None:
         have = {a.source for a in backup.artifacts.all() if a.kind == "service"}
         missing = sorted(s.name for s in customer.services.all() if s.name not in have)
@@ -134,19 +145,26 @@ def problems(customer: Customer, target: Host, backup=None) -> list[str]:
             found.append(f"backup #{backup.pk} holds a service kept behind a release link: not moved yet")
     if not found:
         try:
-            new_root(customer, target)
+            root = new_root(customer, target)
         except OperationError as exc:
             found.append(str(exc))
+        else:
+            if target.is_local and (problem := local_root_problem(root, target)):
+                found.append(problem)
     return found
 
 
+def local_root_problem(root: str, target: Host) -> str | None:
+    """Why `root` cannot be a moved customer's new root on `local`: its local rules (customers.roots)."""
+    return roots.move_root_problem(root, Customer.objects.filter(host=target).values_list("root", flat=True))
+
+
 # --- the run -------------------------------------------------------------------------------------------------------
-def move(ctx: RunContext, plan, local: remote_restore.Steps) -> dict:
-    """backups.restore's path for a run with `to_host`; `plan` from its _plan (in place: every artifact)."""
-    started = time.monotonic()
+def prepare(ctx: RunContext, plan) -> tuple[Host, str, list[str]]:
+    """The target host, the new root and the shared databases (left as they are) of a move, refused on the worker
+    before anything is made; `plan` keeps only what is restored, and points at the new root."""
     p = ctx.run.params
     customer = plan.customer
-    source = customer.host
     target = Host.objects.filter(name=p["to_host"]).first()
     if target is None:
         raise OperationError(f"no host named {p['to_host']}; nothing was touched")
@@ -154,13 +172,22 @@ def move(ctx: RunContext, plan, local: remote_restore.Steps) -> dict:
     if found:
         raise OperationError("move refused before touching anything: " + "; ".join(found))
     root = new_root(customer, target)
-    old_root = customer.root
-    shared = [d.name for d in customer.databases.all() if d.engine == "postgresql" and not host_local(d)]
+    shared = [d.name for d in customer.databases.all() if d.engine in SERVERS and not host_local(d)]
     plan.artifacts = [a for a in plan.artifacts if not (a.kind == "database" and a.source in shared)]
     plan.root = Path(root)
     for name in shared:
         ctx.info(f"database {name} is on a shared server (not the old host's own): left as it is, the copy on "
                  f"{target.name} uses it")
+    return target, root, shared
+
+
+def move(ctx: RunContext, plan, local: remote_restore.Steps) -> dict:
+    """backups.restore's path for a run with `to_host` (a remote host); `plan` from its _plan (every artifact)."""
+    started = time.monotonic()
+    customer = plan.customer
+    source = customer.host
+    old_root = customer.root
+    target, root, shared = prepare(ctx, plan)
     try:
         remote = RemoteHost(target)
     except Exception as exc:  # engines.ssh: no key
@@ -219,6 +246,13 @@ def move(ctx: RunContext, plan, local: remote_restore.Steps) -> dict:
                                  "removed") from None
         with ctx.uninterruptible():  # the move holds: its bookkeeping runs to its end
             host_journals.cleanup(ctx, remote, journal, root)
+    return finish(ctx, plan, source, target, old_root, shared, started)
+
+
+def finish(ctx: RunContext, plan, source: Host, target: Host, old_root: str, shared: list[str],
+           started: float) -> dict:
+    """After the switch: the old copy's services stopped (its folders kept), and the run's result."""
+    customer, root = plan.customer, str(plan.root)
     ctx.phase("stop old copy")
     stopped = _stop_old(ctx, customer, source, old_root)
     if not stopped:
@@ -262,22 +296,26 @@ def _check_target(ctx: RunContext, remote: RemoteHost, customer: Customer, plan,
 
 
 def _hold_host_databases(ctx: RunContext, remote: RemoteHost, customer: Customer) -> None:
-    """dbswap's targets for this run: each PostgreSQL database of the old host's own server, on the new host's
-    server (the same address as the new host sees it, the same name and role) through a forward."""
+    """dbswap's targets for this run: each PostgreSQL and MySQL/MariaDB database of the old host's own server, on
+    the new host's server (the same address or socket as the new host sees it, the same name and user) through a
+    forward of the session, as backups.remote_parts.hold_forwarded_targets points a restore in place at it."""
     from core.secrets import reveal
 
     for db in customer.databases.all():
-        if db.engine != "postgresql" or not host_local(db):
+        if db.engine not in SERVERS or not host_local(db):
             continue
-        port = db.port or 5432
-        far = os.path.join(db.host, f".s.PGSQL.{port}") if db.host.startswith("/") else db.host
+        port = db.port or DEFAULT_PORTS[db.engine]
         try:
-            sockdir = os.path.dirname(remote.forward(far, db.port, f".s.PGSQL.{port}"))
+            if db.engine == "postgresql":
+                far = os.path.join(db.host, f".s.PGSQL.{port}") if db.host.startswith("/") else db.host
+                host = os.path.dirname(remote.forward(far, db.port, f".s.PGSQL.{port}"))
+            else:  # engines.dbrestore_mysql reads a host starting with "/" as a socket file
+                host = remote.forward(db.host, db.port, "mysql.sock")
         except RemoteError as exc:
             raise OperationError(f"{exc}; nothing was touched") from None
         password = reveal(db.password)
         ctx.add_secret(password)
-        target = dbrestore.DbTarget(engine="postgresql", host=sockdir, port=port, user=db.user, password=password,
+        target = dbrestore.DbTarget(engine=db.engine, host=host, port=port, user=db.user, password=password,
                                     dbname=db.database)
         # A database of that name there is not this customer's (it lives on the old host): a fresh swap would set
         # it aside and drop it. Refused rather than guessed at.

@@ -34,8 +34,9 @@ class MoveForm(ConfirmForm):
 
     def __init__(self, *args, customer, **kwargs):
         super().__init__(*args, customer=customer, **kwargs)
-        hosts = Host.objects.filter(enabled=True).exclude(pk=customer.host_id).exclude(name="local").order_by("name")
-        self.fields["host"].choices = [(h.name, f"{h.name} ({h.address})") for h in hosts]
+        hosts = Host.objects.filter(enabled=True).exclude(pk=customer.host_id).order_by("name")
+        self.fields["host"].choices = [(h.name, f"{h.name} (the worker's machine)" if h.is_local else
+                                        f"{h.name} ({h.address})") for h in hosts]
         verified = (Backup.objects.filter(customer=customer, status=Backup.Status.SUCCEEDED,
                                           verify_status=Backup.VerifyStatus.PASSED).order_by("-finished_at")[:20])
         self.fields["backup"].choices = [(str(b.pk), f"#{b.pk} of {human_time(b.finished_at)} ({b.scope})")

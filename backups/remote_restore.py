@@ -106,7 +106,8 @@ class Journal:
 
 @dataclass
 class Steps:
-    """What this module shares with backups.restore (which calls it: no import back, no cycle)."""
+    """What this module, backups.move and backups.move_local share with backups.restore (which calls them: no
+    import back, no cycle)."""
 
     journal: type  # backups.restore.Journal
     phases: Callable
@@ -114,6 +115,11 @@ class Steps:
     short: Callable
     record_versions: Callable
     touched_specs: Callable
+    # the local restore's own building blocks, for a move onto `local` (backups.move_local)
+    stage: Callable | None = None
+    restore_file_databases: Callable | None = None
+    check_disk: Callable | None = None
+    cleanup: Callable | None = None
 
 
 def restore(ctx: RunContext, plan, local: Steps) -> dict:

@@ -87,9 +87,10 @@ def restore(ctx: RunContext) -> dict:
     started = time.monotonic()
     plan = _plan(ctx, p)  # then the credentials an undo needs, held in memory: it goes on without the database
     if p.get("to_host"):  # a move: the backup restored on another host, then the customer switched (backups.move)
-        from . import move
+        from . import move, move_local
 
-        return move.move(ctx, plan, _remote_steps())
+        moving = move_local.move_here if move_local.onto_local(p["to_host"]) else move.move
+        return moving(ctx, plan, _remote_steps())
     if not plan.customer.host.is_local:  # on another host: every change made there (backups.remote_restore)
         from . import remote_restore
 
@@ -159,7 +160,9 @@ def _remote_steps():
     from . import remote_restore
 
     return remote_restore.Steps(journal=Journal, phases=_phases, safety_backup=_safety_backup, short=_short,
-                                record_versions=_record_versions, touched_specs=touched_specs)
+                                record_versions=_record_versions, touched_specs=touched_specs, stage=_stage,
+                                restore_file_databases=_restore_file_databases, check_disk=_check_disk,
+                                cleanup=_cleanup)
 
 
 # Named phases of a restore (RunContext.phases), weighted by their usual share of the time. A database restored
@@ -489,6 +492,11 @@ def abandon(run: Run, ctx: RunContext) -> None:
     steps = (run.result or {}).get("journal") or []
     customer = Customer.objects.select_related("host").get(pk=run.customer_id)
     if (run.params or {}).get("to_host"):
+        from . import move_local
+
+        if move_local.onto_local(run.params["to_host"]):  # its steps are this machine's: undone here
+            move_local.abandon(run, ctx, steps, customer)
+            return
         # A move's steps name the target host's folders (backups.move): never followed on this machine. The customer
         # is switched only once the copy is healthy, so it runs where customer.host says.
         if steps:

@@ -82,3 +82,19 @@ def copy_root_problem(raw: str, roots: Iterable[str]) -> str | None:
     except paths.PathEscapeError as exc:
         return f"{exc} (KASA_CUSTOMERS_ROOT)"
     return root_conflict(raw, roots, what="--to-root")
+
+
+def move_root_problem(raw: str, roots: Iterable[str]) -> str | None:
+    """A customer moved onto `local` lands in a new folder of its own (backups.move_local): Customer.clean's rules
+    for a root on `local` (strictly inside KASA_CUSTOMERS_ROOT with links followed, overlapping none of `roots` —
+    the customers of `local` — and none of Kasa's files), and nothing there yet: a move never lands in a folder
+    that exists (two moves racing for one path: only one mkdir wins)."""
+    try:
+        paths.resolve_strictly_inside(raw, settings.KASA_CUSTOMERS_ROOT, what="root folder")
+    except paths.PathEscapeError as exc:
+        return f"{exc} (KASA_CUSTOMERS_ROOT)"
+    if problem := root_conflict(raw, roots):
+        return problem
+    if os.path.lexists(raw):
+        return f"{raw} exists already on the worker's machine (`local`): a customer moves only into a new folder"
+    return None

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from engines import scratchdb
+from engines import scratchdb, scratchmysql
 from engines.dbrestore import DbTarget
 
 
@@ -206,3 +206,47 @@ def host_pg(netns_hosts):
     h = netns_hosts.make()
     with host_only_postgres(h.name, rows=123) as pg:
         yield h, pg
+
+
+class NetnsMariaDB(scratchmysql.ScratchMariaDB):
+    """A throwaway MariaDB server inside a network namespace, listening on the namespace's own 127.0.0.1:`port`
+    (the address a customer's URL names there; the worker reaches it only through a forward of the SSH session),
+    plus a socket file in its folder, through which this test, as root (unix_socket), sets it up."""
+
+    def __init__(self, netns: str, port: int):
+        super().__init__()
+        self.netns, self.wanted = netns, port
+
+    @property
+    def socket(self) -> str:
+        return os.path.join(self.socket_dir, "mysqld.sock")
+
+    def _launch(self, server: str) -> bool:
+        import time
+
+        self.port = self.wanted
+        argv = [server, "--no-defaults", f"--datadir={os.path.join(self.folder, 'data')}", f"--socket={self.socket}",
+                f"--pid-file={os.path.join(self.folder, 'mysqld.pid')}",
+                f"--log-error={os.path.join(self.folder, 'server.log')}",
+                f"--tmpdir={os.path.join(self.folder, 'tmp')}", f"--port={self.port}",
+                f"--bind-address={scratchmysql.HOST}", *scratchmysql.SERVER_SETTINGS]
+        drop = ["setpriv", f"--reuid={self._ids[0]}", f"--regid={self._ids[1]}", "--clear-groups"] if self._ids else []
+        self._proc = subprocess.Popen(["ip", "netns", "exec", self.netns, *drop, *argv], stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.folder,
+                                      start_new_session=True, env={"PATH": scratchmysql.SEARCH_PATH, "LC_ALL": "C",
+                                                                   "TZ": "UTC"})
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"mariadbd in {self.netns} did not start: {self._log_tail()}")
+            if self.sql("SELECT 1", check=False).returncode == 0:
+                return True
+            time.sleep(0.1)
+        raise RuntimeError(f"mariadbd in {self.netns} was not ready: {self._log_tail()}")
+
+    def sql(self, script: str, *, check: bool = True) -> subprocess.CompletedProcess:
+        import shutil
+
+        client = shutil.which("mariadb") or shutil.which("mysql")
+        return subprocess.run([client, "--no-defaults", f"--socket={self.socket}", "-uroot", "--skip-column-names"],
+                              input=script, capture_output=True, text=True, check=check, timeout=30)

@@ -378,3 +378,119 @@ def test_a_copy_on_a_remote_host_gets_its_postgresql_database_through_the_forwar
     finally:
         admin("DROP DATABASE IF EXISTS shop_copy")
         admin("ALTER ROLE shop NOCREATEDB")
+
+
+def test_a_customer_moves_from_a_remote_host_onto_local_with_its_postgresql_healthy_here_and_its_old_copy_kept(
+        host_pg, team, customer_users, fast, parents_open):
+    """Onto `local`: the files unpacked here as the customer's user, PM2 here, the health URL (the old host's
+    address) asked on 127.0.0.1 here; the host-local PostgreSQL of the old host (its 127.0.0.1:PORT) into the
+    server this machine has at that same address. A role that may not create the database there fails the move
+    after the new root was made: removed, the customer untouched on its host."""
+    import psycopg
+
+    from customers.models import Customer
+    from engines import scratchdb
+
+    a, pg = host_pg
+    host_a = make_host(a, "web-to-local")
+
+    class HereAtTheSamePort(scratchdb.ScratchPostgres):  # this machine's server at the address the URL names
+        def _launch(self, postgres, data):
+            self.port = pg["port"]
+            return super()._launch(postgres, data)
+
+    customer, url_a = _customer(a, host_a, team, customer_users[0], parents_open, sqlite=True,
+                                databases=[("main", pg["url"])])
+    old_root = Path(customer.root)
+    new_root = Path(settings.KASA_CUSTOMERS_ROOT) / old_root.name
+    new_root.parent.mkdir(parents=True, exist_ok=True)
+    parents_open(new_root)
+    here = HereAtTheSamePort()
+    try:
+        with here:
+            def admin(sql: str) -> None:
+                with psycopg.connect(host=here.socket_dir, port=here.port, user="postgres", dbname="postgres",
+                                     autocommit=True) as con:
+                    con.execute(sql)
+
+            admin(f"CREATE ROLE shop LOGIN PASSWORD '{pg['password']}'")  # no CREATEDB yet
+            bk = _latest(customer)
+            _start_remote(customer)
+            before = tree_state(old_root)
+
+            failed = _move(customer, "local", bk)
+            assert failed.status == "failed" and "move to host local failed: " in failed.error, failed.error
+            assert "may not create it" in failed.error
+            assert "still on host web-to-local, running as before; the copy on local was removed" in failed.error
+            assert not new_root.exists() and tree_state(old_root) == before and _answers(url_a) == 200
+            assert Customer.objects.get(pk=customer.pk).host.name == "web-to-local"
+
+            admin("ALTER ROLE shop CREATEDB")
+            run = _move(customer, "local", bk)
+            log = "\n".join(line.text for line in run.log_lines.all())
+            assert run.status == "succeeded", run.error + log
+            customer = Customer.objects.get(pk=customer.pk)
+            assert customer.host.name == "local" and customer.root == str(new_root)
+            url_here = customer.services.get().health_url
+            assert url_here == url_a.replace(a.address, "127.0.0.1")
+            assert _answers(url_here) == 200  # run by PM2 here, as the customer's user
+            assert _answers(url_a) == 0  # the old copy is stopped…
+            assert tree_state(old_root) == before  # …and kept
+            assert customer.old_copy["host"] == "web-to-local" and customer.old_copy["stopped"] is True
+            assert (new_root / "backend").stat().st_uid == pwd.getpwnam(customer_users[0]).pw_uid
+            assert _rows(new_root / "data" / "cache.sqlite3") == 37
+            assert customer.databases.get(name="cache").sqlite_path == str(new_root / "data" / "cache.sqlite3")
+            assert _count(here) == _count(pg["server"])  # the same rows, in this machine's server
+            assert customer.databases.get(name="main").host == "127.0.0.1"  # as written: now read here
+            assert pg["password"] not in log
+    finally:
+        kill_pm2_under(old_root)
+        kill_pm2_under(new_root)
+        subprocess.run(["rm", "-rf", str(new_root)], check=False)
+
+
+def test_a_moved_customers_host_local_mariadb_comes_to_the_new_hosts_server_with_its_rows(
+        netns_hosts, team, customer_users, fast, parents_open, mysql_database):
+    """From `local`, whose MariaDB listens on 127.0.0.1:3306, to a host with a server of its own at that address
+    (a private one in its namespace: the simulated hosts share this machine's socket files): restored there through
+    the session's forward into a fresh database of the same name; a name already taken there is refused."""
+    from customers.models import Customer, DatabaseConnection
+    from tests.conftest import MY_HOST, MY_PORT, mysql_admin
+    from tests.remote_fixtures import NetnsMariaDB
+
+    b = netns_hosts.make()
+    make_host(b, "web-my-b")
+    customer, _port = _local_customer(team, customer_users[1], parents_open)
+    name, user, password = mysql_database["name"], mysql_database["user"], mysql_database["password"]
+    rows = ",".join(f"({i})" for i in range(1, 42))
+    mysql_admin(f"CREATE TABLE `{name}`.carts (id INT PRIMARY KEY); INSERT INTO `{name}`.carts VALUES {rows};")
+    DatabaseConnection.objects.create(customer=customer, name="shop", engine="mysql", host=MY_HOST, port=MY_PORT,
+                                      database=name, user=user, password=password)
+    old_root = Path(customer.root)
+    new_root = b.customers_root / old_root.name
+    parents_open(new_root)
+    esc = password.replace("\\", "\\\\").replace("'", "\\'")
+    pattern = name.replace("_", "\\_") + "\\_\\_kasa\\_%"
+    try:
+        server_b = NetnsMariaDB(b.name, MY_PORT)  # the new host's own server, at 127.0.0.1:3306 as it sees it
+        with server_b:
+            server_b.sql(f"CREATE USER '{user}'@'127.0.0.1' IDENTIFIED BY '{esc}'; "
+                         f"GRANT ALL ON `{name}`.* TO '{user}'@'127.0.0.1'; "
+                         f"GRANT ALL ON `{pattern}`.* TO '{user}'@'127.0.0.1'; CREATE DATABASE `{name}`;")
+            bk = _latest(customer)
+            refused = _move(customer, "web-my-b", bk)
+            assert refused.status == "failed" and f"a database named {name} exists already on host web-my-b's" in \
+                refused.error, refused.error
+            assert not new_root.exists()
+            server_b.sql(f"DROP DATABASE `{name}`;")
+
+            run = _move(customer, "web-my-b", bk)
+            log = "\n".join(line.text for line in run.log_lines.all())
+            assert run.status == "succeeded", run.error + log
+            assert Customer.objects.get(pk=customer.pk).host.name == "web-my-b"
+            assert server_b.sql(f"SELECT count(*) FROM `{name}`.carts;").stdout.strip() == "41"  # there now
+            assert password not in log
+    finally:
+        kill_pm2_under(old_root)
+        kill_pm2_under(new_root)
+        subprocess.run(["rm", "-rf", str(old_root)], check=False)
