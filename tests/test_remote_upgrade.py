@@ -50,6 +50,10 @@ if version == "2.0.0" and os.environ["DATABASE_URL"].startswith("postgresql://")
         subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", os.environ["DATABASE_URL"], "-c", sql],
                        check=True)
     print("applied 2.0.0 as uid", os.getuid(), flush=True)
+if version == "2.0.0" and os.environ.get("MY_DB"):  # MariaDB through its socket file, as the customer's user
+    subprocess.run(["mariadb", "-S", os.environ["MY_SOCKET"], "-u", os.environ["MY_DB"], os.environ["MY_DB"], "-e",
+                    "DELETE FROM carts WHERE id > 10"], check=True,
+                   env={**os.environ, "MYSQL_PWD": os.environ["MY_PW"]})
 if version == "2.0.0" and os.environ.get("CACHE_DB"):
     import sqlite3
     with sqlite3.connect(os.environ["CACHE_DB"]) as con:
@@ -280,6 +284,46 @@ def test_a_remote_upgrade_whose_migration_fails_puts_files_database_and_services
     finally:
         kill_pm2_under(root)
         _reset(pg)
+
+
+def test_a_remote_upgrade_whose_migration_fails_puts_a_mariadb_database_back_through_the_forward(
+        netns_hosts, team, customer_users, fast, parents_open, releases, mysql_database):
+    from customers.models import DatabaseConnection
+    from tests.conftest import mysql_admin
+    from upgrades.models import Upgrade
+
+    socket = "/run/mysqld/mysqld.sock"  # the host's socket file (the simulated host shares this filesystem)
+    name = mysql_database["name"]
+    for account in ("'%'", "'localhost'"):  # may create its side databases: a fresh database swapped in
+        mysql_admin(f"GRANT ALL ON `{name}\\_\\_kasa\\_%`.* TO '{name}'@{account}")
+    mysql_admin(f"CREATE TABLE `{name}`.carts (id INT PRIMARY KEY, total INT); "
+                f"INSERT INTO `{name}`.carts WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n "
+                "WHERE i < 40) SELECT i, i * 3 FROM n;")
+    password = f"pw{uuid.uuid4().hex}"  # one a .env line carries as it is (the fixture's has quotes in it)
+    for account in ("'%'", "'localhost'"):
+        mysql_admin(f"ALTER USER '{name}'@{account} IDENTIFIED BY '{password}'")
+    h = netns_hosts.make()
+    host = make_host(h, "web-upmy")
+    # The test hook's own login reaches it through the customer's .env (Kasa passes the .env on stdin).
+    env = f"BREAK=migrate@2.0.0\nMY_DB={name}\nMY_SOCKET={socket}\nMY_PW={password}\n"
+    customer, base = _customer(h, host, team, customer_users[0], parents_open, None, extra_env=env)
+    DatabaseConnection.objects.create(customer=customer, name="shop", engine="mysql", host=socket, port=3306,
+                                      database=name, user=mysql_database["user"], password=password)
+    root = Path(customer.root)
+    try:
+        before = tree_state(root)
+        run = _upgrade(customer, releases["2.0"])
+        up = Upgrade.objects.get(run=run)
+        assert run.status == "failed" and up.status == "rolled_back", (up.error, _log(run))
+        assert "migration half done" in _log(run), _log(run)
+        from tests.test_remote_restore_parts import _carts, _side_databases
+
+        assert _carts(name) == 40  # the hook deleted 30 rows; the pre-upgrade backup's came back through the forward
+        assert _side_databases(name) == []
+        assert tree_state(root) == before
+        assert _get(base + "/version") == (200, "1.0.0")
+    finally:
+        kill_pm2_under(root)
 
 
 def test_a_hostile_release_zip_is_refused_on_the_worker_before_anything_reaches_the_host(

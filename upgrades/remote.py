@@ -17,8 +17,10 @@ put-back that fails quarantines, the host's journal left there. A host lost mid-
 worker that dies mid-way is put back by the reaper through a session of its own, from the host's journal
 (`abandoned`).
 
-Not built on a remote host (refused before anything is touched): blue-green upgrades, smoke hooks, MySQL/MariaDB
-databases (the way back restores PostgreSQL through the forward, and SQLite on the host as a remote restore does).
+The way back restores PostgreSQL and MySQL/MariaDB through the session's forwards (backups.remote_parts' targets,
+backups.dbswap), and SQLite on the host as a remote restore does.
+
+Not built on a remote host (refused before anything is touched): blue-green upgrades, smoke hooks.
 """
 
 from __future__ import annotations
@@ -258,10 +260,10 @@ def started_specs(job: RemoteJob) -> list[procman.ServiceSpec]:
 
 # --- databases -----------------------------------------------------------------------------------------------
 def restore_databases(job: RemoteJob, slog, *, backup_id: int, journal) -> None:
-    """upgrades.rollback.restore_databases for a remote customer: PostgreSQL through the session's forward
-    (backups.dbswap: a fresh database swapped in, or in place), SQLite on the host as a remote restore does it
-    (streamed into a private folder there, written beside the live file with its owner, rows counted, swapped in;
-    journalled as `host` steps)."""
+    """upgrades.rollback.restore_databases for a remote customer: PostgreSQL and MySQL/MariaDB through the session's
+    forwards (backups.dbswap: a fresh database swapped in, or in place / through prefixed tables), SQLite on the
+    host as a remote restore does it (streamed into a private folder there, written beside the live file with its
+    owner, rows counted, swapped in; journalled as `host` steps)."""
     from engines.backupcrypto import KeyRing
 
     ctx = job.ctx

@@ -50,10 +50,11 @@ def check(job: RemoteJob, release: Release, *, force: bool, zips_dir: str) -> Re
         checks.append(Check("databases", False, f"the SQLite database(s) {', '.join(inside)} on {job.host} live "
                                                 "inside a service folder, which an upgrade replaces; move them out "
                                                 "of the folder first"))
-    others = sorted({d.engine for d in customer.databases.all()} - {"postgresql", "sqlite"})
+    others = sorted({d.engine for d in customer.databases.all()} - {"postgresql", "mysql", "sqlite"})
     if others:
         checks.append(Check("databases", False, f"{', '.join(others)} databases of a customer on host {job.host}: "
-                                                "a remote upgrade puts back PostgreSQL databases only (not built)"))
+                                                "a remote upgrade puts back PostgreSQL, MySQL/MariaDB and SQLite "
+                                                "databases only"))
     return report
 
 
