@@ -196,7 +196,7 @@ def _database_spec(remote: RemoteHost, db: DatabaseConnection, facts: dict, comp
             far = os.path.join(db.host, f".s.PGSQL.{port}") if db.host.startswith("/") else db.host
             sockdir = os.path.dirname(remote.forward(far, db.port, f".s.PGSQL.{port}"))
             # Only when asked: the host's own pg_dump, run there; looked for before anything connects.
-            tool = remote_hostpg.host_pg_dump(remote) if remote.host.host_pg_tools else None
+            tool = remote.own_pg_dump() if remote.host.host_pg_tools else None
             with contextlib.ExitStack() as stack:
                 try:
                     snap = stack.enter_context(sources.pg_snapshot(host=sockdir, port=port, user=db.user,

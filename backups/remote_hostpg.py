@@ -2,10 +2,10 @@
 for a host whose Host.db_client_tools is "host" — typically its server is newer than every pg_dump on the worker.
 
 What changes against backups.remote's own way (Kasa's pg_dump on the worker, through a forward):
-- pg_dump runs ON the host (found there by engines.hostpgtools.find_tool, in KASA_REMOTE_PG_BIN or on the host's
-  PATH), connecting to the database's address as the host sees it; its stdout comes through the SSH session into
-  the worker's usual chain (compress, encrypt, hash, store), as the remote tar does. The backup keys never leave
-  the worker.
+- pg_dump runs ON the host (found there by hosts.remote.RemoteHost.own_pg_dump: engines.hostpgtools.find_tool,
+  in KASA_REMOTE_PG_BIN or on the host's PATH), connecting to the database's address as the host sees it; its
+  stdout comes through the SSH session into the worker's usual chain (compress, encrypt, hash, store), as the
+  remote tar does. The backup keys never leave the worker.
 - The snapshot and the row counts are still taken by the worker through the forward (engines.sources.pg_snapshot):
   the host's pg_dump reads that same exported snapshot (`--snapshot`), so the manifest's counts match the dump.
 - The password never reaches an argv on either machine: it goes on the stdin of engines.hostpgtools.LAUNCHER,
@@ -21,44 +21,20 @@ from __future__ import annotations
 
 import json
 
-from django.conf import settings
-
 from customers.models import DatabaseConnection
 from engines import credentials, hostpgtools, sources
 from engines.streams import Stage
 from hosts.remote import RemoteError, RemoteHost
 
 
-def host_pg_dump(remote: RemoteHost) -> tuple[str, str]:
-    """The host's pg_dump (its absolute path there) and its version line, looked for before anything connects;
-    RemoteError naming the host when it has none."""
-    where, name = remote.where, remote.host.name
-    folder = settings.KASA_REMOTE_PG_BIN
-    found = remote.call("engines.hostpgtools.find_tool", "pg_dump", folder)
-    if not isinstance(found, dict):
-        raise RemoteError(f"{where} answered something that is not a tool's place: not trusted")
-    if "missing" in found:
-        looked = f"in {folder}" if folder else "on its PATH"
-        raise RemoteError(f"host {name} is set to back up PostgreSQL with its own client tools, but it has no "
-                          f"usable pg_dump {looked} ({str(found['missing'])[:300]}): install PostgreSQL's client "
-                          f"tools there (KASA_REMOTE_PG_BIN names their folder), or set the host back to Kasa's "
-                          "own tools")
-    path, version = found.get("path"), found.get("version")
-    if not (isinstance(path, str) and path.startswith("/") and isinstance(version, str)):
-        raise RemoteError(f"{where} answered something that is not a tool's place: not trusted")
-    return path, version
-
-
 def dump_stage(remote: RemoteHost, tool: tuple[str, str], db: DatabaseConnection, snap: sources.PgSnapshot,
                password: str) -> Stage:
-    """The chain's first stage: the launcher running the host's pg_dump (`tool`, from host_pg_dump) in `snap`.
-    RemoteError naming the host when that pg_dump is older than the server (it would abort)."""
-    pg_dump, version = tool
-    major = hostpgtools.major_of(version)
-    if major < snap.server_major:
-        raise RemoteError(f"host {remote.host.name}'s own pg_dump {major} ({pg_dump}) cannot dump its PostgreSQL "
-                          f"{snap.server_major} server: install a client of version {snap.server_major} or newer "
-                          "there, or set the host back to Kasa's own tools")
+    """The chain's first stage: the launcher running the host's pg_dump (`tool`, RemoteHost.own_pg_dump's) in
+    `snap`. RemoteError naming the host when that pg_dump is older than the server (it would abort)."""
+    pg_dump = tool[0]
+    problem = remote.own_pg_dump_problem(tool, snap.server_major)
+    if problem:
+        raise RemoteError(problem)
     port = db.port or 5432
     dump = sources.pg_dump_stage(pg_dump, dbname=db.database, snapshot=snap.snapshot, env={})
     # The connection as the host sees it: an address, or (a `host` starting with "/") the server's socket folder.

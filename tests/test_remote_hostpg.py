@@ -100,7 +100,7 @@ def test_a_host_set_to_its_own_tools_dumps_postgresql_there_with_its_password_in
             f"pg_dump {newest + 1} and Kasa's newest pg_restore on this worker is {newest}") in drill.error
 
 
-def test_a_host_without_a_usable_pg_dump_fails_the_backup_naming_it_and_stores_nothing(
+def test_a_host_without_a_usable_pg_dump_fails_its_backups_storing_nothing_and_its_check_naming_it(
         host_pg, netns_hosts, team, settings, tmp_path):
     # A host whose PATH has every program of this machine's but PostgreSQL's dump tools: refused before anything
     # connects.
@@ -130,5 +130,13 @@ def test_a_host_without_a_usable_pg_dump_fails_the_backup_naming_it_and_stores_n
     customer = remote_customer(web, host, team, databases=[("main", pg["url"])], sqlite=False)
     run = run_backup(customer, scope="database")
     assert run.status == "failed"
-    assert f"host web-oldpgdump's own pg_dump {old[0]} ({old[1]}) cannot dump its PostgreSQL " in run.error, run.error
+    expected = f"host web-oldpgdump's own pg_dump {old[0]} ({old[1]}) cannot dump its PostgreSQL "
+    assert expected in run.error, run.error
     assert pg["password"] not in run.error
+    # The customer's check says so too, before any backup is tried: the pg_dump that matters is the host's.
+    from operations.services import run_execute, run_start
+
+    check = run_start(customer, kind="check", via="cli", enqueue=False)
+    run_execute(check.pk)
+    check.refresh_from_db()
+    assert check.status == "failed" and f"database main: {expected}" in check.error, check.error
