@@ -35,7 +35,7 @@ from operations.context import OperationError, RunContext
 
 from .models import Backup, BackupArtifact, BackupPolicy
 from .operations import make_backup
-from .reading import artifact_kwargs, keyring_for, progress
+from .reading import artifact_kwargs, keyring_for, progress, refuse_unreadable
 from .services import BackupInputError, backup_params, backup_pin
 
 # Journal steps this module writes (and undoes / finishes).
@@ -318,7 +318,7 @@ def way_back(ctx: RunContext, plan, safety_backup) -> int:
     """The restore's way back for its in-place databases, taken with the services stopped: its safety backup
     (`safety_backup(ctx, plan)`), or with --no-safety-backup a backup of the databases alone."""
     if ctx.run.params.get("safety_backup", True):
-        return safety_backup(ctx, plan)
+        return _readable_way_back(safety_backup(ctx, plan))
     return way_back_backup(ctx, plan.customer, trigger=Backup.Trigger.RESTORE,
                            pin=f"{WAY_BACK}restore run #{ctx.run.pk}")
 
@@ -342,7 +342,18 @@ def way_back_backup(ctx: RunContext, customer: Customer, *, trigger: str, pin: s
             bk, _ = make_backup(ctx, customer, params, pin_reason=pin)
         except OperationError as exc:
             raise OperationError(f"the backup of the databases failed ({exc}); nothing was restored") from None
-    return bk.pk
+    return _readable_way_back(bk.pk)
+
+
+def _readable_way_back(backup_id: int) -> int:
+    """A dump by a host's own pg_dump newer than Kasa's pg_restore here: a way back this worker could not read
+    is no way back, so the restore stops before the first write (the services are started again by the undo)."""
+    try:
+        refuse_unreadable(list(BackupArtifact.objects.filter(backup_id=backup_id)), "read back", tail="")
+    except OperationError as exc:
+        raise OperationError(f"backup #{backup_id} is the databases' only way back, but {exc}; nothing was "
+                             "restored") from None
+    return backup_id
 
 
 # --- 3. undo and finish ------------------------------------------------------------------------------------------

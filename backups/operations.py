@@ -194,6 +194,9 @@ def _remote_host(ctx: RunContext, customer: Customer):
     remote = remote_plans.RemoteHost(customer.host)
     ctx.info(f"customer on {remote.where}: files stream from tar there over SSH, databases through forwards of "
              "that connection; compression and encryption here")
+    if customer.host.host_pg_tools:
+        ctx.info(f"host {customer.host.name} is set to its own database client tools: PostgreSQL is dumped by its "
+                 "own pg_dump, run there in the snapshot taken here (row counts here); MySQL/MariaDB with Kasa's")
     return remote
 
 

@@ -10,6 +10,7 @@ import time
 
 from django.conf import settings
 
+from engines import hostpgtools
 from engines.backupcrypto import KeyRing
 from engines.humanize import human_size
 from operations.context import OperationError, RunContext
@@ -67,3 +68,12 @@ def select_artifacts(bk: Backup, only: list[str]) -> list[BackupArtifact]:
         raise OperationError(f"backup #{bk.pk} has no artifact {', '.join(map(repr, unknown))} "
                              f"(it has: {', '.join(a.source if a.kind != 'config' else 'config' for a in arts)})")
     return sorted(chosen, key=lambda a: a.pk)
+
+
+def refuse_unreadable(arts: list[BackupArtifact], doing: str, tail: str = "; nothing was touched") -> None:
+    """Before anything is touched: a PostgreSQL dump that Kasa's own pg_restore on this worker is too old to read
+    (made by a host's own, newer pg_dump: Host.db_client_tools) is said so, naming both versions, instead of
+    failing half-way in pg_restore."""
+    for art in arts:
+        if art.kind == "database" and (why := hostpgtools.too_new_to_read(art.details or {})):
+            raise OperationError(f"{art.name} cannot be {doing} on this worker: {why}{tail}")

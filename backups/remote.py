@@ -10,6 +10,8 @@
 - PostgreSQL: Kasa's own pg_dump (client ≥ server, as for local databases) and the row-count snapshot connect to
   a forward on the master: a Unix socket in the session's 0700 folder to the database's address as the host sees
   it (Session.forward says why not a loopback port). So a database only the host can reach is dumped all the same.
+  A host set to its own client tools (Host.db_client_tools "host") has pg_dump run there instead, in the snapshot
+  the worker took through the forward (backups.remote_hostpg).
 - MySQL/MariaDB: Kasa's own mariadb-dump (rows counted in the dump as it streams, as locally) through the same
   kind of forward, to host:port as the host sees it or to the server's socket file there (a `host` starting
   with "/"); the defaults file names the forward's socket.
@@ -39,6 +41,7 @@ from engines.streams import ChainError
 from hosts.remote import RemoteError, RemoteHost
 
 from . import artifacts as local
+from . import remote_hostpg
 
 REMOTE_TAR = "tar"  # on the host's PATH (the probe reports its version); a test swaps in a hostile one
 MAX_LINKS_SHOWN = local.OUTWARD_EXAMPLES
@@ -192,6 +195,8 @@ def _database_spec(remote: RemoteHost, db: DatabaseConnection, facts: dict, comp
             # server's socket in it.
             far = os.path.join(db.host, f".s.PGSQL.{port}") if db.host.startswith("/") else db.host
             sockdir = os.path.dirname(remote.forward(far, db.port, f".s.PGSQL.{port}"))
+            # Only when asked: the host's own pg_dump, run there; looked for before anything connects.
+            tool = remote.own_pg_dump() if remote.host.host_pg_tools else None
             with contextlib.ExitStack() as stack:
                 try:
                     snap = stack.enter_context(sources.pg_snapshot(host=sockdir, port=port, user=db.user,
@@ -199,13 +204,20 @@ def _database_spec(remote: RemoteHost, db: DatabaseConnection, facts: dict, comp
                 except sources.SourceError as exc:
                     raise RemoteError(f"cannot reach PostgreSQL {db.database} at {seen_from}, through the forward: "
                                       f"{str(exc).split(': ', 1)[-1]}") from None
-                pg_dump, client = sources.pg_tool_for(snap.server_major)
-                env = stack.enter_context(credentials.pg_env(host=sockdir, port=port, user=db.user,
-                                                             password=password, dbname=db.database))
-                stage = sources.pg_dump_stage(pg_dump, dbname=db.database, snapshot=snap.snapshot, env=env)
-                yield local._chain([stage, comp]), {
+                extra = {}
+                if tool is not None:
+                    stage, client = remote_hostpg.dump_stage(remote, tool, db, snap, password), tool[1]
+                    extra = {"client_host": remote.host.name}
+                else:
+                    pg_dump, client = sources.pg_tool_for(snap.server_major)
+                    env = stack.enter_context(credentials.pg_env(host=sockdir, port=port, user=db.user,
+                                                                 password=password, dbname=db.database))
+                    stage = sources.pg_dump_stage(pg_dump, dbname=db.database, snapshot=snap.snapshot, env=env)
+                # through ssh, its 255 is the connection lost: named as such (Kasa's pg_dump runs here)
+                chain = stack.enter_context(_streamed(remote, [stage, comp])) if extra else local._chain([stage, comp])
+                yield chain, {
                     "engine": "postgresql", "database": db.database, "format": "pg_dump custom",
-                    "server_version": snap.server_version, "client_version": client,
+                    "server_version": snap.server_version, "client_version": client, **extra,
                     "row_counts": snap.row_counts,
                 }
 

@@ -52,7 +52,7 @@ from operations.models import Run
 from . import dbswap, envfiles, restore_files
 from .models import Backup, BackupArtifact
 from .operations import discard, make_backup
-from .reading import Stopped, artifact_kwargs, keyring_for, progress, select_artifacts
+from .reading import Stopped, artifact_kwargs, keyring_for, progress, refuse_unreadable, select_artifacts
 from .services import BackupInputError, backup_params
 
 # Room we want left on the disk after staging: a restore must not fill the disk the customer runs on.
@@ -184,6 +184,7 @@ def _plan(ctx: RunContext, p: dict) -> Plan:
     customer = Customer.objects.select_related("host").prefetch_related("services", "databases").get(
         pk=bk.customer_id)
     arts = select_artifacts(bk, p.get("only") or [])
+    refuse_unreadable(arts, "restored")
     to_root = p.get("to_root")
     to_dbs = {name: box().decrypt(token).reveal() for name, token in (p.get("to_databases") or {}).items()}
     for url in to_dbs.values():

@@ -22,7 +22,7 @@ from operations.context import OperationError, RunCancelled, RunContext, RunLost
 from . import dbswap, deepdrill
 from .models import Backup
 from .notify import verification_failed
-from .reading import artifact_kwargs, keyring_for, progress
+from .reading import artifact_kwargs, keyring_for, progress, refuse_unreadable
 
 
 def verify(ctx: RunContext) -> dict:
@@ -56,10 +56,11 @@ def verify(ctx: RunContext) -> dict:
 def _drill(ctx: RunContext, bk: Backup) -> list[dict]:
     keyring = keyring_for(bk)
     store = bk.target.store()
+    arts = list(bk.artifacts.order_by("pk"))
+    refuse_unreadable(arts, "drilled")
     scratch = settings.KASA_SCRATCH_DIR / f"verify-{ctx.run.pk}"
     scratch.mkdir(parents=True, mode=0o700)
     checks = []
-    arts = list(bk.artifacts.order_by("pk"))
     ctx.phases(*[(f"drill {a.name}", max(a.size, 1)) for a in arts])  # one named phase per artifact, by size
     try:
         for art in arts:

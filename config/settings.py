@@ -301,6 +301,9 @@ KASA_SERVICE_TIMEOUT = env.float("KASA_SERVICE_TIMEOUT", default=60.0)
 KASA_PM2_SETTLE = env.float("KASA_PM2_SETTLE", default=2.0)
 # The `pm2` a restore runs on a remote host (backups.remote_restore): the host's own, on its PATH, or a path there.
 KASA_REMOTE_PM2 = env.str("KASA_REMOTE_PM2", default="pm2")
+# Where a host set to its own database client tools (Host.db_client_tools "host") has pg_dump: a folder there
+# (e.g. /usr/lib/postgresql/17/bin), or empty for the one on its PATH.
+KASA_REMOTE_PG_BIN = env.str("KASA_REMOTE_PG_BIN", default="")
 KASA_HEALTH_STREAK = env.int("KASA_HEALTH_STREAK", default=3)
 KASA_HEALTH_TIMEOUT = env.float("KASA_HEALTH_TIMEOUT", default=30.0)
 KASA_HEALTH_INTERVAL = env.float("KASA_HEALTH_INTERVAL", default=0.5)

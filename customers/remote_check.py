@@ -16,7 +16,7 @@ import os
 from django.conf import settings
 
 from core.secrets import reveal
-from engines import dbprobe, proc
+from engines import dbprobe, hostpgtools, proc
 from hosts.remote import RemoteError, RemoteHost
 from operations.context import OperationError, RunContext
 
@@ -184,8 +184,17 @@ def _database(ctx: RunContext, remote: RemoteHost, db: DatabaseConnection, facts
                 sock = remote.forward(db.host, db.port, "mysql.sock")
                 res = dbprobe.probe_mysql(host="", port=0, user=db.user, password=password, dbname=db.database,
                                           runner=ctx.runner(), socket=sock)
-        entry.update(ok=True, server_version=res.server_version, client_version=res.client_version)
-        ctx.info(f"database {db.name}: ok, server {res.server_version}")
+        client = res.client_version
+        if db.engine == DatabaseConnection.Engine.POSTGRESQL and remote.host.host_pg_tools:
+            # backups use the host's own pg_dump: the one that must be there and new enough is that one
+            tool = remote.own_pg_dump()
+            why = remote.own_pg_dump_problem(tool, hostpgtools.major_of(res.server_version))
+            if why:
+                raise RemoteError(why)
+            client = f"{tool[1]} (on {remote.host.name}: its own tools)"
+        entry.update(ok=True, server_version=res.server_version, client_version=client)
+        ctx.info(f"database {db.name}: ok, server {res.server_version}"
+                 + (f", backed up with {client}" if client != res.client_version else ""))
     except (dbprobe.ProbeError, RemoteError, OperationError, proc.CommandNotFound, proc.CommandTimeout) as exc:
         text = str(exc).replace(os.path.dirname(str(remote.session.dir)), "…")  # not the worker's socket paths
         entry["error"] = f"{text} (through {remote.host.name})"

@@ -33,6 +33,14 @@ def _pgpass_escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace(":", "\\:")
 
 
+def pgpass_line(*, user: str, password: str, dbname: str = "*") -> str:
+    """One PGPASSFILE line for any host and port ("" without a password): what pg_env writes, and what a host's
+    own tools get through engines.hostpgtools.LAUNCHER."""
+    if not password:
+        return ""
+    return ":".join(_pgpass_escape(x) for x in ("*", "*", dbname or "*", user or "*", password)) + "\n"
+
+
 @contextlib.contextmanager
 def pg_env(*, host: str, port: int, user: str, password: str, dbname: str = "*") -> Iterator[dict[str, str]]:
     """Environment for libpq tools: connection facts plus a PGPASSFILE."""
@@ -44,8 +52,7 @@ def pg_env(*, host: str, port: int, user: str, password: str, dbname: str = "*")
         # Without a password: an empty file of ours, not /dev/null (libpq warns that /dev/null "is not a plain
         # file"), and never the default ~/.pgpass, which would hand Kasa's own passwords to a customer's server.
         path = os.path.join(d, "pgpass")
-        line = ":".join(_pgpass_escape(x) for x in ("*", "*", dbname or "*", user or "*", password))
-        _write_0600(path, line + "\n" if password else "")
+        _write_0600(path, pgpass_line(user=user, password=password, dbname=dbname))
         env["PGPASSFILE"] = path
         yield env
 

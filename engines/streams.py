@@ -33,6 +33,9 @@ class Stage:
     name: str = ""
     ok_codes: tuple[int, ...] = (0,)  # GNU tar exits 1 when a file changed while read: callers may allow it
     env: dict[str, str] | None = None
+    # Bytes written to the first stage's stdin, then closed: how a secret reaches a program on a host (a launcher
+    # reads it there), never argv. Not shown in repr, which may reach a log.
+    input: bytes | None = field(default=None, repr=False)
     stderr_tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=50))
 
     def label(self) -> str:
@@ -70,6 +73,8 @@ class ProcessChain:
 
     def start(self) -> None:
         prev_stdout = open(self._stdin_path, "rb") if self._stdin_path else subprocess.DEVNULL  # noqa: SIM115
+        if self.stages[0].input is not None and not self._stdin_path:
+            prev_stdout = subprocess.PIPE
         try:
             for stage in self.stages:
                 try:
@@ -80,7 +85,9 @@ class ProcessChain:
                 except FileNotFoundError:
                     self.kill()
                     raise ChainError(f"{stage.label()}: command not found ({stage.argv[0]})") from None
-                if hasattr(prev_stdout, "close"):
+                if prev_stdout is subprocess.PIPE:
+                    _feed(proc.stdin, stage.input)
+                elif hasattr(prev_stdout, "close"):
                     prev_stdout.close()  # the child holds its own copy; keeping ours would block EOF
                 _grow_pipe(proc.stdout)
                 prev_stdout = proc.stdout
@@ -150,6 +157,16 @@ def _grow_pipe(pipe, size: int = 1 << 20) -> None:
 
         fcntl.fcntl(pipe.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), size)
     except (OSError, ImportError):
+        pass
+
+
+def _feed(pipe, data: bytes) -> None:
+    """A stage's few bytes of input (well under a pipe's size: no blocking), then EOF. A stage that died before
+    reading them fails on its own; its exit code says so in finish()."""
+    try:
+        pipe.write(data)
+        pipe.close()
+    except OSError:
         pass
 
 

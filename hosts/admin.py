@@ -34,7 +34,7 @@ class HostForm(forms.ModelForm):
     class Meta:
         model = Host
         fields = ("name", "ssh_user", "sudo", "address", "port", "customers_root", "labels", "enabled",
-                  "private_key", "key_file")
+                  "db_client_tools", "private_key", "key_file")
 
 
 @admin.register(Host)
@@ -48,6 +48,7 @@ class HostAdmin(SuperuserWritesMixin, AuditedAdminMixin, admin.ModelAdmin):
     readonly_fields = ("pinned_host_key", "probe", "tool_versions", "created_at")
     fieldsets = (
         (None, {"fields": ("name", ("ssh_user", "sudo", "address", "port"), "customers_root", "labels", "enabled")}),
+        ("Databases", {"fields": ("db_client_tools",)}),
         ("Login", {"fields": ("pinned_host_key", "private_key", "key_file")}),
         ("Last probe", {"fields": ("probe", "tool_versions")}),
     )
@@ -63,12 +64,14 @@ class HostAdmin(SuperuserWritesMixin, AuditedAdminMixin, admin.ModelAdmin):
     def get_readonly_fields(self, request, obj=None):
         fields = list(super().get_readonly_fields(request, obj))
         if obj is not None and obj.is_local:
-            fields += ["name", "ssh_user", "sudo", "address", "port", "customers_root", "private_key", "key_file"]
+            fields += ["name", "ssh_user", "sudo", "address", "port", "customers_root", "private_key", "key_file",
+                       "db_client_tools"]
         return fields
 
     def get_fieldsets(self, request, obj=None):
         if obj is None:  # adding: the key is trusted on the host's page, after a look at its fingerprint
             return ((None, {"fields": ("name", ("ssh_user", "sudo", "address", "port"), "customers_root", "labels")}),
+                    ("Databases", {"fields": ("db_client_tools",)}),
                     ("Login", {"fields": ("private_key", "key_file")}))
         return super().get_fieldsets(request, obj)
 

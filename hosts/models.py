@@ -50,6 +50,10 @@ def local_host_pk() -> int:
 
 
 class Host(models.Model):
+    class DbTools(models.TextChoices):
+        KASA = "kasa", "Kasa's own (on the worker, through a forward)"
+        HOST = "host", "the host's own (PostgreSQL: pg_dump run on the host)"
+
     name = models.CharField(max_length=63, unique=True, validators=[slug_validator])
     ssh_user = models.CharField("SSH user", max_length=32, blank=True, default="root",
                                 validators=[ssh_user_validator],
@@ -74,6 +78,14 @@ class Host(models.Model):
         max_length=1024, blank=True, validators=[path_validator],
         help_text="The folder holding the customers' roots on the host (local: KASA_CUSTOMERS_ROOT).")
     enabled = models.BooleanField(default=True)
+    # Host-wide, not per database: the client tools are what is installed on the machine, and the case it is for
+    # ("this host's server is newer than Kasa's pg_dump") is the host's own server, which all its customers use.
+    db_client_tools = models.CharField(
+        "database client tools", max_length=8, choices=DbTools.choices, default=DbTools.KASA,
+        help_text="Which pg_dump backs up this host's PostgreSQL databases: Kasa's own (the newest on the worker, "
+                  "through a forward of the SSH session; the default) or, only when asked, the host's own, run there "
+                  "(its pg_dump must be at least the server's version). Restores and drills use Kasa's pg_restore "
+                  "in both cases; MySQL/MariaDB always Kasa's mariadb-dump.")
     # What the last probe found (hosts.services.host_probe).
     reachable = models.BooleanField(null=True, editable=False)
     last_seen = models.DateTimeField(null=True, editable=False)
@@ -117,6 +129,11 @@ class Host(models.Model):
         unreachable host is named as a tunnel down, not a host down."""
         key, value = TUNNEL_LABEL
         return not self.is_local and isinstance(self.labels, dict) and self.labels.get(key) == value
+
+    @property
+    def host_pg_tools(self) -> bool:
+        """Whether PostgreSQL dumps of this host's customers are made with the host's own pg_dump, on the host."""
+        return not self.is_local and self.db_client_tools == self.DbTools.HOST
 
     def root(self) -> str:
         """The customers root on this host."""

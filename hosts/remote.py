@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 
-from engines import health, hostcall, sources, ssh
+from engines import health, hostcall, hostpgtools, sources, ssh
 from engines.streams import Stage
 
 from .models import Host
@@ -97,6 +97,36 @@ class RemoteHost:
         if not (isinstance(answer, list) and len(answer) == 2 and (answer[0] is None or isinstance(answer[0], int))):
             raise RemoteError(f"{self.where} answered something that is not an HTTP status: not trusted")
         return answer[0], str(answer[1] or "")[:500]
+
+    def own_pg_dump(self) -> tuple[str, str]:
+        """For a host set to its own database client tools (Host.db_client_tools): its pg_dump (the absolute path
+        there: KASA_REMOTE_PG_BIN's, else its PATH's) and its version line (engines.hostpgtools.find_tool, run
+        there). RemoteError naming the host when it has none."""
+        from django.conf import settings
+
+        folder = settings.KASA_REMOTE_PG_BIN
+        found = self.call("engines.hostpgtools.find_tool", "pg_dump", folder)
+        if not isinstance(found, dict):
+            raise RemoteError(f"{self.where} answered something that is not a tool's place: not trusted")
+        if "missing" in found:
+            looked = f"in {folder}" if folder else "on its PATH"
+            raise RemoteError(f"host {self.host.name} is set to back up PostgreSQL with its own client tools, but it "
+                              f"has no usable pg_dump {looked} ({str(found['missing'])[:300]}): install PostgreSQL's "
+                              "client tools there (KASA_REMOTE_PG_BIN names their folder), or set the host back to "
+                              "Kasa's own tools")
+        path, version = found.get("path"), found.get("version")
+        if not (isinstance(path, str) and path.startswith("/") and isinstance(version, str)):
+            raise RemoteError(f"{self.where} answered something that is not a tool's place: not trusted")
+        return path, version[:200]
+
+    def own_pg_dump_problem(self, tool: tuple[str, str], server_major: int) -> str:
+        """Why the host's own pg_dump cannot dump a server of `server_major` (older: it would abort), or ""."""
+        major = hostpgtools.major_of(tool[1])
+        if major >= server_major:
+            return ""
+        return (f"host {self.host.name}'s own pg_dump {major} ({tool[0]}) cannot dump its PostgreSQL {server_major} "
+                f"server: install a client of version {server_major} or newer there, or set the host back to "
+                "Kasa's own tools")
 
     def forward(self, db_host: str, db_port: int | None, socket_name: str) -> str:
         """The local socket of a forward to db_host:db_port as the host sees it (one per server and session)."""

@@ -85,7 +85,7 @@ class Added:
 
 def host_add(*, name: str, user: str, address: str, port: int = 22, private_key: str | Secret = "",
              key_file: str = "", labels: dict | None = None, customers_root: str = "/srv/kasa/customers",
-             trust_host_key: bool = False, sudo: bool = False, actor=None,
+             trust_host_key: bool = False, sudo: bool = False, db_client_tools: str = Host.DbTools.KASA, actor=None,
              via: str = AuditEntry.Source.CLI) -> Added:
     """Register a remote host, scan its host keys (first contact) and pin the preferred one only when
     `trust_host_key`. Without it the host is stored disabled with no pinned key. Re-adding a host that has no
@@ -97,6 +97,7 @@ def host_add(*, name: str, user: str, address: str, port: int = 22, private_key:
     host = existing or Host(name=name)
     host.ssh_user, host.address, host.port = user, address, port
     host.labels, host.customers_root, host.sudo = labels or {}, customers_root, sudo
+    host.db_client_tools = db_client_tools
     if private_key:
         host.private_key = private_key
     host.key_file = key_file
@@ -118,6 +119,7 @@ def host_add(*, name: str, user: str, address: str, port: int = 22, private_key:
         _save(host)
         audit_record(action="host.add", source=via, actor=actor, obj=host, result="ok",
                      changes={"ssh": host.ssh_spec(), "sudo": host.sudo, "key_file": host.key_file or None,
+                              "db_client_tools": host.db_client_tools,
                               "private_key": "set" if host.private_key else None, "labels": host.labels,
                               "scanned": [k.fingerprint for k in scanned],
                               "trusted": host.fingerprint() or None})
@@ -236,7 +238,7 @@ def host_describe(host: Host) -> dict:
     """A host as the CLI shows it: never its private key."""
     return {
         "name": host.name, "ssh": host.ssh_spec() or None, "local": host.is_local, "tunnel": host.via_tunnel,
-        "sudo": host.sudo, "enabled": host.enabled,
+        "sudo": host.sudo, "enabled": host.enabled, "db_client_tools": host.db_client_tools,
         "host_key": host.fingerprint() or None, "key": "stored" if host.private_key else (host.key_file or None),
         "labels": host.labels, "customers_root": host.root(), "reachable": host.reachable,
         "last_seen": host.last_seen, "last_error": host.last_error or None, "os": host.os or None,

@@ -86,6 +86,7 @@ class NetnsHost:
     popen: subprocess.Popen | None = None
     port: int = 22
     loopback_only: bool = False  # sshd on the namespace's own 127.0.0.1: unreachable from outside (behind NAT)
+    path: str = ""  # the PATH of its sessions (sshd's SetEnv), when not sshd's own default: a host lacking a tool
     extra: dict = field(default_factory=dict)
 
     @property
@@ -130,7 +131,7 @@ class NetnsHost:
             MaxSessions 32
             MaxStartups 32:30:64
             LogLevel ERROR
-            """))
+            """) + (f"SetEnv PATH={self.path}\n" if self.path else ""))
 
     def new_host_key(self) -> str:
         private, public = _keypair()
@@ -205,7 +206,7 @@ class NetnsHosts:
         self.top = top
         self.hosts: list[NetnsHost] = []
 
-    def make(self, *, loopback_only: bool = False) -> NetnsHost:
+    def make(self, *, loopback_only: bool = False, path: str = "") -> NetnsHost:
         index = len(self.hosts) + 1
         name = f"{PREFIX}{os.getpid()}-{index}"
         # Chosen and taken under a machine-wide lock: two test sessions at once (CI runs one; developers and
@@ -215,18 +216,19 @@ class NetnsHosts:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             subnet = next(n for n in range(1, 255) if n not in _used_subnets())
-            return self._make(index, name, subnet, loopback_only)
+            return self._make(index, name, subnet, loopback_only, path)
         finally:
             os.close(lock)
 
-    def _make(self, index: int, name: str, subnet: int, loopback_only: bool) -> NetnsHost:
+    def _make(self, index: int, name: str, subnet: int, loopback_only: bool, path: str = "") -> NetnsHost:
         d = self.top / name
         d.mkdir(parents=True)
         customers = d / "customers"
         customers.mkdir(mode=0o711)
         client_private, client_public = _keypair()
         host = NetnsHost(name=name, index=index, subnet=subnet, dir=d, customers_root=customers,
-                         client_private=client_private, client_public=client_public, loopback_only=loopback_only)
+                         client_private=client_private, client_public=client_public, loopback_only=loopback_only,
+                         path=path)
         (d / "authorized_keys").write_text(client_public + "\n")
         self.hosts.append(host)  # before anything exists in the system: teardown removes what was made
         inner = f"kn{os.getpid() % 100000}x{index}"

@@ -30,6 +30,7 @@ from django.utils import timezone
 from backups import dbswap
 from backups.models import Backup
 from backups.operations import make_backup
+from backups.reading import refuse_unreadable
 from backups.services import BackupInputError, backup_params, backup_pin
 from customers import runtime
 from engines import beneath, envfile, layout, procman, releasepkg, runas
@@ -250,6 +251,10 @@ def _backup(job: Job, slog, *, pin: str, kind: str | None = None) -> None:
             raise
         except Exception as exc:  # a storage error is as much a failed backup as a failed dump
             raise Refused(f"the backup failed ({_short(exc)}); nothing was touched") from None
+    try:  # a dump by a host's own newer pg_dump: a way back this worker could not read is no way back
+        refuse_unreadable(list(bk.artifacts.all()), "read back", tail="")
+    except OperationError as exc:
+        raise Refused(f"the pre-upgrade backup #{bk.pk} is the way back, but {exc}; nothing was touched") from None
     Upgrade.objects.filter(pk=up.pk).update(backup=bk)
     up.backup_id = bk.pk
     hold_backup(ctx, bk.pk)  # the way back restores from it, held in memory: no control database needed then

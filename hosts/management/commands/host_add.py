@@ -21,6 +21,10 @@ class Command(KasaCommand):
         parser.add_argument("--sudo", action="store_true",
                             help="the SSH user is not root: run Kasa's commands through `sudo -n` (the host needs "
                                  "the rule of deploy/sudoers/kasa)")
+        parser.add_argument("--db-tools", choices=["kasa", "host"], default="kasa",
+                            help="which pg_dump backs up the host's PostgreSQL databases: Kasa's own on the worker "
+                                 "through a forward (default), or the host's own, run there (only when its server is "
+                                 "newer than Kasa's pg_dump, say; KASA_REMOTE_PG_BIN names its folder)")
         parser.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
         parser.add_argument("--customers-root", default="/srv/kasa/customers", metavar="PATH",
                             help="the folder holding the customers' roots on the host")
@@ -39,7 +43,7 @@ class Command(KasaCommand):
             user, address, port = parse_ssh_spec(o["ssh"])
             added = host_add(name=o["name"], user=user, address=address, port=port, private_key=private_key,
                              key_file=o["key_file"], labels=labels, customers_root=o["customers_root"],
-                             trust_host_key=o["trust_host_key"], sudo=o["sudo"])
+                             trust_host_key=o["trust_host_key"], sudo=o["sudo"], db_client_tools=o["db_tools"])
         except HostInputError as exc:
             raise BadInput(str(exc)) from None
         host = added.host

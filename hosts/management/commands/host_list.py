@@ -21,6 +21,8 @@ class Command(KasaCommand):
                 state += ", disabled"
             if d["tunnel"]:
                 state += ", via tunnel"
+            if d["db_client_tools"] == Host.DbTools.HOST and not d["local"]:
+                state += ", host's pg_dump"
             free = size(d["free_bytes"]) if d["free_bytes"] is not None else "-"
             self.stdout.write(f"{h.name:<20} {d['ssh'] or '(this machine)':<32} {state:<24} customers="
                               f"{d['customers']} free={free} os={d['os'] or '-'}")
