@@ -63,16 +63,18 @@ def service_specs(customer: Customer, root: str) -> list[procman.ServiceSpec]:
     """The customer's services as the host runs them (identity resolved there, see engines.hostrestore.services)."""
     return [procman.ServiceSpec(name=s.name, folder=os.path.join(root, s.path or "."), manager=s.process_manager,
                                 app_name=s.app_name, start_command=tuple(s.start_command or ()),
+                                stop_command=tuple(s.stop_command or ()),
                                 health_url=s.health_url, root=root)
             for s in sorted(customer.services.all(), key=lambda s: s.name)]
 
 
 def services(ctx: RunContext, remote: RemoteHost, run_as: str, specs, action: str) -> None:
-    """Stop or start `specs` with PM2 on the host, each call as the customer's user there."""
+    """Stop or start `specs` (PM2 apps, start commands) on the host, each as the customer's user there."""
     if not specs:
         return
     wire = [{"name": s.name, "folder": s.folder, "manager": s.manager, "app_name": s.app_name,
-             "start_command": list(s.start_command), "root": s.root} for s in specs]
+             "start_command": list(s.start_command), "stop_command": list(s.stop_command), "root": s.root}
+            for s in specs]
     answer = remote.call("engines.hostrestore.services", action, wire, run_as, settings.KASA_REMOTE_PM2 or "pm2",
                          timeout=settings.KASA_SERVICE_TIMEOUT, settle=settings.KASA_PM2_SETTLE)
     if not isinstance(answer, dict) or not isinstance(answer.get("lines"), list):

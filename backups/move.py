@@ -122,7 +122,8 @@ def problems(customer: Customer, target: Host, backup=None) -> list[str]:
         found.append(f"{customer} has no run_as user: its files on {target.name} belong to that user there")
     for s in customer.services.all():
         if s.process_manager not in remote_restore.MANAGERS:
-            found.append(f"service {s.name} is run by {s.process_manager}: a move starts PM2 services only")
+            found.append(f"service {s.name} is run by {s.process_manager}: a move starts PM2 and start-command "
+                         "services only")
         elif s.health_url and target.via_tunnel and not is_loopback(urllib.parse.urlsplit(s.health_url).hostname
                                                                    or ""):
             found.append(f"host {target.name} is reached through a tunnel: its address is the tunnel's end, so service "

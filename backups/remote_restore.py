@@ -54,7 +54,7 @@ from .host_journals import host_journal_key
 from .reading import artifact_kwargs, keyring_for, progress
 from .remote import host_facts
 
-MANAGERS = ("pm2", "none")  # what a remote restore stops and starts on the host
+MANAGERS = ("pm2", "command", "none")  # what a remote restore stops and starts on the host (systemd: not yet)
 DISK_MARGIN = 256 * 1024 * 1024  # as backups.restore's: room left on the host's disk after staging
 
 
@@ -206,7 +206,7 @@ def _refuse_unbuilt(customer: Customer, plan) -> None:
         if s.process_manager not in MANAGERS:
             raise OperationError(f"refused before touching anything: service {s.name} of {customer} is run by "
                                  f"{s.process_manager}; on host {customer.host.name} a restore stops and starts "
-                                 f"PM2 services only (not built yet for {s.process_manager})")
+                                 f"PM2 and start-command services only (not built yet for {s.process_manager})")
     engines = {d.name: d.engine for d in customer.databases.all()}
     for art in plan.artifacts:
         if art.kind == "database" and engines.get(art.source) not in ("postgresql", "mysql", "sqlite"):

@@ -230,14 +230,16 @@ def free_bytes(path: str) -> int:
 # --- services --------------------------------------------------------------------------------------------------
 def services(action: str, specs: list[dict], run_as: str, pm2: str, timeout: float = 60.0,
              settle: float = 2.0) -> dict:
-    """Stop ("stop") or start ("start") the customer's PM2 services on this host, each PM2 call as `run_as` (as
-    this host knows it). {"ok", "error", "lines", "running"}; "running": the services that were running (stop)."""
+    """Stop ("stop") or start ("start") the customer's PM2 and start-command services on this host, each PM2 call
+    and each command as `run_as` (as this host knows it). {"ok", "error", "lines", "running"}; "running": the
+    services that were running (stop)."""
     who = runas.lookup(run_as) if run_as else None
     lines: list[str] = []
     built = [procman.ServiceSpec(name=s["name"], folder=s["folder"], manager=s["manager"], app_name=s["app_name"],
-                                 start_command=tuple(s.get("start_command") or ()), root=s["root"],
+                                 start_command=tuple(s.get("start_command") or ()),
+                                 stop_command=tuple(s.get("stop_command") or ()), root=s["root"],
                                  ecosystem=s.get("ecosystem"), identity=who, pm2_home=procman.pm2_home_for(s["root"]),
-                                 env=dict(NO_INTERACTION))
+                                 env=dict(NO_INTERACTION), state_dir=service_state_dir(s["root"]))
              for s in specs]
 
     def runner(argv, **kw):
@@ -248,6 +250,9 @@ def services(action: str, specs: list[dict], run_as: str, pm2: str, timeout: flo
         return result
 
     mgrs = {"pm2": procman.Pm2Manager(binary=pm2, timeout=timeout, log=lines.append, runner=runner, settle=settle),
+            # Start commands: the launcher is the host's python3 with Kasa's program text (nothing installed).
+            "command": procman.CommandManager("", runner=runner, timeout=timeout, settle=settle,
+                                              launcher=["python3", "-I", "-c", procman.LAUNCH_PROGRAM]),
             "none": procman.NoManager()}
     try:
         if action == "stop":
@@ -259,6 +264,14 @@ def services(action: str, specs: list[dict], run_as: str, pm2: str, timeout: flo
     except procman.ProcessError as exc:
         return {"ok": False, "error": str(exc), "lines": lines, "running": []}
     return {"ok": True, "error": "", "lines": lines, "running": list(running or [])}
+
+
+def service_state_dir(root: str) -> str:
+    """Where a start command's log and pid file live on a host: `<root>/.kasa-services`, made by the login user
+    (0700) in the customer's root, which the customer's user may enter but not change (engines.ownership): its
+    code can neither read nor forge the pid file that says which processes Kasa stops (the worker keeps these
+    under KASA_VAR_DIR for local customers; a host has no folder of Kasa's but this one)."""
+    return os.path.join(root, ".kasa-services")
 
 
 # --- the journal -----------------------------------------------------------------------------------------------

@@ -25,7 +25,6 @@ import os
 import re
 import shlex
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -126,10 +125,13 @@ class CommandManager(ManagerBase):
     kind, label = "command", "its command"
 
     def __init__(self, log_dir: str, *, pid_dir: str | None = None, settle: float = 1.5,
-                 stop_timeout: float = 10.0, **kw):
+                 stop_timeout: float = 10.0, launcher: list[str] | None = None, **kw):
         super().__init__(**kw)
         self.log_dir, self.pid_dir = log_dir, pid_dir or log_dir
         self.settle, self.stop_timeout = settle, stop_timeout
+        # How the launcher runs: Kasa's Python with this package (default), or, on a remote host, the host's
+        # python3 with the program text (engines.hostrestore.services: `python3 -I -c LAUNCH_PROGRAM`).
+        self.launcher = launcher
 
     def _file(self, spec: ServiceSpec, ext: str) -> str:
         """<log_dir>/<name>.log and <pid_dir>/<name>.pid, or both in the spec's own state_dir (one per customer:
@@ -171,10 +173,11 @@ class CommandManager(ManagerBase):
         if spec.identity:
             runas.popen_kwargs(spec.identity)  # a worker that cannot switch users says so before the launch
         # Under systemd the launcher starts in a scope of its own, and the service with it (service_scope).
+        launcher = self.launcher or python_module("launch")
         argv = [*service_scope(f"command-{os.path.basename(spec.root or folder)}-{spec.name}"),
-                *python_module("launch"), "--log", self._file(spec, ".log"), "--pidfile", self._file(spec, ".pid"),
+                *launcher, "--log", self._file(spec, ".log"), "--pidfile", self._file(spec, ".pid"),
                 "--cwd", folder, "--settle", f"{self.settle:g}", *who, "--", *spec.start_command]
-        self._run(argv, spec, "start", env=spec_env(spec), cwd=str(REPO_ROOT),
+        self._run(argv, spec, "start", env=spec_env(spec), cwd=str(REPO_ROOT) if self.launcher is None else folder,
                   timeout=self.settle + self.timeout, shown=spec.start_command)
 
     def stop(self, spec: ServiceSpec) -> None:
@@ -207,42 +210,69 @@ class CommandManager(ManagerBase):
             time.sleep(0.05)
 
 
-def _launch(args: list[str]) -> int:
-    """`python -m engines.procman launch --log L --pidfile P --cwd D --settle S -- argv…` (see CommandManager)."""
+# The launcher of a start command, as one program text: run by Kasa's own Python on the worker's machine
+# (`python -m engines.procman launch …`, _launch below) and, on a remote host, by the host's python3 through
+# `python3 -I -c LAUNCH_PROGRAM …` (Kasa's code is not installed there: engines.hostcall ships it per session).
+# Standard library only, Python ≥ 3.9 (Popen's user/group/extra_groups/umask).
+LAUNCH_SOURCE = r"""
+import os, shlex, subprocess, sys, time
+
+
+def launch(args):
+    '''launch --log L --pidfile P --cwd D --settle S [--uid U --gid G] -- argv…: argv in a new session (output
+    appended to L, "<pid> <starttime>" in P), as that user (no supplementary groups, umask 027); 0 when it still
+    runs after S seconds (or exited 0: it daemonized itself), else its exit code and its last lines on stderr.'''
     opts, argv = args[: args.index("--")], args[args.index("--") + 1:]
-    o = dict(zip(opts[::2], opts[1::2], strict=True))
+    o = dict(zip(opts[::2], opts[1::2]))
     log = open(o["--log"], "ab")  # append: the previous runs' output is kept for diagnosis
-    log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} kasa starts: {shlex.join(argv)}\n".encode())
+    log.write(("--- %s kasa starts: %s\n" % (time.strftime("%Y-%m-%d %H:%M:%S"), shlex.join(argv))).encode())
     log.flush()
     start = log.tell()
-    as_user = {}
-    if "--uid" in o:  # the customer's user, no supplementary group, umask 027 (engines.runas)
-        who = runas.Identity(user=f"uid {o['--uid']}", uid=int(o["--uid"]), gid=int(o["--gid"]), home="")
-        as_user = runas.popen_kwargs(who)
+    as_user = {"umask": 0o027}
+    if "--uid" in o:
+        as_user.update(user=int(o["--uid"]), group=int(o["--gid"]), extra_groups=[])
     try:
         child = subprocess.Popen(argv, cwd=o["--cwd"], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                  start_new_session=True, close_fds=True, **as_user)
     except OSError as exc:
-        print(f"cannot run {argv[0]}: {exc.strerror or exc}", file=sys.stderr)
+        print("cannot run %s: %s" % (argv[0], exc.strerror or exc), file=sys.stderr)
         return 127
     tmp = o["--pidfile"] + ".tmp"
     with open(tmp, "w") as fh:
-        fh.write(f"{child.pid} {_starttime(child.pid) or 0}\n")
+        fh.write("%d %d\n" % (child.pid, starttime(child.pid) or 0))
     os.replace(tmp, o["--pidfile"])
     deadline = time.monotonic() + float(o["--settle"])
     while child.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     code = child.poll()
     if code is None or code == 0:  # still running, or a command that daemonizes itself and returns 0
-        print(f"started pid {child.pid}; output in {o['--log']}")
+        print("started pid %d; output in %s" % (child.pid, o["--log"]))
         return 0
     os.unlink(o["--pidfile"])
     with open(o["--log"], "rb") as fh:
         fh.seek(start)
         lines = [ln for ln in fh.read().decode("utf-8", "replace").splitlines() if ln.strip()][-5:]
-    for line in lines or [f"exited with code {code} at once, printing nothing"]:
+    for line in lines or ["exited with code %d at once, printing nothing" % code]:
         print(line, file=sys.stderr)
     return code if code > 0 else 1
+
+
+def starttime(pid):
+    '''The process's start time (field 22 of /proc/<pid>/stat), None when it is gone or a zombie.'''
+    try:
+        fields = open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[19]) if fields[0] != "Z" else None
+"""
+LAUNCH_PROGRAM = LAUNCH_SOURCE + "\nsys.exit(launch(sys.argv[1:]))\n"
+
+
+def _launch(args: list[str]) -> int:
+    """`python -m engines.procman launch --log L --pidfile P --cwd D --settle S -- argv…` (see CommandManager)."""
+    namespace: dict = {}
+    exec(compile(LAUNCH_SOURCE, "engines.procman:LAUNCH_SOURCE", "exec"), namespace)  # noqa: S102 (our own text)
+    return namespace["launch"](args)
 
 
 # --- none -------------------------------------------------------------------------------------

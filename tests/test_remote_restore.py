@@ -8,10 +8,12 @@ worker asks over the namespace's address."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import pwd
+import signal
 import sqlite3
 import subprocess
 import tarfile
@@ -175,6 +177,43 @@ def test_a_remote_customer_restores_in_place_files_databases_and_services_health
     finally:
         kill_pm2_under(root)
         _reset(pg)
+
+
+def test_a_remote_customer_whose_service_runs_by_start_command_is_restored_and_started_on_the_host_as_its_user(
+        netns_hosts, team, customer_users, fast, parents_open):
+    """Process control on a host for a service that is not PM2's: its start command is launched there by Kasa's
+    launcher program run by the host's python3 (nothing installed), as the customer's user, its pid file in the
+    root's .kasa-services (the login user's), stopped before the swap and started after it."""
+    from customers.models import Service
+
+    h = netns_hosts.make()
+    user = customer_users[1]
+    customer, _url = _customer(h, make_host(h, "web-command"), team, user, parents_open, loopback=True)
+    svc = Service.objects.get(customer=customer, name="backend")
+    Service.objects.filter(pk=svc.pk).update(process_manager="command", app_name="")
+    customer.refresh_from_db()
+    root = Path(customer.root)
+    port = svc.start_command[-1]
+    pidfile = root / hostrestore.service_state_dir("") / "backend.pid"
+    try:
+        assert _backup_ok(customer)
+        bk = Backup.objects.filter(customer=customer, status="succeeded").latest("pk")
+        before = tree_state(root)
+        (root / "backend" / "src" / "app.js").write_text("console.log('changed')\n")
+
+        run = _restore(bk)
+        log = "\n".join(line.text for line in run.log_lines.all())
+        assert run.status == "succeeded", log
+        after = tree_state(root)
+        assert {k: v for k, v in after.items() if not k.startswith(".kasa-services")} == before
+        assert _answers(f"http://{h.address}:{port}/health") == 200  # started on the host by its command
+        pid = int(pidfile.read_text().split()[0])
+        assert os.stat(f"/proc/{pid}").st_uid == pwd.getpwnam(user).pw_uid  # as the customer's user
+        assert (pidfile.parent.stat().st_mode & 0o777) == 0o700 and pidfile.parent.stat().st_uid == 0
+    finally:
+        if pidfile.exists():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.killpg(int(pidfile.read_text().split()[0]), signal.SIGKILL)
 
 
 def _backup_ok(customer) -> bool:

@@ -86,6 +86,7 @@ class RemoteJob(Job):
         root = self._root
         return [procman.ServiceSpec(name=s.name, folder=os.path.join(root, s.path or "."), manager=s.process_manager,
                                     app_name=s.app_name, start_command=tuple(s.start_command or ()),
+                                    stop_command=tuple(s.stop_command or ()),
                                     health_url=s.health_url, root=root)
                 for s in sorted(self.customer.services.all(), key=lambda s: s.name)]
 
@@ -100,7 +101,8 @@ class RemoteJob(Job):
         if not specs:
             return
         wire = [{"name": s.name, "folder": s.folder, "manager": s.manager, "app_name": s.app_name,
-                 "start_command": list(s.start_command), "root": s.root, "ecosystem": s.ecosystem} for s in specs]
+                 "start_command": list(s.start_command), "stop_command": list(s.stop_command), "root": s.root,
+                 "ecosystem": s.ecosystem} for s in specs]
         answer = self.call("engines.hostrestore.services", action, wire, self.user,
                            settings.KASA_REMOTE_PM2 or "pm2", timeout=settings.KASA_SERVICE_TIMEOUT,
                            settle=settings.KASA_PM2_SETTLE)

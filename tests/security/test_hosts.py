@@ -111,8 +111,8 @@ def test_the_private_key_never_appears_in_the_admin_html(client, admin_user, rem
     before = Host.objects.get(pk=host.pk).private_key
     response = client.post(f"/hosts/host/{host.pk}/change/", {
         "name": "sec-admin", "ssh_user": "root", "address": remote.address, "port": "22",
-        "customers_root": str(remote.customers_root), "labels": "{}", "enabled": "on", "private_key": "",
-        "key_file": ""})
+        "customers_root": str(remote.customers_root), "labels": "{}", "db_client_tools": "kasa", "enabled": "on",
+        "private_key": "", "key_file": ""})
     assert response.status_code == 302, response.content.decode()[:3000]
     assert Host.objects.get(pk=host.pk).private_key == before
 
@@ -122,8 +122,8 @@ def test_a_superuser_adds_a_host_in_the_admin_and_trusts_its_key_only_after_seei
     client.force_login(admin_user)
     response = client.post("/hosts/host/add/", {
         "name": "sec-added", "ssh_user": "root", "address": remote.address, "port": "22",
-        "customers_root": str(remote.customers_root), "labels": "{}", "private_key": remote.client_private,
-        "key_file": ""})
+        "customers_root": str(remote.customers_root), "labels": "{}", "db_client_tools": "kasa",
+        "private_key": remote.client_private, "key_file": ""})
     assert response.status_code == 302, response.content.decode()[:3000]
     host = Host.objects.get(name="sec-added")
     assert host.host_key == "" and not host.enabled  # nothing trusted silently
