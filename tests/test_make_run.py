@@ -177,13 +177,15 @@ def test_make_run_serves_the_admin_with_the_demo_customer_and_ctrl_c_stops_every
         # Ctrl-C: the terminal sends SIGINT to the whole foreground process group.
         os.killpg(sid, signal.SIGINT)
         started = time.monotonic()
-        assert proc.wait(timeout=20) == 0, output()  # a requested stop is a clean exit
+        # A bound, not a speed goal: the worker finishes the task in hand first, which takes longer when
+        # `make test`'s other lanes load the machine.
+        assert proc.wait(timeout=60) == 0, output()  # a requested stop is a clean exit
         try:
-            wait_until(lambda: not _session_processes(sid), 20, 0.1)
+            wait_until(lambda: not _session_processes(sid), 60, 0.1)
         except AssertionError:
-            raise AssertionError(f"still running 20 s after Ctrl-C: {_session_processes(sid)}\n{output()}") from None
+            raise AssertionError(f"still running 60 s after Ctrl-C: {_session_processes(sid)}\n{output()}") from None
         elapsed = time.monotonic() - started
-        assert elapsed < 20, elapsed
+        assert elapsed < 60, elapsed
         assert not port_open("127.0.0.1", port, 0.2)
         assert "stopping Kasa" in output()
         # The customer's services keep running when Kasa stops; the README's command stops them.
