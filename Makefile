@@ -20,11 +20,10 @@ PG_TEST_URL ?= postgres://postgres@127.0.0.1:5432/kasa
 TEST_VAR ?= $(CURDIR)/var/test
 # The SQLite pass's Redis database (the PostgreSQL pass uses db 15: tests/conftest.py); they run at once.
 SQLITE_TEST_REDIS_URL ?= redis://127.0.0.1:6379/14
-E2E_TEST_REDIS_URL ?= redis://127.0.0.1:6379/13
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PIP_NO_INPUT := 1
 
-.PHONY: help install python run test lint lock system-deps services reachable test-pg test-pg-main test-pg-e2e test-sqlite clean
+.PHONY: help install python run test lint lock system-deps services reachable test-pg test-sqlite clean
 
 help:   ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
@@ -80,34 +79,17 @@ lint: install   ## ruff, and the import graph's contracts (pyproject.toml [tool.
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 
-test: system-deps services install lint reachable   ## everything CI checks: three lanes, side by side
-	@# Most of the suite waits on servers, PM2, sshd and Chromium, not on the CPU: the PostgreSQL pass runs as two
-	@# lanes (the end-to-end tests of the admin in Chromium, the demo and `make run`; everything else) beside the
-	@# SQLite pass. Each lane has its own var folder, control database and Redis database; the two side lanes'
-	@# output follows the main lane's, and any lane failing fails `make test`. `make test-pg` is still one pass.
+test: system-deps services install lint reachable   ## everything CI checks: both passes, side by side
+	@# The SQLite pass (about a minute) runs beside the PostgreSQL one: most of the suite waits on servers,
+	@# PM2 and sshd, not on the CPU. Each pass has its own var folder, control database and Redis database;
+	@# the SQLite pass's output follows the PostgreSQL pass's, and either failing fails `make test`.
 	@mkdir -p $(dir $(TEST_VAR)); \
 	$(MAKE) --no-print-directory test-sqlite > $(TEST_VAR)-sqlite.log 2>&1 & sqlite=$$!; \
-	$(MAKE) --no-print-directory test-pg-e2e > $(TEST_VAR)-e2e.log 2>&1 & e2e=$$!; \
-	$(MAKE) --no-print-directory test-pg-main; pg=$$?; \
-	wait $$e2e; ee=$$?; wait $$sqlite; sq=$$?; \
-	echo "=== the end-to-end lane of the PostgreSQL pass (make test-pg-e2e), run beside it: exit status $$ee ==="; \
-	cat $(TEST_VAR)-e2e.log; \
+	$(MAKE) --no-print-directory test-pg; pg=$$?; \
+	wait $$sqlite; sq=$$?; \
 	echo "=== the SQLite pass (make test-sqlite), run beside the PostgreSQL pass: exit status $$sq ==="; \
 	cat $(TEST_VAR)-sqlite.log; \
-	exit $$(( pg != 0 || ee != 0 || sq != 0 ))
-
-# The end-to-end tests: Chromium on the admin, the demo, `make run` and the demo's own user.
-E2E_TESTS := tests/test_browser*.py tests/test_demo*.py tests/test_make_run.py tests/test_runas.py
-
-test-pg-main: install reachable   ## the PostgreSQL pass without the end-to-end tests (a lane of `make test`)
-	@rm -rf $(TEST_VAR) && mkdir -p $(TEST_VAR)
-	KASA_VAR_DIR=$(TEST_VAR)/kasa KASA_CUSTOMERS_ROOT=$(TEST_VAR)/customers DATABASE_URL=$(PG_TEST_URL) \
-		$(BIN)/pytest $(foreach t,$(E2E_TESTS),--ignore-glob='*/$(t)') $(PYTEST_ARGS)
-
-test-pg-e2e: install reachable   ## the end-to-end tests on PostgreSQL (a lane of `make test`)
-	@rm -rf $(TEST_VAR)-e2e && mkdir -p $(TEST_VAR)-e2e
-	KASA_VAR_DIR=$(TEST_VAR)-e2e/kasa KASA_CUSTOMERS_ROOT=$(TEST_VAR)-e2e/customers DATABASE_URL=$(PG_TEST_URL)_e2e \
-		KASA_TEST_REDIS_URL=$(E2E_TEST_REDIS_URL) $(BIN)/pytest $(E2E_TESTS) $(PYTEST_ARGS)
+	exit $$(( pg != 0 || sq != 0 ))
 
 test-pg: install reachable   ## the whole suite on PostgreSQL as the control database
 	@rm -rf $(TEST_VAR) && mkdir -p $(TEST_VAR)
@@ -124,4 +106,4 @@ lock:   ## re-resolve requirements.lock from pyproject.toml (needs network)
 	/tmp/kasa-uv/bin/uv pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
 
 clean:   ## remove .venv and test leftovers
-	rm -rf $(VENV) $(TEST_VAR) $(TEST_VAR)-sqlite $(TEST_VAR)-sqlite.log $(TEST_VAR)-e2e $(TEST_VAR)-e2e.log .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(TEST_VAR) $(TEST_VAR)-sqlite $(TEST_VAR)-sqlite.log .pytest_cache .ruff_cache
