@@ -205,17 +205,7 @@ def _preflight(job: Job, slog, *, zips_dir: str | None) -> preflight.Report:
     _run_as(job, hooks=any(rc.component_version.hooks for rc in up.to_release.rows.select_related(
         "component_version")))
     report = preflight.check(job.customer, up.to_release, force=up.force, own_run=job.ctx.run, zips_dir=zips_dir)
-    Upgrade.objects.filter(pk=up.pk).update(preflight=report.as_dict(), kind=report.kind,
-                                            from_versions=report.from_versions, to_versions=report.to_versions)
-    up.refresh_from_db()
-    for c in report.checks:
-        text = f"{c.name}: {c.detail}"
-        if c.ok:
-            slog.info(f"ok  {text}")
-        elif c.blocking:
-            slog.info(f"FAILED  {text}")
-        else:
-            slog.warning(text)
+    preflight.record(up, report, slog)
     running = report.kind != Upgrade.Kind.INSTALL  # an install starts from services that never ran
     job.mark(healthy_before=[s.name for s in job.specs() if s.health_url] if running else [])
     if not report.ok:

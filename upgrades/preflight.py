@@ -152,22 +152,10 @@ def _components(customer, root: Path, rows, to_versions, current, services, chan
             except paths.PathEscapeError as exc:
                 problems.append(f"database {d.name}: {exc}")
     for comp, version in to_versions.items():
-        svc = services.get(comp)
-        if svc is None:
-            # A component's files must belong to a service: it is what backups archive and what the symlink
-            # switch replaces. A component nobody runs still needs one, with process manager "none".
-            problems.append(f"{comp}: the customer has no service named {comp!r} (add one, with process manager "
-                            "'none' for static files)")
-            continue
         try:
-            rel = paths.relative_inside(svc.path or comp, what=f"service {comp} path")
-            if not rel:
-                raise paths.PathEscapeError(f"service {comp} is the customer's root itself, which cannot become "
-                                            "a release symlink")
-            live = root / rel
-            dest = layout.release_dir(root, version, comp)
-        except (paths.PathEscapeError, layout.LayoutError) as exc:
-            problems.append(f"{comp}: {exc}")
+            svc, live, dest = component_place(root, comp, version, services)
+        except ValueError as exc:
+            problems.append(str(exc))
             continue
         try:
             state = layout.live_state(root, live)
@@ -195,6 +183,25 @@ def _components(customer, root: Path, rows, to_versions, current, services, chan
         return Check("services", False, "; ".join(problems))
     named = ", ".join(f"{c.component} → {c.service}" for c in changes) or "nothing changes"
     return Check("services", True, named)
+
+
+def component_place(root: Path, comp: str, version: str, services: dict) -> tuple:
+    """(service, live path, release folder) of a component in the customer's root; ValueError saying why not (for
+    a local and a remote customer alike: `root` is the customer's root as its host has it)."""
+    svc = services.get(comp)
+    if svc is None:
+        # A component's files must belong to a service: it is what backups archive and what the symlink
+        # switch replaces. A component nobody runs still needs one, with process manager "none".
+        raise ValueError(f"{comp}: the customer has no service named {comp!r} (add one, with process manager "
+                         "'none' for static files)")
+    try:
+        rel = paths.relative_inside(svc.path or comp, what=f"service {comp} path")
+        if not rel:
+            raise paths.PathEscapeError(f"service {comp} is the customer's root itself, which cannot become "
+                                        "a release symlink")
+        return svc, root / rel, layout.release_dir(root, version, comp)
+    except (paths.PathEscapeError, layout.LayoutError) as exc:
+        raise ValueError(f"{comp}: {exc}") from None
 
 
 def example_text(zip_path: str, cv_root: str) -> str | None:
@@ -403,3 +410,19 @@ def change_env_text(change: Change) -> tuple[str | None, str | None]:
 
 def masked(values: dict[str, str]) -> dict[str, str | None]:
     return {k: envfile.shown(k, v) for k, v in values.items()}
+
+
+def record(up: Upgrade, report: Report, slog) -> None:
+    """The preflight's verdict on the Upgrade row (report, kind, versions) and one log line per check: for a local
+    and a remote customer alike."""
+    Upgrade.objects.filter(pk=up.pk).update(preflight=report.as_dict(), kind=report.kind,
+                                            from_versions=report.from_versions, to_versions=report.to_versions)
+    up.refresh_from_db()
+    for c in report.checks:
+        text = f"{c.name}: {c.detail}"
+        if c.ok:
+            slog.info(f"ok  {text}")
+        elif c.blocking:
+            slog.info(f"FAILED  {text}")
+        else:
+            slog.warning(text)

@@ -42,12 +42,12 @@ from engines import ecosystem, envfile, hostrestore, procman, releasepkg
 from hosts.remote import RemoteError, RemoteHost
 from operations.context import OperationError, RunCancelled, RunContext, RunLost
 
-from . import remote_files, remote_preflight
+from . import preflight, remote_files, remote_preflight
 from .journal import uninterruptible
 from .models import Upgrade
 from .preflight import Check
 from .remote_job import RemoteJob
-from .rollback import drop_scratch, hold_backup, record_outcome, scratch_dir
+from .rollback import database_backup, drop_scratch, record_outcome, scratch_dir
 
 HOOK_ORDER = releasepkg.HOOKS
 PHASES = (("preflight", 1), ("verify", 1), ("backup", 4), ("stage", 2), ("env", 0.5), ("stop", 1), ("switch", 0.5),
@@ -194,17 +194,7 @@ def _preflight(job: RemoteJob, slog, local: Local):
     if smoke:
         report.checks.append(Check("smoke", False, f"{', '.join(smoke)} ship a smoke hook: not built yet for a "
                                                    f"customer on a remote host ({job.host})"))
-    Upgrade.objects.filter(pk=up.pk).update(preflight=report.as_dict(), kind=report.kind,
-                                            from_versions=report.from_versions, to_versions=report.to_versions)
-    up.refresh_from_db()
-    for c in report.checks:
-        text = f"{c.name}: {c.detail}"
-        if c.ok:
-            slog.info(f"ok  {text}")
-        elif c.blocking:
-            slog.info(f"FAILED  {text}")
-        else:
-            slog.warning(text)
+    preflight.record(up, report, slog)
     running = report.kind != Upgrade.Kind.INSTALL
     job.mark(healthy_before=[s.name for s in job.specs() if s.health_url] if running else [])
     if not report.ok:
@@ -264,20 +254,11 @@ def restore_databases(job: RemoteJob, slog, *, backup_id: int, journal) -> None:
     forwards (backups.dbswap: a fresh database swapped in, or in place / through prefixed tables), SQLite on the
     host as a remote restore does it (streamed into a private folder there, written beside the live file with its
     owner, rows counted, swapped in; journalled as `host` steps)."""
-    from engines.backupcrypto import KeyRing
-
     ctx = job.ctx
-    bk, arts, store = ctx.held.get(("backup", backup_id)) or hold_backup(ctx, backup_id)
-    if not bk.restorable:
-        raise OperationError(f"the pre-upgrade backup #{bk.pk} is {bk.status}: the databases cannot be put back")
-    if not arts:
-        slog.info(f"backup #{bk.pk} holds no database")
+    held = database_backup(ctx, slog, backup_id)
+    if held is None:
         return
-    keyring = None
-    if bk.encrypted:
-        if not settings.KASA_BACKUP_KEYS:
-            raise OperationError(f"backup #{bk.pk} is encrypted and KASA_BACKUP_KEYS is not set")
-        keyring = KeyRing(settings.KASA_BACKUP_KEYS)
+    bk, arts, store, keyring = held
     servers = [a for a in arts if not _sqlite(a)]
     plan = SimpleNamespace(backup=bk, customer=job.customer, clone=False, root=job.root, to_databases={},
                            artifacts=servers)

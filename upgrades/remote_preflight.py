@@ -11,7 +11,7 @@ import os
 from django.conf import settings
 
 from customers.models import Customer
-from engines import layout, paths
+from engines import layout
 from engines.humanize import human_size
 from releases.models import Release
 from releases.services import ReleaseStorageError, component_zip_copy
@@ -76,19 +76,12 @@ def _components(job: RemoteJob, rows, to_versions, current, services, changes: l
     root = job.root
     problems, planned = [], []
     for comp, version in to_versions.items():
-        svc = services.get(comp)
-        if svc is None:
-            problems.append(f"{comp}: the customer has no service named {comp!r} (add one, with process manager "
-                            "'none' for static files)")
-            continue
         try:
-            rel = paths.relative_inside(svc.path or comp, what=f"service {comp} path")
-            if not rel:
-                raise paths.PathEscapeError(f"service {comp} is the customer's root itself, which cannot become "
-                                            "a release symlink")
-            planned.append((comp, version, svc, str(root / rel), str(layout.release_dir(root, version, comp))))
-        except (paths.PathEscapeError, layout.LayoutError) as exc:
-            problems.append(f"{comp}: {exc}")
+            svc, live, dest = preflight.component_place(root, comp, version, services)
+        except ValueError as exc:
+            problems.append(str(exc))
+            continue
+        planned.append((comp, version, svc, str(live), str(dest)))
     states = job.call("engines.hostupgrade.live_states", str(root), [p[3] for p in planned])
     for comp, version, svc, live, dest in planned:
         state = states.get(live) if isinstance(states, dict) else None

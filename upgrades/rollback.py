@@ -197,17 +197,10 @@ def restore_databases(job: Job, slog, *, backup_id: int, journal: Journal) -> No
     journalled, until the caller's finish or undo). A manual rollback writes into its forward journal, which
     a later failure undoes: a database restored in place then needs a backup of its state from before, taken
     here with the services stopped. The automatic rollback is the way back itself: a failure quarantines."""
-    bk, arts, store = job.ctx.held.get(("backup", backup_id)) or hold_backup(job.ctx, backup_id)
-    if not bk.restorable:
-        raise OperationError(f"the pre-upgrade backup #{bk.pk} is {bk.status}: the databases cannot be put back")
-    if not arts:
-        slog.info(f"backup #{bk.pk} holds no database")
+    held = database_backup(job.ctx, slog, backup_id)
+    if held is None:
         return
-    keyring = None
-    if bk.encrypted:
-        if not settings.KASA_BACKUP_KEYS:
-            raise OperationError(f"backup #{bk.pk} is encrypted and KASA_BACKUP_KEYS is not set")
-        keyring = KeyRing(settings.KASA_BACKUP_KEYS)
+    bk, arts, store, keyring = held
     plan = SimpleNamespace(backup=bk, customer=job.customer, clone=False, root=job.root, to_databases={},
                            artifacts=arts)
     for art in arts:
@@ -220,6 +213,23 @@ def restore_databases(job: Job, slog, *, backup_id: int, journal: Journal) -> No
     dbswap.swap_all(job.ctx, plan, journal, way_back=way_back)
     slog.info(f"databases {', '.join(a.source for a in arts)} restored from backup #{bk.pk}; the changed ones are "
               "kept aside until the rollback holds")
+
+
+def database_backup(ctx: RunContext, slog, backup_id: int) -> tuple | None:
+    """The pre-upgrade backup whose databases a rollback puts back: (backup, its database artifacts, its store, the
+    keyring), None when it holds no database; OperationError when it cannot be restored (local and remote alike)."""
+    bk, arts, store = ctx.held.get(("backup", backup_id)) or hold_backup(ctx, backup_id)
+    if not bk.restorable:
+        raise OperationError(f"the pre-upgrade backup #{bk.pk} is {bk.status}: the databases cannot be put back")
+    if not arts:
+        slog.info(f"backup #{bk.pk} holds no database")
+        return None
+    keyring = None
+    if bk.encrypted:
+        if not settings.KASA_BACKUP_KEYS:
+            raise OperationError(f"backup #{bk.pk} is encrypted and KASA_BACKUP_KEYS is not set")
+        keyring = KeyRing(settings.KASA_BACKUP_KEYS)
+    return bk, arts, store, keyring
 
 
 def hold_backup(ctx: RunContext, backup_id: int) -> tuple:
