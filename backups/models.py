@@ -209,9 +209,10 @@ class Backup(models.Model):
     scope = models.CharField(max_length=8, choices=BackupPolicy.Scope.choices, default=BackupPolicy.Scope.FULL)
     kind = models.CharField(max_length=12, choices=Kind.choices, default=Kind.FULL,
                             help_text="Differential: its service archives hold what changed since `base`.")
-    # The full backup a differential's service archives apply on. PROTECT: the catalogue row of a full can never
-    # go while a differential names it (retention and deletion keep its objects too: backups.chains).
-    base = models.ForeignKey("self", null=True, blank=True, on_delete=models.PROTECT, related_name="differentials")
+    # The full backup a differential's service archives apply on. Retention and deletion keep a full while a
+    # differential needs it (backups.chains); its row is only ever marked deleted, never removed, by Kasa. (Not
+    # PROTECT: removing catalogue rows wholesale, as a test or a purge does, must not need an order.)
+    base = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL, related_name="differentials")
     services = models.JSONField(default=list, blank=True, help_text="Chosen services; empty: all.")
     compression = models.CharField(max_length=4, choices=BackupPolicy.Compression.choices, default="zstd")
     encrypted = models.BooleanField(default=True)

@@ -88,7 +88,10 @@ def walk(root: str | bytes, member: str | bytes, *, excludes: Iterable[str] = ()
     top = os.fsencode(member).rstrip(b"/") or b"."
     excluded = exclude_matcher(excludes)
     name = _normal(top)
-    st = os.lstat(os.path.join(root_b, top))
+    try:
+        st = os.lstat(os.path.join(root_b, top))
+    except FileNotFoundError:
+        return  # nothing to index; tar says what is missing, as it always did
     meta = _meta(st)
     if meta is None or (name and excluded(name)):
         return

@@ -190,3 +190,45 @@ def test_the_manifest_records_the_chain(customer):
     assert backend["differential"]["base"]["name"] == "backend.tar.zst.enc"
     assert backend["changes"]["name"] == "backend.changes.zst.enc"
     assert (Path(bk.target.path) / bk.prefix / "backend.changes.zst.enc").exists()
+
+
+@pytest.fixture
+def dr(tmp_path):
+    from backups.models import StorageTarget
+
+    return StorageTarget.objects.create(name="dr", kind="local", path=str(tmp_path / "dr"))
+
+
+def test_backup_import_rebuilds_the_chain(customer, dr):
+    from tests.test_backup_import import fresh_install
+
+    full = _backup(customer, "--target", "dr")
+    _change(customer.root_path())
+    expected = tree_state(customer.root_path())
+    diff = _backup(customer, "--target", "dr")
+    assert diff["kind"] == "differential"
+    fresh_install()
+    code, doc = command_json("backup_import", "--target", "dr")
+    assert code == 0, doc
+    new_full = Backup.objects.get(prefix__endswith=f"-{full['id']}")
+    new_diff = Backup.objects.get(prefix__endswith=f"-{diff['id']}")
+    assert new_diff.kind == "differential" and new_diff.base_id == new_full.pk
+    shutil.rmtree(customer.root_path() / "backend" / "src")
+    code, run = command_json("restore", str(new_diff.pk), "--yes")
+    assert code == 0, run
+    assert tree_state(customer.root_path()) == expected
+
+
+def test_an_imported_differential_without_its_full_is_refused_by_name(customer, dr, tmp_path):
+    from tests.test_backup_import import fresh_install
+
+    full = _backup(customer, "--target", "dr")
+    diff = _backup(customer, "--target", "dr")
+    bk = Backup.objects.get(pk=full["id"])
+    shutil.move(Path(dr.path) / bk.prefix, tmp_path / "held-back")
+    fresh_install()
+    code, doc = command_json("backup_import", "--target", "dr")
+    assert any("imported without its chain" in p for p in doc["problems"]), doc
+    new_diff = Backup.objects.get(prefix__endswith=f"-{diff['id']}")
+    code, run = command_json("restore", str(new_diff.pk), "--yes")
+    assert code == 1 and "is not in the catalogue" in run["error"], run
