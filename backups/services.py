@@ -156,7 +156,8 @@ def backup_document(backup: Backup, *, stores: dict | None = None) -> dict:
         "duration": backup.duration,
         "location": store_location,
         "error": backup.error,
-        "artifacts": [{"name": a.name, "kind": a.kind, "size": a.size, "sha256": a.sha256}
+        "artifacts": [{"name": a.name, "kind": a.kind, "size": a.size, "sha256": a.sha256,
+                       **{k: a.details[k] for k in ("index", "changes") if (a.details or {}).get(k)}}
                       for a in backup.artifacts.all()],
     }
 

@@ -232,3 +232,24 @@ def test_an_imported_differential_without_its_full_is_refused_by_name(customer, 
     new_diff = Backup.objects.get(prefix__endswith=f"-{diff['id']}")
     code, run = command_json("restore", str(new_diff.pk), "--yes")
     assert code == 1 and "is not in the catalogue" in run["error"], run
+
+
+def test_the_admin_shows_the_kind_and_the_restore_page_the_chain(customer, admin_client):
+    full = _backup(customer)
+    _change(customer.root_path())
+    diff = _backup(customer)
+    listing = admin_client.get("/backups/backup/").content.decode()
+    assert f'differential on <a href="/backups/backup/{full["id"]}/change/">#{full["id"]}</a>' in listing
+    page = admin_client.get(f"/backups/backup/{diff['id']}/restore/").content.decode()
+    assert 'id="restore-chain"' in page and f"#{full['id']}</a>" in page
+    assert "<code>backend</code>: 5 new, 4 changed, 1 deleted" in " ".join(page.split())
+    assert "<code>admin</code>: 0 new, 0 changed, 0 deleted" in " ".join(page.split())
+    form = admin_client.get(f"/customers/customer/{customer.pk}/backup/").content.decode()
+    assert 'value="differential"' in form
+    response = admin_client.post(f"/customers/customer/{customer.pk}/backup/", {
+        "scope": "files", "compression": "zstd", "encrypt": "on", "target": "local", "kind": "full"})
+    assert response.status_code == 302
+    run_id = int(response["Location"].rstrip("/").split("/")[-2])
+    from operations.models import Run
+
+    assert Run.objects.get(pk=run_id).params["kind"] == "full"
