@@ -253,3 +253,30 @@ def test_the_admin_shows_the_kind_and_the_restore_page_the_chain(customer, admin
     from operations.models import Run
 
     assert Run.objects.get(pk=run_id).params["kind"] == "full"
+
+
+def test_the_documented_by_hand_restore_of_a_chain_gives_the_same_tree(customer, tmp_path):
+    """docs/FORMAT.md's shell recipe ("Chains", "By hand"), run as written, with `dec` from its Python recipe:
+    no Kasa code reads the backup."""
+    import subprocess
+
+    from django.conf import settings
+
+    full = _backup(customer)
+    _change(customer.root_path())
+    expected = {k: v for k, v in tree_state(customer.root_path() / "backend").items()}
+    diff = _backup(customer)
+    doc = (Path(settings.BASE_DIR) / "docs" / "FORMAT.md").read_text()
+    recipe = next(b for b in doc.split("```python\n")[1:] if "def decrypt_artifact" in b).split("```")[0]
+    chain = doc.split("## Chains")[1]
+    script = chain.split("```sh\n")[1].split("```")[0]
+    (tmp_path / "dec.py").write_text(recipe + "\nimport sys, tempfile\nwith tempfile.TemporaryDirectory() as t:\n"
+                                     "    decrypt_artifact(sys.argv[1], t + '/p', sys.argv[2])\n"
+                                     "    sys.stdout.buffer.write(open(t + '/p', 'rb').read())\n")
+    for name, d in (("full", full), ("diff", diff)):
+        (tmp_path / name).symlink_to(d["location"])
+    (tmp_path / "out").mkdir()
+    key = settings.KASA_BACKUP_KEYS.split(",")[0].strip()
+    shell = f'set -euo pipefail\ndec() {{ {os.sys.executable} dec.py "$1" "$KEY"; }}\n{script}'
+    subprocess.run(["bash", "-c", shell], cwd=tmp_path, check=True, env={**os.environ, "KEY": key})
+    assert tree_state(tmp_path / "out" / "backend") == expected
