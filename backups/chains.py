@@ -81,6 +81,14 @@ def decide(customer, p: dict, target, store) -> Decision:
                if (a.details or {}).get("index")}
     if not indexes:
         return full_because(f"the newest full, #{base.pk}, has no file index (made before differential backups)")
+    for art in indexes.values():
+        try:
+            present = store.size(f"{base.prefix}/{art.details['index']['name']}") == art.details["index"]["size"]
+        except Exception:  # noqa: BLE001  (missing, or the store cannot say: not usable either way)
+            present = False
+        if not present:
+            return full_because(f"the file index {art.details['index']['name']} of the newest full, #{base.pk}, is "
+                                f"missing from {target.name} or not the size recorded")
     try:
         with store.open_read(f"{base.prefix}/{MANIFEST}") as fh:
             digest = hashlib.sha256(fh.read(16 * 1024 * 1024)).hexdigest()
@@ -138,5 +146,5 @@ def refuse_broken(arts: list[BackupArtifact], doing: str, tail: str) -> None:
 # --- retention and deletion -----------------------------------------------------------------------
 def dependents(backup: Backup) -> list[int]:
     """Differentials still restorable that need this full."""
-    return list(backup.differentials.exclude(status=Backup.Status.DELETED).exclude(status=Backup.Status.FAILED)
-                .order_by("pk").values_list("pk", flat=True))
+    return list(backup.differentials.exclude(status__in=[Backup.Status.DELETED, Backup.Status.FAILED])
+                .order_by("pk").values_list("pk", flat=True))  # running ones included: they name it already

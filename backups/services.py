@@ -280,6 +280,13 @@ def prune_customer(customer, *, dry_run: bool = False, actor=None, via: str = "c
                   pinned=b.pinned, verified=b.verified_at is not None, safety=b.trigger in SAFETY_TRIGGERS,
                   restored_at=restored.get(b.pk), base_id=b.base_id) for b in finished]
     result = plan(items, policy, now)
+    # A differential still being written names its full already: that full stays (engines.retention sees only
+    # finished backups).
+    for bk_id, base_id in Backup.objects.filter(customer=customer, status=Backup.Status.RUNNING,
+                                                base__isnull=False).values_list("pk", "base_id"):
+        if base_id in result.delete:
+            result.delete.remove(base_id)
+            result.keep.setdefault(base_id, []).append(f"the full backup that running backup #{bk_id} builds on")
     if not dry_run:
         for bk in Backup.objects.filter(pk__in=result.delete).select_related("target", "customer"):
             backup_delete(bk, actor=actor, via=via)

@@ -280,3 +280,25 @@ def test_the_documented_by_hand_restore_of_a_chain_gives_the_same_tree(customer,
     shell = f'set -euo pipefail\ndec() {{ {os.sys.executable} dec.py "$1" "$KEY"; }}\n{script}'
     subprocess.run(["bash", "-c", shell], cwd=tmp_path, check=True, env={**os.environ, "KEY": key})
     assert tree_state(tmp_path / "out" / "backend") == expected
+
+
+def test_a_full_whose_file_index_is_gone_gives_a_full_that_says_why(customer):
+    full = _backup(customer)
+    bk = Backup.objects.get(pk=full["id"])
+    (Path(bk.target.path) / bk.prefix / "admin.index.zst.enc").unlink()
+    again = _backup(customer, "--differential")
+    assert again["kind"] == "full"
+    assert "admin.index.zst.enc of the newest full" in _log(again["run"])
+
+
+def test_retention_keeps_the_full_a_running_differential_builds_on(customer):
+    full = _backup(customer)
+    newer = _backup(customer, "--full")
+    policy = global_policy()
+    policy.keep_last = 1
+    policy.save()
+    Backup.objects.create(customer=customer, status=Backup.Status.RUNNING, kind="differential",
+                          base_id=full["id"], target=Backup.objects.get(pk=full["id"]).target)
+    plan = prune_customer(customer, dry_run=True)
+    assert full["id"] in plan.keep and newer["id"] in plan.keep
+    assert any("running backup" in r for r in plan.keep[full["id"]])
