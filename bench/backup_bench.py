@@ -544,6 +544,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--churn", metavar="PERCENT",
                     help="differential backups: full, then PERCENT of the files rewritten (e.g. 1%%), the "
                          "differential, and restores of both (bench/differential_bench.py)")
+    ap.add_argument("--settle", type=float, default=65,
+                    help="with --unchanged/--churn: seconds to wait after each round's cleanup before timing "
+                         "(ext4 without a journal skips recently freed inodes; default 65, 0 to skip)")
     ap.add_argument("--profile", metavar="PY_SPY", nargs="?", const=shutil.which("py-spy") or "py-spy",
                     help="also profile a second Kasa run with py-spy (path to py-spy; default: from PATH)")
     ap.add_argument("--pg-admin-url", default=os.environ.get("KASA_BENCH_PG_ADMIN_URL",

@@ -283,3 +283,15 @@ class Postgres:
             raise BenchError(f"pgbench -i failed: {res.stderr.strip()[-1500:]}")
 
 
+def settle(seconds: float) -> None:
+    """Let the inodes the last round freed age out of ext4's "recently deleted" window before anything is timed.
+
+    On an ext4 without a journal (this VM's root filesystem) the inode allocator skips every inode freed in
+    the last 60 s (360 s while its inode-table block is dirty), reading that inode's block for each candidate
+    (fs/ext4/ialloc.c, recently_deleted): creating 40,000 files right after 40,000 were deleted cost a restore
+    16 s of kernel time here (docs/PERFORMANCE.md, "Differential backups"). A restore timed right after the
+    previous round's cleanup measures that, not Kasa; so: sync (clean blocks: the 60 s window), then wait."""
+    if seconds > 0:
+        say(f"settling {seconds:.0f} s after the cleanup (ext4's recently-deleted inode window)")
+        sh("sync")
+        time.sleep(seconds)

@@ -30,7 +30,19 @@ from pathlib import Path
 
 import common
 from backup_bench import Kasa, machine, median
-from common import DOMAIN, GENERATOR_VERSION, LOG_EXCLUDES, SERVICES, BenchError, generate_instance, mb, q, say, sh
+from common import (
+    DOMAIN,
+    GENERATOR_VERSION,
+    LOG_EXCLUDES,
+    SERVICES,
+    BenchError,
+    generate_instance,
+    mb,
+    q,
+    say,
+    settle,
+    sh,
+)
 from restore_bench import kasa_command
 
 GOALS = {"unchanged_time": 0.15, "unchanged_bytes": 0.01, "churn_time": 0.30, "restore": 1.15}
@@ -100,6 +112,7 @@ def one_round(args, work: Path, source: Path, info: dict, i: int) -> dict:
     out = base / "out"
     for p in (customers, out):
         shutil.rmtree(p, ignore_errors=True)
+    settle(args.settle)
     out.mkdir(parents=True)
     customers.mkdir(parents=True)
     say(f"copying the instance to {root}")
@@ -128,12 +141,12 @@ def one_round(args, work: Path, source: Path, info: dict, i: int) -> dict:
     if r["diff"]["kind"] != "differential":
         raise BenchError(f"the second backup was not differential: {r['diff']}")
     sh("sync")
-    for what in ("full", "diff"):
+    # Nothing is deleted between the two restores (see settle()), and their order alternates by round.
+    for what in (("full", "diff") if i % 2 == 0 else ("diff", "full")):
         dest = customers / f"restored-{what}"
         say(f"Kasa: restore {what} --to-root {dest}")
         r[f"restore_{what}"] = _timed(kasa, ["restore", str(r[what]["id"]), "--to-root", str(dest), "--yes"],
                                       base / f"restore-{what}.log")
-        shutil.rmtree(dest, ignore_errors=True)
         sh("sync")
     return r
 
