@@ -47,7 +47,7 @@ class BackupNowForm(forms.Form):
     kind = forms.ChoiceField(
         choices=[("auto", "As the policy says"), ("full", "Full"),
                  ("differential", "Differential (files changed since the newest full)")],
-        widget=forms.RadioSelect, initial="auto",
+        widget=forms.RadioSelect, initial="auto", required=False,
         help_text="Databases are always dumped whole. A differential without a usable full is a full; the run's "
                   "log says why.")
 
@@ -86,7 +86,7 @@ def backup_now_view(request, pk, model_admin):
         try:
             run = backup_start(customer, scope=data["scope"], services=data["services"],
                                compression=data["compression"], encrypt=data["encrypt"], target=target,
-                               requested_by=request.user, via="admin", kind=data["kind"])
+                               requested_by=request.user, via="admin", kind=data["kind"] or "auto")
         except (OperationRefused, BackupInputError, PermissionDenied) as exc:
             messages.error(request, str(exc))
         else:
