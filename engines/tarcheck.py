@@ -14,6 +14,10 @@ we refuse instead of guessing: GNU tar never writes such archives, so the
 refusal costs nothing for real backups and removes any parser differential.
 Python's tarfile is not used: 3.11.7 lacks the 2025 filter-bypass fixes.
 
+A hard link may name an earlier regular file or an earlier symbolic link: GNU tar writes a hard-linked symlink
+(as `cp -al` makes) as a hard-link member, and link(2) on a symlink links the symlink itself. The new name is a
+symlink with the same target text, resolved from its own folder: it is checked as a symlink of its own.
+
 Beyond GNU tar's own rules we refuse: a '..' component anywhere in a name,
 an absolute symlink target, a symlink target whose '..' would climb out of
 something not known to be a directory of this archive (through a symlink it
@@ -127,6 +131,7 @@ class TarScanner:
         self._longname: bytes | None = None
         self._longlink: bytes | None = None
         self._paths: dict[bytes, int] = {}
+        self._link_targets: dict[bytes, bytes] = {}  # symlink path → its target, for hard links to symlinks
         self._members = self._total = 0
         self._last_parent: bytes | None = None
         self._held = bytearray()
@@ -409,8 +414,9 @@ class TarScanner:
                              f"{KIND_NAMES[kind]}")
         if kind == SYMLINK:
             self._check_symlink(parts, link)
+            self._link_targets[key] = link
         elif kind == HARDLINK:
-            self._check_hardlink(key, link)
+            kind = self._check_hardlink(parts, key, link)
         elif kind == FILE:
             self._total += realsize
             if self._total > limits.max_total_size:
@@ -517,14 +523,23 @@ class TarScanner:
             else:
                 stack.pop()
 
-    def _check_hardlink(self, key: bytes, target: bytes) -> None:
-        parts = self._name_parts(target, f"its hard link target {show(target)}")
-        tkey = b"/".join(parts)
+    def _check_hardlink(self, parts: list[bytes], key: bytes, target: bytes) -> int:
+        """The kind the new name gets: HARDLINK (to a regular file) or SYMLINK (to a symlink, which it becomes)."""
+        tparts = self._name_parts(target, f"its hard link target {show(target)}")
+        tkey = b"/".join(tparts)
         if tkey == key:
             self._refuse("a hard link to itself")
-        if self._paths.get(tkey) not in (FILE, HARDLINK):
-            self._refuse(f"its hard link target {show(target)} is not a regular file that appears earlier in "
-                         "the archive")
+        before = self._paths.get(tkey)
+        if before == SYMLINK:
+            # The same target text, read from this name's folder: a link that stays inside from a deep folder may
+            # leave the extraction folder from a shallow one.
+            self._check_symlink(parts, self._link_targets[tkey])
+            self._link_targets[key] = self._link_targets[tkey]
+            return SYMLINK
+        if before not in (FILE, HARDLINK):
+            self._refuse(f"its hard link target {show(target)} is not a regular file or symbolic link that appears "
+                         "earlier in the archive")
+        return HARDLINK
 
     # --- sparse files ------------------------------------------------------------------
     def _add_region(self, offset: int | None, numbytes: int | None) -> None:

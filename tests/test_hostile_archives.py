@@ -241,9 +241,34 @@ def test_hard_links_to_anything_but_an_earlier_file_are_refused(tmp_path, site, 
     assert_refused(tmp_path, site, data, "h", rule)
 
 
-def test_a_hard_link_to_a_symlink_is_refused(tmp_path, site):
-    data = archive(member("s", type_=b"2", link="f"), member("h", type_=b"1", link="s"))
-    assert_refused(tmp_path, site, data, "h", "appears earlier")
+def test_a_hard_link_to_an_earlier_symlink_extracts_as_a_hard_linked_symlink(tmp_path, site):
+    """What `cp -al` of a tree holding a symlink makes, as GNU tar writes it: the second name is a hard-link member."""
+    data = archive(member("d/", type_=b"5"), member("d/f", b"data\n"), member("d/s", type_=b"2", link="f"),
+                   member("d/h", type_=b"1", link="d/s"), member("d/h2", type_=b"1", link="d/h"))
+    store, name, cat = store_archive(tmp_path, data)
+    listing = verify_artifact(store, name, tar=True, **cat)
+    assert (listing.symlinks, listing.hardlinks, listing.files) == (3, 0, 1)
+    dest = site / "svc.restoring"
+    extract_artifact(store, name, dest=dest, **cat)
+    s, h = os.lstat(dest / "d" / "s"), os.lstat(dest / "d" / "h2")
+    assert stat.S_ISLNK(h.st_mode) and (s.st_ino, s.st_nlink) == (h.st_ino, 3)
+    assert os.readlink(dest / "d" / "h") == "f"
+
+
+@pytest.mark.parametrize(("parts", "member_name", "rule"), [
+    # the symlink itself leaves the folder: refused as a symlink, before any hard link to it
+    ([member("s", type_=b"2", link="../../etc"), member("h", type_=b"1", link="s")], "s", "points outside"),
+    # inside from d/e/, outside from the top: the same target text read from the hard link's own folder
+    ([member("d/e/s", type_=b"2", link="../../f"), member("h", type_=b"1", link="d/e/s")], "h", "points outside"),
+    ([member("h", type_=b"1", link="s"), member("s", type_=b"2", link="f")], "h", "appears earlier"),  # named first
+    ([member("d/", type_=b"5"), member("h", type_=b"1", link="d")], "h", "appears earlier"),  # a directory
+    ([member("f", b"x"), member("h", type_=b"1", link="h")], "h", "to itself"),
+    ([member("s", type_=b"2", link="f"), member("s/x", b"x")], "s/x", "through the symbolic link"),
+    ([member("s", type_=b"2", link="d"), member("h", type_=b"1", link="s"), member("h/x", b"x")], "h/x",
+     "through the symbolic link"),  # a hard-linked symlink is a symlink: nothing is written through it either
+])
+def test_hard_links_to_symlinks_are_refused_where_unsafe(tmp_path, site, parts, member_name, rule):
+    assert_refused(tmp_path, site, archive(*parts), member_name, rule)
 
 
 # --- types ----------------------------------------------------------------------------------------
