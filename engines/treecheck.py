@@ -74,8 +74,8 @@ def check_tree(dest, listing: Listing, *, artifact: str = "", uid: int | None = 
                                             f"checked listing {what}: the two readings of the archive differ")
     for (_dev, ino), (seen, nlink) in inodes.items():
         if seen != nlink:
-            raise ArchiveRefused(f"{label}an extracted file or link (inode {ino}) has {nlink} hard links but only {seen} "
-                                 "inside the extraction folder: it is linked to a file outside",
+            raise ArchiveRefused(f"{label}an extracted file or link (inode {ino}) has {nlink} hard links but only "
+                                 f"{seen} inside the extraction folder: it is linked to a file outside",
                                  rule="hard link outside")
     total = sum(sizes.values())
     want = (listing.dirs, listing.files + listing.hardlinks, listing.symlinks, listing.total_size)
