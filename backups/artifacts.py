@@ -31,6 +31,29 @@ class ArtifactSpec:
 OUTWARD_EXAMPLES = 5  # links named in the run's warning and the manifest; the count covers them all
 
 
+def note_refusals(details: dict, found: dict) -> None:
+    """Put what sources.restore_refusals found in an artifact's details: outward_links (symlinks) and unrestorable
+    (FIFOs, devices, overlong paths), each {count, examples}; the run warns, a restore refuses the artifact."""
+    links, special = found.get("links") or [], found.get("special") or []
+    if links:
+        details["outward_links"] = {"count": len(links), "examples": [
+            f"{p[:300]} -> {t[:300]}" for p, t in links[:OUTWARD_EXAMPLES]]}
+    if special:
+        details["unrestorable"] = {"count": len(special), "examples": [
+            f"{p[:300]} ({why[:100]})" for p, why in special[:OUTWARD_EXAMPLES]]}
+
+
+def restore_refusal(details: dict | None) -> str:
+    """Why a restore refuses this artifact as it is (the backup run warned), or ""."""
+    details = details or {}
+    parts = []
+    if links := details.get("outward_links"):
+        parts.append(f"{links['count']} symbolic link(s) pointing outside its folder ({', '.join(links['examples'])})")
+    if special := details.get("unrestorable"):
+        parts.append(f"{special['count']} file(s) a restore never creates ({', '.join(special['examples'])})")
+    return " and ".join(parts)
+
+
 def _name(base: str, compression: str, encrypted: bool) -> str:
     return base + sources.COMPRESSIONS[compression] + (ENCRYPTED_SUFFIX if encrypted else "")
 
@@ -69,15 +92,13 @@ def plan(customer: Customer, params: dict) -> list[ArtifactSpec]:
 
             @contextlib.contextmanager
             def open_service(rel=rel, details=details):
-                # Links a restore would refuse, listed while tar streams rather than before it starts.
+                # What a restore would refuse, listed while tar streams rather than before it starts.
                 pool = ThreadPoolExecutor(1, thread_name_prefix="kasa-links")
-                listing = pool.submit(sources.outward_links, root, rel, excludes=excludes)
+                listing = pool.submit(sources.restore_refusals, root, rel, excludes=excludes)
                 pool.shutdown(wait=False)
                 yield _chain([sources.tar_stage(root, [rel], excludes=excludes),
                               _compressor(compression)]), details
-                if links := listing.result():
-                    details["outward_links"] = {"count": len(links),
-                                                "examples": [f"{p} -> {t}" for p, t in links[:OUTWARD_EXAMPLES]]}
+                note_refusals(details, listing.result())
 
             specs.append(ArtifactSpec(_name(f"{svc.name}.tar", compression, encrypted), "service", svc.name,
                                       open_service))

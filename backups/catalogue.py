@@ -136,8 +136,9 @@ def _import_one(session: _Session, target: StorageTarget, store, prefix: str, na
     for a in m["artifacts"]:
         details = a.get("database") or ({"path": a["path"]} if "path" in a else {}) or (
             {"files": a["files"]} if "files" in a else {})
-        if a.get("outward_links"):
-            details["outward_links"] = a["outward_links"]
+        for key in ("outward_links", "unrestorable"):
+            if a.get(key):
+                details[key] = a[key]
         BackupArtifact.objects.create(backup=bk, name=a["name"], kind=a["kind"], source=a["source"], size=a["size"],
                                       sha256=a["sha256"], compression=a.get("compression", bk.compression),
                                       key_id=a.get("key_id") or "", details=details)

@@ -25,6 +25,7 @@ from engines.humanize import human_size
 from operations.selectors import estimate_text
 from operations.services import OperationRefused
 
+from .artifacts import restore_refusal
 from .models import Backup
 from .reading import artifact_kwargs, keyring_for
 from .selectors import backups_visible_to
@@ -45,11 +46,10 @@ class RestoreForm(ConfirmForm):
         super().__init__(*args, customer=backup.customer, **kwargs)
         self.backup = backup
         arts = list(backup.artifacts.order_by("pk"))
-        refused = {a.name: a.details["outward_links"]["count"] for a in arts if (a.details or {}).get("outward_links")}
+        refused = {a.name: why for a in arts if (why := restore_refusal(a.details))}
         self.fields["artifacts"].choices = [
             (a.name, f"{a.name} ({a.get_kind_display().lower()}, {human_size(a.size)})"
-                     + (f": holds {refused[a.name]} symbolic link(s) pointing outside its folder, which a restore "
-                        "refuses" if a.name in refused else ""))
+                     + (f": holds {refused[a.name]}, which a restore refuses" if a.name in refused else ""))
             for a in arts]
         if not self.is_bound:  # what cannot be restored is not ticked
             self.initial["artifacts"] = [a.name for a in arts if a.name not in refused]

@@ -26,6 +26,7 @@ from engines.stores import StoreError, StoreNotFound
 from operations.models import Run
 from operations.services import run_start
 
+from . import artifacts as plans
 from .models import Backup, BackupPolicy, StorageTarget
 from .reading import select_artifacts
 from .selectors import downloadable_names
@@ -299,12 +300,11 @@ def restore_start(
     except Exception as exc:  # OperationError from the shared selector: same words here
         raise BackupInputError(str(exc)) from None
     for art in arts:  # the backup run warned: refuse now rather than after the safety backup and the staging
-        if links := (art.details or {}).get("outward_links"):
+        if why := plans.restore_refusal(art.details):
             raise BackupInputError(
-                f"backup #{backup.pk} cannot be restored as it is: {art.name} holds {links['count']} symbolic "
-                f"link(s) pointing outside its folder ({', '.join(links['examples'])}), which a restore refuses. "
+                f"backup #{backup.pk} cannot be restored as it is: {art.name} holds {why}, which a restore refuses. "
                 "Restore the other artifacts without it (untick it on the Restore page, or name the others with "
-                "--only), and exclude those links in the backup policy")
+                "--only), and exclude them in the backup policy")
     remote = not customer.host.is_local
     if remote and rewrite_env and (to_root or to_databases):
         raise BackupInputError(f"--rewrite-env: {customer} lives on host {customer.host.name}, where a copy's .env "

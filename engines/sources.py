@@ -85,27 +85,53 @@ def config_members(root: str, service_paths: list[str]) -> list[str]:
 
 def outward_links(root: str, folder: str, *, excludes: tuple[str, ...] | list[str] = ()) -> list[tuple[str, str]]:
     """Symbolic links under root/folder that a restore refuses (engines.tarcheck): an absolute target, or a
-    relative one whose '..' climbs out of the extraction folder. They are backed up as they are; the caller
-    warns, because the backup would not restore until they are excluded (a virtualenv's `bin/python` is one).
+    relative one whose '..' climbs out of the extraction folder. See restore_refusals."""
+    return [(p, t) for p, t in restore_refusals(root, folder, excludes=excludes)["links"]]
 
-    Listed by `find` (C speed, a few hundredths of a second per 40,000 files), with tar's excludes as prunes.
+
+# A member name longer than this is refused by a restore (engines.tarcheck.Limits.max_name); it needs at least 17
+# components (each at most 255 bytes), so only paths with 16 or more slashes are looked at.
+MAX_MEMBER_NAME = 4096
+_DEEP = "/".join(["*"] * 17)
+_SPECIAL = {"p": "a FIFO", "b": "a block device", "c": "a character device"}
+
+
+def restore_refusals(root: str, folder: str, *, excludes: tuple[str, ...] | list[str] = ()) -> dict[str, list]:
+    """What GNU tar archives under root/folder and a restore refuses (engines.tarcheck, engines.treecheck):
+    {"links": [[path, target], …], "special": [[path, why], …]}, paths relative to root as tar names them.
+
+    - links: symbolic links with an absolute target, or a relative one whose '..' climbs out of the extraction
+      folder (a virtualenv's `bin/python` is one); each name of a hard-linked symlink is judged from its own folder;
+    - special: FIFOs and device files (tar archives them; a restore never creates them), and paths longer than
+      a restore accepts. Sockets are not listed: tar skips them (a socket is recreated by whatever listens on it).
+    They are backed up as they are; the caller warns, because the backup would not restore until they are excluded.
+
+    Listed by one `find` (C speed, a few hundredths of a second per 40,000 files), with tar's excludes as prunes.
     GNU tar's `--exclude` defaults (no-anchored, wildcards match '/') skip a member when the pattern matches
     its whole name or any part after a '/': find's `-path P -o -path */P` is that same test."""
     prune: list[str] = []
     for pattern in excludes:
         prune += ["-o", "-path", pattern, "-o", "-path", f"*/{pattern}"]
     argv = ["find", folder, *(["(", *prune[1:], ")", "-prune", "-o"] if prune else []),
-            "-type", "l", "-printf", r"%p\0%l\0"]
+            "(", "-type", "l", "-printf", r"l%p\0%l\0",
+            "-o", "(", "-type", "p", "-o", "-type", "b", "-o", "-type", "c", ")", "-printf", r"%y%p\0\0",
+            "-o", "-path", _DEEP, "-printf", r"n%p\0\0", ")"]
+    found: dict[str, list] = {"links": [], "special": []}
     try:
-        out = subprocess.run(argv, cwd=root, capture_output=True, check=False, timeout=600).stdout  # noqa: S603
+        out = subprocess.run(argv, cwd=root, capture_output=True, check=False, timeout=600,  # noqa: S603
+                             env={**os.environ, "LC_ALL": "C"}).stdout
     except (OSError, subprocess.TimeoutExpired):
-        return []  # advisory only: never fails a backup (the drill still checks every member of the archive)
+        return found  # advisory only: never fails a backup (the drill still checks every member of the archive)
     fields = out.split(b"\0")
-    found = []
     for raw_path, raw_target in zip(fields[0:-1:2], fields[1::2], strict=True):
-        path, target = os.fsdecode(raw_path), os.fsdecode(raw_target)
-        if target.startswith("/") or _climbs_out(path, target):
-            found.append((path, target))
+        kind, path, target = chr(raw_path[0]), os.fsdecode(raw_path[1:]), os.fsdecode(raw_target)
+        if len(raw_path) - 1 > MAX_MEMBER_NAME:
+            found["special"].append([path, f"a path of {len(raw_path) - 1} bytes, longer than {MAX_MEMBER_NAME}"])
+        elif kind == "l":
+            if target.startswith("/") or _climbs_out(path, target):
+                found["links"].append([path, target])
+        elif kind in _SPECIAL:
+            found["special"].append([path, _SPECIAL[kind]])
     return found
 
 
