@@ -37,10 +37,15 @@ def note_refusals(details: dict, found: dict) -> None:
     links, special = found.get("links") or [], found.get("special") or []
     if links:
         details["outward_links"] = {"count": len(links), "examples": [
-            f"{p[:300]} -> {t[:300]}" for p, t in links[:OUTWARD_EXAMPLES]]}
+            f"{_text(p)} -> {_text(t)}" for p, t in links[:OUTWARD_EXAMPLES]]}
     if special:
         details["unrestorable"] = {"count": len(special), "examples": [
-            f"{p[:300]} ({why[:100]})" for p, why in special[:OUTWARD_EXAMPLES]]}
+            f"{_text(p)} ({why[:100]})" for p, why in special[:OUTWARD_EXAMPLES]]}
+
+
+def _text(name: str) -> str:
+    """A file name as the catalogue can store it (JSON text): bytes that are not UTF-8 shown as \\udcXX."""
+    return name[:300].encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def restore_refusal(details: dict | None) -> str:
@@ -104,7 +109,8 @@ def plan(customer: Customer, params: dict) -> list[ArtifactSpec]:
                                       open_service))
 
     if scope in ("full", "config"):
-        members = sources.config_members(root, [s.path for s in customer.services.all()])
+        members = sources.config_members(root, [s.path for s in customer.services.all()],
+                                         params.get("config_paths") or [])
         if members:
             @contextlib.contextmanager
             def open_config(members=members):

@@ -147,7 +147,8 @@ def plan(customer: Customer, params: dict, remote: RemoteHost) -> list[local.Art
 
     if scope in ("full", "config"):
         members = [_relative(m, "config file", remote.where) for m in _strings(
-            remote.call("engines.sources.config_members", root, [s.path for s in customer.services.all()]),
+            remote.call("engines.sources.config_members", root, [s.path for s in customer.services.all()],
+                        params.get("config_paths") or []),
             "config files", remote.where)]
         if members:
             @contextlib.contextmanager

@@ -6,7 +6,10 @@ verify_backup) the page is a 403, GET or POST: what a restore would change is no
 
 from __future__ import annotations
 
+import hashlib
 import io
+import os
+import stat
 import tarfile
 
 from django import forms
@@ -99,7 +102,9 @@ def verify_view(request, backup_id: int, model_admin):
 
 
 def env_diff(backup: Backup) -> list[dict]:
-    """Per .env file: how the backup's version differs from the live one, values masked."""
+    """Per file of the config artifact, how the backup's version differs from the live one: .env-like files
+    (envfile.is_env_name) key by key with values masked; any other file (ecosystem files, the policy's extra
+    config paths) only as changed or unchanged, its content never shown."""
 
     config = backup.artifacts.filter(kind="config").first()
     if config is None or backup.status != Backup.Status.SUCCEEDED:
@@ -109,22 +114,47 @@ def env_diff(backup: Backup) -> list[dict]:
         return []
     store = backup.target.store()
     files: dict[str, str] = {}
+    digests: dict[str, str] = {}
     with unpack.open_plain(store, f"{backup.prefix}/{config.name}", **artifact_kwargs(backup, config, keyring)) as it:
         stream = _IterReader(it)
         with tarfile.open(fileobj=stream, mode="r|") as tar:
             for member in tar:
-                base = member.name.rsplit("/", 1)[-1]
-                if member.isfile() and base.startswith(".env") and member.size <= MAX_ENV_BYTES:
-                    fh = tar.extractfile(member)
+                if not member.isfile():
+                    continue
+                fh = tar.extractfile(member)
+                if envfile.is_env_name(member.name) and member.size <= MAX_ENV_BYTES:
                     files[member.name] = fh.read().decode("utf-8", errors="replace")
+                else:
+                    digests[member.name] = _sha256(fh)
         stream.drain()
     root = backup.customer.root_path()
     out = []
-    for name, text in sorted(files.items()):
-        current = envfile.read(root / name)
-        changes = envfile.diff(current, envfile.parse(text))
-        out.append({"file": name, "exists": (root / name).exists(), "changes": changes})
+    for name in sorted({*files, *digests}):
+        exists = (root / name).exists()
+        if name in files:
+            changes = envfile.diff(envfile.read(root / name), envfile.parse(files[name]))
+            out.append({"file": name, "exists": exists, "env": True, "changes": changes})
+        else:
+            out.append({"file": name, "exists": exists, "env": False,
+                        "changed": not exists or _live_sha256(root / name) != digests[name]})
     return out
+
+
+def _sha256(fh) -> str:
+    digest = hashlib.sha256()
+    for chunk in iter(lambda: fh.read(1 << 20), b""):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _live_sha256(path) -> str | None:
+    """The live file's sha256; None when it is not a regular file (a link is not followed)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as fh:
+        return _sha256(fh) if stat.S_ISREG(os.fstat(fd).st_mode) else None
 
 
 class _IterReader(io.RawIOBase):

@@ -117,6 +117,7 @@ def backup_params(
         "target": target_obj.name, "trigger": trigger,
         "replicas": [t.name for t in replicas],
         "include_logs": policy.include_logs, "excludes": list(policy.excludes or []),
+        "config_paths": list(policy.config_paths or []),
         "bandwidth_limit_mbps": policy.bandwidth_limit_mbps,
     }
     return params
@@ -150,7 +151,8 @@ def backup_document(backup: Backup, *, stores: dict | None = None) -> dict:
         "duration": backup.duration,
         "location": store_location,
         "error": backup.error,
-        "artifacts": [{"name": a.name, "kind": a.kind, "size": a.size, "sha256": a.sha256}
+        "artifacts": [{"name": a.name, "kind": a.kind, "size": a.size, "sha256": a.sha256,
+                       **({"files": (a.details or {}).get("files") or []} if a.kind == "config" else {})}
                       for a in backup.artifacts.all()],
     }
 

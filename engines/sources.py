@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import sqlite3
+import stat
 import subprocess
 import sys
 import threading
@@ -70,17 +71,75 @@ def tar_stage(root: str, members: list[str], *, excludes: tuple[str, ...] | list
     return Stage(argv, name="tar", ok_codes=(0, 1))
 
 
-def config_members(root: str, service_paths: list[str]) -> list[str]:
-    """Config files (.env*, PM2 ecosystem files) at the root and in each service folder."""
+def config_members(root: str, service_paths: list[str], extra: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """Config files (.env*, PM2 ecosystem files) at the root and in each service folder, then the regular files
+    the policy's extra config paths (globs relative to the root, config_path_problem) match, in that order.
+
+    Only regular files whose every folder below the root is a real one: never a symlink, nor a file reached
+    through a symlinked folder (it may lie anywhere), nor Kasa's own .kasa-* folders. A file inside a service
+    folder is taken too (its service artifact holds it as well; the config artifact's copy is restored last).
+    Names that are not UTF-8 are left out (the catalogue records file names as text)."""
     found = []
     for base in ["", *service_paths]:
         for pattern in CONFIG_PATTERNS:
-            for path in sorted(glob.glob(os.path.join(root, base, pattern))):
+            for path in sorted(glob.glob(os.path.join(glob.escape(os.path.join(root, base)), pattern))):
                 if os.path.isfile(path) and not os.path.islink(path):
                     rel = os.path.relpath(path, root)
-                    if rel not in found:
+                    if rel not in found and _utf8(rel):
                         found.append(rel)
+    for pattern in extra:
+        if problem := config_path_problem(pattern):
+            raise SourceError(f"config path {pattern!r}: {problem}")
+        for path in sorted(glob.glob(os.path.join(glob.escape(root), pattern))):
+            rel = os.path.relpath(path, root)
+            if rel not in found and _plain_file_below(root, rel):
+                found.append(rel)
     return found
+
+
+def config_path_problem(pattern) -> str | None:
+    """Why an extra config path (a glob relative to the customer's root) is refused, or None."""
+    if not isinstance(pattern, str) or not pattern.strip():
+        return "a config path is a non-empty glob relative to the root"
+    if "\0" in pattern or len(pattern) > 1024:
+        return "it holds a NUL byte or is longer than 1024 characters"
+    if pattern.startswith(("/", "~")):
+        return "it is absolute: give it relative to the customer's root (e.g. nginx/*.conf)"
+    parts = pattern.split("/")
+    if ".." in parts:
+        return "it has a '..' component: only files inside the root are config"
+    if "**" in pattern:
+        return "'**' is not supported: name each folder level (e.g. conf/*/*.json)"
+    if parts[0].startswith(".kasa"):
+        return "Kasa's own .kasa-* folders are not config"
+    return None
+
+
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _plain_file_below(root: str, rel: str) -> bool:
+    """rel is a regular file reached from root through real folders only (no symlink on the way), UTF-8 named."""
+    if not _utf8(rel):
+        return False
+    parts = rel.split("/")
+    if ".." in parts or parts[0].startswith(".kasa"):
+        return False
+    at = root
+    for k, part in enumerate(parts):
+        at = os.path.join(at, part)
+        try:
+            mode = os.lstat(at).st_mode
+        except OSError:
+            return False
+        if not (stat.S_ISREG(mode) if k == len(parts) - 1 else stat.S_ISDIR(mode)):
+            return False
+    return True
 
 
 def outward_links(root: str, folder: str, *, excludes: tuple[str, ...] | list[str] = ()) -> list[tuple[str, str]]:

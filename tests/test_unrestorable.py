@@ -111,3 +111,17 @@ def test_a_fifo_or_device_is_named_at_backup_time_and_its_artifact_refused_by_a_
     page = admin_client.get(f"/backups/backup/{doc['id']}/restore/").content.decode()
     box = re.search(r'<input[^>]*value="backend\.tar\.zst\.enc"[^>]*>', page).group(0)
     assert "checked" not in box and "a restore never creates" in page
+
+
+@pytest.mark.django_db(transaction=True)
+def test_names_that_are_not_utf8_are_named_in_the_warning_and_the_catalogue(make_customer, customer_root):
+    backend = customer_root / "backend"
+    backend.mkdir()
+    os.symlink("/etc", os.fsencode(backend) + b"/caf\xe9")
+    os.mkfifo(os.fsencode(backend) + b"/q\xff")
+    customer = make_customer(services=("backend",))
+    doc = _backup_json(customer.domain, "--scope", "files")
+    assert doc["status"] == "succeeded", doc
+    art = Run.objects.get(backup__pk=doc["id"]).backup.artifacts.get()
+    assert art.details["outward_links"]["examples"] == ["backend/caf\\udce9 -> /etc"]
+    assert art.details["unrestorable"]["examples"] == ["backend/q\\udcff (a FIFO)"]
