@@ -14,6 +14,7 @@ Compression is a separate stage (zstd by default) so every source shares it.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import glob
 import importlib.util
 import json
@@ -187,11 +188,45 @@ def restore_refusals(root: str, folder: str, *, excludes: tuple[str, ...] | list
         if len(raw_path) - 1 > MAX_MEMBER_NAME:
             found["special"].append([path, f"a path of {len(raw_path) - 1} bytes, longer than {MAX_MEMBER_NAME}"])
         elif kind == "l":
-            if target.startswith("/") or _climbs_out(path, target):
+            if target.startswith("/") or _climbs_out(path, target) or \
+                    _climbs_through_a_link(root, path, target, excludes):
                 found["links"].append([path, target])
         elif kind in _SPECIAL:
             found["special"].append([path, _SPECIAL[kind]])
     return found
+
+
+def _climbs_through_a_link(root: str, path: str, target: str, excludes) -> bool:
+    """The target goes down into something that is not a real folder and climbs back out with '..' (`up/../x`,
+    `up` a symlink): resolved from wherever `up` points, so a restore refuses it (engines.tarcheck). Only
+    targets that go down then up are looked at (rare); what tar leaves out (excludes) does not count."""
+    names = [p for p in target.split("/") if p not in ("", ".")]
+    if ".." not in names[next((i for i, p in enumerate(names) if p != ".."), len(names)):]:
+        return False
+    stack = [p for p in path.split("/")[:-1] if p not in ("", ".")]
+    base = len(stack)
+    for part in names:
+        if part != "..":
+            stack.append(part)
+            continue
+        for k in range(max(base, 1), len(stack) + 1):
+            prefix = "/".join(stack[:k])
+            if _excluded(prefix, excludes):
+                break
+            try:
+                if not stat.S_ISDIR(os.lstat(os.path.join(root, prefix)).st_mode):
+                    return True
+            except OSError:
+                break  # missing: never archived, so never refused
+        if stack:
+            stack.pop()
+        base = min(base, len(stack))
+    return False
+
+
+def _excluded(name: str, excludes) -> bool:
+    """GNU tar's --exclude test (no-anchored, wildcards match '/'), as outward_links' find prunes apply it."""
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, f"*/{p}") for p in excludes)
 
 
 def _climbs_out(path: str, target: str) -> bool:

@@ -132,6 +132,7 @@ class TarScanner:
         self._longlink: bytes | None = None
         self._paths: dict[bytes, int] = {}
         self._link_targets: dict[bytes, bytes] = {}  # symlink path → its target, for hard links to symlinks
+        self._promised_dirs: set[bytes] = set()  # unseen folders a symlink climbs out of: only ever directories
         self._members = self._total = 0
         self._last_parent: bytes | None = None
         self._held = bytearray()
@@ -412,6 +413,8 @@ class TarScanner:
                     self._refuse("it appears twice in the archive (a later copy would replace the earlier one)")
                 self._refuse(f"it would replace the earlier {KIND_NAMES[before]} of the same name with a "
                              f"{KIND_NAMES[kind]}")
+        if parts and kind != DIR and key in self._promised_dirs:
+            self._refuse("an earlier symbolic link climbs out of this name with '..': it may only be a directory")
         if kind == SYMLINK:
             self._check_symlink(parts, link)
             self._link_targets[key] = link
@@ -501,8 +504,10 @@ class TarScanner:
         self._last_parent = parent
 
     def _check_symlink(self, parts: list[bytes], target: bytes) -> None:
-        """Lexical resolution from the link's folder. '..' may climb only through folders known to be real
-        directories of this archive: through a symlink it would climb from wherever the link points."""
+        """Lexical resolution from the link's folder. '..' may climb only out of real folders: through a symlink it
+        would climb from wherever the link points. A folder of the target not seen yet (tar archives a folder's
+        entries in directory order, so `sub` of `sub/../x` may come later) is promised to be one: a later member
+        of that name that is not a directory is refused (_promised_dirs)."""
         if not target:
             self._refuse("a symbolic link with an empty target")
         if b"\0" in target or len(target) > self.limits.max_name:
@@ -510,18 +515,27 @@ class TarScanner:
         if target.startswith(b"/") or _DRIVE.match(target):
             self._refuse(f"its symbolic link target {show(target)} is absolute")
         stack = parts[:-1]
+        base = len(stack)  # the link's own folders: directories of this archive (_check_parents made sure)
         for p in target.split(b"/"):
             if not p or p == b".":
                 continue
             if p != b"..":
                 stack.append(p)
-            elif not stack:
+                continue
+            if not stack:
                 self._refuse(f"its symbolic link target {show(target)} points outside the extraction folder")
-            elif self._paths.get(b"/".join(stack)) != DIR:
-                self._refuse(f"its symbolic link target {show(target)} climbs with '..' out of "
-                             f"{show(b'/'.join(stack))}, which is not a directory of this archive")
-            else:
-                stack.pop()
+            promise = []
+            for k in range(max(base, 1), len(stack) + 1):  # each folder the target entered on its way down
+                prefix = b"/".join(stack[:k])
+                kind = self._paths.get(prefix)
+                if kind is None:
+                    promise.append(prefix)
+                elif kind != DIR:
+                    self._refuse(f"its symbolic link target {show(target)} climbs with '..' out of {show(prefix)}, "
+                                 f"which is a {KIND_NAMES[kind]} of this archive, not a directory")
+            self._promised_dirs.update(promise)
+            stack.pop()
+            base = min(base, len(stack))
 
     def _check_hardlink(self, parts: list[bytes], key: bytes, target: bytes) -> int:
         """The kind the new name gets: HARDLINK (to a regular file) or SYMLINK (to a symlink, which it becomes)."""

@@ -219,7 +219,31 @@ def test_a_symlink_to_dot_cannot_be_climbed_through(tmp_path, site):
 def test_a_symlink_target_cannot_climb_through_another_symlink(tmp_path, site):
     # Lexically 'up/../x' stays inside; on disk 'up' is the root, so '..' would leave it.
     data = archive(member("up", type_=b"2", link="."), member("esc", type_=b"2", link="up/../x"))
-    assert_refused(tmp_path, site, data, "esc", "not a directory of this archive")
+    assert_refused(tmp_path, site, data, "esc", "which is a symbolic link of this archive, not a directory")
+
+
+@pytest.mark.parametrize("order", ["link first", "folder first"])
+def test_a_symlink_may_climb_back_out_of_a_real_folder_archived_before_or_after_it(tmp_path, site, order):
+    """`sub/../x` stays inside when sub is a real folder; tar archives a folder's entries in directory order, so
+    the link may come first: sub is then promised to be a folder."""
+    link, folder = member("svc/l", type_=b"2", link="sub/../x"), member("svc/sub/", type_=b"5")
+    parts = [link, folder] if order == "link first" else [folder, link]
+    data = archive(member("svc/", type_=b"5"), *parts, member("svc/x", b"data\n"))
+    store, name, cat = store_archive(tmp_path, data)
+    extract_artifact(store, name, dest=site / "svc.restoring", **cat)
+    assert (site / "svc.restoring" / "svc" / "l").read_text() == "data\n"
+
+
+@pytest.mark.parametrize(("later", "kind"), [
+    (member("up", type_=b"2", link="."), "symbolic link"),  # up/../x would leave the root
+    (member("d/e", type_=b"2", link="../.."), "symbolic link"),  # a deeper promised folder
+    (member("up", b"file"), "regular file"),
+    (member("f", b"x") + member("up", type_=b"1", link="f"), "hard link"),
+])
+def test_a_folder_a_symlink_climbed_out_of_cannot_arrive_later_as_anything_else(tmp_path, site, later, kind):
+    data = archive(member("esc", type_=b"2", link="up/../x"), member("esc2", type_=b"2", link="d/e/../../y"), later)
+    name = "d/e" if b"d/e" in later[:100] else "up"
+    assert_refused(tmp_path, site, data, name, "may only be a directory")
 
 
 def test_a_file_written_through_an_earlier_symlink_is_refused(tmp_path, site):

@@ -73,7 +73,9 @@ def build_tree(top: bytes, rng: random.Random) -> None:
     links: list[bytes] = []
     for _ in range(rng.randrange(0, 4)):  # symlinks that stay inside the service folder (some dangling)
         parent = rng.choice(dirs)
-        target = os.path.relpath(rng.choice(files + dirs), parent) if rng.random() < 0.8 else b"missing"
+        roll = rng.random()
+        target = os.path.relpath(rng.choice(files + dirs), parent) if roll < 0.6 else b"missing" if roll < 0.7 else \
+            _detour(rng, parent, dirs, files + dirs)
         path = os.path.join(parent, _name(rng, taken.setdefault(parent, set())))
         os.symlink(target, path)
         links.append(path)
@@ -93,6 +95,15 @@ def build_tree(top: bytes, rng: random.Random) -> None:
         os.chmod(path, rng.choice(FILE_MODES))
     for d in reversed(dirs[1:]):  # deepest last-made first: a 0o711 folder still lets tar reach its children
         os.chmod(d, rng.choice(DIR_MODES))
+
+
+def _detour(rng: random.Random, parent: bytes, dirs: list[bytes], targets: list[bytes]) -> bytes:
+    """A target that goes down into a folder and climbs back out with '..' (`sub/../x`): it stays inside, and
+    tar may archive the link before or after `sub`."""
+    via = rng.choice(dirs)
+    down = os.path.relpath(via, parent)
+    back = os.path.relpath(rng.choice(targets), via)
+    return down + b"/" + back
 
 
 def digest(top: bytes) -> dict:

@@ -125,3 +125,26 @@ def test_names_that_are_not_utf8_are_named_in_the_warning_and_the_catalogue(make
     art = Run.objects.get(backup__pk=doc["id"]).backup.artifacts.get()
     assert art.details["outward_links"]["examples"] == ["backend/caf\\udce9 -> /etc"]
     assert art.details["unrestorable"]["examples"] == ["backend/q\\udcff (a FIFO)"]
+
+
+def test_a_symlink_climbing_back_out_of_a_symlink_is_named_and_one_out_of_a_real_folder_is_not(tmp_path):
+    svc = tmp_path / "backend"
+    (svc / "sub").mkdir(parents=True)
+    (svc / "x").write_text("x\n")
+    (svc / "up").symlink_to(".")
+    (svc / "esc").symlink_to("up/../x")  # from wherever up points: refused, in whichever order tar archives them
+    (svc / "sub" / "deep").symlink_to("../sub/../up/../x")
+    (svc / "ok").symlink_to("sub/../x")  # sub is a real folder: restores, before or after sub in the archive
+    (svc / "logs").symlink_to("/var/log")
+    (svc / "via-logs").symlink_to("logs/../x")  # logs is left out of the backup: never archived, never refused
+    found = sources.restore_refusals(str(tmp_path), "backend", excludes=["logs"])
+    assert sorted(found["links"]) == [["backend/esc", "up/../x"], ["backend/sub/deep", "../sub/../up/../x"]]
+    archive = subprocess.run(sources.tar_stage(str(tmp_path), ["backend"], excludes=["logs"]).argv,
+                             capture_output=True, check=True).stdout
+    with pytest.raises(tarcheck.ArchiveRefused):
+        tarcheck.TarScanner("backend.tar").feed(archive)
+    clean = subprocess.run(sources.tar_stage(str(tmp_path), ["backend"], excludes=["logs", "esc", "deep"]).argv,
+                           capture_output=True, check=True).stdout
+    scanner = tarcheck.TarScanner("backend.tar")
+    scanner.feed(clean)
+    assert scanner.finish().symlinks == 3  # up, ok and via-logs
