@@ -3,9 +3,10 @@
 Seeded `random` (hypothesis is not a dependency): each seed builds a small tree of what real instances hold
 and copies make (`cp -al` hard links, hard-linked symlinks, sparse files, 200-byte and non-UTF-8 names, empty
 and read-only folders, odd modes, a log folder the backup leaves out), backs it up with `backup`, changes it,
-restores it with `restore` (in place, or with --to-root into a new folder) and requires the same digest: path
-bytes, type, mode, size, content, link target, hard-link groups and each file's mtime to the second. A failing
-seed is printed with the tree's listing, to be replayed alone.
+restores it with `restore` (in place, or with --to-root into a new folder; every third seed as the customer's
+own OS user; a few seeds on a simulated remote host) and requires the same digest: path bytes, type, mode, size,
+content, link target, hard-link groups and each file's mtime to the second. A failing seed is printed with the
+tree's listing, to be replayed alone.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from tests.restore_helpers import command_json
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-SEEDS = range(24)
+SEEDS = range(20)
 FILE_MODES = (0o644, 0o600, 0o444, 0o640, 0o755, 0o750, 0o700, 0o400)
 DIR_MODES = (0o755, 0o700, 0o750, 0o775, 0o711, 0o555, 0o500)
 ODD_NAMES = (b"caf\xe9", b"\xff\xfe", b"na\xefve-\x80.txt", "été".encode(), b"sp ace", b"-dash", b"q'uote\"",
@@ -150,11 +151,20 @@ def _spoil(top: bytes, rng: random.Random) -> None:
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_a_random_tree_comes_back_identical(make_customer, seed):
+def test_a_random_tree_comes_back_identical(make_customer, customer_users, seed):
     rng = random.Random(seed)
     customer = make_customer(services=("app",))
     top = os.fsencode(customer.root_path() / "app")
     build_tree(top, rng)
+    if seed % 3 == 0:  # restored as the customer's own OS user, as in production (tar is then not root)
+        import pwd
+
+        customer.run_as = customer_users[0]
+        customer.save()
+        pw = pwd.getpwnam(customer.run_as)
+        for dirpath, dirnames, filenames in os.walk(customer.root_path()):
+            for name in [*dirnames, *filenames]:
+                os.lchown(os.path.join(dirpath, name), pw.pw_uid, pw.pw_gid)
     before = digest(top)
     code, backup = command_json("backup", customer.domain, "--scope", "files")
     assert code == 0 and backup["status"] == "succeeded", backup
@@ -180,3 +190,49 @@ def test_a_random_tree_comes_back_identical(make_customer, seed):
     finally:
         if not in_place:
             shutil.rmtree(copy, ignore_errors=True)
+
+
+REMOTE_SEEDS = range(100, 103)
+
+
+@pytest.fixture(scope="module")
+def tree_host(netns_hosts):
+    """One simulated host for the remote seeds (a namespace with sshd takes a second or two to make)."""
+    return netns_hosts.make()
+
+
+@pytest.mark.parametrize("seed", REMOTE_SEEDS)
+def test_a_random_tree_on_a_remote_host_comes_back_identical(tree_host, team, customer_users, parents_open, seed):
+    """The same through SSH: tar on the host, the archive checked on the worker, then unpacked and checked on the
+    host (engines.hostrestore runs the same treecheck there) as the customer's user."""
+    import pwd
+    import subprocess
+
+    from backups.models import Backup
+    from customers.models import Service
+    from tests.remote_fixtures import make_host, run_backup
+    from tests.test_remote_restore import _customer, _restore
+
+    rng = random.Random(seed)
+    h = tree_host
+    host = make_host(h, f"web-tree-{seed}")
+    customer, _url = _customer(h, host, team, customer_users[0], parents_open, health=False)
+    Service.objects.filter(customer=customer).update(process_manager=Service.ProcessManager.NONE)  # files only
+    top = os.fsencode(Path(customer.root) / "backend")
+    for name in os.listdir(top):  # the fixture's files make way for the random tree
+        path = os.path.join(top, name)
+        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
+    build_tree(top, rng)
+    who = pwd.getpwnam(customer_users[0])
+    subprocess.run(["chown", "-hR", f"{who.pw_uid}:{who.pw_gid}", os.fsdecode(top)], check=True)
+    before = digest(top)
+    run = run_backup(customer, scope="files")
+    assert run.status == "succeeded", run.error
+    assert not [w for w in run.log_lines.filter(level="warning").values_list("text", flat=True) if "restore" in w]
+    _spoil(top, rng)
+    run = _restore(Backup.objects.get(run=run), safety_backup=False)
+    assert run.status == "succeeded", f"seed {seed}: {run.error}\n{_listing(before)}"
+    after = digest(top)
+    assert after == before, f"seed {seed} differs after the restore; before:\n{_listing(before)}\nafter:\n" \
+                            f"{_listing(after)}"
+
