@@ -44,7 +44,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .tarfields import _DIGITS, BLOCK, _decimal, _is_star, _number, _pad, show
+from .tarfields import BLOCK, _decimal, _is_star, _number, _pad, show
+from .tarsparse import _DATA, _HEADER, _META, _SPARSE_1_0, _SPARSE_MAP, SparseMaps
 
 ZERO_BLOCK = bytes(BLOCK)
 GiB = 1 << 30
@@ -61,12 +62,10 @@ _PAX_LEN = re.compile(rb"([0-9]{1,19}) ")
 # Keywords that change what or where a member is: each may appear once, and their values are checked.
 _PAX_NAME_KEYS = {b"path", b"linkpath", b"size", b"GNU.sparse.name", b"GNU.sparse.major", b"GNU.sparse.minor",
                   b"GNU.sparse.realsize"}
-_SPARSE_1_0 = {b"GNU.sparse.name", b"GNU.sparse.major", b"GNU.sparse.minor", b"GNU.sparse.realsize"}
 # A global header applies to every later member; only keywords that cannot move or resize one are allowed.
 _PAX_GLOBAL_OK = {b"atime", b"ctime", b"mtime", b"comment", b"charset", b"hdrcharset", b"uid", b"gid", b"uname",
                   b"gname"}
 
-_HEADER, _META, _DATA, _SPARSE_EXT, _SPARSE_MAP = range(5)
 SETID = 0o6000  # S_ISUID | S_ISGID
 
 
@@ -107,7 +106,7 @@ class Listing:
     setid: list = field(default_factory=list, compare=False)
 
 
-class TarScanner:
+class TarScanner(SparseMaps):
     """Feed plaintext in chunks; get back the pieces that are safe to hand to GNU tar.
 
     feed() raises ArchiveRefused for a hostile member before returning anything
@@ -457,17 +456,6 @@ class TarScanner:
         self._patches.append((self._block_at, bytes(new)))
         self._setid.append((show(self._member)[1:-1], mode & 0o7777))
 
-    def _pax_sparse_header(self, pax: dict, keys: set, typeflag: bytes, ustar: bool) -> None:
-        # GNU tar honours GNU.sparse.* only in POSIX-format regular files; elsewhere realsize alone would
-        # make it read the member with a different size than the header's. Only version 1.0 (what
-        # `tar --sparse --format=posix` writes) is accepted, and it must be complete.
-        if keys != _SPARSE_1_0 or typeflag != b"0" or not ustar:
-            self._refuse("an incomplete or misplaced GNU sparse 1.0 pax header")
-        if pax[b"GNU.sparse.major"] != b"1" or pax[b"GNU.sparse.minor"] != b"0":
-            self._refuse("a GNU sparse format other than 1.0")
-        if _decimal(pax[b"GNU.sparse.realsize"]) is None:
-            self._refuse("its sparse real size is not a valid number")
-
     # --- names -------------------------------------------------------------------------
     def _name_parts(self, raw: bytes, what: str, member: bytes | None = None) -> list[bytes]:
         if not raw:
@@ -554,81 +542,3 @@ class TarScanner:
             self._refuse(f"its hard link target {show(target)} is not a regular file or symbolic link that appears "
                          "earlier in the archive")
         return HARDLINK
-
-    # --- sparse files ------------------------------------------------------------------
-    def _add_region(self, offset: int | None, numbytes: int | None) -> None:
-        if offset is None or numbytes is None or offset + numbytes > self._realsize:
-            self._refuse("its sparse map is invalid")
-        self._region_blocks += -(-numbytes // BLOCK)  # GNU tar starts each region on a fresh block
-        # The map, not the real size field, decides the file's size: GNU tar writes each region at its
-        # offset and truncates the file at the offset of an empty one (a trailing hole).
-        self._sparse_end = offset if not numbytes else max(self._sparse_end, offset + numbytes)
-
-    def _regions_fill_data(self, map_blocks: int = 0) -> None:
-        # GNU tar consumes the blocks its map names, not the header's size: both must agree.
-        if map_blocks + self._region_blocks != self._stored_blocks:
-            self._refuse("its sparse map does not match the size of its data")
-        if self._sparse_end != self._realsize:
-            self._refuse("its sparse map does not match its real size")
-
-    def _oldgnu_sparse(self, block: bytes) -> bool:
-        if self._sparse_entries(block, 386, 4) and block[482]:
-            self._state = _SPARSE_EXT
-            return False  # the extension blocks are part of the header: held back until read
-        return self._sparse_header_done()
-
-    def _sparse_entries(self, block: bytes, start: int, count: int) -> bool:
-        """Add the map entries of one header block; False when an empty entry ended the map (GNU tar
-        then reads no extension block, whatever the 'extended' flag says)."""
-        for k in range(count):
-            at = start + 24 * k
-            if block[at + 12] == 0:
-                return False
-            self._add_region(_number(block[at : at + 12]), _number(block[at + 12 : at + 24]))
-        return True
-
-    def _sparse_ext(self, block: bytes) -> bool:
-        if len(self._held) > self.limits.max_pax_header:
-            self._refuse(f"its sparse map is longer than the limit of {self.limits.max_pax_header} bytes")
-        return False if self._sparse_entries(block, 0, 21) and block[504] else self._sparse_header_done()
-
-    def _sparse_header_done(self) -> bool:
-        self._regions_fill_data()
-        self._state = _DATA if self._need else _HEADER
-        return True
-
-    def _sparse_map(self, view, i: int, n: int) -> int:
-        """The GNU sparse 1.0 map at the start of the member's data: decimal lines, count then pairs."""
-        take = min(n - i, self._need)
-        data = bytes(view[i : i + take])
-        pos = 0
-        while True:
-            j = data.find(b"\n", pos)
-            if j < 0:
-                self._map_line += data[pos:]
-                if len(self._map_line) > 20:
-                    self._refuse("its sparse map is malformed")
-                pos = len(data)
-                break
-            line, self._map_line, pos = self._map_line + data[pos:j], b"", j + 1
-            if not _DIGITS.match(line):
-                self._refuse("its sparse map is malformed")
-            self._map_numbers.append(int(line))
-            if self._map_expected < 0:
-                self._map_expected = 1 + 2 * self._map_numbers.pop()
-                self._map_numbers = []
-            elif len(self._map_numbers) == 2:
-                self._add_region(*self._map_numbers)
-                self._map_numbers = []
-            self._map_expected -= 1
-            if not self._map_expected:
-                self._map_bytes += pos
-                self._regions_fill_data(-(-self._map_bytes // BLOCK))
-                self._need -= pos
-                self._state = _DATA if self._need else _HEADER
-                return pos
-        self._map_bytes += pos
-        self._need -= pos
-        if not self._need:
-            self._refuse("its sparse map runs past the end of its data")
-        return pos
