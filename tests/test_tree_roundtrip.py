@@ -82,8 +82,10 @@ def build_tree(top: bytes, rng: random.Random) -> None:
         links.append(path)
     for _ in range(rng.randrange(0, 4)):  # hard links, as cp -al makes: to files, and to symlinks
         if links and rng.random() < 0.5:
-            src = rng.choice(links)
-            parent = os.path.dirname(src)  # a symlink's target is read from its folder: the same folder
+            src, parent = rng.choice(links), rng.choice(dirs)
+            # The new name reads the same target from its own folder: elsewhere only where it stays inside.
+            if _climbs_out(os.path.relpath(os.path.join(parent, b"x"), top), os.readlink(src)):
+                parent = os.path.dirname(src)
         else:
             src, parent = rng.choice(files), rng.choice(dirs)
         os.link(src, os.path.join(parent, _name(rng, taken.setdefault(parent, set()))), follow_symlinks=False)
@@ -105,6 +107,15 @@ def _detour(rng: random.Random, parent: bytes, dirs: list[bytes], targets: list[
     down = os.path.relpath(via, parent)
     back = os.path.relpath(rng.choice(targets), via)
     return down + b"/" + back
+
+
+def _climbs_out(rel: bytes, target: bytes) -> bool:
+    depth = rel.count(b"/") + 1  # the service folder itself is one level below the extraction folder
+    for part in target.split(b"/"):
+        depth += -1 if part == b".." else 0 if part in (b"", b".") else 1
+        if depth < 0:
+            return True
+    return False
 
 
 def digest(top: bytes) -> dict:
