@@ -187,10 +187,11 @@ class ArtifactInline(admin.TabularInline):
 
 @admin.register(Backup)
 class BackupAdmin(FleetScaleMixin, TeamScopedAdminMixin, admin.ModelAdmin):
-    list_display = ("id", "customer", "finished_at", "scope", "size_display", "duration_display", "status_badge",
+    list_display = ("id", "customer", "finished_at", "scope", "kind_display", "size_display", "duration_display",
+                    "status_badge",
                     "trigger_display", "target", "verification", "pinned", "unsigned")  # verified_at: the badge's title
     list_display_links = ("id", "finished_at")
-    list_filter = ("status", "verify_status", "scope", "trigger", "pinned", "created_at",
+    list_filter = ("status", "verify_status", "scope", "kind", "trigger", "pinned", "created_at",
                    ("target", scoped_filter(targets_of)))
     search_fields = ("customer__domain",)
     list_select_related = ("customer", "target", "requested_by")
@@ -198,7 +199,8 @@ class BackupAdmin(FleetScaleMixin, TeamScopedAdminMixin, admin.ModelAdmin):
     # "created_at" is a filter (today, past 7 days, this month…) instead.
     inlines = [ArtifactInline]
     actions = ["pin", "unpin", "verify_backups", "restore_backup", "delete_backups"]
-    fields = ("customer", "status_badge", "scope", "services", "compression", "encrypted", "unsigned", "target",
+    fields = ("customer", "status_badge", "scope", "kind_display", "services", "compression", "encrypted", "unsigned",
+              "target",
               "prefix", "size_display", "trigger", "requested_by", "started_at", "finished_at", "pinned", "pin_reason",
               "verification", "verified_at", "verify_error", "error", "run_link", "downloads")
     readonly_fields = fields
@@ -253,6 +255,15 @@ class BackupAdmin(FleetScaleMixin, TeamScopedAdminMixin, admin.ModelAdmin):
     @admin.display(description="size", ordering="size")
     def size_display(self, obj):
         return human_size(obj.size) if obj.size else "—"
+
+    @admin.display(description="kind", ordering="kind")
+    def kind_display(self, obj):
+        if obj.kind != Backup.Kind.DIFFERENTIAL:
+            return obj.get_kind_display()
+        if obj.base_id is None:
+            return "differential (its full is not in the catalogue)"
+        return format_html('differential on <a href="{}">#{}</a>',
+                           reverse("admin:backups_backup_change", args=[obj.base_id]), obj.base_id)
 
     @admin.display(description="duration")
     def duration_display(self, obj):

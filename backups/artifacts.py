@@ -13,8 +13,9 @@ from django.conf import settings
 
 from core.secrets import reveal
 from customers.models import Customer, DatabaseConnection
-from engines import credentials, sources
+from engines import credentials, fileindex, sources
 from engines.streams import ProcessChain, Stage
+from engines.unpack import open_plain
 
 ENCRYPTED_SUFFIX = ".enc"
 
@@ -78,7 +79,9 @@ def excludes_of(params: dict) -> list[str]:
     return excludes + list(params.get("excludes") or [])
 
 
-def plan(customer: Customer, params: dict) -> list[ArtifactSpec]:
+def plan(customer: Customer, params: dict, chain=None) -> list[ArtifactSpec]:
+    """The artifacts of one backup. `chain` (backups.chains.Decision, with the store and key ring to read the full's
+    file indexes): a differential's service archives hold only what changed since that full."""
     scope, compression, encrypted = params["scope"], params["compression"], params["encrypt"]
     root = str(customer.root_path())
     chosen = params.get("services") or []
@@ -95,14 +98,18 @@ def plan(customer: Customer, params: dict) -> list[ArtifactSpec]:
             if os.path.islink(declared):  # an upgraded service: its path is a symlink to releases/<v>/<name>
                 details["link"] = {"path": os.path.relpath(declared, root), "target": os.readlink(declared)}
 
+            base_art = chain.indexes.get(svc.name) if chain is not None and chain.base is not None else None
+            if base_art is not None and (base_art.details or {}).get("path") != rel:
+                base_art = None  # the service moved (an upgrade's release link): its full archive is of another folder
+
             @contextlib.contextmanager
-            def open_service(rel=rel, details=details):
+            def open_service(rel=rel, details=details, base_art=base_art):
                 # What a restore would refuse, listed while tar streams rather than before it starts.
                 pool = ThreadPoolExecutor(1, thread_name_prefix="kasa-links")
                 listing = pool.submit(sources.restore_refusals, root, rel, excludes=excludes)
                 pool.shutdown(wait=False)
-                yield _chain([sources.tar_stage(root, [rel], excludes=excludes),
-                              _compressor(compression)]), details
+                with _file_lists(root, rel, excludes, details, chain, base_art) as tar:
+                    yield _chain([tar, _compressor(compression)]), details
                 note_refusals(details, listing.result())
 
             specs.append(ArtifactSpec(_name(f"{svc.name}.tar", compression, encrypted), "service", svc.name,
@@ -123,6 +130,52 @@ def plan(customer: Customer, params: dict) -> list[ArtifactSpec]:
         for db in customer.databases.all():
             specs.append(_database_spec(db, compression, encrypted))
     return specs
+
+
+@contextlib.contextmanager
+def _file_lists(root: str, rel: str, excludes: list[str], details: dict, chain, base_art):
+    """The tar stage of a service archive, and the file list it needs (a 0600 file in a private scratch folder,
+    removed after): for a full, the folder's file index (written before tar reads a byte, so a file changed
+    while tar runs is newer than the index says and goes into the next differential); for a differential, the
+    member and change lists from the full's index and a walk of the folder (engines.fileindex).
+    `details["sidecars"]` names the lists that backups.operations stores beside the archive."""
+    settings.KASA_SCRATCH_DIR.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=settings.KASA_SCRATCH_DIR, prefix="filelist-") as tmp:
+        if base_art is None:
+            index = os.path.join(tmp, "index")
+            with open(index, "wb", buffering=1 << 20) as out:
+                for rec in fileindex.index_records(fileindex.walk(root, rel, excludes=excludes)):
+                    out.write(rec)
+            details["sidecars"] = {"index": index}
+            yield sources.tar_stage(root, [rel], excludes=excludes, sort=True)
+            return
+        base, idx = chain.base, base_art.details["index"]
+        members, changes = os.path.join(tmp, "members"), os.path.join(tmp, "changes")
+        with open_plain(chain.store, f"{base.prefix}/{idx['name']}", sha256=idx["sha256"], size=idx["size"],
+                        encrypted=base.encrypted, keyring=chain.keyring, compression=base_art.compression) as chunks, \
+                open(members, "wb", buffering=1 << 20) as m, open(changes, "wb", buffering=1 << 20) as c:
+            try:
+                counts = fileindex.write_differential(fileindex.read_index(chunks), fileindex.walk(
+                    root, rel, excludes=excludes), m, c)
+            except fileindex.IndexError_ as exc:
+                raise sources.SourceError(f"the file index of full backup #{base.pk} is unusable: {exc}") from None
+        details["differential"] = {
+            "base": {"backup_id": base.pk, "prefix": base.prefix, "name": base_art.name, "sha256": base_art.sha256,
+                     "size": base_art.size, "compression": base_art.compression},
+            "added": counts.added, "changed": counts.changed, "deleted": counts.deleted, "bytes": counts.bytes,
+            "unchanged": counts.unchanged,
+        }
+        details["sidecars"] = {"changes": changes}
+        yield sources.tar_stage(root, [], excludes=excludes, no_recursion=True, files_from=members)
+
+
+def sidecar_name(source: str, what: str, compression: str, encrypted: bool) -> str:
+    """The object beside a service archive that holds its file index or change list."""
+    return _name(f"{source}.{what}", compression, encrypted)
+
+
+def sidecar_chain(path: str, compression: str) -> ProcessChain:
+    return _chain([_compressor(compression) or Stage(["cat"], name="cat")], stdin_path=path)
 
 
 def _database_spec(db: DatabaseConnection, compression: str, encrypted: bool) -> ArtifactSpec:

@@ -31,6 +31,7 @@ something Kasa did not write, and an operator must look first.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 
@@ -127,8 +128,10 @@ def _import_one(session: _Session, target: StorageTarget, store, prefix: str, na
                               f"{customer.domain} encrypts: a plaintext artifact is never accepted there (if this "
                               "backup was made with --no-encrypt on purpose, import it under a policy that does not "
                               "encrypt)")
+    base = _base_of(session, target, store, m, prefix)
     bk = Backup.objects.create(
         customer=customer, status=Backup.Status.SUCCEEDED, scope=m["scope"], services=m["services"],
+        kind=m["kind"], base=base,
         compression=m["compression"], encrypted=m["encrypted"], target=target, prefix=prefix,
         trigger=Backup.Trigger.IMPORT, started_at=m["started_at"], finished_at=m["finished_at"],
         size=sum(a["size"] for a in m["artifacts"]), manifest=raw, unsigned=not signed,
@@ -136,13 +139,40 @@ def _import_one(session: _Session, target: StorageTarget, store, prefix: str, na
     for a in m["artifacts"]:
         details = a.get("database") or ({"path": a["path"]} if "path" in a else {}) or (
             {"files": a["files"]} if "files" in a else {})
-        for key in ("outward_links", "unrestorable"):
-            if a.get(key):
+        for key in ("outward_links", "unrestorable", "index", "changes", "differential"):  # chain: backups.chains
+            if a.get(key) is not None:
                 details[key] = a[key]
         BackupArtifact.objects.create(backup=bk, name=a["name"], kind=a["kind"], source=a["source"], size=a["size"],
                                       sha256=a["sha256"], compression=a.get("compression", bk.compression),
                                       key_id=a.get("key_id") or "", details=details)
     return bk
+
+
+def _base_of(session: _Session, target: StorageTarget, store, m: dict, prefix: str) -> Backup | None:
+    """A differential's full, found by its folder on this target (imported earlier in this pass, or known) and
+    checked against the manifest's sha256 the differential recorded. Not found or not matching: the differential
+    is imported without it, and its restores and drills refuse by name (backups.chains.refuse_broken)."""
+    if m["kind"] != "differential":
+        return None
+    want = m["base"]
+    base = Backup.objects.filter(target=target, prefix=want["prefix"]).exclude(status=Backup.Status.DELETED).first()
+    problem = None
+    if base is None:
+        problem = f"the full backup it applies on ({want['prefix']}) is not on {target.name}"
+    else:
+        try:
+            with store.open_read(f"{want['prefix']}/{MANIFEST}") as fh:
+                digest = hashlib.sha256(fh.read(MAX_MANIFEST + 1)).hexdigest()
+        except Exception:  # noqa: BLE001
+            digest = None
+        if digest != want["manifest_sha256"]:
+            problem = f"the manifest of its full backup {want['prefix']} is not the one it was made on"
+            base = None
+    if problem:
+        session.result.problems.append(f"{prefix}: a differential, imported without its chain: {problem}; it "
+                                       "cannot be restored until that full is imported")
+        session.log(f"{prefix}: {problem}")
+    return base
 
 
 def _read_manifest(store, name: str) -> dict:

@@ -111,6 +111,14 @@ def validate(m: dict) -> dict:
         except ValueError:
             _fail("customer.uuid", f"{customer['uuid']!r} is not a UUID")
     scope = _choice(m.get("scope", "full"), "scope", BackupPolicy.Scope.values)
+    kind = _choice(m.get("kind", "full"), "kind", ("full", "differential"))
+    base = None
+    if kind == "differential":
+        base = _dict(m.get("base"), "base")
+        _relative(_str(base.get("prefix"), "base.prefix", blank=False), "base.prefix")
+        _int(base.get("backup_id"), "base.backup_id", low=1)
+        if not isinstance(base.get("manifest_sha256"), str) or not _SHA256.fullmatch(base["manifest_sha256"]):
+            _fail("base.manifest_sha256", "expected 64 lowercase hexadecimal digits")
     services = [_slug(s, "services[]") for s in _list(m.get("services") or [], "services")]
     compression = _choice(m.get("compression", "zstd"), "compression", BackupPolicy.Compression.values)
     encrypted = m.get("encrypted")
@@ -133,7 +141,7 @@ def validate(m: dict) -> dict:
         if a["name"] in names:
             _fail(f"artifacts[{i}].name", f"{a['name']!r} is listed twice")
         names.add(a["name"])
-    return {"domain": domain, "uuid": customer_uuid, "scope": scope, "services": services,
+    return {"domain": domain, "uuid": customer_uuid, "scope": scope, "kind": kind, "base": base, "services": services,
             "compression": compression, "encrypted": encrypted, "started_at": started, "finished_at": finished,
             "artifacts": artifacts}
 
@@ -158,6 +166,39 @@ def _instance(inst: dict) -> None:
             _int(d["port"], f"{field}.port", low=1, high=65535)
 
 
+def _object(value, field: str) -> dict:
+    """A file index or change list beside a service archive: {name, size, sha256}."""
+    obj = _dict(value, field)
+    name = _str(obj.get("name"), f"{field}.name", max_len=200, blank=False)
+    if not _ARTIFACT_NAME.fullmatch(name) or name in (MANIFEST, AUTH_FIELD):
+        _fail(f"{field}.name", f"{name!r} is not an artifact file name (one name, no folder)")
+    _int(obj.get("size"), f"{field}.size")
+    if not isinstance(obj.get("sha256"), str) or not _SHA256.fullmatch(obj["sha256"]):
+        _fail(f"{field}.sha256", "expected 64 lowercase hexadecimal digits")
+    return obj
+
+
+def _chain_fields(a: dict, field: str) -> None:
+    """A service archive's part in a chain (backups.chains): its index, or its change list and the full's archive
+    it applies on (which lies in another backup's folder on the same target)."""
+    for key in ("index", "changes"):
+        if a.get(key) is not None:
+            _object(a[key], f"{field}.{key}")
+    if a.get("differential") is None:
+        return
+    d = _dict(a["differential"], f"{field}.differential")
+    if a.get("changes") is None:
+        _fail(f"{field}.changes", "a differential archive names its change list")
+    base = _object(d.get("base"), f"{field}.differential.base")
+    _relative(_str(base.get("prefix"), f"{field}.differential.base.prefix", blank=False),
+              f"{field}.differential.base.prefix")
+    _int(base.get("backup_id"), f"{field}.differential.base.backup_id", low=1)
+    _choice(base.get("compression", "zstd"), f"{field}.differential.base.compression",
+            BackupPolicy.Compression.values)
+    for key in ("added", "changed", "deleted", "bytes", "unchanged"):
+        _int(d.get(key, 0), f"{field}.differential.{key}")
+
+
 def _artifact(a: dict, field: str, *, encrypted: bool) -> None:
     name = _str(a.get("name"), f"{field}.name", max_len=200, blank=False)
     if not _ARTIFACT_NAME.fullmatch(name) or name == MANIFEST or name == AUTH_FIELD:
@@ -171,6 +212,8 @@ def _artifact(a: dict, field: str, *, encrypted: bool) -> None:
         _slug(a.get("source"), f"{field}.source")
     if kind == "service" and a.get("path") is not None:
         _relative(a["path"], f"{field}.path")
+    if kind == "service":
+        _chain_fields(a, field)
     for key in ("outward_links", "unrestorable"):
         if kind == "service" and a.get(key) is not None:
             links = _dict(a[key], f"{field}.{key}")

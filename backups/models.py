@@ -133,6 +133,11 @@ class BackupPolicy(models.Model):
     keep_monthly = models.PositiveIntegerField(default=0)
     keep_verified = models.PositiveIntegerField(default=0, help_text="Always keep the newest N verified backups.")
     max_age_days = models.PositiveIntegerField(null=True, blank=True)
+    full_every_days = models.PositiveIntegerField(
+        "full backup every (days)", default=7,
+        help_text="A backup is differential (only the files changed since the last full backup) unless the newest "
+                  "full is this many days old or older; 0 or 1: every backup is full. Databases are always dumped "
+                  "whole.")
     include_logs = models.BooleanField(default=False)
     excludes = models.JSONField(default=list, blank=True,
                                 help_text='Extra tar exclude patterns, e.g. ["tmp", "*.cache"].')
@@ -197,6 +202,10 @@ class Backup(models.Model):
         PASSED = "passed", "Verified"
         FAILED = "failed", "Verification failed"
 
+    class Kind(models.TextChoices):
+        FULL = "full", "Full"
+        DIFFERENTIAL = "differential", "Differential"
+
     class Trigger(models.TextChoices):
         MANUAL = "manual", "Manual"
         SCHEDULE = "schedule", "Schedule"
@@ -209,6 +218,12 @@ class Backup(models.Model):
                                related_name="backup")
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.RUNNING, db_index=True)
     scope = models.CharField(max_length=8, choices=BackupPolicy.Scope.choices, default=BackupPolicy.Scope.FULL)
+    kind = models.CharField(max_length=12, choices=Kind.choices, default=Kind.FULL,
+                            help_text="Differential: its service archives hold what changed since `base`.")
+    # The full backup a differential's service archives apply on. Retention and deletion keep a full while a
+    # differential needs it (backups.chains); its row is only ever marked deleted, never removed, by Kasa. (Not
+    # PROTECT: removing catalogue rows wholesale, as a test or a purge does, must not need an order.)
+    base = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL, related_name="differentials")
     services = models.JSONField(default=list, blank=True, help_text="Chosen services; empty: all.")
     compression = models.CharField(max_length=4, choices=BackupPolicy.Compression.choices, default="zstd")
     encrypted = models.BooleanField(default=True)

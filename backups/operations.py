@@ -28,6 +28,7 @@ from operations import slots
 from operations.context import OperationError, RunCancelled, RunContext, RunLost
 
 from . import artifacts as plans
+from . import chains
 from . import remote as remote_plans
 from .models import Backup, BackupArtifact, BackupCopy, StorageTarget
 from .notify import backup_finished
@@ -119,23 +120,28 @@ def make_backup(ctx: RunContext, customer: Customer, p: dict, *, run=None, pin_r
     target = StorageTarget.objects.get(name=p["target"])
     keyring = _keyring() if p["encrypt"] else None
     started = timezone.now()
+    store = target.store()
+    chain = chains.decide(customer, p, target, store)
+    chain.store, chain.keyring = store, keyring
     bk = Backup.objects.create(
         customer=customer, run=run, status=Backup.Status.RUNNING, scope=p["scope"], services=p["services"],
+        kind=chain.kind, base=chain.base,
         compression=p["compression"], encrypted=p["encrypt"], target=target, trigger=p.get("trigger", "manual"),
         requested_by=ctx.run.requested_by, started_at=started, pinned=bool(pin_reason), pin_reason=pin_reason,
     )
     bk.prefix = f"{customer.domain}/{started:%Y%m%dT%H%M%SZ}-{bk.pk}"
     bk.save(update_fields=["prefix"])
-    store = target.store()
     replicas = list(StorageTarget.objects.filter(name__in=p.get("replicas") or [], enabled=True))
     ctx.info(f"backup #{bk.pk} ({p['scope']}, {p['compression']}, "
              f"{'encrypted with key ' + keyring.current_id if keyring else 'NOT encrypted'}) "
              f"to {store.location(bk.prefix)}")
+    ctx.info(f"{chain.kind} backup: {chain.reason}" if chain.kind == Backup.Kind.DIFFERENTIAL or
+             p.get("kind") == "differential" else f"full backup: {chain.reason}")
     remote = None
     try:
         try:
             if customer.host.is_local:
-                specs = plans.plan(customer, p)
+                specs = plans.plan(customer, p, chain=chain)
             else:  # over SSH (backups.remote): one session for the whole backup, closed below in every case
                 remote = _remote_host(ctx, customer)
                 specs = remote_plans.plan(customer, p, remote)
@@ -163,7 +169,7 @@ def make_backup(ctx: RunContext, customer: Customer, p: dict, *, run=None, pin_r
             ctx.phase("manifest and replicas")
         finished = timezone.now()
         manifest = _signed(ctx, _manifest(bk, customer, written, started, finished, keyring,
-                                          excludes=plans.excludes_of(p)))
+                                          excludes=plans.excludes_of(p), chain=chain))
         write_bytes(store, f"{bk.prefix}/{MANIFEST}", json.dumps(manifest, indent=2).encode())
         bk.status = Backup.Status.SUCCEEDED
         bk.size = sum(a.size for a in written)
@@ -180,10 +186,12 @@ def make_backup(ctx: RunContext, customer: Customer, p: dict, *, run=None, pin_r
     # A replica that fails does not take the restore point away: the copy is marked failed (and its partial
     # objects removed), the primary stays, and the warning reaches the log and the notification.
     for replica in replicas:
-        _copy_to_replica(ctx, bk, store, replica, [a.name for a in written] + [MANIFEST], written)
+        _copy_to_replica(ctx, bk, store, replica, [a.name for a in written] + sidecars_of(written) + [MANIFEST],
+                         written)
     ctx.info(f"backup #{bk.pk} complete: {len(written)} artifacts, {human_size(bk.size)}")
     _after_success(ctx, bk)
-    return bk, {"backup": bk.pk, "location": store.location(bk.prefix), "size": bk.size,
+    return bk, {"backup": bk.pk, "kind": bk.kind, "base": bk.base_id, "location": store.location(bk.prefix),
+                "size": bk.size,
                 "artifacts": [{"name": a.name, "size": a.size, "sha256": a.sha256} for a in written]}
 
 
@@ -320,6 +328,7 @@ def _write_one(ctx: RunContext, bk: Backup, store, spec, *, lane: str, keyring, 
                                  on_progress=lambda n: progress.update(lane, n, spec.name))
             for label, line in chain.stderr_lines():
                 ctx.warning(f"{label}: {line}")
+            _write_sidecars(ctx, bk, store, spec, details, keyring=keyring)
     except BaseException as exc:
         if res is not None and res.writer is not None:
             res.writer.abort()  # the stream was whole but its opener failed on the way out (e.g. row counts)
@@ -348,6 +357,25 @@ def _write_one(ctx: RunContext, bk: Backup, store, spec, *, lane: str, keyring, 
     finisher.submit(res.writer, verified)
     res.writer = None
     return res, details
+
+
+def _write_sidecars(ctx: RunContext, bk: Backup, store, spec, details: dict, *, keyring) -> None:
+    """A service archive's file index (a full) or change list (a differential), stored, encrypted and checked
+    like an artifact, named in the archive's details (backups.chains)."""
+    for what, path in (details.pop("sidecars", None) or {}).items():
+        short = plans.sidecar_name(spec.source, what, bk.compression, bk.encrypted)
+        res = write_artifact(plans.sidecar_chain(path, bk.compression), store, f"{bk.prefix}/{short}",
+                             keyring=keyring)
+        _verify_object(store, f"{bk.prefix}/{short}", res.sha256, res.size)
+        details[what] = {"name": short, "size": res.size, "sha256": res.sha256}
+    if d := details.get("differential"):
+        ctx.info(f"{spec.name}: differential on #{d['base']['backup_id']}: {d['added']} new, {d['changed']} "
+                 f"changed, {d['deleted']} deleted, {d['unchanged']} unchanged ({human_size(d['bytes'])} of files)")
+
+
+def sidecars_of(arts) -> list[str]:
+    """Names of the file indexes and change lists beside a backup's service archives."""
+    return [side["name"] for a in arts for what in ("index", "changes") if (side := (a.details or {}).get(what))]
 
 
 def _keyring():
@@ -456,6 +484,9 @@ def abandon(run, ctx: RunContext) -> None:
 
 def _service_fields(details: dict) -> dict:
     fields = {"path": details.get("path")}
+    for key in ("index", "changes", "differential"):  # the chain (backups.chains): backup_import rebuilds it
+        if key in details:
+            fields[key] = details[key]
     for key in ("outward_links", "unrestorable"):  # what a restore refuses: the backup run warned about them
         if key in details:
             fields[key] = details[key]
@@ -473,7 +504,8 @@ def _signed(ctx: RunContext, manifest: dict) -> dict:
     return manifestauth.sign(manifest, manifestauth.ManifestKeys(settings.KASA_BACKUP_KEYS))
 
 
-def _manifest(bk: Backup, customer: Customer, written, started, finished, keyring, *, excludes: list[str]) -> dict:
+def _manifest(bk: Backup, customer: Customer, written, started, finished, keyring, *, excludes: list[str],
+              chain=None) -> dict:
     return {
         "format": "kasa-backup",
         "format_version": FORMAT_VERSION,
@@ -481,6 +513,9 @@ def _manifest(bk: Backup, customer: Customer, written, started, finished, keyrin
         "backup_id": bk.pk,
         "customer": {"domain": customer.domain, "name": customer.name, "uuid": str(customer.uuid)},
         "scope": bk.scope,
+        "kind": bk.kind,
+        **({"base": {"backup_id": chain.base.pk, "prefix": chain.base.prefix,
+                     "manifest_sha256": chain.base_manifest_sha256}} if chain is not None and chain.base else {}),
         "services": bk.services,
         "trigger": bk.trigger,
         "started_at": started.isoformat(),

@@ -15,6 +15,7 @@ from engines.backupcrypto import KeyRing
 from engines.humanize import human_size
 from operations.context import OperationError, RunContext
 
+from . import chains
 from .models import Backup, BackupArtifact
 
 
@@ -34,7 +35,7 @@ def keyring_for(bk: Backup):
 def artifact_kwargs(bk: Backup, art: BackupArtifact, keyring) -> dict:
     """What engines.unpack checks an artifact against: its checksum, size, encryption and compression."""
     return {"sha256": art.sha256, "size": art.size, "encrypted": bk.encrypted, "keyring": keyring,
-            "compression": art.compression}
+            "compression": art.compression, **chains.chain_kwargs(bk, art)}
 
 
 def progress(ctx: RunContext, label: str, stop: threading.Event | None = None, *, base: int = 0,
@@ -77,3 +78,4 @@ def refuse_unreadable(arts: list[BackupArtifact], doing: str, tail: str = "; not
     for art in arts:
         if art.kind == "database" and (why := hostpgtools.too_new_to_read(art.details or {})):
             raise OperationError(f"{art.name} cannot be {doing} on this worker: {why}{tail}")
+    chains.refuse_broken(arts, doing, tail)

@@ -49,7 +49,7 @@ from operations.context import OperationError, RunCancelled, RunContext, RunLost
 from operations.journal import RunJournal
 from operations.models import Run
 
-from . import dbswap, envfiles, restore_files
+from . import chains, dbswap, envfiles, restore_files
 from .models import Backup, BackupArtifact
 from .operations import discard, make_backup
 from .reading import Stopped, artifact_kwargs, keyring_for, progress, refuse_unreadable, select_artifacts
@@ -237,7 +237,8 @@ def _verify_one(ctx: RunContext, plan: Plan, store, keyring, art: BackupArtifact
 def _check_disk(plan: Plan) -> None:
     """A first check before staging: the stored (compressed) size is a lower bound of what unpacking needs.
     A disk that fills up anyway fails the staging cleanly (the staged copy is removed)."""
-    need = sum(a.size for a in plan.artifacts if a.kind != "database")
+    files = [a for a in plan.artifacts if a.kind != "database"]
+    need = sum(a.size for a in files) + chains.base_size(files)  # a differential unpacks its full's archive too
     if not need:
         return
     where = plan.root if plan.root.exists() else plan.root.parent

@@ -84,8 +84,22 @@ def restore_view(request, backup_id: int, model_admin):
                       backup=backup, customer=backup.customer, form=form, env_changes=env_changes,
                       env_error=env_error, root=backup.customer.root,
                       databases=list(backup.customer.databases.all()),
-                      keys_missing=backup.encrypted and not settings.KASA_BACKUP_KEYS,
+                      keys_missing=backup.encrypted and not settings.KASA_BACKUP_KEYS, chain=chain_of(backup),
                       estimate=estimate_text(backup.customer_id, "restore"))
+
+
+def chain_of(backup: Backup) -> dict | None:
+    """What a differential restores from: its full and, per service, what changed since (for the restore page)."""
+    if backup.kind != Backup.Kind.DIFFERENTIAL:
+        return None
+    services = []
+    for art in backup.artifacts.filter(kind="service").order_by("pk"):
+        d = (art.details or {}).get("differential")
+        services.append({"name": art.source, **({k: d[k] for k in ("added", "changed", "deleted")} if d else {}),
+                         "whole": d is None})
+    base = backup.base
+    return {"base": base, "usable": base is not None and base.status == Backup.Status.SUCCEEDED,
+            "services": services}
 
 
 def verify_view(request, backup_id: int, model_admin):

@@ -37,7 +37,11 @@ def downloadable_names(backup: Backup) -> list[str]:
     not a restore point (running, failed, deleted): its objects are partial or gone."""
     if backup.status != Backup.Status.SUCCEEDED or not backup.prefix:
         return []
-    return list(BackupArtifact.objects.filter(backup=backup).values_list("name", flat=True)) + [MANIFEST]
+    names = []
+    for name, details in BackupArtifact.objects.filter(backup=backup).values_list("name", "details"):
+        names.append(name)
+        names += [side["name"] for what in ("index", "changes") if (side := (details or {}).get(what))]
+    return names + [MANIFEST]
 
 
 def trigger_label(backup: Backup) -> str:

@@ -27,6 +27,7 @@ from operations.models import Run
 from operations.services import run_start
 
 from . import artifacts as plans
+from . import chains
 from .models import Backup, BackupPolicy, StorageTarget
 from .reading import select_artifacts
 from .selectors import downloadable_names
@@ -63,13 +64,13 @@ def policy_for(customer) -> BackupPolicy:
 def backup_start(
     customer, *, scope: str | None = None, services: list[str] | tuple = (), compression: str | None = None,
     encrypt: bool | None = None, target: str | None = None, requested_by=None, via: str = "admin",
-    trigger: str = Backup.Trigger.MANUAL, enqueue: bool = True, schedule_slot: str = "",
+    trigger: str = Backup.Trigger.MANUAL, enqueue: bool = True, schedule_slot: str = "", kind: str = "auto",
 ) -> Run:
     """Validate the request against the customer's policy and start a backup run. `schedule_slot`: the due time of
     the schedule firing that asks (backups.tasks.scheduled_backup), kept in the run's params."""
     permissions.require(requested_by, permissions.BACKUP, customer)
     params = backup_params(customer, scope=scope, services=services, compression=compression, encrypt=encrypt,
-                           target=target, trigger=trigger)
+                           target=target, trigger=trigger, kind=kind)
     if schedule_slot:
         params["schedule_slot"] = schedule_slot
     return run_start(customer, kind=Run.Kind.BACKUP, requested_by=requested_by, via=via, params=params,
@@ -79,6 +80,7 @@ def backup_start(
 def backup_params(
     customer, *, scope: str | None = None, services: list[str] | tuple = (), compression: str | None = None,
     encrypt: bool | None = None, target: str | None = None, trigger: str = Backup.Trigger.MANUAL,
+    kind: str = "auto",
 ) -> dict:
     """The parameters of one backup, from the request and the customer's policy (BackupInputError if invalid).
 
@@ -88,6 +90,8 @@ def backup_params(
     scope = scope or policy.scope
     if scope not in BackupPolicy.Scope.values:
         raise BackupInputError(f"unknown scope {scope!r}: use {', '.join(BackupPolicy.Scope.values)}")
+    if kind not in ("auto", "full", "differential"):
+        raise BackupInputError(f"unknown backup kind {kind!r}: use full or differential (or leave it to the policy)")
     compression = compression or policy.compression
     if compression not in BackupPolicy.Compression.values:
         raise BackupInputError(f"unknown compression {compression!r}: use zstd, gzip or none")
@@ -116,6 +120,7 @@ def backup_params(
         "scope": scope, "services": list(services), "compression": compression, "encrypt": encrypt,
         "target": target_obj.name, "trigger": trigger,
         "replicas": [t.name for t in replicas],
+        "kind": kind, "full_every_days": policy.full_every_days,
         "include_logs": policy.include_logs, "excludes": list(policy.excludes or []),
         "config_paths": list(policy.config_paths or []),
         "bandwidth_limit_mbps": policy.bandwidth_limit_mbps,
@@ -139,6 +144,8 @@ def backup_document(backup: Backup, *, stores: dict | None = None) -> dict:
         "customer": backup.customer.domain,
         "status": backup.status,
         "scope": backup.scope,
+        "kind": backup.kind,
+        "base": ({"id": backup.base_id, "prefix": backup.base.prefix} if backup.base_id else None),
         "services": backup.services,
         "size": backup.size,
         "encrypted": backup.encrypted,
@@ -152,7 +159,8 @@ def backup_document(backup: Backup, *, stores: dict | None = None) -> dict:
         "location": store_location,
         "error": backup.error,
         "artifacts": [{"name": a.name, "kind": a.kind, "size": a.size, "sha256": a.sha256,
-                       **({"files": (a.details or {}).get("files") or []} if a.kind == "config" else {})}
+                       **({"files": (a.details or {}).get("files") or []} if a.kind == "config" else {}),
+                       **{k: a.details[k] for k in ("index", "changes") if (a.details or {}).get(k)}}
                       for a in backup.artifacts.all()],
     }
 
@@ -169,6 +177,9 @@ def backup_delete(backup: Backup, *, actor=None, via: str = "admin") -> int:
     permissions.require(actor, permissions.DELETE, backup.customer)
     if backup.pinned:
         raise BackupInputError(f"backup #{backup.pk} is pinned ({backup.pin_reason or 'by hand'}); unpin it first")
+    if needed_by := chains.dependents(backup):
+        raise BackupInputError(f"backup #{backup.pk} is the full backup that differential(s) "
+                               f"{', '.join(f'#{i}' for i in needed_by)} apply on; delete those first")
     removed = 0
     targets = [backup.target] + [c.target for c in backup.copies.select_related("target")]
     for target in targets:
@@ -270,8 +281,15 @@ def prune_customer(customer, *, dry_run: bool = False, actor=None, via: str = "c
                                      status__in=[Backup.Status.SUCCEEDED, Backup.Status.FAILED])
     items = [Item(id=b.pk, finished_at=b.finished_at, succeeded=b.status == Backup.Status.SUCCEEDED,
                   pinned=b.pinned, verified=b.verified_at is not None, safety=b.trigger in SAFETY_TRIGGERS,
-                  restored_at=restored.get(b.pk)) for b in finished]
+                  restored_at=restored.get(b.pk), base_id=b.base_id) for b in finished]
     result = plan(items, policy, now)
+    # A differential still being written names its full already: that full stays (engines.retention sees only
+    # finished backups).
+    for bk_id, base_id in Backup.objects.filter(customer=customer, status=Backup.Status.RUNNING,
+                                                base__isnull=False).values_list("pk", "base_id"):
+        if base_id in result.delete:
+            result.delete.remove(base_id)
+            result.keep.setdefault(base_id, []).append(f"the full backup that running backup #{bk_id} builds on")
     if not dry_run:
         for bk in Backup.objects.filter(pk__in=result.delete).select_related("target", "customer"):
             backup_delete(bk, actor=actor, via=via)

@@ -15,7 +15,7 @@ import time
 from django.conf import settings
 from django.utils import timezone
 
-from engines import trees, unpack
+from engines import fileindex, trees, unpack
 from engines.humanize import human_duration, human_size, human_time
 from operations.context import OperationError, RunCancelled, RunContext, RunLost
 
@@ -88,6 +88,13 @@ def _drill(ctx: RunContext, bk: Backup) -> list[dict]:
                     trees.remove_tree(dest, ignore_errors=True)  # one archive's tree at a time on the scratch disk
                     for line in unpack.setid_warnings(art.name, listing.setid):
                         ctx.warning(line)  # a restore would strip them too: the operator should know
+                    if d := (art.details or {}).get("differential"):
+                        ctx.info(f"{art.name}: a differential on full backup #{bk.base_id}: the full's archive "
+                                 f"{d['base']['name']}, the change list and this archive were read, checked and "
+                                 "extracted as one")
+                    if side := (art.details or {}).get("index"):
+                        entries = _check_index(bk, store, keyring, art, side)
+                        ctx.info(f"{art.name}: its file index ({entries} entries) reads back whole")
                     ctx.info(f"{art.name}: test extraction of {listing.files} files, {listing.dirs} folders, "
                              f"{human_size(listing.total_size)}: every member checked and in place")
                     checks.append({"artifact": art.name, "files": listing.files, "dirs": listing.dirs,
@@ -97,6 +104,20 @@ def _drill(ctx: RunContext, bk: Backup) -> list[dict]:
     finally:
         trees.remove_tree(scratch, ignore_errors=True)
     return checks
+
+
+def _check_index(bk: Backup, store, keyring, art, side: dict) -> int:
+    """A full's file index, which its differentials are made from: stored bytes, decryption and every record."""
+    count = 0
+    with unpack.open_plain(store, f"{bk.prefix}/{side['name']}", sha256=side["sha256"], size=side["size"],
+                           encrypted=bk.encrypted, keyring=keyring, compression=art.compression) as chunks:
+        try:
+            for _ in fileindex.read_index(chunks):
+                count += 1
+        except fileindex.IndexError_ as exc:
+            raise OperationError(f"{side['name']}: the file index is unusable ({exc}): differentials cannot be "
+                                 "made on this backup") from None
+    return count
 
 
 def _alert(ctx: RunContext, backup_id: int) -> None:

@@ -44,6 +44,12 @@ class BackupNowForm(forms.Form):
     encrypt = forms.BooleanField(required=False, label="Encrypt",
                                  help_text="AES-256-GCM with a fresh key per artifact (KASA_BACKUP_KEYS).")
     target = forms.ChoiceField(label="Storage target")
+    kind = forms.ChoiceField(
+        choices=[("auto", "As the policy says"), ("full", "Full"),
+                 ("differential", "Differential (files changed since the newest full)")],
+        widget=forms.RadioSelect, initial="auto",
+        help_text="Databases are always dumped whole. A differential without a usable full is a full; the run's "
+                  "log says why.")
 
     def __init__(self, *args, customer, policy: BackupPolicy, **kwargs):
         super().__init__(*args, **kwargs)
@@ -63,7 +69,7 @@ class BackupNowForm(forms.Form):
         self.fields["target"].choices = choices
         if not self.is_bound:
             self.initial.update(scope=policy.scope, compression=policy.compression, encrypt=policy.encrypt,
-                                target=policy.target.name, services=[])
+                                target=policy.target.name, services=[], kind="auto")
 
 
 def backup_now_view(request, pk, model_admin):
@@ -80,7 +86,7 @@ def backup_now_view(request, pk, model_admin):
         try:
             run = backup_start(customer, scope=data["scope"], services=data["services"],
                                compression=data["compression"], encrypt=data["encrypt"], target=target,
-                               requested_by=request.user, via="admin")
+                               requested_by=request.user, via="admin", kind=data["kind"])
         except (OperationRefused, BackupInputError, PermissionDenied) as exc:
             messages.error(request, str(exc))
         else:

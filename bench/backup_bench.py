@@ -538,6 +538,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--remote", action="store_true",
                     help="a customer on a simulated remote host over SSH against ssh host tar | zstd (as root; "
                          "bench/remote_bench.py)")
+    ap.add_argument("--unchanged", action="store_true",
+                    help="differential backups: full, then a differential of the unchanged tree, and restores of "
+                         "both (bench/differential_bench.py)")
+    ap.add_argument("--churn", metavar="PERCENT",
+                    help="differential backups: full, then PERCENT of the files rewritten (e.g. 1%%), the "
+                         "differential, and restores of both (bench/differential_bench.py)")
     ap.add_argument("--profile", metavar="PY_SPY", nargs="?", const=shutil.which("py-spy") or "py-spy",
                     help="also profile a second Kasa run with py-spy (path to py-spy; default: from PATH)")
     ap.add_argument("--pg-admin-url", default=os.environ.get("KASA_BENCH_PG_ADMIN_URL",
@@ -563,6 +569,17 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
+    if args.unchanged or args.churn:
+        import differential_bench
+
+        if args.unchanged and args.churn:
+            ap.error("--unchanged and --churn are two modes: give one")
+        try:
+            args.churn = differential_bench.parse_churn(args.churn) if args.churn else None
+            return differential_bench.main(args)
+        except (BenchError, ValueError) as exc:
+            print(f"backup_bench: {exc}", file=sys.stderr)
+            return 1
     try:
         if args.remote:
             import remote_bench

@@ -14,7 +14,8 @@ tools that lost good backups:
   verified: a backup known to restore is worth more than a newer unknown one.
   The newest verified backup is kept whatever N is (the verified floor).
 
-Precedence, strongest first (rules 1-4 hold even past max age):
+Precedence, strongest first (rules 0-4 hold even past max age):
+0. a kept differential keeps the full backup it applies on (a chain is never broken);
 1. pinned backups are kept (by hand or by an upgrade), whatever their age or outcome;
 2. the newest successful backup is kept, so there is always something to restore from;
 3. the newest verified backup is kept (the verified floor), whatever keep_verified says: the one
@@ -53,6 +54,7 @@ class Item:
     verified: bool = False
     safety: bool = False  # taken by an upgrade or a restore as its way back
     restored_at: datetime | None = None  # when a restore last started from it
+    base_id: int | None = None  # a differential: the full its service archives apply on
 
 
 @dataclass
@@ -161,4 +163,13 @@ def plan(items: list[Item], policy: Policy, now: datetime) -> Plan:
             result.keep[item.id] = reasons
         else:
             result.delete.append(item.id)
+    # A chain is never broken (rule 0, above every other): a kept differential keeps the full it applies on,
+    # whatever that full's age or place in the counts.
+    by_id = {i.id: i for i in items}
+    for item in ordered:
+        if item.succeeded and item.id in result.keep and item.base_id is not None and item.base_id in by_id:
+            reason = f"the full backup that differential #{item.id} needs"
+            result.keep.setdefault(item.base_id, []).append(reason)
+            if item.base_id in result.delete:
+                result.delete.remove(item.base_id)
     return result

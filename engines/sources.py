@@ -57,8 +57,12 @@ def compressor_stage(compression: str, *, level: int | None = None) -> Stage | N
 
 # --- files ------------------------------------------------------------------------
 def tar_stage(root: str, members: list[str], *, excludes: tuple[str, ...] | list[str] = (),
-              no_recursion: bool = False) -> Stage:
-    """GNU tar of `members` (relative to root). Exit 1 ("file changed as we read it") is a warning."""
+              no_recursion: bool = False, sort: bool = False, files_from: str | None = None) -> Stage:
+    """GNU tar of `members` (relative to root). Exit 1 ("file changed as we read it") is a warning.
+
+    `sort`: members in name order (--sort=name), the order of engines.fileindex, so that a differential can be
+    merged with this archive as a stream. `files_from`: the members are the NUL-separated names in that file
+    (a differential's member list), taken verbatim (a name starting with '-' is a name, not an option)."""
     # POSIX (pax) format for long names, large files and sparse maps, but without the per-file extended
     # header GNU tar writes only to carry atime, ctime and the fraction of a second of mtime: 1 KiB per file
     # (40 MB and ~0.6 CPU-s per 40,000 files to archive and compress). mtime is kept to the second, as in
@@ -66,9 +70,14 @@ def tar_stage(root: str, members: list[str], *, excludes: tuple[str, ...] | list
     argv = ["tar", "--create", "--file=-", "--directory", root, "--format=posix",
             "--pax-option=delete=atime,delete=ctime,delete=mtime", "--sparse", "--warning=no-file-ignored"]
     argv += [f"--exclude={p}" for p in excludes]
+    if sort:
+        argv.append("--sort=name")
     if no_recursion:
         argv.append("--no-recursion")
-    argv += ["--", *members]
+    if files_from is not None:
+        argv += ["--null", "--verbatim-files-from", f"--files-from={files_from}"]
+    else:
+        argv += ["--", *members]
     return Stage(argv, name="tar", ok_codes=(0, 1))
 
 

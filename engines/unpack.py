@@ -30,20 +30,34 @@ import subprocess
 import threading
 
 from . import beneath, runas, trees
-from .plainread import CHILD_ENV, Progress, drain, grow_pipe, last_line, open_plain, write_all
+from .chainread import ChainStream
+from .plainread import CHILD_ENV, PlainStream, Progress, drain, grow_pipe, last_line, write_all
 from .tarcheck import ArchiveRefused, ArtifactError, Limits, Listing, TarScanner
 from .treecheck import check_tree
 
 __all__ = ["ArchiveRefused", "ArtifactError", "Limits", "Listing", "check_tree", "extract_artifact", "open_plain",
            "setid_warnings", "verify_artifact"]
 
+def open_plain(store, name: str, *, sha256: str, size: int, encrypted: bool, keyring, compression: str,
+               on_progress: Progress | None = None, chain: dict | None = None) -> PlainStream | ChainStream:
+    """engines.plainread's reader of one artifact; with `chain` (a differential's service archive: the full's
+    archive and the change list it applies on, backups.chains.chain_kwargs) engines.chainread's reader of the
+    merged archive, every part checked the same way."""
+    if chain:
+        return ChainStream(store, name, sha256=sha256, size=size, encrypted=encrypted, keyring=keyring,
+                           compression=compression, on_progress=on_progress, chain=chain)
+    return PlainStream(store, name, sha256=sha256, size=size, encrypted=encrypted, keyring=keyring,
+                       compression=compression, on_progress=on_progress)
+
+
 def verify_artifact(store, name: str, *, sha256: str, size: int, encrypted: bool, keyring, compression: str,
-                    tar: bool, limits: Limits | None = None, on_progress: Progress | None = None) -> Listing | None:
+                    tar: bool, limits: Limits | None = None, on_progress: Progress | None = None,
+                    chain: dict | None = None) -> Listing | None:
     """Read the whole artifact and check it; for tar artifacts also check every member header (nothing is
     extracted). Returns the tar Listing (without its path map), or None for other artifacts."""
     scanner = TarScanner(name, limits or Limits()) if tar else None
     with open_plain(store, name, sha256=sha256, size=size, encrypted=encrypted, keyring=keyring,
-                    compression=compression, on_progress=on_progress) as chunks:
+                    compression=compression, on_progress=on_progress, chain=chain) as chunks:
         for chunk in chunks:
             if scanner is not None and not scanner.ended:
                 scanner.feed(chunk)
@@ -200,7 +214,8 @@ def _restate(exc: ArtifactError, suffix: str) -> ArtifactError:
 
 def extract_artifact(store, name: str, *, sha256: str, size: int, encrypted: bool, keyring, compression: str,
                      dest, limits: Limits | None = None, on_progress: Progress | None = None,
-                     owner: runas.Identity | None = None, root: str | os.PathLike | None = None) -> Listing:
+                     owner: runas.Identity | None = None, root: str | os.PathLike | None = None,
+                     chain: dict | None = None) -> Listing:
     """Extract a tar artifact into `dest` (absent, then created 0700, or an empty folder) in one pass: every
     member header is checked before tar receives that member, and the tree is checked after tar exits.
     With `owner`, dest and everything in it belong to that user (tar runs as it); else to the worker.
@@ -216,7 +231,7 @@ def extract_artifact(store, name: str, *, sha256: str, size: int, encrypted: boo
     try:
         listing = _extract(store, name, sha256=sha256, size=size, encrypted=encrypted, keyring=keyring,
                            compression=compression, dest=dest, limits=limits or Limits(), on_progress=on_progress,
-                           owner=owner, cwd=beneath.dir_path(fd))
+                           owner=owner, cwd=beneath.dir_path(fd), chain=chain)
     except ArtifactError as exc:
         trees.remove_tree(dest, root=root)
         raise _restate(exc, f"the staging folder {dest} was removed and nothing else was touched") from None
@@ -230,10 +245,10 @@ def extract_artifact(store, name: str, *, sha256: str, size: int, encrypted: boo
 
 
 def _extract(store, name: str, *, sha256, size, encrypted, keyring, compression, dest, limits, on_progress, owner,
-             cwd=None):
+             cwd=None, chain=None):
     scanner = TarScanner(name, limits)
     stream = open_plain(store, name, sha256=sha256, size=size, encrypted=encrypted, keyring=keyring,
-                        compression=compression, on_progress=on_progress)
+                        compression=compression, on_progress=on_progress, chain=chain)
     tar = None
     try:
         with stream as chunks:

@@ -129,8 +129,8 @@ def test_older_backups_of_one_customer_come_back_together(backed_up):
     """Without UUIDs, the backups of a customer that one import re-creates join it; a later import of another
     UUID-less backup does not attach to the customer that now exists."""
     customer, backup = backed_up
-    first, second = backup(), backup()
-    third = backup()
+    first, second = backup("--full"), backup("--full")  # as a Kasa before differential backups made them
+    third = backup("--full")
     for folder in (first, second, third):
         as_before_signing(folder)
     held = third.parent.parent.parent / "held-back"  # outside the target

@@ -7,7 +7,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ("backups", "0010_default_local_target"),
+        ("backups", "0011_differential_backups"),
     ]
 
     operations = [

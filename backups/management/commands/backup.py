@@ -17,6 +17,12 @@ class Command(KasaCommand):
         parser.add_argument("--no-encrypt", action="store_true", help="store artifacts unencrypted (not advised)")
         parser.add_argument("--compression", choices=["zstd", "gzip", "none"])
         parser.add_argument("--target", help="storage target name (default: the policy's)")
+        kind = parser.add_mutually_exclusive_group()
+        kind.add_argument("--full", dest="kind", action="store_const", const="full",
+                          help="a full backup, whatever the policy's full_every_days says")
+        kind.add_argument("--differential", dest="kind", action="store_const", const="differential",
+                          help="only the files changed since the newest full backup (a full if there is none "
+                               "usable; the log says why)")
         add_run_arguments(parser)
 
     def handle(self, *args, **o):
@@ -27,6 +33,7 @@ class Command(KasaCommand):
             run = backup_start(
                 customer, scope=o["scope"], services=o["service"], compression=o["compression"],
                 encrypt=False if o["no_encrypt"] else None, target=o["target"], via="cli", enqueue=o["enqueue"],
+                kind=o["kind"] or "auto",
             )
         except (BackupInputError, OperationRefused) as exc:
             raise BadInput(str(exc)) from None
@@ -42,6 +49,7 @@ class Command(KasaCommand):
         if self.json_output:
             self.emit(doc)
         else:
-            self.stdout.write(f"backup #{doc['id']} of {customer}: {human_size(doc['size'])} in "
+            kind = doc["kind"] + (f" on full #{doc['base']['id']}" if doc.get("base") else "")
+            self.stdout.write(f"backup #{doc['id']} of {customer} ({kind}): {human_size(doc['size'])} in "
                               f"{human_duration(doc['duration'])}, finished {human_time(doc['finished_at'])}, "
                               f"at {doc['location']}")

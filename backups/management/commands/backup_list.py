@@ -13,7 +13,7 @@ class Command(KasaCommand):
         parser.add_argument("--all", action="store_true", help="include failed and deleted backups")
 
     def handle(self, *args, **o):
-        backups = Backup.objects.select_related("customer", "target").prefetch_related("artifacts")
+        backups = Backup.objects.select_related("customer", "target", "base").prefetch_related("artifacts")
         if o["domain"]:
             customer = Customer.objects.filter(domain=o["domain"].lower()).first()
             if customer is None:
@@ -27,6 +27,7 @@ class Command(KasaCommand):
             self.emit(docs)
             return
         for d in docs:
-            self.stdout.write(f"#{d['id']:<6} {d['customer']:<30} {d['status']:<10} {d['scope']:<8} "
+            kind = "diff/#" + str(d["base"]["id"]) if d.get("base") else d["kind"]
+            self.stdout.write(f"#{d['id']:<6} {d['customer']:<30} {d['status']:<10} {d['scope']:<8} {kind:<12} "
                               f"{human_size(d['size']):>10}  {human_time(d['finished_at'] or d['started_at'])}  "
                               f"{d['location']}")
