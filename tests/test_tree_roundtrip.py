@@ -4,7 +4,8 @@ Seeded `random` (hypothesis is not a dependency): each seed builds a small tree 
 and copies make (`cp -al` hard links, hard-linked symlinks, sparse files, 200-byte and non-UTF-8 names, empty
 and read-only folders, odd modes, a log folder the backup leaves out), backs it up with `backup`, changes it,
 restores it with `restore` (in place, or with --to-root into a new folder; every third seed as the customer's
-own OS user; a few seeds on a simulated remote host) and requires the same digest: path bytes, type, mode, size,
+own OS user; every fourth changed after a full and restored from a differential on it; a few seeds on a simulated
+remote host) and requires the same digest: path bytes, type, mode, size,
 content, link target, hard-link groups and each file's mtime to the second. A failing seed is printed with the
 tree's listing, to be replayed alone.
 """
@@ -49,7 +50,7 @@ def _name(rng: random.Random, taken: set[bytes]) -> bytes:
             return name
 
 
-def build_tree(top: bytes, rng: random.Random) -> None:
+def build_tree(top: bytes, rng: random.Random, *, logs: bool = True) -> None:
     """A random tree under `top` (which exists): folders first, then files, links and modes last."""
     dirs, taken = [top], {}
     for _ in range(rng.randrange(1, 6)):
@@ -89,7 +90,7 @@ def build_tree(top: bytes, rng: random.Random) -> None:
         else:
             src, parent = rng.choice(files), rng.choice(dirs)
         os.link(src, os.path.join(parent, _name(rng, taken.setdefault(parent, set()))), follow_symlinks=False)
-    if rng.random() < 0.3:  # a log folder: left out of the backup, carried over by an in-place restore
+    if logs and rng.random() < 0.3:  # a log folder: left out of the backup, carried over by an in-place restore
         os.makedirs(os.path.join(top, b"logs", rng.choice(ODD_NAMES)))
         with open(os.path.join(top, b"logs", rng.choice(ODD_NAMES) + b".log"), "wb") as fh:
             fh.write(b"log line\n")
@@ -177,10 +178,12 @@ def test_a_random_tree_comes_back_identical(make_customer, customer_users, seed)
             for name in [*dirnames, *filenames]:
                 os.lchown(os.path.join(dirpath, name), pw.pw_uid, pw.pw_gid)
     before = digest(top)
-    code, backup = command_json("backup", customer.domain, "--scope", "files")
-    assert code == 0 and backup["status"] == "succeeded", backup
-    warned = Run.objects.get(backup__pk=backup["id"]).log_lines.filter(level="warning")
-    assert not [w.text for w in warned if "restore" in w.text], f"seed {seed}: warned {[w.text for w in warned]}"
+    backup = _backed_up(customer, seed, "--full")
+    if seed % 4 == 1:  # then changed, and a differential on that full: the chain restores the changed tree
+        _change(top, rng)
+        before = digest(top)
+        backup = _backed_up(customer, seed, "--differential")
+        assert backup["kind"] == "differential", backup
 
     in_place = seed % 2 == 0
     if in_place:
@@ -201,6 +204,53 @@ def test_a_random_tree_comes_back_identical(make_customer, customer_users, seed)
     finally:
         if not in_place:
             shutil.rmtree(copy, ignore_errors=True)
+
+
+def _backed_up(customer, seed: int, kind: str) -> dict:
+    code, backup = command_json("backup", customer.domain, "--scope", "files", kind)
+    assert code == 0 and backup["status"] == "succeeded", backup
+    warned = Run.objects.get(backup__pk=backup["id"]).log_lines.filter(level="warning")
+    assert not [w.text for w in warned if "restore" in w.text], f"seed {seed}: warned {[w.text for w in warned]}"
+    return backup
+
+
+def _change(top: bytes, rng: random.Random) -> None:
+    """What a day does to a tree between a full and a differential: files rewritten, removed, re-moded and
+    hard-linked anew, a folder removed, a new subtree of every kind."""
+    def entries(kind):
+        found = []
+        for dirpath, dirnames, filenames in os.walk(top):
+            dirnames[:] = [d for d in dirnames if not (dirpath == top and d == b"logs")]
+            found += [os.path.join(dirpath, n) for n in (dirnames if kind == "dir" else filenames)
+                      if not os.path.islink(os.path.join(dirpath, n))
+                      and (kind == "dir" or os.path.isfile(os.path.join(dirpath, n)))]
+        return found
+
+    for _ in range(rng.randrange(2, 7)):
+        files, dirs = entries("file"), entries("dir")
+        op = rng.choice(("rewrite", "remove", "mode", "link", "rmtree", "grow"))
+        if op == "rewrite" and files:
+            path = rng.choice(files)
+            with open(path, "r+b") as fh:
+                fh.write(rng.randbytes(rng.randrange(1, 700)))
+            os.utime(path, (1_600_000_000, rng.randrange(1_000_000_000, 1_700_000_000)))
+        elif op == "remove" and files:
+            os.unlink(rng.choice(files))
+        elif op == "mode" and files:
+            os.chmod(rng.choice(files), rng.choice(FILE_MODES))
+        elif op == "link" and files:
+            src = rng.choice(files)
+            os.link(src, os.path.join(rng.choice([top, *dirs]), b"hl%d" % rng.randrange(10_000)))
+        elif op == "rmtree" and dirs:
+            gone = rng.choice(dirs)
+            for dirpath, dirnames, _ in os.walk(gone):
+                for d in dirnames:
+                    os.chmod(os.path.join(dirpath, d), 0o755)
+            shutil.rmtree(gone)
+        else:
+            new = os.path.join(rng.choice([top, *dirs]), b"new%d" % rng.randrange(10_000))
+            os.mkdir(new)
+            build_tree(new, rng, logs=False)  # a log folder below is left out of backups too
 
 
 REMOTE_SEEDS = range(100, 103)
