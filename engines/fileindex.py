@@ -40,14 +40,27 @@ class IndexError_(ValueError):
     """A malformed index or change list (an artifact Kasa did not write, or a bug)."""
 
 
-@dataclass(frozen=True)
-class Entry:
-    path: bytes  # as tar names the member, relative to the backup root, without a trailing '/'
-    meta: bytes  # b"<kind> <mode> <uid> <gid> <size> <mtime_ns> <ctime_ns> <ino>"
+class Entry(tuple):
+    """(path, meta): `path` as tar names the member, relative to the backup root, without a trailing '/';
+    `meta` b"<kind> <mode> <uid> <gid> <size> <mtime_ns> <ctime_ns> <ino>". A tuple: tens of thousands are made
+    per backup, and a tuple costs a fraction of a dataclass."""
+
+    __slots__ = ()
+
+    def __new__(cls, path: bytes, meta: bytes):
+        return tuple.__new__(cls, (path, meta))
+
+    @property
+    def path(self) -> bytes:
+        return self[0]
+
+    @property
+    def meta(self) -> bytes:
+        return self[1]
 
     @property
     def kind(self) -> bytes:
-        return self.meta[:1]
+        return self[1][:1]
 
 
 def key(path: bytes) -> tuple[bytes, ...]:
@@ -83,7 +96,10 @@ def _meta(st: os.stat_result) -> bytes | None:
 
 def walk(root: str | bytes, member: str | bytes, *, excludes: Iterable[str] = ()) -> Iterator[Entry]:
     """Every path under root/member that `tar --create --sort=name --directory root member` archives, in that
-    order, with its metadata. `member` is the name given to tar ("backend", or "." for the root itself)."""
+    order, with its metadata. `member` is the name given to tar ("backend", or "." for the root itself).
+
+    Depth first with an explicit stack of sorted listings (a generator per folder would cost a resumption per
+    level for every entry); memory: the listings of the folders on the current path."""
     root_b = os.fsencode(root)
     top = os.fsencode(member).rstrip(b"/") or b"."
     excluded = exclude_matcher(excludes)
@@ -96,36 +112,46 @@ def walk(root: str | bytes, member: str | bytes, *, excludes: Iterable[str] = ()
     if meta is None or (name and excluded(name)):
         return
     yield Entry(name, meta)
-    if meta[:1] == b"d":
-        yield from _walk_dir(os.path.join(root_b, top), name, excluded)
+    if meta[:1] != b"d":
+        return
+    stack = [(_listing(os.path.join(root_b, top)), name)]
+    while stack:
+        entries, prefix = stack[-1]
+        if not entries:
+            stack.pop()
+            continue
+        e = entries.pop()
+        child = prefix + b"/" + e.name if prefix else e.name
+        if excluded(child):
+            continue
+        try:
+            meta = _meta(e.stat(follow_symlinks=False))
+        except OSError:
+            continue  # gone since the listing: tar would not archive it either
+        if meta is None:
+            continue
+        yield Entry(child, meta)
+        if meta[:1] == b"d":
+            stack.append((_listing(e.path), child))
+
+
+def _listing(path: bytes) -> list:
+    """A folder's entries, last name first (popped from the end: name order)."""
+    try:
+        with os.scandir(path) as it:
+            return sorted(it, key=_by_name, reverse=True)
+    except OSError:
+        return []  # tar warns about an unreadable folder and goes on; so does the index
+
+
+def _by_name(e: os.DirEntry) -> bytes:
+    return e.name
 
 
 def _normal(name: bytes) -> bytes:
     while name.startswith(b"./"):
         name = name[2:]
     return b"" if name == b"." else name
-
-
-def _walk_dir(path: bytes, name: bytes, excluded) -> Iterator[Entry]:
-    try:
-        with os.scandir(path) as it:
-            entries = sorted(it, key=lambda e: e.name)
-    except OSError:
-        return  # tar warns about an unreadable folder and goes on; so does the index
-    for e in entries:
-        child = name + b"/" + e.name if name else e.name
-        if excluded(child):
-            continue
-        try:
-            st = e.stat(follow_symlinks=False)
-        except OSError:
-            continue  # gone since the listing: tar would not archive it either
-        meta = _meta(st)
-        if meta is None:
-            continue
-        yield Entry(child, meta)
-        if meta[:1] == b"d":
-            yield from _walk_dir(e.path, child, excluded)
 
 
 # --- serialising ----------------------------------------------------------------------------------
@@ -155,9 +181,9 @@ def read_index(chunks: Iterable[bytes]) -> Iterator[Entry]:
     last = None
     for rec in records:
         meta, tab, path = rec.partition(b"\t")
-        if not tab or len(meta.split(b" ")) != 8 or meta[:1] not in b"fdlpcb":
+        if not tab or meta.count(b" ") != 7 or meta[:1] not in b"fdlpcb":
             raise IndexError_(f"malformed record {rec[:80]!r}")
-        k = key(path)
+        k = path.split(b"/")
         if last is not None and k <= last:
             raise IndexError_(f"records out of order at {path[:200]!r}")
         last = k
@@ -182,6 +208,16 @@ def compare(base: Iterable[Entry], current: Iterable[Entry]) -> Iterator[tuple[b
     b, c = next(b_it, None), next(c_it, None)
     gone: bytes | None = None  # a base folder deleted or replaced: skip the base's entries under it
     while b is not None or c is not None:
+        if b is not None and c is not None and b[0] == c[0]:  # the common case first: the same path
+            if b[1] == c[1]:
+                yield b"=", c[0], c
+            elif b[1][:1] != c[1][:1]:
+                yield b"R", c[0], c
+                gone = b[0]
+            else:
+                yield b"+", c[0], c
+            b, c = next(b_it, None), next(c_it, None)
+            continue
         if b is not None and gone is not None and under(b.path, gone):
             b = next(b_it, None)
             continue
