@@ -19,10 +19,13 @@ A hard link may name an earlier regular file or an earlier symbolic link: GNU ta
 symlink with the same target text, resolved from its own folder: it is checked as a symlink of its own.
 
 Beyond GNU tar's own rules we refuse: a '..' component anywhere in a name,
-an absolute symlink target, a symlink target whose '..' would climb out of
-something not known to be a directory of this archive (through a symlink it
-would climb from wherever that link points), and a second non-directory member
-with the same path (replacing the first one changes what hard links mean).
+an absolute symlink target, a symlink target whose '..' would climb out of the
+extraction folder or out of anything but a directory (through a symlink it
+would climb from wherever that link points; a folder not seen yet is promised
+to be a directory, and a later member of that name that is not one is refused:
+tar archives a folder's entries in directory order, so `sub` of `sub/../x` may
+come after the link), and a second non-directory member with the same path
+(replacing the first one changes what hard links mean).
 
 Accepted type flags: '0', '\\0' and '7' (regular file), '1' (hard link), '2'
 (symlink), '5' (directory), 'S' (old GNU sparse file, in GNU-format headers
