@@ -169,12 +169,14 @@ class ArtifactInline(admin.TabularInline):
 
     @admin.display(description="warnings")
     def warnings(self, obj):
-        links = (obj.details or {}).get("outward_links")
-        if not links:
-            return ""
-        return format_html('<span class="kasa-warning" title="{}">{} symbolic link(s) point outside the folder: a '
-                           "restore refuses them until they are excluded</span>",
-                           "\n".join(links["examples"]), links["count"])
+        details = obj.details or {}
+        links, special = details.get("outward_links"), details.get("unrestorable")
+        return format_html_join(" ", '<span class="kasa-warning" title="{}">{}</span>', [
+            *([("\n".join(links["examples"]), f"{links['count']} symbolic link(s) point outside the folder: a "
+                "restore refuses them until they are excluded")] if links else []),
+            *([("\n".join(special["examples"]), f"{special['count']} FIFO(s), device file(s) or overlong path(s): "
+                "a restore refuses them until they are excluded")] if special else []),
+        ])
 
     @admin.display(description="download")
     def download(self, obj):

@@ -32,6 +32,34 @@ class ArtifactSpec:
 OUTWARD_EXAMPLES = 5  # links named in the run's warning and the manifest; the count covers them all
 
 
+def note_refusals(details: dict, found: dict) -> None:
+    """Put what sources.restore_refusals found in an artifact's details: outward_links (symlinks) and unrestorable
+    (FIFOs, devices, overlong paths), each {count, examples}; the run warns, a restore refuses the artifact."""
+    links, special = found.get("links") or [], found.get("special") or []
+    if links:
+        details["outward_links"] = {"count": len(links), "examples": [
+            f"{_text(p)} -> {_text(t)}" for p, t in links[:OUTWARD_EXAMPLES]]}
+    if special:
+        details["unrestorable"] = {"count": len(special), "examples": [
+            f"{_text(p)} ({why[:100]})" for p, why in special[:OUTWARD_EXAMPLES]]}
+
+
+def _text(name: str) -> str:
+    """A file name as the catalogue can store it (JSON text): bytes that are not UTF-8 shown as \\udcXX."""
+    return name[:300].encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def restore_refusal(details: dict | None) -> str:
+    """Why a restore refuses this artifact as it is (the backup run warned), or ""."""
+    details = details or {}
+    parts = []
+    if links := details.get("outward_links"):
+        parts.append(f"{links['count']} symbolic link(s) pointing outside its folder ({', '.join(links['examples'])})")
+    if special := details.get("unrestorable"):
+        parts.append(f"{special['count']} file(s) a restore never creates ({', '.join(special['examples'])})")
+    return " and ".join(parts)
+
+
 def _name(base: str, compression: str, encrypted: bool) -> str:
     return base + sources.COMPRESSIONS[compression] + (ENCRYPTED_SUFFIX if encrypted else "")
 
@@ -76,21 +104,20 @@ def plan(customer: Customer, params: dict, chain=None) -> list[ArtifactSpec]:
 
             @contextlib.contextmanager
             def open_service(rel=rel, details=details, base_art=base_art):
-                # Links a restore would refuse, listed while tar streams rather than before it starts.
+                # What a restore would refuse, listed while tar streams rather than before it starts.
                 pool = ThreadPoolExecutor(1, thread_name_prefix="kasa-links")
-                listing = pool.submit(sources.outward_links, root, rel, excludes=excludes)
+                listing = pool.submit(sources.restore_refusals, root, rel, excludes=excludes)
                 pool.shutdown(wait=False)
                 with _file_lists(root, rel, excludes, details, chain, base_art) as tar:
                     yield _chain([tar, _compressor(compression)]), details
-                if links := listing.result():
-                    details["outward_links"] = {"count": len(links),
-                                                "examples": [f"{p} -> {t}" for p, t in links[:OUTWARD_EXAMPLES]]}
+                note_refusals(details, listing.result())
 
             specs.append(ArtifactSpec(_name(f"{svc.name}.tar", compression, encrypted), "service", svc.name,
                                       open_service))
 
     if scope in ("full", "config"):
-        members = sources.config_members(root, [s.path for s in customer.services.all()])
+        members = sources.config_members(root, [s.path for s in customer.services.all()],
+                                         params.get("config_paths") or [])
         if members:
             @contextlib.contextmanager
             def open_config(members=members):

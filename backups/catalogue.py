@@ -139,9 +139,7 @@ def _import_one(session: _Session, target: StorageTarget, store, prefix: str, na
     for a in m["artifacts"]:
         details = a.get("database") or ({"path": a["path"]} if "path" in a else {}) or (
             {"files": a["files"]} if "files" in a else {})
-        if a.get("outward_links"):
-            details["outward_links"] = a["outward_links"]
-        for key in ("index", "changes", "differential"):  # the chain (backups.chains)
+        for key in ("outward_links", "unrestorable", "index", "changes", "differential"):  # chain: backups.chains
             if a.get(key) is not None:
                 details[key] = a[key]
         BackupArtifact.objects.create(backup=bk, name=a["name"], kind=a["kind"], source=a["source"], size=a["size"],

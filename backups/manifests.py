@@ -214,11 +214,12 @@ def _artifact(a: dict, field: str, *, encrypted: bool) -> None:
         _relative(a["path"], f"{field}.path")
     if kind == "service":
         _chain_fields(a, field)
-    if kind == "service" and a.get("outward_links") is not None:
-        links = _dict(a["outward_links"], f"{field}.outward_links")
-        _int(links.get("count"), f"{field}.outward_links.count")
-        for example in _list(links.get("examples") or [], f"{field}.outward_links.examples"):
-            _str(example, f"{field}.outward_links.examples[]", max_len=4096)
+    for key in ("outward_links", "unrestorable"):
+        if kind == "service" and a.get(key) is not None:
+            links = _dict(a[key], f"{field}.{key}")
+            _int(links.get("count"), f"{field}.{key}.count")
+            for example in _list(links.get("examples") or [], f"{field}.{key}.examples"):
+                _str(example, f"{field}.{key}.examples[]", max_len=4096)
     if kind == "database":
         details = _dict(a.get("database") or {}, f"{field}.database")
         if details.get("engine") is not None:

@@ -14,6 +14,7 @@ from django.db.models import Q
 
 from core.secrets import EncryptedSecretField, reveal
 from customers.models import slug_validator
+from engines.sources import config_path_problem
 from engines.stores import store_from_config
 
 from .cron import ScheduleError, validate_cron
@@ -140,6 +141,11 @@ class BackupPolicy(models.Model):
     include_logs = models.BooleanField(default=False)
     excludes = models.JSONField(default=list, blank=True,
                                 help_text='Extra tar exclude patterns, e.g. ["tmp", "*.cache"].')
+    config_paths = models.JSONField(
+        "extra config paths", default=list, blank=True,
+        help_text='More of the instance\'s configuration, in the config artifact with the .env files: globs relative '
+                  'to the customer\'s root, e.g. ["station_info.json", "nginx/*.conf"]. Regular files only (a '
+                  "symlink, or a file behind a symlinked folder, is never taken); restored like the .env files.")
     bandwidth_limit_mbps = models.FloatField(null=True, blank=True,
                                              help_text="MB/s written to storage; empty: no limit.")
     notify_emails = models.CharField(max_length=500, blank=True, help_text="Comma-separated.")
@@ -172,6 +178,11 @@ class BackupPolicy(models.Model):
     def clean(self):
         if self.customer_id and self.target_id and not self.target.usable_by(self.customer.team_id):
             raise ValidationError({"target": f"storage target {self.target} is not open to team {self.customer.team}"})
+        if not isinstance(self.config_paths, list):
+            raise ValidationError({"config_paths": 'a list of globs, e.g. ["station_info.json", "nginx/*.conf"]'})
+        problems = [f"{p!r}: {why}" for p in self.config_paths if (why := config_path_problem(p))]
+        if problems:
+            raise ValidationError({"config_paths": "; ".join(problems)})
         if self.schedule == self.Schedule.CRON:
             try:
                 self.cron = validate_cron(self.cron)

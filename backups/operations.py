@@ -343,6 +343,11 @@ def _write_one(ctx: RunContext, bk: Backup, store, spec, *, lane: str, keyring, 
                     f"({', '.join(outward['examples'])}{', …' if outward['count'] > len(outward['examples']) else ''})."
                     " They are backed up as they are, but a restore refuses links that leave the folder: exclude "
                     "them, or what holds them if it can be rebuilt (a virtualenv, say), in the backup policy")
+    if special := details.get("unrestorable"):
+        ctx.warning(f"{spec.name}: {special['count']} file(s) a restore never creates "
+                    f"({', '.join(special['examples'])}{', …' if special['count'] > len(special['examples']) else ''})."
+                    " They are backed up as tar writes them, but a restore refuses FIFOs, device files and paths "
+                    "longer than 4096 bytes: exclude them in the backup policy")
 
     def verified() -> None:
         _verify_object(store, name, res.sha256, res.size)
@@ -482,8 +487,9 @@ def _service_fields(details: dict) -> dict:
     for key in ("index", "changes", "differential"):  # the chain (backups.chains): backup_import rebuilds it
         if key in details:
             fields[key] = details[key]
-    if "outward_links" in details:  # links a restore refuses: the backup run warned about them
-        fields["outward_links"] = details["outward_links"]
+    for key in ("outward_links", "unrestorable"):  # what a restore refuses: the backup run warned about them
+        if key in details:
+            fields[key] = details[key]
     return fields
 
 

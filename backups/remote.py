@@ -2,7 +2,7 @@
 
 - The connection: one engines.ssh Session (a multiplexed master) for the whole backup, and one engines.hostcall
   HostSession on it for the host-side checks (engines.hostside.backup_facts, engines.sources.config_members,
-  outward_links, sqlite_online_copy): Kasa's pure engines code, shipped for the session, run by the SSH login
+  restore_refusals, sqlite_online_copy): Kasa's pure engines code, shipped for the session, run by the SSH login
   user. Nothing of Django, and no key of Kasa's, reaches the host.
 - File trees: GNU tar runs on the host (the local tar_stage's argv, quoted word by word by engines.ssh) and its
   stdout, through the ssh process, is the first stage of the worker's usual chain (compress, encrypt, hash,
@@ -44,7 +44,6 @@ from . import artifacts as local
 from . import remote_hostpg
 
 REMOTE_TAR = "tar"  # on the host's PATH (the probe reports its version); a test swaps in a hostile one
-MAX_LINKS_SHOWN = local.OUTWARD_EXAMPLES
 __all__ = ["RemoteError", "RemoteHost", "host_facts", "plan"]  # the connection lives in hosts.remote
 
 
@@ -129,26 +128,27 @@ def plan(customer: Customer, params: dict, remote: RemoteHost) -> list[local.Art
             def open_service(rel=rel, details=details):
                 # Listed while tar streams (as locally): the helper is idle meanwhile.
                 pool = ThreadPoolExecutor(1, thread_name_prefix="kasa-links")
-                listing = pool.submit(remote.call, "engines.sources.outward_links", root, rel, excludes=excludes)
+                listing = pool.submit(remote.call, "engines.sources.restore_refusals", root, rel, excludes=excludes)
                 pool.shutdown(wait=False)
                 tar = sources.tar_stage(root, [rel], excludes=excludes)
                 with _streamed(remote, [remote.stage([REMOTE_TAR, *tar.argv[1:]], name="tar", ok_codes=(0, 1)),
                                         local._compressor(compression)]) as chain:
                     yield chain, details
-                links = listing.result()
-                if not isinstance(links, list) or not all(isinstance(p, list) and len(p) == 2 and
-                                                          all(isinstance(x, str) for x in p) for p in links):
+                found = listing.result()
+                if not isinstance(found, dict) or not all(
+                        isinstance(found.get(k), list) and all(isinstance(p, list) and len(p) == 2 and
+                                                               all(isinstance(x, str) for x in p) for p in found[k])
+                        for k in ("links", "special")):
                     raise RemoteError(f"{remote.where} answered a list of links that is not one: not trusted")
-                if links:
-                    details["outward_links"] = {"count": len(links), "examples": [
-                        f"{p[:300]} -> {t[:300]}" for p, t in links[:MAX_LINKS_SHOWN]]}
+                local.note_refusals(details, found)
 
             specs.append(local.ArtifactSpec(local._name(f"{svc.name}.tar", compression, encrypted), "service",
                                             svc.name, open_service))
 
     if scope in ("full", "config"):
         members = [_relative(m, "config file", remote.where) for m in _strings(
-            remote.call("engines.sources.config_members", root, [s.path for s in customer.services.all()]),
+            remote.call("engines.sources.config_members", root, [s.path for s in customer.services.all()],
+                        params.get("config_paths") or []),
             "config files", remote.where)]
         if members:
             @contextlib.contextmanager

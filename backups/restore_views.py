@@ -6,7 +6,10 @@ verify_backup) the page is a 403, GET or POST: what a restore would change is no
 
 from __future__ import annotations
 
+import hashlib
 import io
+import os
+import stat
 import tarfile
 
 from django import forms
@@ -25,6 +28,7 @@ from engines.humanize import human_size
 from operations.selectors import estimate_text
 from operations.services import OperationRefused
 
+from .artifacts import restore_refusal
 from .models import Backup
 from .reading import artifact_kwargs, keyring_for
 from .selectors import backups_visible_to
@@ -45,11 +49,10 @@ class RestoreForm(ConfirmForm):
         super().__init__(*args, customer=backup.customer, **kwargs)
         self.backup = backup
         arts = list(backup.artifacts.order_by("pk"))
-        refused = {a.name: a.details["outward_links"]["count"] for a in arts if (a.details or {}).get("outward_links")}
+        refused = {a.name: why for a in arts if (why := restore_refusal(a.details))}
         self.fields["artifacts"].choices = [
             (a.name, f"{a.name} ({a.get_kind_display().lower()}, {human_size(a.size)})"
-                     + (f": holds {refused[a.name]} symbolic link(s) pointing outside its folder, which a restore "
-                        "refuses" if a.name in refused else ""))
+                     + (f": holds {refused[a.name]}, which a restore refuses" if a.name in refused else ""))
             for a in arts]
         if not self.is_bound:  # what cannot be restored is not ticked
             self.initial["artifacts"] = [a.name for a in arts if a.name not in refused]
@@ -113,7 +116,9 @@ def verify_view(request, backup_id: int, model_admin):
 
 
 def env_diff(backup: Backup) -> list[dict]:
-    """Per .env file: how the backup's version differs from the live one, values masked."""
+    """Per file of the config artifact, how the backup's version differs from the live one: .env-like files
+    (envfile.is_env_name) key by key with values masked; any other file (ecosystem files, the policy's extra
+    config paths) only as changed or unchanged, its content never shown."""
 
     config = backup.artifacts.filter(kind="config").first()
     if config is None or backup.status != Backup.Status.SUCCEEDED:
@@ -123,22 +128,47 @@ def env_diff(backup: Backup) -> list[dict]:
         return []
     store = backup.target.store()
     files: dict[str, str] = {}
+    digests: dict[str, str] = {}
     with unpack.open_plain(store, f"{backup.prefix}/{config.name}", **artifact_kwargs(backup, config, keyring)) as it:
         stream = _IterReader(it)
         with tarfile.open(fileobj=stream, mode="r|") as tar:
             for member in tar:
-                base = member.name.rsplit("/", 1)[-1]
-                if member.isfile() and base.startswith(".env") and member.size <= MAX_ENV_BYTES:
-                    fh = tar.extractfile(member)
+                if not member.isfile():
+                    continue
+                fh = tar.extractfile(member)
+                if envfile.is_env_name(member.name) and member.size <= MAX_ENV_BYTES:
                     files[member.name] = fh.read().decode("utf-8", errors="replace")
+                else:
+                    digests[member.name] = _sha256(fh)
         stream.drain()
     root = backup.customer.root_path()
     out = []
-    for name, text in sorted(files.items()):
-        current = envfile.read(root / name)
-        changes = envfile.diff(current, envfile.parse(text))
-        out.append({"file": name, "exists": (root / name).exists(), "changes": changes})
+    for name in sorted({*files, *digests}):
+        exists = (root / name).exists()
+        if name in files:
+            changes = envfile.diff(envfile.read(root / name), envfile.parse(files[name]))
+            out.append({"file": name, "exists": exists, "env": True, "changes": changes})
+        else:
+            out.append({"file": name, "exists": exists, "env": False,
+                        "changed": not exists or _live_sha256(root / name) != digests[name]})
     return out
+
+
+def _sha256(fh) -> str:
+    digest = hashlib.sha256()
+    for chunk in iter(lambda: fh.read(1 << 20), b""):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _live_sha256(path) -> str | None:
+    """The live file's sha256; None when it is not a regular file (a link is not followed)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as fh:
+        return _sha256(fh) if stat.S_ISREG(os.fstat(fd).st_mode) else None
 
 
 class _IterReader(io.RawIOBase):

@@ -26,6 +26,7 @@ from engines.stores import StoreError, StoreNotFound
 from operations.models import Run
 from operations.services import run_start
 
+from . import artifacts as plans
 from . import chains
 from .models import Backup, BackupPolicy, StorageTarget
 from .reading import select_artifacts
@@ -121,6 +122,7 @@ def backup_params(
         "replicas": [t.name for t in replicas],
         "kind": kind, "full_every_days": policy.full_every_days,
         "include_logs": policy.include_logs, "excludes": list(policy.excludes or []),
+        "config_paths": list(policy.config_paths or []),
         "bandwidth_limit_mbps": policy.bandwidth_limit_mbps,
     }
     return params
@@ -157,6 +159,7 @@ def backup_document(backup: Backup, *, stores: dict | None = None) -> dict:
         "location": store_location,
         "error": backup.error,
         "artifacts": [{"name": a.name, "kind": a.kind, "size": a.size, "sha256": a.sha256,
+                       **({"files": (a.details or {}).get("files") or []} if a.kind == "config" else {}),
                        **{k: a.details[k] for k in ("index", "changes") if (a.details or {}).get(k)}}
                       for a in backup.artifacts.all()],
     }
@@ -317,12 +320,11 @@ def restore_start(
     except Exception as exc:  # OperationError from the shared selector: same words here
         raise BackupInputError(str(exc)) from None
     for art in arts:  # the backup run warned: refuse now rather than after the safety backup and the staging
-        if links := (art.details or {}).get("outward_links"):
+        if why := plans.restore_refusal(art.details):
             raise BackupInputError(
-                f"backup #{backup.pk} cannot be restored as it is: {art.name} holds {links['count']} symbolic "
-                f"link(s) pointing outside its folder ({', '.join(links['examples'])}), which a restore refuses. "
+                f"backup #{backup.pk} cannot be restored as it is: {art.name} holds {why}, which a restore refuses. "
                 "Restore the other artifacts without it (untick it on the Restore page, or name the others with "
-                "--only), and exclude those links in the backup policy")
+                "--only), and exclude them in the backup policy")
     remote = not customer.host.is_local
     if remote and rewrite_env and (to_root or to_databases):
         raise BackupInputError(f"--rewrite-env: {customer} lives on host {customer.host.name}, where a copy's .env "

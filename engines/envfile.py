@@ -38,6 +38,12 @@ def unquote(value: str) -> str:
     return value
 
 
+def is_env_name(name: str) -> bool:
+    """A .env-like file, by its name (the last component): `.env`, `.env.<anything>` or `<anything>.env`."""
+    base = name.rsplit("/", 1)[-1]
+    return base == ".env" or base.startswith(".env.") or base.endswith(".env")
+
+
 def parse(text: str) -> dict[str, str]:
     """KEY -> value (unquoted). A key given twice keeps its last value, as dotenv loaders do."""
     out: dict[str, str] = {}

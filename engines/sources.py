@@ -14,6 +14,7 @@ Compression is a separate stage (zstd by default) so every source shares it.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import glob
 import importlib.util
 import json
@@ -21,6 +22,7 @@ import os
 import re
 import shutil
 import sqlite3
+import stat
 import subprocess
 import sys
 import threading
@@ -79,43 +81,161 @@ def tar_stage(root: str, members: list[str], *, excludes: tuple[str, ...] | list
     return Stage(argv, name="tar", ok_codes=(0, 1))
 
 
-def config_members(root: str, service_paths: list[str]) -> list[str]:
-    """Config files (.env*, PM2 ecosystem files) at the root and in each service folder."""
+def config_members(root: str, service_paths: list[str], extra: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """Config files (.env*, PM2 ecosystem files) at the root and in each service folder, then the regular files
+    the policy's extra config paths (globs relative to the root, config_path_problem) match, in that order.
+
+    Only regular files whose every folder below the root is a real one: never a symlink, nor a file reached
+    through a symlinked folder (it may lie anywhere), nor Kasa's own .kasa-* folders. A file inside a service
+    folder is taken too (its service artifact holds it as well; the config artifact's copy is restored last).
+    Names that are not UTF-8 are left out (the catalogue records file names as text)."""
     found = []
     for base in ["", *service_paths]:
         for pattern in CONFIG_PATTERNS:
-            for path in sorted(glob.glob(os.path.join(root, base, pattern))):
+            for path in sorted(glob.glob(os.path.join(glob.escape(os.path.join(root, base)), pattern))):
                 if os.path.isfile(path) and not os.path.islink(path):
                     rel = os.path.relpath(path, root)
-                    if rel not in found:
+                    if rel not in found and _utf8(rel):
                         found.append(rel)
+    for pattern in extra:
+        if problem := config_path_problem(pattern):
+            raise SourceError(f"config path {pattern!r}: {problem}")
+        for path in sorted(glob.glob(os.path.join(glob.escape(root), pattern))):
+            rel = os.path.relpath(path, root)
+            if rel not in found and _plain_file_below(root, rel):
+                found.append(rel)
     return found
+
+
+def config_path_problem(pattern) -> str | None:
+    """Why an extra config path (a glob relative to the customer's root) is refused, or None."""
+    if not isinstance(pattern, str) or not pattern.strip():
+        return "a config path is a non-empty glob relative to the root"
+    if "\0" in pattern or len(pattern) > 1024:
+        return "it holds a NUL byte or is longer than 1024 characters"
+    if pattern.startswith(("/", "~")):
+        return "it is absolute: give it relative to the customer's root (e.g. nginx/*.conf)"
+    parts = pattern.split("/")
+    if ".." in parts:
+        return "it has a '..' component: only files inside the root are config"
+    if "**" in pattern:
+        return "'**' is not supported: name each folder level (e.g. conf/*/*.json)"
+    if parts[0].startswith(".kasa"):
+        return "Kasa's own .kasa-* folders are not config"
+    return None
+
+
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _plain_file_below(root: str, rel: str) -> bool:
+    """rel is a regular file reached from root through real folders only (no symlink on the way), UTF-8 named."""
+    if not _utf8(rel):
+        return False
+    parts = rel.split("/")
+    if ".." in parts or parts[0].startswith(".kasa"):
+        return False
+    at = root
+    for k, part in enumerate(parts):
+        at = os.path.join(at, part)
+        try:
+            mode = os.lstat(at).st_mode
+        except OSError:
+            return False
+        if not (stat.S_ISREG(mode) if k == len(parts) - 1 else stat.S_ISDIR(mode)):
+            return False
+    return True
 
 
 def outward_links(root: str, folder: str, *, excludes: tuple[str, ...] | list[str] = ()) -> list[tuple[str, str]]:
     """Symbolic links under root/folder that a restore refuses (engines.tarcheck): an absolute target, or a
-    relative one whose '..' climbs out of the extraction folder. They are backed up as they are; the caller
-    warns, because the backup would not restore until they are excluded (a virtualenv's `bin/python` is one).
+    relative one whose '..' climbs out of the extraction folder. See restore_refusals."""
+    return [(p, t) for p, t in restore_refusals(root, folder, excludes=excludes)["links"]]
 
-    Listed by `find` (C speed, a few hundredths of a second per 40,000 files), with tar's excludes as prunes.
+
+# A member name longer than this is refused by a restore (engines.tarcheck.Limits.max_name); it needs at least 17
+# components (each at most 255 bytes), so only paths with 16 or more slashes are looked at.
+MAX_MEMBER_NAME = 4096
+_DEEP = "/".join(["*"] * 17)
+_SPECIAL = {"p": "a FIFO", "b": "a block device", "c": "a character device"}
+
+
+def restore_refusals(root: str, folder: str, *, excludes: tuple[str, ...] | list[str] = ()) -> dict[str, list]:
+    """What GNU tar archives under root/folder and a restore refuses (engines.tarcheck, engines.treecheck):
+    {"links": [[path, target], …], "special": [[path, why], …]}, paths relative to root as tar names them.
+
+    - links: symbolic links with an absolute target, or a relative one whose '..' climbs out of the extraction
+      folder (a virtualenv's `bin/python` is one); each name of a hard-linked symlink is judged from its own folder;
+    - special: FIFOs and device files (tar archives them; a restore never creates them), and paths longer than
+      a restore accepts. Sockets are not listed: tar skips them (a socket is recreated by whatever listens on it).
+    They are backed up as they are; the caller warns, because the backup would not restore until they are excluded.
+
+    Listed by one `find` (C speed, a few hundredths of a second per 40,000 files), with tar's excludes as prunes.
     GNU tar's `--exclude` defaults (no-anchored, wildcards match '/') skip a member when the pattern matches
     its whole name or any part after a '/': find's `-path P -o -path */P` is that same test."""
     prune: list[str] = []
     for pattern in excludes:
         prune += ["-o", "-path", pattern, "-o", "-path", f"*/{pattern}"]
     argv = ["find", folder, *(["(", *prune[1:], ")", "-prune", "-o"] if prune else []),
-            "-type", "l", "-printf", r"%p\0%l\0"]
+            "(", "-type", "l", "-printf", r"l%p\0%l\0",
+            "-o", "(", "-type", "p", "-o", "-type", "b", "-o", "-type", "c", ")", "-printf", r"%y%p\0\0",
+            "-o", "-path", _DEEP, "-printf", r"n%p\0\0", ")"]
+    found: dict[str, list] = {"links": [], "special": []}
     try:
-        out = subprocess.run(argv, cwd=root, capture_output=True, check=False, timeout=600).stdout  # noqa: S603
+        out = subprocess.run(argv, cwd=root, capture_output=True, check=False, timeout=600,  # noqa: S603
+                             env={**os.environ, "LC_ALL": "C"}).stdout
     except (OSError, subprocess.TimeoutExpired):
-        return []  # advisory only: never fails a backup (the drill still checks every member of the archive)
+        return found  # advisory only: never fails a backup (the drill still checks every member of the archive)
     fields = out.split(b"\0")
-    found = []
     for raw_path, raw_target in zip(fields[0:-1:2], fields[1::2], strict=True):
-        path, target = os.fsdecode(raw_path), os.fsdecode(raw_target)
-        if target.startswith("/") or _climbs_out(path, target):
-            found.append((path, target))
+        kind, path, target = chr(raw_path[0]), os.fsdecode(raw_path[1:]), os.fsdecode(raw_target)
+        if len(raw_path) - 1 > MAX_MEMBER_NAME:
+            found["special"].append([path, f"a path of {len(raw_path) - 1} bytes, longer than {MAX_MEMBER_NAME}"])
+        elif kind == "l":
+            if target.startswith("/") or _climbs_out(path, target) or \
+                    _climbs_through_a_link(root, path, target, excludes):
+                found["links"].append([path, target])
+        elif kind in _SPECIAL:
+            found["special"].append([path, _SPECIAL[kind]])
     return found
+
+
+def _climbs_through_a_link(root: str, path: str, target: str, excludes) -> bool:
+    """The target goes down into something that is not a real folder and climbs back out with '..' (`up/../x`,
+    `up` a symlink): resolved from wherever `up` points, so a restore refuses it (engines.tarcheck). Only
+    targets that go down then up are looked at (rare); what tar leaves out (excludes) does not count."""
+    names = [p for p in target.split("/") if p not in ("", ".")]
+    if ".." not in names[next((i for i, p in enumerate(names) if p != ".."), len(names)):]:
+        return False
+    stack = [p for p in path.split("/")[:-1] if p not in ("", ".")]
+    base = len(stack)
+    for part in names:
+        if part != "..":
+            stack.append(part)
+            continue
+        for k in range(max(base, 1), len(stack) + 1):
+            prefix = "/".join(stack[:k])
+            if _excluded(prefix, excludes):
+                break
+            try:
+                if not stat.S_ISDIR(os.lstat(os.path.join(root, prefix)).st_mode):
+                    return True
+            except OSError:
+                break  # missing: never archived, so never refused
+        if stack:
+            stack.pop()
+        base = min(base, len(stack))
+    return False
+
+
+def _excluded(name: str, excludes) -> bool:
+    """GNU tar's --exclude test (no-anchored, wildcards match '/'), as outward_links' find prunes apply it."""
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, f"*/{p}") for p in excludes)
 
 
 def _climbs_out(path: str, target: str) -> bool:

@@ -14,11 +14,18 @@ we refuse instead of guessing: GNU tar never writes such archives, so the
 refusal costs nothing for real backups and removes any parser differential.
 Python's tarfile is not used: 3.11.7 lacks the 2025 filter-bypass fixes.
 
+A hard link may name an earlier regular file or an earlier symbolic link: GNU tar writes a hard-linked symlink
+(as `cp -al` makes) as a hard-link member, and link(2) on a symlink links the symlink itself. The new name is a
+symlink with the same target text, resolved from its own folder: it is checked as a symlink of its own.
+
 Beyond GNU tar's own rules we refuse: a '..' component anywhere in a name,
-an absolute symlink target, a symlink target whose '..' would climb out of
-something not known to be a directory of this archive (through a symlink it
-would climb from wherever that link points), and a second non-directory member
-with the same path (replacing the first one changes what hard links mean).
+an absolute symlink target, a symlink target whose '..' would climb out of the
+extraction folder or out of anything but a directory (through a symlink it
+would climb from wherever that link points; a folder not seen yet is promised
+to be a directory, and a later member of that name that is not one is refused:
+tar archives a folder's entries in directory order, so `sub` of `sub/../x` may
+come after the link), and a second non-directory member with the same path
+(replacing the first one changes what hard links mean).
 
 Accepted type flags: '0', '\\0' and '7' (regular file), '1' (hard link), '2'
 (symlink), '5' (directory), 'S' (old GNU sparse file, in GNU-format headers
@@ -40,7 +47,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .tarfields import _DIGITS, BLOCK, _decimal, _is_star, _number, _pad, show
+from .tarfields import BLOCK, _decimal, _is_star, _number, _pad, show
+from .tarsparse import _DATA, _HEADER, _META, _SPARSE_1_0, _SPARSE_MAP, SparseMaps
 
 ZERO_BLOCK = bytes(BLOCK)
 GiB = 1 << 30
@@ -57,12 +65,10 @@ _PAX_LEN = re.compile(rb"([0-9]{1,19}) ")
 # Keywords that change what or where a member is: each may appear once, and their values are checked.
 _PAX_NAME_KEYS = {b"path", b"linkpath", b"size", b"GNU.sparse.name", b"GNU.sparse.major", b"GNU.sparse.minor",
                   b"GNU.sparse.realsize"}
-_SPARSE_1_0 = {b"GNU.sparse.name", b"GNU.sparse.major", b"GNU.sparse.minor", b"GNU.sparse.realsize"}
 # A global header applies to every later member; only keywords that cannot move or resize one are allowed.
 _PAX_GLOBAL_OK = {b"atime", b"ctime", b"mtime", b"comment", b"charset", b"hdrcharset", b"uid", b"gid", b"uname",
                   b"gname"}
 
-_HEADER, _META, _DATA, _SPARSE_EXT, _SPARSE_MAP = range(5)
 SETID = 0o6000  # S_ISUID | S_ISGID
 
 
@@ -103,7 +109,7 @@ class Listing:
     setid: list = field(default_factory=list, compare=False)
 
 
-class TarScanner:
+class TarScanner(SparseMaps):
     """Feed plaintext in chunks; get back the pieces that are safe to hand to GNU tar.
 
     feed() raises ArchiveRefused for a hostile member before returning anything
@@ -127,6 +133,8 @@ class TarScanner:
         self._longname: bytes | None = None
         self._longlink: bytes | None = None
         self._paths: dict[bytes, int] = {}
+        self._link_targets: dict[bytes, bytes] = {}  # symlink path → its target, for hard links to symlinks
+        self._promised_dirs: set[bytes] = set()  # unseen folders a symlink climbs out of: only ever directories
         self._members = self._total = 0
         self._last_parent: bytes | None = None
         self._held = bytearray()
@@ -407,10 +415,13 @@ class TarScanner:
                     self._refuse("it appears twice in the archive (a later copy would replace the earlier one)")
                 self._refuse(f"it would replace the earlier {KIND_NAMES[before]} of the same name with a "
                              f"{KIND_NAMES[kind]}")
+        if parts and kind != DIR and key in self._promised_dirs:
+            self._refuse("an earlier symbolic link climbs out of this name with '..': it may only be a directory")
         if kind == SYMLINK:
             self._check_symlink(parts, link)
+            self._link_targets[key] = link
         elif kind == HARDLINK:
-            self._check_hardlink(key, link)
+            kind = self._check_hardlink(parts, key, link)
         elif kind == FILE:
             self._total += realsize
             if self._total > limits.max_total_size:
@@ -448,17 +459,6 @@ class TarScanner:
         self._patches.append((self._block_at, bytes(new)))
         self._setid.append((show(self._member)[1:-1], mode & 0o7777))
 
-    def _pax_sparse_header(self, pax: dict, keys: set, typeflag: bytes, ustar: bool) -> None:
-        # GNU tar honours GNU.sparse.* only in POSIX-format regular files; elsewhere realsize alone would
-        # make it read the member with a different size than the header's. Only version 1.0 (what
-        # `tar --sparse --format=posix` writes) is accepted, and it must be complete.
-        if keys != _SPARSE_1_0 or typeflag != b"0" or not ustar:
-            self._refuse("an incomplete or misplaced GNU sparse 1.0 pax header")
-        if pax[b"GNU.sparse.major"] != b"1" or pax[b"GNU.sparse.minor"] != b"0":
-            self._refuse("a GNU sparse format other than 1.0")
-        if _decimal(pax[b"GNU.sparse.realsize"]) is None:
-            self._refuse("its sparse real size is not a valid number")
-
     # --- names -------------------------------------------------------------------------
     def _name_parts(self, raw: bytes, what: str, member: bytes | None = None) -> list[bytes]:
         if not raw:
@@ -495,8 +495,10 @@ class TarScanner:
         self._last_parent = parent
 
     def _check_symlink(self, parts: list[bytes], target: bytes) -> None:
-        """Lexical resolution from the link's folder. '..' may climb only through folders known to be real
-        directories of this archive: through a symlink it would climb from wherever the link points."""
+        """Lexical resolution from the link's folder. '..' may climb only out of real folders: through a symlink it
+        would climb from wherever the link points. A folder of the target not seen yet (tar archives a folder's
+        entries in directory order, so `sub` of `sub/../x` may come later) is promised to be one: a later member
+        of that name that is not a directory is refused (_promised_dirs)."""
         if not target:
             self._refuse("a symbolic link with an empty target")
         if b"\0" in target or len(target) > self.limits.max_name:
@@ -504,102 +506,42 @@ class TarScanner:
         if target.startswith(b"/") or _DRIVE.match(target):
             self._refuse(f"its symbolic link target {show(target)} is absolute")
         stack = parts[:-1]
+        base = len(stack)  # the link's own folders: directories of this archive (_check_parents made sure)
         for p in target.split(b"/"):
             if not p or p == b".":
                 continue
             if p != b"..":
                 stack.append(p)
-            elif not stack:
+                continue
+            if not stack:
                 self._refuse(f"its symbolic link target {show(target)} points outside the extraction folder")
-            elif self._paths.get(b"/".join(stack)) != DIR:
-                self._refuse(f"its symbolic link target {show(target)} climbs with '..' out of "
-                             f"{show(b'/'.join(stack))}, which is not a directory of this archive")
-            else:
-                stack.pop()
+            promise = []
+            for k in range(max(base, 1), len(stack) + 1):  # each folder the target entered on its way down
+                prefix = b"/".join(stack[:k])
+                kind = self._paths.get(prefix)
+                if kind is None:
+                    promise.append(prefix)
+                elif kind != DIR:
+                    self._refuse(f"its symbolic link target {show(target)} climbs with '..' out of {show(prefix)}, "
+                                 f"which is a {KIND_NAMES[kind]} of this archive, not a directory")
+            self._promised_dirs.update(promise)
+            stack.pop()
+            base = min(base, len(stack))
 
-    def _check_hardlink(self, key: bytes, target: bytes) -> None:
-        parts = self._name_parts(target, f"its hard link target {show(target)}")
-        tkey = b"/".join(parts)
+    def _check_hardlink(self, parts: list[bytes], key: bytes, target: bytes) -> int:
+        """The kind the new name gets: HARDLINK (to a regular file) or SYMLINK (to a symlink, which it becomes)."""
+        tparts = self._name_parts(target, f"its hard link target {show(target)}")
+        tkey = b"/".join(tparts)
         if tkey == key:
             self._refuse("a hard link to itself")
-        if self._paths.get(tkey) not in (FILE, HARDLINK):
-            self._refuse(f"its hard link target {show(target)} is not a regular file that appears earlier in "
-                         "the archive")
-
-    # --- sparse files ------------------------------------------------------------------
-    def _add_region(self, offset: int | None, numbytes: int | None) -> None:
-        if offset is None or numbytes is None or offset + numbytes > self._realsize:
-            self._refuse("its sparse map is invalid")
-        self._region_blocks += -(-numbytes // BLOCK)  # GNU tar starts each region on a fresh block
-        # The map, not the real size field, decides the file's size: GNU tar writes each region at its
-        # offset and truncates the file at the offset of an empty one (a trailing hole).
-        self._sparse_end = offset if not numbytes else max(self._sparse_end, offset + numbytes)
-
-    def _regions_fill_data(self, map_blocks: int = 0) -> None:
-        # GNU tar consumes the blocks its map names, not the header's size: both must agree.
-        if map_blocks + self._region_blocks != self._stored_blocks:
-            self._refuse("its sparse map does not match the size of its data")
-        if self._sparse_end != self._realsize:
-            self._refuse("its sparse map does not match its real size")
-
-    def _oldgnu_sparse(self, block: bytes) -> bool:
-        if self._sparse_entries(block, 386, 4) and block[482]:
-            self._state = _SPARSE_EXT
-            return False  # the extension blocks are part of the header: held back until read
-        return self._sparse_header_done()
-
-    def _sparse_entries(self, block: bytes, start: int, count: int) -> bool:
-        """Add the map entries of one header block; False when an empty entry ended the map (GNU tar
-        then reads no extension block, whatever the 'extended' flag says)."""
-        for k in range(count):
-            at = start + 24 * k
-            if block[at + 12] == 0:
-                return False
-            self._add_region(_number(block[at : at + 12]), _number(block[at + 12 : at + 24]))
-        return True
-
-    def _sparse_ext(self, block: bytes) -> bool:
-        if len(self._held) > self.limits.max_pax_header:
-            self._refuse(f"its sparse map is longer than the limit of {self.limits.max_pax_header} bytes")
-        return False if self._sparse_entries(block, 0, 21) and block[504] else self._sparse_header_done()
-
-    def _sparse_header_done(self) -> bool:
-        self._regions_fill_data()
-        self._state = _DATA if self._need else _HEADER
-        return True
-
-    def _sparse_map(self, view, i: int, n: int) -> int:
-        """The GNU sparse 1.0 map at the start of the member's data: decimal lines, count then pairs."""
-        take = min(n - i, self._need)
-        data = bytes(view[i : i + take])
-        pos = 0
-        while True:
-            j = data.find(b"\n", pos)
-            if j < 0:
-                self._map_line += data[pos:]
-                if len(self._map_line) > 20:
-                    self._refuse("its sparse map is malformed")
-                pos = len(data)
-                break
-            line, self._map_line, pos = self._map_line + data[pos:j], b"", j + 1
-            if not _DIGITS.match(line):
-                self._refuse("its sparse map is malformed")
-            self._map_numbers.append(int(line))
-            if self._map_expected < 0:
-                self._map_expected = 1 + 2 * self._map_numbers.pop()
-                self._map_numbers = []
-            elif len(self._map_numbers) == 2:
-                self._add_region(*self._map_numbers)
-                self._map_numbers = []
-            self._map_expected -= 1
-            if not self._map_expected:
-                self._map_bytes += pos
-                self._regions_fill_data(-(-self._map_bytes // BLOCK))
-                self._need -= pos
-                self._state = _DATA if self._need else _HEADER
-                return pos
-        self._map_bytes += pos
-        self._need -= pos
-        if not self._need:
-            self._refuse("its sparse map runs past the end of its data")
-        return pos
+        before = self._paths.get(tkey)
+        if before == SYMLINK:
+            # The same target text, read from this name's folder: a link that stays inside from a deep folder may
+            # leave the extraction folder from a shallow one.
+            self._check_symlink(parts, self._link_targets[tkey])
+            self._link_targets[key] = self._link_targets[tkey]
+            return SYMLINK
+        if before not in (FILE, HARDLINK):
+            self._refuse(f"its hard link target {show(target)} is not a regular file or symbolic link that appears "
+                         "earlier in the archive")
+        return HARDLINK

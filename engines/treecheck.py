@@ -55,6 +55,8 @@ def check_tree(dest, listing: Listing, *, artifact: str = "", uid: int | None = 
                         inodes.setdefault(key, [0, st.st_nlink])[0] += 1
                 elif stat.S_ISLNK(mode):
                     kind = tc.SYMLINK
+                    if st.st_nlink > 1:  # a hard-linked symlink: every name of it must be inside too
+                        inodes.setdefault((st.st_dev, st.st_ino), [0, st.st_nlink])[0] += 1
                     target = os.path.realpath(entry.path)
                     if target != real_root and not target.startswith(real_root + b"/"):
                         raise ArchiveRefused(f"{label}the extracted symbolic link {show(rel)} resolves outside "
@@ -72,8 +74,8 @@ def check_tree(dest, listing: Listing, *, artifact: str = "", uid: int | None = 
                                             f"checked listing {what}: the two readings of the archive differ")
     for (_dev, ino), (seen, nlink) in inodes.items():
         if seen != nlink:
-            raise ArchiveRefused(f"{label}an extracted file (inode {ino}) has {nlink} hard links but only {seen} "
-                                 "inside the extraction folder: it is linked to a file outside",
+            raise ArchiveRefused(f"{label}an extracted file or link (inode {ino}) has {nlink} hard links but only "
+                                 f"{seen} inside the extraction folder: it is linked to a file outside",
                                  rule="hard link outside")
     total = sum(sizes.values())
     want = (listing.dirs, listing.files + listing.hardlinks, listing.symlinks, listing.total_size)

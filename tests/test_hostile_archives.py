@@ -219,7 +219,31 @@ def test_a_symlink_to_dot_cannot_be_climbed_through(tmp_path, site):
 def test_a_symlink_target_cannot_climb_through_another_symlink(tmp_path, site):
     # Lexically 'up/../x' stays inside; on disk 'up' is the root, so '..' would leave it.
     data = archive(member("up", type_=b"2", link="."), member("esc", type_=b"2", link="up/../x"))
-    assert_refused(tmp_path, site, data, "esc", "not a directory of this archive")
+    assert_refused(tmp_path, site, data, "esc", "which is a symbolic link of this archive, not a directory")
+
+
+@pytest.mark.parametrize("order", ["link first", "folder first"])
+def test_a_symlink_may_climb_back_out_of_a_real_folder_archived_before_or_after_it(tmp_path, site, order):
+    """`sub/../x` stays inside when sub is a real folder; tar archives a folder's entries in directory order, so
+    the link may come first: sub is then promised to be a folder."""
+    link, folder = member("svc/l", type_=b"2", link="sub/../x"), member("svc/sub/", type_=b"5")
+    parts = [link, folder] if order == "link first" else [folder, link]
+    data = archive(member("svc/", type_=b"5"), *parts, member("svc/x", b"data\n"))
+    store, name, cat = store_archive(tmp_path, data)
+    extract_artifact(store, name, dest=site / "svc.restoring", **cat)
+    assert (site / "svc.restoring" / "svc" / "l").read_text() == "data\n"
+
+
+@pytest.mark.parametrize(("later", "kind"), [
+    (member("up", type_=b"2", link="."), "symbolic link"),  # up/../x would leave the root
+    (member("d/e", type_=b"2", link="../.."), "symbolic link"),  # a deeper promised folder
+    (member("up", b"file"), "regular file"),
+    (member("f", b"x") + member("up", type_=b"1", link="f"), "hard link"),
+])
+def test_a_folder_a_symlink_climbed_out_of_cannot_arrive_later_as_anything_else(tmp_path, site, later, kind):
+    data = archive(member("esc", type_=b"2", link="up/../x"), member("esc2", type_=b"2", link="d/e/../../y"), later)
+    name = "d/e" if b"d/e" in later[:100] else "up"
+    assert_refused(tmp_path, site, data, name, "may only be a directory")
 
 
 def test_a_file_written_through_an_earlier_symlink_is_refused(tmp_path, site):
@@ -241,9 +265,34 @@ def test_hard_links_to_anything_but_an_earlier_file_are_refused(tmp_path, site, 
     assert_refused(tmp_path, site, data, "h", rule)
 
 
-def test_a_hard_link_to_a_symlink_is_refused(tmp_path, site):
-    data = archive(member("s", type_=b"2", link="f"), member("h", type_=b"1", link="s"))
-    assert_refused(tmp_path, site, data, "h", "appears earlier")
+def test_a_hard_link_to_an_earlier_symlink_extracts_as_a_hard_linked_symlink(tmp_path, site):
+    """What `cp -al` of a tree holding a symlink makes, as GNU tar writes it: the second name is a hard-link member."""
+    data = archive(member("d/", type_=b"5"), member("d/f", b"data\n"), member("d/s", type_=b"2", link="f"),
+                   member("d/h", type_=b"1", link="d/s"), member("d/h2", type_=b"1", link="d/h"))
+    store, name, cat = store_archive(tmp_path, data)
+    listing = verify_artifact(store, name, tar=True, **cat)
+    assert (listing.symlinks, listing.hardlinks, listing.files) == (3, 0, 1)
+    dest = site / "svc.restoring"
+    extract_artifact(store, name, dest=dest, **cat)
+    s, h = os.lstat(dest / "d" / "s"), os.lstat(dest / "d" / "h2")
+    assert stat.S_ISLNK(h.st_mode) and (s.st_ino, s.st_nlink) == (h.st_ino, 3)
+    assert os.readlink(dest / "d" / "h") == "f"
+
+
+@pytest.mark.parametrize(("parts", "member_name", "rule"), [
+    # the symlink itself leaves the folder: refused as a symlink, before any hard link to it
+    ([member("s", type_=b"2", link="../../etc"), member("h", type_=b"1", link="s")], "s", "points outside"),
+    # inside from d/e/, outside from the top: the same target text read from the hard link's own folder
+    ([member("d/e/s", type_=b"2", link="../../f"), member("h", type_=b"1", link="d/e/s")], "h", "points outside"),
+    ([member("h", type_=b"1", link="s"), member("s", type_=b"2", link="f")], "h", "appears earlier"),  # named first
+    ([member("d/", type_=b"5"), member("h", type_=b"1", link="d")], "h", "appears earlier"),  # a directory
+    ([member("f", b"x"), member("h", type_=b"1", link="h")], "h", "to itself"),
+    ([member("s", type_=b"2", link="f"), member("s/x", b"x")], "s/x", "through the symbolic link"),
+    ([member("s", type_=b"2", link="d"), member("h", type_=b"1", link="s"), member("h/x", b"x")], "h/x",
+     "through the symbolic link"),  # a hard-linked symlink is a symlink: nothing is written through it either
+])
+def test_hard_links_to_symlinks_are_refused_where_unsafe(tmp_path, site, parts, member_name, rule):
+    assert_refused(tmp_path, site, archive(*parts), member_name, rule)
 
 
 # --- types ----------------------------------------------------------------------------------------

@@ -335,3 +335,38 @@ def test_a_check_of_a_remote_customer_looks_at_its_folders_user_and_databases_on
     run = check()
     assert run.status == "failed" and "resolves to '/etc', outside" in run.error and "customers root" in run.error
     assert run.result["services"][0]["error"] == "not checked: the root folder has problems"
+
+
+def test_a_remote_customers_extra_config_paths_are_matched_on_the_host_and_fifos_named(web, team):
+    """Issue 15: the policy's extra config paths are globbed on the host, by the same rules as locally (a symlink
+    or a symlinked folder there is never taken); a FIFO there is named at backup time like a local one."""
+    import os
+
+    from backups.models import BackupPolicy
+    from backups.services import default_target
+
+    host = make_host(web, "web-config-paths")
+    customer = remote_customer(web, host, team, sqlite=False)
+    root = Path(customer.root)
+    (root / "station_info.json").write_text('{"station": 7}\n')
+    (root / "nginx").mkdir()
+    (root / "nginx" / "site.conf").write_text("server {}\n")
+    (root / "nginx" / "host.conf").symlink_to("/etc/hostname")
+    (root / "elsewhere").symlink_to("/etc")
+    os.mkfifo(root / "backend" / "queue")
+    BackupPolicy.objects.create(customer=customer, target=default_target(),
+                                config_paths=["station_info.json", "nginx/*.conf", "elsewhere/*.conf"])
+
+    run = run_backup(customer)
+    assert run.status == "succeeded", run.error
+    bk = Backup.objects.get(run=run)
+    config = bk.artifacts.get(kind="config")
+    assert config.details["files"] == [".env", "backend/.env", "station_info.json", "nginx/site.conf"]
+    folder = Path(bk.target.store().location(bk.prefix))
+    members = _members(_plain(folder / config.name))
+    assert set(members) == {".env", "backend/.env", "station_info.json", "nginx/site.conf"}
+    assert members["station_info.json"] == hashlib.sha256(b'{"station": 7}\n').hexdigest()
+    assert bk.artifacts.get(kind="service").details["unrestorable"] == {
+        "count": 1, "examples": ["backend/queue (a FIFO)"]}
+    assert "1 file(s) a restore never creates (backend/queue (a FIFO))" in " ".join(
+        run.log_lines.filter(level="warning").values_list("text", flat=True))
