@@ -182,6 +182,9 @@ def _artifact(a: dict, field: str, *, encrypted: bool) -> None:
             _choice(details["engine"], f"{field}.database.engine", DatabaseConnection.Engine.values)
         for table, rows in _dict(details.get("row_counts") or {}, f"{field}.database.row_counts").items():
             _int(rows, f"{field}.database.row_counts.{table}")
+        for counts in ("key_counts", "expiring_counts"):  # Redis: keys per logical database
+            for db, keys in _dict(details.get(counts) or {}, f"{field}.database.{counts}").items():
+                _int(keys, f"{field}.database.{counts}.{db}")
     _int(a.get("size"), f"{field}.size")
     if not isinstance(a.get("sha256"), str) or not _SHA256.fullmatch(a["sha256"]):
         _fail(f"{field}.sha256", "expected 64 lowercase hexadecimal digits")

@@ -137,6 +137,7 @@ def make_backup(ctx: RunContext, customer: Customer, p: dict, *, run=None, pin_r
             if customer.host.is_local:
                 specs = plans.plan(customer, p)
             else:  # over SSH (backups.remote): one session for the whole backup, closed below in every case
+                remote_plans.refuse_redis(customer, "backup", p)  # before the host is even reached
                 remote = _remote_host(ctx, customer)
                 specs = remote_plans.plan(customer, p, remote)
         except (PathEscapeError, plans.sources.SourceError, SSHError) as exc:
@@ -307,6 +308,16 @@ class _Finisher:
                 raise f.exception()
 
 
+def _keys_said(details: dict) -> str:
+    """A Redis snapshot's keys, as the run log says them."""
+    if details.get("engine") != "redis":
+        return ""
+    if details.get("key_counts") is None:
+        return f"; {details.get('counts_problem') or 'keys not counted'}"
+    counts = details["key_counts"]
+    return f", {sum(counts.values())} keys in {len(counts)} logical database(s)"
+
+
 def _write_one(ctx: RunContext, bk: Backup, store, spec, *, lane: str, keyring, bandwidth, progress: _Progress,
                finisher: _Finisher):
     ctx.check_alive()
@@ -338,7 +349,7 @@ def _write_one(ctx: RunContext, bk: Backup, store, spec, *, lane: str, keyring, 
     def verified() -> None:
         _verify_object(store, name, res.sha256, res.size)
         ctx.info(f"{spec.name}: {human_size(res.size)} stored, sha256 {res.sha256[:16]}…"
-                 + (f", {len(rows)} tables" if rows is not None else ""))
+                 + (f", {len(rows)} tables" if rows is not None else "") + _keys_said(details))
 
     finisher.submit(res.writer, verified)
     res.writer = None

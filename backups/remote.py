@@ -39,6 +39,7 @@ from customers.models import Customer, DatabaseConnection
 from engines import credentials, hostside, paths, sources, ssh
 from engines.streams import ChainError
 from hosts.remote import RemoteError, RemoteHost
+from operations.context import OperationError
 
 from . import artifacts as local
 from . import remote_hostpg
@@ -106,10 +107,24 @@ def _inside(path, base) -> bool:
     return norm != base and norm.startswith(base.rstrip("/") + "/") and ".." not in norm.split("/")
 
 
+def refuse_redis(customer: Customer, what: str, params: dict | None = None) -> None:
+    """Redis through the session's forward is not built: a remote customer's Redis database is refused before the
+    host is asked anything (a files-only or config-only backup still runs)."""
+    if params is not None and (params.get("scope") not in ("full", "database") or params.get("services")):
+        return
+    names = [d.name for d in customer.databases.all() if d.engine == DatabaseConnection.Engine.REDIS]
+    if names:
+        raise OperationError(f"refused before touching anything: database {', '.join(names)} of {customer} is a "
+                             f"Redis one and {customer} lives on host {customer.host.name}: a {what} of Redis runs "
+                             "for customers on local only (not built yet over SSH); back up the files with scope "
+                             "files")
+
+
 # --- the plan -----------------------------------------------------------------------------------------------
 def plan(customer: Customer, params: dict, remote: RemoteHost) -> list[local.ArtifactSpec]:
     """The same artifacts, names and details as backups.artifacts.plan() makes for a local customer."""
     scope, compression, encrypted = params["scope"], params["compression"], params["encrypt"]
+    refuse_redis(customer, "backup", params)
     facts = host_facts(remote, customer)
     root = facts["root"]
     if any(d.engine == DatabaseConnection.Engine.SQLITE for d in customer.databases.all()):

@@ -1,0 +1,382 @@
+"""Redis as a database engine, against a real redis-server with a password (started here, one per session).
+
+Backup (the snapshot streamed through engines/rdbstream.py, keys counted per logical database), drill (a scratch
+redis-server loads it), restore in place (a spare logical database, then SWAPDB), and every refusal or failure
+leaving the target exactly as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from backups.models import Backup
+from backups.services import backup_start
+from engines import dburl, redisdump
+from engines.dbbase import DbTarget
+from engines.streams import ChainError, ProcessChain
+from operations.models import Run, RunLogLine
+from operations.services import run_execute
+from tests.conftest import free_port, port_open, require, wait_until
+from tests.restore_helpers import command_json
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+PASSWORD = "Rd-" + secrets.token_urlsafe(12)
+
+
+def _start_server(folder: Path, *extra: str) -> tuple[subprocess.Popen, int]:
+    program = shutil.which("redis-server")
+    require(program is not None, "redis-server (Debian package redis-server)")
+    port = free_port()
+    proc = subprocess.Popen([program, "--port", str(port), "--bind", "127.0.0.1", "--requirepass", PASSWORD,
+                             "--save", "", "--appendonly", "no", "--dir", str(folder), "--daemonize", "no",
+                             "--logfile", str(folder / "server.log"), *extra],
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    wait_until(lambda: port_open("127.0.0.1", port), 20, what="redis-server to listen")
+    return proc, port
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    # No 5 s wait for more replicas before a diskless snapshot (7.0's default): the tests take many.
+    proc, port = _start_server(tmp_path_factory.mktemp("redis"), "--repl-diskless-sync-delay", "0")
+    yield port
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def _client(port: int, db: int = 0) -> redis.Redis:
+    return redis.Redis(host="127.0.0.1", port=port, password=PASSWORD, db=db)
+
+
+@pytest.fixture
+def live(redis_server):
+    _client(redis_server).flushall()
+    yield redis_server
+    _client(redis_server).flushall()
+
+
+def _seed(port: int) -> None:
+    """Every kind of value, in the customer's logical database 1 and another application's 2."""
+    c = _client(port, 1)
+    c.set("greeting", "hello")
+    c.set("counter", 12345)
+    c.set("blob", os.urandom(200_000))
+    c.set(b"\x00bin\xff", b"\x01\x02")
+    c.set("session", "soon gone", ex=3600)
+    c.rpush("queue", *[f"job-{i}" for i in range(500)])
+    c.hset("user:1", mapping={"name": "Ann", "age": "41"})
+    c.hset("big-hash", mapping={f"f{i}": f"v{i}" for i in range(600)})
+    c.sadd("ints", 1, 2, 3, 99)
+    c.sadd("tags", "red", "green")
+    c.zadd("scores", {"a": 1.5, "b": -2, "c": 1e9})
+    c.zadd("big-zset", {f"m{i}": i / 3 for i in range(200)})
+    c.xadd("events", {"kind": "signup"})
+    c.xadd("events", {"kind": "login"})
+    c.xgroup_create("events", "mailer", id="0")
+    c.xreadgroup("mailer", "worker-1", {"events": ">"}, count=1)
+    for i in range(300):  # more than one batch of DUMP/RESTORE
+        c.set(f"page:{i}", f"<html>{i}</html>")
+    o = _client(port, 2)
+    o.set("other-app", "theirs")
+    o.lpush("other-list", "x", "y")
+
+
+def _state(port: int) -> dict:
+    """Every logical database's keys: type, value, whether it expires."""
+    out = {}
+    for db in range(16):
+        c = _client(port, db)
+        keys = {}
+        for k in c.scan_iter(count=1000):
+            kind = c.type(k).decode()
+            if kind == "string":
+                value = c.get(k)
+            elif kind == "list":
+                value = c.lrange(k, 0, -1)
+            elif kind == "hash":
+                value = sorted(c.hgetall(k).items())
+            elif kind == "set":
+                value = sorted(c.smembers(k))
+            elif kind == "zset":
+                value = c.zrange(k, 0, -1, withscores=True)
+            else:
+                value = (c.xrange(k), [(g["name"], g["pending"], g["last-delivered-id"]) for g in c.xinfo_groups(k)])
+            keys[k] = (kind, value, c.ttl(k) > 0)
+        if keys:
+            out[db] = keys
+    return out
+
+
+def _change(port: int) -> None:
+    c = _client(port, 1)
+    c.delete("greeting", "queue", "page:7")
+    c.set("counter", 0)
+    c.set("added-later", "x")
+    c.hset("user:1", "age", "42")
+    _client(port, 2).set("other-app-new", "still theirs")
+
+
+@pytest.fixture
+def customer(make_customer, live):
+    return make_customer(databases=[("cache", f"redis://:{PASSWORD}@127.0.0.1:{live}/1")])
+
+
+def _backup(customer) -> tuple[Backup, Run]:
+    run = backup_start(customer, via="cli", enqueue=False)
+    run_execute(run.pk)
+    run.refresh_from_db()
+    return Backup.objects.get(run=run), run
+
+
+@pytest.fixture
+def backed_up(customer, live):
+    _seed(live)
+    before = _state(live)
+    bk, run = _backup(customer)
+    assert bk.status == "succeeded", bk.error
+    return customer, bk, before
+
+
+# --- backup, drill, restore ---------------------------------------------------------------------------------------
+def test_backup_drill_and_restore_round_trip_bring_back_the_logical_database(customer, live):
+    _seed(live)
+    before = _state(live)
+    seen: set[str] = set()
+    done = threading.Event()
+
+    def watch() -> None:  # every process's argv and (where readable) environment while the backup runs
+        while not done.is_set():
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                for what in ("cmdline", "environ"):
+                    try:
+                        seen.add(Path(f"/proc/{pid}/{what}").read_bytes().decode("utf-8", "replace"))
+                    except OSError:
+                        pass
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        bk, run = _backup(customer)
+    finally:
+        done.set()
+        watcher.join()
+    assert bk.status == "succeeded", bk.error
+    art = bk.artifacts.get(kind="database")
+    assert art.name == "db-cache.rdb.zst.enc"
+    assert any("rdbstream.py" in text for text in seen)  # the watcher saw the snapshot stage
+    assert not [text for text in seen if PASSWORD in text]
+    assert not RunLogLine.objects.filter(run=run, text__contains=PASSWORD).exists()
+    assert PASSWORD not in (Path(bk.target.path) / bk.prefix / "backup.json").read_text()
+    details = art.details
+    assert details["engine"] == "redis" and details["database"] == "1" and details["format"] == "rdb"
+    assert details["key_counts"] == {"1": len(before[1]), "2": len(before[2])}
+    assert details["expiring_counts"] == {"1": 1}
+    assert details["server_version"].startswith("7.")
+
+    code, drill = command_json("verify", str(bk.pk))
+    assert code == 0 and drill["status"] == "succeeded", drill
+    checks = drill["result"]["checks"]
+    assert {"artifact": art.name, "keys": len(before[1]) + len(before[2]), "logical_databases": 2} in checks
+
+    _change(live)
+    changed = _state(live)
+    code, run = command_json("restore", str(bk.pk), "--yes")
+    assert code == 0, run
+    after = _state(live)
+    assert after[1] == before[1]  # the customer's logical database, exactly as it was backed up
+    assert after[2] == changed[2]  # another application's logical database is not the restore's business
+    assert set(after) == {1, 2}  # the spare (the previous keys) was emptied once the restore held
+    log = "\n".join(RunLogLine.objects.filter(run_id=run["id"]).values_list("text", flat=True))
+    assert "SWAPDB" in log and PASSWORD not in log
+
+
+def test_drill_finds_a_snapshot_that_lost_keys_against_its_manifest(backed_up):
+    customer, bk, before = backed_up
+    art = bk.artifacts.get(kind="database")
+    art.details = {**art.details, "key_counts": {**art.details["key_counts"], "1": len(before[1]) + 5}}
+    art.save()
+    code, drill = command_json("verify", str(bk.pk))
+    assert code == 1 and "logical database 1" in drill["error"] and "differs from the manifest" in drill["error"]
+
+
+def test_wrong_backup_key_fails_the_drill_and_the_restore_and_touches_nothing(backed_up, live, settings):
+    customer, bk, _ = backed_up
+    _change(live)
+    changed = _state(live)
+    settings.KASA_BACKUP_KEYS = "k2:" + "z" * 43
+    code, drill = command_json("verify", str(bk.pk))
+    assert code == 1 and "KASA_BACKUP_KEYS" in drill["error"]
+    code, run = command_json("restore", str(bk.pk), "--yes")
+    assert code == 1 and "KASA_BACKUP_KEYS" in run["error"]
+    assert _state(live) == changed
+
+
+def test_corrupt_artifact_fails_the_drill_and_the_restore_and_touches_nothing(backed_up, live):
+    customer, bk, _ = backed_up
+    art = bk.artifacts.get(kind="database")
+    path = Path(bk.target.path) / bk.prefix / art.name
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    _change(live)
+    changed = _state(live)
+    code, drill = command_json("verify", str(bk.pk))
+    assert code == 1 and art.name in drill["error"]
+    code, run = command_json("restore", str(bk.pk), "--yes")
+    assert code == 1 and art.name in run["error"] and "nothing was touched" in run["error"]
+    assert _state(live) == changed
+
+
+def test_scratch_server_refuses_a_damaged_rdb_in_its_own_words_and_leaves_nothing(live, tmp_path):
+    _seed(live)
+    target = DbTarget(engine="redis", host="127.0.0.1", port=live, password=PASSWORD)
+    with ProcessChain([redisdump.snapshot_stage(target, str(tmp_path / "counts.json"))]) as chain:
+        rdb = bytearray(b"".join(chain.chunks()))
+        chain.finish()
+    rdb[len(rdb) // 2] ^= 0xFF
+    server = redisdump.ScratchRedis()  # under /tmp: as root it runs as nobody, who must reach its folder
+    folders = []
+    with pytest.raises(redisdump.RedisError) as err, server:
+        folders.append(server.folder)
+        server.load([bytes(rdb[:len(rdb) // 2]), bytes(rdb[len(rdb) // 2:])])
+    assert "refused the snapshot" in str(err.value)
+    assert folders[0] and not os.path.exists(folders[0])
+
+
+def test_snapshot_counts_equal_the_servers_and_a_wrong_password_fails_cleanly(live, tmp_path):
+    _seed(live)
+    counts = tmp_path / "counts.json"
+    target = DbTarget(engine="redis", host="127.0.0.1", port=live, password=PASSWORD)
+    with ProcessChain([redisdump.snapshot_stage(target, str(counts))]) as chain:
+        rdb = b"".join(chain.chunks())
+        chain.finish()
+    assert rdb.startswith(b"REDIS")
+    got = redisdump.read_counts(str(counts))
+    assert got["key_counts"] == redisdump.keyspace(_client(live))
+    (tmp_path / "dump.rdb").write_bytes(rdb)
+    check = subprocess.run(["redis-check-rdb", str(tmp_path / "dump.rdb")], capture_output=True, text=True)
+    assert "RDB looks OK" in check.stdout, check.stdout[-500:]
+
+    wrong = DbTarget(engine="redis", host="127.0.0.1", port=live, password="not-" + PASSWORD)
+    with pytest.raises(ChainError) as err, ProcessChain([redisdump.snapshot_stage(wrong, str(counts))]) as chain:
+        b"".join(chain.chunks())
+        chain.finish()
+    assert "WRONGPASS" in str(err.value) and PASSWORD not in str(err.value)
+
+
+def test_redis_that_disappears_mid_backup_fails_the_run_and_stores_nothing(make_customer, tmp_path):
+    proc, port = _start_server(tmp_path)
+    try:
+        c = _client(port, 0)
+        # 3000 keys at 1 ms each: the snapshot streams for about 3 s, time to kill the server during it.
+        c.config_set("rdb-key-save-delay", 1000)
+        c.config_set("repl-diskless-sync", "yes")
+        c.config_set("repl-diskless-sync-delay", 0)
+        pipe = c.pipeline(transaction=False)
+        for i in range(3000):
+            pipe.set(f"k{i}", "v" * 100)
+        pipe.execute()
+        customer = make_customer(databases=[("cache", f"redis://:{PASSWORD}@127.0.0.1:{port}/0")])
+
+        def kill_when_streaming() -> None:
+            def streaming() -> bool:
+                for pid in filter(str.isdigit, os.listdir("/proc")):
+                    try:
+                        if b"rdbstream.py" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                            return True
+                    except OSError:
+                        pass
+                return False
+
+            wait_until(streaming, 60, interval=0.02, what="the snapshot stage")
+            time.sleep(0.8)
+            os.killpg(proc.pid, signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_when_streaming)
+        killer.start()
+        bk, run = _backup(customer)
+        killer.join()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert run.status == "failed" and bk.status == "failed"
+    assert "db-cache.rdb" in bk.error and "closed the connection" in bk.error, bk.error
+    folder = Path(bk.target.path) / bk.prefix
+    assert not (folder.exists() and [p for p in folder.rglob("*") if p.is_file()])
+
+
+# --- restore refusals and failures --------------------------------------------------------------------------------
+def test_restore_is_refused_when_no_logical_database_is_spare(backed_up, live):
+    customer, bk, _ = backed_up
+    for db in [0, *range(3, 16)]:
+        _client(live, db).set("occupied", db)
+    _change(live)
+    changed = _state(live)
+    code, run = command_json("restore", str(bk.pk), "--yes")
+    assert code == 1 and "no empty logical database" in run["error"] and "nothing was touched" in run["error"]
+    assert _state(live) == changed
+    assert not Backup.objects.filter(customer=customer, trigger="restore").exists()  # before the safety backup
+
+
+def test_a_restore_that_fails_after_the_swap_puts_the_target_back_exactly(backed_up, live, settings):
+    customer, bk, _ = backed_up
+    svc = customer.services.get()
+    svc.health_url = f"http://127.0.0.1:{free_port()}/health"  # nothing listens: never healthy
+    svc.save()
+    settings.KASA_HEALTH_TIMEOUT = 1.0
+    _change(live)
+    changed = _state(live)
+    code, run = command_json("restore", str(bk.pk), "--yes")
+    assert code == 1 and "pre-restore state was put back" in run["error"], run["error"]
+    assert _state(live) == changed
+    log = "\n".join(RunLogLine.objects.filter(run_id=run["id"]).values_list("text", flat=True))
+    assert "SWAPDB again" in log
+
+
+def test_a_redis_database_of_a_customer_on_another_host_is_refused_before_anything(db, team, customer_root):
+    from customers.services import customer_create
+    from hosts.models import Host
+
+    host = Host.objects.create(name="web7", ssh_user="root", address="10.9.9.9", customers_root="/srv/customers")
+    customer = customer_create(domain="far.example.com", root="/srv/customers/far", team=team, host=host,
+                               databases=[("cache", dburl.parse(f"redis://:{PASSWORD}@127.0.0.1:6379/1"))])
+    bk, run = _backup(customer)
+    assert run.status == "failed" and "refused before touching anything" in run.error
+    assert "web7" in run.error and "Redis" in run.error
+    assert not RunLogLine.objects.filter(run=run, text__contains="ssh").exists()
+
+
+# --- URLs and the admin -------------------------------------------------------------------------------------------
+def test_redis_urls_parse_and_never_show_the_password():
+    url = dburl.parse("redis://:p%40ss@cache.internal:6380/3")
+    assert (url.engine, url.host, url.port, url.name, url.user, url.password, url.tls) == \
+        ("redis", "cache.internal", 6380, "3", "", "p@ss", False)
+    assert url.display() == "redis://:********@cache.internal:6380/3"
+    tls = dburl.parse("rediss://app:pw@cache.internal")
+    assert (tls.tls, tls.port, tls.name, tls.user) == (True, 6379, "0", "app")
+    for bad in ("redis://cache/x", "redis:///1", "redis://h/1?ssl=1"):
+        with pytest.raises(dburl.DatabaseURLError):
+            dburl.parse(bad)
+
+
+def test_admin_offers_redis_and_masks_its_password(client, admin_user, customer):
+    db = customer.databases.get()
+    assert db.engine == "redis" and db.database == "1" and db.port and db.password.reveal() == PASSWORD
+    assert PASSWORD not in db.display_url()
+    client.force_login(admin_user)
+    html = client.get(f"/customers/customer/{customer.pk}/change/").content.decode()
+    assert '<option value="redis" selected>Redis</option>' in html
+    assert PASSWORD not in html and 'type="password"' in html and "tls" in html
