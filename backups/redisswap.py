@@ -71,19 +71,14 @@ def stage(ctx: RunContext, plan, store, keyring, art: BackupArtifact, journal, t
                                    **artifact_kwargs(plan.backup, art, keyring)) as chunks:
                 got = server.load(chunks)
             ctx.info(f"{art.name}: {_check(art, got)}")
-            con = redisdump.connect(target)
-            try:
-                spare = _spare(con, target, live, server.version)
-                step = journal.add({"type": "redis_spare", "engine": "redis", "db": art.source, "spare": spare,
-                                    "live": live, "keys": None})
-                ctx.info(f"{art.name}: copying the {got.get(str(source_db), 0)} keys of logical database "
-                         f"{source_db} into the empty logical database {spare} of {target.display()}")
-                with server.client(source_db) as src:
-                    con.execute_command("SELECT", spare)
-                    moved = redisdump.copy_keys(src, con)
-                size = redisdump.dbsize(con, spare)
-            finally:
-                con.close()
+            spare = _spare(target, live, server.version)
+            step = journal.add({"type": "redis_spare", "engine": "redis", "db": art.source, "spare": spare,
+                                "live": live, "keys": None})
+            ctx.info(f"{art.name}: copying the {got.get(str(source_db), 0)} keys of logical database "
+                     f"{source_db} into the empty logical database {spare} of {target.display()}")
+            with server.client(source_db) as src, redisdump.connect(target, db=spare) as dst:
+                moved = redisdump.copy_keys(src, dst)
+            size = redisdump.dbsize(target, spare)
     except (redisdump.RedisError, unpack.ArtifactError) as exc:
         raise OperationError(f"{art.name}: {exc}") from None
     except redisdump.redis.RedisError as exc:
@@ -96,15 +91,16 @@ def stage(ctx: RunContext, plan, store, keyring, art: BackupArtifact, journal, t
     ctx.info(f"{art.name}: {moved} keys staged in logical database {spare}, swapped in once the services stop")
 
 
-def _spare(con, target, live: int, scratch_version: str) -> int:
+def _spare(target, live: int, scratch_version: str) -> int:
     """The spare logical database, or OperationError (nothing touched) saying why there is none to use."""
-    theirs = redisdump.server_version(con)
+    with redisdump.connect(target) as con:
+        theirs = redisdump.server_version(con)
     if redisdump.version_of(theirs) < redisdump.version_of(scratch_version):
         raise OperationError(f"Redis {theirs} at {target.display()} cannot read the keys as this worker's "
                              f"redis-server {scratch_version} writes them (DUMP/RESTORE): restore onto Redis "
                              f"{'.'.join(map(str, redisdump.version_of(scratch_version)))} or newer; nothing was "
                              "touched")
-    spare = redisdump.find_spare(con, live)
+    spare = redisdump.find_spare(target, live)
     if spare is None:
         raise OperationError(f"no empty logical database on {target.display()} to restore into beside "
                              f"logical database {live} (every other one holds keys): empty one, or raise "
@@ -115,19 +111,16 @@ def _spare(con, target, live: int, scratch_version: str) -> int:
 def swap(ctx: RunContext, art, target, journal, staged: dict) -> None:
     spare, live = staged["spare"], staged["live"]
     try:
-        con = redisdump.connect(target)
-        try:
-            if redisdump.dbsize(con, spare) != staged["keys"]:
-                raise OperationError(f"database {art.source}: logical database {spare} changed since the keys were "
-                                     "copied into it: something else writes there")
-            step = journal.add({"type": "redis_swap", "engine": "redis", "db": art.source, "spare": spare,
-                                "live": live, "keys": staged["keys"], "live_keys": redisdump.dbsize(con, live),
-                                "done": False})
+        if redisdump.dbsize(target, spare) != staged["keys"]:
+            raise OperationError(f"database {art.source}: logical database {spare} changed since the keys were "
+                                 "copied into it: something else writes there")
+        step = journal.add({"type": "redis_swap", "engine": "redis", "db": art.source, "spare": spare,
+                            "live": live, "keys": staged["keys"], "live_keys": redisdump.dbsize(target, live),
+                            "done": False})
+        with redisdump.connect(target) as con:
             con.swapdb(spare, live)
-            step["done"] = True
-            journal.save()
-        finally:
-            con.close()
+        step["done"] = True
+        journal.save()
     except redisdump.RedisError as exc:
         raise OperationError(f"database {art.source}: {exc}") from None
     except redisdump.redis.RedisError as exc:
@@ -147,21 +140,17 @@ def undo(ctx: RunContext, step: dict, target) -> None:
     if ctx.held.get((_SWAP_UNDONE_FAILED, step["db"])):
         ctx.warning(f"database {step['db']}: logical database {step['spare']} is kept (the swap could not be undone)")
         return
-    con = redisdump.connect(target, db=step["spare"])
-    try:
+    with redisdump.connect(target, db=step["spare"]) as con:
         con.flushdb()
-    finally:
-        con.close()
     ctx.info(f"database {step['db']}: the keys copied into logical database {step['spare']} were removed")
 
 
 def _unswap(ctx: RunContext, step: dict, target) -> None:
-    con = redisdump.connect(target)
-    try:
+    with redisdump.connect(target) as con:
         if not step.get("done"):
             # The worker died around SWAPDB (the services were stopped: nothing else writes). The key counts on
             # each side tell whether it happened, unless both sides held as many keys.
-            now = (redisdump.dbsize(con, step["live"]), redisdump.dbsize(con, step["spare"]))
+            now = (redisdump.dbsize(target, step["live"]), redisdump.dbsize(target, step["spare"]))
             if step["keys"] == step["live_keys"] or now not in ((step["live_keys"], step["keys"]),
                                                                   (step["keys"], step["live_keys"])):
                 raise OperationError(f"database {step['db']}: the run stopped around SWAPDB and the key counts "
@@ -172,17 +161,12 @@ def _unswap(ctx: RunContext, step: dict, target) -> None:
                          "is as it was")
                 return
         con.swapdb(step["spare"], step["live"])
-    finally:
-        con.close()
     ctx.info(f"database {step['db']}: logical database {step['live']} is back as it was (SWAPDB again)")
 
 
 def finish(ctx: RunContext, step: dict, target) -> None:
     if step["type"] != "redis_swap":
         return
-    con = redisdump.connect(target, db=step["spare"])
-    try:
+    with redisdump.connect(target, db=step["spare"]) as con:
         con.flushdb(asynchronous=True)
-    finally:
-        con.close()
     ctx.info(f"database {step['db']}: the previous keys (logical database {step['spare']}) were removed")

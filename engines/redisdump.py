@@ -135,7 +135,8 @@ def keyspace(con: redis.Redis) -> dict[str, int]:
 
 
 def database_count(con: redis.Redis) -> int:
-    """How many logical databases the server has: CONFIG GET databases, or (CONFIG denied by an ACL) probed."""
+    """How many logical databases the server has: CONFIG GET databases, or (CONFIG denied by an ACL) probed with
+    SELECT on this connection (give it one of its own: it is left on another logical database)."""
     try:
         return int(con.config_get("databases")["databases"])
     except (redis.RedisError, KeyError, ValueError):
@@ -147,27 +148,37 @@ def database_count(con: redis.Redis) -> int:
         except redis.ResponseError:
             break
         count = n + 1
-    con.execute_command("SELECT", 0)
     return count
 
 
-def find_spare(con: redis.Redis, live: int) -> int | None:
+def find_spare(target: DbTarget, live: int) -> int | None:
     """The highest-numbered empty logical database other than `live` (the least likely to be in use), or None."""
-    used = set(keyspace(con))
-    for n in range(database_count(con) - 1, -1, -1):
+    con = connect(target, db=0)
+    try:
+        used = set(keyspace(con))
+        count = database_count(con)
+    finally:
+        con.close()
+    for n in range(count - 1, -1, -1):
         if n != live and str(n) not in used:
             return n
     return None
 
 
-def dbsize(con: redis.Redis, db: int) -> int:
-    con.execute_command("SELECT", db)
-    return int(con.dbsize())
+def dbsize(target: DbTarget, db: int) -> int:
+    """Keys in logical database `db` (a connection of its own: redis-py binds a client's pool to one database)."""
+    con = connect(target, db=db)
+    try:
+        return int(con.dbsize())
+    finally:
+        con.close()
 
 
 def copy_keys(src: redis.Redis, dst: redis.Redis, *, on_batch=None) -> int:
     """Every key of src's logical database into dst's (DUMP + PTTL, then RESTORE with the remaining TTL); the
-    number restored. A key SCAN returns twice (allowed while the dictionary rehashes) is restored once."""
+    number restored. Each client must have been made for its logical database (never SELECT on it: a pipeline
+    takes another connection of the client's pool, opened on the client's own database). A key SCAN returns
+    twice (allowed while the dictionary rehashes) is restored once."""
     restored = 0
     batch: list[bytes] = []
 
