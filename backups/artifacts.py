@@ -163,7 +163,7 @@ def _redis_spec(db: DatabaseConnection, comp: Stage | None, compression: str, en
     """The whole server's snapshot (Redis cannot snapshot one logical database), its keys counted per logical
     database as it streams (engines/rdbstream.py): a restore brings back the connection's own logical database."""
     target = DbTarget(engine="redis", host=db.host, port=db.port or 6379, user=db.user, password=reveal(db.password),
-                      dbname=db.database or "0", tls=db.tls)
+                      dbname=db.database or "0", tls=db.tls, tls_ca=settings.KASA_REDIS_CA_FILE)
 
     @contextlib.contextmanager
     def open_redis():

@@ -75,7 +75,8 @@ def target_for(customer: Customer, source: str, to_databases: dict[str, str] | N
             return dbrestore.DbTarget(engine="sqlite", sqlite_path=str(path),
                                       sqlite_root=str(clone_root if clone_root is not None else customer.root_path()))
         target = dbrestore.DbTarget(engine=db.engine, host=db.host, port=db.port or 0, user=db.user,
-                                    password=reveal(db.password), dbname=db.database, tls=db.tls)
+                                    password=reveal(db.password), dbname=db.database, tls=db.tls,
+                                    tls_ca=settings.KASA_REDIS_CA_FILE if db.tls else "")
     target.maint = maintenance_for(target)
     return target
 

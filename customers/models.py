@@ -302,7 +302,7 @@ class DatabaseConnection(models.Model):
     password = EncryptedSecretField()
     tls = models.BooleanField("TLS", default=False,
                               help_text="Redis only: connect with TLS (rediss://), the server's certificate checked "
-                                        "against the system's CAs.")
+                                        "against KASA_REDIS_CA_FILE, else the system's CAs.")
     sqlite_path = models.CharField(
         "SQLite path", max_length=1024, blank=True, help_text="Inside the customer's root (relative or absolute)."
     )

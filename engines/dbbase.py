@@ -31,6 +31,7 @@ class DbTarget:
     # created, renamed and dropped through it, while the dump still loads as `user` into a database it owns.
     maint: DbTarget | None = dataclasses.field(default=None, repr=False, compare=False)
     tls: bool = False  # redis only (rediss://)
+    tls_ca: str = ""  # redis only: a CA bundle for the server's certificate ("": the system's CAs)
 
     @classmethod
     def from_url(cls, url) -> DbTarget:

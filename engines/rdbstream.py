@@ -58,10 +58,8 @@ class Connection:
             if cfg.get("tls"):
                 import ssl  # only for TLS: importing it costs a few milliseconds
 
+                # The server's certificate and name are always checked (against ca_file, else the system's CAs).
                 context = ssl.create_default_context(cafile=cfg.get("ca_file") or None)
-                if cfg.get("tls_insecure"):
-                    context.check_hostname = False
-                    context.verify_mode = ssl.CERT_NONE
                 sock = context.wrap_socket(sock, server_hostname=cfg.get("host") or None)
         except OSError as exc:
             raise RdbError(f"cannot connect to Redis at {where}: {exc.strerror or exc}") from None

@@ -49,7 +49,7 @@ class RedisError(RestoreError):
 # --- backup -------------------------------------------------------------------------------------------------------
 def stream_settings(target: DbTarget) -> dict:
     """What engines/rdbstream.py reads on its stdin (the password among them: never argv)."""
-    cfg = {"user": target.user, "password": target.password, "tls": target.tls}
+    cfg = {"user": target.user, "password": target.password, "tls": target.tls, "ca_file": target.tls_ca}
     if target.host.startswith("/"):
         cfg["socket"] = target.host
     else:
@@ -106,7 +106,8 @@ def connect(target: DbTarget, db: int | None = None) -> redis.Redis:
         con = redis.Redis(unix_socket_path=target.host, **kwargs)
         where = target.host
     else:
-        con = redis.Redis(host=target.host, port=target.port or 6379, ssl=target.tls, **kwargs)
+        tls = dict(ssl=True, ssl_ca_certs=target.tls_ca or None, ssl_check_hostname=True) if target.tls else {}
+        con = redis.Redis(host=target.host, port=target.port or 6379, **tls, **kwargs)
     try:
         con.ping()
     except redis.RedisError as exc:
@@ -243,8 +244,9 @@ class ScratchRedis(ScratchServer):
 
     user_env = "KASA_SCRATCH_REDIS_USER"
 
-    def __init__(self, base_dir: str | None = None, *, databases: int = 16, **kw):
-        super().__init__(base_dir, **kw)
+    def __init__(self, base_dir: str | None = None, *, databases: int = 16, start_timeout: float = 900, **kw):
+        # A large RDB takes a while to load; a server that refuses it exits at once (seen by the poll below).
+        super().__init__(base_dir, start_timeout=start_timeout, **kw)
         self.databases = max(16, databases)
         self.socket = ""
         self.version = ""

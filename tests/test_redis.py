@@ -359,6 +359,59 @@ def test_a_redis_database_of_a_customer_on_another_host_is_refused_before_anythi
     assert not RunLogLine.objects.filter(run=run, text__contains="ssh").exists()
 
 
+# --- TLS ----------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def tls_redis(tmp_path, settings):
+    """A redis-server speaking TLS only, its certificate (for 127.0.0.1) signed by a CA of the test's own."""
+    require(shutil.which("openssl") is not None, "openssl")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+            "-subj", "/CN=Kasa test CA")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+            "-subj", "/CN=127.0.0.1")
+    (tmp_path / "ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "server.crt", "-days", "2", "-extfile", "ext")
+    program = shutil.which("redis-server")
+    require(program is not None, "redis-server (Debian package redis-server)")
+    port = free_port()
+    proc = subprocess.Popen([program, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+                             "--tls-cert-file", "server.crt", "--tls-key-file", "server.key",
+                             "--tls-ca-cert-file", "ca.crt", "--tls-auth-clients", "no", "--tls-replication", "yes",
+                             "--requirepass", PASSWORD, "--save", "", "--appendonly", "no", "--dir", str(tmp_path),
+                             "--repl-diskless-sync-delay", "0", "--logfile", str(tmp_path / "server.log")],
+                            cwd=tmp_path, stdin=subprocess.DEVNULL, start_new_session=True)
+    wait_until(lambda: port_open("127.0.0.1", port), 20, what="redis-server (TLS) to listen")
+    settings.KASA_REDIS_CA_FILE = str(tmp_path / "ca.crt")
+    yield port, redis.Redis(host="127.0.0.1", port=port, password=PASSWORD, db=1, ssl=True,
+                            ssl_ca_certs=str(tmp_path / "ca.crt"))
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def test_backup_drill_and_restore_over_tls_check_the_servers_certificate(make_customer, tls_redis, settings):
+    port, c = tls_redis
+    c.set("greeting", "over TLS")
+    c.hset("user:1", mapping={"name": "Ann"})
+    customer = make_customer(databases=[("cache", f"rediss://:{PASSWORD}@127.0.0.1:{port}/1")])
+    bk, _ = _backup(customer)
+    assert bk.status == "succeeded", bk.error
+    assert bk.artifacts.get(kind="database").details["key_counts"] == {"1": 2}
+    code, drill = command_json("verify", str(bk.pk))
+    assert code == 0, drill
+    c.delete("greeting")
+    code, run = command_json("restore", str(bk.pk), "--yes")
+    assert code == 0, run
+    assert c.get("greeting") == b"over TLS" and c.hgetall("user:1") == {b"name": b"Ann"}
+
+    settings.KASA_REDIS_CA_FILE = ""  # the system's CAs do not know the test's CA: refused, nothing stored
+    bk, _ = _backup(customer)
+    assert bk.status == "failed" and "certificate verify failed" in bk.error, bk.error
+
+
 # --- URLs and the admin -------------------------------------------------------------------------------------------
 def test_redis_urls_parse_and_never_show_the_password():
     url = dburl.parse("redis://:p%40ss@cache.internal:6380/3")
