@@ -48,9 +48,11 @@ def _start_server(folder: Path, *extra: str) -> tuple[subprocess.Popen, int]:
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("redis")
     # No 5 s wait for more replicas before a diskless snapshot (7.0's default): the tests take many.
-    proc, port = _start_server(tmp_path_factory.mktemp("redis"), "--repl-diskless-sync-delay", "0")
-    yield port
+    proc, port = _start_server(folder, "--repl-diskless-sync-delay", "0", "--unixsocket", str(folder / "redis.sock"),
+                               "--unixsocketperm", "700")
+    yield {"port": port, "socket": str(folder / "redis.sock")}
     proc.terminate()
     proc.wait(timeout=20)
 
@@ -61,9 +63,10 @@ def _client(port: int, db: int = 0) -> redis.Redis:
 
 @pytest.fixture
 def live(redis_server):
-    _client(redis_server).flushall()
-    yield redis_server
-    _client(redis_server).flushall()
+    port = redis_server["port"]
+    _client(port).flushall()
+    yield port
+    _client(port).flushall()
 
 
 def _seed(port: int) -> None:
@@ -346,16 +349,44 @@ def test_a_restore_that_fails_after_the_swap_puts_the_target_back_exactly(backed
     assert "SWAPDB again" in log
 
 
-def test_a_redis_database_of_a_customer_on_another_host_is_refused_before_anything(db, team, customer_root):
+def test_a_remote_customers_redis_is_snapshotted_through_the_ssh_forward_and_its_restore_refused(
+        netns_hosts, team, redis_server, live):
+    from customers.models import DatabaseConnection
+    from tests.remote_fixtures import make_host, remote_customer, run_backup
+
+    web = netns_hosts.make()
+    _seed(live)
+    before = _state(live)
+    customer = remote_customer(web, make_host(web, "web-redis"), team, sqlite=False)
+    # The server's socket file on the host (the simulated host shares this filesystem): reached only through the
+    # session's forward.
+    DatabaseConnection.objects.create(customer=customer, name="cache", engine="redis", host=redis_server["socket"],
+                                      port=6379, database="1", password=PASSWORD)
+    run = run_backup(customer, scope="database")
+    assert run.status == "succeeded", run.error
+    bk = Backup.objects.get(run=run)
+    art = bk.artifacts.get(kind="database")
+    assert art.details["key_counts"] == {"1": len(before[1]), "2": len(before[2])}
+    assert not RunLogLine.objects.filter(run=run, text__contains=PASSWORD).exists()
+    code, drill = command_json("verify", str(bk.pk))
+    assert code == 0, drill
+    _change(live)
+    changed = _state(live)
+    code, out = command_json("restore", str(bk.pk), "--yes")
+    assert code == 1 and "refused before touching anything" in out["error"] and "web-redis" in out["error"]
+    assert _state(live) == changed
+
+
+def test_a_remote_customers_redis_over_tls_is_refused_before_the_host_is_contacted(db, team):
     from customers.services import customer_create
     from hosts.models import Host
 
     host = Host.objects.create(name="web7", ssh_user="root", address="10.9.9.9", customers_root="/srv/customers")
     customer = customer_create(domain="far.example.com", root="/srv/customers/far", team=team, host=host,
-                               databases=[("cache", dburl.parse(f"redis://:{PASSWORD}@127.0.0.1:6379/1"))])
+                               databases=[("cache", dburl.parse(f"rediss://:{PASSWORD}@127.0.0.1:6379/1"))])
     bk, run = _backup(customer)
     assert run.status == "failed" and "refused before touching anything" in run.error
-    assert "web7" in run.error and "Redis" in run.error
+    assert "web7" in run.error and "TLS" in run.error
     assert not RunLogLine.objects.filter(run=run, text__contains="ssh").exists()
 
 
