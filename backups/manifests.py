@@ -156,6 +156,8 @@ def _instance(inst: dict) -> None:
             _str(d.get(key) or "", f"{field}.{key}", max_len=1024 if key == "sqlite_path" else 255)
         if d.get("port") is not None:
             _int(d["port"], f"{field}.port", low=1, high=65535)
+        if d.get("tls") is not None and not isinstance(d["tls"], bool):
+            _fail(f"{field}.tls", "expected true or false")
 
 
 def _artifact(a: dict, field: str, *, encrypted: bool) -> None:

@@ -499,7 +499,8 @@ def _manifest(bk: Backup, customer: Customer, written, started, finished, keyrin
                           "app_name": s.app_name, "start_command": s.start_command, "stop_command": s.stop_command,
                           "health_url": s.health_url} for s in customer.services.all()],
             "databases": [{"name": d.name, "engine": d.engine, "host": d.host, "port": d.port,
-                           "database": d.database, "user": d.user, "sqlite_path": d.sqlite_path}
+                           "database": d.database, "user": d.user, "sqlite_path": d.sqlite_path,
+                           **({"tls": d.tls} if d.engine == "redis" else {})}
                           for d in customer.databases.all()],
         },
         "compression": bk.compression,

@@ -321,6 +321,24 @@ def test_redis_that_disappears_mid_backup_fails_the_run_and_stores_nothing(make_
     assert not (folder.exists() and [p for p in folder.rglob("*") if p.is_file()])
 
 
+def test_a_redis_backup_is_imported_from_storage_alone_with_its_connection_and_key_counts(backed_up, tmp_path):
+    from backups.models import StorageTarget
+    from customers.models import Customer
+    from tests.test_backup_import import fresh_install
+
+    customer, _, before = backed_up
+    StorageTarget.objects.create(name="dr", kind="local", path=str(tmp_path / "dr"))
+    code, doc = command_json("backup", customer.domain, "--target", "dr")
+    assert code == 0, doc
+    fresh_install(customer)
+    code, doc = command_json("backup_import", "--target", "dr")
+    assert code == 0 and len(doc["imported"]) == 1, doc
+    db = Customer.objects.get(domain=customer.domain).databases.get()
+    assert (db.engine, db.database, db.tls, db.password) == ("redis", "1", False, "")  # set before restoring
+    art = Backup.objects.get().artifacts.get(kind="database")
+    assert art.details["key_counts"] == {"1": len(before[1]), "2": len(before[2])}
+
+
 # --- restore refusals and failures --------------------------------------------------------------------------------
 def test_restore_is_refused_when_no_logical_database_is_spare(backed_up, live):
     customer, bk, _ = backed_up
