@@ -17,6 +17,8 @@ A Redis that Kasa controls as a service (its RDB file replaced while it is stopp
 
 from __future__ import annotations
 
+import time
+
 from engines import redisdump, unpack
 from operations.context import OperationError, RunContext
 
@@ -77,7 +79,7 @@ def stage(ctx: RunContext, plan, store, keyring, art: BackupArtifact, journal, t
             ctx.info(f"{art.name}: copying the {got.get(str(source_db), 0)} keys of logical database "
                      f"{source_db} into the empty logical database {spare} of {target.display()}")
             with server.client(source_db) as src, redisdump.connect(target, db=spare) as dst:
-                moved = redisdump.copy_keys(src, dst)
+                moved = redisdump.copy_keys(src, dst, on_batch=_alive_every(ctx, stop))
             size = redisdump.dbsize(target, spare)
     except (redisdump.RedisError, unpack.ArtifactError) as exc:
         raise OperationError(f"{art.name}: {exc}") from None
@@ -89,6 +91,21 @@ def stage(ctx: RunContext, plan, store, keyring, art: BackupArtifact, journal, t
     step["keys"] = moved
     journal.save()
     ctx.info(f"{art.name}: {moved} keys staged in logical database {spare}, swapped in once the services stop")
+
+
+def _alive_every(ctx: RunContext, stop, seconds: float = 2.0):
+    """A copy's per-batch callback: a cancel, a lost run or the other lane's failure stops it (asked at most every
+    `seconds`: each question is a query of the control database)."""
+    last = [time.monotonic()]
+
+    def check(_restored: int) -> None:
+        if stop is not None and stop.is_set():
+            raise OperationError("stopped: the other lane of the restore failed")
+        if time.monotonic() - last[0] >= seconds:
+            last[0] = time.monotonic()
+            ctx.check_alive()
+
+    return check
 
 
 def _spare(target, live: int, scratch_version: str) -> int:
