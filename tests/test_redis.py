@@ -214,6 +214,18 @@ def test_drill_finds_a_snapshot_that_lost_keys_against_its_manifest(backed_up):
     assert code == 1 and "logical database 1" in drill["error"] and "differs from the manifest" in drill["error"]
 
 
+def test_a_deep_drill_policy_drills_a_redis_customer_plainly_with_a_warning(backed_up):
+    from backups.services import global_policy
+
+    customer, bk, _ = backed_up
+    policy = global_policy()
+    policy.deep_drill = True
+    policy.save()
+    code, drill = command_json("verify", str(bk.pk))
+    assert code == 0 and "deep" not in drill["result"], drill
+    assert RunLogLine.objects.filter(run_id=drill["id"], level="warning", text__contains="Redis").exists()
+
+
 def test_wrong_backup_key_fails_the_drill_and_the_restore_and_touches_nothing(backed_up, live, settings):
     customer, bk, _ = backed_up
     _change(live)
