@@ -305,10 +305,11 @@ class ScratchRedis(ScratchServer):
                 raise RedisError(f"the scratch redis-server refused the snapshot: {self._log_tail()}")
             if os.path.exists(self.socket):
                 try:
-                    return keyspace(self.client())
-                except redis.BusyLoadingError:
-                    pass
-                except redis.ConnectionError:
+                    with self.client() as con:
+                        # INFO answers while the server still loads (with the keys so far): wait for loading:0.
+                        if not int(con.info("persistence").get("loading", 1)):
+                            return keyspace(con)
+                except (redis.BusyLoadingError, redis.ConnectionError):
                     pass
             time.sleep(0.05)
         raise RedisError(f"the scratch redis-server had not loaded the snapshot within {self.start_timeout:g} s: "

@@ -291,6 +291,22 @@ def test_snapshot_counts_equal_the_servers_and_a_wrong_password_fails_cleanly(li
     assert "WRONGPASS" in str(err.value) and PASSWORD not in str(err.value)
 
 
+def test_a_scratch_server_counts_only_once_the_whole_snapshot_is_loaded(tmp_path):
+    proc, port = _start_server(tmp_path, "--enable-debug-command", "yes", "--repl-diskless-sync-delay", "0")
+    try:
+        _client(port).execute_command("DEBUG", "POPULATE", 600_000, "key", 20)
+        target = DbTarget(engine="redis", host="127.0.0.1", port=port, password=PASSWORD)
+        counts = tmp_path / "counts.json"
+        with ProcessChain([redisdump.snapshot_stage(target, str(counts))]) as chain, \
+                redisdump.ScratchRedis() as scratch:
+            got = scratch.load(chain.chunks())  # INFO answers during the load: the count must wait for its end
+            chain.finish()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    assert got == {"0": 600_000} == redisdump.read_counts(str(counts))["key_counts"]
+
+
 def test_redis_that_disappears_mid_backup_fails_the_run_and_stores_nothing(make_customer, tmp_path):
     proc, port = _start_server(tmp_path)
     try:
