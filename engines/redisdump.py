@@ -102,16 +102,18 @@ def connect(target: DbTarget, db: int | None = None) -> redis.Redis:
     kwargs = dict(username=target.user or None, password=target.password or None,
                   db=int(target.dbname or 0) if db is None else db, socket_timeout=120, socket_connect_timeout=10,
                   single_connection_client=True)
-    if target.host.startswith("/"):
-        con = redis.Redis(unix_socket_path=target.host, **kwargs)
-        where = target.host
-    else:
-        tls = dict(ssl=True, ssl_ca_certs=target.tls_ca or None, ssl_check_hostname=True) if target.tls else {}
-        con = redis.Redis(host=target.host, port=target.port or 6379, **tls, **kwargs)
-    try:
+    con = None
+    try:  # a single-connection client connects (and logs in) as it is made
+        if target.host.startswith("/"):
+            where = target.host
+            con = redis.Redis(unix_socket_path=target.host, **kwargs)
+        else:
+            tls = dict(ssl=True, ssl_ca_certs=target.tls_ca or None, ssl_check_hostname=True) if target.tls else {}
+            con = redis.Redis(host=target.host, port=target.port or 6379, **tls, **kwargs)
         con.ping()
     except redis.RedisError as exc:
-        con.close()
+        if con is not None:
+            con.close()
         raise RedisError(f"cannot connect to Redis at {where}: {_said(exc)}") from None
     return con
 

@@ -489,6 +489,18 @@ def test_backup_drill_and_restore_over_tls_check_the_servers_certificate(make_cu
     assert bk.status == "failed" and "certificate verify failed" in bk.error, bk.error
 
 
+def test_a_check_pings_redis_and_reports_a_wrong_password_without_showing_it(customer, live, make_customer):
+    code, doc = command_json("customer_check", customer.domain)
+    (entry,) = doc["result"]["databases"]
+    assert entry["ok"] and entry["server_version"].startswith("Redis 7."), doc
+    wrong = make_customer(databases=[("cache", f"redis://:not-{PASSWORD}@127.0.0.1:{live}/1")])
+    code, doc = command_json("customer_check", wrong.domain)
+    (entry,) = doc["result"]["databases"]
+    assert code == 1 and not entry["ok"] and "invalid username-password pair" in entry["error"], doc
+    assert f"127.0.0.1:{live}" in entry["error"]
+    assert PASSWORD not in str(doc)
+
+
 # --- URLs and the admin -------------------------------------------------------------------------------------------
 def test_redis_urls_parse_and_never_show_the_password():
     url = dburl.parse("redis://:p%40ss@cache.internal:6380/3")
