@@ -73,7 +73,7 @@ def stage(ctx: RunContext, plan, store, keyring, art: BackupArtifact, journal, t
                                    **artifact_kwargs(plan.backup, art, keyring)) as chunks:
                 got = server.load(chunks)
             ctx.info(f"{art.name}: {_check(art, got)}")
-            spare = _spare(target, live, server.version)
+            spare = _spare(target, live, server.version, _taken(plan, journal, target))
             step = journal.add({"type": "redis_spare", "engine": "redis", "db": art.source, "spare": spare,
                                 "live": live, "keys": None})
             ctx.info(f"{art.name}: copying the {got.get(str(source_db), 0)} keys of logical database "
@@ -108,7 +108,17 @@ def _alive_every(ctx: RunContext, stop, seconds: float = 2.0):
     return check
 
 
-def _spare(target, live: int, scratch_version: str) -> int:
+def _taken(plan, journal, target) -> set[int]:
+    """Logical databases of the same server no spare may be: the live ones of the customer's other Redis
+    connections (one may be empty now), and the spares this run already chose (one may have stayed empty)."""
+    taken = {int(s["spare"]) for s in journal.steps if s.get("type") == "redis_spare"}
+    for db in plan.customer.databases.all():
+        if db.engine == "redis" and (db.host, db.port) == (target.host, target.port) and db.database.isdigit():
+            taken.add(int(db.database))
+    return taken
+
+
+def _spare(target, live: int, scratch_version: str, taken: set[int]) -> int:
     """The spare logical database, or OperationError (nothing touched) saying why there is none to use."""
     with redisdump.connect(target) as con:
         theirs = redisdump.server_version(con)
@@ -117,7 +127,7 @@ def _spare(target, live: int, scratch_version: str) -> int:
                              f"redis-server {scratch_version} writes them (DUMP/RESTORE): restore onto Redis "
                              f"{'.'.join(map(str, redisdump.version_of(scratch_version)))} or newer; nothing was "
                              "touched")
-    spare = redisdump.find_spare(target, live)
+    spare = redisdump.find_spare(target, live, taken=taken)
     if spare is None:
         raise OperationError(f"no empty logical database on {target.display()} to restore into beside "
                              f"logical database {live} (every other one holds keys): empty one, or raise "

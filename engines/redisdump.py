@@ -154,8 +154,9 @@ def database_count(con: redis.Redis) -> int:
     return count
 
 
-def find_spare(target: DbTarget, live: int) -> int | None:
-    """The highest-numbered empty logical database other than `live` (the least likely to be in use), or None."""
+def find_spare(target: DbTarget, live: int, *, taken: set[int] = frozenset()) -> int | None:
+    """The highest-numbered empty logical database other than `live` and `taken` (the least likely to be in use),
+    or None."""
     con = connect(target, db=0)
     try:
         used = set(keyspace(con))
@@ -163,7 +164,7 @@ def find_spare(target: DbTarget, live: int) -> int | None:
     finally:
         con.close()
     for n in range(count - 1, -1, -1):
-        if n != live and str(n) not in used:
+        if n != live and n not in taken and str(n) not in used:
             return n
     return None
 
