@@ -134,11 +134,14 @@ class Connection:
             yield data
 
     def _until_mark(self, mark: bytes):
+        """The diskless form: the payload ends where the 40-byte marker appears (found anywhere in what arrived:
+        a Redis older than 7 may send its replication stream right behind it)."""
         pending, self.buf = self.buf, b""
         while True:
-            if pending.endswith(mark):
-                if len(pending) > len(mark):
-                    yield pending[:-len(mark)]
+            at = pending.find(mark)
+            if at >= 0:
+                if at:
+                    yield pending[:at]
                 return
             if len(pending) > len(mark):
                 yield pending[:-len(mark)]
