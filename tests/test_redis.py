@@ -65,8 +65,10 @@ def _client(port: int, db: int = 0) -> redis.Redis:
 def live(redis_server):
     port = redis_server["port"]
     _client(port).flushall()
+    _client(port).function_flush()
     yield port
     _client(port).flushall()
+    _client(port).function_flush()
 
 
 def _seed(port: int) -> None:
@@ -75,6 +77,7 @@ def _seed(port: int) -> None:
     c.set("greeting", "hello")
     c.set("counter", 12345)
     c.set("blob", os.urandom(200_000))
+    c.set("compressible", "x" * 5000)  # stored LZF-compressed in the RDB
     c.set(b"\x00bin\xff", b"\x01\x02")
     c.set("session", "soon gone", ex=3600)
     c.rpush("queue", *[f"job-{i}" for i in range(500)])
@@ -272,6 +275,8 @@ def test_scratch_server_refuses_a_damaged_rdb_in_its_own_words_and_leaves_nothin
 
 def test_snapshot_counts_equal_the_servers_and_a_wrong_password_fails_cleanly(live, tmp_path):
     _seed(live)
+    _client(live).function_load("#!lua name=kasa_test\nredis.register_function('one', function() return 1 end)",
+                                replace=True)  # a library: an RDB opcode of its own, not a key
     counts = tmp_path / "counts.json"
     target = DbTarget(engine="redis", host="127.0.0.1", port=live, password=PASSWORD)
     with ProcessChain([redisdump.snapshot_stage(target, str(counts))]) as chain:
