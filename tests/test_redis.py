@@ -312,6 +312,25 @@ def test_a_scratch_server_counts_only_once_the_whole_snapshot_is_loaded(tmp_path
     assert got == {"0": 600_000} == redisdump.read_counts(str(counts))["key_counts"]
 
 
+def test_the_snapshot_parser_counts_what_it_knows_and_says_what_it_does_not():
+    from engines import rdbstream
+
+    def parsed(raw: bytes) -> dict:
+        out: list[bytes] = []
+        chunks = [raw[i:i + 3] for i in range(0, len(raw), 3)]  # values cut across chunk boundaries
+        result = rdbstream.parse(rdbstream.Reader(chunks, out.append))
+        assert b"".join(out) == raw  # every byte passed through, unchanged
+        return result
+
+    head = b"REDIS0010" + b"\xfa\x09redis-ver\x067.0.15"
+    good = head + b"\xfe\x03" + b"\x00\x01a\x01b" + b"\xfc" + b"\x00" * 8 + b"\x00\x01c\xc0\x07" + b"\xff" + b"\x00" * 8
+    assert parsed(good) == {"rdb_version": 10, "redis_version": "7.0.15", "keys": {"3": 2}, "expiring": {"3": 1}}
+    with pytest.raises(rdbstream.Unsupported):
+        parsed(head + b"\xfe\x00\x63\x01k\x01v\xff" + b"\x00" * 8)  # value type 99: a newer Redis's
+    with pytest.raises(rdbstream.RdbError, match="truncated"):
+        parsed(good[:-12])
+
+
 def test_redis_that_disappears_mid_backup_fails_the_run_and_stores_nothing(make_customer, tmp_path):
     proc, port = _start_server(tmp_path)
     try:
