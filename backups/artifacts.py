@@ -13,7 +13,8 @@ from django.conf import settings
 
 from core.secrets import reveal
 from customers.models import Customer, DatabaseConnection
-from engines import credentials, fileindex, sources
+from engines import credentials, fileindex, redisdump, sources
+from engines.dbbase import DbTarget
 from engines.streams import ProcessChain, Stage
 from engines.unpack import open_plain
 
@@ -220,6 +221,9 @@ def _database_spec(db: DatabaseConnection, compression: str, encrypted: bool) ->
         return ArtifactSpec(_name(f"db-{db.name}.sql", compression, encrypted), "database", db.name, open_mysql,
                             secrets=[password])
 
+    if db.engine == DatabaseConnection.Engine.REDIS:
+        return _redis_spec(db, comp, compression, encrypted)
+
     @contextlib.contextmanager
     def open_sqlite():
         settings.KASA_SCRATCH_DIR.mkdir(parents=True, exist_ok=True)
@@ -233,3 +237,26 @@ def _database_spec(db: DatabaseConnection, compression: str, encrypted: bool) ->
             }
 
     return ArtifactSpec(_name(f"db-{db.name}.sqlite3", compression, encrypted), "database", db.name, open_sqlite)
+
+
+def _redis_spec(db: DatabaseConnection, comp: Stage | None, compression: str, encrypted: bool) -> ArtifactSpec:
+    """The whole server's snapshot (Redis cannot snapshot one logical database), its keys counted per logical
+    database as it streams (engines/rdbstream.py): a restore brings back the connection's own logical database."""
+    target = DbTarget(engine="redis", host=db.host, port=db.port or 6379, user=db.user, password=reveal(db.password),
+                      dbname=db.database or "0", tls=db.tls, tls_ca=settings.KASA_REDIS_CA_FILE)
+
+    @contextlib.contextmanager
+    def open_redis():
+        settings.KASA_SCRATCH_DIR.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=settings.KASA_SCRATCH_DIR, prefix="rdbcount-") as tmp:
+            counts_path = os.path.join(tmp, "counts.json")
+            details = {"engine": "redis", "database": db.database or "0", "format": "rdb", "tls": db.tls,
+                       "server_version": None, "rdb_version": None, "key_counts": None, "expiring_counts": None}
+            yield _chain([redisdump.snapshot_stage(target, counts_path), comp]), details
+            try:
+                details.update(redisdump.read_counts(counts_path))
+            except redisdump.RedisError as exc:
+                raise sources.SourceError(str(exc)) from None
+
+    return ArtifactSpec(_name(f"db-{db.name}.rdb", compression, encrypted), "database", db.name, open_redis,
+                        secrets=[target.password])

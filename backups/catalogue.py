@@ -246,7 +246,7 @@ def _create_customer(session: _Session, raw: dict, m: dict) -> Customer:
         # No password is ever in a manifest: the operator sets it before restoring in place.
         databases.append((d["name"], DatabaseURL(engine=d["engine"], host=d.get("host") or "", port=d.get("port"),
                                                  name=d.get("database") or "", user=d.get("user") or "",
-                                                 path=d.get("sqlite_path") or "")))
+                                                 path=d.get("sqlite_path") or "", tls=d.get("tls") is True)))
     try:
         customer = customer_create(
             domain=domain, root=inst.get("root") or str(settings.KASA_CUSTOMERS_ROOT / domain),

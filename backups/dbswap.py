@@ -33,13 +33,14 @@ from engines.dbrestore_mysql import CannotCreateDatabase
 from operations import slots
 from operations.context import OperationError, RunContext
 
+from . import redisswap
 from .models import Backup, BackupArtifact, BackupPolicy
 from .operations import make_backup
 from .reading import artifact_kwargs, keyring_for, progress, refuse_unreadable
 from .services import BackupInputError, backup_params, backup_pin
 
 # Journal steps this module writes (and undoes / finishes).
-STEPS = ("db_fresh", "db_swap", "db_verified", "db_inplace", "db_tables_new", "db_tables_swap")
+STEPS = ("db_fresh", "db_swap", "db_verified", "db_inplace", "db_tables_new", "db_tables_swap", *redisswap.STEPS)
 IN_PLACE = "in_place"
 
 
@@ -74,7 +75,8 @@ def target_for(customer: Customer, source: str, to_databases: dict[str, str] | N
             return dbrestore.DbTarget(engine="sqlite", sqlite_path=str(path),
                                       sqlite_root=str(clone_root if clone_root is not None else customer.root_path()))
         target = dbrestore.DbTarget(engine=db.engine, host=db.host, port=db.port or 0, user=db.user,
-                                    password=reveal(db.password), dbname=db.database)
+                                    password=reveal(db.password), dbname=db.database, tls=db.tls,
+                                    tls_ca=settings.KASA_REDIS_CA_FILE if db.tls else "")
     target.maint = maintenance_for(target)
     return target
 
@@ -166,6 +168,9 @@ def restore_fresh(ctx: RunContext, plan, store, keyring, art: BackupArtifact, jo
     target = _held(ctx, art.source, lambda: target_for(plan.customer, art.source, plan.to_databases, clone_root))
     tag = f"r{ctx.run.pk}"
     engine = target.engine
+    if engine == "redis":  # a spare logical database, swapped in with SWAPDB
+        redisswap.stage(ctx, plan, store, keyring, art, journal, target, stop=stop)
+        return
     method, why = choose(target)
     name = f"{plan.backup.prefix}/{art.name}"
 
@@ -241,13 +246,16 @@ def swap_all(ctx: RunContext, plan, journal, *, way_back: int | None = None) -> 
     """Put every staged database live. way_back: the backup (taken with the services stopped) that an in-place
     restore is undone from, should a later step fail."""
     tag = f"r{ctx.run.pk}"
-    staged = {s["db"]: s for s in journal.steps if s["type"] in ("db_fresh", "db_verified", "db_tables_new")}
+    staged = {s["db"]: s for s in journal.steps
+              if s["type"] in ("db_fresh", "db_verified", "db_tables_new", "redis_spare")}
     for art in plan.artifacts:
         if art.kind != "database":
             continue
         how = staged[art.source]
         target = _target_of_step(ctx, {"db": art.source})
-        if how["type"] == "db_verified":
+        if how["type"] == "redis_spare":
+            redisswap.swap(ctx, art, target, journal, how)
+        elif how["type"] == "db_verified":
             _in_place(ctx, plan, art, target, journal, way_back=way_back)
         elif how["type"] == "db_tables_new":
             _tables_swap(ctx, art, target, journal, tag)
@@ -362,7 +370,9 @@ def undo(ctx: RunContext, step: dict) -> None:
     if kind == "db_verified":
         return  # only read
     target = _target_of_step(ctx, step)
-    if kind == "db_inplace":
+    if kind in redisswap.STEPS:
+        redisswap.undo(ctx, step, target)
+    elif kind == "db_inplace":
         _undo_in_place(ctx, step, target)
     elif kind == "db_tables_swap":
         what = dbrestore_mytables.unswap(target, step["tag"])
@@ -452,7 +462,9 @@ def _undo_swap(ctx: RunContext, step: dict, target) -> None:
 def finish(ctx: RunContext, step: dict) -> None:
     """The restore holds: drop what was kept for the way back (the previous database, or the previous tables),
     and hand a backup taken only as a way back to retention."""
-    if step["type"] == "db_swap" and step.get("old"):
+    if step["type"] in redisswap.STEPS:
+        redisswap.finish(ctx, step, _target_of_step(ctx, step))
+    elif step["type"] == "db_swap" and step.get("old"):
         dbrestore.drop_database(_target_of_step(ctx, step), step["old"])
     elif step["type"] == "db_tables_swap":
         dbrestore_mytables.finish(_target_of_step(ctx, step), step["tag"])

@@ -77,6 +77,13 @@ def wanted(ctx: RunContext, bk: Backup) -> bool:
             raise OperationError(f"deep drill refused: {why}")
         ctx.warning(f"no deep drill: {why}; every artifact is still restored into scratch and checked")
         return False
+    if wanted and bk.artifacts.filter(kind="database", details__engine="redis").exists():
+        # The copy's app would need a Redis of its own: a scratch server for the copy is not built yet.
+        why = f"backup #{bk.pk} holds a Redis database, which deep drills do not start for the copy yet"
+        if deep:
+            raise OperationError(f"deep drill refused: {why}")
+        ctx.warning(f"no deep drill: {why}; every artifact is still restored into scratch and checked")
+        return False
     return wanted
 
 

@@ -164,6 +164,8 @@ def _instance(inst: dict) -> None:
             _str(d.get(key) or "", f"{field}.{key}", max_len=1024 if key == "sqlite_path" else 255)
         if d.get("port") is not None:
             _int(d["port"], f"{field}.port", low=1, high=65535)
+        if d.get("tls") is not None and not isinstance(d["tls"], bool):
+            _fail(f"{field}.tls", "expected true or false")
 
 
 def _object(value, field: str) -> dict:
@@ -226,6 +228,9 @@ def _artifact(a: dict, field: str, *, encrypted: bool) -> None:
             _choice(details["engine"], f"{field}.database.engine", DatabaseConnection.Engine.values)
         for table, rows in _dict(details.get("row_counts") or {}, f"{field}.database.row_counts").items():
             _int(rows, f"{field}.database.row_counts.{table}")
+        for counts in ("key_counts", "expiring_counts"):  # Redis: keys per logical database
+            for db, keys in _dict(details.get(counts) or {}, f"{field}.database.{counts}").items():
+                _int(keys, f"{field}.database.{counts}.{db}")
     _int(a.get("size"), f"{field}.size")
     if not isinstance(a.get("sha256"), str) or not _SHA256.fullmatch(a["sha256"]):
         _fail(f"{field}.sha256", "expected 64 lowercase hexadecimal digits")

@@ -143,6 +143,7 @@ def make_backup(ctx: RunContext, customer: Customer, p: dict, *, run=None, pin_r
             if customer.host.is_local:
                 specs = plans.plan(customer, p, chain=chain)
             else:  # over SSH (backups.remote): one session for the whole backup, closed below in every case
+                remote_plans.refuse_redis(customer, "backup", p)  # before the host is even reached
                 remote = _remote_host(ctx, customer)
                 specs = remote_plans.plan(customer, p, remote)
         except (PathEscapeError, plans.sources.SourceError, SSHError) as exc:
@@ -315,6 +316,16 @@ class _Finisher:
                 raise f.exception()
 
 
+def _keys_said(details: dict) -> str:
+    """A Redis snapshot's keys, as the run log says them."""
+    if details.get("engine") != "redis":
+        return ""
+    if details.get("key_counts") is None:
+        return f"; {details.get('counts_problem') or 'keys not counted'}"
+    counts = details["key_counts"]
+    return f", {sum(counts.values())} keys in {len(counts)} logical database(s)"
+
+
 def _write_one(ctx: RunContext, bk: Backup, store, spec, *, lane: str, keyring, bandwidth, progress: _Progress,
                finisher: _Finisher):
     ctx.check_alive()
@@ -352,7 +363,7 @@ def _write_one(ctx: RunContext, bk: Backup, store, spec, *, lane: str, keyring, 
     def verified() -> None:
         _verify_object(store, name, res.sha256, res.size)
         ctx.info(f"{spec.name}: {human_size(res.size)} stored, sha256 {res.sha256[:16]}…"
-                 + (f", {len(rows)} tables" if rows is not None else ""))
+                 + (f", {len(rows)} tables" if rows is not None else "") + _keys_said(details))
 
     finisher.submit(res.writer, verified)
     res.writer = None
@@ -529,7 +540,8 @@ def _manifest(bk: Backup, customer: Customer, written, started, finished, keyrin
                           "app_name": s.app_name, "start_command": s.start_command, "stop_command": s.stop_command,
                           "health_url": s.health_url} for s in customer.services.all()],
             "databases": [{"name": d.name, "engine": d.engine, "host": d.host, "port": d.port,
-                           "database": d.database, "user": d.user, "sqlite_path": d.sqlite_path}
+                           "database": d.database, "user": d.user, "sqlite_path": d.sqlite_path,
+                           **({"tls": d.tls} if d.engine == "redis" else {})}
                           for d in customer.databases.all()],
         },
         "compression": bk.compression,

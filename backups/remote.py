@@ -36,9 +36,11 @@ from django.conf import settings
 
 from core.secrets import reveal
 from customers.models import Customer, DatabaseConnection
-from engines import credentials, hostside, paths, sources, ssh
+from engines import credentials, hostside, paths, redisdump, sources, ssh
+from engines.dbbase import DbTarget
 from engines.streams import ChainError
 from hosts.remote import RemoteError, RemoteHost
+from operations.context import OperationError
 
 from . import artifacts as local
 from . import remote_hostpg
@@ -105,10 +107,24 @@ def _inside(path, base) -> bool:
     return norm != base and norm.startswith(base.rstrip("/") + "/") and ".." not in norm.split("/")
 
 
+def refuse_redis(customer: Customer, what: str, params: dict | None = None) -> None:
+    """A Redis database of a remote customer comes through the session's forward, as a socket file here: TLS over
+    that forward is not built, so such a database is refused before the host is asked anything (a files-only or
+    config-only backup still runs)."""
+    if params is not None and (params.get("scope") not in ("full", "database") or params.get("services")):
+        return
+    names = [d.name for d in customer.databases.all() if d.engine == DatabaseConnection.Engine.REDIS and d.tls]
+    if names:
+        raise OperationError(f"refused before touching anything: database {', '.join(names)} of {customer} is a "
+                             f"Redis one reached with TLS and {customer} lives on host {customer.host.name}: a "
+                             f"{what} of Redis over TLS through the SSH forward is not built yet")
+
+
 # --- the plan -----------------------------------------------------------------------------------------------
 def plan(customer: Customer, params: dict, remote: RemoteHost) -> list[local.ArtifactSpec]:
     """The same artifacts, names and details as backups.artifacts.plan() makes for a local customer."""
     scope, compression, encrypted = params["scope"], params["compression"], params["encrypt"]
+    refuse_redis(customer, "backup", params)
     facts = host_facts(remote, customer)
     root = facts["root"]
     if any(d.engine == DatabaseConnection.Engine.SQLITE for d in customer.databases.all()):
@@ -183,6 +199,8 @@ def _database_spec(remote: RemoteHost, db: DatabaseConnection, facts: dict, comp
                    encrypted: bool) -> local.ArtifactSpec:
     comp = local._compressor(compression)
     seen_from = f"{db.host}:{db.port} as {remote.host.name} sees it"
+    if db.engine == DatabaseConnection.Engine.REDIS:
+        return _redis_spec(remote, db, comp, compression, encrypted)
     if db.engine == DatabaseConnection.Engine.POSTGRESQL:
         password = reveal(db.password)
 
@@ -284,3 +302,29 @@ def _remove_copy(remote: RemoteHost, folder: str) -> None:
             return
     with contextlib.suppress(ssh.SSHError):
         remote.session.run(["rm", "-rf", "--", folder], timeout=30)
+
+
+def _redis_spec(remote: RemoteHost, db: DatabaseConnection, comp, compression: str,
+                encrypted: bool) -> local.ArtifactSpec:
+    """As locally (backups.artifacts._redis_spec), the snapshot stage connected to the session's forward: to
+    host:port as the host sees it, or the server's socket file there (a `host` starting with "/")."""
+    password = reveal(db.password)
+
+    @contextlib.contextmanager
+    def open_redis():
+        sock = remote.forward(db.host, db.port, "redis.sock")
+        target = DbTarget(engine="redis", host=sock, port=0, user=db.user, password=password,
+                          dbname=db.database or "0")
+        settings.KASA_SCRATCH_DIR.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=settings.KASA_SCRATCH_DIR, prefix="rdbcount-") as tmp:
+            counts_path = os.path.join(tmp, "counts.json")
+            details = {"engine": "redis", "database": db.database or "0", "format": "rdb", "tls": False,
+                       "server_version": None, "rdb_version": None, "key_counts": None, "expiring_counts": None}
+            yield local._chain([redisdump.snapshot_stage(target, counts_path), comp]), details
+            try:
+                details.update(redisdump.read_counts(counts_path))
+            except redisdump.RedisError as exc:
+                raise sources.SourceError(str(exc)) from None
+
+    return local.ArtifactSpec(local._name(f"db-{db.name}.rdb", compression, encrypted), "database", db.name,
+                              open_redis, secrets=[password])

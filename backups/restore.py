@@ -79,7 +79,7 @@ class Journal(RunJournal):
 
     def touched_live(self) -> bool:
         """Whether anything beyond staging happened (services stopped, a swap)."""
-        return any(s["type"] in ("services_stopped", "files", "carry", "db_swap") for s in self.steps)
+        return any(s["type"] in ("services_stopped", "files", "carry", "db_swap", "redis_swap") for s in self.steps)
 
 
 def restore(ctx: RunContext) -> dict:

@@ -4,7 +4,8 @@ checksums + decryption of every artifact, a test extraction of each archive
 into a scratch folder (every member checked, then the extracted tree compared
 with the archive's own listing: count and size of every file), and a test
 restore of each database into a scratch database whose per-table row counts
-must equal the manifest's. The result is recorded on the backup (verified_at
+must equal the manifest's (Redis: the snapshot loaded into a scratch
+redis-server, keys per logical database compared, backups.redisswap). The result is recorded on the backup (verified_at
 or a failed flag) and a failure alerts like a failed backup.
 """
 
@@ -20,7 +21,7 @@ from engines import fileindex, trees, unpack
 from engines.humanize import human_duration, human_size, human_time
 from operations.context import OperationError, RunCancelled, RunContext, RunLost
 
-from . import chains, dbswap, deepdrill
+from . import chains, dbswap, deepdrill, redisswap
 from .models import Backup
 from .notify import verification_failed
 from .reading import artifact_kwargs, keyring_for, progress, refuse_unreadable
@@ -79,7 +80,9 @@ def _drill(ctx: RunContext, bk: Backup) -> list[dict]:
             name = f"{bk.prefix}/{art.name}"
             kwargs = artifact_kwargs(bk, art, keyring)
             try:
-                if art.kind == "database":
+                if art.kind == "database" and (art.details or {}).get("engine") == "redis":
+                    checks.append(redisswap.drill(ctx, bk, store, keyring, art))
+                elif art.kind == "database":
                     counts = dbswap.restore_to_scratch(ctx, bk, store, keyring, art)
                     expected = (art.details or {}).get("row_counts") or {}
                     diffs = dbswap.compare_counts(expected, counts)

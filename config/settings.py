@@ -281,6 +281,8 @@ KASA_KEEP_RESTORED_DAYS = env.int("KASA_KEEP_RESTORED_DAYS", default=7)
 # KASA_SCRATCH_MYSQL_URL, or the customer's own server under a scratch database name.
 KASA_SCRATCH_PG_URL = env.str("KASA_SCRATCH_PG_URL", default="")
 KASA_SCRATCH_MYSQL_URL = env.str("KASA_SCRATCH_MYSQL_URL", default="")
+# Redis over TLS (rediss://): the CA bundle that signs the servers' certificates; empty: the system's CAs.
+KASA_REDIS_CA_FILE = env.str("KASA_REDIS_CA_FILE", default="")
 # Release packages: refuse a component zip larger than this, or one that unpacks to more (zip bombs).
 KASA_RELEASE_MAX_ZIP_BYTES = env.int("KASA_RELEASE_MAX_ZIP_BYTES", default=1 << 30)
 KASA_RELEASE_MAX_UNPACKED_BYTES = env.int("KASA_RELEASE_MAX_UNPACKED_BYTES", default=2 << 30)

@@ -132,7 +132,7 @@ class CustomerForm(forms.ModelForm):
 class DatabaseInline(admin.StackedInline):
     model = DatabaseConnection
     extra = 0
-    fields = (("name", "engine"), ("host", "port"), ("database", "user"), "password", "sqlite_path")
+    fields = (("name", "engine"), ("host", "port"), ("database", "user"), ("password", "tls"), "sqlite_path")
 
 
 @admin.register(Customer)

@@ -288,16 +288,21 @@ class DatabaseConnection(models.Model):
         POSTGRESQL = "postgresql", "PostgreSQL"
         MYSQL = "mysql", "MySQL / MariaDB"
         SQLITE = "sqlite", "SQLite"
+        REDIS = "redis", "Redis"
 
     customer = models.ForeignKey(Customer, on_delete=models.CASCADE, related_name="databases")
     name = models.CharField(max_length=63, default="main", validators=[slug_validator])
     engine = models.CharField(max_length=12, choices=Engine.choices)
     host = models.CharField(max_length=255, blank=True)
     port = models.PositiveIntegerField(null=True, blank=True, validators=[validate_tcp_port],
-                                       help_text="Empty: the engine's default (5432, 3306).")
-    database = models.CharField("database name", max_length=255, blank=True)
-    user = models.CharField(max_length=255, blank=True)
+                                       help_text="Empty: the engine's default (5432, 3306, 6379).")
+    database = models.CharField("database name", max_length=255, blank=True,
+                                help_text="Redis: the logical database number (empty: 0).")
+    user = models.CharField(max_length=255, blank=True, help_text="Redis: empty for requirepass (user default).")
     password = EncryptedSecretField()
+    tls = models.BooleanField("TLS", default=False,
+                              help_text="Redis only: connect with TLS (rediss://), the server's certificate checked "
+                                        "against KASA_REDIS_CA_FILE, else the system's CAs.")
     sqlite_path = models.CharField(
         "SQLite path", max_length=1024, blank=True, help_text="Inside the customer's root (relative or absolute)."
     )
@@ -328,6 +333,15 @@ class DatabaseConnection(models.Model):
                     raise ValidationError({"sqlite_path": str(exc)}) from None
                 if problem := roots.kasa_conflict(resolved, what="SQLite path"):
                     raise ValidationError({"sqlite_path": problem})
+        elif self.engine == self.Engine.REDIS:
+            if not self.host:
+                raise ValidationError({"host": "required for Redis"})
+            self.database = (self.database or "0").strip()
+            if problem := dburl.redis_db_problem(self.database):
+                raise ValidationError({"database": problem})
+            self.database = str(int(self.database))
+            if not self.port:
+                self.port = dburl.DEFAULT_PORTS["redis"]
         else:
             missing = [f for f in ("host", "database", "user") if not getattr(self, f)]
             if missing:
@@ -342,6 +356,9 @@ class DatabaseConnection(models.Model):
         """Connection facts for humans and logs; never the password."""
         if self.engine == self.Engine.SQLITE:
             return f"sqlite:///{self.sqlite_path}"
+        if self.engine == self.Engine.REDIS:
+            return dburl.redis_display(user=self.user, password=False, host=self.host, port=self.port,
+                                       db=self.database, tls=self.tls)
         return f"{self.engine}://{self.user}@{self.host}:{self.port}/{self.database}"
 
 
@@ -350,7 +367,10 @@ class MaintenanceConnection(models.Model):
     databases during restores and rollbacks when the customer's own role may not (no CREATEDB). Without one,
     Kasa restores with the customer's role alone (see engines.dbrestore)."""
 
-    engine = models.CharField(max_length=12, choices=[c for c in DatabaseConnection.Engine.choices if c[0] != "sqlite"])
+    # Servers whose databases Kasa creates and renames: a Redis restore needs no administrative login (it moves keys
+    # into a spare logical database and swaps it in).
+    engine = models.CharField(max_length=12, choices=[c for c in DatabaseConnection.Engine.choices
+                                                      if c[0] not in ("sqlite", "redis")])
     host = models.CharField(max_length=255)
     port = models.PositiveIntegerField(validators=[validate_tcp_port])
     user = models.CharField(max_length=255)

@@ -185,6 +185,11 @@ def _check_database(ctx: RunContext, db: DatabaseConnection, problems: list[str]
     try:
         if db.engine == DatabaseConnection.Engine.SQLITE:
             res = dbprobe.probe_sqlite(str(db.sqlite_file()))
+        elif db.engine == DatabaseConnection.Engine.REDIS:
+            password = reveal(db.password)
+            ctx.add_secret(password)
+            res = dbprobe.probe_redis(host=db.host, port=db.port, user=db.user, password=password,
+                                      dbname=db.database, tls=db.tls, tls_ca=settings.KASA_REDIS_CA_FILE)
         else:
             password = reveal(db.password)
             ctx.add_secret(password)

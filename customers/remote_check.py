@@ -180,6 +180,11 @@ def _database(ctx: RunContext, remote: RemoteHost, db: DatabaseConnection, facts
                 sock = remote.forward(far, db.port, f".s.PGSQL.{port}")
                 res = dbprobe.probe_postgresql(host=os.path.dirname(sock), port=port, user=db.user,
                                                password=password, dbname=db.database, runner=ctx.runner())
+            elif db.engine == DatabaseConnection.Engine.REDIS:
+                if db.tls:
+                    raise dbprobe.ProbeError("Redis over TLS is not reached through the SSH forward (not built)")
+                sock = remote.forward(db.host, db.port, "redis.sock")
+                res = dbprobe.probe_redis(host=sock, port=0, user=db.user, password=password, dbname=db.database)
             else:
                 sock = remote.forward(db.host, db.port, "mysql.sock")
                 res = dbprobe.probe_mysql(host="", port=0, user=db.user, password=password, dbname=db.database,

@@ -75,6 +75,7 @@ def customer_create(
             else:
                 db.host, db.port, db.database, db.user = url.host, url.port, url.name, url.user
                 db.password = url.password
+                db.tls = url.tls
             db.full_clean()
             db.save()
     except ValidationError as exc:

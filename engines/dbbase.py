@@ -30,16 +30,20 @@ class DbTarget:
     # An administrative login to the same server (a maintenance connection), or None: when set, databases are
     # created, renamed and dropped through it, while the dump still loads as `user` into a database it owns.
     maint: DbTarget | None = dataclasses.field(default=None, repr=False, compare=False)
+    tls: bool = False  # redis only (rediss://)
+    tls_ca: str = ""  # redis only: a CA bundle for the server's certificate ("": the system's CAs)
 
     @classmethod
     def from_url(cls, url) -> DbTarget:
         """From an engines.dburl.DatabaseURL."""
         return cls(engine=url.engine, host=url.host, port=url.port or 0, user=url.user, password=url.password,
-                   dbname=url.name, sqlite_path=url.path)
+                   dbname=url.name, sqlite_path=url.path, tls=getattr(url, "tls", False))
 
     def display(self) -> str:
         if self.engine == "sqlite":
             return self.sqlite_path
+        if self.engine == "redis":
+            return f"{'rediss' if self.tls else 'redis'}://{self.host}:{self.port}/{self.dbname or 0}"
         return f"{self.engine}://{self.user}@{self.host}:{self.port}/{self.dbname}"
 
 

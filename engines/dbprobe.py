@@ -79,3 +79,22 @@ def probe_sqlite(path: str) -> ProbeResult:
     except sqlite3.DatabaseError as exc:
         raise ProbeError(f"{path} is not a readable SQLite database: {exc}") from None
     return ProbeResult(server_version=f"SQLite {version}", client_version=f"sqlite3 module {sqlite3.sqlite_version}")
+
+
+def probe_redis(*, host: str, port: int, user: str, password: str, dbname: str, tls: bool = False,
+                tls_ca: str = "") -> ProbeResult:
+    """PING and the server's version, with the password handed over in the protocol (never argv)."""
+    from . import redisdump  # redis-py loads only when a Redis database is checked
+    from .dbbase import DbTarget
+
+    target = DbTarget(engine="redis", host=host, port=port, user=user, password=password, dbname=dbname or "0",
+                      tls=tls, tls_ca=tls_ca)
+    try:
+        con = redisdump.connect(target)
+        try:
+            version = redisdump.server_version(con)
+        finally:
+            con.close()
+    except (redisdump.RedisError, redisdump.redis.RedisError) as exc:
+        raise ProbeError(str(exc)) from None
+    return ProbeResult(server_version=f"Redis {version}", client_version="redis-py")

@@ -1,7 +1,8 @@
 """Database connection URLs: parse and format, never leaking the password.
 
 Forms: postgresql://user:pass@host:port/db (also postgres://),
-mysql://user:pass@host:port/db (also mariadb://), sqlite:////abs/path.db.
+mysql://user:pass@host:port/db (also mariadb://), sqlite:////abs/path.db,
+redis://[user][:pass]@host:port[/db] (rediss:// for TLS; db is the logical database number, 0 by default).
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ ENGINES = {
     "mysql": "mysql",
     "mariadb": "mysql",
     "sqlite": "sqlite",
+    "redis": "redis",
+    "rediss": "redis",
 }
-DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306}
+DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "redis": 6379}
 
 
 class DatabaseURLError(ValueError):
@@ -57,11 +60,15 @@ class DatabaseURL:
     user: str = ""
     password: str = ""
     path: str = ""  # sqlite only
+    tls: bool = False  # redis only (rediss://)
 
     def display(self) -> str:
         """The URL with the password masked: safe for logs and output."""
         if self.engine == "sqlite":
             return f"sqlite:///{self.path}"
+        if self.engine == "redis":
+            return redis_display(user=self.user, password=bool(self.password), host=self.host, port=self.port,
+                                 db=self.name, tls=self.tls)
         auth = self.user + (":********" if self.password else "")
         return f"{self.engine}://{auth}@{self.host}:{self.port}/{self.name}"
 
@@ -81,7 +88,8 @@ def parse(url: str) -> DatabaseURL:
     engine = ENGINES.get(scheme)
     if engine is None:
         raise DatabaseURLError(
-            f"unknown database engine {scheme!r}: use postgresql://, mysql://, mariadb:// or sqlite:///"
+            f"unknown database engine {scheme!r}: use postgresql://, mysql://, mariadb://, redis://, rediss:// or "
+            "sqlite:///"
         )
     if engine == "sqlite":
         if parts.netloc:
@@ -93,6 +101,8 @@ def parse(url: str) -> DatabaseURL:
             raise DatabaseURLError("sqlite URL must name an absolute file path: sqlite:////abs/path.db")
         return DatabaseURL(engine="sqlite", path=path)
     name = unquote(parts.path.lstrip("/"))
+    if engine == "redis":
+        return _redis(parts, port, name, tls=scheme == "rediss")
     if not parts.hostname:
         raise DatabaseURLError(f"{engine} URL has no host")
     if not name or "/" in name:
@@ -105,3 +115,28 @@ def parse(url: str) -> DatabaseURL:
         user=unquote(parts.username or ""),
         password=unquote(parts.password or ""),
     )
+
+
+def redis_display(*, user: str, password: bool, host: str, port, db: str, tls: bool) -> str:
+    auth = user + (":********" if password else "")
+    return f"{'rediss' if tls else 'redis'}://{auth + '@' if auth else ''}{host}:{port}/{db or '0'}"
+
+
+def redis_db_problem(db: str) -> str | None:
+    """Why `db` is not a Redis logical database number, or None."""
+    if not db.isdigit() or len(db) > 5:
+        return f"a Redis database is a number (0, 1, …), not {db!r}"
+    return None
+
+
+def _redis(parts, port: int | None, name: str, *, tls: bool) -> DatabaseURL:
+    """redis://[user][:password]@host[:port][/db]: the password alone is Redis's requirepass (user "default")."""
+    if not parts.hostname:
+        raise DatabaseURLError("redis URL has no host")
+    name = name or "0"
+    if problem := redis_db_problem(name):
+        raise DatabaseURLError(problem)
+    if parts.query:
+        raise DatabaseURLError("redis URL takes no options after '?' (TLS: rediss://)")
+    return DatabaseURL(engine="redis", host=parts.hostname, port=port or DEFAULT_PORTS["redis"], name=str(int(name)),
+                       user=unquote(parts.username or ""), password=unquote(parts.password or ""), tls=tls)

@@ -391,6 +391,8 @@ def _database_rollback(customer) -> list[Check]:
             detail = why
         elif target.maint is not None:
             detail = f"into a fresh database, swapped in, {why}"
+        elif target.engine == "redis":
+            detail = "into an empty spare logical database of its server, swapped in with SWAPDB"
         elif target.engine == "mysql":
             detail = ("into a fresh database beside it when the user may create one, else into prefixed tables "
                       "of the database itself, swapped in with one RENAME TABLE")
