@@ -222,7 +222,7 @@ def test_saving_a_policy_in_the_admin_updates_its_schedule(make_customer, admin_
     form = {"customer": customer.pk, "schedule": "cron", "cron": "45 1 * * *", "scope": "full", "compression": "zstd",
             "encrypt": "on", "target": default_target().pk, "keep_last": 5, "keep_daily": 0, "keep_weekly": 0,
             "keep_monthly": 0, "keep_verified": 0, "excludes": "[]", "notify_emails": "", "webhook_url": "",
-            "verify_schedule": "weekly"}
+            "verify_schedule": "weekly", "full_every_days": 7}
     resp = admin_client.post("/backups/backuppolicy/add/", form)
     assert resp.status_code == 302, resp.content.decode()[:3000]
     assert _backup_schedules()[f"backup: {customer.domain}"].cron == "45 1 * * *"

@@ -73,7 +73,7 @@ def test_policy_form_offers_and_accepts_only_targets_open_to_the_customers_team(
     client.force_login(admin_user)
     base = {"customer": site["blue"].pk, "schedule": "none", "scope": "full", "compression": "zstd",
             "keep_last": 5, "keep_daily": 0, "keep_weekly": 0, "keep_monthly": 0, "keep_verified": 0,
-            "excludes": "[]", "verify_schedule": "none"}
+            "excludes": "[]", "verify_schedule": "none", "full_every_days": 7}
     response = client.post("/backups/backuppolicy/add/", {**base, "target": site["red_vault"].pk})
     assert response.status_code == 200 and "not open to team" in str(response.context["adminform"].form.errors)
     response = client.post("/backups/backuppolicy/add/", {**base, "target": site["local"].pk,

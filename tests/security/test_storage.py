@@ -157,7 +157,7 @@ def test_a_restore_of_an_imported_backup_never_runs_the_manifests_commands(store
     Service.objects.filter(customer=customer).update(
         process_manager="command", app_name="backend",
         start_command=["sh", "-c", f"id -u >> {marker}"], stop_command=["sh", "-c", f"id -u >> {marker}"])
-    doc = _backup_json(customer.domain, "--scope", "files", "--target", "dr")  # the manifest records them
+    doc = _backup_json(customer.domain, "--scope", "files", "--target", "dr", "--full")  # the manifest records them
     assert json.loads((Path(doc["location"]) / "backup.json").read_text())["instance"]["services"][0][
         "stop_command"]
     shutil.rmtree(folder)  # the one backup on storage is the one whose manifest holds the commands
