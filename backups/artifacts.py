@@ -144,22 +144,23 @@ def _file_lists(root: str, rel: str, excludes: list[str], details: dict, chain, 
     with tempfile.TemporaryDirectory(dir=settings.KASA_SCRATCH_DIR, prefix="filelist-") as tmp:
         if base_art is None:
             index = os.path.join(tmp, "index")
-            with open(index, "wb", buffering=1 << 20) as out:
-                for rec in fileindex.index_records(fileindex.walk(root, rel, excludes=excludes)):
-                    out.write(rec)
+            try:
+                fileindex.write_index_file(root, rel, index, excludes=excludes)
+            except OSError as exc:
+                raise sources.SourceError(f"the file index of {rel}: {exc}") from None
             details["sidecars"] = {"index": index}
             yield sources.tar_stage(root, [rel], excludes=excludes, sort=True)
             return
         base, idx = chain.base, base_art.details["index"]
         members, changes = os.path.join(tmp, "members"), os.path.join(tmp, "changes")
         with open_plain(chain.store, f"{base.prefix}/{idx['name']}", sha256=idx["sha256"], size=idx["size"],
-                        encrypted=base.encrypted, keyring=chain.keyring, compression=base_art.compression) as chunks, \
-                open(members, "wb", buffering=1 << 20) as m, open(changes, "wb", buffering=1 << 20) as c:
+                        encrypted=base.encrypted, keyring=chain.keyring, compression=base_art.compression) as chunks:
             try:
-                counts = fileindex.write_differential(fileindex.read_index(chunks), fileindex.walk(
-                    root, rel, excludes=excludes), m, c)
+                counts = fileindex.write_differential_files(root, rel, chunks, members, changes, excludes=excludes)
             except fileindex.IndexError_ as exc:
                 raise sources.SourceError(f"the file index of full backup #{base.pk} is unusable: {exc}") from None
+            except OSError as exc:
+                raise sources.SourceError(f"the differential of {rel}: {exc}") from None
         details["differential"] = {
             "base": {"backup_id": base.pk, "prefix": base.prefix, "name": base_art.name, "sha256": base_art.sha256,
                      "size": base_art.size, "compression": base_art.compression},
