@@ -239,7 +239,7 @@ def test_the_admin_shows_the_kind_and_the_restore_page_the_chain(customer, admin
     _change(customer.root_path())
     diff = _backup(customer)
     listing = admin_client.get("/backups/backup/").content.decode()
-    assert f'differential on <a href="/backups/backup/{full["id"]}/change/">#{full["id"]}</a>' in listing
+    assert f'diff. of <a href="/backups/backup/{full["id"]}/change/">#{full["id"]}</a>' in listing
     page = admin_client.get(f"/backups/backup/{diff['id']}/restore/").content.decode()
     assert 'id="restore-chain"' in page and f"#{full['id']}</a>" in page
     assert "<code>backend</code>: 5 new, 4 changed, 1 deleted" in " ".join(page.split())
