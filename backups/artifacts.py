@@ -154,7 +154,8 @@ def _file_lists(root: str, rel: str, excludes: list[str], details: dict, chain, 
         base, idx = chain.base, base_art.details["index"]
         members, changes = os.path.join(tmp, "members"), os.path.join(tmp, "changes")
         with open_plain(chain.store, f"{base.prefix}/{idx['name']}", sha256=idx["sha256"], size=idx["size"],
-                        encrypted=base.encrypted, keyring=chain.keyring, compression=base_art.compression) as chunks:
+                        encrypted=base.encrypted, keyring=chain.keyring,
+                        compression=idx.get("compression", base_art.compression)) as chunks:
             try:
                 counts = fileindex.write_differential_files(root, rel, chunks, members, changes, excludes=excludes)
             except fileindex.IndexError_ as exc:
@@ -174,10 +175,6 @@ def _file_lists(root: str, rel: str, excludes: list[str], details: dict, chain, 
 def sidecar_name(source: str, what: str, compression: str, encrypted: bool) -> str:
     """The object beside a service archive that holds its file index or change list."""
     return _name(f"{source}.{what}", compression, encrypted)
-
-
-def sidecar_chain(path: str, compression: str) -> ProcessChain:
-    return _chain([_compressor(compression) or Stage(["cat"], name="cat")], stdin_path=path)
 
 
 def _database_spec(db: DatabaseConnection, compression: str, encrypted: bool) -> ArtifactSpec:

@@ -113,7 +113,7 @@ def chain_kwargs(bk: Backup, art: BackupArtifact) -> dict:
         "base": {"name": f"{base['prefix']}/{base['name']}", "sha256": base["sha256"], "size": base["size"],
                  "compression": base["compression"], "encrypted": bk.encrypted},
         "changes": {"name": f"{bk.prefix}/{changes['name']}", "sha256": changes["sha256"], "size": changes["size"],
-                    "compression": art.compression, "encrypted": bk.encrypted},
+                    "compression": changes.get("compression", art.compression), "encrypted": bk.encrypted},
     }}
 
 

@@ -177,6 +177,8 @@ def _object(value, field: str) -> dict:
     _int(obj.get("size"), f"{field}.size")
     if not isinstance(obj.get("sha256"), str) or not _SHA256.fullmatch(obj["sha256"]):
         _fail(f"{field}.sha256", "expected 64 lowercase hexadecimal digits")
+    if obj.get("compression") is not None:
+        _choice(obj["compression"], f"{field}.compression", BackupPolicy.Compression.values)
     return obj
 
 

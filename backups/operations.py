@@ -19,7 +19,7 @@ from django.utils import timezone
 
 from customers.models import Customer
 from engines import manifestauth, streams
-from engines.artifact import write_artifact, write_bytes
+from engines.artifact import write_artifact, write_bytes, write_small_artifact
 from engines.backupcrypto import KeyRing
 from engines.humanize import human_duration, human_size
 from engines.paths import PathEscapeError
@@ -373,12 +373,12 @@ def _write_one(ctx: RunContext, bk: Backup, store, spec, *, lane: str, keyring, 
 def _write_sidecars(ctx: RunContext, bk: Backup, store, spec, details: dict, *, keyring) -> None:
     """A service archive's file index (a full) or change list (a differential), stored, encrypted and checked
     like an artifact, named in the archive's details (backups.chains)."""
+    compression = "none" if bk.compression == "none" else "gzip"  # in this process (write_small_artifact)
     for what, path in (details.pop("sidecars", None) or {}).items():
-        short = plans.sidecar_name(spec.source, what, bk.compression, bk.encrypted)
-        res = write_artifact(plans.sidecar_chain(path, bk.compression), store, f"{bk.prefix}/{short}",
-                             keyring=keyring)
+        short = plans.sidecar_name(spec.source, what, compression, bk.encrypted)
+        res = write_small_artifact(store, f"{bk.prefix}/{short}", path, keyring=keyring, gzip=compression == "gzip")
         _verify_object(store, f"{bk.prefix}/{short}", res.sha256, res.size)
-        details[what] = {"name": short, "size": res.size, "sha256": res.sha256}
+        details[what] = {"name": short, "size": res.size, "sha256": res.sha256, "compression": compression}
     if d := details.get("differential"):
         ctx.info(f"{spec.name}: differential on #{d['base']['backup_id']}: {d['added']} new, {d['changed']} "
                  f"changed, {d['deleted']} deleted, {d['unchanged']} unchanged ({human_size(d['bytes'])} of files)")

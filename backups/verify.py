@@ -124,7 +124,8 @@ def _check_index(bk: Backup, store, keyring, art, side: dict) -> int:
     """A full's file index, which its differentials are made from: stored bytes, decryption and every record."""
     count = 0
     with unpack.open_plain(store, f"{bk.prefix}/{side['name']}", sha256=side["sha256"], size=side["size"],
-                           encrypted=bk.encrypted, keyring=keyring, compression=art.compression) as chunks:
+                           encrypted=bk.encrypted, keyring=keyring,
+                           compression=side.get("compression", art.compression)) as chunks:
         try:
             for _ in fileindex.read_index(chunks):
                 count += 1

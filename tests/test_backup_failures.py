@@ -117,7 +117,7 @@ def test_backup_to_s3_stores_checksummed_objects_and_leaves_no_open_upload(make_
     keys = {o["Key"] for o in client.list_objects_v2(Bucket=s3_server.bucket)["Contents"]}
     prefix = Backup.objects.get(pk=doc["id"]).prefix
     sidecars = {f"{prefix}/{a['index']['name']}" for a in doc["artifacts"] if "index" in a}  # file indexes
-    assert sidecars == {f"{prefix}/backend.index.zst.enc"}
+    assert sidecars == {f"{prefix}/backend.index.gz.enc"}
     assert keys == {f"{prefix}/{a['name']}" for a in doc["artifacts"]} | sidecars | {f"{prefix}/backup.json"}
     for art in doc["artifacts"]:
         body = client.get_object(Bucket=s3_server.bucket, Key=f"{prefix}/{art['name']}")["Body"].read()

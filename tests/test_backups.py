@@ -101,7 +101,7 @@ def test_full_backup_stores_one_checksummed_artifact_per_part_and_a_manifest(ful
     names = sorted(p.name for p in folder.iterdir())
     assert names == sorted(["admin.tar.zst.enc", "backend.tar.zst.enc", "store.tar.zst.enc", "config.tar.zst.enc",
                             "db-main.pgdump.zst.enc", "db-shop.sql.zst.enc", "db-cache.sqlite3.zst.enc",
-                            "backup.json", "admin.index.zst.enc", "backend.index.zst.enc", "store.index.zst.enc"])
+                            "backup.json", "admin.index.gz.enc", "backend.index.gz.enc", "store.index.gz.enc"])
     assert folder.parent.name == full_customer.domain and folder.name.endswith(f"-{doc['id']}")
     for art in doc["artifacts"]:
         data = (folder / art["name"]).read_bytes()

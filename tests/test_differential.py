@@ -188,8 +188,8 @@ def test_the_manifest_records_the_chain(customer):
     assert manifest["base"]["backup_id"] == full["id"] and len(manifest["base"]["manifest_sha256"]) == 64
     backend = next(a for a in manifest["artifacts"] if a["source"] == "backend")
     assert backend["differential"]["base"]["name"] == "backend.tar.zst.enc"
-    assert backend["changes"]["name"] == "backend.changes.zst.enc"
-    assert (Path(bk.target.path) / bk.prefix / "backend.changes.zst.enc").exists()
+    assert backend["changes"]["name"] == "backend.changes.gz.enc"
+    assert (Path(bk.target.path) / bk.prefix / "backend.changes.gz.enc").exists()
 
 
 @pytest.fixture
@@ -285,10 +285,10 @@ def test_the_documented_by_hand_restore_of_a_chain_gives_the_same_tree(customer,
 def test_a_full_whose_file_index_is_gone_gives_a_full_that_says_why(customer):
     full = _backup(customer)
     bk = Backup.objects.get(pk=full["id"])
-    (Path(bk.target.path) / bk.prefix / "admin.index.zst.enc").unlink()
+    (Path(bk.target.path) / bk.prefix / "admin.index.gz.enc").unlink()
     again = _backup(customer, "--differential")
     assert again["kind"] == "full"
-    assert "admin.index.zst.enc of the newest full" in _log(again["run"])
+    assert "admin.index.gz.enc of the newest full" in _log(again["run"])
 
 
 def test_retention_keeps_the_full_a_running_differential_builds_on(customer):
