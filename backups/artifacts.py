@@ -18,6 +18,8 @@ from engines.dbbase import DbTarget
 from engines.streams import ProcessChain, Stage
 from engines.unpack import open_plain
 
+from .models import BackupArtifact
+
 ENCRYPTED_SUFFIX = ".enc"
 
 
@@ -90,6 +92,7 @@ def plan(customer: Customer, params: dict, chain=None) -> list[ArtifactSpec]:
     excludes = excludes_of(params)
     specs: list[ArtifactSpec] = []
 
+    big = _big_trees(customer) if scope in ("full", "files") else set()
     if scope in ("full", "files"):
         for svc in services:
             folder = str(svc.folder())
@@ -104,12 +107,12 @@ def plan(customer: Customer, params: dict, chain=None) -> list[ArtifactSpec]:
                 base_art = None  # the service moved (an upgrade's release link): its full archive is of another folder
 
             @contextlib.contextmanager
-            def open_service(rel=rel, details=details, base_art=base_art):
+            def open_service(rel=rel, details=details, base_art=base_art, big_tree=svc.name in big):
                 # What a restore would refuse, listed while tar streams rather than before it starts.
                 pool = ThreadPoolExecutor(1, thread_name_prefix="kasa-links")
                 listing = pool.submit(sources.restore_refusals, root, rel, excludes=excludes)
                 pool.shutdown(wait=False)
-                with _file_lists(root, rel, excludes, details, chain, base_art) as tar:
+                with _file_lists(root, rel, excludes, details, chain, base_art, big_tree) as tar:
                     yield _chain([tar, _compressor(compression)]), details
                 note_refusals(details, listing.result())
 
@@ -133,8 +136,23 @@ def plan(customer: Customer, params: dict, chain=None) -> list[ArtifactSpec]:
     return specs
 
 
+BIG_INDEX = 64 * 1024  # stored bytes of a file index (≈ 5,000 paths): above, the next walk runs in a child process
+
+
+def _big_trees(customer: Customer) -> set[str]:
+    """Services whose last file index was large: their walks run in a child process (engines.fileindex), on a
+    core of their own; a small folder is walked in the worker, where starting a process would cost more."""
+    sizes: dict[str, int] = {}
+    for source, details in (BackupArtifact.objects.filter(backup__customer=customer, kind="service",
+                                                          backup__status="succeeded")
+                            .order_by("-pk").values_list("source", "details")[:50]):
+        if source not in sizes and (details or {}).get("index"):
+            sizes[source] = details["index"]["size"]
+    return {source for source, size in sizes.items() if size > BIG_INDEX}
+
+
 @contextlib.contextmanager
-def _file_lists(root: str, rel: str, excludes: list[str], details: dict, chain, base_art):
+def _file_lists(root: str, rel: str, excludes: list[str], details: dict, chain, base_art, big: bool = False):
     """The tar stage of a service archive, and the file list it needs (a 0600 file in a private scratch folder,
     removed after): for a full, the folder's file index (written before tar reads a byte, so a file changed
     while tar runs is newer than the index says and goes into the next differential); for a differential, the
@@ -145,7 +163,12 @@ def _file_lists(root: str, rel: str, excludes: list[str], details: dict, chain, 
         if base_art is None:
             index = os.path.join(tmp, "index")
             try:
-                fileindex.write_index_file(root, rel, index, excludes=excludes)
+                if big:
+                    fileindex.write_index_file(root, rel, index, excludes=excludes)
+                else:
+                    with open(index, "wb", buffering=1 << 20) as out:
+                        for rec in fileindex.index_records(fileindex.walk(root, rel, excludes=excludes)):
+                            out.write(rec)
             except OSError as exc:
                 raise sources.SourceError(f"the file index of {rel}: {exc}") from None
             details["sidecars"] = {"index": index}
@@ -157,7 +180,13 @@ def _file_lists(root: str, rel: str, excludes: list[str], details: dict, chain, 
                         encrypted=base.encrypted, keyring=chain.keyring,
                         compression=idx.get("compression", base_art.compression)) as chunks:
             try:
-                counts = fileindex.write_differential_files(root, rel, chunks, members, changes, excludes=excludes)
+                if big or idx["size"] > BIG_INDEX:
+                    counts = fileindex.write_differential_files(root, rel, chunks, members, changes,
+                                                                excludes=excludes)
+                else:
+                    with open(members, "wb", buffering=1 << 20) as m, open(changes, "wb", buffering=1 << 20) as c:
+                        counts = fileindex.write_differential(fileindex.read_index(chunks), fileindex.walk(
+                            root, rel, excludes=excludes), m, c)
             except fileindex.IndexError_ as exc:
                 raise sources.SourceError(f"the file index of full backup #{base.pk} is unusable: {exc}") from None
             except OSError as exc:

@@ -178,3 +178,29 @@ def test_change_list_out_of_order_is_refused():
 def test_index_that_is_not_one_is_refused():
     with pytest.raises(fileindex.IndexError_, match="not a Kasa file index"):
         list(fileindex.read_index([b"hello\0"]))
+
+
+def test_the_walk_in_a_child_process_writes_the_same_lists(tmp_path):
+    """Large folders are walked in a child process (engines.fileindex.write_index_file / write_differential_files):
+    the same index, member and change lists as in the worker's own process, and a bad index is refused."""
+    root = str(tmp_path / "root")
+    _write(f"{root}/svc/a/b.txt", b"b")
+    _write(f"{root}/svc/c.txt", b"c")
+    _write(f"{root}/svc/logs/x.log", b"excluded")
+    index = str(tmp_path / "index")
+    fileindex.write_index_file(root, "svc", index, excludes=["logs"])
+    here = b"".join(fileindex.index_records(fileindex.walk(root, "svc", excludes=["logs"])))
+    assert open(index, "rb").read() == here
+    time.sleep(0.01)
+    _write(f"{root}/svc/c.txt", b"changed")
+    _write(f"{root}/svc/new.txt", b"new")
+    members, changes = str(tmp_path / "members"), str(tmp_path / "changes")
+    counts = fileindex.write_differential_files(root, "svc", _chunks(here, 50), members, changes,
+                                                excludes=["logs"])
+    m, c = io.BytesIO(), io.BytesIO()
+    same = fileindex.write_differential(fileindex.read_index([here]), fileindex.walk(root, "svc", excludes=["logs"]),
+                                        m, c)
+    assert (counts.added, counts.changed) == (same.added, same.changed) == (1, 2)  # new.txt; c.txt and svc/
+    assert open(members, "rb").read() == m.getvalue() and open(changes, "rb").read() == c.getvalue()
+    with pytest.raises(fileindex.IndexError_, match="not a Kasa file index"):
+        fileindex.write_differential_files(root, "svc", [b"garbage\0"], members, changes)
