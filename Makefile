@@ -20,6 +20,7 @@ PG_TEST_URL ?= postgres://postgres@127.0.0.1:5432/kasa
 TEST_VAR ?= $(CURDIR)/var/test
 # The SQLite pass's Redis database (the PostgreSQL pass uses db 15: tests/conftest.py); they run at once.
 SQLITE_TEST_REDIS_URL ?= redis://127.0.0.1:6379/14
+SQLITE_SELECT ?= -m smoke
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PIP_NO_INPUT := 1
 
@@ -80,12 +81,14 @@ lint: install   ## ruff, and the import graph's contracts (pyproject.toml [tool.
 	$(BIN)/lint-imports
 
 test: system-deps services install lint reachable   ## everything CI checks: both passes, side by side
-	@# The SQLite pass (about a minute) runs beside the PostgreSQL one: most of the suite waits on servers,
-	@# PM2 and sshd, not on the CPU. Each pass has its own var folder, control database and Redis database;
-	@# the SQLite pass's output follows the PostgreSQL pass's, and either failing fails `make test`.
+	@# Two passes side by side, one per core (most of the suite waits on servers, PM2 and sshd, not on the CPU):
+	@# the SQLite pass runs the smoke tests and the tests of other hosts, Redis and the random-tree round trips
+	@# (KASA_TEST_PASS, tests/conftest.py); the PostgreSQL pass runs everything else, its end-to-end tests last.
+	@# Each pass has its own var folder, control database and Redis database; the SQLite pass's output follows
+	@# the PostgreSQL pass's, and either failing fails `make test`. `make test-pg` alone runs the whole suite.
 	@mkdir -p $(dir $(TEST_VAR)); \
-	$(MAKE) --no-print-directory test-sqlite > $(TEST_VAR)-sqlite.log 2>&1 & sqlite=$$!; \
-	$(MAKE) --no-print-directory test-pg; pg=$$?; \
+	KASA_TEST_PASS=sqlite $(MAKE) --no-print-directory test-sqlite SQLITE_SELECT= > $(TEST_VAR)-sqlite.log 2>&1 & sqlite=$$!; \
+	KASA_TEST_PASS=pg $(MAKE) --no-print-directory test-pg; pg=$$?; \
 	wait $$sqlite; sq=$$?; \
 	echo "=== the SQLite pass (make test-sqlite), run beside the PostgreSQL pass: exit status $$sq ==="; \
 	cat $(TEST_VAR)-sqlite.log; \
@@ -99,7 +102,7 @@ test-pg: install reachable   ## the whole suite on PostgreSQL as the control dat
 test-sqlite: install reachable   ## the smoke tests that use a database, on the default SQLite control database
 	@rm -rf $(TEST_VAR)-sqlite && mkdir -p $(TEST_VAR)-sqlite
 	env -u DATABASE_URL KASA_VAR_DIR=$(TEST_VAR)-sqlite/kasa KASA_CUSTOMERS_ROOT=$(TEST_VAR)-sqlite/customers \
-		KASA_TEST_REDIS_URL=$(SQLITE_TEST_REDIS_URL) KASA_TEST_DATABASE_ONLY=1 $(BIN)/pytest -m smoke $(PYTEST_ARGS)
+		KASA_TEST_REDIS_URL=$(SQLITE_TEST_REDIS_URL) KASA_TEST_DATABASE_ONLY=1 $(BIN)/pytest $(SQLITE_SELECT) $(PYTEST_ARGS)
 
 lock:   ## re-resolve requirements.lock from pyproject.toml (needs network)
 	$(PY) -m venv /tmp/kasa-uv && /tmp/kasa-uv/bin/pip install --quiet uv
