@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import pwd
+import re
 import select
 import shutil
 import signal
