@@ -540,3 +540,30 @@ def test_admin_offers_redis_and_masks_its_password(client, admin_user, customer)
     html = client.get(f"/customers/customer/{customer.pk}/change/").content.decode()
     assert '<option value="redis" selected>Redis</option>' in html
     assert PASSWORD not in html and 'type="password"' in html and "tls" in html
+
+
+def test_the_documented_by_hand_restore_loads_the_snapshot_into_a_plain_redis_server(backed_up, tmp_path):
+    """docs/FORMAT.md: decrypt with its Python recipe, `zstd -d`, and `redis-server --dir D --dbfilename dump.rdb`
+    loads the artifact: every key of the customer's logical database is there, nothing from Kasa reads it."""
+    from django.conf import settings
+
+    customer, bk, before = backed_up
+    doc = (Path(settings.BASE_DIR) / "docs" / "FORMAT.md").read_text()
+    assert "redis-server --dir D\n--dbfilename dump.rdb" in doc or "redis-server --dir D --dbfilename dump.rdb" in \
+        " ".join(doc.split())
+    recipe = next(b for b in doc.split("```python\n")[1:] if "def decrypt_artifact" in b).split("```")[0]
+    namespace: dict = {}
+    exec(compile(recipe, "FORMAT.md", "exec"), namespace)  # our own documentation, run as written
+    art = bk.artifacts.get(kind="database")
+    key = settings.KASA_BACKUP_KEYS.split(",")[0].strip()
+    namespace["decrypt_artifact"](str(Path(bk.target.path) / bk.prefix / art.name), str(tmp_path / "rdb.zst"), key)
+    folder = tmp_path / "by-hand"
+    folder.mkdir()
+    subprocess.run(["zstd", "-d", "-q", "-o", str(folder / "dump.rdb"), str(tmp_path / "rdb.zst")], check=True)
+    proc, port = _start_server(folder, "--dbfilename", "dump.rdb")
+    try:
+        wait_until(lambda: _client(port).info("persistence")["loading"] == 0, 30, what="the snapshot to load")
+        assert _state(port)[1] == before[1]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
