@@ -48,7 +48,6 @@ import common  # noqa: E402
 from common import (  # noqa: E402  (bench/ is on sys.path when run as a script)
     DEFAULT_DB_NAME,
     DOMAIN,
-    GENERATOR_VERSION,
     GOAL_RSS,
     GOAL_VS_HAND,
     GOAL_VS_PLAIN,
@@ -61,7 +60,7 @@ from common import (  # noqa: E402  (bench/ is on sys.path when run as a script)
     SERVICES,
     BenchError,
     Postgres,
-    generate_instance,
+    ensure_tree,
     kasa_pg_dump,
     mb,
     q,
@@ -252,23 +251,9 @@ def machine() -> dict:
 
 
 def ensure_data(args, work: Path, pg: Postgres) -> tuple[Path, dict]:
-    size_bytes = int(args.size_gb * 1e9)
-    root = work / "customers" / "bench"
-    marker = work / "instance.json"
-    want = {"generator": GENERATOR_VERSION, "size_gb": args.size_gb}
-    info = json.loads(marker.read_text()) if marker.exists() else {}
-    if all(info.get(k) == v for k, v in want.items()) and root.is_dir():
-        say(f"instance cached in {root} ({info['files']:,} files, {mb(info['bytes'])})")
-    elif args.skip_generate:
-        raise BenchError(f"--skip-generate: no instance of {args.size_gb} GB cached in {work}")
-    else:
-        n_files = max(600, round(40_000 * args.size_gb))
-        t = time.monotonic()
-        info = {**want, **generate_instance(root, size_bytes, n_files)}
-        marker.write_text(json.dumps(info, indent=2))
-        say(f"instance generated in {time.monotonic() - t:.0f} s: {info['files']:,} files, {mb(info['bytes'])}")
-
-    scale = max(1, round(size_bytes / 1e6 / MB_PER_SCALE))
+    """The cached instance and the pgbench database (both generated when missing)."""
+    root, info = ensure_tree(args, work)
+    scale = max(1, round(args.size_gb * 1e9 / 1e6 / MB_PER_SCALE))
     have = pg.scale_present()
     if have == scale:
         say(f"database {DB_NAME} cached (pgbench scale {scale}, {mb(pg.size())})")

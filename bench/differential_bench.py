@@ -32,11 +32,10 @@ import common
 from backup_bench import Kasa, machine, median
 from common import (
     DOMAIN,
-    GENERATOR_VERSION,
     LOG_EXCLUDES,
     SERVICES,
     BenchError,
-    generate_instance,
+    ensure_tree,
     mb,
     q,
     say,
@@ -46,26 +45,6 @@ from common import (
 from restore_bench import kasa_command
 
 GOALS = {"unchanged_time": 0.15, "unchanged_bytes": 0.01, "churn_time": 0.30, "restore": 1.15}
-
-
-def ensure_tree(args, work: Path) -> tuple[Path, dict]:
-    """The cached instance of bench/backup_bench (generated here when missing, without its database)."""
-    root = work / "customers" / "bench"
-    marker = work / "instance.json"
-    want = {"generator": GENERATOR_VERSION, "size_gb": args.size_gb}
-    info = json.loads(marker.read_text()) if marker.exists() else {}
-    if all(info.get(k) == v for k, v in want.items()) and root.is_dir():
-        say(f"instance cached in {root} ({info['files']:,} files, {mb(info['bytes'])})")
-        return root, info
-    if args.skip_generate:
-        raise BenchError(f"--skip-generate: no instance of {args.size_gb} GB cached in {work}")
-    if root.exists():
-        shutil.rmtree(root)
-    t = time.monotonic()
-    info = {**want, **generate_instance(root, int(args.size_gb * 1e9), max(600, round(40_000 * args.size_gb)))}
-    marker.write_text(json.dumps(info, indent=2))
-    say(f"instance generated in {time.monotonic() - t:.0f} s: {info['files']:,} files, {mb(info['bytes'])}")
-    return root, info
 
 
 def churn(root: Path, share: float, seed: int) -> tuple[int, int]:
