@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-from .fileindex import IndexError_, key, under
+from .fileindex import key, under
 
 BLOCK = 512
 _META = (b"x", b"g", b"L", b"K")
@@ -164,4 +164,4 @@ def _filtered(r: _Reader, changes: Iterator[tuple[bytes, bytes]]) -> Iterator:
         held, pax, longname = [], {}, None
 
 
-__all__ = ["IndexError_", "MergeError", "merge"]
+__all__ = ["MergeError", "merge"]
