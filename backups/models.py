@@ -35,6 +35,12 @@ class StorageTargetQuerySet(models.QuerySet):
         return self.filter(Q(teams=None) | Q(teams__members=user)).distinct()
 
 
+class LockMode(models.TextChoices):
+    NONE = "", "No lock"
+    GOVERNANCE = "governance", "Governance (a superuser can bypass it)"
+    COMPLIANCE = "compliance", "Compliance (nobody can shorten or delete it)"
+
+
 class StorageTarget(models.Model):
     class Kind(models.TextChoices):
         LOCAL = "local", "Local folder"
@@ -56,6 +62,12 @@ class StorageTarget(models.Model):
     private_key = EncryptedSecretField(help_text="SFTP private key (PEM/OpenSSH).")
     host_key = models.CharField(max_length=1000, blank=True,
                                 help_text="SFTP server key to pin: an OpenSSH key line or SHA256:… fingerprint.")
+    lock_mode = models.CharField(
+        "object lock", max_length=10, choices=LockMode.choices, blank=True,
+        help_text="S3 only: write every object with an Object Lock retention (write once, read many). The bucket "
+                  "must have been created with Object Lock; docs/STORAGE.md.")
+    lock_days = models.PositiveIntegerField(
+        "lock days", default=0, help_text="With an object lock: how many days each backup stays locked at least.")
     enabled = models.BooleanField(default=True)
     teams = models.ManyToManyField(
         "customers.Team", blank=True, related_name="storage_targets",
@@ -80,6 +92,16 @@ class StorageTarget(models.Model):
         missing = [f for f in required[self.kind] if not getattr(self, f)]
         if missing:
             raise ValidationError({f: f"required for {self.get_kind_display()}" for f in missing})
+        if self.lock_mode and self.kind != self.Kind.S3:
+            raise ValidationError({"lock_mode": "object locks exist on S3 targets only"})
+        if self.lock_mode and not self.lock_days:
+            raise ValidationError({"lock_days": "a locked target needs at least 1 lock day"})
+        if self.lock_days and not self.lock_mode:
+            raise ValidationError({"lock_mode": "choose governance or compliance for the lock days to apply"})
+
+    @property
+    def immutable(self) -> bool:
+        return bool(self.lock_mode and self.lock_days)
 
     def store(self):
 
@@ -87,6 +109,7 @@ class StorageTarget(models.Model):
             "path": self.path, "bucket": self.bucket, "prefix": self.prefix, "endpoint_url": self.endpoint_url or None,
             "region": self.region or None, "host": self.host, "port": self.port, "username": self.username,
             "host_key": self.host_key or None, "owner": settings.KASA_FILES_OWNER,
+            "lock_mode": self.lock_mode or None, "lock_days": self.lock_days,
         }
         secrets = {"access_key": reveal(self.access_key), "secret_key": reveal(self.secret_key),
                    "private_key": reveal(self.private_key)}
@@ -160,6 +183,10 @@ class BackupPolicy(models.Model):
         help_text="Drills also start the restored copy's services on free ports, as the customer's user, against "
                   "the scratch databases, and require their health URLs to answer (README, 'Verification drills').",
     )
+    require_immutable = models.BooleanField(
+        "require an immutable copy", default=False,
+        help_text="Flag the customer (recovery alerts, metrics) when its newest verified backup has no copy under an "
+                  "object lock that is still in force.")
     rpo_hours = models.FloatField("RPO target (hours)", null=True, blank=True,
                                   help_text="Most data we accept to lose; empty: KASA_RPO_HOURS.")
     rto_minutes = models.FloatField("RTO target (minutes)", null=True, blank=True,
@@ -195,6 +222,9 @@ class Backup(models.Model):
         RUNNING = "running", "Running"
         SUCCEEDED = "succeeded", "Succeeded"
         FAILED = "failed", "Failed"
+        # Retention dropped it but its objects are under an object lock: they are deleted by the first prune
+        # after `locked_until` (then the status becomes deleted). Never offered for restore.
+        EXPIRED = "expired", "Expired (locked)"
         DELETED = "deleted", "Deleted"
 
     class VerifyStatus(models.TextChoices):
@@ -247,6 +277,15 @@ class Backup(models.Model):
     unsigned = models.BooleanField(
         default=False, help_text="Imported with --trust-unsigned: its manifest carries no valid authentication tag.")
     error = models.TextField(blank=True)
+    # On a target with an object lock (StorageTarget.lock_mode): the S3 version id of every object written (full
+    # key -> version id; reads ask for exactly that version, so a version written over it later is never read)
+    # and the retain-until promised for all of them. A full's date is extended to its newest differential's.
+    versions = models.JSONField(default=dict, blank=True)
+    lock_mode = models.CharField(max_length=10, blank=True)
+    locked_until = models.DateTimeField(null=True, blank=True)
+    # Objects left on the target that could not be deleted yet (under a lock): the first prune after this
+    # moment deletes them.
+    purge_after = models.DateTimeField(null=True, blank=True, db_index=True)
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -312,6 +351,10 @@ class BackupCopy(models.Model):
     status = models.CharField(max_length=10, default="succeeded")
     verified_at = models.DateTimeField(null=True, blank=True)
     error = models.TextField(blank=True)
+    versions = models.JSONField(default=dict, blank=True)  # as Backup.versions, on this copy's target
+    lock_mode = models.CharField(max_length=10, blank=True)
+    locked_until = models.DateTimeField(null=True, blank=True)
+    purge_after = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["backup", "target"], name="unique_backup_copy")]

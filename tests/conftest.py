@@ -602,8 +602,8 @@ def no_leftover_pm2():
     kill_pm2_under(settings.KASA_CUSTOMERS_ROOT)
 
 
-# Fixtures of a real moto S3 server (imported last: tests/s3.py uses the helpers above).
+# Fixtures of real servers (imported last: these modules use the helpers above).
 from tests.hosts import netns_hosts  # noqa: E402, F401  (simulated hosts: network namespaces with a real sshd)
 from tests.remote_fixtures import host_pg, parents_open  # noqa: E402, F401  (a host with a PostgreSQL only it reaches)
-from tests.s3 import moto_server, s3_server  # noqa: E402, F401
+from tests.s3 import locked_s3, s3_server, seaweed  # noqa: E402, F401  (SeaweedFS: a real S3 server)
 from tests.sftp import sshd  # noqa: E402, F401  (a real OpenSSH sftp server)

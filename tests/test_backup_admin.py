@@ -257,7 +257,7 @@ def test_download_from_s3_redirects_to_a_working_presigned_link(client, two_team
     url = response["Location"]
     assert url.startswith(f"{s3_server.endpoint}/{s3_server.bucket}/{bk.prefix}/{art.name}?")
     assert "X-Amz-Expires=900" in url and s3_server.secret_key not in url.split("?")[0]
-    with urllib.request.urlopen(url, timeout=30) as fh:  # noqa: S310 (the local moto server)
+    with urllib.request.urlopen(url, timeout=30) as fh:  # noqa: S310 (the local SeaweedFS server)
         assert hashlib.sha256(fh.read()).hexdigest() == art.sha256
     entry = AuditEntry.objects.get(action="backup.download")
     assert entry.changes == {"artifact": art.name, "how": "presigned link"}

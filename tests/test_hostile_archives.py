@@ -152,7 +152,7 @@ def assert_refused(tmp_path, site, data: bytes, member_name: str, rule: str, *, 
                    compression: str = "none") -> ArchiveRefused:
     store, name, cat = store_archive(tmp_path, data, compression=compression)
     before_site, before_top = state(site), sorted(os.listdir(tmp_path))
-    before_children = set(children())  # session fixtures (moto, sshd) are children too, and stay
+    before_children = set(children())  # session fixtures (SeaweedFS, sshd) are children too, and stay
     kw = {"limits": limits} if limits else {}
     with pytest.raises(ArchiveRefused) as verified:
         verify_artifact(store, name, tar=True, **cat, **kw)

@@ -1,4 +1,4 @@
-"""Storage targets against real backends: a folder, moto's S3 server over HTTP, OpenSSH's sshd.
+"""Storage targets against real backends: a folder, SeaweedFS's S3 server over HTTP, OpenSSH's sshd.
 
 What backups rely on: bytes come back identical, nothing is visible before
 commit, an aborted or failed write leaves nothing (no temp file, no incomplete
@@ -25,7 +25,7 @@ import pytest
 from engines.secretbox import Secret
 from engines.stores import LocalStore, StoreError, StoreNotFound, store_from_config
 from tests.conftest import BASE_DIR, free_port
-from tests.s3 import start_moto
+from tests.s3 import ACCESS_KEY, SECRET_KEY, start_seaweed
 from tests.sftp import _keypair
 
 MiB = 1 << 20
@@ -372,7 +372,8 @@ def test_s3_memory_stays_bounded_while_streaming_200_mb(s3_server):
         sys.path.insert(0, {str(BASE_DIR)!r})
         from engines.stores.s3 import S3Store
         s = S3Store({s3_server.bucket!r}, endpoint_url={s3_server.endpoint!r}, region="us-east-1",
-                    access_key="testing", secret_key="testing", part_size=5 << 20, max_inflight=2)
+                    access_key={s3_server.access_key!r}, secret_key={s3_server.secret_key!r},
+                    part_size=5 << 20, max_inflight=2)
         def hwm_kb():
             with open("/proc/self/status") as f:
                 return int(next(line for line in f if line.startswith("VmHWM:")).split()[1])
@@ -456,36 +457,36 @@ def test_s3_down_fails_in_seconds_with_a_clear_message_and_no_credentials():
 
 
 def test_s3_going_down_mid_upload_fails_the_commit_quickly(tmp_path):
-    moto = start_moto(tmp_path / "moto.log")
+    server = start_seaweed(tmp_path / "seaweedfs")  # a private server, stopped mid-upload
     try:
         import boto3
 
-        boto3.client("s3", endpoint_url=moto.endpoint, region_name="us-east-1", aws_access_key_id="testing",
-                     aws_secret_access_key="testing").create_bucket(Bucket="going-down")
+        boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1", aws_access_key_id=ACCESS_KEY,
+                     aws_secret_access_key=SECRET_KEY).create_bucket(Bucket="going-down")
         from engines.stores.s3 import S3Store
 
-        s = S3Store("going-down", endpoint_url=moto.endpoint, access_key="testing", secret_key="s3cr3t-value",
+        s = S3Store("going-down", endpoint_url=server.endpoint, access_key=ACCESS_KEY, secret_key=SECRET_KEY,
                     part_size=5 * MiB)
         w = s.open_write("x.example.com/1/backend.tar")
         for chunk in random_stream(6 * MiB):
             w.write(chunk)
-        moto.stop()
+        server.kill()
         started = time.monotonic()
         with pytest.raises(StoreError, match="cannot connect") as err:
             w.commit()
         assert time.monotonic() - started < 30
-        assert w.state == "aborted" and "s3cr3t" not in str(err.value)
+        assert w.state == "aborted" and SECRET_KEY not in str(err.value)
         assert "going-down" in str(err.value)
-        assert "s3cr3t" not in w.abort_error  # the abort could not reach S3 either, and says so cleanly
+        assert SECRET_KEY not in w.abort_error  # the abort could not reach S3 either, and says so cleanly
     finally:
-        moto.stop()
+        server.stop()
 
 
 def test_s3_missing_bucket_is_named_in_the_error(s3_server):
     from engines.stores.s3 import S3Store
 
-    s = S3Store("no-such-bucket-kasa", endpoint_url=s3_server.endpoint, access_key="testing",
-                secret_key="testing")
+    s = S3Store("no-such-bucket-kasa", endpoint_url=s3_server.endpoint, access_key=s3_server.access_key,
+                secret_key=s3_server.secret_key)
     with pytest.raises(StoreError, match="bucket no-such-bucket-kasa.*the bucket does not exist|"
                                          "s3://no-such-bucket-kasa/.*the bucket does not exist"):
         s.check()
@@ -544,7 +545,8 @@ def test_store_from_config_builds_each_kind(tmp_path, s3_server, sshd, sftp_root
     local = store_from_config("local", {"path": str(tmp_path / "l")}, {})
     assert local.kind == "local" and local.check()
     s3 = store_from_config("s3", {"bucket": s3_server.bucket, "endpoint_url": s3_server.endpoint, "prefix": "",
-                                  "region": None}, {"access_key": Secret("testing"), "secret_key": Secret("testing")})
+                                  "region": None}, {"access_key": Secret(s3_server.access_key),
+                                                         "secret_key": Secret(s3_server.secret_key)})
     assert s3.kind == "s3" and s3.check()
     sftp = store_from_config("sftp", {"host": sshd["host"], "port": sshd["port"], "username": sshd["username"],
                                       "path": str(sftp_root)}, {"private_key": Secret(sshd["private_key"])})

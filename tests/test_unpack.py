@@ -120,7 +120,7 @@ def keyring():
 def clean_process():
     """Fails the test if it leaves a child process or a thread behind."""
     threads = {t.ident for t in threading.enumerate()}
-    before = set(children())  # session fixtures (moto, sshd) are children too, and stay
+    before = set(children())  # session fixtures (SeaweedFS, sshd) are children too, and stay
     yield
     assert [p for p in children() if p not in before] == []
     left = [t.name for t in threading.enumerate() if t.ident not in threads and t.is_alive()]

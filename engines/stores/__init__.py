@@ -10,12 +10,12 @@ boto3 and paramiko are imported only when a target of that kind is built.
 
 from __future__ import annotations
 
-from .base import Store, StoreError, StoreNotFound, StoreWriter, clean_name, clean_prefix
+from .base import Store, StoreError, StoreLocked, StoreNotFound, StoreWriter, clean_name, clean_prefix
 from .local import LocalStore
 
 KINDS = ("local", "s3", "sftp")
 
-__all__ = ["KINDS", "LocalStore", "Store", "StoreError", "StoreNotFound", "StoreWriter", "clean_name",
+__all__ = ["KINDS", "LocalStore", "Store", "StoreError", "StoreLocked", "StoreNotFound", "StoreWriter", "clean_name",
            "clean_prefix", "store_from_config"]
 
 
@@ -31,7 +31,7 @@ def store_from_config(kind: str, config: dict, secrets: dict) -> Store:
     """Build a store from a target's plain settings and its decrypted secrets.
 
     config: path, bucket, prefix, endpoint_url, region, host, port, username, host_key (and for S3
-    optionally part_size, max_inflight). secrets: access_key, secret_key (S3), password or
+    optionally part_size, max_inflight, lock_mode, lock_days). secrets: access_key, secret_key (S3), password or
     secret_key (the SFTP password), private_key (SFTP).
     """
     config = {k: v for k, v in (config or {}).items() if v not in (None, "")}
@@ -44,11 +44,11 @@ def store_from_config(kind: str, config: dict, secrets: dict) -> Store:
     if kind == "s3":
         from .s3 import S3Store
 
-        extra = {k: int(config[k]) for k in ("part_size", "max_inflight") if k in config}
+        extra = {k: int(config[k]) for k in ("part_size", "max_inflight", "lock_days") if k in config}
         return S3Store(
             config.get("bucket", ""), prefix=config.get("prefix", ""), endpoint_url=config.get("endpoint_url"),
             region=config.get("region"), access_key=_text(secrets.get("access_key")),
-            secret_key=_text(secrets.get("secret_key")), **extra,
+            secret_key=_text(secrets.get("secret_key")), lock_mode=config.get("lock_mode"), **extra,
         )
     if kind == "sftp":
         from .sftp import SFTPStore

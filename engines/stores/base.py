@@ -27,6 +27,15 @@ class StoreNotFound(StoreError):
     """The named object does not exist."""
 
 
+class StoreLocked(StoreError):
+    """The server refused to delete (or shorten) because of an object lock; `until` is when it ends, if known.
+    Not a failure of Kasa's: the lock is doing its job. Callers report it as "retained by the lock"."""
+
+    def __init__(self, message: str, until=None):
+        super().__init__(message)
+        self.until = until
+
+
 class StoreWriter:
     """A streaming upload that is invisible until commit() and leaves nothing after abort().
 
@@ -41,6 +50,7 @@ class StoreWriter:
         self.name = name
         self.size = 0
         self.state = "open"  # open → committed | aborted
+        self.version_id = ""  # set by commit() where the store keeps versions (S3 with versioning)
 
     def write(self, data: bytes) -> int:
         if self.state != "open":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import io
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import BinaryIO
 from urllib.parse import urlsplit, urlunsplit
@@ -27,6 +28,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
+from . import s3lock
 from .base import StoreError, StoreNotFound, StoreWriter, clean_name, clean_prefix, join, probe, scrub
 
 MiB = 1 << 20
@@ -83,7 +85,8 @@ class S3Writer(StoreWriter):
             raise StoreError(f"S3 upload of {s.where(self._key)}: more than {MAX_PARTS} parts")
         if self._upload_id is None:
             try:
-                self._upload_id = s.client.create_multipart_upload(Bucket=s.bucket, Key=self._key)["UploadId"]
+                self._upload_id = s.client.create_multipart_upload(Bucket=s.bucket, Key=self._key,
+                                                                   **s.lock_args())["UploadId"]
             except (BotoCoreError, ClientError) as exc:
                 raise s.fail(exc, "starting the upload of", self._key) from None
         part, self._buf = self._buf, bytearray()  # hand over, no copy
@@ -116,7 +119,7 @@ class S3Writer(StoreWriter):
         s = self._store
         try:
             if self._upload_id is None:  # it all fitted in one part: a plain PUT
-                s.client.put_object(Bucket=s.bucket, Key=self._key, Body=bytes(self._buf))
+                resp = s.client.put_object(Bucket=s.bucket, Key=self._key, Body=bytes(self._buf), **s.lock_args())
                 self._buf = bytearray()
             else:
                 if self._buf:
@@ -124,8 +127,10 @@ class S3Writer(StoreWriter):
                 while self._pending:
                     self._collect_one()
                 parts = sorted(self._parts, key=lambda p: p["PartNumber"])
-                s.client.complete_multipart_upload(Bucket=s.bucket, Key=self._key, UploadId=self._upload_id,
-                                                   MultipartUpload={"Parts": parts})
+                resp = s.client.complete_multipart_upload(Bucket=s.bucket, Key=self._key, UploadId=self._upload_id,
+                                                          MultipartUpload={"Parts": parts})
+            self.version_id = resp.get("VersionId") or ""
+            s.record_written(self.name, self.version_id)
         except (BotoCoreError, ClientError) as exc:
             raise s.fail(exc, "completing the upload of", self._key) from None
         finally:
@@ -188,6 +193,7 @@ class S3Store:
         self, bucket: str, *, prefix: str = "", endpoint_url: str | None = None, region: str | None = None,
         access_key: str | None = None, secret_key: str | None = None, part_size: int = 8 * MiB,
         max_inflight: int = 2, connect_timeout: float = 5, read_timeout: float = 60, max_attempts: int = 3,
+        lock_mode: str | None = None, lock_days: int = 0,
     ):
         if not bucket:
             raise StoreError("S3 target: a bucket name is required")
@@ -198,6 +204,15 @@ class S3Store:
         if bool(access_key) != bool(secret_key):
             raise StoreError("S3 target: give both the access key id and the secret key, or neither")
         self.bucket, self.prefix = bucket, clean_prefix(prefix)
+        self.lock_mode, self.lock_days = s3lock.lock_setting(lock_mode, lock_days)
+        # Set by the caller for a whole backup (every object the same date); else now + lock_days per object.
+        self.retain_until = None
+        # name -> version id of every object this store committed (the catalogue records them), and the versions
+        # to read (pinned by the catalogue): an object written over a pinned one later is never read instead.
+        self.written: dict[str, str] = {}
+        self.pins: dict[str, str] = {}
+        self._written_lock = threading.Lock()
+        self._versioned: bool | None = None
         self.part_size, self.max_inflight = part_size, max_inflight
         self._secrets = (access_key, secret_key)
         self.endpoint = _without_userinfo(endpoint_url) if endpoint_url else ""
@@ -206,7 +221,7 @@ class S3Store:
             read_timeout=read_timeout,
             retries={"max_attempts": max_attempts, "mode": "standard"},  # "S3 down" fails in seconds
             signature_version="s3v4",
-            # A custom endpoint (MinIO, Ceph, moto, …) gets path-style URLs, which need no wildcard
+            # A custom endpoint (MinIO, Ceph, SeaweedFS, …) gets path-style URLs, which need no wildcard
             # DNS, and checksums only where the API requires them: several S3-compatible services
             # reject the CRC trailers newer botocore sends by default. Stored bytes are verified by
             # sha256 after writing anyway.
@@ -266,7 +281,7 @@ class S3Store:
     def open_read(self, name: str) -> BinaryIO:
         key = self._key(name)
         try:
-            resp = self.client.get_object(Bucket=self.bucket, Key=key)
+            resp = self.client.get_object(Bucket=self.bucket, Key=key, **self._version(name))
         except (BotoCoreError, ClientError) as exc:
             raise self.fail(exc, "reading", key) from None
         return S3Reader(resp["Body"], self, key)
@@ -274,7 +289,7 @@ class S3Store:
     def size(self, name: str) -> int:
         key = self._key(name)
         try:
-            return int(self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"])
+            return int(self.client.head_object(Bucket=self.bucket, Key=key, **self._version(name))["ContentLength"])
         except (BotoCoreError, ClientError) as exc:
             raise self.fail(exc, "looking up", key) from None
 
@@ -292,11 +307,16 @@ class S3Store:
         except (BotoCoreError, ClientError) as exc:
             raise self.fail(exc, "deleting", key) from None
 
-    def delete_prefix(self, prefix: str) -> int:
-        """Delete every object under the folder and abort incomplete uploads there; returns how many."""
+    def delete_prefix(self, prefix: str, *, bypass_governance: bool = False) -> int:
+        """Delete every object under the folder and abort incomplete uploads there; returns how many.
+
+        On a versioned bucket every version and delete marker under the folder goes (a plain delete would only
+        hide the objects behind a marker). Versions under an object lock stay: StoreLocked says until when."""
         if not clean_prefix(prefix):
             raise StoreError("refusing to delete the whole store: delete_prefix needs a folder")
         folder = self._folder(prefix)
+        if self.versioned():
+            return s3lock.delete_versions(self, folder, bypass_governance=bypass_governance)
         count = 0
         try:
             batch: list[dict] = []
@@ -346,12 +366,42 @@ class S3Store:
         key = self._key(name)
         try:
             return self.client.generate_presigned_url(
-                "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=int(expires))
+                "get_object", Params={"Bucket": self.bucket, "Key": key, **self._version(name)}, ExpiresIn=int(expires))
         except (BotoCoreError, ClientError) as exc:
             raise self.fail(exc, "signing a download link for", key) from None
 
     def check(self) -> str:
+        s3lock.check_bucket(self)
+        if self.lock_mode:
+            return s3lock.probe_unlocked(self)
         return probe(self, f"S3 {self.where(self.prefix)}")
+
+    # --- versions and object locks (engines/stores/s3lock.py) ---------------------------------
+    def lock_args(self) -> dict:
+        return s3lock.lock_args(self)
+
+    def record_written(self, name: str, version_id: str) -> None:
+        if version_id:
+            with self._written_lock:  # the backup's lanes commit from several threads
+                self.written[name] = version_id
+
+    def _version(self, name: str) -> dict:
+        version = self.pins.get(name)
+        return {"VersionId": version} if version else {}
+
+    def versioned(self) -> bool:
+        if self._versioned is None:
+            self._versioned = s3lock.bucket_versioned(self)
+        return self._versioned
+
+    def retention(self, name: str, version: str | None = None):
+        return s3lock.retention(self, name, version or self.pins.get(name))
+
+    def extend_retention(self, name: str, version: str | None, until):
+        return s3lock.extend_retention(self, name, version or self.pins.get(name), until)
+
+    def first_versions(self, prefix: str = "") -> dict[str, str]:
+        return s3lock.first_versions(self, self._folder(prefix))
 
 
 def _without_userinfo(url: str) -> str:
