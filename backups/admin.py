@@ -20,6 +20,7 @@ from engines.humanize import human_duration, human_size, human_time
 from operations.selectors import estimate_text
 from operations.services import OperationRefused
 
+from . import locks
 from .models import Backup, BackupArtifact, BackupPolicy, StorageTarget
 from .restore_views import restore_view, verify_view
 from .schedules import ScheduleError, schedules_sync
@@ -47,7 +48,7 @@ def targets_of(request):
 class StorageTargetAdmin(SuperuserOnlyMixin, AuditedAdminMixin, admin.ModelAdmin):
     # Storage credentials serve the whole fleet: superusers only.
     formfield_overrides = {models.URLField: {"assume_scheme": "https"}}
-    list_display = ("name", "kind", "where", "enabled", "teams_display")
+    list_display = ("name", "kind", "where", "lock", "enabled", "teams_display")
     list_filter = ("kind", "enabled")
     actions = ["check_target"]
     filter_horizontal = ("teams",)
@@ -55,6 +56,9 @@ class StorageTargetAdmin(SuperuserOnlyMixin, AuditedAdminMixin, admin.ModelAdmin
         (None, {"fields": ("name", "kind", "enabled", "teams")}),
         ("Local folder / SFTP", {"fields": ("path", "host", "port", "username", "private_key")}),
         ("S3-compatible", {"fields": ("bucket", "prefix", "endpoint_url", "region", "access_key")}),
+        ("Object lock (S3: immutable backups)", {"fields": ("lock_mode", "lock_days"),
+                                                 "description": "The bucket must have been created with Object "
+                                                                "Lock; saving checks it (docs/STORAGE.md)."}),
         ("Credentials", {"fields": ("secret_key",)}),
     )
 
@@ -65,6 +69,10 @@ class StorageTargetAdmin(SuperuserOnlyMixin, AuditedAdminMixin, admin.ModelAdmin
     @admin.display(description="teams")
     def teams_display(self, obj):
         return ", ".join(t.name for t in obj.teams.all()) or "every team"
+
+    @admin.display(description="object lock")
+    def lock(self, obj):
+        return f"{obj.lock_mode}, {obj.lock_days} day(s)" if obj.immutable else "—"
 
     @admin.display(description="where")
     def where(self, obj):
@@ -201,7 +209,8 @@ class BackupAdmin(FleetScaleMixin, TeamScopedAdminMixin, admin.ModelAdmin):
     actions = ["pin", "unpin", "verify_backups", "restore_backup", "delete_backups"]
     fields = ("customer", "status_badge", "scope", "kind_display", "services", "compression", "encrypted", "unsigned",
               "target",
-              "prefix", "size_display", "trigger", "requested_by", "started_at", "finished_at", "pinned", "pin_reason",
+              "prefix", "size_display", "lock_display", "trigger", "requested_by", "started_at", "finished_at",
+              "pinned", "pin_reason",
               "verification", "verified_at", "verify_error", "error", "run_link", "downloads")
     readonly_fields = fields
 
@@ -333,6 +342,13 @@ class BackupAdmin(FleetScaleMixin, TeamScopedAdminMixin, admin.ModelAdmin):
             ((download_url(obj, n), n + (" (manifest)" if n == MANIFEST else "")) for n in names),
         )
 
+    @admin.display(description="object lock")
+    def lock_display(self, obj):
+        places = [(obj.target.name, obj.lock_mode, obj.locked_until)]
+        places += [(c.target.name, c.lock_mode, c.locked_until) for c in obj.copies.select_related("target")]
+        shown = [f"{name}: {mode} until {human_time(until)}" for name, mode, until in places if until]
+        return "; ".join(shown) or "none"
+
     @admin.action(description="Pin (retention never deletes it)", permissions=["pin"])
     def pin(self, request, queryset):
         for bk in queryset.select_related("customer"):
@@ -347,13 +363,16 @@ class BackupAdmin(FleetScaleMixin, TeamScopedAdminMixin, admin.ModelAdmin):
 
     @admin.action(description="Delete backups from storage", permissions=["delete_from_storage"])
     def delete_backups(self, request, queryset):
-        queryset = queryset.exclude(status=Backup.Status.DELETED)
+        queryset = queryset.exclude(status=Backup.Status.DELETED).select_related("customer", "target")
         if request.POST.get("confirm") != "yes":
+            rows = [(bk, locks.locked_until(bk)) for bk in queryset]
             return admin_page(request, self, "admin/backups/backup/delete_confirm.html",
-                              title="Delete backups from storage?", backups=queryset)
+                              title="Delete backups from storage?", rows=rows, backups=queryset,
+                              may_bypass=request.user.is_superuser)
         for bk in queryset:
+            typed = request.POST.get(f"bypass_{bk.pk}", "").strip()
             try:
-                removed = backup_delete(bk, actor=request.user)
+                removed = backup_delete(bk, actor=request.user, bypass_governance=bool(typed), confirmation=typed)
                 self.message_user(request, f"backup #{bk.pk}: {removed} object(s) removed", messages.SUCCESS)
             except (BackupInputError, OperationRefused, PermissionDenied) as exc:
                 self.message_user(request, str(exc), messages.ERROR)

@@ -85,7 +85,15 @@ def backup_import(target: StorageTarget, *, trust_unsigned: bool = False, log=la
     result = ImportResult()
     session = _Session(keys, trust_unsigned, result, log)
     known = set(Backup.objects.filter(target=target).values_list("prefix", flat=True))
-    manifests = sorted(n for n in store.list("") if n.rsplit("/", 1)[-1] == MANIFEST)
+    if getattr(store, "versioned", None) and store.versioned():
+        # A versioned (locked) bucket: each key's first version is Kasa's own write (Kasa never writes a key
+        # twice); newer versions and delete markers — an attacker's, with Kasa's keys — are ignored.
+        names = store.first_versions("")
+        store.pins.update(names)
+        log(f"versioned bucket: reading the first version of each of {len(names)} object(s)")
+    else:
+        names = store.list("")
+    manifests = sorted(n for n in names if n.rsplit("/", 1)[-1] == MANIFEST)
     log(f"{len(manifests)} manifest(s) on {target.name} ({store.location('')})")
     with transaction.atomic():
         for name in manifests:
@@ -135,6 +143,7 @@ def _import_one(session: _Session, target: StorageTarget, store, prefix: str, na
         compression=m["compression"], encrypted=m["encrypted"], target=target, prefix=prefix,
         trigger=Backup.Trigger.IMPORT, started_at=m["started_at"], finished_at=m["finished_at"],
         size=sum(a["size"] for a in m["artifacts"]), manifest=raw, unsigned=not signed,
+        **_lock_of(target, store, prefix),
     )
     for a in m["artifacts"]:
         details = a.get("database") or ({"path": a["path"]} if "path" in a else {}) or (
@@ -146,6 +155,17 @@ def _import_one(session: _Session, target: StorageTarget, store, prefix: str, na
                                       sha256=a["sha256"], compression=a.get("compression", bk.compression),
                                       key_id=a.get("key_id") or "", details=details)
     return bk
+
+
+def _lock_of(target: StorageTarget, store, prefix: str) -> dict:
+    """The versions read (pinned above) and, on a locked target, the lock the manifest's version carries."""
+    versions = {k: v for k, v in getattr(store, "pins", {}).items() if k.startswith(prefix + "/")}
+    fields: dict = {"versions": versions} if versions else {}
+    if target.immutable and versions:
+        got = store.retention(f"{prefix}/{MANIFEST}", versions.get(f"{prefix}/{MANIFEST}"))
+        if got:
+            fields.update(lock_mode=got[0].lower(), locked_until=got[1])
+    return fields
 
 
 def _base_of(session: _Session, target: StorageTarget, store, m: dict, prefix: str) -> Backup | None:

@@ -24,6 +24,7 @@ from django.utils import timezone
 
 from operations.context import OperationError
 
+from .locks import pin
 from .models import Backup, BackupArtifact
 
 MANIFEST = "backup.json"
@@ -77,6 +78,7 @@ def decide(customer, p: dict, target, store) -> Decision:
     chosen = list(p.get("services") or [])
     if base.services and (not chosen or not set(chosen) <= set(base.services)):
         return full_because(f"the newest full, #{base.pk}, holds only {', '.join(base.services)}")
+    pin(store, base)  # the full's index and manifest as written, never a version written over them later
     indexes = {a.source: a for a in base.artifacts.filter(kind=BackupArtifact.Kind.SERVICE)
                if (a.details or {}).get("index")}
     if not indexes:
@@ -146,5 +148,6 @@ def refuse_broken(arts: list[BackupArtifact], doing: str, tail: str) -> None:
 # --- retention and deletion -----------------------------------------------------------------------
 def dependents(backup: Backup) -> list[int]:
     """Differentials still restorable that need this full."""
-    return list(backup.differentials.exclude(status__in=[Backup.Status.DELETED, Backup.Status.FAILED])
+    return list(backup.differentials.exclude(status__in=[Backup.Status.DELETED, Backup.Status.FAILED,
+                                                         Backup.Status.EXPIRED])
                 .order_by("pk").values_list("pk", flat=True))  # running ones included: they name it already

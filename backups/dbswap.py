@@ -36,7 +36,7 @@ from operations.context import OperationError, RunContext
 from . import redisswap
 from .models import Backup, BackupArtifact, BackupPolicy
 from .operations import make_backup
-from .reading import artifact_kwargs, keyring_for, progress, refuse_unreadable
+from .reading import artifact_kwargs, keyring_for, progress, refuse_unreadable, store_of
 from .services import BackupInputError, backup_params, backup_pin
 
 # Journal steps this module writes (and undoes / finishes).
@@ -309,7 +309,7 @@ def _in_place(ctx: RunContext, plan, art, target, journal, *, way_back: int | No
 
     ctx.info(f"database {art.source}: restoring into {target.dbname} in one transaction"
              + (f" (backup #{way_back} is the way back)" if way_back else ""))
-    store, keyring = plan.backup.target.store(), keyring_for(plan.backup)
+    store, keyring = store_of(plan.backup), keyring_for(plan.backup)
     try:
         with unpack.open_plain(store, f"{plan.backup.prefix}/{art.name}", on_progress=progress(
                 ctx, f"restoring {art.name}"), **artifact_kwargs(plan.backup, art, keyring)) as chunks:
@@ -408,7 +408,7 @@ def _undo_in_place(ctx: RunContext, step: dict, target) -> None:
 
     ctx.info(f"database {step['db']}: putting back its state from before the restore (backup #{art.backup_id}), in "
              "one transaction")
-    with unpack.open_plain(art.backup.target.store(), f"{art.backup.prefix}/{art.name}",
+    with unpack.open_plain(store_of(art.backup), f"{art.backup.prefix}/{art.name}",
                            **artifact_kwargs(art.backup, art, keyring_for(art.backup))) as chunks:
         dbrestore_pginplace.pg_restore_in_place(target, chunks, expected=(art.details or {}).get("row_counts"),
                                                 application_name=_app_name(ctx) + " undo")

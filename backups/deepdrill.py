@@ -57,7 +57,7 @@ from operations.models import Run
 
 from . import envfiles
 from .models import Backup
-from .reading import artifact_kwargs, keyring_for, progress
+from .reading import artifact_kwargs, keyring_for, progress, store_of
 from .services import policy_for
 
 COPY_PREFIX = ".kasa-drill-"
@@ -143,7 +143,7 @@ class _CopyPlan:
 # --- building the copy -------------------------------------------------------------------------------------------
 def _unpack(ctx: RunContext, bk: Backup, arts, root: Path, identity: runas.Identity | None) -> None:
     """The service folders and config files of the backup, at their places in the copy's root."""
-    store, keyring = bk.target.store(), keyring_for(bk)
+    store, keyring = store_of(bk), keyring_for(bk)
     staging = root / ".kasa-drill-staging"
     beneath.mkdir(root, staging, mode=0o700)
     for art in arts:
@@ -184,7 +184,7 @@ def _databases(ctx: RunContext, bk: Backup, arts, root: Path, identity: runas.Id
                stack: ExitStack) -> dict[str, str]:
     """Restore each database into a scratch database that lives until `stack` closes; {source: URL} of the
     PostgreSQL and MySQL/MariaDB ones (an SQLite copy sits where the live file sits, in the copy's root)."""
-    store, keyring = bk.target.store(), keyring_for(bk)
+    store, keyring = store_of(bk), keyring_for(bk)
     customer = bk.customer
     server = my_server = None
     urls: dict[str, str] = {}

@@ -11,11 +11,12 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models import Q
+from django.utils import timezone
 
 from core.secrets import EncryptedSecretField, reveal
 from customers.models import slug_validator
 from engines.sources import config_path_problem
-from engines.stores import store_from_config
+from engines.stores import StoreError, store_from_config
 
 from .cron import ScheduleError, validate_cron
 
@@ -98,6 +99,12 @@ class StorageTarget(models.Model):
             raise ValidationError({"lock_days": "a locked target needs at least 1 lock day"})
         if self.lock_days and not self.lock_mode:
             raise ValidationError({"lock_mode": "choose governance or compliance for the lock days to apply"})
+        if self.lock_mode and self.bucket:
+            # Saving a locked target proves the bucket can keep the promise (Object Lock and versioning on).
+            try:
+                self.store().check_bucket()
+            except StoreError as exc:
+                raise ValidationError({"lock_mode": str(exc)}) from None
 
     @property
     def immutable(self) -> bool:
@@ -316,6 +323,11 @@ class Backup(models.Model):
 
     @property
     def restorable(self) -> bool:
+        # An expired backup whose lock still holds is whole on its target: when retention was turned against the
+        # fleet (a compromised Kasa pruning with keep_last=1 after backing up a wrecked instance), it is the way
+        # back, so it stays restorable until its objects may go.
+        if self.status == self.Status.EXPIRED:
+            return bool(self.locked_until and self.locked_until > timezone.now())
         return self.status == self.Status.SUCCEEDED
 
 

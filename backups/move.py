@@ -53,7 +53,7 @@ from hosts.remote import RemoteError, RemoteHost
 from operations.context import OperationError, RunCancelled, RunContext, RunLost
 
 from . import dbswap, host_journals, remote_restore
-from .reading import keyring_for
+from .reading import keyring_for, store_of
 
 LOOPBACK = ("localhost", "::1")
 SERVERS = ("postgresql", "mysql")  # databases on a server: the old host's own goes with the move, a shared one stays
@@ -209,7 +209,7 @@ def move(ctx: RunContext, plan, local: remote_restore.Steps) -> dict:
             step["made"] = remote.call("engines.hostmove.make_root", target.root(), root, who["gid"],
                                        existing_ok=False) is True
             journal.save()
-            staging = remote_restore._stage(ctx, plan, remote, plan.backup.target.store(), keyring_for(plan.backup),
+            staging = remote_restore._stage(ctx, plan, remote, store_of(plan.backup), keyring_for(plan.backup),
                                             journal, who)
             if dbswap.in_place(journal):
                 # An in-place restore's way back is a backup of what it replaces: on the new host's server that is

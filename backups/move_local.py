@@ -46,7 +46,7 @@ from operations.context import OperationError, RunCancelled, RunContext, RunLost
 from operations.journal import RunJournal
 
 from . import dbswap, move, restore_files
-from .reading import keyring_for
+from .reading import keyring_for, store_of
 
 
 def onto_local(host_name: str) -> bool:
@@ -71,7 +71,7 @@ def move_here(ctx: RunContext, plan, steps) -> dict:
         step = journal.add({"type": "move_root", "path": root, "made": None})
         step["made"] = hostmove.make_root(target.root(), root, plan.owner.gid, existing_ok=False) is True
         journal.save()
-        staging = steps.stage(ctx, plan, plan.backup.target.store(), keyring_for(plan.backup), journal)
+        staging = steps.stage(ctx, plan, store_of(plan.backup), keyring_for(plan.backup), journal)
         if dbswap.in_place(journal):
             # An in-place restore's way back is a backup of what it replaces: here that is nobody's database.
             raise OperationError("a database would be restored in place on this machine's server (its role may "

@@ -24,11 +24,12 @@ from engines.backupcrypto import KeyRing
 from engines.humanize import human_duration, human_size
 from engines.paths import PathEscapeError
 from engines.ssh import SSHError
+from engines.stores import StoreLocked
 from operations import slots
 from operations.context import OperationError, RunCancelled, RunContext, RunLost
 
 from . import artifacts as plans
-from . import chains
+from . import chains, locks
 from . import remote as remote_plans
 from .models import Backup, BackupArtifact, BackupCopy, StorageTarget
 from .notify import backup_finished
@@ -121,6 +122,7 @@ def make_backup(ctx: RunContext, customer: Customer, p: dict, *, run=None, pin_r
     keyring = _keyring() if p["encrypt"] else None
     started = timezone.now()
     store = target.store()
+    locks.start_writing(target, store, now=started)  # every object of this backup locked until the same moment
     chain = chains.decide(customer, p, target, store)
     chain.store, chain.keyring = store, keyring
     bk = Backup.objects.create(
@@ -177,6 +179,10 @@ def make_backup(ctx: RunContext, customer: Customer, p: dict, *, run=None, pin_r
         bk.finished_at = finished
         bk.manifest = manifest
         bk.save(update_fields=["status", "size", "finished_at", "manifest"])
+        if locks.record(bk, target, store) and bk.locked_until:
+            ctx.info(f"objects {target.lock_mode}-locked on {target.name} until {bk.locked_until:%Y-%m-%d %H:%M} UTC, "
+                     f"{len(bk.versions)} version ids recorded")
+            locks.extend_chain(ctx, bk, store, target)
     except BaseException as exc:
         discard(ctx, bk, store, replicas, exc)
         _notify(ctx, bk)
@@ -420,6 +426,7 @@ def _copy_to_replica(ctx, bk: Backup, store, replica: StorageTarget, names: list
     sums = {a.name: (a.sha256, a.size) for a in written}
     try:
         rstore = replica.store()
+        locks.start_writing(replica, rstore)
         for short in names:
             ctx.check_alive()
             name = f"{bk.prefix}/{short}"
@@ -440,12 +447,21 @@ def _copy_to_replica(ctx, bk: Backup, store, replica: StorageTarget, names: list
         ctx.warning(f"replica {replica.name} failed, the primary copy is kept: {exc}")
         try:
             replica.store().delete_prefix(bk.prefix)
+        except StoreLocked as locked:  # written locked before it failed: gone after the lock (purge_unlocked)
+            ctx.warning(f"the partial copy on {replica.name} stays until its lock ends: {locked}")
+            BackupCopy.objects.create(backup=bk, target=replica, status="failed", error=str(exc)[:2000],
+                                      purge_after=locked.until)
+            return
         except Exception as cleanup:
             ctx.warning(f"could not remove the partial copy on {replica.name}: {cleanup}")
         BackupCopy.objects.create(backup=bk, target=replica, status="failed", error=str(exc)[:2000])
         return
-    BackupCopy.objects.create(backup=bk, target=replica, verified_at=timezone.now())
-    ctx.info(f"copied to replica {replica.name} ({rstore.location(bk.prefix)}), checksums verified")
+    copy = BackupCopy.objects.create(backup=bk, target=replica, verified_at=timezone.now())
+    locks.record(copy, replica, rstore)
+    lock = f", {replica.lock_mode}-locked until {copy.locked_until:%Y-%m-%d %H:%M} UTC" if copy.locked_until else ""
+    ctx.info(f"copied to replica {replica.name} ({rstore.location(bk.prefix)}), checksums verified{lock}")
+    if copy.locked_until and bk.base_id:
+        locks.extend_chain(ctx, bk, rstore, replica, copy_of_base=bk.base.copies.filter(target=replica).first())
 
 
 def discard(ctx, bk: Backup, store, replicas, exc: BaseException) -> None:
@@ -455,12 +471,17 @@ def discard(ctx, bk: Backup, store, replicas, exc: BaseException) -> None:
             removed = s.delete_prefix(bk.prefix)
             if removed:
                 ctx.warning(f"removed {removed} partial object(s) from {s.location(bk.prefix)}")
+        except StoreLocked as locked:  # partial objects written locked: the first prune after the lock removes them
+            ctx.warning(f"partial objects at {s.location(bk.prefix)} are retained by the object lock: {locked}; "
+                        "the first prune after it ends removes them")
+            if s is store:
+                bk.purge_after = locked.until
         except Exception as cleanup_exc:  # keep the original error; say what could not be cleaned
             ctx.error(f"could not remove partial backup at {bk.prefix}: {cleanup_exc}")
     bk.status = Backup.Status.FAILED
     bk.error = str(exc)[:5000] or type(exc).__name__
     bk.finished_at = timezone.now()
-    bk.save(update_fields=["status", "error", "finished_at"])
+    bk.save(update_fields=["status", "error", "finished_at", "purge_after"])
 
 
 def _notify(ctx: RunContext, bk: Backup) -> None:

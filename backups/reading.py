@@ -16,6 +16,7 @@ from engines.humanize import human_size
 from operations.context import OperationError, RunContext
 
 from . import chains
+from .locks import store_of  # noqa: F401  (part of this module's API: every read pins the recorded versions)
 from .models import Backup, BackupArtifact
 
 

@@ -24,7 +24,7 @@ from hosts.remote import RemoteError, RemoteHost
 from operations.context import OperationError, RunCancelled, RunContext, RunLost
 
 from . import dbswap, host_journals, remote_restore
-from .reading import keyring_for
+from .reading import keyring_for, store_of
 
 
 def restore_copy(ctx: RunContext, plan, local: remote_restore.Steps) -> dict:
@@ -78,7 +78,7 @@ def restore_copy(ctx: RunContext, plan, local: remote_restore.Steps) -> dict:
                                     "gid": who["gid"]})
                 step["made"] = bool(remote.call("engines.hostmove.make_root", host.root(), to_root, who["gid"]))
                 journal.save()
-            staging = remote_restore._stage(ctx, plan, remote, plan.backup.target.store(), keyring_for(plan.backup),
+            staging = remote_restore._stage(ctx, plan, remote, store_of(plan.backup), keyring_for(plan.backup),
                                             journal, who)
             ctx.phase("copy in")
             if staging is not None:

@@ -51,7 +51,7 @@ from operations.context import OperationError, RunCancelled, RunContext, RunLost
 
 from . import dbswap, host_journals, remote_parts, restore_files
 from .host_journals import host_journal_key
-from .reading import artifact_kwargs, keyring_for, progress
+from .reading import artifact_kwargs, keyring_for, progress, store_of
 from .remote import host_facts
 
 MANAGERS = ("pm2", "command", "none")  # what a remote restore stops and starts on the host (systemd: not yet)
@@ -138,7 +138,7 @@ def restore(ctx: RunContext, plan, local: Steps) -> dict:
         raise OperationError(f"customer {customer} has no run_as user: a restore on host {host.name} gives the "
                              "restored files to the customer's user there; nothing was touched")
     keyring = keyring_for(plan.backup)
-    store = plan.backup.target.store()
+    store = store_of(plan.backup)
     try:
         remote = RemoteHost(host)
     except Exception as exc:  # engines.ssh: no trusted key, no key
@@ -356,7 +356,7 @@ def _sqlite_in(ctx: RunContext, plan, remote: RemoteHost, art, live: str, journa
         argv = remote.session.argv(["dd", f"of={copy}", "conv=excl", "oflag=nofollow", "bs=1M", "status=none"])
 
         def feed(write, close):
-            with unpack.open_plain(plan.backup.target.store(), f"{plan.backup.prefix}/{art.name}",
+            with unpack.open_plain(store_of(plan.backup), f"{plan.backup.prefix}/{art.name}",
                                    on_progress=progress(ctx, f"restoring {art.name}"),
                                    **artifact_kwargs(plan.backup, art, keyring_for(plan.backup))) as chunks:
                 for chunk in chunks:

@@ -52,7 +52,7 @@ from operations.models import Run
 from . import chains, dbswap, envfiles, restore_files
 from .models import Backup, BackupArtifact
 from .operations import discard, make_backup
-from .reading import Stopped, artifact_kwargs, keyring_for, progress, refuse_unreadable, select_artifacts
+from .reading import Stopped, artifact_kwargs, keyring_for, progress, refuse_unreadable, select_artifacts, store_of
 from .services import BackupInputError, backup_params
 
 # Room we want left on the disk after staging: a restore must not fill the disk the customer runs on.
@@ -107,7 +107,7 @@ def restore(ctx: RunContext) -> dict:
     else:
         plan.owner = runtime.check_run_as(ctx, plan.customer)
     keyring = keyring_for(plan.backup)
-    store = plan.backup.target.store()
+    store = store_of(plan.backup)
     restore_files.sweep_trash(plan.root)
     _check_disk(plan)
     journal = Journal(ctx)
@@ -370,7 +370,7 @@ def _inside_tree(art: BackupArtifact) -> bool:
 
 
 def _restore_file_databases(ctx: RunContext, plan: Plan, journal: Journal) -> None:
-    store, keyring = plan.backup.target.store(), keyring_for(plan.backup)
+    store, keyring = store_of(plan.backup), keyring_for(plan.backup)
     for art in plan.artifacts:
         if art.kind == "database" and _inside_tree(art):
             ctx.check_alive()

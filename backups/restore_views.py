@@ -30,7 +30,7 @@ from operations.services import OperationRefused
 
 from .artifacts import restore_refusal
 from .models import Backup
-from .reading import artifact_kwargs, keyring_for
+from .reading import artifact_kwargs, keyring_for, store_of
 from .selectors import backups_visible_to
 from .services import BackupInputError, restore_start, verify_start
 
@@ -126,7 +126,7 @@ def env_diff(backup: Backup) -> list[dict]:
     keyring = keyring_for(backup) if backup.encrypted and settings.KASA_BACKUP_KEYS else None
     if backup.encrypted and keyring is None:
         return []
-    store = backup.target.store()
+    store = store_of(backup)
     files: dict[str, str] = {}
     digests: dict[str, str] = {}
     with unpack.open_plain(store, f"{backup.prefix}/{config.name}", **artifact_kwargs(backup, config, keyring)) as it:

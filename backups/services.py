@@ -12,6 +12,7 @@ from pathlib import Path
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from audit.models import AuditEntry
@@ -27,7 +28,7 @@ from operations.models import Run
 from operations.services import run_start
 
 from . import artifacts as plans
-from . import chains
+from . import chains, locks
 from .models import Backup, BackupPolicy, StorageTarget
 from .reading import select_artifacts
 from .selectors import downloadable_names
@@ -172,23 +173,52 @@ def backup_pin(backup: Backup, *, pinned: bool, reason: str = "", actor=None, vi
                  customer=backup.customer, result=reason or "ok")
 
 
-def backup_delete(backup: Backup, *, actor=None, via: str = "admin") -> int:
-    """Delete a backup's objects from every target; the catalogue row stays, marked deleted."""
+BYPASS_CONFIRMATION = "bypass the lock of backup #{pk}"
+
+
+def backup_delete(backup: Backup, *, actor=None, via: str = "admin", bypass_governance: bool = False,
+                  confirmation: str = "") -> int:
+    """Delete a backup's objects from every target; the catalogue row stays, marked deleted.
+
+    A backup under an object lock is refused, saying until when (retention deletes it after that date). Only a
+    superuser may bypass a *governance* lock, by typing the confirmation BYPASS_CONFIRMATION; it is audited.
+    A compliance lock cannot be bypassed by anyone."""
     permissions.require(actor, permissions.DELETE, backup.customer)
     if backup.pinned:
         raise BackupInputError(f"backup #{backup.pk} is pinned ({backup.pin_reason or 'by hand'}); unpin it first")
     if needed_by := chains.dependents(backup):
         raise BackupInputError(f"backup #{backup.pk} is the full backup that differential(s) "
                                f"{', '.join(f'#{i}' for i in needed_by)} apply on; delete those first")
-    removed = 0
-    targets = [backup.target] + [c.target for c in backup.copies.select_related("target")]
-    for target in targets:
-        if backup.prefix:
-            removed += target.store().delete_prefix(backup.prefix)
-    Backup.objects.filter(pk=backup.pk).update(status=Backup.Status.DELETED)
-    audit_record(action="backup.delete", source=via, actor=actor, obj=backup, customer=backup.customer,
-                 result=f"{removed} object(s) removed")
+    until = locks.locked_until(backup)
+    if until and bypass_governance:
+        permissions.require_superuser(actor, "bypass an object lock")
+        modes = {backup.lock_mode} | set(backup.copies.exclude(lock_mode="").values_list("lock_mode", flat=True))
+        if "compliance" in modes:
+            raise BackupInputError(f"backup #{backup.pk} is under a compliance lock until {until:%Y-%m-%d %H:%M} UTC: "
+                                   "nobody can delete it before then, superusers included")
+        expected = BYPASS_CONFIRMATION.format(pk=backup.pk)
+        if confirmation.strip() != expected:
+            raise BackupInputError(f"to bypass the governance lock, type exactly: {expected}")
+    elif until:
+        raise BackupInputError(f"backup #{backup.pk} is locked until {until:%Y-%m-%d %H:%M} UTC "
+                               f"({_lock_places(backup)}): it cannot be deleted before then; retention deletes it "
+                               "after that date")
+    removed, kept = locks.delete_objects(backup, bypass_governance=bypass_governance and bool(until))
+    status = Backup.Status.EXPIRED if kept else Backup.Status.DELETED
+    Backup.objects.filter(pk=backup.pk).update(status=status, purge_after=kept)
+    action = "backup.delete_bypass_lock" if bypass_governance and until else "backup.delete"
+    result = f"{removed} object(s) removed"
+    if kept:
+        result += f"; the rest is retained by the object lock until {kept:%Y-%m-%d %H:%M} UTC"
+    audit_record(action=action, source=via, actor=actor, obj=backup, customer=backup.customer, result=result)
     return removed
+
+
+def _lock_places(backup: Backup) -> str:
+    places = [f"{backup.target.name}: {backup.lock_mode}"] if backup.locked_until else []
+    places += [f"{c.target.name}: {c.lock_mode}" for c in backup.copies.select_related("target")
+               if c.locked_until and c.locked_until > timezone.now()]
+    return ", ".join(places) or "object lock"
 
 
 class DownloadMissing(LookupError):
@@ -214,7 +244,7 @@ def backup_download(backup: Backup, name: str, *, requested_by=None, via: str = 
     key = f"{backup.prefix}/{name}"
     artifact = backup.artifacts.filter(name=name).first()
     try:
-        store = backup.target.store()
+        store = locks.store_of(backup)
         url = store.download_url(key, link_seconds)
         stream = None if url else store.open_read(key)
     except StoreNotFound:
@@ -292,8 +322,42 @@ def prune_customer(customer, *, dry_run: bool = False, actor=None, via: str = "c
             result.keep.setdefault(base_id, []).append(f"the full backup that running backup #{bk_id} builds on")
     if not dry_run:
         for bk in Backup.objects.filter(pk__in=result.delete).select_related("target", "customer"):
-            backup_delete(bk, actor=actor, via=via)
+            if until := locks.locked_until(bk):
+                _expire(bk, until, actor=actor, via=via)
+                result.locked[bk.pk] = until
+            else:
+                backup_delete(bk, actor=actor, via=via)
+        result.purged = purge_unlocked(customer, actor=actor, via=via)
     return result
+
+
+def _expire(bk: Backup, until, *, actor, via: str) -> None:
+    """Retention dropped it, a lock keeps it: not restorable any more, deleted by the first prune after `until`."""
+    Backup.objects.filter(pk=bk.pk).update(status=Backup.Status.EXPIRED, purge_after=until,
+                                           error=f"expired by retention, locked until {until:%Y-%m-%d %H:%M} UTC")
+    audit_record(action="backup.expire", source=_source(via), actor=actor, obj=bk, customer=bk.customer,
+                 result=f"retained by the object lock until {until:%Y-%m-%d %H:%M} UTC")
+
+
+def purge_unlocked(customer, *, actor=None, via: str = "cli") -> list[int]:
+    """Objects left under a lock (expired backups, a failed backup's partial objects) whose lock has ended: delete
+    them now. Returns the backups whose objects are all gone."""
+    done = []
+    now = timezone.now()
+    due = (Backup.objects.filter(Q(purge_after__lte=now) | Q(copies__purge_after__lte=now), customer=customer)
+           .distinct().select_related("target", "customer"))
+    for bk in due:
+        removed, kept = locks.delete_objects(bk)
+        fields = {"purge_after": kept}
+        if not kept and bk.status == Backup.Status.EXPIRED:
+            fields["status"] = Backup.Status.DELETED
+        Backup.objects.filter(pk=bk.pk).update(**fields)
+        if not kept:
+            done.append(bk.pk)
+        audit_record(action="backup.purge", source=_source(via), actor=actor, obj=bk, customer=bk.customer,
+                     result=f"{removed} object(s) removed after the lock ended"
+                            + (f"; still locked until {kept:%Y-%m-%d %H:%M} UTC" if kept else ""))
+    return done
 
 
 # --- restore and verification ---------------------------------------------------------

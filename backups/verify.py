@@ -21,10 +21,10 @@ from engines import fileindex, trees, unpack
 from engines.humanize import human_duration, human_size, human_time
 from operations.context import OperationError, RunCancelled, RunContext, RunLost
 
-from . import chains, dbswap, deepdrill, redisswap
+from . import chains, dbswap, deepdrill, locks, redisswap
 from .models import Backup
 from .notify import verification_failed
-from .reading import artifact_kwargs, keyring_for, progress, refuse_unreadable
+from .reading import artifact_kwargs, keyring_for, progress, refuse_unreadable, store_of
 
 
 def verify(ctx: RunContext) -> dict:
@@ -60,9 +60,10 @@ DRILL_DISK_MARGIN = 2 * 1024**3
 
 def _drill(ctx: RunContext, bk: Backup) -> list[dict]:
     keyring = keyring_for(bk)
-    store = bk.target.store()
+    store = store_of(bk)
     arts = list(bk.artifacts.order_by("pk"))
     refuse_unreadable(arts, "drilled")
+    _check_locks(ctx, bk)
     scratch = settings.KASA_SCRATCH_DIR / f"verify-{ctx.run.pk}"
     scratch.mkdir(parents=True, mode=0o700)
     checks = []
@@ -118,6 +119,19 @@ def _drill(ctx: RunContext, bk: Backup) -> list[dict]:
     finally:
         trees.remove_tree(scratch, ignore_errors=True)
     return checks
+
+
+def _check_locks(ctx: RunContext, bk: Backup) -> None:
+    """On a locked target the lock is part of the backup's promise: each object's retention (mode, date) is read
+    back, and a full that would unlock before this differential is a broken chain (backups.locks)."""
+    problems = locks.lock_problems(bk)
+    if problems:
+        raise OperationError("object lock not as promised: " + "; ".join(problems[:10]))
+    places = [(bk.target.name, bk.locked_until)] + [(c.target.name, c.locked_until) for c in bk.copies.all()]
+    for name, until in places:
+        if until:
+            ctx.info(f"object locks on {name}: every object locked until {until:%Y-%m-%d %H:%M} UTC or later"
+                     + (f", and full backup #{bk.base_id} as long" if bk.base_id else ""))
 
 
 def _check_index(bk: Backup, store, keyring, art, side: dict) -> int:

@@ -78,6 +78,10 @@ class Policy:
 class Plan:
     keep: dict[int, list[str]] = field(default_factory=dict)  # id -> why, newest first
     delete: list[int] = field(default_factory=list)  # newest first
+    # Filled by the caller that applies the plan: of `delete`, those an object lock keeps for now (id -> until),
+    # and earlier expired backups whose lock has ended and whose objects went in this pass.
+    locked: dict[int, object] = field(default_factory=dict)
+    purged: list[int] = field(default_factory=list)
 
 
 def _day(t: datetime) -> str:

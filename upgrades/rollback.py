@@ -23,6 +23,7 @@ from django.urls import NoReverseMatch, reverse
 from django.utils import timezone
 
 from backups import dbswap
+from backups.locks import store_of
 from backups.models import Backup
 from backups.notify import post_webhook, recipients, send_email
 from backups.services import policy_for
@@ -237,7 +238,7 @@ def hold_backup(ctx: RunContext, backup_id: int) -> tuple:
     restores from it without the control database."""
     bk = Backup.objects.select_related("target").get(pk=backup_id)
     held = ctx.held[("backup", backup_id)] = (bk, list(bk.artifacts.filter(kind="database").order_by("pk")),
-                                              bk.target.store())
+                                              store_of(bk))
     return held
 
 

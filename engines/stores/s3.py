@@ -377,6 +377,10 @@ class S3Store:
         return probe(self, f"S3 {self.where(self.prefix)}")
 
     # --- versions and object locks (engines/stores/s3lock.py) ---------------------------------
+    def check_bucket(self) -> None:
+        """Without writing anything: the bucket exists and, on a locked target, has Object Lock and versioning."""
+        s3lock.check_bucket(self)
+
     def lock_args(self) -> dict:
         return s3lock.lock_args(self)
 
@@ -384,6 +388,7 @@ class S3Store:
         if version_id:
             with self._written_lock:  # the backup's lanes commit from several threads
                 self.written[name] = version_id
+                self.pins[name] = version_id  # what this store wrote is what it reads back (checksums, replicas)
 
     def _version(self, name: str) -> dict:
         version = self.pins.get(name)
