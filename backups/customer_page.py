@@ -10,7 +10,7 @@ from django.urls import reverse
 
 from engines.humanize import human_duration
 
-from .recovery import fleet
+from .recovery import NO_IMMUTABLE_TEXT, fleet
 from .selectors import backup_chart, customer_backups
 from .views import backup_now_many
 
@@ -33,6 +33,7 @@ def recovery_card(request, customer) -> dict:
         "rto": human_duration(rec.rto_measured) if rec.rto_measured is not None else "—",
         "rto_target": human_duration(rec.rto_target.total_seconds()), "outside_rto": rec.outside_rto,
         "last_verified": rec.last_verified,
+        "copies": rec.copies_text, "no_immutable": rec.no_immutable, "no_immutable_text": NO_IMMUTABLE_TEXT,
     }}
 
 

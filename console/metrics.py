@@ -86,10 +86,21 @@ def recovery_metrics(customers=None):
     outside = GaugeMetricFamily("kasa_outside_rpo", "1 when the customer is outside its RPO target", labels=labels)
     failed = GaugeMetricFamily("kasa_last_backup_failed", "1 when the newest finished backup failed", labels=labels)
     storage = GaugeMetricFamily("kasa_backup_storage_bytes", "Bytes of succeeded backups (primary)", labels=labels)
+    # 3-2-1 of the newest verified backup (0 without one): backups.recovery.
+    copies = GaugeMetricFamily("kasa_customer_backup_copies",
+                               "Copies of the newest verified backup (primary and succeeded replicas)", labels=labels)
+    offsite = GaugeMetricFamily("kasa_customer_backup_copies_offsite",
+                                "Copies of the newest verified backup off this host (S3, SFTP)", labels=labels)
+    immutable = GaugeMetricFamily("kasa_customer_backup_copies_immutable",
+                                  "Copies of the newest verified backup under an Object Lock still in force",
+                                  labels=labels)
+    required = GaugeMetricFamily("kasa_customer_immutable_required",
+                                 "1 when the customer's policy requires an immutable copy", labels=labels)
     now = timezone.now()
     qs = with_recovery(Customer.objects.all() if customers is None else customers, storage=True)
     for r in qs.order_by("domain").values("domain", "last_verified", "last_status", "rto_measured", "rpo_hours",
-                                          "rto_minutes", "storage"):
+                                          "rto_minutes", "storage", "copies", "copies_offsite", "copies_immutable",
+                                          "immutable_required"):
         d = [r["domain"]]
         verified = r["last_verified"]
         age = (now - verified).total_seconds() if verified is not None else None
@@ -101,7 +112,11 @@ def recovery_metrics(customers=None):
         outside.add_metric(d, 1 if age is None or age > r["rpo_hours"] * 3600 else 0)
         failed.add_metric(d, 1 if r["last_status"] == Backup.Status.FAILED else 0)
         storage.add_metric(d, r["storage"] or 0)
-    yield from (rpo, rpo_target, rto, rto_target, outside, failed, storage)
+        copies.add_metric(d, r["copies"])
+        offsite.add_metric(d, r["copies_offsite"])
+        immutable.add_metric(d, r["copies_immutable"])
+        required.add_metric(d, 1 if r["immutable_required"] else 0)
+    yield from (rpo, rpo_target, rto, rto_target, outside, failed, storage, copies, offsite, immutable, required)
 
 
 def version_counts(customers=None) -> list[tuple[str, str, int]]:

@@ -10,7 +10,10 @@ States (a customer counts in each one that applies; "healthy" is none of them):
 - outside RPO: no verified backup within the RPO target (never verified included);
 - last backup failed: the newest finished backup failed;
 - upgrading: an upgrade or rollback is pending or running;
-- quarantined: an upgrade could not be put back and no operator has resolved it yet.
+- quarantined: an upgrade could not be put back and no operator has resolved it yet;
+- no immutable copy: the policy requires one (require_immutable) and the newest verified backup has no copy
+  under an Object Lock still in force (backups.recovery: 3-2-1 at a glance). Like outside RTO it is a target
+  missed rather than data lost: it needs attention but does not make the customer unhealthy.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from django.db.models import Count, Exists, OuterRef, Q
 from django.utils import timezone
 
 from backups.models import Backup
-from backups.recovery import global_targets, with_recovery
+from backups.recovery import NO_IMMUTABLE_TEXT, copies_text, global_targets, with_recovery
 from customers.models import Customer
 from engines.humanize import human_duration, human_time
 from operations.models import Run
@@ -45,21 +48,24 @@ STATES = {
     "quarantined": "(f.quarantined)",
     "never_verified": "(f.last_verified IS NULL)",
     "outside_rto": "(f.rto_measured IS NOT NULL AND f.rto_measured > f.rto_limit)",
+    "no_immutable": "(f.immutable_required AND f.copies_immutable = 0)",
 }
 HEALTHY = "NOT ({outside_rpo} OR {last_failed} OR {upgrading} OR {quarantined})".format(**STATES)
-NEEDS_ATTENTION = "({quarantined} OR {last_failed} OR {outside_rpo} OR {outside_rto})".format(**STATES)
+NEEDS_ATTENTION = "({quarantined} OR {last_failed} OR {outside_rpo} OR {outside_rto} OR {no_immutable})".format(
+    **STATES)
 # Worst first: an operator must act on a quarantine; a failed backup and a lapsed RPO put data at risk; a slow
-# restore is a target missed, not data lost. Then the longest without a restore point, then by name.
+# restore or a missing immutable copy is a target missed, not data lost. Then the longest without a restore
+# point, then by name.
 SEVERITY = ("CASE WHEN {quarantined} THEN 4 WHEN {last_failed} THEN 3 WHEN {outside_rpo} THEN 2 "
-            "WHEN {outside_rto} THEN 1 ELSE 0 END").format(**STATES)
+            "WHEN {outside_rto} THEN 1 WHEN {no_immutable} THEN 1 ELSE 0 END").format(**STATES)
 COLUMNS = ("id", "domain", "last_verified", "last_status", "rto_measured", "rpo_cutoff", "rto_limit", "upgrading",
-           "quarantined")
+           "quarantined", "copies_immutable", "immutable_required")
 
 
 @dataclass
 class Overview:
     customers: int
-    counts: dict[str, int]  # healthy, outside_rpo, last_failed, upgrading, quarantined, never_verified, outside_rto
+    counts: dict[str, int]  # healthy and each of STATES
     attention: list  # customers annotated by with_state(), worst first, at most ATTENTION_LIMIT
     attention_total: int
     failures: list  # failed runs of the last FAILURES_DAYS days, newest first, at most FAILURES_LIMIT
@@ -124,9 +130,12 @@ def overview(user) -> Overview:
         c.rpo_target_text = human_duration(c.rpo_hours * 3600)
         c.rto_text = human_duration(c.rto_measured.total_seconds()) if c.rto_measured is not None else "—"
         c.rto_target_text = human_duration(c.rto_minutes * 60)
+        c.no_immutable = bool(c.immutable_required) and not c.copies_immutable
+        c.copies_text = copies_text(c.last_verified, c.copies, c.copies_offsite, c.copies_immutable)
         c.problems = [label for flag, label in (
             ("quarantined", "quarantined"), ("last_failed", "last backup failed"),
-            ("outside_rpo", "outside RPO"), ("outside_rto", "outside RTO"), ("upgrading", "upgrading"))
+            ("outside_rpo", "outside RPO"), ("outside_rto", "outside RTO"), ("no_immutable", NO_IMMUTABLE_TEXT),
+            ("upgrading", "upgrading"))
             if getattr(c, flag)]
     since = now - timedelta(days=FAILURES_DAYS)
     failures = list(Run.objects.filter(customer__in=visible, status=Run.Status.FAILED, finished_at__gte=since)

@@ -124,7 +124,7 @@ def test_the_overview_counts_each_state_and_lists_the_worst_first(make_customer,
     o = overview(user)
     assert o.customers == 7
     assert o.counts == {"healthy": 2, "outside_rpo": 2, "last_failed": 1, "upgrading": 1, "quarantined": 1,
-                        "never_verified": 1, "outside_rto": 1}  # healthy: "healthy" and "slow"
+                        "never_verified": 1, "outside_rto": 1, "no_immutable": 0}  # healthy: "healthy", "slow"
     assert [x.domain for x in o.attention] == ["quarantined.example.com", "failing.example.com",
                                                "never.example.com", "stale.example.com", "slow.example.com"]
     assert o.attention_total == 5
