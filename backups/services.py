@@ -158,6 +158,10 @@ def backup_document(backup: Backup, *, stores: dict | None = None) -> dict:
         "finished_at": backup.finished_at,
         "duration": backup.duration,
         "location": store_location,
+        "lock": ({"mode": backup.lock_mode, "until": backup.locked_until} if backup.locked_until else None),
+        "copies": [{"target": c.target.name, "status": c.status,
+                    "lock": {"mode": c.lock_mode, "until": c.locked_until} if c.locked_until else None}
+                   for c in backup.copies.all()],
         "error": backup.error,
         "artifacts": [{"name": a.name, "kind": a.kind, "size": a.size, "sha256": a.sha256,
                        **({"files": (a.details or {}).get("files") or []} if a.kind == "config" else {}),

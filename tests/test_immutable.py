@@ -211,3 +211,16 @@ def test_a_locked_replica_gets_locked_versioned_copies(customer, locked_s3):
     assert {v["Key"]: v["VersionId"] for v in _objects(locked_s3, bk.prefix)} == copy.versions
     assert "compliance-locked until" in _log(doc["run"])
     assert locks.locked_until(bk) == copy.locked_until
+
+
+def test_target_check_command_fails_for_a_locked_target_whose_bucket_lost_its_lock(s3_server, locked_s3):
+    locked_s3.target("good", lock_mode="governance", lock_days=1)
+    StorageTarget.objects.create(name="bad", kind="s3", bucket=s3_server.bucket, endpoint_url=s3_server.endpoint,
+                                 region=s3_server.region, access_key=s3_server.access_key,
+                                 secret_key=s3_server.secret_key, lock_mode="compliance", lock_days=7)
+    code, docs = command_json("target_check", "good", "bad")
+    assert code == 1
+    by_name = {d["target"]: d for d in docs}
+    assert by_name["good"]["ok"] and "Object Lock and versioning enabled" in by_name["good"]["detail"]
+    assert not by_name["bad"]["ok"] and "no Object Lock" in by_name["bad"]["detail"]
+    assert s3_server.secret_key not in str(docs)

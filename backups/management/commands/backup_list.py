@@ -13,14 +13,15 @@ class Command(KasaCommand):
         parser.add_argument("--all", action="store_true", help="include failed and deleted backups")
 
     def handle(self, *args, **o):
-        backups = Backup.objects.select_related("customer", "target", "base").prefetch_related("artifacts")
+        backups = (Backup.objects.select_related("customer", "target", "base")
+                   .prefetch_related("artifacts", "copies__target"))
         if o["domain"]:
             customer = Customer.objects.filter(domain=o["domain"].lower()).first()
             if customer is None:
                 raise BadInput(f"no customer with domain {o['domain']!r}")
             backups = backups.filter(customer=customer)
         if not o["all"]:
-            backups = backups.filter(status__in=[Backup.Status.SUCCEEDED, Backup.Status.RUNNING])
+            backups = backups.filter(status__in=[Backup.Status.SUCCEEDED, Backup.Status.RUNNING, Backup.Status.EXPIRED])
         stores: dict = {}
         docs = [backup_document(b, stores=stores) for b in backups]
         if self.json_output:
