@@ -129,7 +129,9 @@ def test_a_failed_way_back_puts_the_removed_folder_back(restorable, pg_database,
 
 
 def test_restoring_only_the_deleted_service_takes_a_safety_backup_of_its_absence(  # noqa: F811
-        restorable, pg_database, mysql_database):  # noqa: F811
+        restorable, pg_database, mysql_database, staff_user, team):  # noqa: F811
+    from django.test import Client
+
     customer, doc, _ = restorable
     good = tree_state(customer.root_path())
     shutil.rmtree(customer.root_path() / "admin")
@@ -138,6 +140,12 @@ def test_restoring_only_the_deleted_service_takes_a_safety_backup_of_its_absence
     assert tree_state(customer.root_path()) == _held(good)
     safety = Backup.objects.get(pk=run["result"]["safety_backup"])
     assert safety.artifacts.count() == 0 and safety.manifest["absent"] == [{"source": "admin", "path": "admin"}]
+    # The Restore page offers the absence like an artifact, ticked.
+    client = Client()
+    client.force_login(staff_user(team))
+    page = client.get(f"/backups/backup/{safety.pk}/restore/")
+    assert page.status_code == 200
+    assert "absent when the backup was taken: its folder admin is removed" in page.content.decode()
     # Its way back, asked by name: the folder goes again.
     code, back = command_json("restore", str(safety.pk), "--only", "admin", "--yes")
     assert code == 0, back
