@@ -82,9 +82,13 @@ def excludes_of(params: dict) -> list[str]:
     return excludes + list(params.get("excludes") or [])
 
 
-def plan(customer: Customer, params: dict, chain=None) -> list[ArtifactSpec]:
+def plan(customer: Customer, params: dict, chain=None, absent: list[dict] | None = None) -> list[ArtifactSpec]:
     """The artifacts of one backup. `chain` (backups.chains.Decision, with the store and key ring to read the full's
-    file indexes): a differential's service archives hold only what changed since that full."""
+    file indexes): a differential's service archives hold only what changed since that full.
+
+    A service whose folder does not exist is refused (SourceError): a backup that quietly left a service out would
+    hide the loss of its files. Only a safety backup passes `absent` (a list): such a service is then left out and
+    {"source", "path"} appended to it, so that the way back records the folder as absent (docs/FORMAT.md)."""
     scope, compression, encrypted = params["scope"], params["compression"], params["encrypt"]
     root = str(customer.root_path())
     chosen = params.get("services") or []
@@ -97,6 +101,14 @@ def plan(customer: Customer, params: dict, chain=None) -> list[ArtifactSpec]:
         for svc in services:
             folder = str(svc.folder())
             rel = os.path.relpath(folder, root)
+            if not os.path.lexists(folder):
+                if absent is None:
+                    raise sources.SourceError(
+                        f"the folder of service {svc.name}, {rel}, does not exist in {root}: nothing was backed up "
+                        "(a backup never leaves a service out silently). Restore it, or remove the service from "
+                        "the customer if it is gone for good")
+                absent.append({"source": svc.name, "path": rel})
+                continue
             details = {"path": rel}
             declared = os.path.join(root, svc.path or ".")
             if os.path.islink(declared):  # an upgraded service: its path is a symlink to releases/<v>/<name>

@@ -33,7 +33,7 @@ from . import chains, locks
 from . import remote as remote_plans
 from .models import Backup, BackupArtifact, BackupCopy, StorageTarget
 from .notify import backup_finished
-from .services import prune_customer
+from .services import SAFETY_TRIGGERS, prune_customer
 
 FORMAT_VERSION = 1
 MANIFEST = "backup.json"
@@ -140,17 +140,24 @@ def make_backup(ctx: RunContext, customer: Customer, p: dict, *, run=None, pin_r
     ctx.info(f"{chain.kind} backup: {chain.reason}" if chain.kind == Backup.Kind.DIFFERENTIAL or
              p.get("kind") == "differential" else f"full backup: {chain.reason}")
     remote = None
+    # A safety backup (before a restore or an upgrade) is taken because something may be wrong: a service folder
+    # deleted outright is recorded as absent instead of failing it, so the restore or upgrade can go on and its
+    # way back puts that state back (the folder absent again). Any other backup refuses a missing folder.
+    absent: list[dict] | None = [] if p.get("trigger") in SAFETY_TRIGGERS else None
     try:
         try:
             if customer.host.is_local:
-                specs = plans.plan(customer, p, chain=chain)
+                specs = plans.plan(customer, p, chain=chain, absent=absent)
             else:  # over SSH (backups.remote): one session for the whole backup, closed below in every case
                 remote_plans.refuse_redis(customer, "backup", p)  # before the host is even reached
                 remote = _remote_host(ctx, customer)
                 specs = remote_plans.plan(customer, p, remote)
         except (PathEscapeError, plans.sources.SourceError, SSHError) as exc:
             raise OperationError(str(exc)) from None
-        if not specs:
+        for gone in absent or []:
+            ctx.warning(f"service {gone['source']}: its folder {gone['path']} does not exist; this safety backup "
+                        "records it as absent (no archive), and restoring this backup removes that folder again")
+        if not specs and not absent:
             raise OperationError(f"nothing to back up for scope {p['scope']!r}")
         previous = (Backup.objects.filter(customer=customer, status=Backup.Status.SUCCEEDED, scope=p["scope"])
                     .order_by("-finished_at").values_list("size", flat=True).first())
@@ -172,7 +179,7 @@ def make_backup(ctx: RunContext, customer: Customer, p: dict, *, run=None, pin_r
             ctx.phase("manifest and replicas")
         finished = timezone.now()
         manifest = _signed(ctx, _manifest(bk, customer, written, started, finished, keyring,
-                                          excludes=plans.excludes_of(p), chain=chain))
+                                          excludes=plans.excludes_of(p), chain=chain, absent=absent))
         write_bytes(store, f"{bk.prefix}/{MANIFEST}", json.dumps(manifest, indent=2).encode())
         bk.status = Backup.Status.SUCCEEDED
         bk.size = sum(a.size for a in written)
@@ -195,11 +202,13 @@ def make_backup(ctx: RunContext, customer: Customer, p: dict, *, run=None, pin_r
     for replica in replicas:
         _copy_to_replica(ctx, bk, store, replica, [a.name for a in written] + sidecars_of(written) + [MANIFEST],
                          written)
-    ctx.info(f"backup #{bk.pk} complete: {len(written)} artifacts, {human_size(bk.size)}")
+    ctx.info(f"backup #{bk.pk} complete: {len(written)} artifacts, {human_size(bk.size)}"
+             + (f"; absent: {', '.join(g['source'] for g in absent)}" if absent else ""))
     _after_success(ctx, bk)
     return bk, {"backup": bk.pk, "kind": bk.kind, "base": bk.base_id, "location": store.location(bk.prefix),
                 "size": bk.size,
-                "artifacts": [{"name": a.name, "size": a.size, "sha256": a.sha256} for a in written]}
+                "artifacts": [{"name": a.name, "size": a.size, "sha256": a.sha256} for a in written],
+                **({"absent": absent} if absent else {})}
 
 
 def _remote_host(ctx: RunContext, customer: Customer):
@@ -537,7 +546,7 @@ def _signed(ctx: RunContext, manifest: dict) -> dict:
 
 
 def _manifest(bk: Backup, customer: Customer, written, started, finished, keyring, *, excludes: list[str],
-              chain=None) -> dict:
+              chain=None, absent: list[dict] | None = None) -> dict:
     return {
         "format": "kasa-backup",
         "format_version": FORMAT_VERSION,
@@ -577,4 +586,7 @@ def _manifest(bk: Backup, customer: Customer, written, started, finished, keyrin
              **({"files": a.details.get("files")} if a.kind == "config" else {})}
             for a in written
         ],
+        # Service folders that did not exist when this safety backup was taken (no artifact): a restore of the
+        # backup removes them again. Left out when there are none, so other manifests read as before.
+        **({"absent": absent} if absent else {}),
     }

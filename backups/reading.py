@@ -56,20 +56,31 @@ def progress(ctx: RunContext, label: str, stop: threading.Event | None = None, *
 
 
 def select_artifacts(bk: Backup, only: list[str]) -> list[BackupArtifact]:
-    """`only` names artifacts by file name, by service/database name, or 'config'."""
+    """`only` names artifacts by file name, by service/database name, or 'config'. A service the backup records
+    as absent (absent_services) is a known name that selects no artifact."""
     arts = list(bk.artifacts.order_by("pk"))
     if not only:
         return arts
+    gone = {e["source"] for e in absent_services(bk, [])}
     chosen, unknown = [], []
     for want in only:
         match = [a for a in arts if want in (a.name, a.source, a.name.split(".", 1)[0])]
-        if not match:
+        if not match and want not in gone:
             unknown.append(want)
         chosen += [a for a in match if a not in chosen]
     if unknown:
+        has = [a.source if a.kind != "config" else "config" for a in arts] + [f"{g} (absent)" for g in sorted(gone)]
         raise OperationError(f"backup #{bk.pk} has no artifact {', '.join(map(repr, unknown))} "
-                             f"(it has: {', '.join(a.source if a.kind != 'config' else 'config' for a in arts)})")
+                             f"(it has: {', '.join(has)})")
     return sorted(chosen, key=lambda a: a.pk)
+
+
+def absent_services(bk: Backup, only: list[str]) -> list[dict]:
+    """The service folders that did not exist when this (safety) backup was taken, [{"source", "path"}] from its
+    manifest (backups.operations), those `only` names (all of them without `only`): restoring it removes them."""
+    entries = (bk.manifest or {}).get("absent") or []
+    return [{"source": str(e["source"]), "path": str(e["path"])} for e in entries
+            if isinstance(e, dict) and e.get("source") and e.get("path") and (not only or e["source"] in only)]
 
 
 def refuse_unreadable(arts: list[BackupArtifact], doing: str, tail: str = "; nothing was touched") -> None:

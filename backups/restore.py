@@ -52,7 +52,16 @@ from operations.models import Run
 from . import chains, dbswap, envfiles, restore_files
 from .models import Backup, BackupArtifact
 from .operations import discard, make_backup
-from .reading import Stopped, artifact_kwargs, keyring_for, progress, refuse_unreadable, select_artifacts, store_of
+from .reading import (
+    Stopped,
+    absent_services,
+    artifact_kwargs,
+    keyring_for,
+    progress,
+    refuse_unreadable,
+    select_artifacts,
+    store_of,
+)
 from .services import BackupInputError, backup_params
 
 # Room we want left on the disk after staging: a restore must not fill the disk the customer runs on.
@@ -68,6 +77,8 @@ class Plan:
     clone: bool
     to_databases: dict[str, str] = field(default_factory=dict)  # database name -> URL (clone)
     owner: runas.Identity | None = None  # who restored files belong to (None: the worker's own, development)
+    # Service folders the backup records as absent (reading.absent_services): in place, removed again.
+    absent: list[dict] = field(default_factory=list)
 
 
 class Journal(RunJournal):
@@ -79,7 +90,8 @@ class Journal(RunJournal):
 
     def touched_live(self) -> bool:
         """Whether anything beyond staging happened (services stopped, a swap)."""
-        return any(s["type"] in ("services_stopped", "files", "carry", "db_swap", "redis_swap") for s in self.steps)
+        return any(s["type"] in ("services_stopped", "files", "carry", "removed", "db_swap", "redis_swap")
+                   for s in self.steps)
 
 
 def restore(ctx: RunContext) -> dict:
@@ -209,13 +221,24 @@ def _plan(ctx: RunContext, p: dict) -> Plan:
             root = customer.root_path() if customer.host.is_local else Path(customer.root)
     else:  # a remote customer's root is the host's: checked there (backups.remote_restore)
         root = customer.root_path() if customer.host.is_local else Path(customer.root)
-    if not arts:
+    absent = absent_services(bk, p.get("only") or [])
+    if absent and (clone or p.get("to_host")):  # a copy or a move starts from an empty place: nothing to remove
+        ctx.info(f"absent when backup #{bk.pk} was taken, so not in the {'copy' if clone else 'new place'} either: "
+                 + ", ".join(f"{e['source']} ({e['path']})" for e in absent))
+        absent = []
+    elif absent and not customer.host.is_local:
+        raise OperationError(f"backup #{bk.pk} records the folders of {', '.join(e['source'] for e in absent)} as "
+                             f"absent, and removing them on host {customer.host.name} is not built yet: restore the "
+                             "other artifacts with --only, and remove those folders by hand; nothing was touched")
+    if not arts and not absent:
         raise OperationError("nothing to restore: no artifact of the backup matches the selection")
     ctx.info(f"restoring backup #{bk.pk} of {customer.domain} ({human_time(bk.finished_at)}) "
              + (f"into a copy at {root}" if clone and p.get("to_root") else f"onto host {p['to_host']}"
                 if p.get("to_host") else "in place" if not clone else "")
-             + f": {', '.join(a.name for a in arts)}")
-    return Plan(bk, customer, arts, Path(root), clone, to_dbs)
+             + f": {', '.join(a.name for a in arts) or 'no artifact'}"
+             + (f"; absent when it was taken, so removed again: {', '.join(e['path'] for e in absent)}"
+                if absent else ""))
+    return Plan(bk, customer, arts, Path(root), clone, to_dbs, absent=absent)
 
 
 def _verify_one(ctx: RunContext, plan: Plan, store, keyring, art: BackupArtifact) -> None:
@@ -258,8 +281,8 @@ def _safety_backup(ctx: RunContext, plan: Plan) -> int:
         scope, services = "database", []
     elif kinds == {"config"}:
         scope, services = "config", []
-    elif kinds <= {"service"}:
-        scope, services = "files", sorted({a.source for a in plan.artifacts})
+    elif kinds <= {"service"}:  # also a restore that only removes absent folders (no artifact)
+        scope, services = "files", sorted({a.source for a in plan.artifacts} | {e["source"] for e in plan.absent})
     else:
         scope, services = "full", []
     known = {s.name for s in plan.customer.services.all()}
@@ -290,7 +313,7 @@ def _stage(ctx: RunContext, plan: Plan, store, keyring, journal: Journal) -> Pat
     ctx.phase("verify and unpack")
     files_total, files_done = sum(a.size for a in files), [0]  # the archives' bytes give the phase's progress
     staging = None
-    if files:
+    if files or plan.absent:  # an absent service's live folder is set aside in the staging folder (restore_files)
         plan.root.mkdir(parents=True, exist_ok=True, mode=0o700)  # a copy's root, under KASA_CUSTOMERS_ROOT
         staging = restore_files.staging_dir(plan.root, ctx.run.pk)
         journal.add({"type": "staging", "path": str(staging)})
@@ -381,10 +404,18 @@ def _restore_file_databases(ctx: RunContext, plan: Plan, journal: Journal) -> No
 def touched_specs(plan: Plan, specs: list) -> list:
     """The services a restore stops and starts: with only service folders restored (`--only backend`), those
     services; a database or the config may be read by any service, so then all of them."""
-    if plan.artifacts and all(a.kind == BackupArtifact.Kind.SERVICE for a in plan.artifacts):
-        names = {a.source for a in plan.artifacts}
+    absent = {e["source"] for e in plan.absent}
+    if (plan.artifacts or absent) and all(a.kind == BackupArtifact.Kind.SERVICE for a in plan.artifacts):
+        names = {a.source for a in plan.artifacts} | absent
         return [s for s in specs if s.name in names]
     return specs
+
+
+def started_specs(plan: Plan, specs: list) -> list:
+    """The stopped services that start again after the swap: not one whose folder the backup records as absent
+    (it was not there, so it did not run; its folder is gone again)."""
+    absent = {e["source"] for e in plan.absent}
+    return [s for s in specs if s.name not in absent]
 
 
 def _swap_in(ctx: RunContext, plan: Plan, staging: Path | None, journal: Journal, in_place=False) -> int | None:
@@ -403,6 +434,11 @@ def _swap_in(ctx: RunContext, plan: Plan, staging: Path | None, journal: Journal
     _restore_file_databases(ctx, plan, journal)
     dbswap.swap_all(ctx, plan, journal, way_back=way_back)
     ctx.phase("start")
+    started = started_specs(plan, specs)
+    if len(started) < len(specs):
+        ctx.info(f"not starting {', '.join(s.name for s in specs if s not in started)}: absent when the backup "
+                 "was taken")
+    specs = started
     ctx.info(f"starting {len(specs)} service(s): {', '.join(s.name for s in specs) or 'none'}")
     runtime.start_all(ctx, specs)
     ctx.phase("health")

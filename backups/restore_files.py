@@ -85,7 +85,28 @@ def swap_in(ctx: RunContext, plan, staging: Path, journal, *, clone: bool) -> No
             if not clone:
                 ctx.info(f"swapped in {os.path.relpath(live, root)}")
         if kind == "service":
+            if not clone:
+                remove_absent(ctx, plan, staging, journal)
             relink(ctx, plan, journal)
+
+
+def remove_absent(ctx: RunContext, plan, staging: Path, journal) -> None:
+    """The folders the backup records as absent (a safety backup taken while they were gone) are made absent
+    again: each live one is moved into the staging folder, journalled like a swap (the undo moves it back), and
+    thrown away with the staging folder once the restore holds. Before the config files: none of them lives in
+    a folder that was absent."""
+    root = plan.root
+    for entry in getattr(plan, "absent", None) or []:
+        rel = paths.relative_inside(entry["path"], what="service path")
+        if rel in ("", "."):  # the root itself is never absent (a manifest saying so is not followed)
+            raise OperationError(f"backup #{plan.backup.pk} records the customer's root as absent: refused")
+        live = str(root / rel)
+        if not beneath.lexists(root, live):
+            ctx.info(f"{rel} stays absent, as backup #{plan.backup.pk} recorded it")
+            continue
+        step = journal.add({"type": "removed", "live": live, "staged": str(staging / f".absent-{entry['source']}")})
+        applied(journal, step, lambda step=step: beneath.rename(root, step["live"], step["staged"]))
+        ctx.info(f"removed {rel}: absent when backup #{plan.backup.pk} was taken (set aside until the restore holds)")
 
 
 def relink(ctx: RunContext, plan, journal) -> None:
@@ -162,6 +183,12 @@ def undo(ctx: RunContext, step: dict, root: Path) -> bool:
             return True
         if beneath.lexists(root, step["to"]) and not beneath.lexists(root, step["from"]):
             beneath.rename(root, step["to"], step["from"])
+    elif kind == "removed":  # a folder the backup records as absent, set aside (remove_absent)
+        if step.get("refused"):
+            return True
+        if beneath.lexists(root, step["staged"]) and not beneath.lexists(root, step["live"]):
+            beneath.rename(root, step["staged"], step["live"])
+            ctx.info(f"put back {step['live']}")
     elif kind == "staging":
         trees.remove_tree(step["path"], ignore_errors=True, root=root)
     else:
@@ -180,7 +207,7 @@ def clean_up(step: dict, root: Path) -> bool:
         trees.discard(step["path"], background=True, root=root, trash_dir=trash_dir())
     elif step["type"] == "files" and step.get("beside"):  # the previous link (or folder) set aside
         trees.discard(step["staged"], background=True, root=root, trash_dir=trash_dir())
-    elif step["type"] not in ("files", "carry"):
+    elif step["type"] not in ("files", "carry", "removed"):  # a removed folder lies in the staging folder
         return False
     return True
 
@@ -199,7 +226,7 @@ def sweep_trash(root: Path) -> None:
 def journal_root(steps: list[dict], *candidates: str) -> Path:
     """The root a dead worker's file steps lie below (a copy's, or the customer's as stored or resolved)."""
     named = [p for s in steps for p in (s.get("live"), s.get("staged"), s.get("from"), s.get("to"), s.get("path"))
-             if s.get("type") in ("files", "carry", "staging") and p]
+             if s.get("type") in ("files", "carry", "removed", "staging") and p]
     for cand in filter(None, candidates):
         try:
             for p in named:

@@ -30,7 +30,7 @@ from operations.services import OperationRefused
 
 from .artifacts import restore_refusal
 from .models import Backup
-from .reading import artifact_kwargs, keyring_for, store_of
+from .reading import absent_services, artifact_kwargs, keyring_for, store_of
 from .selectors import backups_visible_to
 from .services import BackupInputError, restore_start, verify_start
 
@@ -54,8 +54,13 @@ class RestoreForm(ConfirmForm):
             (a.name, f"{a.name} ({a.get_kind_display().lower()}, {human_size(a.size)})"
                      + (f": holds {refused[a.name]}, which a restore refuses" if a.name in refused else ""))
             for a in arts]
+        # A safety backup taken while a service folder was gone (docs/FORMAT.md): restoring it removes it again.
+        absent = absent_services(backup, [])
+        self.fields["artifacts"].choices += [
+            (e["source"], f"{e['source']} (absent when the backup was taken: its folder {e['path']} is removed)")
+            for e in absent]
         if not self.is_bound:  # what cannot be restored is not ticked
-            self.initial["artifacts"] = [a.name for a in arts if a.name not in refused]
+            self.initial["artifacts"] = [a.name for a in arts if a.name not in refused] + [e["source"] for e in absent]
 
 
 def restore_view(request, backup_id: int, model_admin):
