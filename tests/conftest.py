@@ -90,11 +90,13 @@ def _uses_database(item) -> bool:
 
 
 # `make test` runs two passes side by side, one per core (Makefile: KASA_TEST_PASS). The PostgreSQL pass runs the
-# suite but for the tests of other hosts (network namespaces, sshd, PM2 there), Redis and the random-tree round
-# trips, which the SQLite pass runs beside it with the smoke tests: what they test is not the control database,
-# and they mostly wait on their own servers. The PostgreSQL pass takes the end-to-end tests (Chromium, the demo,
-# `make run`) last, when the SQLite pass has ended: they wait on a worker process that a loaded machine slows.
-_SIDE_PASS = re.compile(r"test_(hosts?|host_\w+|remote_\w+|redis|tree_roundtrip)\.py$")
+# suite but for the tests of other hosts (network namespaces, sshd, PM2 there), Redis, the random-tree round
+# trips and the object-lock tests (SeaweedFS), which the SQLite pass runs beside it with the smoke tests: what they
+# test is not the control database, and they mostly wait on their own servers. The PostgreSQL pass takes the
+# end-to-end tests (Chromium, the demo, `make run`) last, when the SQLite pass has ended: they wait on a worker
+# process that a loaded machine slows.
+_SIDE_PASS = re.compile(r"test_(hosts?|host_\w+|remote_\w+|redis|tree_roundtrip|s3_lock|immutable|compromised_kasa)"
+                        r"\.py$")
 _END_TO_END = re.compile(r"test_(browser\w*|demo\w*|make_run)\.py$")
 
 

@@ -91,13 +91,21 @@ def seaweed_args(weed: str, folder: Path, base: int, config: Path) -> list[str]:
             "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3 + 10000}", f"-s3.config={config}",
             # Iceberg and Lance listeners are on by default on fixed ports: two sessions would collide.
             "-s3.port.iceberg=0", "-s3.port.lance=0",
-            "-master.telemetry=false", "-volume.max=0", "-master.volumeSizeLimitMB=1024"]
+            # Every bucket is a collection with volumes of its own, and locked buckets are never removed: small
+            # volumes, one at a time per collection (master.toml beside, see start_seaweed), room for hundreds.
+            "-master.telemetry=false", "-volume.max=500", "-master.volumeSizeLimitMB=256"]
+
+
+# Read from the working directory by `weed`: grow one volume at a time (default 7 per collection, which runs out
+# of volumes after a few dozen buckets).
+MASTER_TOML = "[master.volume_growth]\ncopy_1 = 1\ncopy_2 = 2\ncopy_3 = 3\ncopy_other = 1\n"
 
 
 def start_seaweed(folder: Path) -> Seaweed:
     weed = weed_binary()
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "data").mkdir(exist_ok=True)
+    (folder / "master.toml").write_text(MASTER_TOML)
     config = folder / "identities.json"
     config.write_text(json.dumps(identities()))
     config.chmod(0o600)
