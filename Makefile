@@ -61,11 +61,11 @@ node_modules/.bin/pm2: package-lock.json package.json
 python:   ## Debian: install python3.11 and python3.11-venv when missing (as root)
 	@scripts/system-deps.sh --python
 
-run: python install   ## migrate, create the admin login and demo customer, run web + worker
+run: python install   ## migrate, create the admin login and demo customer, run web + worker (S3=1: + SeaweedFS)
 	@scripts/reachable.sh --warn
 	$(BIN)/python manage.py migrate --noinput
 	$(BIN)/python manage.py kasa_setup
-	@exec scripts/run.sh
+	@$(if $(S3),KASA_S3=$(S3) )exec scripts/run.sh
 
 system-deps:   ## Debian packages the suite needs (installs only what is missing)
 	@scripts/system-deps.sh

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Run daphne (web + WebSockets) and a django-q2 worker together; Ctrl-C stops both.
 # `make run` calls this after migrate and kasa_setup. KASA_HOST / KASA_PORT choose
-# where daphne listens (default 127.0.0.1:8000).
+# where daphne listens (default 127.0.0.1:8000). KASA_S3=1 (`make run S3=1`) also runs a local SeaweedFS whose
+# Object Lock bucket holds an immutable copy of the demo's backups (manage.py kasa_seaweedfs; docs/STORAGE.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
 HOST=${KASA_HOST:-127.0.0.1}
 PORT=${KASA_PORT:-8000}
 GRACE=10   # seconds each process gets to stop cleanly before it is killed
+# SeaweedFS's filer waits 15 s for its gRPC streams to end before it stops (and its volume server after it).
+[ "${KASA_S3:-}" = 1 ] && GRACE=25
 
 for tool in python daphne; do
   [ -x "$BIN/$tool" ] || { echo "$BIN/$tool is missing: run 'make install' first" >&2; exit 1; }
@@ -36,6 +39,14 @@ stop() {
 # Ctrl-C or SIGTERM is a requested stop (exit 0); a server exiting on its own is not (its status).
 trap 'stop; exit 0' INT TERM
 trap stop EXIT
+
+if [ "${KASA_S3:-}" = 1 ]; then
+  # weed runs as one of this script's jobs (not under a Python parent), so it stops with the others.
+  s3dir=$($BIN/python manage.py kasa_seaweedfs prepare)
+  mapfile -d '' weed_argv < "$s3dir/weed.argv"
+  (cd "$s3dir" && exec "${weed_argv[@]}" >>"$s3dir/weed.log" 2>&1) & pids+=($!)
+  $BIN/python manage.py kasa_seaweedfs demo --pid "$!" || { echo "SeaweedFS did not start: $s3dir/weed.log" >&2; exit 1; }
+fi
 
 $BIN/python manage.py qcluster & pids+=($!)
 $BIN/daphne -b "$HOST" -p "$PORT" config.asgi:application & pids+=($!)

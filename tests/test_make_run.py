@@ -231,3 +231,52 @@ def test_run_script_exits_when_the_web_server_cannot_start(run_env, tmp_path):
                 except ProcessLookupError:
                     pass
                 proc.wait(timeout=10)
+
+
+def test_make_run_with_s3_runs_seaweedfs_with_a_locked_target_and_ctrl_c_stops_it(run_env, tmp_path):
+    """`make run S3=1` (KASA_S3=1 for scripts/run.sh): SeaweedFS in the var folder, its secret in a 0600 file and
+    never printed, the storage target demo-s3 under a governance lock, one line saying where; Ctrl-C stops weed."""
+    env = {**run_env, "KASA_S3": "1"}
+    subprocess.run([sys.executable, "manage.py", "migrate", "--noinput"], cwd=BASE_DIR, env=env,
+                   capture_output=True, check=True, timeout=300)
+    log_path = tmp_path / "run.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(["scripts/run.sh"], cwd=BASE_DIR, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    sid = proc.pid
+
+    def output() -> str:
+        return log_path.read_text(errors="replace")
+
+    folder = Path(env["KASA_VAR_DIR"]) / "seaweedfs"
+    try:
+        port = int(env["KASA_PORT"])
+        wait_until(lambda: port_open("127.0.0.1", port, 0.2) or proc.poll() is not None, 120, what="daphne")
+        assert proc.poll() is None, output()
+        line = next(x for x in output().splitlines() if x.startswith("S3 (SeaweedFS) at http://127.0.0.1:"))
+        assert "bucket kasa-demo (governance lock, 1 day)" in line and "storage target demo-s3" in line, line
+        assert (folder / "identities.json").stat().st_mode & 0o777 == 0o600
+        assert folder.stat().st_mode & 0o777 == 0o700 and (folder / "data").is_dir()
+        secret = json.loads((folder / "identities.json").read_text())["identities"][0]["credentials"][0]["secretKey"]
+        assert secret not in output() and secret not in (folder / "weed.log").read_text(errors="replace")
+        assert any(" server " in c and c.endswith("-master.volumeSizeLimitMB=1024")
+                   for c in _session_processes(sid).values()), _session_processes(sid)
+        shown = subprocess.run([sys.executable, "manage.py", "shell", "-c",
+                                "from backups.models import StorageTarget as T; t = T.objects.get(name='demo-s3'); "
+                                "print(t.kind, t.lock_mode, t.lock_days, t.endpoint_url); print(t.store().check())"],
+                               cwd=BASE_DIR, env=env, capture_output=True, text=True, timeout=120)
+        assert shown.returncode == 0, shown.stderr[-3000:]
+        assert f"\ns3 governance 1 {line.split()[3].rstrip(',')}\n" in shown.stdout, shown.stdout
+        assert "Object Lock and versioning enabled" in shown.stdout, shown.stdout
+
+        os.killpg(sid, signal.SIGINT)
+        assert proc.wait(timeout=90) == 0, output()
+        wait_until(lambda: not _session_processes(sid), 60, 0.1, what="weed, daphne and the worker to stop")
+        assert "still running" not in output()
+    finally:
+        if proc.poll() is None or _session_processes(sid):
+            try:
+                os.killpg(sid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=10)
