@@ -4,16 +4,16 @@ A private SeaweedFS (engines.seaweedfs, data in the work folder) on this machine
 (os.urandom, cached) read from a warm page cache. Each contender runs in a fresh Python process of its own, so
 its peak RSS (VmHWM) is its own:
 
-- raw: boto3's `upload_file` with 8 MiB parts and two uploading at a time (TransferConfig: multipart_chunksize
-  8 MiB, max_concurrency 2), the plain tool;
-- raw-1: the same with one part uploading at a time (max_concurrency 1; boto3 reads the next parts meanwhile):
-  Kasa's own concurrency, since max_inflight 2 means one part uploading while the writer fills the next;
-- kasa: `S3Store.open_write` fed 1 MiB reads (engines/stores/s3.py: 8 MiB parts, max_inflight 2 — one part in
-  flight while the next fills), committed; as a backup writes an artifact;
+- raw: boto3's `upload_file` with its defaults (TransferConfig: 8 MiB parts, up to 10 uploading at a time), the
+  plain tool;
+- raw-1: the same with one part uploading at a time (max_concurrency 1; boto3 reads the next parts meanwhile);
+- kasa: `S3Store.open_write` fed 1 MiB reads (engines/stores/s3.py: 8 MiB parts, max_inflight 4 — three parts
+  uploading while the next fills, at most 32 MiB buffered), committed; as a backup writes an artifact;
 - kasa+lock: the same into a bucket with Object Lock, every object governance-locked for a day.
 
-Rounds alternate the contenders; the table gives the median throughput of each, the ratio to raw (goal: ≥ 0.9×)
-and the largest peak RSS over the rounds (memory must stay flat: Kasa buffers at most part size × 2).
+Rounds alternate the contenders; the table gives the median throughput of each, its ratio to raw, the median of
+each round's own ratio (the goal, ≥ 0.9×: paired runs seconds apart)
+and the largest peak RSS over the rounds (memory must stay flat: Kasa buffers at most part size × 4).
 No test asserts time: run it by hand and record the table in docs/PERFORMANCE.md.
 """
 
@@ -81,7 +81,7 @@ def one(which: str, endpoint: str, access: str, secret: str, data: Path, key: st
 
         s3 = seaweedfs.client(endpoint, access, secret, attempts=3)
         s3.upload_file(str(data), PLAIN, key, Config=TransferConfig(
-            multipart_threshold=PART, multipart_chunksize=PART, max_concurrency=1 if which == "raw-1" else 2,
+            multipart_threshold=PART, multipart_chunksize=PART, max_concurrency=1 if which == "raw-1" else 10,
             use_threads=True))
     else:
         from engines.stores.s3 import S3Store
@@ -178,21 +178,26 @@ def main(argv: list[str] | None = None) -> int:
     raw = table["raw"]["mb_s"]
     for which in table:
         table[which]["vs_raw"] = round(table[which]["mb_s"] / raw, 2)
+        # Each round's own ratio (the two ran seconds apart), then the median: between rounds the shared machine
+        # differs more than the two sides of a pair do.
+        table[which]["paired_vs_raw"] = round(statistics.median(
+            results["raw"][i]["wall"] / results[which][i]["wall"] for i in range(args.repeat)), 2)
     doc = {"bytes": size, "repeat": args.repeat, "part_size": PART, "results": table,
            "weed_rss_mb": round(weed_peak / 1e6), "machine": machine(), "goal_vs_raw": GOAL}
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
         print(f"\n{size / 1e9:.2f} GB of random bytes, {args.repeat} rounds (median), 8 MiB parts")
-        print(f"{'contender':12} {'MB/s':>8} {'vs raw':>7} {'peak RSS':>9}   runs (MB/s)")
+        print(f"{'contender':12} {'MB/s':>8} {'vs raw':>7} {'paired':>7} {'peak RSS':>9}   runs (MB/s)")
         for which, row in table.items():
-            print(f"{which:12} {row['mb_s']:8.1f} {row['vs_raw']:6.2f}× {row['peak_rss_mb']:6d} MB   "
-                  f"{', '.join(map(str, row['runs_mb_s']))}")
+            print(f"{which:12} {row['mb_s']:8.1f} {row['vs_raw']:6.2f}× {row['paired_vs_raw']:6.2f}× "
+                  f"{row['peak_rss_mb']:6d} MB   {', '.join(map(str, row['runs_mb_s']))}")
         print(f"SeaweedFS RSS after the runs: {doc['weed_rss_mb']} MB; machine: {json.dumps(doc['machine'])}")
-    kasa = table["kasa"]["vs_raw"]
+    kasa = table["kasa"]["paired_vs_raw"]
     same = round(table["kasa"]["mb_s"] / table["raw-1"]["mb_s"], 2)
-    print(f"goal: Kasa ≥ {GOAL}× raw: {'met' if kasa >= GOAL else 'NOT met'} ({kasa}×; {same}× raw-1, one part "
-          "uploading at a time like Kasa)", file=sys.stderr)
+    print(f"goal: Kasa ≥ {GOAL}× raw (median of the rounds' pairs): {'met' if kasa >= GOAL else 'NOT met'} "
+          f"({kasa}×; medians {table['kasa']['vs_raw']}×; {same}× raw-1, one part uploading at a time)",
+          file=sys.stderr)
     return 0
 
 

@@ -32,6 +32,7 @@ from customers import runtime
 from customers.models import Customer
 from engines import beneath, layout, trees
 from engines.backupcrypto import KeyRing
+from engines.stores import StoreLocked
 from operations.context import OperationError, RunContext
 
 from .journal import Journal, Steps, env_fingerprints, uninterruptible
@@ -382,12 +383,15 @@ def discard_running_backups(upgrade: Upgrade) -> None:
     """A pre-upgrade backup a dead worker was still writing is nobody's restore point: delete its objects."""
     for bk in Backup.objects.filter(customer_id=upgrade.customer_id, run=None, status=Backup.Status.RUNNING,
                                     trigger=Backup.Trigger.UPGRADE, created_at__gte=upgrade.created_at):
+        purge_after = None
         try:
             bk.target.store().delete_prefix(bk.prefix)
+        except StoreLocked as locked:  # written under an object lock: the first prune after it ends removes it
+            purge_after = locked.until
         except Exception:  # noqa: BLE001
             log.warning("could not remove the partial backup %s", bk.pk, exc_info=True)
         Backup.objects.filter(pk=bk.pk).update(status=Backup.Status.FAILED, finished_at=timezone.now(),
-                                               error="the worker died during the upgrade")
+                                               error="the worker died during the upgrade", purge_after=purge_after)
 
 
 def scratch_dir(run_id: int) -> Path:
