@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     folder = work / "seaweedfs"
     shutil.rmtree(folder, ignore_errors=True)
     say("starting SeaweedFS")
-    server = seaweedfs.start(folder)
+    server = seaweedfs.start(folder, many_buckets=False)  # SeaweedFS's own volume layout, as in production
     results: dict[str, list[dict]] = {"raw": [], "raw-1": [], "kasa": [], "kasa+lock": []}
     weed_peak = 0
     try:

@@ -62,7 +62,7 @@ def free_base(prefer: int | None = None) -> int:
     raise OSError("no free ports for SeaweedFS between 10000 and 31004")
 
 
-def seaweed_args(weed: str, folder: Path, base: int, config: Path) -> list[str]:
+def seaweed_args(weed: str, folder: Path, base: int, config: Path, *, many_buckets: bool = True) -> list[str]:
     master, volume, filer, s3 = base, base + 1, base + 2, base + 3
     return [weed, "server", f"-dir={folder / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             f"-master.port={master}", f"-master.port.grpc={master + 10000}",
@@ -71,9 +71,13 @@ def seaweed_args(weed: str, folder: Path, base: int, config: Path) -> list[str]:
             "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3 + 10000}", f"-s3.config={config}",
             # Iceberg and Lance listeners are on by default on fixed ports: two servers would collide.
             "-s3.port.iceberg=0", "-s3.port.lance=0",
-            # Every bucket is a collection with volumes of its own, and locked buckets are never removed: small
-            # volumes, one at a time per collection (MASTER_TOML), room for hundreds of buckets.
-            "-master.telemetry=false", "-volume.max=500", "-master.volumeSizeLimitMB=256"]
+            "-master.telemetry=false",
+            # Every bucket is a collection with volumes of its own, and locked buckets are never removed: for many
+            # buckets (tests, the demo), small volumes grown one at a time per collection (MASTER_TOML), room for
+            # hundreds; else SeaweedFS's defaults (7 volumes of up to 1 GB per collection: parallel writes spread
+            # over them), as the S3 bench measures a production server.
+            *(["-volume.max=500", "-master.volumeSizeLimitMB=256"] if many_buckets else
+              ["-volume.max=0", "-master.volumeSizeLimitMB=1024"])]
 
 
 # Read by `weed` from its working directory (the server's folder): grow one volume at a time per collection; the
@@ -104,7 +108,7 @@ def read_secret(folder: Path) -> str:
 
 
 def prepare(folder: Path, *, weed: str | None = None, access_key: str = ACCESS_KEY,
-            secret_key: str | None = None) -> Prepared:
+            secret_key: str | None = None, many_buckets: bool = True) -> Prepared:
     """Make the folder (0700), the identities file (0600; a secret generated once and kept there unless one is
     given) and choose free ports (the previous run's again when they are free: server.json)."""
     weed = weed or weed_binary()
@@ -114,7 +118,10 @@ def prepare(folder: Path, *, weed: str | None = None, access_key: str = ACCESS_K
     folder.mkdir(parents=True, exist_ok=True)
     folder.chmod(0o700)
     (folder / "data").mkdir(exist_ok=True)
-    (folder / "master.toml").write_text(MASTER_TOML)
+    if many_buckets:
+        (folder / "master.toml").write_text(MASTER_TOML)
+    else:
+        (folder / "master.toml").unlink(missing_ok=True)
     config = folder / "identities.json"
     if secret_key is None:
         secret_key = read_secret(folder) if config.exists() else secrets.token_urlsafe(30)
@@ -126,7 +133,8 @@ def prepare(folder: Path, *, weed: str | None = None, access_key: str = ACCESS_K
     previous = json.loads(state.read_text()).get("base") if state.exists() else None
     base = free_base(previous)
     state.write_text(json.dumps({"base": base, "endpoint": endpoint_of(base), "access_key": access_key}))
-    return Prepared(folder, seaweed_args(weed, folder, base, config), endpoint_of(base), access_key)
+    return Prepared(folder, seaweed_args(weed, folder, base, config, many_buckets=many_buckets), endpoint_of(base),
+                    access_key)
 
 
 def prepare_state(folder: Path) -> dict:
@@ -230,9 +238,10 @@ class Server:
 
 
 def start(folder: Path, *, weed: str | None = None, access_key: str = ACCESS_KEY, secret_key: str | None = None,
+          many_buckets: bool = True,
           timeout: float = 60) -> Server:
     """A server in its own session (stopped with its whole process group), answering when this returns."""
-    prepared = prepare(folder, weed=weed, access_key=access_key, secret_key=secret_key)
+    prepared = prepare(folder, weed=weed, access_key=access_key, secret_key=secret_key, many_buckets=many_buckets)
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}  # never a developer's real keys
     with open(prepared.folder / "weed.log", "wb") as log:
         popen = subprocess.Popen(prepared.argv, env=env, stdout=log, stderr=subprocess.STDOUT,

@@ -2,7 +2,8 @@
 
 Higher-level layers (django-storages, boto3's upload_fileobj with its default
 transfer config) read or queue whole objects in memory; here an upload is a
-multipart upload fed part by part, so at most part_size × max_inflight bytes
+multipart upload fed part by part (max_inflight - 1 parts uploading at once while the next fills: 3 by
+default), so at most part_size × max_inflight bytes
 are buffered whatever the object's size. An upload that does not commit is
 aborted: S3 keeps (and bills) the parts of an incomplete upload forever
 otherwise, and they never show in a plain listing.
@@ -212,8 +213,8 @@ class S3Store:
             raise StoreError("S3 target: a bucket name is required")
         if part_size < MIN_PART:
             raise StoreError(f"S3 target: part_size must be at least {MIN_PART} bytes (S3's minimum)")
-        if max_inflight not in (1, 2, 3, 4):
-            raise StoreError("S3 target: max_inflight must be 1 (upload in the writer) to 4 (three parts uploading "
+        if max_inflight not in range(1, 9):
+            raise StoreError("S3 target: max_inflight must be 1 (upload in the writer) to 8 (seven parts uploading "
                              "while the next fills)")
         if bool(access_key) != bool(secret_key):
             raise StoreError("S3 target: give both the access key id and the secret key, or neither")
