@@ -44,8 +44,22 @@ def targets_of(request):
     return StorageTarget.objects.visible_to(request.user)
 
 
+class StorageTargetForm(forms.ModelForm):
+    class Meta:
+        model = StorageTarget
+        fields = ["name", "kind", "enabled", "teams", "path", "host", "port", "username", "private_key", "bucket",
+                  "prefix", "endpoint_url", "region", "access_key", "lock_mode", "lock_days", "secret_key"]
+
+    def _post_clean(self):
+        super()._post_clean()  # the instance now holds the form's values (and passed the model's own checks)
+        if not self.errors and (problem := self.instance.lock_problem()):
+            # Saving a locked target proves the bucket can keep the promise: Object Lock and versioning on.
+            self.add_error("lock_mode", problem)
+
+
 @admin.register(StorageTarget)
 class StorageTargetAdmin(SuperuserOnlyMixin, AuditedAdminMixin, admin.ModelAdmin):
+    form = StorageTargetForm
     # Storage credentials serve the whole fleet: superusers only.
     formfield_overrides = {models.URLField: {"assume_scheme": "https"}}
     list_display = ("name", "kind", "where", "lock", "enabled", "teams_display")

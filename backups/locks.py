@@ -148,10 +148,14 @@ def locked_until(bk: Backup) -> datetime | None:
     return max(dates) if dates else None
 
 
-def delete_objects(bk: Backup, *, bypass_governance: bool = False) -> tuple[int, datetime | None]:
-    """Delete the backup's objects on every target; (objects removed, the date a lock keeps the rest until)."""
+def delete_objects(bk: Backup, *, bypass_governance: bool = False, copies_only=None) -> tuple[int, datetime | None]:
+    """Delete the backup's objects on every target (or only on the given BackupCopy rows: a failed copy's leftovers
+    beside a good primary); (objects removed, the date a lock keeps the rest until)."""
     removed, kept_until = 0, None
-    places = [(bk.target, bk)] + [(c.target, c) for c in bk.copies.select_related("target")]
+    if copies_only is not None:
+        places = [(c.target, c) for c in copies_only]
+    else:
+        places = [(bk.target, bk)] + [(c.target, c) for c in bk.copies.select_related("target")]
     for target, holder in places:
         if not bk.prefix:
             continue

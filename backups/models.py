@@ -99,12 +99,17 @@ class StorageTarget(models.Model):
             raise ValidationError({"lock_days": "a locked target needs at least 1 lock day"})
         if self.lock_days and not self.lock_mode:
             raise ValidationError({"lock_mode": "choose governance or compliance for the lock days to apply"})
-        if self.lock_mode and self.bucket:
-            # Saving a locked target proves the bucket can keep the promise (Object Lock and versioning on).
-            try:
-                self.store().check_bucket()
-            except StoreError as exc:
-                raise ValidationError({"lock_mode": str(exc)}) from None
+
+    def lock_problem(self) -> str:
+        """Why the bucket cannot keep this target's lock promise (missing, no Object Lock or versioning), or "".
+        Asked over the network: the admin's form calls it on save, not the model's clean()."""
+        if not (self.lock_mode and self.kind == self.Kind.S3 and self.bucket):
+            return ""
+        try:
+            self.store().check_bucket()
+        except StoreError as exc:
+            return str(exc)
+        return ""
 
     @property
     def immutable(self) -> bool:

@@ -351,7 +351,15 @@ def purge_unlocked(customer, *, actor=None, via: str = "cli") -> list[int]:
     due = (Backup.objects.filter(Q(purge_after__lte=now) | Q(copies__purge_after__lte=now), customer=customer)
            .distinct().select_related("target", "customer"))
     for bk in due:
-        removed, kept = locks.delete_objects(bk)
+        if bk.purge_after and bk.purge_after <= now:  # the backup itself is gone (expired, failed): every place
+            removed, kept = locks.delete_objects(bk)
+        else:  # a failed copy's leftovers beside a good primary: only those
+            removed, kept = locks.delete_objects(bk, copies_only=list(
+                bk.copies.select_related("target").filter(purge_after__lte=now)))
+            if not kept:
+                audit_record(action="backup.purge", source=_source(via), actor=actor, obj=bk, customer=bk.customer,
+                             result=f"{removed} object(s) of failed copies removed after the lock ended")
+            continue
         fields = {"purge_after": kept}
         if not kept and bk.status == Backup.Status.EXPIRED:
             fields["status"] = Backup.Status.DELETED

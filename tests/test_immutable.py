@@ -188,17 +188,30 @@ def test_the_admin_delete_page_names_the_lock_date(customer, locked_s3, admin_cl
     assert Backup.objects.get(pk=bk.pk).status == "succeeded"
 
 
-def test_a_locked_target_on_a_bucket_without_object_lock_cannot_be_saved_or_checked(s3_server, admin_user):
-    target = StorageTarget(name="notlocked", kind="s3", bucket=s3_server.bucket, endpoint_url=s3_server.endpoint,
-                           region=s3_server.region, access_key=s3_server.access_key,
-                           secret_key=s3_server.secret_key, lock_mode="compliance", lock_days=30)
-    with pytest.raises(ValidationError, match="no Object Lock"):
-        target.full_clean()
-    target.save()  # as if the bucket had lost its lock since (or the row came from elsewhere)
+def test_a_locked_target_on_a_bucket_without_object_lock_cannot_be_saved_or_checked(s3_server, locked_s3, admin_user,
+                                                                                    admin_client):
+    from backups.admin import StorageTargetForm
     from backups.services import target_check
 
+    def form(bucket):
+        return StorageTargetForm(data={
+            "name": f"t-{bucket[-6:]}", "kind": "s3", "bucket": bucket, "endpoint_url": s3_server.endpoint,
+            "region": s3_server.region, "access_key": s3_server.access_key, "secret_key": s3_server.secret_key,
+            "lock_mode": "compliance", "lock_days": 30, "enabled": "on"})
+
+    bad = form(s3_server.bucket)
+    assert not bad.is_valid() and "no Object Lock" in str(bad.errors["lock_mode"])
+    assert s3_server.secret_key not in str(bad.errors)
+    good = form(locked_s3.bucket)
+    assert good.is_valid(), good.errors
+    target = StorageTarget.objects.create(name="notlocked", kind="s3", bucket=s3_server.bucket,
+                                          endpoint_url=s3_server.endpoint, region=s3_server.region,
+                                          access_key=s3_server.access_key, secret_key=s3_server.secret_key,
+                                          lock_mode="compliance", lock_days=30)  # as if the bucket lost its lock
     with pytest.raises(BackupInputError, match="no Object Lock"):
         target_check(target, actor=admin_user)
+    with pytest.raises(ValidationError, match="at least 1 lock day"):
+        StorageTarget(name="x", kind="s3", bucket="b", lock_mode="governance", lock_days=0).full_clean()
 
 
 def test_a_locked_replica_gets_locked_versioned_copies(customer, locked_s3):
@@ -224,3 +237,24 @@ def test_target_check_command_fails_for_a_locked_target_whose_bucket_lost_its_lo
     assert by_name["good"]["ok"] and "Object Lock and versioning enabled" in by_name["good"]["detail"]
     assert not by_name["bad"]["ok"] and "no Object Lock" in by_name["bad"]["detail"]
     assert s3_server.secret_key not in str(docs)
+
+
+def test_a_failed_locked_copy_is_purged_after_its_lock_and_the_primary_stays(customer, locked_s3, monkeypatch):
+    from backups.models import BackupCopy
+    from backups.services import purge_unlocked
+
+    until = (datetime.now(UTC) + timedelta(seconds=4)).replace(microsecond=0)
+    monkeypatch.setattr(locks, "until_from_now", lambda days, now=None: until)
+    _use(locked_s3.target("offsite", lock_mode="compliance", lock_days=1), replica=True)
+    bk = Backup.objects.get(pk=_backup(customer)["id"])
+    copy = bk.copies.get()
+    # As a copy that failed after writing some locked objects leaves it: failed, its leftovers due after the lock.
+    BackupCopy.objects.filter(pk=copy.pk).update(status="failed", purge_after=until)
+    assert purge_unlocked(customer) == [] and len(_objects(locked_s3, bk.prefix)) == len(copy.versions)
+    while datetime.now(UTC) <= until + timedelta(seconds=1):
+        time.sleep(0.5)
+    purge_unlocked(customer)
+    assert _objects(locked_s3, bk.prefix) == []
+    bk.refresh_from_db()
+    assert bk.status == "succeeded" and bk.target.store().exists(f"{bk.prefix}/backup.json")  # the primary stays
+    assert BackupCopy.objects.get(pk=copy.pk).purge_after is None

@@ -198,11 +198,14 @@ def test_make_run_serves_the_admin_with_the_demo_customer_and_ctrl_c_stops_every
         assert done.returncode == 0, done.stdout + done.stderr
         assert not any(port_open("127.0.0.1", demo_port + i, 0.2) for i in range(3))
     finally:
-        if proc.poll() is None or _session_processes(sid):
+        # run.sh puts weed, daphne and the worker in process groups of their own: kill every process of the
+        # session, not only its first group, or a failed assertion leaves them running.
+        for pid in _session_processes(sid):
             try:
-                os.killpg(sid, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        if proc.poll() is None:
             proc.wait(timeout=10)
 
 
@@ -259,7 +262,7 @@ def test_make_run_with_s3_runs_seaweedfs_with_a_locked_target_and_ctrl_c_stops_i
         assert folder.stat().st_mode & 0o777 == 0o700 and (folder / "data").is_dir()
         secret = json.loads((folder / "identities.json").read_text())["identities"][0]["credentials"][0]["secretKey"]
         assert secret not in output() and secret not in (folder / "weed.log").read_text(errors="replace")
-        assert any(" server " in c and c.endswith("-master.volumeSizeLimitMB=1024")
+        assert any(" server " in c and f"-s3.config={folder}/identities.json" in c
                    for c in _session_processes(sid).values()), _session_processes(sid)
         shown = subprocess.run([sys.executable, "manage.py", "shell", "-c",
                                 "from backups.models import StorageTarget as T; t = T.objects.get(name='demo-s3'); "
@@ -274,9 +277,12 @@ def test_make_run_with_s3_runs_seaweedfs_with_a_locked_target_and_ctrl_c_stops_i
         wait_until(lambda: not _session_processes(sid), 60, 0.1, what="weed, daphne and the worker to stop")
         assert "still running" not in output()
     finally:
-        if proc.poll() is None or _session_processes(sid):
+        # run.sh puts weed, daphne and the worker in process groups of their own: kill every process of the
+        # session, not only its first group, or a failed assertion leaves them running.
+        for pid in _session_processes(sid):
             try:
-                os.killpg(sid, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        if proc.poll() is None:
             proc.wait(timeout=10)
