@@ -24,19 +24,15 @@ from .models import Backup, BackupCopy, StorageTarget
 
 
 # --- reading what was written ------------------------------------------------------------------------------
-def pin(store, *backups: Backup, copy_target: StorageTarget | None = None):
-    """Make `store` read the recorded versions of the backups (and of the fulls they build on)."""
+def pin(store, *backups: Backup):
+    """Make `store` (the backups' primary target) read the recorded versions of the backups and of their fulls.
+    (Replicas are not read by restores; a catalogue rebuilt from one pins its first versions: backups.catalogue.)"""
     if not hasattr(store, "pins"):
         return store
     for bk in backups:
         for b in (bk, bk.base if bk.base_id else None):
-            if b is None:
-                continue
-            if copy_target is None:
+            if b is not None:
                 store.pins.update(b.versions or {})
-            else:
-                copy = b.copies.filter(target=copy_target).first()
-                store.pins.update((copy.versions or {}) if copy else {})
     return store
 
 

@@ -6,6 +6,8 @@ and a catalogue rebuilt from the bucket ignores what the attacker wrote.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from datetime import UTC, datetime, timedelta
 
@@ -120,6 +122,18 @@ def test_a_compromised_kasa_cannot_destroy_a_locked_backup_and_kasa_restores_it(
     after = {"tree": tree_state(root), "pg": pg_state(pg_database)}
     assert after["pg"] == before["pg"]
     assert after["tree"] == before["tree"]
+
+    # --- docs/FORMAT.md's by-hand rule: ListObjectVersions lists a key's versions newest first, take the last ----
+    by_hand = {}
+    for v in s3.list_object_versions(Bucket=bucket, Prefix=good.prefix + "/")["Versions"]:
+        by_hand[v["Key"]] = v["VersionId"]  # later entries of a key are older: the last one is Kasa's write
+    assert by_hand == good.versions
+    manifest = s3.get_object(Bucket=bucket, Key=f"{good.prefix}/backup.json",
+                             VersionId=by_hand[f"{good.prefix}/backup.json"])["Body"].read()
+    for art in json.loads(manifest)["artifacts"]:
+        body = s3.get_object(Bucket=bucket, Key=f"{good.prefix}/{art['name']}",
+                             VersionId=by_hand[f"{good.prefix}/{art['name']}"])["Body"].read()
+        assert hashlib.sha256(body).hexdigest() == art["sha256"]
 
     # --- a catalogue rebuilt from the bucket ignores the attacker's versions and delete markers ----------------
     rebuilt = StorageTarget.objects.create(name="vault-rebuilt", kind="s3", bucket=bucket,
