@@ -403,3 +403,19 @@ class StorageTally(models.Model):
     def __str__(self):
         return f"{self.bytes} bytes in {self.backups} backups of customer {self.customer_id}"
 
+
+
+class TargetCounter(models.Model):
+    """Counters of one storage target for /metrics (backups.counters): bytes written and read, storage errors, and
+    the last target check. Only ever incremented (an F() UPDATE), never derived from the backups: deleting
+    backups lowers no counter, as Prometheus counters require."""
+
+    target = models.OneToOneField(StorageTarget, on_delete=models.CASCADE, related_name="+")
+    written_bytes = models.BigIntegerField(default=0)
+    read_bytes = models.BigIntegerField(default=0)
+    errors = models.BigIntegerField(default=0, help_text="Backups, restores, drills and checks a StoreError ended.")
+    check_ok = models.BooleanField(null=True, help_text="The last target check's result (None: never checked).")
+    checked_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self):
+        return f"counters of target {self.target_id}"

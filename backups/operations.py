@@ -29,7 +29,7 @@ from operations import slots
 from operations.context import OperationError, RunCancelled, RunContext, RunLost
 
 from . import artifacts as plans
-from . import chains, locks
+from . import chains, counters, locks
 from . import remote as remote_plans
 from .models import Backup, BackupArtifact, BackupCopy, StorageTarget
 from .notify import backup_finished
@@ -180,7 +180,8 @@ def make_backup(ctx: RunContext, customer: Customer, p: dict, *, run=None, pin_r
         finished = timezone.now()
         manifest = _signed(ctx, _manifest(bk, customer, written, started, finished, keyring,
                                           excludes=plans.excludes_of(p), chain=chain, absent=absent))
-        write_bytes(store, f"{bk.prefix}/{MANIFEST}", json.dumps(manifest, indent=2).encode())
+        manifest_bytes = json.dumps(manifest, indent=2).encode()
+        write_bytes(store, f"{bk.prefix}/{MANIFEST}", manifest_bytes)
         bk.status = Backup.Status.SUCCEEDED
         bk.size = sum(a.size for a in written)
         bk.finished_at = finished
@@ -191,12 +192,14 @@ def make_backup(ctx: RunContext, customer: Customer, p: dict, *, run=None, pin_r
                      f"{len(bk.versions)} version ids recorded")
             locks.extend_chain(ctx, bk, store, target)
     except BaseException as exc:
+        counters.error(target, exc)  # only when a StoreError ended it
         discard(ctx, bk, store, replicas, exc)
         _notify(ctx, bk)
         raise
     finally:
         if remote is not None:
             remote.close()
+    counters.written(target, bk.size + len(manifest_bytes))
     # A replica that fails does not take the restore point away: the copy is marked failed (and its partial
     # objects removed), the primary stays, and the warning reaches the log and the notification.
     for replica in replicas:
@@ -433,6 +436,7 @@ def _verify_object(store, name: str, sha256: str, size: int) -> None:
 
 def _copy_to_replica(ctx, bk: Backup, store, replica: StorageTarget, names: list[str], written) -> None:
     sums = {a.name: (a.sha256, a.size) for a in written}
+    copied = 0
     try:
         rstore = replica.store()
         locks.start_writing(replica, rstore)
@@ -449,10 +453,12 @@ def _copy_to_replica(ctx, bk: Backup, store, replica: StorageTarget, names: list
                 except BaseException:
                     w.abort()
                     raise
+            copied += h.size
             _verify_object(rstore, name, *sums.get(short, (h.hexdigest(), h.size)))
     except (RunLost, RunCancelled):
         raise
     except Exception as exc:
+        counters.error(replica, exc)
         ctx.warning(f"replica {replica.name} failed, the primary copy is kept: {exc}")
         try:
             replica.store().delete_prefix(bk.prefix)
@@ -465,6 +471,7 @@ def _copy_to_replica(ctx, bk: Backup, store, replica: StorageTarget, names: list
             ctx.warning(f"could not remove the partial copy on {replica.name}: {cleanup}")
         BackupCopy.objects.create(backup=bk, target=replica, status="failed", error=str(exc)[:2000])
         return
+    counters.written(replica, copied)
     copy = BackupCopy.objects.create(backup=bk, target=replica, verified_at=timezone.now())
     locks.record(copy, replica, rstore)
     lock = f", {replica.lock_mode}-locked until {copy.locked_until:%Y-%m-%d %H:%M} UTC" if copy.locked_until else ""

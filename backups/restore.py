@@ -49,7 +49,7 @@ from operations.context import OperationError, RunCancelled, RunContext, RunLost
 from operations.journal import RunJournal
 from operations.models import Run
 
-from . import chains, dbswap, envfiles, restore_files
+from . import chains, counters, dbswap, envfiles, restore_files
 from .models import Backup, BackupArtifact
 from .operations import discard, make_backup
 from .reading import (
@@ -102,15 +102,15 @@ def restore(ctx: RunContext) -> dict:
         from . import move, move_local
 
         moving = move_local.move_here if move_local.onto_local(p["to_host"]) else move.move
-        return moving(ctx, plan, _remote_steps())
+        return _read_all(plan, moving(ctx, plan, _remote_steps()))
     if not plan.customer.host.is_local:  # on another host: every change made there (backups.remote_restore)
         from . import remote_restore
 
         if plan.clone:  # a copy beside the customer on its host (backups.remote_copy)
             from . import remote_copy
 
-            return remote_copy.restore_copy(ctx, plan, _remote_steps())
-        return remote_restore.restore(ctx, plan, _remote_steps())
+            return _read_all(plan, remote_copy.restore_copy(ctx, plan, _remote_steps()))
+        return _read_all(plan, remote_restore.restore(ctx, plan, _remote_steps()))
     dbswap.hold_targets(ctx, plan.customer, plan.to_databases, plan.root if plan.clone and p.get("to_root") else None)
     # Restored files belong to the customer's user, and its services are stopped and started as that user:
     # refused now, before anything is touched, if it cannot be (a copy elsewhere starts nothing).
@@ -143,6 +143,7 @@ def restore(ctx: RunContext) -> dict:
         else:
             safety = _swap_in(ctx, plan, staging, journal, in_place=late) or safety
     except BaseException as exc:
+        counters.error(plan.backup.target, exc)  # only when a StoreError ended it
         touched = journal.touched_live()  # before the undo empties the journal
         undone = _undo(ctx, journal, plan)
         if isinstance(exc, (RunLost, RunCancelled)):
@@ -159,6 +160,7 @@ def restore(ctx: RunContext) -> dict:
         _cleanup(ctx, journal, plan.root)
         if not plan.clone:
             _record_versions(ctx, plan)
+    _read_all(plan, None)
     seconds = time.monotonic() - started
     ctx.info(f"restore of backup #{plan.backup.pk} complete in {human_duration(seconds)}"
              + ("" if plan.clone else f" (safety backup #{safety})" if safety else ""))
@@ -166,6 +168,13 @@ def restore(ctx: RunContext) -> dict:
             "root": str(plan.root), "artifacts": [a.name for a in plan.artifacts], "safety_backup": safety,
             "databases": plan.to_databases and {k: _display(v) for k, v in plan.to_databases.items()},
             "seconds": round(seconds, 2)}
+
+
+def _read_all(plan: Plan, result):
+    """A restore that succeeded read every chosen artifact to its end: kasa_storage_read_bytes_total (their stored
+    sizes; a differential's base is not counted)."""
+    counters.read(plan.backup.target, sum(a.size for a in plan.artifacts))
+    return result
 
 
 def _remote_steps():

@@ -28,7 +28,7 @@ from operations.models import Run
 from operations.services import run_start
 
 from . import artifacts as plans
-from . import chains, locks
+from . import chains, counters, locks
 from .models import Backup, BackupPolicy, StorageTarget
 from .reading import select_artifacts
 from .selectors import downloadable_names
@@ -281,9 +281,13 @@ def target_check(target: StorageTarget, *, actor=None) -> str:
 
     permissions.require_superuser(actor, "check a storage target")
     try:
-        return target.store().check()
+        detail = target.store().check()
     except StoreError as exc:
+        counters.checked(target, False)
+        counters.error(target)
         raise BackupInputError(f"target {target.name}: {exc}") from None
+    counters.checked(target, True)
+    return detail
 
 
 def retention_policy(policy: BackupPolicy):

@@ -21,7 +21,7 @@ from engines import fileindex, trees, unpack
 from engines.humanize import human_duration, human_size, human_time
 from operations.context import OperationError, RunCancelled, RunContext, RunLost
 
-from . import chains, dbswap, deepdrill, locks, redisswap
+from . import chains, counters, dbswap, deepdrill, locks, redisswap
 from .models import Backup
 from .notify import verification_failed
 from .reading import artifact_kwargs, keyring_for, progress, refuse_unreadable, store_of
@@ -41,11 +41,13 @@ def verify(ctx: RunContext) -> dict:
     except (RunLost, RunCancelled):
         raise
     except Exception as exc:
+        counters.error(bk.target, exc)  # only when a StoreError ended it
         message = str(exc) if isinstance(exc, OperationError) else f"{type(exc).__name__}: {exc}"
         Backup.objects.filter(pk=bk.pk).update(verify_status=Backup.VerifyStatus.FAILED, verify_error=message[:5000],
                                                verify_checked_at=timezone.now())
         _alert(ctx, bk.pk)
         raise OperationError(f"verification failed: {message}") from None
+    counters.read(bk.target, bk.size)  # its artifacts, read back to the end (a differential's base not counted)
     seconds = round(time.monotonic() - started, 2)
     now = timezone.now()
     Backup.objects.filter(pk=bk.pk).update(verified_at=now, verify_status=Backup.VerifyStatus.PASSED,

@@ -3,9 +3,15 @@
 Reading the database at scrape time (rather than keeping counters in memory) gives
 the same numbers whichever web process answers and survives restarts. At fleet
 scale nothing here reads every run or backup: run counts come from RunTally (kept
-by a trigger as runs change), recovery figures from one indexed query.
-A staff member sees only the customers of their teams (and their runs); the
-metrics token (Prometheus) and superusers see the whole fleet.
+by a trigger as runs change), run durations from RunDurationTally (the histogram's
+buckets, kept by a trigger the same way: a scrape reads a few rows per customer and
+kind, where one grouped CASE query over the runs would read every finished run at
+every scrape), recovery figures from one indexed query. Storage counters
+(bytes written/read, errors) are rows of backups.models.TargetCounter, only ever
+incremented where the bytes move, so deleting backups never lowers them.
+A staff member sees only the customers of their teams (and their runs and queue);
+the metrics token (Prometheus) and superusers see the whole fleet, and they alone
+see the fleet's machinery (storage targets, workers).
 """
 
 from __future__ import annotations
@@ -13,17 +19,24 @@ from __future__ import annotations
 from datetime import timedelta
 
 from django.db import connection
-from django.db.models import Count, DurationField, ExpressionWrapper, F, Max, Q, Sum
+from django.db.models import Count, DurationField, ExpressionWrapper, F, Max, Min, Q, Sum
 from django.utils import timezone
-from prometheus_client.core import CollectorRegistry, GaugeMetricFamily, SummaryMetricFamily
+from prometheus_client.core import (
+    CollectorRegistry,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.exposition import generate_latest
+from prometheus_client.utils import floatToGoString
 
-from backups.models import Backup
+from backups.models import Backup, TargetCounter
 from backups.recovery import with_recovery
 from customers.models import Customer
-from operations.models import Run, RunTally
+from operations.models import RUN_DURATION_BUCKETS, Run, RunDurationTally, RunTally, WorkerBeat
 from rollouts.models import GateResult, Rollout
 from rollouts.selectors import visible_rollouts
+from upgrades.models import Upgrade
 
 ROLLOUTS_RECENT = timedelta(days=1)  # an ended rollout is still exposed this long (its last status)
 
@@ -34,16 +47,16 @@ class KasaCollector:
 
     def collect(self):
         customers_qs = Customer.objects.all() if self.user is None else Customer.objects.visible_to(self.user)
+        scoped = None if self.user is None else customers_qs
         runs = GaugeMetricFamily("kasa_runs", "Runs by kind and status", labels=["kind", "status"])
-        durations = SummaryMetricFamily(
-            "kasa_run_duration_seconds", "Duration of finished runs", labels=["kind", "status"]
-        )
-        for kind, status, n, timed, seconds in run_counts(None if self.user is None else customers_qs):
+        sums = {}
+        for kind, status, n, timed, seconds in run_counts(scoped):
             runs.add_metric([kind, status], n)
-            if timed:
-                durations.add_metric([kind, status], count_value=timed, sum_value=seconds)
+            if timed and status in Run.TERMINAL:
+                sums[(kind, status)] = seconds
         yield runs
-        yield durations
+        yield duration_histogram(scoped, sums)
+        yield from queue_metrics(scoped)
 
         customers = GaugeMetricFamily("kasa_customers", "Customers by status", labels=["status"])
         for row in customers_qs.order_by().values("status").annotate(n=Count("id")):
@@ -52,6 +65,9 @@ class KasaCollector:
         yield from recovery_metrics(None if self.user is None else customers_qs)
         yield version_metrics(None if self.user is None else customers_qs)
         yield from rollout_metrics(self.user)
+        if self.user is None or self.user.is_superuser:
+            yield from storage_metrics()
+            yield worker_metrics()
 
 
 def run_counts(customers=None) -> list[tuple[str, str, int, int, float]]:
@@ -71,6 +87,90 @@ def run_counts(customers=None) -> list[tuple[str, str, int, int, float]]:
     rows = (runs.order_by("kind", "status").values("kind", "status")
             .annotate(n=Count("id"), t=Count("id", filter=timed), s=Sum(elapsed, filter=timed)))
     return [(r["kind"], r["status"], r["n"], r["t"], r["s"].total_seconds() if r["s"] else 0.0) for r in rows]
+
+
+def duration_counts(customers=None) -> dict[tuple[str, str], dict[float, int]]:
+    """{(kind, status): {bucket bound: finished runs in that bucket (not cumulative)}} of the customers' runs (None:
+    all). On PostgreSQL from RunDurationTally (kept by a trigger); elsewhere (SQLite development) from the runs."""
+    out: dict[tuple[str, str], dict[float, int]] = {}
+    if connection.vendor == "postgresql":
+        tally = RunDurationTally.objects.filter(runs__gt=0, status__in=Run.TERMINAL)
+        if customers is not None:
+            tally = tally.filter(customer__in=customers)
+        for r in tally.order_by().values("kind", "status", "le").annotate(n=Sum("runs")):
+            out.setdefault((r["kind"], r["status"]), {})[r["le"]] = r["n"]
+        return out
+    runs = Run.objects.all() if customers is None else Run.objects.filter(customer__in=customers)
+    rows = runs.filter(status__in=Run.TERMINAL, started_at__isnull=False, finished_at__isnull=False).values_list(
+        "kind", "status", "started_at", "finished_at")
+    for kind, status, started, finished in rows.iterator():
+        took = (finished - started).total_seconds()
+        le = next(b for b in RUN_DURATION_BUCKETS if took <= b)
+        bucket = out.setdefault((kind, status), {})
+        bucket[le] = bucket.get(le, 0) + 1
+    return out
+
+
+def duration_histogram(customers, sums: dict[tuple[str, str], float]) -> HistogramMetricFamily:
+    """kasa_run_duration_seconds{kind, result}: finished runs (succeeded, failed, cancelled) by duration, with fixed
+    buckets (operations.models.RUN_DURATION_BUCKETS); _sum from RunTally's summed seconds."""
+    hist = HistogramMetricFamily("kasa_run_duration_seconds", "Duration of finished runs, by kind and result",
+                                 labels=["kind", "result"])
+    for (kind, status), per_bucket in sorted(duration_counts(customers).items()):
+        total, buckets = 0, []
+        for le in RUN_DURATION_BUCKETS:
+            total += per_bucket.get(le, 0)
+            buckets.append((floatToGoString(le), total))
+        hist.add_metric([kind, status], buckets, sum_value=sums.get((kind, status), 0.0))
+    return hist
+
+
+def queue_metrics(customers=None):
+    """Runs waiting for a worker (pending) and how long the oldest has waited (0 when none): one indexed query."""
+    pending = Run.objects.filter(status=Run.Status.PENDING)
+    if customers is not None:
+        pending = pending.filter(customer__in=customers)
+    row = pending.order_by().aggregate(n=Count("id"), oldest=Min("created_at"))
+    depth = GaugeMetricFamily("kasa_queue_depth", "Runs pending (waiting for a worker)")
+    depth.add_metric([], row["n"] or 0)
+    age = GaugeMetricFamily("kasa_queue_oldest_age_seconds", "How long the oldest pending run has waited (0: none)")
+    age.add_metric([], max((timezone.now() - row["oldest"]).total_seconds(), 0.0) if row["oldest"] else 0.0)
+    yield depth
+    yield age
+
+
+def storage_metrics():
+    """Per storage target: bytes written and read, storage errors (counters that never go down: TargetCounter),
+    and whether the last target check passed (only targets ever checked)."""
+    labels = ["target"]
+    written = CounterMetricFamily("kasa_storage_written_bytes", "Bytes succeeded backups and replica copies stored",
+                                  labels=labels)
+    read = CounterMetricFamily("kasa_storage_read_bytes", "Bytes restores and verification drills read back",
+                               labels=labels)
+    errors = CounterMetricFamily("kasa_storage_errors", "Backups, restores, drills and checks a storage error ended",
+                                 labels=labels)
+    up = GaugeMetricFamily("kasa_storage_target_up", "1 when the target's last check passed, 0 when it failed",
+                           labels=labels)
+    checked = GaugeMetricFamily("kasa_storage_target_checked_timestamp_seconds", "When the target was last checked",
+                                labels=labels)
+    for name, w, r, e, ok, at in (TargetCounter.objects.order_by("target__name").values_list(
+            "target__name", "written_bytes", "read_bytes", "errors", "check_ok", "checked_at")):
+        written.add_metric([name], w)
+        read.add_metric([name], r)
+        errors.add_metric([name], e)
+        if ok is not None:
+            up.add_metric([name], 1 if ok else 0)
+            checked.add_metric([name], at.timestamp())
+    yield from (written, read, errors, up, checked)
+
+
+def worker_metrics() -> GaugeMetricFamily:
+    """When each worker machine's qcluster last beat (operations.models.WorkerBeat, every KASA_HEARTBEAT_SECONDS)."""
+    beats = GaugeMetricFamily("kasa_worker_heartbeat_timestamp_seconds", "When the worker last reported alive",
+                              labels=["worker"])
+    for name, seen in WorkerBeat.objects.order_by("name").values_list("name", "seen_at"):
+        beats.add_metric([name], seen.timestamp())
+    return beats
 
 
 def recovery_metrics(customers=None):
@@ -96,6 +196,10 @@ def recovery_metrics(customers=None):
                                   labels=labels)
     required = GaugeMetricFamily("kasa_customer_immutable_required",
                                  "1 when the customer's policy requires an immutable copy", labels=labels)
+    quarantined = GaugeMetricFamily("kasa_upgrade_quarantined",
+                                    "1 while an upgrade of the customer is quarantined (no operator resolved it)",
+                                    labels=labels)
+    held = set(Upgrade.objects.unresolved_quarantine().values_list("customer__domain", flat=True).distinct())
     now = timezone.now()
     qs = with_recovery(Customer.objects.all() if customers is None else customers, storage=True)
     for r in qs.order_by("domain").values("domain", "last_verified", "last_status", "rto_measured", "rpo_hours",
@@ -116,7 +220,9 @@ def recovery_metrics(customers=None):
         offsite.add_metric(d, r["copies_offsite"])
         immutable.add_metric(d, r["copies_immutable"])
         required.add_metric(d, 1 if r["immutable_required"] else 0)
-    yield from (rpo, rpo_target, rto, rto_target, outside, failed, storage, copies, offsite, immutable, required)
+        quarantined.add_metric(d, 1 if r["domain"] in held else 0)
+    yield from (rpo, rpo_target, rto, rto_target, outside, failed, storage, copies, offsite, immutable, required,
+                quarantined)
 
 
 def version_counts(customers=None) -> list[tuple[str, str, int]]:
