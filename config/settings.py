@@ -397,18 +397,11 @@ LOGGING = {
 # --- Sentry (optional) ------------------------------------------------------
 SENTRY_DSN = env.str("SENTRY_DSN", default="")
 if SENTRY_DSN:
-    import sentry_sdk  # only with SENTRY_DSN: settings load before anything else, keep them light
+    from core import sentry as kasa_sentry  # only with SENTRY_DSN: settings load before anything else
 
-    sentry_sdk.init(
-        dsn=SENTRY_DSN,
-        environment=KASA_ENV,
-        release=f"kasa@{KASA_VERSION}",
-        send_default_pii=False,
-        # Local variables may hold a revealed secret just before it is written
-        # to a 0600 file; never ship frames' locals.
-        include_local_variables=False,
-        traces_sample_rate=env.float("SENTRY_TRACES_SAMPLE_RATE", default=0.0),
-    )
+    # No locals, no default PII, every known secret scrubbed from each event (core.sentry.scrub).
+    kasa_sentry.init(SENTRY_DSN, environment=KASA_ENV, release=f"kasa@{KASA_VERSION}",
+                     traces_sample_rate=env.float("SENTRY_TRACES_SAMPLE_RATE", default=0.0))
 
 LOGIN_URL = "admin:login"
 

@@ -140,6 +140,11 @@ class RunContext:
         if value and value not in self._secrets:
             self._secrets.append(value)
 
+    @property
+    def secrets(self) -> list[str]:
+        """The values masked so far: the live list (core.sentry scrubs them from the run's events)."""
+        return self._secrets
+
     def mask(self, text: str) -> str:
         return proc.mask(text, self._secrets)
 

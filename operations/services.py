@@ -18,7 +18,7 @@ from django_q.tasks import async_task
 
 from audit.models import AuditEntry
 from audit.services import audit_record
-from core import permissions
+from core import permissions, sentry
 
 from . import live, reconcile, registry, slots
 from .context import OperationError, RunCancelled, RunContext, RunLost
@@ -172,11 +172,17 @@ def _not_pending(run: Run) -> str:
 
 
 def _claim_and_execute(run: Run) -> str:
-    run_id = run.pk
     if not run.start(worker_id(), host=slots.host_key(run.customer)):
         return _not_pending(run)
 
     ctx = RunContext(run)
+    # Events sent while it runs name the run and its customer, and its secrets are scrubbed from them.
+    with sentry.run_scope(run, ctx.secrets):
+        return _execute(run, ctx)
+
+
+def _execute(run: Run, ctx: RunContext) -> str:
+    run_id = run.pk
     ctx.start_heartbeat()
     try:
         ctx.info(f"{run.get_kind_display()} of {run.customer} started on {run.worker}")
@@ -191,8 +197,9 @@ def _claim_and_execute(run: Run) -> str:
         _end(ctx, Run.Status.CANCELLED, error=str(exc))
     except OperationError as exc:
         _end(ctx, Run.Status.FAILED, error=str(exc), result=exc.result)
+        sentry.report_failed_run(run, ctx.mask(str(exc)))
     except Exception as exc:  # a bug or an unexpected environment: keep the traceback in the log
-        log.exception("run %s crashed", run_id)
+        log.exception("run %s crashed", run_id)  # with SENTRY_DSN, an event with the traceback
         _end(ctx, Run.Status.FAILED, error=f"internal error: {type(exc).__name__}: {exc}", exc=exc)
     finally:
         if ctx.offline:  # the heartbeat goes on while we wait for the database
