@@ -20,6 +20,9 @@ from urllib.parse import unquote, urlsplit
 
 FILTERED = "[Filtered]"
 SECRET_NAME = re.compile(r"SECRET|PASSW|TOKEN|KEY|CREDENTIAL|PRIVATE|_PASS$|_PWD$", re.I)
+# Named like a secret, but not one: their values (class paths, file paths) are shown as they are.
+NOT_SECRET = {"SENTRY_DSN", "PASSWORD_HASHERS", "AUTH_PASSWORD_VALIDATORS", "EMAIL_SSL_KEYFILE",
+              "CACHE_MIDDLEWARE_KEY_PREFIX", "PASSWORD_RESET_TIMEOUT"}
 MIN_SECRET = 6  # shorter values ("1", "true", a port) would blank out ordinary words
 
 _run_secrets: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("kasa_run_secrets", default=None)
@@ -56,7 +59,7 @@ def environment_secrets(environ=None) -> set[str]:
     for name, value in (os.environ if environ is None else environ).items():
         if not value:
             continue
-        if SECRET_NAME.search(name) and name != "SENTRY_DSN":
+        if SECRET_NAME.search(name) and name not in NOT_SECRET:
             found.add(value)
             found.update(_pieces(value))  # a list of keys ("id:key,id:key"): each one alone too
         if "://" in value:
@@ -80,7 +83,7 @@ def settings_secrets() -> set[str]:
         from django.conf import settings
 
         for name in dir(settings):
-            if not name.isupper() or not SECRET_NAME.search(name) or name == "SENTRY_DSN":
+            if not name.isupper() or not SECRET_NAME.search(name) or name in NOT_SECRET:
                 continue
             value = getattr(settings, name, None)
             for v in (value if isinstance(value, list | tuple) else [value]):
