@@ -86,8 +86,8 @@ def test_run_durations_are_a_histogram_by_kind_and_result_with_fixed_buckets(liv
 @pytest.mark.django_db(transaction=True)
 def test_storage_counters_count_bytes_written_and_read_and_never_go_down_when_backups_are_deleted(
         live_server, token, make_customer, customer_root, admin_user):
-    (customer_root / "backend" / "data.bin").write_bytes(b"kasa" * 50_000)
     customer = make_customer()
+    (customer_root / "backend" / "data.bin").write_bytes(b"kasa" * 50_000)
     call_command("backup", customer.domain)
     bk = Backup.objects.get(customer=customer, status="succeeded")
     target = default_target().name
@@ -167,8 +167,8 @@ def test_promtool_finds_no_problem_in_a_live_scrape(live_server, token, make_cus
                                                     tmp_path):
     promtool = shutil.which("promtool")
     require(promtool is not None, "promtool (Debian's prometheus package: make system-deps)")
-    (customer_root / "backend" / "data.bin").write_bytes(b"x" * 10_000)
     customer = make_customer()
+    (customer_root / "backend" / "data.bin").write_bytes(b"x" * 10_000)
     call_command("backup", customer.domain)
     _run(customer, "check", "failed", 2)
     Run.objects.create(kind="backup", customer=customer, status="pending", mutating=True)

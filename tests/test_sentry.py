@@ -97,8 +97,10 @@ def manage(env: dict, *argv: str) -> subprocess.CompletedProcess:
 def test_a_failed_backup_reports_an_event_naming_the_run_and_customer_and_no_secret(
         receiver, subprocess_env, make_customer, pg_database):
     secrets = planted()
-    db_password = f"planted-db-password-{uuid.uuid4().hex[:12]}"  # wrong: pg_dump is refused
-    url = pg_database["url"].replace(pg_database["password"], db_password)
+    # The test server trusts local connections (any password is taken), so the dump fails on a database that is
+    # not there; the planted password is still the customer's, handed to pg_dump and masked by the run.
+    db_password = f"planted-db-password-{uuid.uuid4().hex[:12]}"
+    url = pg_database["url"].replace(pg_database["password"], db_password) + "_missing"  # the database name
     customer = make_customer(databases=[("main", url)])
     env = {**subprocess_env, **secrets, "SENTRY_DSN": receiver.dsn}
 
