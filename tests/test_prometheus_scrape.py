@@ -30,7 +30,7 @@ from django.core.management import CommandError, call_command
 from django.utils import timezone
 
 from backups.models import Backup
-from tests.conftest import BASE_DIR, free_port, port_open, require, serving_asgi, wait_until
+from tests.conftest import BASE_DIR, free_port, require, serving_asgi, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -45,6 +45,15 @@ def _get(url: str) -> dict:
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through a proxy from the env
     with opener.open(url, timeout=10) as fh:
         return json.loads(fh.read())
+
+
+def _ready(url: str) -> bool:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"{url}/-/ready", timeout=2) as fh:
+            return fh.status == 200
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager
@@ -73,7 +82,7 @@ def running_prometheus(kasa_url: str):
                                 cwd=folder, stdout=log, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{listen}"
-        wait_until(lambda: proc.poll() is not None or port_open("127.0.0.1", listen, 0.2), 30, what="prometheus")
+        wait_until(lambda: proc.poll() is not None or _ready(url), 30, interval=0.2, what="prometheus to be ready")
         assert proc.poll() is None, (folder / "prometheus.log").read_text()
         yield url
     finally:
