@@ -159,6 +159,7 @@ def deployment(image, tmp_path_factory):
            "services": services}
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as con:
         con.execute(f'DROP DATABASE IF EXISTS "{control}" WITH (FORCE)')
+    shutil.rmtree(folder, ignore_errors=True)  # the volumes: backups of 160 MB of test data
 
 
 def start(deployment, service: str, command: list[str] | None = None, errors: bool = False, **extra_env) -> Container:
