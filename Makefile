@@ -24,7 +24,7 @@ SQLITE_SELECT ?= -m smoke
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PIP_NO_INPUT := 1
 
-.PHONY: help install python run test lint lock system-deps services reachable test-pg test-sqlite clean
+.PHONY: help install python run test lint lock system-deps services reachable test-pg test-sqlite clean image test-image
 
 help:   ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
@@ -103,6 +103,20 @@ test-sqlite: install reachable   ## the smoke tests that use a database, on the 
 	@rm -rf $(TEST_VAR)-sqlite && mkdir -p $(TEST_VAR)-sqlite
 	env -u DATABASE_URL KASA_VAR_DIR=$(TEST_VAR)-sqlite/kasa KASA_CUSTOMERS_ROOT=$(TEST_VAR)-sqlite/customers \
 		KASA_TEST_REDIS_URL=$(SQLITE_TEST_REDIS_URL) KASA_TEST_DATABASE_ONLY=1 $(BIN)/pytest $(SQLITE_SELECT) $(PYTEST_ARGS)
+
+# The image: podman builds the Dockerfile on a Debian bookworm base made with mmdebstrap (scripts/image.sh).
+IMAGE ?= kasa:latest
+image:   ## build the Docker image with podman (IMAGE=kasa:latest) on a Debian base made here
+	@scripts/system-deps.sh --image
+	KASA_IMAGE=$(IMAGE) scripts/image.sh
+
+# Not part of `make test` (a build takes minutes): CI runs it after `make test` (.ci/run). KASA_TEST_IMAGE makes
+# tests/test_image.py run, and fail rather than skip when podman or the image is missing.
+test-image: system-deps services install image   ## build the image, then run it: migrate, web, worker, backup, restore
+	@mkdir -p $(dir $(TEST_VAR))
+	KASA_TEST_IMAGE=$(IMAGE) KASA_VAR_DIR=$(TEST_VAR)-image/kasa KASA_CUSTOMERS_ROOT=$(TEST_VAR)-image/customers \
+		DATABASE_URL=$(PG_TEST_URL) KASA_TEST_REDIS_URL=redis://127.0.0.1:6379/13 \
+		$(BIN)/pytest -p no:cacheprovider tests/test_image.py $(PYTEST_ARGS)
 
 lock:   ## re-resolve requirements.lock from pyproject.toml (needs network)
 	$(PY) -m venv /tmp/kasa-uv && /tmp/kasa-uv/bin/pip install --quiet uv

@@ -2,9 +2,12 @@
 # Install the Debian packages Kasa needs, only those missing (a no-op when all are there).
 #   scripts/system-deps.sh           everything the test suite needs (servers, clients, tools, browser)
 #   scripts/system-deps.sh --python  only Python 3.11 with venv support (what `make run` needs)
+#   scripts/system-deps.sh --image   podman and mmdebstrap (what `make image` needs)
 set -euo pipefail
 only_python=false
 [ "${1:-}" = "--python" ] && only_python=true
+only_image=false
+[ "${1:-}" = "--image" ] && only_image=true
 
 need=()
 have() { command -v "$1" >/dev/null 2>&1; }
@@ -18,8 +21,14 @@ py_ok() {
   return 1
 }
 
-py_ok || need+=(python3.11 python3.11-venv)
-have npm || need+=(npm)  # make install puts PM2 (customer services run under it) in node_modules/
+if $only_image; then
+  have podman     || need+=(podman)      # builds the Dockerfile (`podman build --isolation=chroot`)
+  have mmdebstrap || need+=(mmdebstrap)  # makes the Debian bookworm base the image is built on
+  only_python=true  # and nothing of the suite's list below
+else
+  py_ok || need+=(python3.11 python3.11-venv)
+fi
+$only_image || have npm || need+=(npm)  # make install puts PM2 (customer services run under it) in node_modules/
 if ! $only_python; then
   [ -e /etc/ssl/certs/ca-certificates.crt ] || need+=(ca-certificates)
   have psql          || need+=(postgresql-client)
