@@ -30,7 +30,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import generate_latest
 from prometheus_client.utils import floatToGoString
 
-from backups.models import Backup, TargetCounter
+from backups.models import Backup, BackupCopy, TargetCounter
 from backups.recovery import with_recovery
 from customers.models import Customer
 from operations.models import RUN_DURATION_BUCKETS, Run, RunDurationTally, RunTally, WorkerBeat
@@ -153,6 +153,21 @@ def storage_metrics():
                            labels=labels)
     checked = GaugeMetricFamily("kasa_storage_target_checked_timestamp_seconds", "When the target was last checked",
                                 labels=labels)
+    # Space used now (unlike the counters): what Kasa keeps on each target — its restorable backups, the expired ones
+    # an object lock still holds, and their good replica copies. One grouped query over the backups per scrape
+    # (hundreds of customers × tens of restore points: thousands of rows).
+    stored = GaugeMetricFamily("kasa_storage_stored_bytes", "Bytes of the backups Kasa keeps on the target now "
+                               "(succeeded and expired-but-locked backups and their replica copies)", labels=labels)
+    kept = [Backup.Status.SUCCEEDED, Backup.Status.EXPIRED]
+    used: dict[str, int] = {}
+    for name, total in (Backup.objects.filter(status__in=kept).order_by().values_list("target__name")
+                        .annotate(total=Sum("size"))):
+        used[name] = used.get(name, 0) + (total or 0)
+    for name, total in (BackupCopy.objects.filter(status="succeeded", backup__status__in=kept).order_by()
+                        .values_list("target__name").annotate(total=Sum("backup__size"))):
+        used[name] = used.get(name, 0) + (total or 0)
+    for name in sorted(used):
+        stored.add_metric([name], used[name])
     for name, w, r, e, ok, at in (TargetCounter.objects.order_by("target__name").values_list(
             "target__name", "written_bytes", "read_bytes", "errors", "check_ok", "checked_at")):
         written.add_metric([name], w)
@@ -161,7 +176,7 @@ def storage_metrics():
         if ok is not None:
             up.add_metric([name], 1 if ok else 0)
             checked.add_metric([name], at.timestamp())
-    yield from (written, read, errors, up, checked)
+    yield from (written, read, errors, up, checked, stored)
 
 
 def worker_metrics() -> GaugeMetricFamily:

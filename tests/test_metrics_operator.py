@@ -96,6 +96,7 @@ def test_storage_counters_count_bytes_written_and_read_and_never_go_down_when_ba
     assert written is not None and written > bk.size  # the artifacts and the manifest
     assert value(text, "kasa_storage_read_bytes_total", target=target) == 0
     assert value(text, "kasa_storage_errors_total", target=target) == 0
+    assert value(text, "kasa_storage_stored_bytes", target=target) == bk.size  # the space used now
 
     call_command("verify", bk.pk)  # the drill reads every artifact back
     text = scrape(live_server)
@@ -104,6 +105,7 @@ def test_storage_counters_count_bytes_written_and_read_and_never_go_down_when_ba
     backup_delete(bk, actor=admin_user)
     text = scrape(live_server)
     assert value(text, "kasa_storage_written_bytes_total", target=target) == written
+    assert value(text, "kasa_storage_stored_bytes", target=target) is None  # nothing kept there any more
     assert value(text, "kasa_storage_read_bytes_total", target=target) == bk.size
 
 
