@@ -41,6 +41,18 @@ SCRUBBED = (
 ADMIN_PASSWORD = "make-run-Secret-42"
 
 
+def _kill_session(sid: int, proc: subprocess.Popen) -> None:
+    """run.sh puts weed, daphne and the worker in process groups of their own: kill every process of the session,
+    not only its first group, or a failed assertion leaves them running."""
+    for pid in _session_processes(sid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if proc.poll() is None:
+        proc.wait(timeout=10)
+
+
 def _session_processes(sid: int) -> dict[int, str]:
     """pid -> command line of every live process in session `sid` (zombies excluded)."""
     found = {}
@@ -198,15 +210,7 @@ def test_make_run_serves_the_admin_with_the_demo_customer_and_ctrl_c_stops_every
         assert done.returncode == 0, done.stdout + done.stderr
         assert not any(port_open("127.0.0.1", demo_port + i, 0.2) for i in range(3))
     finally:
-        # run.sh puts weed, daphne and the worker in process groups of their own: kill every process of the
-        # session, not only its first group, or a failed assertion leaves them running.
-        for pid in _session_processes(sid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        if proc.poll() is None:
-            proc.wait(timeout=10)
+        _kill_session(sid, proc)
 
 
 def test_run_script_exits_when_the_web_server_cannot_start(run_env, tmp_path):
@@ -277,12 +281,4 @@ def test_make_run_with_s3_runs_seaweedfs_with_a_locked_target_and_ctrl_c_stops_i
         wait_until(lambda: not _session_processes(sid), 60, 0.1, what="weed, daphne and the worker to stop")
         assert "still running" not in output()
     finally:
-        # run.sh puts weed, daphne and the worker in process groups of their own: kill every process of the
-        # session, not only its first group, or a failed assertion leaves them running.
-        for pid in _session_processes(sid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        if proc.poll() is None:
-            proc.wait(timeout=10)
+        _kill_session(sid, proc)
